@@ -1,0 +1,32 @@
+# `make serve` and `make test` each install what they need into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ridgeline-installed
+
+.PHONY: install serve test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A CPU machine takes the torch 2.13.0 CPU build first, so nothing pulls a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/ridgeline generate --prompt "The quick brown fox" --max-tokens 32
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: install
+	$(PY) -m benchmarks.engine_offline
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Load generator and engine/kernel benchmarks; results/ holds committed JSON."""

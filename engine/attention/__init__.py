@@ -1,0 +1,3 @@
+from engine.attention.backend import AttentionBackend, AttentionMetadata, ForwardContext, get_backend
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "ForwardContext", "get_backend"]

@@ -1,0 +1,74 @@
+"""The attention backend interface and the per-step metadata every layer reads."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the ModelRunner, passed to every layer.
+
+    The batch is flattened: sequence i owns query rows query_start_loc[i]:query_start_loc[i+1], and after
+    this step its context holds seq_lens[i] tokens whose KV lives in blocks block_tables[i, :]. New K/V go
+    to flat slot slot_mapping[t] = block_id * block_size + offset.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged pool and attends over it.
+
+    `kv_cache` is one layer's strided view of the block-major pool: [num_blocks, 2, block_size, kv_heads,
+    head_dim] (index 0 = K, 1 = V). Queries attend causally to their own sequence's context, optionally
+    limited to the last `sliding_window` positions.
+    """
+
+    name: str
+
+    @abstractmethod
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """k, v [T, kv_heads, head_dim] -> kv_cache at meta.slot_mapping."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None) -> torch.Tensor:
+        """q [T, heads, head_dim] -> out [T, heads, head_dim]."""
+
+
+@dataclass
+class ForwardContext:
+    """What a forward pass needs besides activations: passed down explicitly, never global."""
+
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer: [num_blocks, 2, block_size, kv_heads, head_dim]
+    backend: AttentionBackend
+    cos: torch.Tensor  # [T, head_dim]
+    sin: torch.Tensor  # [T, head_dim]
+
+
+_BACKENDS: dict[str, str] = {"torch": "engine.attention.torch_backend:TorchAttentionBackend"}
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"attention_backend: got {name!r}, allowed {sorted(_BACKENDS)}")
+    import importlib
+
+    module, cls = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -1,0 +1,129 @@
+"""Paged KV block allocation with reference counts and chained-hash prefix caching."""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.request import Request
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None  # set once the block is full and its KV computed
+
+
+class BlockManager:
+    """Owns the block ids of one KV pool.
+
+    Contract: every block is either referenced by running requests (ref_cnt > 0) or sits in the free queue,
+    least recently freed first. A free block keeps its hash and stays findable for prefix hits until it is
+    handed out again (LRU reuse). Only full, computed blocks are hashed; a block is shared read-only.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: got {num_blocks}, allowed >= 1")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[bytes, Block] = {}
+        self.req_blocks: dict[str, list[Block]] = {}
+        self.req_num_cached_blocks: dict[str, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
+        """Longest run of cached full blocks at the start of the request, and the tokens they cover.
+
+        At least the last token is always recomputed: its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_hit_tokens = request.num_tokens - 1
+        hits: list[Block] = []
+        for i, block_hash in enumerate(request.block_hashes):
+            if (i + 1) * self.block_size > max_hit_tokens:
+                break
+            block = self.cached.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[Block] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens after the request's computed (and hit) tokens.
+
+        Returns False, changing nothing, when the free blocks do not suffice.
+        """
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
+        num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
+        # hits that sit in the free queue stop being free once touched
+        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.num_free_blocks - num_free_hits:
+            if not blocks:
+                del self.req_blocks[request.request_id]
+            return False
+        for block in computed_blocks:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+        blocks.extend(computed_blocks)
+        if computed_blocks:
+            self.req_num_cached_blocks[request.request_id] = len(blocks)
+        for _ in range(max(num_new_blocks, 0)):
+            blocks.append(self._pop_free())
+        return True
+
+    def _pop_free(self) -> Block:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict: its content is about to be overwritten
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_cnt = 1
+        return block
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's newly full, computed blocks under their hashes."""
+        if not self.enable_prefix_caching:
+            return
+        blocks = self.req_blocks[request.request_id]
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        start = self.req_num_cached_blocks.get(request.request_id, 0)
+        for i in range(start, num_full):
+            block, block_hash = blocks[i], request.block_hashes[i]
+            if block.block_hash is None and block_hash not in self.cached:
+                block.block_hash = block_hash
+                self.cached[block_hash] = block
+        self.req_num_cached_blocks[request.request_id] = max(start, num_full)
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references; tail blocks go to the front of the eviction order."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_num_cached_blocks.pop(request.request_id, None)
+        for block in reversed(blocks):
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = None
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.cached.values():
+            block.block_hash = None
+        self.cached.clear()

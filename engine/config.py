@@ -1,0 +1,52 @@
+"""Engine configuration: small frozen dataclasses. User-facing validation happens here, once."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool. `num_blocks` wins over the memory budget when given."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None  # None: a share of free device memory (CUDA) or 512 MiB (CPU)
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: got {self.block_size}, allowed a power of two >= 1")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks: got {self.num_blocks}, allowed >= 1 or None")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes: got {self.kv_cache_memory_bytes}, allowed > 0")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: got {self.gpu_memory_utilization}, allowed (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets. A step mixes decode tokens and prefill chunks up to `max_num_batched_tokens`."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: got {self.max_num_seqs}, allowed >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: got {self.max_num_batched_tokens}, allowed >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto = the checkpoint's dtype; or float32, bfloat16, float16
+    device: str | None = None  # None: cuda if available, else cpu
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    attention_backend: str | None = None  # None: chosen by device
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

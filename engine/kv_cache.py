@@ -1,0 +1,47 @@
+"""The paged KV pool: one block-major tensor per worker, sized from a memory budget.
+
+Layout [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]: one block across all layers is one
+contiguous region (one NIXL descriptor, one copy for a tier move); each layer reads a strided view.
+"""
+
+import torch
+
+from engine.config import CacheConfig
+from engine.models import ModelConfig
+
+CPU_DEFAULT_BUDGET = 512 * 2**20
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def num_blocks_for(cache: CacheConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    budget = cache.kv_cache_memory_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = int(free - (1 - cache.gpu_memory_utilization) * total)
+        else:
+            budget = CPU_DEFAULT_BUDGET
+    num = budget // bytes_per_block(cfg, cache.block_size, dtype)
+    if num < 1:
+        raise ValueError(f"kv_cache_memory_bytes: budget {budget} B holds no KV block of "
+                         f"{bytes_per_block(cfg, cache.block_size, dtype)} B")
+    return num
+
+
+def allocate_kv_pool(num_blocks: int, cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+    # uninitialised is safe: attention reads only slots written this step or earlier, and untouched CPU
+    # pages cost no memory until used
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def layer_views(pool: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer: [num_blocks, 2, block_size, kv_heads, head_dim], strided views into the pool."""
+    return [pool[:, i] for i in range(pool.shape[1])]

@@ -1,0 +1,73 @@
+"""The offline API: LLM(path).generate(prompts, params) and .chat(messages)."""
+
+import itertools
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+class LLM:
+    """Runs the engine in this process (no Ray): `LLM(model_dir, **engine_options)`.
+
+    Engine options are the fields of EngineConfig, CacheConfig and SchedulerConfig, e.g. `dtype`,
+    `max_model_len`, `num_blocks`, `enable_prefix_caching`, `max_num_batched_tokens`,
+    `scheduling_policy`.
+    """
+
+    def __init__(self, model: str | None = None, **engine_options):
+        if model is None:
+            from engine.tiny_model import default_model_path
+
+            model = str(default_model_path())
+        self.engine = LLMEngine.from_pretrained(model, **engine_options)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None,
+                 *, priority: list[int] | None = None, cache_salt: str | None = None) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        priority = priority or [0] * len(prompts)
+        ids = []
+        try:
+            for prompt, p, prio in zip(prompts, params, priority, strict=True):
+                ids.append(f"offline-{next(self._ids)}")
+                self.engine.add_request(ids[-1], prompt, p, priority=prio, cache_salt=cache_salt)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            self._drain()
+            raise
+        return self._run(ids)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             **kwargs) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, sampling_params, **kwargs)
+
+    def _run(self, ids: list[str]) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]
+
+    def _drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()

@@ -1,0 +1,220 @@
+"""LLMEngine: add_request / abort_request / step() = schedule -> execute -> update."""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from engine import envs
+from engine.attention import get_backend
+from engine.block_hash import hash_extra, update_block_hashes
+from engine.block_manager import BlockManager
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import allocate_kv_pool, num_blocks_for
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    scheduled_tokens: int = 0  # tokens whose KV was computed, over all steps
+    prompt_tokens_computed: int = 0
+    generated_tokens: int = 0
+
+
+def engine_config(model: str, **kwargs) -> EngineConfig:
+    """Route flat keyword arguments to EngineConfig, CacheConfig and SchedulerConfig fields."""
+    groups = {name: {} for name in ("engine", "cache", "scheduler")}
+    aliases = {"scheduling_policy": ("scheduler", "policy")}
+    owners = {f.name: "engine" for f in fields(EngineConfig)}
+    owners |= {f.name: "cache" for f in fields(CacheConfig)}
+    owners |= {f.name: "scheduler" for f in fields(SchedulerConfig)}
+    for key, value in kwargs.items():
+        group, name = aliases.get(key, (owners.get(key), key))
+        if group is None or key in ("model", "cache", "scheduler", "policy"):
+            raise ValueError(f"{key}: not an engine option")
+        groups[group][name] = value
+    return EngineConfig(model=model, cache=CacheConfig(**groups["cache"]),
+                        scheduler=SchedulerConfig(**groups["scheduler"]), **groups["engine"])
+
+
+class _Parent:
+    """A user request: n sequences sharing one prompt."""
+
+    def __init__(self, request_id: str, prompt: str | None, children: list[Request],
+                 detokenizers: list[IncrementalDetokenizer]):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.children = children
+        self.detokenizers = {r.request_id: d for r, d in zip(children, detokenizers, strict=True)}
+
+    def output(self) -> RequestOutput:
+        outs = []
+        for i, req in enumerate(self.children):
+            detok = self.detokenizers[req.request_id]
+            want = req.params.logprobs is not None
+            outs.append(CompletionOutput(
+                index=i, text=detok.output_text, token_ids=list(req.output_token_ids),
+                cumulative_logprob=req.cumulative_logprob if want else None,
+                logprobs=list(req.logprobs) if want else None,
+                finish_reason=req.status.value if req.is_finished else None,
+                stop_reason=req.stop_reason))
+        first = self.children[0]
+        return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outs,
+                             finished=all(r.is_finished for r in self.children),
+                             num_cached_tokens=max(first.num_cached_tokens, 0))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device or envs.default_device()
+                                   or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(config.seed)
+        loaded = load_model(config.model, config.dtype, self.device)
+        self.model, self.model_config, self.dtype = loaded.model, loaded.config, loaded.dtype
+        self.fingerprint = loaded.fingerprint
+        self.tokenizer = Tokenizer(config.model)
+        self.max_model_len = self._max_model_len()
+        cache = config.cache
+        num_blocks = num_blocks_for(cache, self.model_config, self.dtype, self.device)
+        self.kv_pool = allocate_kv_pool(num_blocks, self.model_config, cache.block_size, self.dtype,
+                                        self.device)
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        backend = get_backend(config.attention_backend or "torch")
+        self.runner = ModelRunner(self.model, self.kv_pool, backend, self.block_manager, self.device)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self.stats = EngineStats()
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, _Parent] = {}
+        self._aborted: list[_Parent] = []
+
+    @classmethod
+    def from_pretrained(cls, model: str, **kwargs) -> "LLMEngine":
+        return cls(engine_config(str(model), **kwargs))
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if not 1 <= wanted <= limit:
+            raise ValueError(f"max_model_len: got {wanted}, allowed 1..{limit} (max_position_embeddings)")
+        return wanted
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    *, priority: int = 0, cache_salt: str | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(prompt_ids, params)
+        extra = hash_extra(self.fingerprint, str(self.dtype), cache_salt)
+        children = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(child_id, prompt_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
+                          hash_extra=extra, arrival_time=arrival_time, seed_offset=i)
+            update_block_hashes(req, self.block_manager.block_size)
+            children.append(req)
+        parent = _Parent(request_id, text, children,
+                         [IncrementalDetokenizer(self.tokenizer, r) for r in children])
+        self._parents[request_id] = parent
+        for req in children:
+            self._child_to_parent[req.request_id] = parent
+            self.scheduler.add_request(req)
+
+    def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
+                             f"(max_model_len) including at least one generated token")
+        max_len = min(self.max_model_len, len(prompt_ids) + (params.max_tokens or self.max_model_len))
+        need = -(-max_len // self.block_manager.block_size)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"prompt: with max_tokens it needs {need} KV blocks, the pool has "
+                             f"{self.block_manager.num_blocks}")
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return
+        for req in parent.children:
+            if not req.is_finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._aborted.append(parent)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._aborted)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass. Returns an output for every user request that changed."""
+        touched: dict[str, _Parent] = {p.request_id: p for p in self._aborted}
+        self._aborted.clear()
+        sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            sampled, out = self.runner.execute(sched)
+            self._record(sched)
+            for req, token, logprobs in zip(sampled, out.token_ids, out.logprobs, strict=True):
+                self._append_token(req, token, logprobs)
+                parent = self._child_to_parent[req.request_id]
+                touched[parent.request_id] = parent
+        outputs = []
+        for parent in touched.values():
+            output = parent.output()
+            if output.finished:
+                self._release(parent)
+            outputs.append(output)
+        return outputs
+
+    def _record(self, sched: SchedulerOutput) -> None:
+        self.stats.steps += 1
+        for req, n in sched.scheduled:
+            prompt_left = max(req.num_prompt_tokens - req.num_computed_tokens, 0)
+            self.stats.prompt_tokens_computed += min(n, prompt_left)
+            self.stats.scheduled_tokens += n
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+
+    def _append_token(self, req: Request, token: int, logprobs: dict[int, float] | None) -> None:
+        params = req.params
+        req.output_token_ids.append(token)
+        self.stats.generated_tokens += 1
+        update_block_hashes(req, self.block_manager.block_size)
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+            req.cumulative_logprob += logprobs[token]
+        detok = self._child_to_parent[req.request_id].detokenizers[req.request_id]
+        status = None
+        if token in params.stop_token_ids or (token in req.eos_token_ids and not params.ignore_eos):
+            status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token if token in params.stop_token_ids else None
+            detok.update(skip_last=True)
+        elif (stop := detok.update(skip_last=False)) is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) \
+                or req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(req, status)
+
+    def _release(self, parent: _Parent) -> None:
+        del self._parents[parent.request_id]
+        for req in parent.children:
+            self._child_to_parent.pop(req.request_id, None)

@@ -1,0 +1,64 @@
+"""Loads a HF-format checkpoint directory: config, weights, and a fingerprint for cache keys."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.models import ModelConfig, build_model, resolve_architecture
+from engine.models.config import model_config_from_hf
+from engine.models.weights import iter_weights, load_weights, safetensors_files
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    dtype: torch.dtype
+    fingerprint: str  # identifies the weights: part of every KV block hash
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"model: {model_dir} has no config.json")
+    hf = json.loads(config_path.read_text())
+    gen_path = model_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
+    return model_config_from_hf(hf, resolve_architecture(hf), gen)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    name = cfg.dtype if dtype == "auto" else dtype
+    name = name.removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype: got {dtype!r}, allowed 'auto' or {sorted(DTYPES)}")
+    if device.type == "cpu" and name == "float16":
+        return torch.bfloat16  # CPU fp16 matmuls are slow or missing
+    return DTYPES[name]
+
+
+def fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in safetensors_files(model_dir):
+        stat = path.stat()
+        h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> LoadedModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"model: {str(model_dir)!r} is not a directory")
+    cfg = read_model_config(model_dir)
+    torch_dtype = resolve_dtype(dtype, cfg, device)
+    with torch.device(device):
+        model = build_model(cfg).to(torch_dtype)
+    load_weights(model, iter_weights(model_dir))
+    model.eval()
+    return LoadedModel(model, cfg, torch_dtype, fingerprint(model_dir))

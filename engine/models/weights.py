@@ -1,0 +1,83 @@
+"""Safetensors weights (one file or a sharded index, memory-mapped) mapped onto our parameter names."""
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# HF name -> (our name, which part of our parameter). Parts: ("rows", k, n) = the k-th of n equal row blocks
+# along dim 0 (or by explicit offsets for q/k/v); ("expert", e, k, n) = expert e, then as "rows".
+_EXPERT = re.compile(r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+_QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
+_GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors files in {model_dir}")
+    return files
+
+
+def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield name, f.get_tensor(name)
+
+
+def _target(name: str, params: dict[str, nn.Parameter], q_size: int, kv_size: int):
+    """Our parameter and the slice of it that HF weight `name` fills."""
+    if m := _EXPERT.match(name):
+        prefix, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+        if kind in ("w2", "down_proj"):
+            return params[f"{prefix}.mlp.w2"], (expert,)
+        w13 = params[f"{prefix}.mlp.w13"]
+        half = w13.shape[1] // 2
+        rows = slice(0, half) if kind in ("w1", "gate_proj") else slice(half, 2 * half)
+        return w13, (expert, rows)
+    if m := _QKV.match(name):
+        prefix, which, kind = m.groups()
+        start = {"q": 0, "k": q_size, "v": q_size + kv_size}[which]
+        size = q_size if which == "q" else kv_size
+        return params[f"{prefix}.self_attn.qkv_proj.{kind}"], (slice(start, start + size),)
+    if m := _GATE_UP.match(name):
+        param = params[f"{m.group(1)}.gate_up_proj.weight"]
+        half = param.shape[0] // 2
+        return param, (slice(0, half) if m.group(2) == "gate" else slice(half, 2 * half),)
+    name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+    return params[name], ()
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy every checkpoint tensor into the model; unknown, missing or mis-shaped weights are errors."""
+    cfg = model.config
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    params = dict(model.named_parameters())
+    names = {id(p): k for k, p in params.items()}
+    filled: dict[str, int] = {}
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.lm_head is None):
+            continue
+        try:
+            param, index = _target(name, params, q_size, kv_size)
+        except KeyError:
+            raise ValueError(f"checkpoint: weight {name!r} has no place in {cfg.architecture}") from None
+        dest = param.data[index] if index else param.data
+        if dest.shape != tensor.shape:
+            raise ValueError(f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        key = names[id(param)]
+        filled[key] = filled.get(key, 0) + dest.numel()
+    missing = [k for k, p in params.items() if filled.get(k, 0) < p.numel()]
+    if missing:
+        raise ValueError(f"checkpoint: missing weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -1,0 +1,120 @@
+"""The scheduler: each step gives tokens to running requests first, then admits waiting ones.
+
+One loop serves every case: a decode is a request one token behind, a chunked prefill is a request many
+tokens behind, a prefix hit starts `num_computed_tokens` above zero.
+"""
+
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import Request, RequestStatus
+from engine.scheduling_policy import SchedulingPolicy, make_policy
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes: for each request, how many of its tokens (from num_computed_tokens on)."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
+                 policy: SchedulingPolicy | None = None):
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.policy = policy or make_policy(config.policy)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        scheduled: dict[str, int] = {}  # request_id -> tokens, insertion-ordered
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=self.policy.key)
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, num_new):
+                victim = self.running[-1]  # lowest priority last
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                scheduled[request.request_id] = num_new
+                budget -= num_new
+                i += 1
+
+        if not out.preempted:  # memory was short this step: admit nobody new
+            budget = self._admit_waiting(out, scheduled, budget)
+
+        by_id = {r.request_id: r for r in self.running}
+        out.scheduled = [(by_id[rid], n) for rid, n in scheduled.items()]
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> int:
+        self.waiting.sort(key=self.policy.key)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.block_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            while not self.block_manager.allocate_slots(request, num_new, hits):
+                victim = self.running[-1] if self.running else None
+                if victim is None or not self.policy.may_preempt_for(request, victim):
+                    return budget
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim, out)
+                num_new = min(request.num_tokens - num_hit_tokens, budget)
+            self.waiting.pop(0)
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = num_new
+            budget -= num_new
+        return budget
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Recompute-style preemption: free the blocks, keep the tokens, start over later."""
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(request)
+        out.preempted.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Remove a request wherever it is and release its blocks (finish or abort)."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.block_manager.free(request)

@@ -1,0 +1,59 @@
+"""Tokenizer from `tokenizer.json`, chat template from `tokenizer_config.json` rendered with jinja2."""
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise ValueError(f"model: {model_dir} has no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.chat_template = cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = next((t["template"] for t in self.chat_template if t["name"] == "default"), None)
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self._template = None
+        if self.chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals.update(raise_exception=_raise, strftime_now=lambda f: datetime.now().strftime(f))
+            self._template = env.from_string(self.chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = True):
+        if self._template is None:
+            raise ValueError("messages: this model's tokenizer_config.json has no chat_template")
+        if not messages or any(not isinstance(m, dict) or "role" not in m for m in messages):
+            raise ValueError("messages: a non-empty list of {'role': ..., 'content': ...} objects")
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return self.encode(text, add_special_tokens=False) if tokenize else text

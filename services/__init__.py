@@ -1,0 +1,1 @@
+"""Distributed roles (frontend, prefill, decode, draft, KV memory) as Ray Serve deployments, and the CLI."""

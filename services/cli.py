@@ -1,0 +1,75 @@
+"""The `ridgeline` command."""
+
+import argparse
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, **({"device": args.device} if args.device else {}))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, n=args.n,
+                            stop=args.stop or None, ignore_eos=args.ignore_eos)
+    prompts = args.prompt or ["Hello"]
+    if args.chat:
+        outputs = [llm.chat([{"role": "user", "content": p}], params)[0] for p in prompts]
+    else:
+        outputs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        for completion in out.outputs:
+            print(f"{prompt!r} -> {completion.text!r}  "
+                  f"[{len(completion.token_ids)} tokens, {completion.finish_reason}]")
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.out_dir, args.arch, seed=args.seed, dtype=args.dtype)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.tiny_model import ARCHS
+
+    parser = argparse.ArgumentParser(prog="ridgeline", description="Disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline with the engine (no Ray)")
+    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: a tiny model)")
+    gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--stop", action="append")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default=None)
+    gen.set_defaults(func=_generate)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random HF checkpoint")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--arch", default="llama", choices=sorted(ARCHS))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tiny.set_defaults(func=_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
