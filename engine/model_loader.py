@@ -60,5 +60,5 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> Loade
     with torch.device(device):
         model = build_model(cfg).to(torch_dtype)
     load_weights(model, iter_weights(model_dir))
-    model.eval()
+    model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, torch_dtype, fingerprint(model_dir))
