@@ -117,6 +117,8 @@ class LLMEngine:
         if request_id in self._parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(prompt_ids, params)
         extra = hash_extra(self.fingerprint, str(self.dtype), cache_salt)
