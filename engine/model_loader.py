@@ -57,8 +57,9 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> Loade
         raise ValueError(f"model: {str(model_dir)!r} is not a directory")
     cfg = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg, device)
-    with torch.device(device):
+    with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
         model = build_model(cfg).to(torch_dtype)
+    model = model.to_empty(device=device)
     load_weights(model, iter_weights(model_dir))
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, torch_dtype, fingerprint(model_dir))

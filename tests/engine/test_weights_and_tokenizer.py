@@ -1,6 +1,7 @@
 """Checkpoint loading (single file, sharded, dtypes, tied embeddings) and tokenizer/chat template."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ PROMPT = [7, 8, 9, 10, 11, 12]
 
 def test_sharded_checkpoint_equals_single_file(tiny_model):
     sharded = tiny_model("llama", max_shard_size="60KB")
-    index = json.loads(open(f"{sharded}/model.safetensors.index.json").read())
+    index = json.loads((Path(sharded) / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     one = LLM(tiny_model("llama"), num_blocks=32).generate(PROMPT, GREEDY)[0].outputs[0].token_ids
     many = LLM(sharded, num_blocks=32).generate(PROMPT, GREEDY)[0].outputs[0].token_ids
