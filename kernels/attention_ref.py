@@ -1,0 +1,49 @@
+"""Pure-torch paged attention and KV write: the oracle for the Triton kernels and the CPU path.
+
+Pool layer view: kv_cache [num_blocks, 2, block_size, kv_heads, head_dim] (index 0 = K, 1 = V).
+Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1]; its context holds seq_lens[i] tokens
+(the queries are the last ones) in blocks block_tables[i, :].
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def kv_write_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, kv_heads, head_dim] -> kv_cache at flat slots (block * block_size + offset); slot < 0 skips."""
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, 0, offsets] = k[keep]
+    kv_cache[blocks, 1, offsets] = v[keep]
+
+
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: list[int], query_start_loc: list[int], scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    """q [T, heads, head_dim] -> out [T, heads, head_dim]; causal within each sequence."""
+    out = torch.empty_like(q)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    for i, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        if end == start:
+            continue
+        num_blocks = -(-seq_len // block_size)
+        pages = kv_cache[block_tables[i, :num_blocks].long()]  # [n, 2, bs, Hkv, D]
+        k = pages[:, 0].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [L, Hkv, D]
+        v = pages[:, 1].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]  # [n, 1]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),  # [H, n, D]
+            k.transpose(0, 1).repeat_interleave(group, dim=0),  # [H, L, D]
+            v.transpose(0, 1).repeat_interleave(group, dim=0),
+            attn_mask=mask, scale=scale)
+        out[start:end] = o.transpose(0, 1)
+    return out

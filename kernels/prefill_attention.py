@@ -1,0 +1,151 @@
+"""Varlen causal attention over the paged pool: prefill, chunked prefill on a cached prefix, mixed batches.
+
+One program owns BLOCK_Q query tokens of one sequence times the GROUP query heads that share one KV head,
+packed as BLOCK_M = BLOCK_Q * GROUP_PAD rows of one matrix, so each K/V tile is read once per group.
+Programs find their sequence by binary search over query_start_loc (no host-side tile map).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_ref import paged_attention_ref
+
+__all__ = ["prefill_attention", "paged_attention_ref"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose tiles cover `tile`; sequence i's tiles start at query_start_loc[i] // BLOCK_Q + i."""
+    left = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit
+def _prefill_attention_kernel(
+        q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+        scale_log2, num_seqs, sliding_window,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    local = tile - (q_begin // BLOCK_Q + seq)
+    if local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_tok = local * BLOCK_Q + rows // GROUP_PAD  # query index within the sequence
+    g = rows % GROUP_PAD
+    head = kv_head * GROUP + g
+    row_ok = (q_tok < q_len) & (g < GROUP)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    q_off = (q_begin + q_tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+    q_pos = ctx_len + q_tok  # absolute positions
+
+    hi = tl.minimum(seq_len, ctx_len + (local + 1) * BLOCK_Q)  # causal: nothing past the tile's last query
+    lo = 0
+    if sliding_window > 0:
+        lo = tl.maximum(ctx_len + local * BLOCK_Q - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+        base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [N]
+        k = tl.load(cache_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k) * scale_log2  # [M, N], log2 domain
+        allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+        if sliding_window > 0:
+            allowed = allowed & (n[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_off = (q_begin + q_tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, num_seqs: int) -> None:
+    if q.dim() != 3 or q.stride(2) != 1:
+        raise ValueError(f"q: expected [tokens, heads, head_dim] with contiguous head_dim, got {tuple(q.shape)}")
+    if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or kv_cache.shape[4] != q.shape[2] \
+            or kv_cache.stride(4) != 1:
+        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)}, expected [blocks, 2, block_size, "
+                         f"kv_heads, {q.shape[2]}] with contiguous head_dim")
+    if q.shape[1] % kv_cache.shape[3]:
+        raise ValueError(f"heads: {q.shape[1]} query heads is not a multiple of {kv_cache.shape[3]} KV heads")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"dtypes: q {q.dtype} and kv_cache {kv_cache.dtype} must match")
+    if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables: expected [>= {num_seqs}, max_blocks] row-major, "
+                         f"got {tuple(block_tables.shape)}")
+    if seq_lens.shape[0] < num_seqs:
+        raise ValueError(f"seq_lens: expected >= {num_seqs} entries, got {seq_lens.shape[0]}")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}: expected int32, got {t.dtype}")
+
+
+def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
+                      scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
+                      block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2
+                      ) -> torch.Tensor:
+    """q [T, heads, D] (queries are each sequence's last tokens) -> out [T, heads, D].
+
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (context after this step),
+    query_start_loc [B + 1] int32.
+    """
+    num_seqs = query_start_loc.shape[0] - 1
+    check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs)
+    if query_start_loc.dtype != torch.int32:
+        raise ValueError(f"query_start_loc: expected int32, got {query_start_loc.dtype}")
+    T, H, D = q.shape
+    group = H // kv_cache.shape[3]
+    group_pad = max(triton.next_power_of_2(group), 1)
+    # at least 16 rows for the matrix units; fewer query tokens per tile when the queries are short
+    rows = max(16, min(block_m, triton.next_power_of_2(max(max_query_len, 1)) * group_pad))
+    block_q = max(rows // group_pad, 1)
+    out = torch.empty_like(q) if out is None else out
+    if T == 0:
+        return out
+    grid = (T // block_q + num_seqs, kv_cache.shape[3])
+    _prefill_attention_kernel[grid](
+        q, kv_cache, out, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, num_seqs, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
