@@ -47,6 +47,8 @@ class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    attention_backend: str | None = None  # None: chosen by device
+    attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
+    load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -6,11 +6,13 @@ import torch
 
 from engine import envs
 from engine.attention import get_backend
+from engine.attention.backend import default_backend
 from engine.block_hash import hash_extra, update_block_hashes
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.cuda_graphs import CUDAGraphRunner
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import allocate_kv_pool, num_blocks_for
+from engine.kv_cache import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
@@ -77,7 +79,7 @@ class LLMEngine:
         self.device = torch.device(config.device or envs.default_device()
                                    or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, config.dtype, self.device)
+        loaded = load_model(config.model, config.dtype, self.device, config.load_format)
         self.model, self.model_config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.fingerprint = loaded.fingerprint
         self.tokenizer = Tokenizer(config.model)
@@ -88,8 +90,13 @@ class LLMEngine:
                                         self.device)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        backend = get_backend(config.attention_backend or "torch")
-        self.runner = ModelRunner(self.model, self.kv_pool, backend, self.block_manager, self.device)
+        backend = get_backend(config.attention_backend or default_backend(self.device.type))
+        graphs = None
+        if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
+            graphs = CUDAGraphRunner(self.model, layer_views(self.kv_pool), backend, cache.block_size,
+                                     config.scheduler.max_num_seqs, self.max_model_len, self.device)
+            graphs.capture()
+        self.runner = ModelRunner(self.model, self.kv_pool, backend, self.block_manager, self.device, graphs)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.stats = EngineStats()

@@ -51,7 +51,14 @@ def fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> LoadedModel:
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Small uniform random weights, as vLLM's dummy format: for timing, never for quality."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for param in model.parameters():
+        param.data.uniform_(-1e-3, 1e-3, generator=gen)
+
+
+def load_model(model_dir: str | Path, dtype: str, device: torch.device, load_format: str = "auto") -> LoadedModel:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model: {str(model_dir)!r} is not a directory")
@@ -60,6 +67,13 @@ def load_model(model_dir: str | Path, dtype: str, device: torch.device) -> Loade
     with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
         model = build_model(cfg).to(torch_dtype)
     model = model.to_empty(device=device)
-    load_weights(model, iter_weights(model_dir))
+    if load_format == "dummy":
+        init_dummy_weights(model)
+        model_id = f"dummy:{model_dir.resolve()}"
+    elif load_format == "auto":
+        load_weights(model, iter_weights(model_dir))
+        model_id = fingerprint(model_dir)
+    else:
+        raise ValueError(f"load_format: got {load_format!r}, allowed 'auto', 'dummy'")
     model.eval().requires_grad_(False)
-    return LoadedModel(model, cfg, torch_dtype, fingerprint(model_dir))
+    return LoadedModel(model, cfg, torch_dtype, model_id)

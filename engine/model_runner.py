@@ -6,6 +6,7 @@ import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import CUDAGraphRunner
 from engine.kv_cache import layer_views
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput
@@ -23,7 +24,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_pool: torch.Tensor, backend: AttentionBackend,
-                 block_manager: BlockManager, device: torch.device):
+                 block_manager: BlockManager, device: torch.device, graphs: CUDAGraphRunner | None = None):
         self.model = model
         self.kv_pool = kv_pool
         self.kv_caches = layer_views(kv_pool)
@@ -32,6 +33,7 @@ class ModelRunner:
         self.block_size = block_manager.block_size
         self.device = device
         self.sampler = Sampler()
+        self.graphs = graphs  # decode steps replay captured graphs when set
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         input_ids: list[int] = []
@@ -72,6 +74,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             block_size=bs,
         )
+        self.backend.plan(attn, self.model.config.num_kv_heads)
         return StepInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), attn,
                           tensor(sample_rows, torch.int64), sample_requests)
 
@@ -85,8 +88,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput]:
         inputs = self.prepare(sched)
-        hidden = self.forward(inputs)
-        if not inputs.sample_requests:
-            return [], SamplerOutput([], [])
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, vocab]
+        if self.graphs is not None and self.graphs.can_run(inputs.attn, len(inputs.sample_requests)):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [B, vocab]
+        else:
+            hidden = self.forward(inputs)
+            if not inputs.sample_requests:
+                return [], SamplerOutput([], [])
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, vocab]
         return inputs.sample_requests, self.sampler(logits, inputs.sample_requests)

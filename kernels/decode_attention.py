@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
-from kernels.prefill_attention import LOG2E, check_paged_inputs
+from kernels.prefill_attention import LOG2E, check_paged_inputs, dot_precision
 
 __all__ = ["decode_attention", "num_kv_splits", "paged_attention_ref"]
 
@@ -21,7 +21,8 @@ def _decode_split_kernel(
         scale_log2, sliding_window, num_splits,
         stride_qt, stride_qh, stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -49,7 +50,7 @@ def _decode_split_kernel(
         page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
         k = tl.load(cache_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k) * scale_log2  # [G, N]
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [G, N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -57,7 +58,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0  # this split had no keys
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -122,7 +123,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=D, D_PAD=d_pad, NUM_HEADS=H,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(B, H)](
         part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul
+from kernels.prefill_attention import dot_precision
 
 __all__ = ["fused_moe", "fused_moe_ref", "moe_align", "topk_softmax", "topk_softmax_ref"]
 
@@ -55,17 +56,15 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, stride_l, E: tl.const
         total += best
         p = tl.where(e == idx, -1.0, p)
     if RENORMALIZE:
-        j = tl.arange(0, TOP_K)
-        w = tl.load(weights_ptr + t * TOP_K + j)
-        tl.store(weights_ptr + t * TOP_K + j, w / total)
+        for j in tl.static_range(TOP_K):
+            w = tl.load(weights_ptr + t * TOP_K + j)
+            tl.store(weights_ptr + t * TOP_K + j, w / total)
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     T, E = router_logits.shape
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k: got {top_k}, allowed 1..{E}")
-    if top_k & (top_k - 1):
-        raise ValueError(f"top_k: got {top_k}, the kernel needs a power of two")
     if router_logits.stride(1) != 1:
         raise ValueError("router_logits: experts dimension must be contiguous")
     weights = torch.empty((T, top_k), dtype=torch.float32, device=router_logits.device)
@@ -84,7 +83,9 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     capacity = n + num_experts * (block_m - 1)
     capacity = -(-capacity // block_m) * block_m
     order = torch.argsort(flat, stable=True)  # rows grouped by expert
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the maximum back to the host, which graph capture forbids
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_start = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
@@ -102,7 +103,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
 def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, sorted_rows_ptr, tile_expert_ptr, row_weights_ptr,
                            num_rows, N, K, stride_am, stride_we, stride_wn, stride_om,
                            A_ROW_DIV: tl.constexpr, MUL_WEIGHTS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
@@ -120,7 +122,7 @@ def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, sorted_rows_ptr, tile_expert_p
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         w = tl.load(w_base + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [K, N]
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if MUL_WEIGHTS:
         acc = acc * tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + n[None, :],
@@ -136,7 +138,7 @@ def _grouped_matmul(a, w, sorted_rows, tile_expert, num_rows, a_row_div, row_wei
         a, w, out, sorted_rows, tile_expert, row_weights if row_weights is not None else a,
         num_rows, N, K, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_ROW_DIV=a_row_div, MUL_WEIGHTS=row_weights is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype))
     return out
 
 

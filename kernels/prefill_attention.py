@@ -16,6 +16,11 @@ __all__ = ["prefill_attention", "paged_attention_ref"]
 LOG2E = 1.4426950408889634
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply exactly (no tf32), so an fp32 model gives the CPU path's numbers."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence whose tiles cover `tile`; sequence i's tiles start at query_start_loc[i] // BLOCK_Q + i."""
@@ -37,7 +42,7 @@ def _prefill_attention_kernel(
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,7 +80,7 @@ def _prefill_attention_kernel(
         page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [N]
         k = tl.load(cache_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k) * scale_log2  # [M, N], log2 domain
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 domain
         allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
         if sliding_window > 0:
             allowed = allowed & (n[None, :] > q_pos[:, None] - sliding_window)
@@ -87,7 +92,7 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (q_begin + q_tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -146,6 +151,6 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out

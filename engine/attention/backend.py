@@ -24,6 +24,7 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    num_kv_splits: int = 1  # set by the backend's plan() for decode-only steps
 
     @property
     def num_seqs(self) -> int:
@@ -39,6 +40,9 @@ class AttentionBackend(ABC):
     """
 
     name: str
+
+    def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:  # noqa: B027 - optional hook
+        """Fill backend-specific fields of this step's metadata, once per step."""
 
     @abstractmethod
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -62,7 +66,14 @@ class ForwardContext:
     sin: torch.Tensor  # [T, head_dim]
 
 
-_BACKENDS: dict[str, str] = {"torch": "engine.attention.torch_backend:TorchAttentionBackend"}
+_BACKENDS: dict[str, str] = {
+    "torch": "engine.attention.torch_backend:TorchAttentionBackend",
+    "triton": "engine.attention.triton_backend:TritonAttentionBackend",
+}
+
+
+def default_backend(device_type: str) -> str:
+    return "triton" if device_type == "cuda" else "torch"
 
 
 def get_backend(name: str) -> AttentionBackend:

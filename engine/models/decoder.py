@@ -37,7 +37,7 @@ class SelfAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k = apply_rotary(q, k, ctx.cos, ctx.sin)
         kv_cache = ctx.kv_caches[self.layer_idx]
         ctx.backend.write_kv(kv_cache, k, v, ctx.attn)
         o = ctx.backend.attend(q, kv_cache, ctx.attn, self.scale, self.sliding_window)  # [T, Hq, D]

@@ -1,24 +1,15 @@
 """Sparse mixture-of-experts block: softmax top-k routing, stacked expert weights, optional shared expert.
 
-Expert weights are stacked ([E, 2I, H] and [E, H, I]) so a grouped-matmul kernel can take them whole; this
-file's forward is the reference loop over the experts that received tokens.
+Expert weights are stacked ([E, 2I, H] and [E, H, I]) so the grouped-matmul kernel takes them whole; on
+the CPU the kernels' reference loops over the experts that received tokens.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.models.config import MoEConfig
 from engine.models.mlp import GatedMLP
-
-
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights [T, k] fp32, expert ids [T, k])."""
-    probs = F.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+from kernels.moe import fused_moe, fused_moe_ref
 
 
 class SparseMoE(nn.Module):
@@ -34,14 +25,8 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.cfg.top_k, self.cfg.renormalize)  # [T, k]
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)  # [T, H]
-        for expert in ids.unique().tolist():
-            token_idx, slot = torch.where(ids == expert)
-            gate, up = F.linear(x[token_idx], self.w13[expert]).chunk(2, dim=-1)  # [t, I] each
-            y = F.linear(F.silu(gate) * up, self.w2[expert])  # [t, H]
-            out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+        moe = fused_moe if x.is_cuda else fused_moe_ref
+        out = moe(x, self.w13, self.w2, self.gate(x), self.cfg.top_k, self.cfg.renormalize)  # [T, H]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

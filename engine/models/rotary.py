@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from kernels.rotary import rotary_ref, rotate_qk
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
@@ -44,9 +46,8 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos/sin [T, D]."""
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, Hq, D], k [T, Hkv, D]; cos/sin [T, D] fp32. On CUDA one kernel rotates both in place."""
+    if q.is_cuda:
+        return rotate_qk(q, k, cos, sin)
+    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)

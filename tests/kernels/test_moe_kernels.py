@@ -7,11 +7,11 @@ from kernels.moe import fused_moe, fused_moe_ref, moe_align, topk_softmax, topk_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("experts, top_k", [(4, 2), (8, 2), (60, 4)])
+@pytest.mark.parametrize("experts, top_k", [(4, 2), (8, 2), (60, 4), (64, 6)])
 def test_topk_softmax(renormalize, experts, top_k):
     logits = torch.randn(13, experts, device=DEVICE)
     w, ids = topk_softmax(logits, top_k, renormalize)
