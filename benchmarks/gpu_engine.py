@@ -44,12 +44,44 @@ def kv_bytes_read(batch: int, context: int) -> int:
     return batch * context * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
 
 
+class PhaseTimer:
+    """Wall time spent in each named engine method, per step (host view: what the GPU waits on)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.totals: dict[str, float] = {}
+        for name, owner, attr in [("schedule", engine.scheduler, "schedule"), ("prepare", engine.runner, "prepare"),
+                                  ("sample", engine.runner, "sampler")]:
+            self._wrap(name, owner, attr)
+        if engine.runner.graphs is not None:
+            self._wrap("graph_replay", engine.runner.graphs, "run")
+
+    def _wrap(self, name, owner, attr):
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        return {k: round(v / steps * 1e3, 3) for k, v in self.totals.items()}
+
+
 def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float) -> list[dict]:
+    t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
         str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096, max_num_seqs=max(batches),
         max_num_batched_tokens=16384, enable_prefix_caching=False, kv_cache_memory_bytes=40 * 2**30)
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    print(f"engine up (weights + graph capture) in {time.perf_counter() - t0:.1f} s", flush=True)
+    # a decode step reads every weight except the embedding table, of which it gathers B rows
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
+                       if "embed_tokens" not in n)
     gen = torch.Generator().manual_seed(0)
+    phases = PhaseTimer(engine)
     rows = []
     for batch in batches:
         params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 10, ignore_eos=True)
@@ -62,11 +94,13 @@ def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float) -> l
         for _ in range(3):
             engine.step()  # settle
         times = []
+        phases.totals.clear()
         for _ in range(DECODE_STEPS):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             engine.step()  # ends in a device->host read of the sampled tokens
             times.append(time.perf_counter() - t0)
+        breakdown = phases.per_step_ms(DECODE_STEPS)
         for rid in ids:
             engine.abort_request(rid)
         while engine.has_unfinished_requests():
@@ -77,7 +111,8 @@ def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float) -> l
         rows.append({"batch": batch, "context": context, "step_ms": round(step_s * 1e3, 3),
                      "floor_ms": round(floor_s * 1e3, 3), "ratio_to_floor": round(step_s / floor_s, 3),
                      "tokens_per_s": round(batch / step_s, 1), "weight_bytes": weight_bytes,
-                     "kv_bytes_read": kv_bytes_read(batch, ctx), "step_ms_p90": round(sorted(times)[27] * 1e3, 3)})
+                     "kv_bytes_read": kv_bytes_read(batch, ctx), "step_ms_p90": round(sorted(times)[27] * 1e3, 3),
+                     "host_breakdown_ms_per_step": breakdown})
         print(json.dumps(rows[-1]), flush=True)
     del engine
     torch.cuda.empty_cache()

@@ -17,12 +17,12 @@ __all__ = ["decode_attention", "num_kv_splits", "paged_attention_ref"]
 
 @triton.jit
 def _decode_split_kernel(
-        q_ptr, cache_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, seq_lens_ptr,
+        q_ptr, cache_ptr, part_out_ptr, part_lse_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
         scale_log2, sliding_window, num_splits,
-        stride_qt, stride_qh, stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, DIRECT: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -62,10 +62,14 @@ def _decode_split_kernel(
         m_i = m_new
     empty = l_i == 0.0  # this split had no keys
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    row = (seq * NUM_HEADS + head) * num_splits + split  # part_out [B, H, S, D_PAD], part_lse [B, H, S]
-    tl.store(part_out_ptr + row[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
-    tl.store(part_lse_ptr + row, lse, mask=g_ok)
+    if DIRECT:  # one split: this is the answer
+        o_off = seq * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = (seq * NUM_HEADS + head) * num_splits + split  # part_out [B, H, S, D_PAD], part_lse [B, H, S]
+        tl.store(part_out_ptr + row[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
+        tl.store(part_lse_ptr + row, lse, mask=g_ok)
 
 
 @triton.jit
@@ -89,10 +93,11 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride
 
 
 def num_kv_splits(batch: int, kv_heads: int, max_seq_len: int, num_sms: int, block_n: int = 64,
-                  max_splits: int = 64) -> int:
-    """Enough splits for about two waves of programs, never a split shorter than four key tiles."""
+                  max_splits: int = 128, waves: int = 4) -> int:
+    """Enough splits for `waves` programs per multiprocessor (memory parallelism), never a split shorter
+    than four key tiles."""
     programs = max(batch * kv_heads, 1)
-    want = -(-2 * num_sms // programs)
+    want = -(-waves * num_sms // programs)
     longest = max(-(-max_seq_len // (4 * block_n)), 1)
     return max(1, min(want, longest, max_splits))
 
@@ -115,16 +120,19 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     out = torch.empty_like(q) if out is None else out
     if B == 0:
         return out
-    part_out = torch.empty((B, H, num_splits, d_pad), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    part_out = out if direct else torch.empty((B, H, num_splits, d_pad), dtype=torch.float32, device=q.device)
+    part_lse = out if direct else torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, kv_heads, num_splits)](
-        q, kv_cache, part_out, part_lse, block_tables, seq_lens,
+        q, kv_cache, part_out, part_lse, out, block_tables, seq_lens,
         scale * LOG2E, sliding_window or 0, num_splits,
-        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=D, D_PAD=d_pad, NUM_HEADS=H,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype), DIRECT=direct, num_warps=num_warps, num_stages=num_stages)
+    if direct:
+        return out
     _decode_merge_kernel[(B, H)](
         part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
         NUM_HEADS=H, HEAD_DIM=D, D_PAD=d_pad, SPLITS_PAD=max(triton.next_power_of_2(num_splits), 2))

@@ -36,13 +36,53 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_head, start, stop, hi,
+                  scale_log2, sliding_window, stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over key tiles [start, stop). Unmasked tiles lie wholly below every row's diagonal."""
+    d = tl.arange(0, D_PAD)
+    for start_n in range(start, stop, BLOCK_N):
+        n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        if MASKED:
+            page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+        else:
+            page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE)
+        base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [N]
+        k_ptrs = cache_ptr + base[None, :] + d[:, None]  # [D, N]
+        v_ptrs = cache_ptr + stride_ckv + base[:, None] + d[None, :]  # [N, D]
+        if MASKED or HEAD_DIM != D_PAD:
+            k = tl.load(k_ptrs, mask=n_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 domain
+        if MASKED:
+            allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+            if sliding_window > 0:
+                allowed = allowed & (n[None, :] > q_pos[:, None] - sliding_window)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _prefill_attention_kernel(
         q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
         scale_log2, num_seqs, sliding_window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -65,35 +105,26 @@ def _prefill_attention_kernel(
     q_off = (q_begin + q_tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
     q_pos = ctx_len + q_tok  # absolute positions
+    q_first = ctx_len + local * BLOCK_Q
 
-    hi = tl.minimum(seq_len, ctx_len + (local + 1) * BLOCK_Q)  # causal: nothing past the tile's last query
+    hi = tl.minimum(seq_len, q_first + BLOCK_Q)  # causal: nothing past the tile's last query
     lo = 0
+    mid = 0  # [lo, mid): tiles every row sees whole; [mid, hi): the diagonal (or a window) needs masks
     if sliding_window > 0:
-        lo = tl.maximum(ctx_len + local * BLOCK_Q - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(q_first - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
+        mid = lo
+    else:
+        mid = (q_first + 1) // BLOCK_N * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
-        base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [N]
-        k = tl.load(cache_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 domain
-        allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
-        if sliding_window > 0:
-            allowed = allowed & (n[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(cache_ptr + stride_ckv + base[:, None] + d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_head, lo, mid,
+                                  hi, scale_log2, sliding_window, stride_cb, stride_ckv, stride_cs, stride_ch,
+                                  stride_bt, BLOCK_SIZE, HEAD_DIM, D_PAD, BLOCK_N, PRECISION, False)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_head, mid, hi,
+                                  hi, scale_log2, sliding_window, stride_cb, stride_ckv, stride_cs, stride_ch,
+                                  stride_bt, BLOCK_SIZE, HEAD_DIM, D_PAD, BLOCK_N, PRECISION, True)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (q_begin + q_tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -23,7 +23,7 @@ def make_problem(seq_lens: list[int], query_lens: list[int], num_heads: int, num
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
     pool = torch.randn((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), generator=gen)
-    kv_cache = pool.to(device=device, dtype=dtype)[:, 1]  # layer 1: strided like the engine's views
+    kv_cache = pool.to(device=device, dtype=dtype)[:, num_layers - 1]  # a strided layer view, as in the engine
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     width = max(blocks_per_seq)
     tables = torch.zeros((len(seq_lens), width), dtype=torch.int32)

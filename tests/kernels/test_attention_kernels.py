@@ -69,9 +69,10 @@ def test_decode_attention_sliding_window_with_more_splits_than_keys():
 
 
 def test_num_kv_splits_fills_the_chip_but_keeps_splits_long():
-    assert num_kv_splits(1, 8, 32768, num_sms=132) == 33  # 8 programs -> ~264 wanted
+    assert num_kv_splits(1, 8, 32768, num_sms=132, waves=2) == 33  # 8 programs -> ~264 wanted
     assert num_kv_splits(1, 8, 256, num_sms=132) == 1  # too short to split
-    assert num_kv_splits(64, 8, 8192, num_sms=132) == 1  # 512 programs already fill it
+    assert num_kv_splits(1, 8, 2048, num_sms=132) == 8  # capped: no split shorter than 4 x 64 keys
+    assert num_kv_splits(128, 8, 8192, num_sms=132) == 1  # 1024 programs already fill it
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
