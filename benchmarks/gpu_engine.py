@@ -71,7 +71,18 @@ class PhaseTimer:
         return {k: round(v / steps * 1e3, 3) for k, v in self.totals.items()}
 
 
-def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float) -> list[dict]:
+def profile_steps(engine: LLMEngine, out_path: Path, steps: int = 3) -> None:
+    """Per-kernel CUDA time of a few decode steps (graph replays included), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+    out_path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
+def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float,
+         profile_dir: Path | None = None) -> list[dict]:
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
         str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=4096, max_num_seqs=max(batches),
@@ -84,7 +95,7 @@ def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float) -> l
     phases = PhaseTimer(engine)
     rows = []
     for batch in batches:
-        params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 10, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 20, ignore_eos=True)
         ids = [f"b{batch}-{i}" for i in range(batch)]
         for rid in ids:
             engine.add_request(rid, torch.randint(10, 128000, (context,), generator=gen).tolist(), params)
@@ -101,6 +112,8 @@ def ours(model_dir: Path, batches: list[int], context: int, copy_bw: float) -> l
             engine.step()  # ends in a device->host read of the sampled tokens
             times.append(time.perf_counter() - t0)
         breakdown = phases.per_step_ms(DECODE_STEPS)
+        if profile_dir is not None and batch == 8:
+            profile_steps(engine, profile_dir / "profile_decode_b8.txt")
         for rid in ids:
             engine.abort_request(rid)
         while engine.has_unfinished_requests():
@@ -138,12 +151,14 @@ def transformers_peer(batches: list[int], context: int) -> dict[int, float]:
         def generate(n: int, ids: torch.Tensor = ids) -> float:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            # disable_compile: transformers 5 otherwise compiles static-cache decoding and recompiles per
+            # cache length, which would land in the timing
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, cache_implementation="static", pad_token_id=0)
+                           do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=True)
             torch.cuda.synchronize()
             return time.perf_counter() - t0
 
-        generate(8)  # warm-up
+        generate(8), generate(40)  # warm-up both lengths
         short, long = generate(8), generate(40)
         out[batch] = batch / ((long - short) / 32)
         print(f"hf batch {batch}: {out[batch]:.1f} tokens/s", flush=True)
@@ -157,11 +172,13 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="write a per-kernel table of B=8 steps to --out")
     args = parser.parse_args()
     copy_bw, mm = copy_bandwidth_GBps(), matmul_TFLOPs()
     print(f"copy {copy_bw:.0f} GB/s, matmul {mm:.0f} TFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = ours(write_model_dir(Path(tmp)), args.batches, args.context, copy_bw)
+        rows = ours(write_model_dir(Path(tmp)), args.batches, args.context, copy_bw,
+                    Path(args.out) if args.out and args.profile else None)
     hf = {} if args.skip_hf else transformers_peer(args.batches, args.context)
     for row in rows:
         row["hf_tokens_per_s"] = round(hf[row["batch"]], 1) if row["batch"] in hf else None

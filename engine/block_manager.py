@@ -31,6 +31,7 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
 
     @property
@@ -42,7 +43,8 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """The request's block table (do not modify)."""
+        return self.req_block_ids.get(request_id, [])
 
     def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
         """Longest run of cached full blocks at the start of the request, and the tokens they cover.
@@ -69,6 +71,7 @@ class BlockManager:
         Returns False, changing nothing, when the free blocks do not suffice.
         """
         blocks = self.req_blocks.setdefault(request.request_id, [])
+        ids = self.req_block_ids.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
@@ -76,7 +79,7 @@ class BlockManager:
         num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.num_free_blocks - num_free_hits:
             if not blocks:
-                del self.req_blocks[request.request_id]
+                del self.req_blocks[request.request_id], self.req_block_ids[request.request_id]
             return False
         for block in computed_blocks:
             if block.ref_cnt == 0:
@@ -87,6 +90,7 @@ class BlockManager:
             self.req_num_cached_blocks[request.request_id] = len(blocks)
         for _ in range(max(num_new_blocks, 0)):
             blocks.append(self._pop_free())
+        ids.extend(b.block_id for b in blocks[len(ids):])
         return True
 
     def _pop_free(self) -> Block:
@@ -116,6 +120,7 @@ class BlockManager:
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go to the front of the eviction order."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_block_ids.pop(request.request_id, None)
         self.req_num_cached_blocks.pop(request.request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
@@ -57,8 +58,9 @@ class ModelRunner:
             if end == request.num_tokens:  # caught up: this row's logits give the next token
                 sample_rows.append(query_start[-1] - 1)
                 sample_requests.append(request)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        for row, table in zip(padded, tables, strict=True):
+            row[:len(table)] = table
 
         def tensor(data, dtype):
             return torch.tensor(data, dtype=dtype, device=self.device)
@@ -67,7 +69,7 @@ class ModelRunner:
             slot_mapping=tensor(slots, torch.int64),
             query_start_loc=tensor(query_start, torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(padded, torch.int32),
+            block_tables=torch.from_numpy(padded).to(self.device),
             max_query_len=max(n for _, n in sched.scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
