@@ -6,10 +6,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from engine import envs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+    if override := envs.commit_override():
+        return override
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True, cwd=RESULTS.parent).stdout.strip()

@@ -13,3 +13,8 @@ def cache_dir() -> Path:
 def default_device() -> str | None:
     """$RIDGELINE_DEVICE overrides device selection ("cpu", "cuda", "cuda:1")."""
     return os.environ.get("RIDGELINE_DEVICE") or None
+
+
+def commit_override() -> str | None:
+    """$RIDGELINE_COMMIT names the commit in benchmark results where git cannot (a copy without .git)."""
+    return os.environ.get("RIDGELINE_COMMIT") or None
