@@ -48,18 +48,19 @@ def test_preemption_under_a_tiny_pool_gives_the_same_tokens(llama):
 def test_step_respects_token_budget_and_max_num_seqs(llama):
     llm = LLM(llama, num_blocks=128, max_num_batched_tokens=16, max_num_seqs=3)
     engine = llm.engine
-    for i, p in enumerate(_prompts(5)):
-        engine.add_request(str(i), p, GREEDY)
-    while engine.has_unfinished_requests():
-        sched = engine.scheduler.schedule()
-        assert sched.num_scheduled_tokens <= 16
-        assert len(engine.scheduler.running) <= 3
-        if sched.is_empty:
-            continue
-        sampled, out = engine.runner.execute(sched)
-        engine._record(sched)
-        for req, tok, lp in zip(sampled, out.token_ids, out.logprobs, strict=True):
-            engine._append_token(req, tok, lp)
+    seen = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        seen.append((out.num_scheduled_tokens, len(engine.scheduler.running)))
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    outs = llm.generate(_prompts(5), GREEDY)
+    assert all(o.finished and len(o.outputs[0].token_ids) == 24 for o in outs)
+    assert max(tokens for tokens, _ in seen) == 16
+    assert max(running for _, running in seen) == 3
 
 
 def test_decode_and_prefill_share_a_step(llama):
