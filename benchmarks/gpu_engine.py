@@ -192,7 +192,7 @@ def main() -> None:
         row["speedup_vs_hf"] = round(row["tokens_per_s"] / hf[row["batch"]], 2) if row["batch"] in hf else None
         hf_step = row["batch"] / hf[row["batch"]] if row["batch"] in hf else None
         row["hf_ratio_to_floor"] = round(hf_step / (row["floor_ms"] / 1e3), 3) if hf_step else None
-        row["engine_decode"] = True
+        row["table"] = "engine_decode"
     path = write_result("gpu_engine", {"copy_bandwidth_GBps": round(copy_bw, 1), "matmul_TFLOPs": round(mm, 1),
                                        "model": "Llama-3-8B shape, random bf16 weights", "cuda_graphs": True,
                                        "attention_backend": "triton", "torch": torch.__version__, "rows": rows},
