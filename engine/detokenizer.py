@@ -16,17 +16,18 @@ class IncrementalDetokenizer:
         stops = request.params.stop
         self.max_stop_len = max((len(s) for s in stops), default=0)
 
-    def update(self, skip_last: bool) -> str | None:
-        """Decode the newest output token; return the stop string hit, if any.
+    def update(self, skip_last: bool, final: bool = False) -> str | None:
+        """Decode the output tokens not yet read; return the stop string hit, if any.
 
-        `skip_last`: the token ended the sequence (EOS / stop id) and contributes no text.
+        `skip_last`: the last token ended the sequence (EOS / stop id) and contributes no text.
+        `final`: no more tokens will come, so a trailing incomplete UTF-8 sequence is emitted as is.
         """
         ids = self.request.all_token_ids
         if skip_last:
             ids = ids[:-1]
         prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(ids[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return None  # an incomplete UTF-8 sequence: wait for more bytes
         before = len(self.output_text)
         self.output_text += full[len(prefix):]

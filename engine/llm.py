@@ -46,7 +46,7 @@ class LLM:
         try:
             for prompt, p, prio in zip(prompts, params, priority, strict=True):
                 ids.append(f"offline-{next(self._ids)}")
-                self.engine.add_request(ids[-1], prompt, p, priority=prio, cache_salt=cache_salt)
+                self.engine.add_request(ids[-1], prompt, p, priority=prio, cache_salt=cache_salt, stream=False)
         except ValueError:
             for rid in ids:
                 self.engine.abort_request(rid)

@@ -50,8 +50,9 @@ class _Parent:
     """A user request: n sequences sharing one prompt."""
 
     def __init__(self, request_id: str, prompt: str | None, children: list[Request],
-                 detokenizers: list[IncrementalDetokenizer]):
+                 detokenizers: list[IncrementalDetokenizer], stream: bool):
         self.request_id = request_id
+        self.stream = stream  # outputs every step; otherwise only when finished
         self.prompt = prompt
         self.children = children
         self.detokenizers = {r.request_id: d for r, d in zip(children, detokenizers, strict=True)}
@@ -119,7 +120,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     *, priority: int = 0, cache_salt: str | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, stream: bool = True) -> None:
+        """Queue a request. `stream=False`: step() reports it only when finished, and its text is decoded
+        once at the end unless stop strings need it earlier (what LLM.generate uses)."""
         params = params or SamplingParams()
         if request_id in self._parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
@@ -137,7 +140,7 @@ class LLMEngine:
             update_block_hashes(req, self.block_manager.block_size)
             children.append(req)
         parent = _Parent(request_id, text, children,
-                         [IncrementalDetokenizer(self.tokenizer, r) for r in children])
+                         [IncrementalDetokenizer(self.tokenizer, r) for r in children], stream)
         self._parents[request_id] = parent
         for req in children:
             self._child_to_parent[req.request_id] = parent
@@ -186,6 +189,8 @@ class LLMEngine:
                 touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():
+            if not parent.stream and not all(r.is_finished for r in parent.children):
+                continue
             output = parent.output()
             if output.finished:
                 self._release(parent)
@@ -209,18 +214,21 @@ class LLMEngine:
         if logprobs is not None:
             req.logprobs.append(logprobs)
             req.cumulative_logprob += logprobs[token]
-        detok = self._child_to_parent[req.request_id].detokenizers[req.request_id]
+        parent = self._child_to_parent[req.request_id]
+        detok = parent.detokenizers[req.request_id]
+        ends_here = token in params.stop_token_ids or (token in req.eos_token_ids and not params.ignore_eos)
         status = None
-        if token in params.stop_token_ids or (token in req.eos_token_ids and not params.ignore_eos):
+        if ends_here:
             status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token if token in params.stop_token_ids else None
-            detok.update(skip_last=True)
-        elif (stop := detok.update(skip_last=False)) is not None:
+        elif (parent.stream or params.stop) and (stop := detok.update(skip_last=False)) is not None:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
         elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) \
                 or req.num_tokens >= self.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
+            if not isinstance(req.stop_reason, str):  # a stop string already cut the final text
+                detok.update(skip_last=ends_here, final=True)
             self.scheduler.finish(req, status)
 
     def _release(self, parent: _Parent) -> None:

@@ -37,48 +37,49 @@ class ModelRunner:
         self.graphs = graphs  # decode steps replay captured graphs when set
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_requests: list[Request] = []
         bs = self.block_size
-        for request, n in sched.scheduled:
+        B = len(sched.scheduled)
+        T = sched.num_scheduled_tokens
+        tables = [self.block_manager.block_ids(r.request_id) for r, _ in sched.scheduled]
+        width = max(len(t) for t in tables)
+        # two host buffers, two copies to the device:
+        # int64 [ids | positions | slots | sample rows], int32 [query_start_loc | seq_lens | block tables]
+        longs = np.empty(3 * T + B, dtype=np.int64)
+        ints = np.zeros(2 * B + 1 + B * width, dtype=np.int32)
+        ids, positions, slots = longs[:T], longs[T:2 * T], longs[2 * T:3 * T]
+        query_start, seq_lens = ints[:B + 1], ints[B + 1:2 * B + 1]
+        block_tables = ints[2 * B + 1:].reshape(B, width)
+        sample_requests: list[Request] = []
+        t = 0
+        for i, ((request, n), table) in enumerate(zip(sched.scheduled, tables, strict=True)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            table = self.block_manager.block_ids(request.request_id)
-            input_ids += request.token_ids(start, end)
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(end)
-            tables.append(table)
+            pos = np.arange(start, end)
+            ids[t:t + n] = request.token_ids(start, end)
+            positions[t:t + n] = pos
+            block_tables[i, :len(table)] = table
+            slots[t:t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            t += n
+            query_start[i + 1] = t
+            seq_lens[i] = end
             if end == request.num_tokens:  # caught up: this row's logits give the next token
-                sample_rows.append(query_start[-1] - 1)
+                longs[3 * T + len(sample_requests)] = t - 1
                 sample_requests.append(request)
-        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-        for row, table in zip(padded, tables, strict=True):
-            row[:len(table)] = table
-
-        def tensor(data, dtype):
-            return torch.tensor(data, dtype=dtype, device=self.device)
-
+        longs_dev = torch.from_numpy(longs).to(self.device)
+        ints_dev = torch.from_numpy(ints).to(self.device)
         attn = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=torch.from_numpy(padded).to(self.device),
+            slot_mapping=longs_dev[2 * T:3 * T],
+            query_start_loc=ints_dev[:B + 1],
+            seq_lens=ints_dev[B + 1:2 * B + 1],
+            block_tables=ints_dev[2 * B + 1:].view(B, width),
             max_query_len=max(n for _, n in sched.scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
             block_size=bs,
         )
         self.backend.plan(attn, self.model.config.num_kv_heads)
-        return StepInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), attn,
-                          tensor(sample_rows, torch.int64), sample_requests)
+        return StepInputs(longs_dev[:T], longs_dev[T:2 * T], attn,
+                          longs_dev[3 * T:3 * T + len(sample_requests)], sample_requests)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

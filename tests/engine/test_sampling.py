@@ -124,3 +124,18 @@ def test_apply_filters_keeps_the_documented_sets():
         [True, True, False, False],  # top_k 2
         [True, True, False, False],  # min_p 0.4 of 0.5 = 0.2
     ]
+
+
+def test_streamed_outputs_grow_to_the_final_only_output(llm):
+    """stream=True reports every step (cumulative); stream=False (LLM.generate) only the end: same text."""
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    final = llm.generate(PROMPTS[1], params)[0].outputs[0]
+    engine = llm.engine
+    engine.add_request("streamed", PROMPTS[1], params, stream=True)
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [o.outputs[0] for o in engine.step()]
+    assert len(seen) == 20
+    assert [len(c.token_ids) for c in seen] == list(range(1, 21))
+    assert all(final.text.startswith(c.text) for c in seen)
+    assert (seen[-1].text, seen[-1].token_ids, seen[-1].finish_reason) == (final.text, final.token_ids, "length")
