@@ -37,9 +37,9 @@ def num_blocks_for(cache: CacheConfig, cfg: ModelConfig, dtype: torch.dtype, dev
 def allocate_kv_pool(num_blocks: int, cfg: ModelConfig, block_size: int, dtype: torch.dtype,
                      device: torch.device) -> torch.Tensor:
     shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-    # uninitialised is safe: attention reads only slots written this step or earlier, and untouched CPU
-    # pages cost no memory until used
-    return torch.empty(shape, dtype=dtype, device=device)
+    # zeroed, not empty: a masked read of an unwritten slot (batched CPU decode pads to the longest
+    # sequence) must meet finite values, since NaN * 0 is still NaN
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def layer_views(pool: torch.Tensor) -> list[torch.Tensor]:

@@ -29,3 +29,12 @@ def test_a_block_across_all_layers_is_one_contiguous_region(llama):
 def test_a_budget_too_small_for_one_block_is_an_error(llama):
     with pytest.raises(ValueError, match=r"^kv_cache_memory_bytes: budget 100 B holds no KV block"):
         LLM(llama, kv_cache_memory_bytes=100)
+
+
+def test_a_fresh_pool_holds_no_garbage(llama):
+    """Padded reads of unwritten slots meet zeros, never NaN left in recycled memory."""
+    for _ in range(3):
+        junk = torch.full((2_000_000,), float("nan"))  # dirty the allocator's free memory
+        del junk
+        pool = LLM(llama, num_blocks=64).engine.kv_pool
+        assert torch.isfinite(pool).all()
