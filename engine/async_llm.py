@@ -1,0 +1,148 @@
+"""AsyncLLM: the engine's step loop on a background thread, requests consumed as async streams.
+
+Only the engine thread touches the engine: other threads submit commands (add, abort) to a queue that the
+thread drains before every step, so an abort takes effect at the next step however busy the engine is.
+Each request's outputs go to the asyncio queue of the loop that asked for it. A consumer that stops
+listening (client disconnect, cancellation) aborts its request, so its blocks are freed at once.
+"""
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; requests in flight receive this instead of hanging."""
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._commands: queue.SimpleQueue[tuple[Callable[[], None], Future]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread writes
+        self._wakeup = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="ridgeline-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model: str, **engine_options) -> "AsyncLLM":
+        return cls(LLMEngine.from_pretrained(model, **engine_options))
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       **request_options) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request until it finishes. Bad input raises ValueError at once."""
+        if self._error is not None:
+            raise EngineDeadError(f"engine step loop failed: {self._error!r}")
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, params, stream=True, **request_options)
+            self._streams[request_id] = (loop, outputs)
+
+        await asyncio.wrap_future(self._submit(add))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Takes effect before the engine's next step; returns at once."""
+        def drop() -> None:
+            if self._streams.pop(request_id, None) is not None:
+                self.engine.abort_request(request_id)
+
+        self._submit(drop)
+
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    def _submit(self, command: Callable[[], None]) -> Future:
+        done: Future = Future()
+        self._commands.put((command, done))
+        self._wakeup.set()
+        return done
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+                done.set_result(None)
+            except Exception as e:  # noqa: BLE001 - the submitter decides (ValueError -> HTTP 400)
+                done.set_exception(e)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait(self._idle_wait_s)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
+                self._fail_all(e)
+                return
+            for out in outputs:
+                self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return  # aborted: nobody listens
+        if out.finished:
+            del self._streams[out.request_id]
+        loop, outputs = stream
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will ever listen
+            if self._streams.pop(out.request_id, None) is not None:
+                self.engine.abort_request(out.request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        self._error = error
+        dead = EngineDeadError(f"engine step loop failed: {error!r}")
+        for loop, outputs in self._streams.values():
+            loop.call_soon_threadsafe(outputs.put_nowait, dead)
+        self._streams.clear()
+        self._drain_commands_with(dead)
+
+    def _drain_commands_with(self, error: Exception) -> None:
+        while True:
+            try:
+                _, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            done.set_exception(error)

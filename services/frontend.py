@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP frontend over an engine client (today AsyncLLM in this process; the Ray Serve
+deployments drive the same app in the serving work).
+
+Every error a client can cause returns an OpenAI error body: 400 bad input, 401 missing or wrong API key,
+404 unknown model, 413 oversized body, 503 + Retry-After when too many requests are in flight.
+A client that disconnects aborts its request.
+"""
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from engine.async_llm import AsyncLLM, EngineDeadError
+from engine.outputs import RequestOutput
+from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+
+
+def _validation_message(err: ValidationError) -> tuple[str, str]:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"])
+    return f"{param}: {first['msg']}", param
+
+
+async def _parse(request: Request, model_cls: type[BaseModel]) -> BaseModel:
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise HTTPError(413, f"request body: {len(raw)} bytes, at most {MAX_BODY_BYTES}")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        message, param = _validation_message(e)
+        raise HTTPError(400, message, param=param) from None
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+class Frontend:
+    def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int):
+        self.llm = llm
+        self.model_name = model_name
+        self.max_inflight = max_inflight
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise HTTPError(404, f"model: {model!r} does not exist; this server serves {self.model_name!r}",
+                            param="model", code="model_not_found")
+        if self.llm.num_unfinished() >= self.max_inflight:
+            raise HTTPError(503, "server busy: too many requests in flight", type_="server_error",
+                            headers={"Retry-After": "1"})
+
+    async def start(self, request_id: str, prompt, params, cache_salt) -> tuple[RequestOutput, AsyncIterator]:
+        """The first output of a request: bad input surfaces here, before any byte of the response."""
+        stream = self.llm.generate(request_id, prompt, params, cache_salt=cache_salt)
+        try:
+            first = await anext(stream)
+        except ValueError as e:
+            raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+        except EngineDeadError as e:
+            raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
+        return first, stream
+
+    async def final(self, http: Request, first: RequestOutput, stream: AsyncIterator) -> RequestOutput | None:
+        """Drain a request; None if the client went away (the request is then aborted)."""
+        async def drain():
+            last = first
+            if not first.finished:
+                async for out in stream:
+                    last = out
+            return last
+
+        task = asyncio.create_task(drain())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                task.cancel()  # the stream's cleanup aborts the request
+                await asyncio.gather(task, return_exceptions=True)
+                return None
+
+    def usage(self, out: RequestOutput) -> dict:
+        completion = sum(len(c.token_ids) for c in out.outputs)
+        usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
+                 "total_tokens": len(out.prompt_token_ids) + completion}
+        if out.num_cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": out.num_cached_tokens}
+        return usage
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
+    """(choice index, text delta, new token ids, new logprobs, finish_reason) as outputs arrive; `hold` chars
+    stay back until a choice finishes, so a stop string split across tokens is never sent."""
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    done: set[int] = set()
+
+    async def outputs():
+        yield first
+        if not first.finished:
+            async for out in stream:
+                yield out
+
+    async for out in outputs():
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            upto = len(c.text) if c.finished else max(len(c.text) - hold, sent_text.get(c.index, 0))
+            text = c.text[sent_text.get(c.index, 0):upto]
+            tokens = c.token_ids[sent_tokens.get(c.index, 0):]
+            logprobs = c.logprobs[sent_tokens.get(c.index, 0):] if c.logprobs is not None else None
+            if not text and not tokens and not c.finished:
+                continue
+            sent_text[c.index], sent_tokens[c.index] = upto, len(c.token_ids)
+            if c.finished:
+                done.add(c.index)
+            yield c.index, text, tokens, logprobs, c.finish_reason, out
+
+
+def _completion_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]] | None) -> dict | None:
+    if logprobs is None:
+        return None
+    texts = [_token_text(tokenizer, t) for t in tokens]
+    return {"tokens": texts, "token_logprobs": [lp[t] for t, lp in zip(tokens, logprobs, strict=True)],
+            "top_logprobs": [{_token_text(tokenizer, k): v for k, v in lp.items()} for lp in logprobs]}
+
+
+def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]] | None, top: int) -> dict | None:
+    if logprobs is None:
+        return None
+    content = []
+    for t, lp in zip(tokens, logprobs, strict=True):
+        alternatives = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
+        content.append({"token": _token_text(tokenizer, t), "logprob": lp[t],
+                        "top_logprobs": [{"token": _token_text(tokenizer, k), "logprob": v} for k, v in alternatives]})
+    return {"content": content}
+
+
+def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256) -> FastAPI:
+    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
+    front = Frontend(llm, model_name, max_inflight)
+    tokenizer = llm.tokenizer
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(_, exc: HTTPError):
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer <key>)",
+                                               "authentication_error", code="invalid_api_key"), status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(error_body(f"request body: {length} bytes, at most {MAX_BODY_BYTES}"),
+                                status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
+                                            "owned_by": "ridgeline", "max_model_len": llm.engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(http: Request):
+        req = await _parse(http, CompletionRequest)
+        front.check_model(req.model)
+        try:
+            params = req.sampling_params(default_max_tokens=16, logprobs=req.logprobs)
+        except ValueError as e:
+            raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+        rid, created = new_id("cmpl"), now()
+        first, stream = await front.start(rid, req.prompt, params, req.cache_salt)
+        base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        if not req.stream:
+            out = await front.final(http, first, stream)
+            if out is None:
+                return Response(status_code=499)
+            choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                        "logprobs": _completion_logprobs(tokenizer, c.token_ids, c.logprobs),
+                        **({"token_ids": c.token_ids} if req.return_token_ids else {})} for c in out.outputs]
+            extra = {"prompt_token_ids": out.prompt_token_ids} if req.return_token_ids else {}
+            return {**base, "choices": choices, "usage": front.usage(out), **extra}
+
+        async def events():
+            last = first
+            async for index, text, tokens, logprobs, finish, out in _deltas(first, stream, _hold(params)):
+                last = out
+                choice = {"index": index, "text": text, "finish_reason": finish,
+                          "logprobs": _completion_logprobs(tokenizer, tokens, logprobs)}
+                yield _sse({**base, "choices": [choice]})
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({**base, "choices": [], "usage": front.usage(last)})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        req = await _parse(http, ChatCompletionRequest)
+        front.check_model(req.model)
+        top = req.top_logprobs or 0
+        try:
+            params = req.sampling_params(default_max_tokens=None, logprobs=top if req.logprobs else None)
+            if req.max_completion_tokens:
+                params.max_tokens = req.max_completion_tokens
+            prompt = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
+        except ValueError as e:
+            raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+        rid, created = new_id("chatcmpl"), now()
+        first, stream = await front.start(rid, prompt, params, req.cache_salt)
+        base = {"id": rid, "created": created, "model": model_name}
+        if not req.stream:
+            out = await front.final(http, first, stream)
+            if out is None:
+                return Response(status_code=499)
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                        "logprobs": _chat_logprobs(tokenizer, c.token_ids, c.logprobs, top),
+                        **({"token_ids": c.token_ids} if req.return_token_ids else {})} for c in out.outputs]
+            extra = {"prompt_token_ids": out.prompt_token_ids} if req.return_token_ids else {}
+            return {**base, "object": "chat.completion", "choices": choices, "usage": front.usage(out), **extra}
+
+        async def events():
+            chunk = {**base, "object": "chat.completion.chunk"}
+            for i in range(params.n):
+                yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "finish_reason": None}]})
+            last = first
+            async for index, text, tokens, logprobs, finish, out in _deltas(first, stream, _hold(params)):
+                last = out
+                choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish,
+                          "logprobs": _chat_logprobs(tokenizer, tokens, logprobs, top)}
+                yield _sse({**chunk, "choices": [choice]})
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({**chunk, "choices": [], "usage": front.usage(last)})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def _hold(params) -> int:
+    return max((len(s) for s in params.stop), default=1) - 1
