@@ -22,16 +22,15 @@ class IncrementalDetokenizer:
         `skip_last`: the last token ended the sequence (EOS / stop id) and contributes no text.
         `final`: no more tokens will come, so a trailing incomplete UTF-8 sequence is emitted as is.
         """
-        ids = self.request.all_token_ids
-        if skip_last:
-            ids = ids[:-1]
-        prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(ids[self.prefix_offset:])
+        end = self.request.num_tokens - int(skip_last)
+        window = self.request.token_ids(self.prefix_offset, end)  # only the tokens still to be read
+        prefix = self.tokenizer.decode(window[:self.read_offset - self.prefix_offset])
+        full = self.tokenizer.decode(window)
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return None  # an incomplete UTF-8 sequence: wait for more bytes
         before = len(self.output_text)
         self.output_text += full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         return self._check_stop(before)
 
     def _check_stop(self, before: int) -> str | None:

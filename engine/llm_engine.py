@@ -49,13 +49,13 @@ def engine_config(model: str, **kwargs) -> EngineConfig:
 class _Parent:
     """A user request: n sequences sharing one prompt."""
 
-    def __init__(self, request_id: str, prompt: str | None, children: list[Request],
-                 detokenizers: list[IncrementalDetokenizer], stream: bool):
+    def __init__(self, request_id: str, prompt: str | None, children: list[Request], tokenizer: Tokenizer,
+                 stream: bool):
         self.request_id = request_id
         self.stream = stream  # outputs every step; otherwise only when finished
         self.prompt = prompt
         self.children = children
-        self.detokenizers = {r.request_id: d for r, d in zip(children, detokenizers, strict=True)}
+        self.detokenizers = {r.request_id: IncrementalDetokenizer(tokenizer, r) for r in children}
 
     def output(self) -> RequestOutput:
         outs = []
@@ -139,8 +139,7 @@ class LLMEngine:
                           hash_extra=extra, arrival_time=arrival_time, seed_offset=i)
             update_block_hashes(req, self.block_manager.block_size)
             children.append(req)
-        parent = _Parent(request_id, text, children,
-                         [IncrementalDetokenizer(self.tokenizer, r) for r in children], stream)
+        parent = _Parent(request_id, text, children, self.tokenizer, stream)
         self._parents[request_id] = parent
         for req in children:
             self._child_to_parent[req.request_id] = parent

@@ -74,10 +74,6 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def is_finished(self) -> bool:
         return self.status.finished
 

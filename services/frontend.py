@@ -28,6 +28,12 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
+    @classmethod
+    def bad_request(cls, error: ValueError) -> "HTTPError":
+        """A ValueError from our validation names its field first: "field: what is wrong"."""
+        message = str(error)
+        return cls(400, message, param=message.split(":")[0])
+
 
 def _validation_message(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
@@ -74,7 +80,7 @@ class Frontend:
         try:
             first = await anext(stream)
         except ValueError as e:
-            raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+            raise HTTPError.bad_request(e) from None
         except EngineDeadError as e:
             raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
         return first, stream
@@ -199,7 +205,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
         try:
             params = req.sampling_params(default_max_tokens=16, logprobs=req.logprobs)
         except ValueError as e:
-            raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+            raise HTTPError.bad_request(e) from None
         rid, created = new_id("cmpl"), now()
         first, stream = await front.start(rid, req.prompt, params, req.cache_salt)
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
@@ -238,7 +244,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 params.max_tokens = req.max_completion_tokens
             prompt = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
         except ValueError as e:
-            raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+            raise HTTPError.bad_request(e) from None
         rid, created = new_id("chatcmpl"), now()
         first, stream = await front.start(rid, prompt, params, req.cache_salt)
         base = {"id": rid, "created": created, "model": model_name}
