@@ -26,7 +26,7 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self._commands: queue.SimpleQueue[tuple[Callable[[], None], Future]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread writes
         self._wakeup = threading.Event()
         self._idle_wait_s = idle_wait_s
@@ -69,6 +69,10 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
+        """Run fn(engine) on the engine thread between steps; its result or exception comes back."""
+        return await asyncio.wrap_future(self._submit(lambda: fn(self.engine)))
+
     def abort(self, request_id: str) -> None:
         """Takes effect before the engine's next step; returns at once."""
         def drop() -> None:
@@ -85,7 +89,7 @@ class AsyncLLM:
         self._wakeup.set()
         self._thread.join(timeout=10)
 
-    def _submit(self, command: Callable[[], None]) -> Future:
+    def _submit(self, command: Callable[[], object]) -> Future:
         done: Future = Future()
         self._commands.put((command, done))
         self._wakeup.set()
@@ -98,8 +102,7 @@ class AsyncLLM:
             except queue.Empty:
                 return
             try:
-                command()
-                done.set_result(None)
+                done.set_result(command())
             except Exception as e:  # noqa: BLE001 - the submitter decides (ValueError -> HTTP 400)
                 done.set_exception(e)
 

@@ -93,6 +93,18 @@ class BlockManager:
         ids.extend(b.block_id for b in blocks[len(ids):])
         return True
 
+    def allocate_blocks(self, request_id: str, num_blocks: int) -> list[int] | None:
+        """Fresh blocks for a request that does not exist yet (KV arriving from another worker fills them).
+        None, changing nothing, when too few blocks are free."""
+        if request_id in self.req_blocks:
+            raise ValueError(f"request_id: {request_id!r} already holds blocks")
+        if num_blocks > self.num_free_blocks:
+            return None
+        blocks = [self._pop_free() for _ in range(num_blocks)]
+        self.req_blocks[request_id] = blocks
+        self.req_block_ids[request_id] = [b.block_id for b in blocks]
+        return list(self.req_block_ids[request_id])
+
     def _pop_free(self) -> Block:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
@@ -119,9 +131,12 @@ class BlockManager:
 
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go to the front of the eviction order."""
-        blocks = self.req_blocks.pop(request.request_id, [])
-        self.req_block_ids.pop(request.request_id, None)
-        self.req_num_cached_blocks.pop(request.request_id, None)
+        self.free_blocks(request.request_id)
+
+    def free_blocks(self, request_id: str) -> None:
+        blocks = self.req_blocks.pop(request_id, [])
+        self.req_block_ids.pop(request_id, None)
+        self.req_num_cached_blocks.pop(request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"

@@ -120,9 +120,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     *, priority: int = 0, cache_salt: str | None = None,
-                    arrival_time: float | None = None, stream: bool = True) -> None:
+                    arrival_time: float | None = None, stream: bool = True,
+                    output_token_ids: list[int] | None = None, kv_computed_tokens: int = 0,
+                    hold_kv: bool = False) -> None:
         """Queue a request. `stream=False`: step() reports it only when finished, and its text is decoded
-        once at the end unless stop strings need it earlier (what LLM.generate uses)."""
+        once at the end unless stop strings need it earlier (what LLM.generate uses).
+
+        Disaggregated serving: `output_token_ids` resumes a request whose first outputs came from another
+        worker; `kv_computed_tokens` says the blocks reserved with `reserve_kv` already hold that many
+        tokens' KV; `hold_kv` keeps the blocks after the request finishes until `release_kv`.
+        """
         params = params or SamplingParams()
         if request_id in self._parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
@@ -130,20 +137,65 @@ class LLMEngine:
         if not prompt:
             raise ValueError("prompt: must not be empty")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(prompt_ids, params)
+        resumed = list(output_token_ids or [])
+        self._validate_prompt(prompt_ids + resumed, params)
+        if (resumed or hold_kv) and params.n != 1:
+            raise ValueError("n: resuming a request or holding its KV needs n == 1")
+        if params.max_tokens is not None and len(resumed) >= params.max_tokens:
+            raise ValueError(f"output_token_ids: {len(resumed)} tokens already reach max_tokens")
+        self._check_reserved(request_id, kv_computed_tokens, len(prompt_ids) + len(resumed))
         extra = hash_extra(self.fingerprint, str(self.dtype), cache_salt)
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
-                          hash_extra=extra, arrival_time=arrival_time, seed_offset=i)
+                          hash_extra=extra, arrival_time=arrival_time, seed_offset=i, hold_kv=hold_kv)
+            if resumed:
+                req.resume(resumed, self.model_config.vocab_size)
+            if kv_computed_tokens:
+                req.num_computed_tokens, req.num_cached_tokens = kv_computed_tokens, 0
             update_block_hashes(req, self.block_manager.block_size)
             children.append(req)
         parent = _Parent(request_id, text, children, self.tokenizer, stream)
+        if resumed:  # the resumed tokens' text is part of the output, as if generated here
+            parent.detokenizers[request_id].update(skip_last=False)
         self._parents[request_id] = parent
         for req in children:
             self._child_to_parent[req.request_id] = parent
             self.scheduler.add_request(req)
+
+    def _check_reserved(self, request_id: str, kv_tokens: int, num_tokens: int) -> None:
+        if not kv_tokens:
+            return
+        if not 0 < kv_tokens < num_tokens:
+            raise ValueError(f"kv_computed_tokens: got {kv_tokens}, allowed 1..{num_tokens - 1}")
+        have = len(self.block_manager.block_ids(request_id)) * self.block_manager.block_size
+        if kv_tokens > have:
+            raise ValueError(f"kv_computed_tokens: {kv_tokens} tokens but only {have} slots reserved "
+                             f"for {request_id!r} (reserve_kv first)")
+
+    # -- KV handoff between workers ---------------------------------------------------------------
+
+    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` tokens of KV that another worker will write; None when memory is short."""
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens: got {num_tokens}, allowed >= 1")
+        if request_id in self._parents:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        return self.block_manager.allocate_blocks(request_id, -(-num_tokens // self.block_manager.block_size))
+
+    def free_reserved(self, request_id: str) -> None:
+        """Give back blocks from `reserve_kv` that no request adopted (the transfer failed)."""
+        if request_id not in self._parents:
+            self.block_manager.free_blocks(request_id)
+
+    def held_kv(self, request_id: str) -> list[int]:
+        """The block table of a finished `hold_kv` request (its KV stays until `release_kv`)."""
+        return list(self.block_manager.block_ids(request_id))
+
+    def release_kv(self, request_id: str) -> None:
+        if request_id not in self._parents:  # still running: its own finish will free the blocks
+            self.block_manager.free_blocks(request_id)
 
     def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

@@ -31,13 +31,15 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                  eos_token_ids: frozenset[int] = frozenset(), priority: int = 0,
-                 hash_extra: bytes = b"", arrival_time: float | None = None, seed_offset: int = 0):
+                 hash_extra: bytes = b"", arrival_time: float | None = None, seed_offset: int = 0,
+                 hold_kv: bool = False):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
         self.eos_token_ids = eos_token_ids
         self.priority = priority
+        self.hold_kv = hold_kv  # keep the blocks after finishing: another worker pulls them
         self.hash_extra = hash_extra
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = RequestStatus.WAITING
@@ -51,6 +53,13 @@ class Request:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + seed_offset)
+
+    def resume(self, output_token_ids: list[int], vocab_size: int) -> None:
+        """Continue a request whose first outputs another worker produced: seeded draws stay in step."""
+        self.output_token_ids = list(output_token_ids)
+        if self.generator is not None and not self.params.greedy:
+            for _ in output_token_ids:  # the sampler draws one exponential vector per sampled token
+                torch.empty(vocab_size).exponential_(generator=self.generator)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -77,7 +77,10 @@ class Scheduler:
         self.waiting.sort(key=self.policy.key)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits, num_hit_tokens = self.block_manager.get_computed_blocks(request)
+            if request.num_computed_tokens:  # KV handed over from another worker already fills its blocks
+                hits, num_hit_tokens = [], request.num_computed_tokens
+            else:
+                hits, num_hit_tokens = self.block_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
@@ -111,10 +114,12 @@ class Scheduler:
         out.preempted.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Remove a request wherever it is and release its blocks (finish or abort)."""
+        """Remove a request wherever it is and release its blocks (finish or abort). A request that hands
+        its KV to another worker (`hold_kv`) keeps its blocks when it finishes normally."""
         request.status = status
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.block_manager.free(request)
+        if not (request.hold_kv and status != RequestStatus.FINISHED_ABORTED):
+            self.block_manager.free(request)

@@ -1,0 +1,106 @@
+"""The KV transport contract: one worker registers its KV pool and hands out handles to blocks; another
+pulls them into its own blocks. Every pull is verified (layout, length, per-block checksum): a torn or
+mismatched block raises TransferError and is never used."""
+
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from services.transport.checksum import block_checksums
+
+
+class TransferError(RuntimeError):
+    """A pull failed or delivered bytes that do not match the handle; the target blocks hold garbage."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What one block is: [num_layers, 2, block_size, kv_heads, head_dim] of dtype."""
+
+    block_shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, pool: torch.Tensor) -> "KVLayout":
+        return cls(tuple(pool.shape[1:]), str(pool.dtype).removeprefix("torch."))
+
+    @property
+    def block_bytes(self) -> int:
+        numel = 1
+        for d in self.block_shape:
+            numel *= d
+        return numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+@dataclass
+class KVHandle:
+    """A claim on blocks held by another worker: enough to pull and verify them."""
+
+    handle_id: str
+    backend: str
+    block_ids: list[int]
+    num_tokens: int  # tokens whose KV the blocks hold
+    layout: KVLayout
+    checksums: list[int]
+    source: dict = field(default_factory=dict)  # backend-specific: NIXL agent + addresses, or a Ray ref
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.block_ids) * self.layout.block_bytes
+
+
+class KVTransport(ABC):
+    """register(pool) once; the owner calls handle(); the puller calls pull() then release().
+
+    `holds_source_blocks`: True when the owner must keep the blocks until released (a remote read),
+    False when handle() already copied them out (the owner may free them at once).
+    """
+
+    name: str
+    holds_source_blocks: bool
+
+    def register(self, pool: torch.Tensor) -> None:
+        """pool [num_blocks, *block_shape], contiguous, block-major (engine/kv_cache.py)."""
+        if not pool.is_contiguous():
+            raise ValueError("pool: must be contiguous (block-major)")
+        self.pool = pool
+        self.layout = KVLayout.of(pool)
+
+    def handle(self, block_ids: list[int], num_tokens: int) -> KVHandle:
+        checksums = block_checksums(self.pool, block_ids)
+        return KVHandle(uuid.uuid4().hex, self.name, list(block_ids), num_tokens, self.layout, checksums,
+                        self._export(block_ids))
+
+    def pull(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float = 30.0) -> None:
+        """Fill into_block_ids with the handle's blocks and verify them; TransferError on any mismatch."""
+        if handle.layout != self.layout:
+            raise TransferError(f"layout mismatch: remote {handle.layout}, local {self.layout}")
+        if len(into_block_ids) != len(handle.block_ids) or len(handle.checksums) != len(handle.block_ids):
+            raise TransferError(f"length mismatch: {len(handle.block_ids)} blocks offered, "
+                                f"{len(handle.checksums)} checksums, {len(into_block_ids)} to fill")
+        self._read(handle, list(into_block_ids), timeout_s)
+        got = block_checksums(self.pool, into_block_ids)
+        bad = [i for i, (a, b) in enumerate(zip(got, handle.checksums, strict=True)) if a != b]
+        if bad:
+            raise TransferError(f"checksum mismatch in {len(bad)} of {len(got)} blocks (first: block "
+                                f"{handle.block_ids[bad[0]]} of handle {handle.handle_id})")
+
+    @abstractmethod
+    def release(self, handle: KVHandle) -> None:
+        """Puller side: the owner may free the blocks (after a verified pull, or when giving up)."""
+
+    def take_released(self) -> list[str]:
+        """Owner side: handle ids released by pullers since the last call."""
+        return []
+
+    @abstractmethod
+    def _export(self, block_ids: list[int]) -> dict: ...
+
+    @abstractmethod
+    def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None: ...
+
+    def close(self) -> None:
+        """Free backend resources (agents, registrations); the default holds none."""
+        return None

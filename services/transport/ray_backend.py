@@ -1,0 +1,31 @@
+"""KV transport through the Ray object store: handle() copies the blocks into an object, pull() reads it.
+The fallback where NIXL is missing; the owner frees its blocks at once (the object holds the copy), and the
+object goes away when the last reference to the handle does (Ray's reference counting is the lease)."""
+
+import numpy as np
+import ray
+import torch
+
+from services.transport.base import KVHandle, KVTransport, TransferError
+
+
+class RayTransport(KVTransport):
+    name = "ray"
+    holds_source_blocks = False
+
+    def _export(self, block_ids: list[int]) -> dict:
+        blocks = self.pool[torch.tensor(block_ids, device=self.pool.device)].cpu()  # [n, *block_shape]
+        return {"ref": ray.put(blocks.contiguous().view(torch.uint8).numpy())}
+
+    def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
+        try:
+            data: np.ndarray = ray.get(handle.source["ref"], timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - owner died, object lost, timeout: all mean no KV
+            raise TransferError(f"Ray object for handle {handle.handle_id} unavailable: {e!r}") from e
+        if data.nbytes != handle.num_bytes:
+            raise TransferError(f"length mismatch: {data.nbytes} bytes received, {handle.num_bytes} expected")
+        blocks = torch.from_numpy(np.ascontiguousarray(data)).view(self.pool.dtype).view(-1, *self.pool.shape[1:])
+        self.pool[torch.tensor(into_block_ids, device=self.pool.device)] = blocks.to(self.pool.device)
+
+    def release(self, handle: KVHandle) -> None:
+        handle.source.pop("ref", None)  # drop our reference; the object store frees it when all are gone

@@ -1,0 +1,107 @@
+"""The engine side of disaggregation: a prefill engine holds a request's KV, a decode engine adopts copied
+blocks and continues. Outputs equal a single engine's, greedy and seeded."""
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.llm_engine import LLMEngine
+
+PROMPTS = [[5, 9, 13, 2, 7, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53], [8, 3, 99]]
+
+
+def run(engine: LLMEngine) -> list:
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    return outs
+
+
+def handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], params: SamplingParams):
+    """Prefill one token holding the KV, copy the blocks, resume on the decode engine."""
+    first_params = SamplingParams(**{**params.__dict__, "max_tokens": 1})
+    prefill.add_request(rid, prompt, first_params, hold_kv=True)
+    (first,) = run(prefill)
+    src = prefill.held_kv(rid)
+    dst = decode.reserve_kv(rid, len(prompt))
+    assert len(src) == len(dst) == -(-len(prompt) // prefill.block_manager.block_size)
+    decode.kv_pool[dst] = prefill.kv_pool[src]
+    prefill.release_kv(rid)
+    decode.add_request(rid, prompt, params, output_token_ids=first.outputs[0].token_ids,
+                       kv_computed_tokens=len(prompt))
+    (out,) = run(decode)
+    return out
+
+
+@pytest.fixture
+def engines(llama):
+    return (LLMEngine.from_pretrained(llama, num_blocks=64, enable_prefix_caching=False),
+            LLMEngine.from_pretrained(llama, num_blocks=64, enable_prefix_caching=False))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                                    SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=12,
+                                                   ignore_eos=True)], ids=["greedy", "seeded"])
+def test_handoff_equals_one_engine(llama, engines, params):
+    prefill, decode = engines
+    want = [o.outputs[0] for o in LLM(llama, num_blocks=64).generate(PROMPTS, params)]
+    for i, prompt in enumerate(PROMPTS):
+        got = handoff(prefill, decode, f"r{i}", prompt, params).outputs[0]
+        assert got.token_ids == want[i].token_ids
+        assert got.text == want[i].text
+    # every block returned on both sides
+    assert prefill.block_manager.num_free_blocks == decode.block_manager.num_free_blocks == 64
+
+
+def test_decode_computes_only_new_tokens(engines):
+    prefill, decode = engines
+    handoff(prefill, decode, "r", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert decode.stats.prompt_tokens_computed == 0
+    assert decode.stats.scheduled_tokens == 3  # the first token (from prefill) and two more; the 4th is sampled
+
+
+def test_held_blocks_stay_until_released(engines):
+    prefill, _ = engines
+    prefill.add_request("r", PROMPTS[0], SamplingParams(max_tokens=1), hold_kv=True)
+    run(prefill)
+    held = prefill.held_kv("r")
+    assert len(held) == 2 and prefill.block_manager.num_free_blocks == 62
+    prefill.release_kv("r")
+    assert prefill.block_manager.num_free_blocks == 64
+
+
+def test_aborted_hold_request_frees_blocks(engines):
+    prefill, _ = engines
+    prefill.add_request("r", PROMPTS[0], SamplingParams(max_tokens=1), hold_kv=True)
+    prefill.abort_request("r")
+    run(prefill)
+    assert prefill.block_manager.num_free_blocks == 64 and prefill.held_kv("r") == []
+
+
+def test_free_reserved_returns_blocks(engines):
+    _, decode = engines
+    assert len(decode.reserve_kv("r", 40)) == 3
+    decode.free_reserved("r")
+    assert decode.block_manager.num_free_blocks == 64
+
+
+def test_reserve_fails_cleanly_when_memory_is_short(engines):
+    _, decode = engines
+    assert decode.reserve_kv("big", 64 * 16 + 1) is None
+    assert decode.block_manager.num_free_blocks == 64
+
+
+def test_bad_handoff_arguments(engines):
+    _, decode = engines
+    with pytest.raises(ValueError, match="kv_computed_tokens"):
+        decode.add_request("r", PROMPTS[1], SamplingParams(), output_token_ids=[4], kv_computed_tokens=3)
+    decode.reserve_kv("r2", 3)
+    with pytest.raises(ValueError, match="kv_computed_tokens"):
+        decode.add_request("r2", PROMPTS[1], SamplingParams(), output_token_ids=[4], kv_computed_tokens=4)
+    with pytest.raises(ValueError, match="n:"):
+        decode.add_request("r3", PROMPTS[1], SamplingParams(n=2), output_token_ids=[4])
+    with pytest.raises(ValueError, match="max_tokens"):
+        decode.add_request("r4", PROMPTS[1], SamplingParams(max_tokens=1), output_token_ids=[4])
+    with pytest.raises(ValueError, match="num_tokens"):
+        decode.reserve_kv("r5", 0)
+    assert torch.all(decode.kv_pool == 0)  # nothing was computed by rejected requests
