@@ -40,6 +40,10 @@ class AsyncLLM:
     def from_pretrained(cls, model: str, **engine_options) -> "AsyncLLM":
         return cls(LLMEngine.from_pretrained(model, **engine_options))
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
@@ -71,7 +75,16 @@ class AsyncLLM:
 
     async def call(self, fn: Callable[[LLMEngine], object]) -> object:
         """Run fn(engine) on the engine thread between steps; its result or exception comes back."""
-        return await asyncio.wrap_future(self._submit(lambda: fn(self.engine)))
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def submit(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """Thread-safe: fn(engine) runs on the engine thread before its next step."""
+        return self._submit(lambda: fn(self.engine))
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the step loop died, or None while it runs."""
+        return self._error
 
     def abort(self, request_id: str) -> None:
         """Takes effect before the engine's next step; returns at once."""
@@ -91,6 +104,9 @@ class AsyncLLM:
 
     def _submit(self, command: Callable[[], object]) -> Future:
         done: Future = Future()
+        if self._error is not None:
+            done.set_exception(EngineDeadError(f"engine step loop failed: {self._error!r}"))
+            return done
         self._commands.put((command, done))
         self._wakeup.set()
         return done

@@ -15,9 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from services.worker_protocol import WorkerLostError
+
+# the engine (or every worker that could continue a request) is gone: the client may retry later
+UNAVAILABLE = (EngineDeadError, WorkerLostError)
 
 MAX_BODY_BYTES = 4 * 2**20
 
@@ -81,7 +87,7 @@ class Frontend:
             first = await anext(stream)
         except ValueError as e:
             raise HTTPError.bad_request(e) from None
-        except EngineDeadError as e:
+        except UNAVAILABLE as e:
             raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
         return first, stream
 
@@ -98,7 +104,10 @@ class Frontend:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.1)
             if done:
-                return task.result()
+                try:
+                    return task.result()
+                except UNAVAILABLE as e:
+                    raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
             if await http.is_disconnected():
                 task.cancel()  # the stream's cleanup aborts the request
                 await asyncio.gather(task, return_exceptions=True)
@@ -115,6 +124,16 @@ class Frontend:
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A failure after the stream started becomes an error event and the stream ends; it never hangs."""
+    try:
+        async for event in events:
+            yield event
+    except UNAVAILABLE as e:
+        yield _sse(error_body(str(e), "server_error", code="service_unavailable"))
+        yield _sse("[DONE]")
 
 
 async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
@@ -166,7 +185,9 @@ def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]
 
 
 def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256) -> FastAPI:
-    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+    `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
     front = Frontend(llm, model_name, max_inflight)
     tokenizer = llm.tokenizer
@@ -193,10 +214,14 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
-                                            "owned_by": "ridgeline", "max_model_len": llm.engine.max_model_len}]}
+                                            "owned_by": "ridgeline", "max_model_len": llm.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(http: Request):
@@ -231,7 +256,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 yield _sse({**base, "choices": [], "usage": front.usage(last)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_guarded(events()), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
@@ -274,7 +299,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 yield _sse({**chunk, "choices": [], "usage": front.usage(last)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_guarded(events()), media_type="text/event-stream")
 
     return app
 

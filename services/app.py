@@ -1,0 +1,95 @@
+"""build_app(config) -> a Ray Serve application: the OpenAI ingress, a decode pool and (disaggregated) a
+prefill pool. Each pool is a deployment with its own replicas or autoscaling, resources and engine options;
+requests reach replicas through the least-loaded router."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from engine.tokenizer import Tokenizer
+from services.decode import DecodeWorker
+from services.frontend import build_frontend
+from services.pd_client import DisaggregatedClient
+from services.prefill import PrefillWorker
+
+
+class PoolConfig(BaseModel):
+    """One worker pool. `autoscaling` is Ray Serve's autoscaling_config (min_replicas, max_replicas,
+    target_ongoing_requests, ...); when given it replaces `replicas`."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(default=1, ge=1)
+    autoscaling: dict | None = None
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=128, ge=1)
+    engine: dict = Field(default_factory=dict, description="engine options: num_blocks, max_model_len, ...")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    served_model_name: str | None = None
+    mode: Literal["disaggregated", "aggregated"] = "disaggregated"
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    kv_transport: Literal["auto", "nixl", "ray"] = "auto"
+    kv_lease_s: float = Field(default=30.0, gt=0)
+    api_key: str | None = None
+    max_inflight: int = Field(default=256, ge=1)
+    frontend_num_cpus: float = Field(default=0.5, ge=0)
+    max_migrations: int = Field(default=3, ge=0)
+    fault_corrupt_pulls: int = Field(default=0, ge=0, description="tests only: corrupt the first N KV pulls")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """The HTTP frontend replica: tokenizes, sends each request through the pools, streams SSE back."""
+
+    def __init__(self, config: dict, decode, prefill=None):
+        self.config = ServeConfig.model_validate(config)
+        self.decode, self.prefill = decode, prefill
+        self.client: DisaggregatedClient | None = None
+
+    async def __serve_build_asgi_app__(self):
+        infos = [await self.decode.info.remote()]
+        if self.prefill is not None:
+            infos.append(await self.prefill.info.remote())
+        self.client = DisaggregatedClient(
+            Tokenizer(self.config.model), min(i["max_model_len"] for i in infos), infos[0]["vocab_size"],
+            self.decode, self.prefill, max_migrations=self.config.max_migrations)
+        return build_frontend(self.client, self.config.model_name, api_key=self.config.api_key,
+                              max_inflight=self.config.max_inflight)
+
+
+def _router_config() -> RequestRouterConfig:
+    return RequestRouterConfig(request_router_class="services.routing:LeastLoadedRequestRouter",
+                               request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5)
+
+
+def _pool(cls: type, name: str, pool: PoolConfig):
+    scale = {"autoscaling_config": pool.autoscaling} if pool.autoscaling else {"num_replicas": pool.replicas}
+    return serve.deployment(cls, name=name, max_ongoing_requests=pool.max_ongoing_requests,
+                            ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+                            request_router_config=_router_config(), health_check_period_s=2,
+                            graceful_shutdown_timeout_s=5, **scale)
+
+
+def build_app(config: ServeConfig | dict) -> serve.Application:
+    config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
+    decode = _pool(DecodeWorker, "DecodeWorker", config.decode).bind(
+        config.model, config.decode.engine, config.kv_transport, fault_corrupt_pulls=config.fault_corrupt_pulls)
+    prefill = None
+    if config.mode == "disaggregated":
+        prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill).bind(
+            config.model, config.prefill.engine, config.kv_transport, kv_lease_s=config.kv_lease_s)
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
+                               ray_actor_options={"num_cpus": config.frontend_num_cpus})
+    return ingress.bind(config.model_dump(), decode, prefill)

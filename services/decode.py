@@ -1,0 +1,90 @@
+"""DecodeWorker: pulls a prompt's KV from the prefill worker that holds it, joins the running batch and
+streams tokens. With no handle (aggregated mode, a dead prefill worker, a migrated request) it computes
+the prompt itself. A pull that fails or does not verify is retried, then given up for recomputation:
+a bad block is never decoded from."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from services.engine_worker import EngineWorker
+from services.transport import KVHandle, TransferError
+from services.worker_protocol import Delta, DeltaTracker, WorkerRequest
+
+logger = logging.getLogger("ridgeline.decode")
+
+
+class DecodeWorker(EngineWorker):
+    role = "decode"
+
+    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
+                 pull_attempts: int = 3, pull_timeout_s: float = 30.0, fault_corrupt_pulls: int = 0):
+        super().__init__(model, engine_options, kv_transport)
+        if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
+            from services.transport.faults import CorruptingTransport
+
+            self.transport = CorruptingTransport(self.transport, fault_corrupt_pulls)
+        self.pull_attempts = pull_attempts
+        self.pull_timeout_s = pull_timeout_s
+
+    async def generate(self, req: WorkerRequest) -> AsyncIterator[Delta]:
+        """Stream deltas of one sequence until it finishes; cancelling the stream aborts it here."""
+        self.counters["requests"] += 1
+        computed = 0
+        if req.kv_handle is not None:
+            computed = await self._pull(req.request_id, req.kv_handle)
+        tracker = DeltaTracker(len(req.output_token_ids), self.name)
+        try:
+            async for out in self.llm.generate(req.request_id, req.prompt_token_ids, req.params,
+                                               output_token_ids=req.output_token_ids,
+                                               kv_computed_tokens=computed, cache_salt=req.cache_salt,
+                                               priority=req.priority):
+                yield tracker.delta(out)
+        except BaseException:
+            if computed:  # a rejected add leaves the pulled blocks unadopted
+                await asyncio.shield(self.llm.call(lambda e: e.free_reserved(req.request_id)))
+            raise
+
+    async def release(self, handle: KVHandle) -> None:
+        """Let the owner free a handle nobody will pull (the client went away before decode)."""
+        self.transport.release(handle)
+
+    async def _pull(self, request_id: str, handle: KVHandle) -> int:
+        """KV tokens now in this worker's blocks for the request: handle.num_tokens, or 0 to recompute."""
+        block_ids = await self.llm.call(lambda e: e.reserve_kv(request_id, handle.num_tokens))
+        if block_ids is None:  # memory is short: the scheduler will make room and recompute
+            self.transport.release(handle)
+            self.counters["kv_recomputes"] += 1
+            return 0
+        for attempt in range(1, self.pull_attempts + 1):
+            try:
+                await _uncancellable(asyncio.to_thread(self.transport.pull, handle, block_ids, self.pull_timeout_s))
+            except TransferError as e:
+                self.counters["kv_pull_failures"] += 1
+                logger.warning("KV pull %d/%d for %s failed: %s", attempt, self.pull_attempts, request_id, e)
+                continue
+            except BaseException:
+                await asyncio.shield(self._give_up(request_id, handle))
+                raise
+            self.transport.release(handle)
+            self.counters["kv_pulls"] += 1
+            self.counters["kv_pull_bytes"] += handle.num_bytes
+            return handle.num_tokens
+        await self._give_up(request_id, handle)
+        self.counters["kv_recomputes"] += 1
+        return 0
+
+    async def _give_up(self, request_id: str, handle: KVHandle) -> None:
+        self.transport.release(handle)
+        await self.llm.call(lambda e: e.free_reserved(request_id))
+
+
+async def _uncancellable(coro) -> None:
+    """Await coro to the end even if we are cancelled (a transfer still writing into reserved blocks must
+    finish before they are freed), then re-raise the cancellation."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise

@@ -1,0 +1,56 @@
+"""What prefill and decode workers share: one engine on its own thread, the KV transport registered on its
+pool, the load report the router reads, and health. Plain classes: build_app() makes them Ray Serve
+deployments; tests may drive them directly."""
+
+import os
+import uuid
+
+from engine.async_llm import AsyncLLM, EngineDeadError
+from services.transport import make_transport
+
+
+def replica_name() -> str:
+    """The Ray Serve replica id when running as one, else a unique local name."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        return f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class EngineWorker:
+    role = "worker"
+
+    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto"):
+        self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
+        self.engine = self.llm.engine
+        self.transport = make_transport(kv_transport)
+        self.transport.register(self.engine.kv_pool)
+        self.name = replica_name()
+        self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
+                         "kv_recomputes": 0, "kv_handles": 0, "kv_leases_released": 0, "kv_leases_reclaimed": 0}
+
+    def record_routing_stats(self) -> dict:
+        """Read by the request router (services/routing.py) every few hundred ms."""
+        sched, blocks = self.engine.scheduler, self.engine.block_manager
+        return {"running": len(sched.running), "waiting": len(sched.waiting),
+                "kv_free_blocks": blocks.num_free_blocks, "kv_total_blocks": blocks.num_blocks}
+
+    async def info(self) -> dict:
+        return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.model_config.vocab_size,
+                "block_size": self.engine.block_manager.block_size}
+
+    def check_health(self) -> None:
+        if self.llm.error is not None:
+            raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
+
+    async def stats(self) -> dict:
+        """Counters and KV occupancy, for tests and operators."""
+        return {"role": self.role, "replica": self.name, "transport": self.transport.name,
+                "unfinished": self.llm.num_unfinished(), **self.record_routing_stats(), **self.counters}
+
+    def __del__(self):
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.shutdown()

@@ -1,0 +1,170 @@
+"""The frontend's view of the worker pools: one request becomes a prefill call (first token + KV handle)
+and a decode stream, or a single stream in aggregated mode. n > 1 fans out into n sequences.
+
+A decode replica that dies mid-stream is survived by token-level migration: the tokens already streamed
+are kept and another replica resumes from them (recomputing their KV). Cancelling the consumer (client
+disconnect) cancels the calls in flight, which aborts the request in every worker.
+"""
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import ray.exceptions
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from services.worker_protocol import Delta, SequenceState, WorkerLostError, WorkerRequest
+
+logger = logging.getLogger("ridgeline.frontend")
+
+# what a replica dying looks like to its caller
+WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _unwrap(error: ValueError) -> ValueError:
+    """A worker's ValueError without Ray's remote traceback: its message is the user's 400."""
+    cause = getattr(error, "cause", None)
+    return ValueError(str(cause if isinstance(cause, ValueError) else error))
+
+
+class DisaggregatedClient:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, decode, prefill=None,
+                 max_migrations: int = 3, retry_backoff_s: float = 0.5):
+        """decode, prefill: Ray Serve deployment handles; prefill None means aggregated mode."""
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.decode = decode
+        self.prefill = prefill
+        self.max_migrations = max_migrations
+        self.retry_backoff_s = retry_backoff_s
+        self.counters = {"migrations": 0, "worker_lost": 0}
+        self._inflight = 0
+
+    def num_unfinished(self) -> int:
+        return self._inflight
+
+    def _validate(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt: must not be empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
+                             f"(max_model_len) including at least one generated token")
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(prompt_ids)
+        states = [SequenceState(i, params.logprobs is not None) for i in range(params.n)]
+        sequences = []
+        for i in range(params.n):
+            sub_params = params if params.n == 1 else dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i)
+            sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            sequences.append(self._sequence(WorkerRequest(sub_id, prompt_ids, sub_params, cache_salt=cache_salt,
+                                                          priority=priority)))
+        text = prompt if isinstance(prompt, str) else None
+        self._inflight += 1
+        try:
+            async for index, delta in _merge(sequences):
+                states[index].apply(delta)
+                yield RequestOutput(request_id, text, prompt_ids, [s.output() for s in states],
+                                    finished=all(s.finished for s in states),
+                                    num_cached_tokens=max(s.num_cached_tokens for s in states))
+        finally:
+            self._inflight -= 1
+
+    async def _sequence(self, req: WorkerRequest) -> AsyncIterator[Delta]:
+        if self.prefill is not None:
+            call = self.prefill.prefill.remote(req)
+            try:
+                result = await call
+            except ValueError as e:
+                raise _unwrap(e) from None
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except WORKER_LOST:  # the prefill replica died: decode computes the prompt itself
+                self.counters["worker_lost"] += 1
+                result = None
+            if result is not None:
+                req.kv_handle = result.kv_handle
+                try:
+                    yield result.delta
+                except BaseException:
+                    if result.kv_handle is not None:  # nobody will pull it: let the owner free it now
+                        self.decode.release.remote(result.kv_handle)
+                    raise
+                if result.delta.finish_reason is not None:
+                    return
+                req.output_token_ids = list(result.delta.token_ids)
+        async for delta in self._decode(req):
+            yield delta
+
+    async def _decode(self, req: WorkerRequest) -> AsyncIterator[Delta]:
+        for attempt in range(self.max_migrations + 1):
+            stream = self.decode.options(stream=True).generate.remote(req)
+            finished = False
+            try:
+                async for delta in stream:
+                    req.output_token_ids = req.output_token_ids + delta.token_ids
+                    finished = delta.finish_reason is not None
+                    yield delta
+                    if finished:
+                        return
+                raise WorkerLostError(f"decode stream for {req.request_id} ended before the sequence finished")
+            except ValueError as e:
+                raise _unwrap(e) from None
+            except WORKER_LOST as e:
+                self.counters["worker_lost"] += 1
+                if attempt == self.max_migrations:
+                    raise WorkerLostError(f"request {req.request_id}: no decode worker could finish it "
+                                          f"after {attempt + 1} attempts: {e}") from None
+                logger.warning("decode worker lost for %s after %d tokens; migrating", req.request_id,
+                               len(req.output_token_ids))
+                self.counters["migrations"] += 1
+                req.kv_handle = None  # the resumed request recomputes prompt + tokens so far
+                await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
+            finally:
+                if not finished:
+                    stream.cancel()
+
+
+async def _merge(sequences: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """(index, delta) from several sequences as they arrive; one failing fails all."""
+    if len(sequences) == 1:
+        async for delta in sequences[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, seq: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in seq:
+                await queue.put((index, delta))
+            await queue.put((index, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sequences)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

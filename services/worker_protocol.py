@@ -1,0 +1,102 @@
+"""What the frontend and the engine workers say to each other across Ray.
+
+Workers stream compact per-sequence deltas (new token ids and logprobs, and the text from an offset), never
+the cumulative output, so a long generation costs O(tokens) on the wire. The frontend rebuilds the
+cumulative output with SequenceState; a migrated or handed-off request resumes where the last worker
+stopped because both sides count the same tokens.
+"""
+
+from dataclasses import dataclass, field
+
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from services.transport import KVHandle
+
+
+class WorkerLostError(RuntimeError):
+    """Every attempt to continue a sequence met a dead worker."""
+
+
+@dataclass
+class WorkerRequest:
+    """One sequence (n == 1). `output_token_ids` are outputs already produced elsewhere (a prefill
+    worker's first token, or the tokens a dead decode worker had streamed); `kv_handle` points at KV
+    for the prompt held by a prefill worker."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    cache_salt: str | None = None
+    priority: int = 0
+    kv_handle: KVHandle | None = None
+
+
+@dataclass
+class Delta:
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    text_start: int  # the text replaces the sequence's text from this offset on
+    text: str
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    worker: str = ""  # the replica that produced it
+
+
+@dataclass
+class PrefillResult:
+    """The first token, and a handle to the prompt's KV unless the request already finished."""
+
+    delta: Delta
+    kv_handle: KVHandle | None
+
+
+class DeltaTracker:
+    """Worker side: turns the engine's cumulative outputs for one sequence into deltas."""
+
+    def __init__(self, num_resumed_tokens: int, worker: str):
+        self.sent_tokens = num_resumed_tokens
+        self.text: str | None = None  # None: the first delta sends the whole text
+        self.worker = worker
+
+    def delta(self, out: RequestOutput) -> Delta:
+        c = out.outputs[0]
+        start = len(self.text) if self.text is not None and c.text.startswith(self.text) else 0
+        new = slice(self.sent_tokens, None)
+        delta = Delta(c.token_ids[new], c.logprobs[new] if c.logprobs is not None else None, start,
+                      c.text[start:], c.finish_reason, c.stop_reason, out.num_cached_tokens, self.worker)
+        self.sent_tokens, self.text = len(c.token_ids), c.text
+        return delta
+
+
+class SequenceState:
+    """Frontend side: one sequence rebuilt from deltas, whichever workers sent them."""
+
+    def __init__(self, index: int, want_logprobs: bool):
+        self.index = index
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_cached_tokens = 0
+
+    def apply(self, delta: Delta) -> None:
+        self.token_ids += delta.token_ids
+        if self.logprobs is not None and delta.logprobs is not None:
+            self.logprobs += delta.logprobs
+        self.text = self.text[:delta.text_start] + delta.text
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output(self) -> CompletionOutput:
+        cumulative = sum(lp[t] for t, lp in zip(self.token_ids, self.logprobs, strict=False)) \
+            if self.logprobs is not None else None
+        return CompletionOutput(self.index, self.text, list(self.token_ids), cumulative,
+                                list(self.logprobs) if self.logprobs is not None else None,
+                                self.finish_reason, self.stop_reason)
