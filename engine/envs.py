@@ -18,3 +18,15 @@ def default_device() -> str | None:
 def commit_override() -> str | None:
     """$RIDGELINE_COMMIT names the commit in benchmark results where git cannot (a copy without .git)."""
     return os.environ.get("RIDGELINE_COMMIT") or None
+
+
+def api_key() -> str | None:
+    """$RIDGELINE_API_KEY: the key `ridgeline serve` requires when --api-key is not given."""
+    return os.environ.get("RIDGELINE_API_KEY") or None
+
+
+def local_cluster_env() -> dict[str, str]:
+    """Defaults for a Ray cluster started on this machine by `ridgeline serve`, unless the user set them:
+    UCX (NIXL's transport) on loopback, Ray on 127.0.0.1."""
+    wanted = {"UCX_NET_DEVICES": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return {k: v for k, v in wanted.items() if k not in os.environ}

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.set_defaults(func=_generate)
 
+    from services.serve_cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random HF checkpoint")
     tiny.add_argument("out_dir")
     tiny.add_argument("--arch", default="llama", choices=sorted(ARCHS))

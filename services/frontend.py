@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
@@ -198,7 +197,8 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if api_key is not None and path.removeprefix(root) != "/health":  # root: a mounted prefix
             header = request.headers.get("authorization", "")
             token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):

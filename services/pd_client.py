@@ -16,6 +16,7 @@ import ray.exceptions
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from observability.metrics import REQUEST_MIGRATIONS, WORKERS_LOST
 from services.worker_protocol import Delta, SequenceState, WorkerLostError, WorkerRequest
 
 logger = logging.getLogger("ridgeline.frontend")
@@ -41,7 +42,6 @@ class DisaggregatedClient:
         self.prefill = prefill
         self.max_migrations = max_migrations
         self.retry_backoff_s = retry_backoff_s
-        self.counters = {"migrations": 0, "worker_lost": 0}
         self._inflight = 0
 
     def num_unfinished(self) -> int:
@@ -91,7 +91,7 @@ class DisaggregatedClient:
                 call.cancel()
                 raise
             except WORKER_LOST:  # the prefill replica died: decode computes the prompt itself
-                self.counters["worker_lost"] += 1
+                WORKERS_LOST.labels(role="prefill").inc()
                 result = None
             if result is not None:
                 req.kv_handle = result.kv_handle
@@ -122,13 +122,13 @@ class DisaggregatedClient:
             except ValueError as e:
                 raise _unwrap(e) from None
             except WORKER_LOST as e:
-                self.counters["worker_lost"] += 1
+                WORKERS_LOST.labels(role="decode").inc()
                 if attempt == self.max_migrations:
                     raise WorkerLostError(f"request {req.request_id}: no decode worker could finish it "
                                           f"after {attempt + 1} attempts: {e}") from None
                 logger.warning("decode worker lost for %s after %d tokens; migrating", req.request_id,
                                len(req.output_token_ids))
-                self.counters["migrations"] += 1
+                REQUEST_MIGRATIONS.inc()
                 req.kv_handle = None  # the resumed request recomputes prompt + tokens so far
                 await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
             finally:

@@ -67,8 +67,8 @@ class PrefillWorker(EngineWorker):
             except Exception:  # noqa: BLE001 - a dead engine: nothing left to free
                 return
 
-    async def held_leases(self) -> int:
-        return await self.llm.call(lambda e: len(self.leases))
+    async def stats(self) -> dict:
+        return {**await super().stats(), "held_leases": len(self.leases)}
 
     def __del__(self):
         self._stop.set()

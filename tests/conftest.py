@@ -42,3 +42,46 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama(tiny_model):
     return tiny_model("llama")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """A local Ray cluster on 127.0.0.1 with Serve's HTTP proxy on a free port; yields the base URL."""
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL between worker processes over loopback
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy(ray_serve):
+    """deploy(name, **ServeConfig fields) -> base URL of the app, served under /name; deleted at the end."""
+    from ray import serve
+
+    from services.app import ServeConfig, build_app
+
+    names = []
+
+    def run(name: str, **config) -> str:
+        serve.run(build_app(ServeConfig(**config)), name=name, route_prefix=f"/{name}")
+        names.append(name)
+        return f"{ray_serve}/{name}"
+
+    yield run
+    for name in names:
+        serve.delete(name)

@@ -1,0 +1,93 @@
+"""`ridgeline serve`: start (or join) Ray, deploy the app, print how to reach it, run until interrupted."""
+
+import argparse
+import os
+import signal
+import threading
+
+from engine import envs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API with prefill and decode pools on Ray Serve")
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: a tiny model)")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: dir name)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill replicas")
+    p.add_argument("--decode", type=int, default=1, help="decode replicas")
+    p.add_argument("--aggregated", action="store_true", help="one pool does prefill and decode")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` ($RIDGELINE_API_KEY)")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "ray"])
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: memory budget)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs reserved per worker replica")
+    p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (default: 1 if CUDA)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from services.app import ServeConfig
+
+    model = args.model
+    if model is None:
+        from engine.tiny_model import default_model_path
+
+        model = str(default_model_path())
+    engine = {"dtype": args.dtype}
+    if args.num_blocks is not None:
+        engine["num_blocks"] = args.num_blocks
+    if args.max_model_len is not None:
+        engine["max_model_len"] = args.max_model_len
+    gpus = args.worker_gpus
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    pool = {"num_cpus": args.worker_cpus, "num_gpus": gpus, "engine": engine}
+    return ServeConfig(model=model, served_model_name=args.served_model_name,
+                       mode="aggregated" if args.aggregated else "disaggregated",
+                       prefill={**pool, "replicas": args.prefill}, decode={**pool, "replicas": args.decode},
+                       kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key())
+
+
+def banner(config, host: str, port: int) -> str:
+    url = f"http://{host}:{port}"
+    auth = ' -H "Authorization: Bearer $RIDGELINE_API_KEY"' if config.api_key else ""
+    pools = (f"{config.prefill.replicas} prefill + {config.decode.replicas} decode"
+             if config.mode == "disaggregated" else f"{config.decode.replicas} aggregated")
+    return (f"Ridgeline is serving {config.model_name!r} ({pools} replicas) at {url}/v1\n"
+            f"Try:\n  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
+            f"    -d '{{\"model\": \"{config.model_name}\", \"prompt\": \"The quick brown fox\", \"max_tokens\": 16}}'")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    for key, value in envs.local_cluster_env().items():
+        if args.ray_address is None:
+            os.environ[key] = value  # inherited by the workers Ray starts here
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+
+    if args.ray_address is None:
+        need = config.frontend_num_cpus + config.decode.num_cpus * config.decode.replicas + (
+            config.prefill.num_cpus * config.prefill.replicas if config.mode == "disaggregated" else 0)
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False)
+    else:
+        ray.init(address=args.ray_address, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config), name="ridgeline", route_prefix="/")
+    print(banner(config, args.host, args.port), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,41 @@
+"""Shared by the tests that run the Ray Serve app."""
+
+import time
+
+from ray import serve
+
+MODEL = "tiny-llama"
+ENGINE = {"num_blocks": 128, "max_model_len": 256}
+POOL = {"num_cpus": 0.25, "engine": ENGINE}
+
+
+def app_config(model: str, **overrides) -> dict:
+    return {"model": model, "served_model_name": MODEL, "prefill": POOL, "decode": POOL,
+            "frontend_num_cpus": 0.25, **overrides}
+
+
+def pool_stats(app: str, deployment: str, replicas: int, tries: int = 40) -> dict[str, dict]:
+    """stats() of every replica of a deployment, by replica name (asks until each has answered)."""
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        stats = handle.stats.remote().result(timeout_s=30)
+        seen[stats["replica"]] = stats
+        if len(seen) >= replicas:
+            break
+    assert len(seen) >= replicas, f"only {len(seen)} of {replicas} {deployment} replicas answered"
+    return seen
+
+
+def wait_pools_idle(app: str, deployments: dict[str, int], timeout: float = 30.0) -> dict[str, dict]:
+    """Bounded wait until every replica has no request and every KV block free; returns the last stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = {d: pool_stats(app, d, n) for d, n in deployments.items()}
+        busy = [(d, s) for d, by in stats.items() for s in by.values()
+                if s["unfinished"] or s["kv_free_blocks"] != s["kv_total_blocks"] or s.get("held_leases")]
+        if not busy:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pools not idle: {busy}")
+        time.sleep(0.2)

@@ -1,0 +1,166 @@
+"""The Ray Serve app end to end over HTTP on 127.0.0.1: disaggregated (prefill pool -> NIXL -> decode pool)
+and aggregated, against the engine run in-process."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from ray_helpers import MODEL, app_config, wait_pools_idle
+
+from engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.ray
+
+PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt that spans more than one KV block of sixteen "
+           "tokens, so the handoff moves several blocks"]
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def apps(deploy, llama):
+    return {"disaggregated": deploy("pd", **app_config(llama, kv_transport="nixl")),
+            "aggregated": deploy("agg", **app_config(llama, mode="aggregated", api_key=KEY))}
+
+
+@pytest.fixture(scope="module")
+def reference(llama):
+    return LLM(llama, num_blocks=128, max_model_len=256)
+
+
+def headers(mode: str) -> dict:
+    return {"Authorization": f"Bearer {KEY}"} if mode == "aggregated" else {}
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_greedy_over_http_equals_llm_generate(apps, reference, mode):
+    want = reference.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for prompt, ref in zip(PROMPTS, want, strict=True):
+        r = httpx.post(f"{apps[mode]}/v1/completions", headers=headers(mode), timeout=60,
+                       json={"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0,
+                             "ignore_eos": True, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["token_ids"] == ref.outputs[0].token_ids
+        assert choice["text"] == ref.outputs[0].text
+
+
+def test_seeded_sampling_with_n_equals_llm_generate(apps, reference):
+    params = dict(temperature=0.8, top_k=30, seed=7, n=3, max_tokens=12, ignore_eos=True)
+    want = reference.generate([PROMPTS[2]], SamplingParams(**params))[0]
+    r = httpx.post(f"{apps['disaggregated']}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": PROMPTS[2], "return_token_ids": True, **params})
+    got = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["token_ids"] for c in got] == [o.token_ids for o in want.outputs]
+
+
+def test_streamed_tokens_equal_the_non_streamed_answer(apps, reference):
+    want = reference.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    text, usage = "", None
+    with httpx.stream("POST", f"{apps['disaggregated']}/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0,
+                            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        chunk = json.loads(line.removeprefix("data: "))
+        text += "".join(c["text"] for c in chunk["choices"])
+        usage = chunk.get("usage") or usage
+    assert text == want.outputs[0].text
+    assert usage == {"prompt_tokens": len(want.prompt_token_ids), "completion_tokens": 24,
+                     "total_tokens": len(want.prompt_token_ids) + 24}
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_official_openai_client(apps, reference, mode):
+    client = openai.OpenAI(base_url=f"{apps[mode]}/v1", api_key=KEY if mode == "aggregated" else "unused")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    want = reference.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert done.choices[0].text == want.outputs[0].text
+    assert done.usage.completion_tokens == 8 and done.usage.prompt_tokens == len(want.prompt_token_ids)
+
+    messages = [{"role": "user", "content": "Say something"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
+
+
+def test_32_concurrent_streams_complete_and_blocks_return(apps):
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"model": MODEL, "prompt": f"{PROMPTS[i % 3]} {i}", "max_tokens": 16, "temperature": 0.7,
+                "seed": i, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        usage = None
+        async with client.stream("POST", f"{apps['disaggregated']}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage") or usage
+        return usage["completion_tokens"]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    assert asyncio.run(main()) == [16] * 32
+    wait_pools_idle("pd", {"PrefillWorker": 1, "DecodeWorker": 1})
+
+
+def test_client_disconnect_aborts_in_every_worker(apps):
+    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{apps['disaggregated']}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 6:
+                break  # leave mid-stream
+    stats = wait_pools_idle("pd", {"PrefillWorker": 1, "DecodeWorker": 1})
+    (decode,) = stats["DecodeWorker"].values()
+    assert decode["unfinished"] == 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "word " * 300}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [5, 100000]}, 400, "prompt"),
+    ({"model": MODEL, "messages": []}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors(apps, body, status, param):
+    url = f"{apps['disaggregated']}/v1/completions"
+    r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and (error["param"] or "").startswith(param)
+    ok = httpx.post(url, json={"model": MODEL, "prompt": "still serving", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_malformed_json_and_oversized_body(apps):
+    url = f"{apps['disaggregated']}/v1/completions"
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(url, content=b" " * (5 * 2**20), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "at most" in r.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(apps):
+    base = apps["aggregated"]
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
+    wrong = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    assert httpx.post(f"{base}/v1/completions", json=body, headers=headers("aggregated"), timeout=30).status_code == 200
+
+
+def test_metrics_endpoint(apps):
+    r = httpx.get(f"{apps['disaggregated']}/metrics", timeout=30)
+    assert r.status_code == 200 and "ridgeline_request_migrations_total" in r.text
