@@ -37,7 +37,8 @@ class ServeConfig(BaseModel):
     prefill: PoolConfig = Field(default_factory=PoolConfig)
     decode: PoolConfig = Field(default_factory=PoolConfig)
     kv_transport: Literal["auto", "nixl", "ray"] = "auto"
-    kv_lease_s: float = Field(default=30.0, gt=0)
+    kv_lease_s: float = Field(default=30.0, gt=0, description="prefill holds handed-out KV this long")
+    kv_pull_timeout_s: float = Field(default=30.0, gt=0)
     api_key: str | None = None
     max_inflight: int = Field(default=256, ge=1)
     frontend_num_cpus: float = Field(default=0.5, ge=0)
@@ -85,7 +86,8 @@ def _pool(cls: type, name: str, pool: PoolConfig):
 def build_app(config: ServeConfig | dict) -> serve.Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
     decode = _pool(DecodeWorker, "DecodeWorker", config.decode).bind(
-        config.model, config.decode.engine, config.kv_transport, fault_corrupt_pulls=config.fault_corrupt_pulls)
+        config.model, config.decode.engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
+        fault_corrupt_pulls=config.fault_corrupt_pulls)
     prefill = None
     if config.mode == "disaggregated":
         prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill).bind(

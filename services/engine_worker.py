@@ -31,11 +31,20 @@ class EngineWorker:
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
                          "kv_recomputes": 0, "kv_handles": 0, "kv_leases_released": 0, "kv_leases_reclaimed": 0}
 
-    def record_routing_stats(self) -> dict:
-        """Read by the request router (services/routing.py) every few hundred ms."""
+    def snapshot(self) -> dict:
+        """Load, KV occupancy and counters of this replica."""
         sched, blocks = self.engine.scheduler, self.engine.block_manager
-        return {"running": len(sched.running), "waiting": len(sched.waiting),
-                "kv_free_blocks": blocks.num_free_blocks, "kv_total_blocks": blocks.num_blocks}
+        return {"role": self.role, "replica": self.name, "pid": os.getpid(), "transport": self.transport.name,
+                "unfinished": self.llm.num_unfinished(), "running": len(sched.running),
+                "waiting": len(sched.waiting), "kv_free_blocks": blocks.num_free_blocks,
+                "kv_total_blocks": blocks.num_blocks, **self.counters}
+
+    def record_routing_stats(self) -> dict:
+        """Ray Serve collects this every stats period for the request router (services/routing.py)."""
+        return self.snapshot()
+
+    async def stats(self) -> dict:
+        return self.snapshot()
 
     async def info(self) -> dict:
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.model_config.vocab_size,
@@ -44,11 +53,6 @@ class EngineWorker:
     def check_health(self) -> None:
         if self.llm.error is not None:
             raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
-
-    async def stats(self) -> dict:
-        """Counters and KV occupancy, for tests and operators."""
-        return {"role": self.role, "replica": self.name, "transport": self.transport.name,
-                "unfinished": self.llm.num_unfinished(), **self.record_routing_stats(), **self.counters}
 
     def __del__(self):
         llm = getattr(self, "llm", None)

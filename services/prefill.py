@@ -67,8 +67,8 @@ class PrefillWorker(EngineWorker):
             except Exception:  # noqa: BLE001 - a dead engine: nothing left to free
                 return
 
-    async def stats(self) -> dict:
-        return {**await super().stats(), "held_leases": len(self.leases)}
+    def snapshot(self) -> dict:
+        return {**super().snapshot(), "held_leases": len(self.leases)}
 
     def __del__(self):
         self._stop.set()

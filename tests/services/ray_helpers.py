@@ -2,7 +2,7 @@
 
 import time
 
-from ray import serve
+import ray
 
 MODEL = "tiny-llama"
 ENGINE = {"num_blocks": 128, "max_model_len": 256}
@@ -14,15 +14,20 @@ def app_config(model: str, **overrides) -> dict:
             "frontend_num_cpus": 0.25, **overrides}
 
 
-def pool_stats(app: str, deployment: str, replicas: int, tries: int = 40) -> dict[str, dict]:
-    """stats() of every replica of a deployment, by replica name (asks until each has answered)."""
-    handle = serve.get_deployment_handle(deployment, app_name=app)
+def pool_stats(app: str, deployment: str, replicas: int, timeout: float = 30.0) -> dict[str, dict]:
+    """Every live replica's snapshot, by replica name. Asks each replica actor directly (Serve names them
+    SERVE_REPLICA::app#deployment#id and exposes record_routing_stats), so a busy replica is reached too."""
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     seen: dict[str, dict] = {}
-    for _ in range(tries):
-        stats = handle.stats.remote().result(timeout_s=30)
-        seen[stats["replica"]] = stats
-        if len(seen) >= replicas:
-            break
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith(prefix):
+            try:
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                stats = ray.get(actor.record_routing_stats.remote(), timeout=timeout)
+            except Exception:  # noqa: BLE001 - a replica that is dying or starting is not counted
+                continue
+            if stats:
+                seen[stats["replica"]] = stats
     assert len(seen) >= replicas, f"only {len(seen)} of {replicas} {deployment} replicas answered"
     return seen
 
