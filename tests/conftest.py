@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,9 @@ def ray_serve():
     """A local Ray cluster on 127.0.0.1 with Serve's HTTP proxy on a free port; yields the base URL."""
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL between worker processes over loopback
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray workers import test helper modules (actors defined in tests) from here
+    helpers = str(Path(__file__).parent / "services")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (helpers, os.environ.get("PYTHONPATH")) if p)
     import ray
     from ray import serve
 

@@ -5,6 +5,7 @@ The whole pool is registered once as one region; each block is one descriptor (b
 transfer of n blocks is one request of n descriptors. Works for DRAM and GPU pools alike.
 """
 
+import threading
 import time
 import uuid
 
@@ -26,12 +27,35 @@ class NixlTransport(KVTransport):
     name = "nixl"
     holds_source_blocks = True
 
-    def __init__(self, agent_name: str | None = None):
-        from nixl._api import nixl_agent, nixl_agent_config
+    def __init__(self, agent_name: str | None = None, busy_progress: bool = False, poll_s: float = 0.001):
+        """`busy_progress`: NIXL's own progress thread, which spins a core without pause (lowest latency,
+        for GPU servers with cores to spare). Default: a thread that drives UCX progress every `poll_s`
+        (the owner side of a UCX TCP read needs progress to serve it) for a few % of a core."""
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.agent_name = agent_name or f"ridgeline-{uuid.uuid4().hex[:12]}"
-        self.agent = nixl_agent(self.agent_name, nixl_agent_config(backends=["UCX"]))
+        # STRICT: the agent locks itself; pulls run on worker threads beside the progress thread
+        config = nixl_agent_config(enable_prog_thread=busy_progress, backends=["UCX"],
+                                   sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        self.agent = nixl_agent(self.agent_name, config)
         self._peers: dict[str, object] = {}  # remote agent name -> its prepared block descriptor list
+        self._peers_lock = threading.Lock()
+        self._released: list[str] = []
+        self._stop = threading.Event()
+        self._progress = None
+        if not busy_progress:
+            self._progress = threading.Thread(target=self._progress_loop, args=(poll_s,), daemon=True,
+                                              name="ridgeline-nixl-progress")
+            self._progress.start()
+
+    def _progress_loop(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            self._collect_notifs()
+
+    def _collect_notifs(self) -> None:
+        notifs = self.agent.get_new_notifs()  # also progresses the UCX workers
+        for messages in notifs.values():
+            self._released += [m[len(_RELEASE):].decode() for m in messages if m.startswith(_RELEASE)]
 
     def register(self, pool: torch.Tensor) -> None:
         super().register(pool)
@@ -48,13 +72,15 @@ class NixlTransport(KVTransport):
 
     def _peer(self, source: dict):
         name = source["agent"]
-        if name not in self._peers:
-            added = self.agent.add_remote_agent(source["metadata"])
-            if (added.decode() if isinstance(added, bytes) else added) != name:
-                raise TransferError(f"NIXL metadata does not belong to agent {name!r}")
-            descs = _block_descs(source["base"], source["num_blocks"], self.layout.block_bytes,
-                                 source["device_id"])
-            self._peers[name] = self.agent.prep_xfer_dlist(name, descs, source["mem_type"])
+        with self._peers_lock:
+            return self._peers.get(name) or self._add_peer(name, source)
+
+    def _add_peer(self, name: str, source: dict):
+        added = self.agent.add_remote_agent(source["metadata"])
+        if (added.decode() if isinstance(added, bytes) else added) != name:
+            raise TransferError(f"NIXL metadata does not belong to agent {name!r}")
+        descs = _block_descs(source["base"], source["num_blocks"], self.layout.block_bytes, source["device_id"])
+        self._peers[name] = self.agent.prep_xfer_dlist(name, descs, source["mem_type"])
         return self._peers[name]
 
     def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
@@ -90,12 +116,15 @@ class NixlTransport(KVTransport):
             pass
 
     def take_released(self) -> list[str]:
-        released = []
-        for messages in self.agent.get_new_notifs().values():
-            released += [m[len(_RELEASE):].decode() for m in messages if m.startswith(_RELEASE)]
+        if self._progress is None:
+            self._collect_notifs()
+        released, self._released = self._released, []
         return released
 
     def close(self) -> None:
+        self._stop.set()
+        if self._progress is not None:
+            self._progress.join(timeout=5)
         for peer in list(self._peers):
             self.agent.remove_remote_agent(peer)
         self._peers.clear()

@@ -2,6 +2,8 @@
 The fallback where NIXL is missing; the owner frees its blocks at once (the object holds the copy), and the
 object goes away when the last reference to the handle does (Ray's reference counting is the lease)."""
 
+import warnings
+
 import numpy as np
 import ray
 import torch
@@ -24,7 +26,10 @@ class RayTransport(KVTransport):
             raise TransferError(f"Ray object for handle {handle.handle_id} unavailable: {e!r}") from e
         if data.nbytes != handle.num_bytes:
             raise TransferError(f"length mismatch: {data.nbytes} bytes received, {handle.num_bytes} expected")
-        blocks = torch.from_numpy(np.ascontiguousarray(data)).view(self.pool.dtype).view(-1, *self.pool.shape[1:])
+        with warnings.catch_warnings():  # the object store's buffer is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(data))
+        blocks = raw.view(self.pool.dtype).view(-1, *self.pool.shape[1:])
         self.pool[torch.tensor(into_block_ids, device=self.pool.device)] = blocks.to(self.pool.device)
 
     def release(self, handle: KVHandle) -> None:

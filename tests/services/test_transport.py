@@ -5,8 +5,9 @@ import os
 import time
 
 import pytest
+import ray
 import torch
-from transport_owner import BLOCK_SHAPE, owner_pool, serve
+from transport_owner import BLOCK_SHAPE, owner_pool, pull, serve
 
 from services.transport import KVLayout, TransferError, make_transport
 from services.transport.checksum import block_checksums
@@ -49,43 +50,50 @@ def test_unknown_backend_is_rejected():
         make_transport("carrier-pigeon")
 
 
-@pytest.fixture(scope="module")
-def owner():
-    """A second process owning a registered pool of 32 blocks, driven over a pipe."""
+def spawn(target, *args):
+    """Run target(conn, *args) in a fresh process; returns ask(*command) and a stopper."""
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=serve, args=(there, 32, 1234), daemon=True)
+    proc = ctx.Process(target=target, args=(there, *args), daemon=True)
     proc.start()
 
     def ask(*command, timeout=30.0):
         here.send(command)
         if not here.poll(timeout):
-            raise AssertionError(f"owner did not answer {command[0]!r}")
+            raise AssertionError(f"{target.__name__} process did not answer {command[0]!r}")
         return here.recv()
 
+    def stop():
+        ask("stop")
+        proc.join(timeout=10)
+
+    return ask, stop
+
+
+@pytest.fixture(scope="module")
+def owner():
+    """A process owning a registered pool of 32 blocks, driven over a pipe."""
+    ask, stop = spawn(serve, 32, 1234)
     yield ask
-    ask("stop")
-    proc.join(timeout=10)
+    stop()
 
 
 @pytest.fixture(scope="module")
 def puller():
-    transport = make_transport("nixl")
-    transport.register(torch.zeros((16, *BLOCK_SHAPE)))
-    yield transport
-    transport.close()
+    """A second process with its own 16-block pool that pulls handles it is given."""
+    ask, stop = spawn(pull, 16)
+    yield ask
+    stop()
 
 
 def test_nixl_pull_between_processes_is_byte_exact(owner, puller):
     src = [3, 0, 31, 17]
     handle = owner("handle", src)
     assert handle.backend == "nixl" and handle.layout == KVLayout(BLOCK_SHAPE, "float32")
-    puller.pull(handle, [5, 6, 7, 8])
-    expected = owner_pool(32, 1234)[src]
-    assert torch.equal(puller.pool[[5, 6, 7, 8]], expected)
-    puller.release(handle)
+    status, blocks = puller("pull", handle, [5, 6, 7, 8])
+    assert status == "ok" and torch.equal(blocks, owner_pool(32, 1234)[src])
     deadline = time.monotonic() + 10
-    while handle.handle_id not in owner("released"):
+    while handle.handle_id not in owner("released"):  # the puller released it after verifying
         assert time.monotonic() < deadline, "release notification never reached the owner"
         time.sleep(0.05)
 
@@ -93,21 +101,61 @@ def test_nixl_pull_between_processes_is_byte_exact(owner, puller):
 def test_nixl_corrupted_block_is_detected_then_retry_succeeds(owner, puller):
     handle = owner("handle", [9, 10])
     owner("corrupt", 10)
-    with pytest.raises(TransferError, match="checksum mismatch in 1 of 2"):
-        puller.pull(handle, [0, 1])
+    status, message = puller("pull", handle, [0, 1])
+    assert status == "error" and "checksum mismatch in 1 of 2" in message
     owner("restore", 10)
-    puller.pull(handle, [0, 1])
-    assert torch.equal(puller.pool[[0, 1]], owner_pool(32, 1234)[[9, 10]])
+    status, blocks = puller("pull", handle, [0, 1])
+    assert status == "ok" and torch.equal(blocks, owner_pool(32, 1234)[[9, 10]])
 
 
-def test_nixl_rejects_mismatched_layout_and_length(owner, puller):
+def test_nixl_rejects_mismatched_length(owner, puller):
     handle = owner("handle", [1, 2])
-    with pytest.raises(TransferError, match="length mismatch"):
-        puller.pull(handle, [0])
-    other = make_transport("nixl")
-    other.register(torch.zeros((4, 2, 2, 16, 2, 4)))
+    status, message = puller("pull", handle, [0])
+    assert status == "error" and "length mismatch" in message
+
+
+def test_nixl_rejects_mismatched_layout(owner):
+    ask, stop = spawn(pull, 4, (2, 2, 16, 2, 4))
     try:
-        with pytest.raises(TransferError, match="layout mismatch"):
-            other.pull(handle, [0, 1])
+        status, message = ask("pull", owner("handle", [1, 2]), [0, 1])
+        assert status == "error" and "layout mismatch" in message
     finally:
-        other.close()
+        stop()
+
+
+@ray.remote(num_cpus=0)
+class _RayOwner:
+    """Owns a pool in its own process and hands out Ray-object-store handles."""
+
+    def __init__(self):
+        self.transport = make_transport("ray")
+        self.transport.register(owner_pool(64, 99))
+
+    def handle(self, block_ids):
+        return self.transport.handle(block_ids, num_tokens=len(block_ids) * BLOCK_SHAPE[2])
+
+
+@pytest.mark.ray
+def test_ray_transport_between_processes(ray_serve):
+    owner = _RayOwner.remote()
+    puller = make_transport("ray")
+    puller.register(torch.zeros((32, *BLOCK_SHAPE)))
+    handle = ray.get(owner.handle.remote([6, 2]))
+    assert handle.backend == "ray" and not puller.holds_source_blocks
+    puller.pull(handle, [1, 3])
+    assert torch.equal(puller.pool[[1, 3]], owner_pool(64, 99)[[6, 2]])
+
+    tampered = ray.get(owner.handle.remote([5, 7]))
+    tampered.checksums[1] ^= 1  # what a block damaged in flight looks like to the puller
+    with pytest.raises(TransferError, match="checksum mismatch in 1 of 2"):
+        puller.pull(tampered, [0, 1])
+
+    big = ray.get(owner.handle.remote(list(range(32))))  # 128 KiB: in the object store, not inlined
+    ray.kill(owner)
+    with pytest.raises(ray.exceptions.RayActorError):  # returns once the owner is dead
+        ray.get(owner.handle.remote([0]), timeout=30)
+    try:  # Ray may keep a dead owner's object on this node; then it must still verify byte-exact
+        puller.pull(big, list(range(32)), timeout_s=10)
+        assert torch.equal(puller.pool, owner_pool(64, 99)[:32])
+    except TransferError as e:
+        assert "unavailable" in str(e)

@@ -1,4 +1,5 @@
-"""The owning side of a NIXL transfer, run in its own process by the transport tests."""
+"""Both sides of a NIXL transfer, each run in its own process by the transport tests (the test process
+itself never loads UCX)."""
 
 import torch
 
@@ -38,3 +39,25 @@ def serve(conn, num_blocks: int, seed: int) -> None:
             transport.close()
             conn.send(True)
             return
+
+
+def pull(conn, num_blocks: int, block_shape: tuple = BLOCK_SHAPE) -> None:
+    """Answer ("pull", handle, into_ids) -> ("ok", blocks) or ("error", message); ("stop",)."""
+    from services.transport import TransferError
+
+    transport = NixlTransport()
+    transport.register(torch.zeros((num_blocks, *block_shape)))
+    while True:
+        command, *args = conn.recv()
+        if command == "stop":
+            transport.close()
+            conn.send(True)
+            return
+        handle, into = args
+        try:
+            transport.pull(handle, into)
+        except TransferError as e:
+            conn.send(("error", str(e)))
+            continue
+        transport.release(handle)
+        conn.send(("ok", transport.pool[into].clone()))
