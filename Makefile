@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# frontend + 1 prefill + 1 decode replica of the default model on 127.0.0.1:8000 (Ctrl-C stops it)
 serve: install
-	$(VENV)/bin/ridgeline generate --prompt "The quick brown fox" --max-tokens 32
+	$(VENV)/bin/ridgeline serve --host 127.0.0.1 --port 8000
 
 lint: install
 	$(VENV)/bin/ruff check .

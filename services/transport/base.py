@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.transport.checksum import block_checksums
+from services.transport.checksum import block_checksums, default_algorithm
 
 
 class TransferError(RuntimeError):
@@ -44,6 +44,7 @@ class KVHandle:
     num_tokens: int  # tokens whose KV the blocks hold
     layout: KVLayout
     checksums: list[int]
+    checksum_algorithm: str
     source: dict = field(default_factory=dict)  # backend-specific: NIXL agent + addresses, or a Ray ref
 
     @property
@@ -69,9 +70,11 @@ class KVTransport(ABC):
         self.layout = KVLayout.of(pool)
 
     def handle(self, block_ids: list[int], num_tokens: int) -> KVHandle:
-        checksums = block_checksums(self.pool, block_ids)
+        """Thread-safe while the blocks are held (nobody writes them): may run off the engine thread."""
+        algorithm = default_algorithm(self.pool)
+        checksums = block_checksums(self.pool, block_ids, algorithm)
         return KVHandle(uuid.uuid4().hex, self.name, list(block_ids), num_tokens, self.layout, checksums,
-                        self._export(block_ids))
+                        algorithm, self._export(block_ids))
 
     def pull(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float = 30.0) -> None:
         """Fill into_block_ids with the handle's blocks and verify them; TransferError on any mismatch."""
@@ -81,7 +84,7 @@ class KVTransport(ABC):
             raise TransferError(f"length mismatch: {len(handle.block_ids)} blocks offered, "
                                 f"{len(handle.checksums)} checksums, {len(into_block_ids)} to fill")
         self._read(handle, list(into_block_ids), timeout_s)
-        got = block_checksums(self.pool, into_block_ids)
+        got = block_checksums(self.pool, into_block_ids, handle.checksum_algorithm)
         bad = [i for i, (a, b) in enumerate(zip(got, handle.checksums, strict=True)) if a != b]
         if bad:
             raise TransferError(f"checksum mismatch in {len(bad)} of {len(got)} blocks (first: block "

@@ -16,19 +16,26 @@ from services.transport.leases import LeaseTable
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # loopback only, in this process and the owner it spawns
 
 
-def test_checksum_changes_with_any_word():
+@pytest.mark.parametrize("algorithm", ["crc32", "wsum64"])
+def test_checksum_changes_with_any_word(algorithm):
     pool = torch.randn(4, 64, dtype=torch.bfloat16)
-    before = block_checksums(pool, [0, 1, 2, 3])
+    before = block_checksums(pool, [0, 1, 2, 3], algorithm)
     pool[2, 63] += 1
-    after = block_checksums(pool, [0, 1, 2, 3])
+    after = block_checksums(pool, [0, 1, 2, 3], algorithm)
     assert [a == b for a, b in zip(before, after, strict=True)] == [True, True, False, True]
 
 
-def test_checksum_sees_swapped_words():
+@pytest.mark.parametrize("algorithm", ["crc32", "wsum64"])
+def test_checksum_sees_swapped_words(algorithm):
     pool = torch.arange(32, dtype=torch.float32).reshape(2, 16)
     swapped = pool.clone()
     swapped[0, [3, 4]] = swapped[0, [4, 3]]
-    assert block_checksums(pool, [0])[0] != block_checksums(swapped, [0])[0]
+    assert block_checksums(pool, [0], algorithm)[0] != block_checksums(swapped, [0], algorithm)[0]
+
+
+def test_unknown_checksum_algorithm():
+    with pytest.raises(ValueError, match="checksum algorithm"):
+        block_checksums(torch.zeros(1, 4), [0], "md4")
 
 
 def test_lease_table_releases_and_reclaims():
