@@ -115,6 +115,7 @@ def main() -> None:
         caught = True
     here.send(None)
     proc.join(timeout=30)
+    puller.close()
     print({"d2d_copy_gbps": floor, "corruption_caught": caught})
     path = write_result("gpu_kv_handoff", {
         "layout": list(LAYOUT), "dtype": "bfloat16", "d2d_copy_gbps": floor, "rows": rows,

@@ -64,10 +64,9 @@ def banner(config, host: str, port: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray_address is None:  # before Ray is imported: it reads some of them at import
+        os.environ.update(envs.local_cluster_env())  # inherited by the workers Ray starts here
     config = config_from_args(args)
-    for key, value in envs.local_cluster_env().items():
-        if args.ray_address is None:
-            os.environ[key] = value  # inherited by the workers Ray starts here
     import ray
     from ray import serve
 
@@ -91,3 +90,10 @@ def run(args: argparse.Namespace) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def config_for_argv(argv: list[str]):
+    """The ServeConfig that `ridgeline <argv>` would deploy, without starting anything."""
+    from services.cli import build_parser
+
+    return config_from_args(build_parser().parse_args(argv))

@@ -1,0 +1,81 @@
+"""`ridgeline serve` as a user runs it: a subprocess that starts Ray, prints the URL and a curl, answers
+that request with an API key required, and shuts down cleanly on Ctrl-C."""
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.app import PoolConfig, _pool
+from services.decode import DecodeWorker
+from services.serve_cli import banner, config_for_argv
+
+pytestmark = pytest.mark.ray
+RIDGELINE = str(Path(sys.executable).parent / "ridgeline")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama):
+    port = _free_port()
+    env = {**os.environ, "RIDGELINE_API_KEY": "sk-cli"}
+    proc = subprocess.Popen([RIDGELINE, "serve", "--model", llama, "--port", str(port), "--num-blocks", "64",
+                             "--worker-cpus", "0.25"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
+    try:
+        lines, deadline = [], time.monotonic() + 180
+        while not any(line.startswith("    -d ") for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, f"no banner: {lines}"
+            lines.append(proc.stdout.readline().rstrip("\n"))
+        assert lines[-4] == f"Ridgeline is serving {Path(llama).name!r} (1 prefill + 1 decode replicas) " \
+                            f"at http://127.0.0.1:{port}/v1"
+        body = shlex.split(lines[-1].strip())[1]  # the JSON after -d
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        assert httpx.post(url, content=body, timeout=60).status_code == 401
+        r = httpx.post(url, content=body, timeout=60, headers={"Authorization": "Bearer sk-cli",
+                                                               "Content-Type": "application/json"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_banner_names_the_key_only_when_one_is_set(llama):
+    config = config_for_argv(["serve", "--model", llama, "--aggregated", "--decode", "2"])
+    text = banner(config, "127.0.0.1", 8000)
+    assert "(2 aggregated replicas)" in text and "Authorization" not in text
+    keyed = config_for_argv(["serve", "--model", llama, "--api-key", "k"])
+    assert '-H "Authorization: Bearer $RIDGELINE_API_KEY"' in banner(keyed, "127.0.0.1", 8000)
+
+
+def test_pool_autoscaling_config_reaches_the_deployment():
+    scaled = _pool(DecodeWorker, "DecodeWorker", PoolConfig(
+        autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}))
+    config = scaled._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 4, 8)
+    fixed = _pool(DecodeWorker, "DecodeWorker", PoolConfig(replicas=3, num_cpus=2))
+    assert fixed.num_replicas == 3 and fixed.ray_actor_options["num_cpus"] == 2
+
+
+def test_serve_config_rejects_bad_values(llama):
+    from services.app import ServeConfig
+
+    with pytest.raises(ValueError, match="replicas"):
+        ServeConfig(model=llama, decode={"replicas": 0})
+    with pytest.raises(ValueError, match="kv_transport"):
+        ServeConfig(model=llama, kv_transport="smoke-signals")
