@@ -54,7 +54,10 @@ class EngineWorker:
         if self.llm.error is not None:
             raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
 
-    def __del__(self):
+    def __del__(self):  # Ray Serve calls it when the replica shuts down
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.shutdown()
+        transport = getattr(self, "transport", None)
+        if transport is not None:
+            transport.close()

@@ -130,6 +130,8 @@ class DisaggregatedClient:
                                len(req.output_token_ids))
                 REQUEST_MIGRATIONS.inc()
                 req.kv_handle = None  # the resumed request recomputes prompt + tokens so far
+                # a fresh id: a replica that only looked dead may still hold the old one
+                req.request_id = f"{req.request_id.split('~')[0]}~m{attempt + 1}"
                 await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
             finally:
                 if not finished:

@@ -171,3 +171,22 @@ def test_too_many_requests_in_flight_get_503_with_retry_after(llama):
     finally:
         llm.shutdown()
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_failure_after_the_stream_started_becomes_an_error_event():
+    import asyncio
+
+    from services.frontend import _guarded
+    from services.worker_protocol import WorkerLostError
+
+    async def events():
+        yield "data: {}\n\n"
+        raise WorkerLostError("no decode worker could finish it")
+
+    async def collect():
+        return [event async for event in _guarded(events())]
+
+    out = asyncio.run(collect())
+    assert out[0] == "data: {}\n\n" and out[-1] == "data: [DONE]\n\n"
+    error = json.loads(out[1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "no decode worker" in error["message"]
