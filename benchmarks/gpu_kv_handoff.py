@@ -26,10 +26,10 @@ def _pool(num_blocks: int, device: str) -> torch.Tensor:
     return torch.randn((num_blocks, *LAYOUT), generator=gen, device=device).to(torch.bfloat16)
 
 
-def _owner(conn, num_blocks: int) -> None:
+def _owner(conn, num_blocks: int, busy_progress: bool) -> None:
     from services.transport.nixl_backend import NixlTransport
 
-    transport = NixlTransport()
+    transport = NixlTransport(busy_progress=busy_progress)
     pool = _pool(num_blocks, "cuda")
     transport.register(pool)
     while (command := conn.recv()) is not None:
@@ -64,6 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--busy-progress", action="store_true", help="NIXL's own spinning progress thread")
+    parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args()
     from services.transport import TransferError
     from services.transport.checksum import block_checksums
@@ -72,9 +74,9 @@ def main() -> None:
     n_max = max(args.blocks)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_owner, args=(there, n_max), daemon=True)
+    proc = ctx.Process(target=_owner, args=(there, n_max, args.busy_progress), daemon=True)
     proc.start()
-    puller = NixlTransport()
+    puller = NixlTransport(busy_progress=args.busy_progress)
     puller.register(torch.zeros((n_max, *LAYOUT), dtype=torch.bfloat16, device="cuda"))
     expected = _pool(n_max, "cuda")
     floor = d2d_gbps(n_max * expected[0].numel() * 2)
@@ -117,9 +119,9 @@ def main() -> None:
     proc.join(timeout=30)
     puller.close()
     print({"d2d_copy_gbps": floor, "corruption_caught": caught})
-    path = write_result("gpu_kv_handoff", {
+    path = write_result("gpu_kv_handoff" + args.tag, {
         "layout": list(LAYOUT), "dtype": "bfloat16", "d2d_copy_gbps": floor, "rows": rows,
-        "corruption_caught": caught, "ucx_tls": os.environ.get("UCX_TLS"),
+        "corruption_caught": caught, "ucx_tls": os.environ.get("UCX_TLS"), "busy_progress": args.busy_progress,
         "note": "two processes on one GPU, NIXL READ VRAM->VRAM via UCX; read_vs_d2d_copy = time of a "
                 "torch device-to-device copy of the same bytes / read time"},
         out_dir=__import__("pathlib").Path(os.environ["OUT"]) if "OUT" in os.environ else None)
