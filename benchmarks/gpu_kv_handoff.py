@@ -62,9 +62,10 @@ def d2d_gbps(num_bytes: int, repeats: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 128, 1024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy-progress", action="store_true", help="NIXL's own spinning progress thread")
+    parser.add_argument("--no-ipc", action="store_true", help="force the UCX read (no CUDA IPC data path)")
     parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args()
     from services.transport import TransferError
@@ -76,7 +77,7 @@ def main() -> None:
     here, there = ctx.Pipe()
     proc = ctx.Process(target=_owner, args=(there, n_max, args.busy_progress), daemon=True)
     proc.start()
-    puller = NixlTransport(busy_progress=args.busy_progress)
+    puller = NixlTransport(busy_progress=args.busy_progress, use_cuda_ipc=not args.no_ipc)
     puller.register(torch.zeros((n_max, *LAYOUT), dtype=torch.bfloat16, device="cuda"))
     expected = _pool(n_max, "cuda")
     floor = d2d_gbps(n_max * expected[0].numel() * 2)
@@ -100,7 +101,7 @@ def main() -> None:
             exact = torch.equal(puller.pool[dst], expected[ids])
             puller.release(handle)
         read = statistics.median(reads[1:])
-        rows.append({"blocks": n, "bytes": handle.num_bytes, "read_s": read, "verify_s": verify_s,
+        rows.append({"path": puller.path_for(handle.source), "blocks": n, "bytes": handle.num_bytes, "read_s": read, "verify_s": verify_s,
                      "handle_s": handle_s, "read_gbps": handle.num_bytes / read / 1e9,
                      "read_vs_d2d_copy": (handle.num_bytes / floor / 1e9) / read,
                      "checksums_match": ok, "bytes_equal": exact})

@@ -37,7 +37,8 @@ class EngineWorker:
         return {"role": self.role, "replica": self.name, "pid": os.getpid(), "transport": self.transport.name,
                 "unfinished": self.llm.num_unfinished(), "running": len(sched.running),
                 "waiting": len(sched.waiting), "kv_free_blocks": blocks.num_free_blocks,
-                "kv_total_blocks": blocks.num_blocks, **self.counters}
+                "kv_total_blocks": blocks.num_blocks, **self.counters,
+                "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {}))}
 
     def record_routing_stats(self) -> dict:
         """Ray Serve collects this every stats period for the request router (services/routing.py)."""

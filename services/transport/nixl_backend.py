@@ -12,6 +12,7 @@ import uuid
 import numpy as np
 import torch
 
+from services.transport import cuda_ipc
 from services.transport.base import KVHandle, KVTransport, TransferError
 
 _RELEASE = b"ridgeline-release:"
@@ -27,10 +28,12 @@ class NixlTransport(KVTransport):
     name = "nixl"
     holds_source_blocks = True
 
-    def __init__(self, agent_name: str | None = None, busy_progress: bool = False, poll_s: float = 0.001):
+    def __init__(self, agent_name: str | None = None, busy_progress: bool = False, poll_s: float = 0.001,
+                 use_cuda_ipc: bool = True):
         """`busy_progress`: NIXL's own progress thread, which spins a core without pause (lowest latency,
         for GPU servers with cores to spare). Default: a thread that drives UCX progress every `poll_s`
-        (the owner side of a UCX TCP read needs progress to serve it) for a few % of a core."""
+        (the owner side of a UCX TCP read needs progress to serve it) for a few % of a core.
+        `use_cuda_ipc`: between GPU pools on one host, copy through CUDA IPC instead of a UCX read."""
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.agent_name = agent_name or f"ridgeline-{uuid.uuid4().hex[:12]}"
@@ -40,6 +43,9 @@ class NixlTransport(KVTransport):
         self.agent = nixl_agent(self.agent_name, config)
         self._peers: dict[str, object] = {}  # remote agent name -> its prepared block descriptor list
         self._peers_lock = threading.Lock()
+        self.use_cuda_ipc = use_cuda_ipc
+        self._ipc_pools: dict[str, torch.Tensor | None] = {}  # remote agent -> its mapped pool (None: no IPC)
+        self.pulls_by_path = {"nixl": 0, "cuda_ipc": 0}
         self._released: list[str] = []
         self._stop = threading.Event()
         self._progress = None
@@ -65,10 +71,26 @@ class NixlTransport(KVTransport):
         descs = _block_descs(pool.data_ptr(), pool.shape[0], self.layout.block_bytes, self.device_id)
         self._local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type)
         self._metadata = self.agent.get_agent_metadata()
+        self._ipc_export = cuda_ipc.export_pool(pool) if pool.is_cuda and self.use_cuda_ipc else None
 
     def _export(self, block_ids: list[int]) -> dict:
         return {"agent": self.agent_name, "metadata": self._metadata, "base": self.pool.data_ptr(),
-                "num_blocks": self.pool.shape[0], "device_id": self.device_id, "mem_type": self.mem_type}
+                "num_blocks": self.pool.shape[0], "device_id": self.device_id, "mem_type": self.mem_type,
+                "cuda_ipc": self._ipc_export}
+
+    def path_for(self, source: dict) -> str:
+        """`cuda_ipc` for a GPU pool on this host that this process could map, else `nixl`."""
+        name = source["agent"]
+        if name not in self._ipc_pools:
+            export = source.get("cuda_ipc")
+            mapped = None
+            if self.use_cuda_ipc and self.pool.is_cuda and export and export["host"] == cuda_ipc.host_id():
+                try:
+                    mapped = cuda_ipc.open_pool(export)
+                except RuntimeError:  # another container, no P2P, or a GPU this process cannot see
+                    mapped = None
+            self._ipc_pools[name] = mapped
+        return "nixl" if self._ipc_pools[name] is None else "cuda_ipc"
 
     def _peer(self, source: dict):
         name = source["agent"]
@@ -84,6 +106,11 @@ class NixlTransport(KVTransport):
         return self._peers[name]
 
     def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
+        path = self.path_for(handle.source)
+        self.pulls_by_path[path] += 1
+        if path == "cuda_ipc":
+            cuda_ipc.copy_blocks(self._ipc_pools[handle.source["agent"]], handle.block_ids, self.pool, into_block_ids)
+            return
         try:
             remote = self._peer(handle.source)
             xfer = self.agent.make_prepped_xfer("READ", self._local, into_block_ids, remote, handle.block_ids)
