@@ -172,3 +172,15 @@ def test_ray_transport_between_processes(ray_serve):
         assert torch.equal(puller.pool, owner_pool(64, 99)[:32])
     except TransferError as e:
         assert "unavailable" in str(e)
+
+
+def test_cuda_ipc_copies_coalesce_consecutive_blocks():
+    from services.transport.cuda_ipc import _runs
+
+    assert _runs([4, 5, 6, 9, 2, 3], [0, 1, 2, 3, 7, 8]) == [(4, 0, 3), (9, 3, 1), (2, 7, 2)]
+    assert _runs([], []) == []
+
+
+def test_cpu_pools_never_take_the_cuda_ipc_path(owner):
+    handle = owner("handle", [1])
+    assert handle.source["cuda_ipc"] is None  # only GPU pools are exported for IPC
