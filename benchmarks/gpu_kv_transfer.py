@@ -34,10 +34,10 @@ def _pool(num_blocks: int, device: str) -> torch.Tensor:
     return pool.to(device) if device == "cuda" else pool.pin_memory()
 
 
-def _owner(conn, num_blocks: int, device: str) -> None:
+def _owner(conn, num_blocks: int, device: str, busy: bool) -> None:
     from services.transport.nixl_backend import NixlTransport
 
-    transport = NixlTransport(busy_progress=True)
+    transport = NixlTransport(busy_progress=busy)
     transport.register(_pool(num_blocks, device))
     while (ids := conn.recv()) is not None:
         conn.send(transport.handle(ids, num_tokens=len(ids) * LAYOUT[2]))
@@ -62,7 +62,7 @@ def torch_copy_gbps(num_bytes: int, src: str, dst: str, repeats: int = 5) -> flo
     return num_bytes / statistics.median(times) / 1e9
 
 
-def bench_path(name: str, sizes: list[int], repeats: int) -> list[dict]:
+def bench_path(name: str, sizes: list[int], repeats: int, busy: bool) -> list[dict]:
     from services.transport.checksum import block_checksums
     from services.transport.nixl_backend import NixlTransport
 
@@ -70,9 +70,9 @@ def bench_path(name: str, sizes: list[int], repeats: int) -> list[dict]:
     n_max = max(sizes)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_owner, args=(there, n_max, owner_dev), daemon=True)
+    proc = ctx.Process(target=_owner, args=(there, n_max, owner_dev, busy), daemon=True)
     proc.start()
-    puller = NixlTransport(busy_progress=True, use_cuda_ipc=ipc)
+    puller = NixlTransport(busy_progress=busy, use_cuda_ipc=ipc)
     puller.register(_pool(n_max, puller_dev).zero_())
     expected = _pool(n_max, puller_dev)
     block_bytes = expected[0].numel() * 2
@@ -97,7 +97,7 @@ def bench_path(name: str, sizes: list[int], repeats: int) -> list[dict]:
                 puller.release(handle)
             read, verify = statistics.median(reads[1:]), statistics.median(verifies[1:])
             num_bytes = n * block_bytes
-            rows.append({"path": name, "taken": puller.path_for(handle.source), "blocks": n, "bytes": num_bytes,
+            rows.append({"path": name, "busy_progress": busy, "taken": puller.path_for(handle.source), "blocks": n, "bytes": num_bytes,
                          "read_s": read, "verify_s": verify, "read_gbps": num_bytes / read / 1e9,
                          "torch_copy_gbps": floor, "fraction_of_torch_copy": num_bytes / read / 1e9 / floor,
                          "checksums_match": ok, "bytes_equal": torch.equal(puller.pool[dst], expected[ids])})
@@ -114,15 +114,20 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 128, 1024])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--busy-paths", nargs="*", default=["gpu->gpu cuda_ipc"], choices=list(PATHS),
+                        help="paths measured again with NIXL's spinning progress thread on both sides")
     args = parser.parse_args()
     rows = []
     for name in args.paths:
-        rows += bench_path(name, args.blocks, args.repeats)
+        rows += bench_path(name, args.blocks, args.repeats, busy=False)
+    for name in args.busy_paths:
+        rows += bench_path(name, args.blocks, args.repeats, busy=True)
     out = Path(os.environ["OUT"]) if "OUT" in os.environ else None
     path = write_result("kv_transfer_gpu", {
         "layout": list(LAYOUT), "dtype": "bfloat16", "processes": "owner and puller on the same GPU",
         "rows": rows, "note": "read = the transport's data movement into the puller's pool (CUDA IPC copies "
-        "or a NIXL READ); verify = per-block checksums of the pulled blocks; torch_copy_gbps = a torch copy "
+        "or a NIXL READ); busy_progress = NIXL's own spinning progress thread instead of Ridgeline's 1 ms "
+        "poll; verify = per-block checksums of the pulled blocks; torch_copy_gbps = a torch copy "
         "of the same bytes in one process between the same kinds of memory (host memory pinned)"},
         out_dir=out)
     print(path)
