@@ -86,6 +86,7 @@ def bench_path(name: str, sizes: list[int], repeats: int, busy: bool) -> list[di
                 here.send(ids)
                 handle = here.recv()
                 puller.pool[dst] = 0
+                torch.cuda.synchronize()  # the zeroing must not count as transfer time
                 t0 = time.perf_counter()
                 puller._read(handle, dst, 300.0)
                 torch.cuda.synchronize()
