@@ -1,10 +1,12 @@
 """Per-block checksums, computed where the pool lives: CRC32 on host memory (zlib, hardware-assisted,
-~7 GB/s here), a position-weighted word sum on the GPU (no copy to the host). The handle names the
+~7 GB/s here), a position-weighted word sum on the GPU (kernels/block_checksum.py, no copy to the host). The handle names the
 algorithm, so both sides compute the same one."""
 
 import zlib
 
 import torch
+
+from kernels.block_checksum import block_checksum
 
 _CHUNK = 64  # blocks per pass on the GPU: bounds the int64 scratch memory
 
@@ -33,6 +35,9 @@ def _crc32(pool: torch.Tensor, block_ids: list[int]) -> list[int]:
 
 def _wsum64(pool: torch.Tensor, block_ids: list[int]) -> list[int]:
     """sum_i (i + 1) * word_i over each block's 32-bit words, mod 2**64: any changed word changes it."""
+    if pool.is_cuda:  # one Triton pass over the blocks, no int64 copy of them
+        words = pool.reshape(pool.shape[0], -1).view(torch.uint8).view(torch.int32)  # [num_blocks, W]
+        return block_checksum(words, torch.tensor(block_ids, device=pool.device)).tolist()
     out: list[int] = []
     # a host pool checked against a GPU owner's sums: the arithmetic is ~100x faster on a GPU, if one is here
     work = torch.device("cuda") if pool.device.type == "cpu" and torch.cuda.is_available() else pool.device
