@@ -39,6 +39,7 @@ class DisaggregatedClient:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.decode = decode
+        self.decode_stream = decode.options(stream=True)  # one handle, so one router counts every stream
         self.prefill = prefill
         self.max_migrations = max_migrations
         self.retry_backoff_s = retry_backoff_s
@@ -109,7 +110,7 @@ class DisaggregatedClient:
 
     async def _decode(self, req: WorkerRequest) -> AsyncIterator[Delta]:
         for attempt in range(self.max_migrations + 1):
-            stream = self.decode.options(stream=True).generate.remote(req)
+            stream = self.decode_stream.generate.remote(req)
             finished = False
             try:
                 async for delta in stream:

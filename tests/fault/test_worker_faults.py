@@ -139,13 +139,17 @@ def test_decode_killed_mid_stream_requests_migrate(url, reference):
         started[i].set()
         results[i].update(text=text, errors=errors)
 
+    before = pool_stats(APP, "DecodeWorker", 2)
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for event in started:
         assert event.wait(60)
-    busy = [s for s in pool_stats(APP, "DecodeWorker", 2).values() if s["unfinished"]]
+    stats = pool_stats(APP, "DecodeWorker", 2)
+    busy = [s for s in stats.values() if s["unfinished"]]
     assert busy, "streams finished before a replica could be killed"
+    spread = sorted(after["requests"] - before[name]["requests"] for name, after in stats.items())
+    assert spread[0] >= 2 and sum(spread) == 8, f"least-loaded routing should spread 8 streams: {spread}"
     kill_replica("DecodeWorker", busy[0]["replica"], busy[0]["pid"])
     for t in threads:
         t.join(timeout=120)
