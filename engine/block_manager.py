@@ -93,17 +93,34 @@ class BlockManager:
         ids.extend(b.block_id for b in blocks[len(ids):])
         return True
 
-    def allocate_blocks(self, request_id: str, num_blocks: int) -> list[int] | None:
-        """Fresh blocks for a request that does not exist yet (KV arriving from another worker fills them).
-        None, changing nothing, when too few blocks are free."""
+    def allocate_blocks(self, request_id: str, num_blocks: int, hits: list[Block] = ()) -> list[int] | None:
+        """Blocks for a request that does not exist yet, whose KV arrives from another worker: the cached
+        `hits` first (shared, already holding the right KV), then fresh blocks for the rest. None, changing
+        nothing, when too few blocks are free."""
         if request_id in self.req_blocks:
             raise ValueError(f"request_id: {request_id!r} already holds blocks")
-        if num_blocks > self.num_free_blocks:
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        if num_blocks - len(hits) > self.num_free_blocks - num_free_hits:
             return None
-        blocks = [self._pop_free() for _ in range(num_blocks)]
+        for block in hits:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+        blocks = list(hits) + [self._pop_free() for _ in range(num_blocks - len(hits))]
         self.req_blocks[request_id] = blocks
         self.req_block_ids[request_id] = [b.block_id for b in blocks]
+        self.req_num_cached_blocks[request_id] = len(hits)
         return list(self.req_block_ids[request_id])
+
+    def cached_prefix(self, block_hashes: list[bytes]) -> list[Block]:
+        """The longest run of cached blocks matching these hashes from the start."""
+        hits = []
+        for block_hash in block_hashes if self.enable_prefix_caching else ():
+            block = self.cached.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
 
     def _pop_free(self) -> Block:
         block_id, _ = self.free_queue.popitem(last=False)

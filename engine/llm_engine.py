@@ -46,6 +46,12 @@ def engine_config(model: str, **kwargs) -> EngineConfig:
                         scheduler=SchedulerConfig(**groups["scheduler"]), **groups["engine"])
 
 
+@dataclass(frozen=True)
+class KVReservation:
+    block_ids: list[int]  # the request's block table for the arriving KV
+    num_cached_blocks: int  # leading blocks already holding it (local prefix-cache hits)
+
+
 class _Parent:
     """A user request: n sequences sharing one prompt."""
 
@@ -176,13 +182,26 @@ class LLMEngine:
 
     # -- KV handoff between workers ---------------------------------------------------------------
 
-    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Blocks for `num_tokens` tokens of KV that another worker will write; None when memory is short."""
+    def reserve_kv(self, request_id: str, num_tokens: int, token_ids: list[int] | None = None,
+                   cache_salt: str | None = None) -> KVReservation | None:
+        """Blocks for `num_tokens` tokens of KV that another worker will write; None when memory is short.
+
+        Given the tokens, full blocks already in this engine's prefix cache are reused: only the blocks
+        after `num_cached_blocks` need to be filled.
+        """
         if num_tokens < 1:
             raise ValueError(f"num_tokens: got {num_tokens}, allowed >= 1")
         if request_id in self._parents:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        return self.block_manager.allocate_blocks(request_id, -(-num_tokens // self.block_manager.block_size))
+        hits = []
+        if token_ids is not None:
+            probe = Request(request_id, token_ids[:num_tokens], SamplingParams(),
+                            hash_extra=hash_extra(self.fingerprint, str(self.dtype), cache_salt))
+            update_block_hashes(probe, self.block_manager.block_size)
+            hits = self.block_manager.cached_prefix(probe.block_hashes)
+        block_ids = self.block_manager.allocate_blocks(
+            request_id, -(-num_tokens // self.block_manager.block_size), hits)
+        return None if block_ids is None else KVReservation(block_ids, len(hits))
 
     def free_reserved(self, request_id: str) -> None:
         """Give back blocks from `reserve_kv` that no request adopted (the transfer failed)."""

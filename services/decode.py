@@ -32,7 +32,7 @@ class DecodeWorker(EngineWorker):
         self.counters["requests"] += 1
         computed = 0
         if req.kv_handle is not None:
-            computed = await self._pull(req.request_id, req.kv_handle)
+            computed = await self._pull(req)
         tracker = DeltaTracker(len(req.output_token_ids), self.name)
         try:
             async for out in self.llm.generate(req.request_id, req.prompt_token_ids, req.params,
@@ -49,16 +49,23 @@ class DecodeWorker(EngineWorker):
         """Let the owner free a handle nobody will pull (the client went away before decode)."""
         self.transport.release(handle)
 
-    async def _pull(self, request_id: str, handle: KVHandle) -> int:
-        """KV tokens now in this worker's blocks for the request: handle.num_tokens, or 0 to recompute."""
-        block_ids = await self.llm.call(lambda e: e.reserve_kv(request_id, handle.num_tokens))
-        if block_ids is None:  # memory is short: the scheduler will make room and recompute
+    async def _pull(self, req: WorkerRequest) -> int:
+        """KV tokens now in this worker's blocks for the request: the handle's, or 0 to recompute. Blocks
+        this worker already caches (a shared prefix, an earlier turn) are reused, not pulled."""
+        request_id, handle = req.request_id, req.kv_handle
+        reserved = await self.llm.call(lambda e: e.reserve_kv(request_id, handle.num_tokens,
+                                                              req.prompt_token_ids, req.cache_salt))
+        if reserved is None:  # memory is short: the scheduler will make room and recompute
             self.transport.release(handle)
             self.counters["kv_recomputes"] += 1
             return 0
+        skip = reserved.num_cached_blocks
+        rest, into = handle.tail(skip), reserved.block_ids[skip:]
+        self.counters["kv_blocks_reused"] += skip
         for attempt in range(1, self.pull_attempts + 1):
             try:
-                await _uncancellable(asyncio.to_thread(self.transport.pull, handle, block_ids, self.pull_timeout_s))
+                if rest.block_ids:
+                    await _uncancellable(asyncio.to_thread(self.transport.pull, rest, into, self.pull_timeout_s))
             except TransferError as e:
                 self.counters["kv_pull_failures"] += 1
                 logger.warning("KV pull %d/%d for %s failed: %s", attempt, self.pull_attempts, request_id, e)
@@ -68,7 +75,7 @@ class DecodeWorker(EngineWorker):
                 raise
             self.transport.release(handle)
             self.counters["kv_pulls"] += 1
-            self.counters["kv_pull_bytes"] += handle.num_bytes
+            self.counters["kv_pull_bytes"] += rest.num_bytes
             return handle.num_tokens
         await self._give_up(request_id, handle)
         self.counters["kv_recomputes"] += 1

@@ -29,7 +29,8 @@ class EngineWorker:
         self.transport.register(self.engine.kv_pool)
         self.name = replica_name()
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
-                         "kv_recomputes": 0, "kv_handles": 0, "kv_leases_released": 0, "kv_leases_reclaimed": 0}
+                         "kv_recomputes": 0, "kv_blocks_reused": 0, "kv_handles": 0, "kv_leases_released": 0,
+                         "kv_leases_reclaimed": 0}
 
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""

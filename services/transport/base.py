@@ -2,6 +2,7 @@
 pulls them into its own blocks. Every pull is verified (layout, length, per-block checksum): a torn or
 mismatched block raises TransferError and is never used."""
 
+import dataclasses
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -46,10 +47,16 @@ class KVHandle:
     checksums: list[int]
     checksum_algorithm: str
     source: dict = field(default_factory=dict)  # backend-specific: NIXL agent + addresses, or a Ray ref
+    offset: int = 0  # index of block_ids[0] among the blocks the owner exported
 
     @property
     def num_bytes(self) -> int:
         return len(self.block_ids) * self.layout.block_bytes
+
+    def tail(self, skip: int) -> "KVHandle":
+        """The same claim without its first `skip` blocks (the puller already holds them)."""
+        return dataclasses.replace(self, block_ids=self.block_ids[skip:], checksums=self.checksums[skip:],
+                                   offset=self.offset + skip)
 
 
 class KVTransport(ABC):

@@ -23,9 +23,10 @@ def handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], 
     prefill.add_request(rid, prompt, first_params, hold_kv=True)
     (first,) = run(prefill)
     src = prefill.held_kv(rid)
-    dst = decode.reserve_kv(rid, len(prompt))
+    reserved = decode.reserve_kv(rid, len(prompt), prompt)
+    dst, skip = reserved.block_ids, reserved.num_cached_blocks
     assert len(src) == len(dst) == -(-len(prompt) // prefill.block_manager.block_size)
-    decode.kv_pool[dst] = prefill.kv_pool[src]
+    decode.kv_pool[dst[skip:]] = prefill.kv_pool[src[skip:]]  # cached blocks already hold this KV
     prefill.release_kv(rid)
     decode.add_request(rid, prompt, params, output_token_ids=first.outputs[0].token_ids,
                        kv_computed_tokens=len(prompt))
@@ -80,7 +81,7 @@ def test_aborted_hold_request_frees_blocks(engines):
 
 def test_free_reserved_returns_blocks(engines):
     _, decode = engines
-    assert len(decode.reserve_kv("r", 40)) == 3
+    assert len(decode.reserve_kv("r", 40).block_ids) == 3
     decode.free_reserved("r")
     assert decode.block_manager.num_free_blocks == 64
 
@@ -105,3 +106,27 @@ def test_bad_handoff_arguments(engines):
     with pytest.raises(ValueError, match="num_tokens"):
         decode.reserve_kv("r5", 0)
     assert torch.all(decode.kv_pool == 0)  # nothing was computed by rejected requests
+
+
+def test_decode_reuses_its_cached_prefix_and_pulls_only_the_rest(llama):
+    prefill = LLMEngine.from_pretrained(llama, num_blocks=64)
+    decode = LLMEngine.from_pretrained(llama, num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    shared = list(range(40, 72))  # two full blocks
+    first, second = shared + [5, 6, 7], shared + [9, 10, 11, 12, 13]
+    handoff(prefill, decode, "a", first, params)
+    reserved = decode.reserve_kv("probe", len(second), second)
+    assert reserved.num_cached_blocks == 2  # the shared blocks stayed cached after "a" finished
+    decode.free_reserved("probe")
+    got = handoff(prefill, decode, "b", second, params).outputs[0].token_ids
+    want = LLM(llama, num_blocks=64).generate([second], params)[0].outputs[0].token_ids
+    assert got == want
+
+
+def test_cache_salt_keeps_tenants_apart_on_reuse(llama):
+    decode = LLMEngine.from_pretrained(llama, num_blocks=64)
+    prompt = list(range(40, 75))
+    decode.add_request("warm", prompt, SamplingParams(max_tokens=1), cache_salt="tenant-a")
+    run(decode)
+    assert decode.reserve_kv("same", len(prompt), prompt, cache_salt="tenant-a").num_cached_blocks == 2
+    assert decode.reserve_kv("other", len(prompt), prompt, cache_salt="tenant-b").num_cached_blocks == 0

@@ -55,6 +55,21 @@ def test_seeded_sampling_with_n_equals_llm_generate(apps, reference):
     assert [c["token_ids"] for c in got] == [o.token_ids for o in want.outputs]
 
 
+def test_decode_reuses_cached_prefix_blocks_instead_of_pulling(apps, reference):
+    from ray_helpers import pool_stats
+
+    shared = "A shared system prompt that is long enough to fill several KV blocks of sixteen tokens each. "
+    for turn, prompt in enumerate([shared + "First question?", shared + "Second, different question?"]):
+        (before,) = pool_stats("pd", "DecodeWorker", 1).values()
+        r = httpx.post(f"{apps['disaggregated']}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        want = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+        assert r.json()["choices"][0]["text"] == want.outputs[0].text
+        (after,) = pool_stats("pd", "DecodeWorker", 1).values()
+        if turn == 1:  # the second turn pulls only what follows the shared prefix
+            assert after["kv_blocks_reused"] - before["kv_blocks_reused"] >= 3
+
+
 def test_streamed_tokens_equal_the_non_streamed_answer(apps, reference):
     want = reference.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     text, usage = "", None

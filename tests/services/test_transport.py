@@ -115,6 +115,12 @@ def test_nixl_corrupted_block_is_detected_then_retry_succeeds(owner, puller):
     assert status == "ok" and torch.equal(blocks, owner_pool(32, 1234)[[9, 10]])
 
 
+def test_nixl_pulls_only_the_tail_of_a_handle(owner, puller):
+    handle = owner("handle", [20, 21, 22]).tail(2)
+    status, blocks = puller("pull", handle, [3])
+    assert status == "ok" and torch.equal(blocks, owner_pool(32, 1234)[[22]])
+
+
 def test_nixl_rejects_mismatched_length(owner, puller):
     handle = owner("handle", [1, 2])
     status, message = puller("pull", handle, [0])
@@ -151,6 +157,10 @@ def test_ray_transport_between_processes(ray_serve):
     assert handle.backend == "ray" and not puller.holds_source_blocks
     puller.pull(handle, [1, 3])
     assert torch.equal(puller.pool[[1, 3]], owner_pool(64, 99)[[6, 2]])
+
+    part = ray.get(owner.handle.remote([6, 2, 5])).tail(1)  # the puller already holds block 6's KV
+    puller.pull(part, [10, 11])
+    assert torch.equal(puller.pool[[10, 11]], owner_pool(64, 99)[[2, 5]])
 
     tampered = ray.get(owner.handle.remote([5, 7]))
     tampered.checksums[1] ^= 1  # what a block damaged in flight looks like to the puller
