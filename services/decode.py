@@ -69,6 +69,8 @@ class DecodeWorker(EngineWorker):
             except TransferError as e:
                 self.counters["kv_pull_failures"] += 1
                 logger.warning("KV pull %d/%d for %s failed: %s", attempt, self.pull_attempts, request_id, e)
+                if not e.retryable:  # the owner is gone: recompute now rather than ask again
+                    break
                 continue
             except BaseException:
                 await asyncio.shield(self._give_up(request_id, handle))

@@ -13,7 +13,12 @@ from services.transport.checksum import block_checksums, default_algorithm
 
 
 class TransferError(RuntimeError):
-    """A pull failed or delivered bytes that do not match the handle; the target blocks hold garbage."""
+    """A pull failed or delivered bytes that do not match the handle; the target blocks hold garbage.
+    `retryable`: the bytes arrived wrong (another read may succeed); False when the owner is unreachable."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)

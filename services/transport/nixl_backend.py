@@ -5,6 +5,7 @@ The whole pool is registered once as one region; each block is one descriptor (b
 transfer of n blocks is one request of n descriptors. Works for DRAM and GPU pools alike.
 """
 
+import contextlib
 import threading
 import time
 import uuid
@@ -117,23 +118,35 @@ class NixlTransport(KVTransport):
         except TransferError:
             raise
         except Exception as e:  # noqa: BLE001 - NIXL raises its own status errors
-            raise TransferError(f"NIXL could not set up the read from {handle.source['agent']}: {e}") from e
+            self._forget(handle.source["agent"])
+            raise TransferError(f"NIXL could not set up the read from {handle.source['agent']}: {e}",
+                                retryable=False) from e
         try:
             state = self.agent.transfer(xfer)
             deadline = time.monotonic() + timeout_s
             while state == "PROC":
                 if time.monotonic() > deadline:
-                    raise TransferError(f"NIXL read of {len(into_block_ids)} blocks timed out after {timeout_s}s")
+                    raise TransferError(f"NIXL read of {len(into_block_ids)} blocks timed out after {timeout_s}s",
+                                        retryable=False)
                 time.sleep(0.0002)
                 state = self.agent.check_xfer_state(xfer)
             if state != "DONE":
-                raise TransferError(f"NIXL read from {handle.source['agent']} ended in state {state}")
+                raise TransferError(f"NIXL read from {handle.source['agent']} ended in state {state}",
+                                    retryable=False)
         except TransferError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise TransferError(f"NIXL read from {handle.source['agent']} failed: {e}") from e
+            raise TransferError(f"NIXL read from {handle.source['agent']} failed: {e}", retryable=False) from e
         finally:
             self.agent.release_xfer_handle(xfer)
+
+    def _forget(self, name: str) -> None:
+        """Drop a peer that failed (a dead owner's agent name never comes back)."""
+        with self._peers_lock:
+            if self._peers.pop(name, None) is not None:
+                with contextlib.suppress(Exception):  # already gone
+                    self.agent.remove_remote_agent(name)
+            self._ipc_pools.pop(name, None)
 
     def release(self, handle: KVHandle) -> None:
         try:

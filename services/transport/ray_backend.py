@@ -23,7 +23,8 @@ class RayTransport(KVTransport):
         try:
             data: np.ndarray = ray.get(handle.source["ref"], timeout=timeout_s)
         except Exception as e:  # noqa: BLE001 - owner died, object lost, timeout: all mean no KV
-            raise TransferError(f"Ray object for handle {handle.handle_id} unavailable: {e!r}") from e
+            raise TransferError(f"Ray object for handle {handle.handle_id} unavailable: {e!r}",
+                                retryable=False) from e
         start = handle.offset * handle.layout.block_bytes  # a tail handle reads part of the object
         data = data.reshape(-1)[start:start + handle.num_bytes]
         if data.nbytes != handle.num_bytes:

@@ -83,7 +83,8 @@ def test_corrupted_transfer_is_detected_and_retried(url, reference):
 def test_prefill_killed_after_handing_out_kv_decode_recomputes(url, reference):
     prefill = serve.get_deployment_handle("PrefillWorker", app_name=APP)
     decode = serve.get_deployment_handle("DecodeWorker", app_name=APP)
-    before = total(pool_stats(APP, "DecodeWorker", 2), "kv_recomputes")
+    stats = pool_stats(APP, "DecodeWorker", 2)
+    before, failures = total(stats, "kv_recomputes"), total(stats, "kv_pull_failures")
     prompt_ids = reference.tokenizer.encode(PROMPT)
     req = WorkerRequest("killed-prefill", prompt_ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     first = prefill.prefill.remote(req).result(timeout_s=30)
@@ -96,7 +97,9 @@ def test_prefill_killed_after_handing_out_kv_decode_recomputes(url, reference):
     for delta in decode.options(stream=True).generate.remote(req):
         tokens += delta.token_ids
     assert tokens == greedy(reference, PROMPT, 12)
-    assert total(pool_stats(APP, "DecodeWorker", 2), "kv_recomputes") == before + 1
+    stats = pool_stats(APP, "DecodeWorker", 2)
+    assert total(stats, "kv_recomputes") == before + 1
+    assert total(stats, "kv_pull_failures") == failures + 1  # an unreachable owner is not asked again
     wait_replicas("PrefillWorker", 1)
 
 
