@@ -1,0 +1,176 @@
+"""SSD tier: KV blocks in one preallocated slab file, found through an append-only index log.
+
+Crash safety is by ordering: a block's bytes are written and synced before the index record naming them
+is appended and synced, and a slot's old entry is deleted (synced) before the slot is overwritten. Every
+index record carries its own CRC32 and the block's CRC32, so after a crash a torn record ends the replay
+and a torn or damaged block is found on read, dropped, and never served.
+"""
+
+import json
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+_RECORD = struct.Struct("<4sB16sII")  # magic, op, block hash, slot, block crc32; then the record's crc32
+_MAGIC, _PUT, _DELETE = b"RLKV", 1, 2
+_RECORD_BYTES = _RECORD.size + 4
+
+
+class SsdTier:
+    """Up to `capacity_blocks` blocks of `block_bytes` bytes under `directory`, keyed by 16-byte hashes.
+
+    Contract: `get` returns exactly the bytes `put` stored or None (missing or damaged); an entry survives
+    a restart once `put` returned. Thread-safe; LRU eviction within the tier.
+    """
+
+    def __init__(self, directory: str | os.PathLike, capacity_blocks: int, block_bytes: int, sync: bool = True):
+        if capacity_blocks < 1:
+            raise ValueError(f"capacity_blocks: got {capacity_blocks}, allowed >= 1")
+        if block_bytes < 1:
+            raise ValueError(f"block_bytes: got {block_bytes}, allowed >= 1")
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"ssd directory: {self.dir} is not writable ({e.strerror})") from None
+        self.capacity_blocks, self.block_bytes, self.sync = capacity_blocks, block_bytes, sync
+        self._check_meta()
+        self.corrupt_blocks = 0  # damaged blocks found on read (dropped, never served)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # hash -> (slot, crc), LRU first
+        self._slab = os.open(self.dir / "slab.bin", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._slab, capacity_blocks * block_bytes)
+        self._replay()
+        self._log = open(self.dir / "index.log", "ab")  # noqa: SIM115 - held open for appends
+        used = {slot for slot, _ in self._entries.values()}
+        self._free = [s for s in range(capacity_blocks - 1, -1, -1) if s not in used]
+
+    def _check_meta(self) -> None:
+        meta_path = self.dir / "meta.json"
+        meta = {"capacity_blocks": self.capacity_blocks, "block_bytes": self.block_bytes, "format": 1}
+        if meta_path.exists():
+            found = json.loads(meta_path.read_text())
+            if found != meta:
+                raise ValueError(f"ssd directory: {self.dir} holds a tier with {found}, not {meta}; "
+                                 f"use another directory or remove it")
+        else:
+            meta_path.write_text(json.dumps(meta))
+
+    def _replay(self) -> None:
+        path = self.dir / "index.log"
+        data = path.read_bytes() if path.exists() else b""
+        good = 0
+        self._records = 0
+        for start in range(0, len(data) - _RECORD_BYTES + 1, _RECORD_BYTES):
+            body = data[start:start + _RECORD.size]
+            (crc,) = struct.unpack_from("<I", data, start + _RECORD.size)
+            magic, op, block_hash, slot, block_crc = _RECORD.unpack(body)
+            if magic != _MAGIC or zlib.crc32(body) != crc or slot >= self.capacity_blocks:
+                break  # a torn or foreign record: nothing after it is trusted
+            good = start + _RECORD_BYTES
+            self._records += 1
+            if op == _PUT:
+                for h in [h for h, (s, _) in self._entries.items() if s == slot]:
+                    del self._entries[h]  # the slot now holds this block
+                self._entries[block_hash] = (slot, block_crc)
+            else:
+                self._entries.pop(block_hash, None)
+        if good != len(data):
+            with open(path, "r+b") as f:  # cut the torn tail so new records follow good ones
+                f.truncate(good)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._entries
+
+    def _append(self, op: int, block_hash: bytes, slot: int, block_crc: int) -> None:
+        body = _RECORD.pack(_MAGIC, op, block_hash, slot, block_crc)
+        self._log.write(body + struct.pack("<I", zlib.crc32(body)))
+        self._log.flush()
+        if self.sync:
+            os.fsync(self._log.fileno())
+        self._records += 1
+
+    def _compact(self) -> None:
+        """Rewrite the log as one PUT per live entry (LRU order kept), atomically by rename."""
+        tmp = self.dir / "index.log.tmp"
+        with open(tmp, "wb") as f:
+            for block_hash, (slot, crc) in self._entries.items():
+                body = _RECORD.pack(_MAGIC, _PUT, block_hash, slot, crc)
+                f.write(body + struct.pack("<I", zlib.crc32(body)))
+            f.flush()
+            os.fsync(f.fileno())
+        self._log.close()
+        os.replace(tmp, self.dir / "index.log")
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself is durable
+        finally:
+            os.close(dir_fd)
+        self._log = open(self.dir / "index.log", "ab")  # noqa: SIM115
+        self._records = len(self._entries)
+
+    def put(self, block_hash: bytes, data: bytes | memoryview) -> bytes | None:
+        """Store a block; returns the hash it evicted to make room, if any."""
+        if len(block_hash) != 16:
+            raise ValueError(f"block_hash: need 16 bytes, got {len(block_hash)}")
+        if len(data) != self.block_bytes:
+            raise ValueError(f"data: need {self.block_bytes} bytes, got {len(data)}")
+        with self._lock:
+            if block_hash in self._entries:
+                self._entries.move_to_end(block_hash)
+                return None
+            evicted = None
+            if not self._free:
+                evicted, (slot, _) = self._entries.popitem(last=False)
+                self._append(_DELETE, evicted, slot, 0)  # durable before the slot is overwritten
+                self._free.append(slot)
+            slot = self._free.pop()
+            os.pwrite(self._slab, data, slot * self.block_bytes)
+            if self.sync:
+                os.fdatasync(self._slab)  # the bytes are on disk before the index names them
+            crc = zlib.crc32(data)
+            self._append(_PUT, block_hash, slot, crc)
+            self._entries[block_hash] = (slot, crc)
+            if self._records > 4 * self.capacity_blocks + 64:
+                self._compact()
+            return evicted
+
+    def get(self, block_hash: bytes) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(block_hash)
+            if entry is None:
+                return None
+            slot, crc = entry
+            data = os.pread(self._slab, self.block_bytes, slot * self.block_bytes)
+            if len(data) != self.block_bytes or zlib.crc32(data) != crc:
+                self.corrupt_blocks += 1
+                self._drop(block_hash, slot)
+                return None
+            self._entries.move_to_end(block_hash)
+            return data
+
+    def discard(self, block_hash: bytes) -> bool:
+        with self._lock:
+            entry = self._entries.get(block_hash)
+            if entry is not None:
+                self._drop(block_hash, entry[0])
+            return entry is not None
+
+    def _drop(self, block_hash: bytes, slot: int) -> None:
+        self._append(_DELETE, block_hash, slot, 0)
+        del self._entries[block_hash]
+        self._free.append(slot)
+
+    def close(self) -> None:
+        with self._lock:
+            self._log.close()
+            os.close(self._slab)

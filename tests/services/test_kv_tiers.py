@@ -1,0 +1,150 @@
+"""DRAM and SSD tiers: bit-exact round trips, LRU eviction, restart, torn writes never served, concurrency,
+bad configuration."""
+
+import os
+import random
+import threading
+
+import pytest
+import torch
+
+from services.kv_memory.dram_tier import DramTier
+from services.kv_memory.ssd_tier import SsdTier
+
+BLOCK = 4096
+
+
+def block(seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (BLOCK,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_dram_round_trip_and_lru_eviction():
+    tier = DramTier(capacity_blocks=2, block_bytes=BLOCK, pin=False)
+    assert tier.put(h(1), block(1)) == [] and tier.put(h(2), block(2)) == []
+    assert torch.equal(tier.get(h(1)), block(1))  # 1 is now the most recently used
+    evicted = tier.put(h(3), block(3))
+    assert [e[0] for e in evicted] == [h(2)] and torch.equal(evicted[0][1], block(2))
+    assert tier.get(h(2)) is None and len(tier) == 2
+
+
+def test_hbm_to_dram_to_ssd_and_back_is_bit_exact(tmp_path):
+    hbm = torch.randn(4, 2, 16, 2, 8, dtype=torch.bfloat16)  # four KV blocks
+    raw = hbm.view(4, -1).view(torch.uint8)
+    dram = DramTier(capacity_blocks=1, block_bytes=raw.shape[1], pin=False)
+    ssd = SsdTier(tmp_path, capacity_blocks=8, block_bytes=raw.shape[1])
+    for i in range(4):  # each put demotes the previous block to SSD
+        for old_hash, data in dram.put(h(i), raw[i]):
+            ssd.put(old_hash, data.numpy().tobytes())
+    back = torch.empty_like(hbm)
+    back.view(4, -1).view(torch.uint8)[3] = dram.get(h(3))
+    for i in range(3):
+        back.view(4, -1).view(torch.uint8)[i] = torch.frombuffer(bytearray(ssd.get(h(i))), dtype=torch.uint8)
+    assert torch.equal(back, hbm)
+
+
+def test_ssd_blocks_survive_a_restart(tmp_path):
+    tier = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    for i in range(6):  # 2 evictions
+        tier.put(h(i), block(i).numpy().tobytes())
+    tier.close()
+    again = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    assert sorted(int.from_bytes(k, "little") for k in again._entries) == [2, 3, 4, 5]
+    assert all(again.get(h(i)) == block(i).numpy().tobytes() for i in range(2, 6))
+
+
+def test_torn_slab_write_is_detected_and_never_served(tmp_path):
+    tier = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    for i in range(3):
+        tier.put(h(i), block(i).numpy().tobytes())
+    tier.close()
+    os.truncate(tmp_path / "slab.bin", 2 * BLOCK + 100)  # the third block was torn mid-write
+    again = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    assert again.get(h(2)) is None and again.corrupt_blocks == 1
+    assert h(2) not in again and again.get(h(0)) == block(0).numpy().tobytes()
+    again.close()
+    assert h(2) not in SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)  # the drop is durable
+
+
+def test_damaged_byte_is_detected(tmp_path):
+    tier = SsdTier(tmp_path, capacity_blocks=2, block_bytes=BLOCK)
+    tier.put(h(7), block(7).numpy().tobytes())
+    fd = os.open(tmp_path / "slab.bin", os.O_RDWR)
+    os.pwrite(fd, b"\xff", 123)
+    os.close(fd)
+    assert tier.get(h(7)) is None and tier.corrupt_blocks == 1
+
+
+def test_torn_index_record_ends_the_replay(tmp_path):
+    tier = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    tier.put(h(1), block(1).numpy().tobytes())
+    tier.put(h(2), block(2).numpy().tobytes())
+    tier.close()
+    log = tmp_path / "index.log"
+    os.truncate(log, log.stat().st_size - 5)  # the crash hit the second record's append
+    again = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    assert h(1) in again and h(2) not in again
+    again.put(h(3), block(3).numpy().tobytes())  # appends after the good prefix
+    again.close()
+    third = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    assert third.get(h(3)) == block(3).numpy().tobytes() and third.get(h(1)) == block(1).numpy().tobytes()
+
+
+def test_log_compaction_keeps_every_live_block(tmp_path):
+    tier = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK, sync=False)
+    for i in range(200):
+        tier.put(h(i), block(i % 7).numpy().tobytes())
+    assert (tmp_path / "index.log").stat().st_size <= (4 * 4 + 64 + 1) * 33
+    tier.close()
+    again = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    assert [again.get(h(i)) == block(i % 7).numpy().tobytes() for i in range(196, 200)] == [True] * 4
+
+
+@pytest.mark.parametrize("tier_kind", ["dram", "ssd"])
+def test_concurrent_readers_and_writers_lose_nothing(tmp_path, tier_kind):
+    capacity = 16
+    tier = DramTier(capacity, BLOCK, pin=False) if tier_kind == "dram" else \
+        SsdTier(tmp_path, capacity, BLOCK, sync=False)
+    errors = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            i = rng.randrange(40)
+            if rng.random() < 0.5:
+                tier.put(h(i), block(i) if tier_kind == "dram" else block(i).numpy().tobytes())
+            else:
+                got = tier.get(h(i))
+                want = block(i) if tier_kind == "dram" else block(i).numpy().tobytes()
+                if got is not None and not (torch.equal(got, want) if tier_kind == "dram" else got == want):
+                    errors.append(i)
+            if len(tier) > capacity:
+                errors.append("over capacity")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(tier) <= capacity
+    if tier_kind == "ssd":  # every slot is used by at most one entry
+        slots = [slot for slot, _ in tier._entries.values()]
+        assert len(slots) == len(set(slots))
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        SsdTier(tmp_path, capacity_blocks=0, block_bytes=BLOCK)
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        DramTier(capacity_blocks=0, block_bytes=BLOCK)
+    with pytest.raises(ValueError, match="more than this machine"):
+        DramTier(capacity_blocks=2**40, block_bytes=2**20)
+    SsdTier(tmp_path / "t", capacity_blocks=4, block_bytes=BLOCK).close()
+    with pytest.raises(ValueError, match="holds a tier"):
+        SsdTier(tmp_path / "t", capacity_blocks=8, block_bytes=BLOCK)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        SsdTier(tmp_path / "file" / "sub", capacity_blocks=4, block_bytes=BLOCK)
