@@ -33,6 +33,7 @@ class BlockManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
+        self.on_evict = None  # callable(block_id, block_hash), before an evicted block is reused
 
     @property
     def num_free_blocks(self) -> int:
@@ -128,6 +129,8 @@ class BlockManager:
         if block.block_hash is not None:  # evict: its content is about to be overwritten
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if self.on_evict is not None:
+                    self.on_evict(block.block_id, block.block_hash)
             block.block_hash = None
         block.ref_cnt = 1
         return block

@@ -13,6 +13,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import allocate_kv_pool, layer_views, num_blocks_for
+from engine.kv_offload import KVOffloader, KVStore
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
@@ -81,7 +82,8 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, kv_store: KVStore | None = None):
+        """`kv_store`: a tier below HBM (engine/kv_offload.py) that keeps evicted prefix blocks."""
         self.config = config
         self.device = torch.device(config.device or envs.default_device()
                                    or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -97,6 +99,11 @@ class LLMEngine:
                                         self.device)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.offloader = None
+        if kv_store is not None and cache.enable_prefix_caching:
+            self.offloader = KVOffloader(kv_store, self.kv_pool)
+            self.block_manager.on_evict = self.offloader.on_evict
+            self.scheduler.offloader = self.offloader
         backend = get_backend(config.attention_backend or default_backend(self.device.type))
         graphs = None
         if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
@@ -112,8 +119,8 @@ class LLMEngine:
         self._aborted: list[_Parent] = []
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs) -> "LLMEngine":
-        return cls(engine_config(str(model), **kwargs))
+    def from_pretrained(cls, model: str, kv_store: KVStore | None = None, **kwargs) -> "LLMEngine":
+        return cls(engine_config(str(model), **kwargs), kv_store)
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

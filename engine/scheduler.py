@@ -38,6 +38,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.offloader = None  # engine/kv_offload.py: loads prompt blocks held by lower KV tiers
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -77,7 +78,8 @@ class Scheduler:
         self.waiting.sort(key=self.policy.key)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if request.num_computed_tokens:  # KV handed over from another worker already fills its blocks
+            handed_over = request.num_computed_tokens > 0  # KV from another worker already fills its blocks
+            if handed_over:
                 hits, num_hit_tokens = [], request.num_computed_tokens
             else:
                 hits, num_hit_tokens = self.block_manager.get_computed_blocks(request)
@@ -93,6 +95,9 @@ class Scheduler:
                 self._preempt(victim, out)
                 num_new = min(request.num_tokens - num_hit_tokens, budget)
             self.waiting.pop(0)
+            if self.offloader is not None and not handed_over:
+                loaded = self._load_lower_tiers(request, len(hits), num_new)
+                num_hit_tokens, num_new = num_hit_tokens + loaded, num_new - loaded
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -101,6 +106,16 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _load_lower_tiers(self, request: Request, first_block: int, num_new: int) -> int:
+        """Tokens loaded into the request's fresh blocks after its HBM hits (whole blocks; the last
+        token and at least one scheduled token are always computed)."""
+        bs = self.block_manager.block_size
+        max_blocks = min((request.num_tokens - 1) // bs - first_block, (num_new - 1) // bs)
+        if max_blocks <= 0:
+            return 0
+        block_ids = self.block_manager.block_ids(request.request_id)
+        return self.offloader.load(request, first_block, block_ids, max_blocks) * bs
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute-style preemption: free the blocks, keep the tokens, start over later."""

@@ -148,3 +148,68 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not writable"):
         SsdTier(tmp_path / "file" / "sub", capacity_blocks=4, block_bytes=BLOCK)
+
+
+def _prefix_run(llama, store):
+    """Serve a long prompt, push its blocks out of an 8-block HBM pool, then serve it again."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(llama, num_blocks=8, kv_store=store)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))  # 5 full blocks
+    first = llm.generate([prompt], params)[0]
+    llm.generate([list(range(200, 200 + 7 * 16))], params)  # needs the whole pool: evicts the prefix
+    engine = llm.engine
+    if store is not None and hasattr(store, "flush"):
+        store.flush()
+    before = engine.stats.prompt_tokens_computed
+    again = llm.generate([prompt], params)[0]
+    return first, again, engine.stats.prompt_tokens_computed - before, engine
+
+
+def test_evicted_prefix_is_served_from_dram(llama):
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    first, again, computed, engine = _prefix_run(llama, TieredKVStore(DramTier(64, _block_bytes(llama), pin=False)))
+    _, _, computed_without, _ = _prefix_run(llama, None)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert computed_without == 83 and computed == 83 - 5 * 16  # all 5 blocks came back from DRAM
+    assert engine.offloader.stats.loaded_blocks == 5
+
+
+def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    store = TieredKVStore(DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama)))
+    first, again, computed, _ = _prefix_run(llama, store)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert computed == 83 - 5 * 16 and store.stats["ssd_hits"] >= 4
+    store.close()
+
+
+def test_damaged_ssd_block_is_recomputed_not_served(llama, tmp_path):
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    store = TieredKVStore(DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama)))
+    from engine import LLM, SamplingParams
+
+    llm = LLM(llama, num_blocks=8, kv_store=store)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    first = llm.generate([prompt], params)[0]
+    llm.generate([list(range(200, 200 + 7 * 16))], params)
+    store.flush()
+    os.truncate(tmp_path / "slab.bin", 0)  # every block on SSD is torn
+    before = llm.engine.stats.prompt_tokens_computed
+    again = llm.generate([prompt], params)[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    # only what DRAM still held could be loaded; the torn SSD blocks were recomputed
+    assert llm.engine.stats.prompt_tokens_computed - before >= 83 - 16 and store.ssd.corrupt_blocks >= 1
+    store.close()
+
+
+def _block_bytes(llama) -> int:
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_pretrained(llama, num_blocks=1)
+    return engine.kv_pool[0].numel() * engine.kv_pool.element_size()

@@ -1,0 +1,58 @@
+"""The engine's seam to KV tiers below HBM: blocks evicted from the prefix cache are offloaded to a
+`KVStore`, and a prompt's blocks found there (after the HBM hits) are loaded instead of recomputed.
+
+The store is anything with contains/put/get keyed by block hash (services/kv_memory gives DRAM and SSD
+tiers); the engine never imports it. A block that comes back damaged is simply not loaded: the store
+checks its checksums and answers None, and the scheduler computes the block.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+
+
+class KVStore(ABC):
+    """Blocks as raw bytes ([block_bytes] uint8 tensors), content-addressed by block hash."""
+
+    @abstractmethod
+    def put(self, block_hash: bytes, data: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def get(self, block_hash: bytes) -> torch.Tensor | None: ...
+
+
+@dataclass
+class OffloadStats:
+    offloaded_blocks: int = 0
+    loaded_blocks: int = 0
+
+
+class KVOffloader:
+    def __init__(self, store: KVStore, pool: torch.Tensor):
+        self.store = store
+        self.pool = pool  # [num_blocks, *block_shape]
+        self.stats = OffloadStats()
+
+    def _raw(self, block_id: int) -> torch.Tensor:
+        return self.pool[block_id].reshape(-1).view(torch.uint8)  # [block_bytes]
+
+    def on_evict(self, block_id: int, block_hash: bytes) -> None:
+        """Before an evicted block's slot is reused: keep its KV in the store."""
+        self.store.put(block_hash, self._raw(block_id).to("cpu"))
+        self.stats.offloaded_blocks += 1
+
+    def load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int:
+        """Fill block_ids[first:] from the store for as many consecutive blocks as it holds (at most
+        max_blocks); returns how many were loaded."""
+        loaded = 0
+        for i in range(first, min(first + max_blocks, len(request.block_hashes), len(block_ids))):
+            data = self.store.get(request.block_hashes[i])
+            if data is None:
+                break
+            self._raw(block_ids[i]).copy_(data)
+            loaded += 1
+        self.stats.loaded_blocks += loaded
+        return loaded

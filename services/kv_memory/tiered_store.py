@@ -1,0 +1,77 @@
+"""DRAM over SSD as one KVStore for the engine: puts land in DRAM; what DRAM evicts is written to SSD by a
+background thread (never on the engine's step); a get tries DRAM, then SSD, promoting SSD hits to DRAM."""
+
+import queue
+import threading
+import time
+
+import torch
+
+from engine.kv_offload import KVStore
+from services.kv_memory.dram_tier import DramTier
+from services.kv_memory.ssd_tier import SsdTier
+
+
+class TieredKVStore(KVStore):
+    def __init__(self, dram: DramTier, ssd: SsdTier | None = None):
+        self.dram, self.ssd = dram, ssd
+        self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0}
+        self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = None
+        if ssd is not None:
+            self._writer = threading.Thread(target=self._write_loop, daemon=True, name="ridgeline-ssd-writer")
+            self._writer.start()
+
+    def put(self, block_hash: bytes, data: torch.Tensor) -> None:
+        for old_hash, old_data in self.dram.put(block_hash, data):
+            if self.ssd is not None:
+                with self._lock:
+                    self._pending[old_hash] = old_data
+                self._queue.put(old_hash)
+
+    def get(self, block_hash: bytes) -> torch.Tensor | None:
+        data = self.dram.get(block_hash)
+        if data is not None:
+            self.stats["dram_hits"] += 1
+            return data
+        with self._lock:
+            data = self._pending.get(block_hash)
+        if data is None and self.ssd is not None:
+            raw = self.ssd.get(block_hash)  # None if missing or damaged (checksum)
+            data = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if data is None:
+            self.stats["misses"] += 1
+            return None
+        self.stats["ssd_hits"] += 1
+        self.put(block_hash, data)  # promotion on hit
+        return data
+
+    def _write_loop(self) -> None:
+        while (block_hash := self._queue.get()) is not None:
+            with self._lock:
+                data = self._pending.get(block_hash)
+            if data is not None:
+                self.ssd.put(block_hash, data.numpy().tobytes())
+                self.stats["demoted"] += 1
+            with self._lock:
+                self._pending.pop(block_hash, None)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every demotion so far is on SSD (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SSD writer did not drain in {timeout_s} s")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+        if self.ssd is not None:
+            self.ssd.close()
