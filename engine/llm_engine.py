@@ -100,10 +100,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.offloader = None
-        if kv_store is not None and cache.enable_prefix_caching:
-            self.offloader = KVOffloader(kv_store, self.kv_pool)
-            self.block_manager.on_evict = self.offloader.on_evict
-            self.scheduler.offloader = self.offloader
+        if kv_store is not None:
+            self.attach_kv_store(kv_store)
         backend = get_backend(config.attention_backend or default_backend(self.device.type))
         graphs = None
         if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
@@ -117,6 +115,14 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, _Parent] = {}
         self._aborted: list[_Parent] = []
+
+    def attach_kv_store(self, store: KVStore) -> None:
+        """Keep evicted prefix blocks in `store` and load prompt blocks from it (needs prefix caching)."""
+        if not self.config.cache.enable_prefix_caching:
+            raise ValueError("kv_store: needs enable_prefix_caching (blocks are found by their hashes)")
+        self.offloader = KVOffloader(store, self.kv_pool)
+        self.block_manager.on_evict = self.offloader.on_evict
+        self.scheduler.offloader = self.offloader
 
     @classmethod
     def from_pretrained(cls, model: str, kv_store: KVStore | None = None, **kwargs) -> "LLMEngine":

@@ -27,6 +27,16 @@ class PoolConfig(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=128, ge=1)
     engine: dict = Field(default_factory=dict, description="engine options: num_blocks, max_model_len, ...")
+    kv_dram_blocks: int = Field(default=0, ge=0, description="host-memory KV tier per replica (0: none)")
+    kv_ssd_dir: str | None = Field(default=None, description="SSD KV tier directory (one per replica)")
+    kv_ssd_blocks: int = Field(default=0, ge=0)
+
+    def kv_tiers(self) -> dict | None:
+        if not self.kv_dram_blocks:
+            if self.kv_ssd_dir:
+                raise ValueError("kv_ssd_dir: needs kv_dram_blocks >= 1 (SSD sits below DRAM)")
+            return None
+        return {"dram_blocks": self.kv_dram_blocks, "ssd_dir": self.kv_ssd_dir, "ssd_blocks": self.kv_ssd_blocks}
 
 
 class ServeConfig(BaseModel):
@@ -87,11 +97,12 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
     decode = _pool(DecodeWorker, "DecodeWorker", config.decode).bind(
         config.model, config.decode.engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
-        fault_corrupt_pulls=config.fault_corrupt_pulls)
+        fault_corrupt_pulls=config.fault_corrupt_pulls, kv_tiers=config.decode.kv_tiers())
     prefill = None
     if config.mode == "disaggregated":
         prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill).bind(
-            config.model, config.prefill.engine, config.kv_transport, kv_lease_s=config.kv_lease_s)
+            config.model, config.prefill.engine, config.kv_transport, kv_lease_s=config.kv_lease_s,
+            kv_tiers=config.prefill.kv_tiers())
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": config.frontend_num_cpus})
     return ingress.bind(config.model_dump(), decode, prefill)

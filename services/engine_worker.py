@@ -22,12 +22,23 @@ def replica_name() -> str:
 class EngineWorker:
     role = "worker"
 
-    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto"):
+    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
+                 kv_tiers: dict | None = None):
+        """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M} keeps evicted prefix blocks in
+        host memory (and on SSD) and loads them back instead of recomputing."""
+        self.name = replica_name()
         self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
+        if kv_tiers and kv_tiers.get("dram_blocks"):  # before any request: the engine thread is idle
+            from services.kv_memory.tiered_store import build_store
+
+            pool = self.llm.engine.kv_pool
+            tiers = dict(kv_tiers)
+            if tiers.get("ssd_dir"):  # one slab per replica: replicas never share a directory
+                tiers["ssd_dir"] = os.path.join(tiers["ssd_dir"], f"{self.role}-{self.name}")
+            self.llm.engine.attach_kv_store(build_store(pool[0].numel() * pool.element_size(), **tiers))
         self.engine = self.llm.engine
         self.transport = make_transport(kv_transport)
         self.transport.register(self.engine.kv_pool)
-        self.name = replica_name()
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
                          "kv_recomputes": 0, "kv_blocks_reused": 0, "kv_handles": 0, "kv_leases_released": 0,
                          "kv_leases_reclaimed": 0}
@@ -35,11 +46,14 @@ class EngineWorker:
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""
         sched, blocks = self.engine.scheduler, self.engine.block_manager
+        offload = self.engine.offloader.stats if self.engine.offloader else None
         return {"role": self.role, "replica": self.name, "pid": os.getpid(), "transport": self.transport.name,
                 "unfinished": self.llm.num_unfinished(), "running": len(sched.running),
                 "waiting": len(sched.waiting), "kv_free_blocks": blocks.num_free_blocks,
                 "kv_total_blocks": blocks.num_blocks, **self.counters,
-                "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {}))}
+                "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {})),
+                "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
+                "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0}
 
     def record_routing_stats(self) -> dict:
         """Ray Serve collects this every stats period for the request router (services/routing.py)."""

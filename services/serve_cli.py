@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs reserved per worker replica")
     p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (default: 1 if CUDA)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--kv-dram-blocks", type=int, default=0, help="host-memory KV tier per worker, in blocks")
+    p.add_argument("--kv-ssd-dir", default=None, help="SSD KV tier directory (a subdirectory per worker)")
+    p.add_argument("--kv-ssd-blocks", type=int, default=0, help="SSD KV tier capacity per worker, in blocks")
     p.set_defaults(func=run)
 
 
@@ -46,7 +49,8 @@ def config_from_args(args: argparse.Namespace):
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
-    pool = {"num_cpus": args.worker_cpus, "num_gpus": gpus, "engine": engine}
+    pool = {"num_cpus": args.worker_cpus, "num_gpus": gpus, "engine": engine, "kv_dram_blocks": args.kv_dram_blocks,
+            "kv_ssd_dir": args.kv_ssd_dir, "kv_ssd_blocks": args.kv_ssd_blocks}
     return ServeConfig(model=model, served_model_name=args.served_model_name,
                        mode="aggregated" if args.aggregated else "disaggregated",
                        prefill={**pool, "replicas": args.prefill}, decode={**pool, "replicas": args.decode},

@@ -75,3 +75,11 @@ class TieredKVStore(KVStore):
             self._writer.join(timeout=30)
         if self.ssd is not None:
             self.ssd.close()
+
+
+def build_store(block_bytes: int, dram_blocks: int, ssd_dir: str | None = None, ssd_blocks: int = 0) -> TieredKVStore:
+    """The tiers a worker keeps below HBM: DRAM, and SSD when a directory is given."""
+    if ssd_dir is not None and ssd_blocks < 1:
+        raise ValueError(f"kv_ssd_blocks: got {ssd_blocks}, allowed >= 1 with kv_ssd_dir")
+    ssd = SsdTier(ssd_dir, ssd_blocks, block_bytes) if ssd_dir is not None else None
+    return TieredKVStore(DramTier(dram_blocks, block_bytes), ssd)

@@ -213,3 +213,22 @@ def _block_bytes(llama) -> int:
 
     engine = LLMEngine.from_pretrained(llama, num_blocks=1)
     return engine.kv_pool[0].numel() * engine.kv_pool.element_size()
+
+
+def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
+    from services.app import PoolConfig
+    from services.decode import DecodeWorker
+
+    pool = PoolConfig(engine={"num_blocks": 16}, kv_dram_blocks=8, kv_ssd_dir=str(tmp_path), kv_ssd_blocks=32)
+    worker = DecodeWorker(llama, pool.engine, kv_transport="ray", kv_tiers=pool.kv_tiers())
+    try:
+        store = worker.engine.offloader.store
+        assert store.dram.capacity_blocks == 8 and store.ssd.capacity_blocks == 32
+        assert store.ssd.dir.parent == tmp_path  # a directory of its own under the configured one
+    finally:
+        worker.llm.shutdown()
+    with pytest.raises(ValueError, match="kv_ssd_dir"):
+        PoolConfig(kv_ssd_dir=str(tmp_path)).kv_tiers()
+    with pytest.raises(ValueError, match="kv_ssd_blocks"):
+        DecodeWorker(llama, {"num_blocks": 16}, kv_transport="ray",
+                     kv_tiers={"dram_blocks": 4, "ssd_dir": str(tmp_path / "x"), "ssd_blocks": 0})
