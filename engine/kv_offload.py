@@ -31,9 +31,12 @@ class OffloadStats:
 
 
 class KVOffloader:
-    def __init__(self, store: KVStore, pool: torch.Tensor):
+    def __init__(self, store: KVStore, pool: torch.Tensor, hbm_lookup=None):
+        """hbm_lookup(block_hash) -> block id or None: blocks still cached in this pool past the prefix hit
+        (the prefix hit stops at the first miss) are copied from there rather than recomputed."""
         self.store = store
         self.pool = pool  # [num_blocks, *block_shape]
+        self.hbm_lookup = hbm_lookup
         self.stats = OffloadStats()
 
     def _raw(self, block_id: int) -> torch.Tensor:
@@ -49,7 +52,9 @@ class KVOffloader:
         max_blocks); returns how many were loaded."""
         loaded = 0
         for i in range(first, min(first + max_blocks, len(request.block_hashes), len(block_ids))):
-            data = self.store.get(request.block_hashes[i])
+            block_hash = request.block_hashes[i]
+            src = self.hbm_lookup(block_hash) if self.hbm_lookup is not None else None
+            data = self._raw(src) if src is not None else self.store.get(block_hash)
             if data is None:
                 break
             self._raw(block_ids[i]).copy_(data)

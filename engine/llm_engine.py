@@ -120,7 +120,9 @@ class LLMEngine:
         """Keep evicted prefix blocks in `store` and load prompt blocks from it (needs prefix caching)."""
         if not self.config.cache.enable_prefix_caching:
             raise ValueError("kv_store: needs enable_prefix_caching (blocks are found by their hashes)")
-        self.offloader = KVOffloader(store, self.kv_pool)
+        cached = self.block_manager.cached
+        self.offloader = KVOffloader(store, self.kv_pool,
+                                     lambda h: cached[h].block_id if h in cached else None)
         self.block_manager.on_evict = self.offloader.on_evict
         self.scheduler.offloader = self.offloader
 

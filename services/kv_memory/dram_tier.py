@@ -30,7 +30,8 @@ class DramTier:
         pin = torch.cuda.is_available() if pin is None else pin
         self.block_bytes = block_bytes
         self.capacity_blocks = capacity_blocks
-        self.pool = torch.empty((capacity_blocks, block_bytes), dtype=torch.uint8, pin_memory=pin)
+        # zeros, not empty: the pages are faulted in now, not on the first offloads of a busy step
+        self.pool = torch.zeros((capacity_blocks, block_bytes), dtype=torch.uint8, pin_memory=pin)
         self._slots: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self._lock = threading.Lock()
