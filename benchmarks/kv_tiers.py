@@ -61,7 +61,7 @@ def bandwidth(num_blocks: int, ssd_dir: str) -> dict:
         _sync()
         downs.append(time.perf_counter() - t0)
     down = statistics.median(downs)
-    up = _timed(lambda: [pool[i].copy_(dram.get(h)) for i, h in enumerate(hashes)])
+    up = _timed(lambda: [dram.copy_into(h, pool[i]) for i, h in enumerate(hashes)])  # what the engine uses
     ssd = SsdTier(ssd_dir, num_blocks, BLOCK_BYTES)
     data = [host[i].numpy().tobytes() for i in range(num_blocks)]
     t0 = time.perf_counter()

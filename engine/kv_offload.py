@@ -23,6 +23,15 @@ class KVStore(ABC):
     @abstractmethod
     def get(self, block_hash: bytes) -> torch.Tensor | None: ...
 
+    def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
+        """Copy the block into dst ([block_bytes] uint8, any device); False if missing. Stores override it
+        to copy straight from their (pinned) memory instead of through a temporary."""
+        data = self.get(block_hash)
+        if data is None:
+            return False
+        dst.copy_(data)
+        return True
+
 
 @dataclass
 class OffloadStats:
@@ -44,7 +53,7 @@ class KVOffloader:
 
     def on_evict(self, block_id: int, block_hash: bytes) -> None:
         """Before an evicted block's slot is reused: keep its KV in the store."""
-        self.store.put(block_hash, self._raw(block_id).to("cpu"))
+        self.store.put(block_hash, self._raw(block_id))  # the store copies it (GPU -> pinned host: one DMA)
         self.stats.offloaded_blocks += 1
 
     def load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int:
@@ -54,10 +63,11 @@ class KVOffloader:
         for i in range(first, min(first + max_blocks, len(request.block_hashes), len(block_ids))):
             block_hash = request.block_hashes[i]
             src = self.hbm_lookup(block_hash) if self.hbm_lookup is not None else None
-            data = self._raw(src) if src is not None else self.store.get(block_hash)
-            if data is None:
+            dst = self._raw(block_ids[i])
+            if src is not None:
+                dst.copy_(self._raw(src))
+            elif not self.store.load_into(block_hash, dst):
                 break
-            self._raw(block_ids[i]).copy_(data)
             loaded += 1
         self.stats.loaded_blocks += loaded
         return loaded

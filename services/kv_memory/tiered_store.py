@@ -48,6 +48,16 @@ class TieredKVStore(KVStore):
         self.put(block_hash, data)  # promotion on hit
         return data
 
+    def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
+        if self.dram.copy_into(block_hash, dst):
+            self.stats["dram_hits"] += 1
+            return True
+        data = self.get(block_hash)  # pending demotion or SSD (promoted on the way)
+        if data is None:
+            return False
+        dst.copy_(data)
+        return True
+
     def _write_loop(self) -> None:
         while (block_hash := self._queue.get()) is not None:
             with self._lock:
