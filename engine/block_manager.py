@@ -1,8 +1,8 @@
 """Paged KV block allocation with reference counts and chained-hash prefix caching."""
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from engine.free_block_queue import FreeBlockQueue
 from engine.request import Request
 
 
@@ -28,7 +28,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.free_queue = FreeBlockQueue(range(num_blocks))
         self.cached: dict[bytes, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
@@ -84,7 +84,7 @@ class BlockManager:
             return False
         for block in computed_blocks:
             if block.ref_cnt == 0:
-                del self.free_queue[block.block_id]
+                self.free_queue.remove(block.block_id)
             block.ref_cnt += 1
         blocks.extend(computed_blocks)
         if computed_blocks:
@@ -105,7 +105,7 @@ class BlockManager:
             return None
         for block in hits:
             if block.ref_cnt == 0:
-                del self.free_queue[block.block_id]
+                self.free_queue.remove(block.block_id)
             block.ref_cnt += 1
         blocks = list(hits) + [self._pop_free() for _ in range(num_blocks - len(hits))]
         self.req_blocks[request_id] = blocks
@@ -124,7 +124,7 @@ class BlockManager:
         return hits
 
     def _pop_free(self) -> Block:
-        block_id, _ = self.free_queue.popitem(last=False)
+        block_id = self.free_queue.pop()
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict: its content is about to be overwritten
             if self.cached.get(block.block_hash) is block:
@@ -150,10 +150,11 @@ class BlockManager:
         self.req_num_cached_blocks[request.request_id] = max(start, num_full)
 
     def free(self, request: Request) -> None:
-        """Drop the request's references; tail blocks go to the front of the eviction order."""
-        self.free_blocks(request.request_id)
+        """Drop the request's references; tail blocks go to the front of the eviction order, and blocks of
+        less important requests (larger priority value) are evicted before those of more important ones."""
+        self.free_blocks(request.request_id, request.priority)
 
-    def free_blocks(self, request_id: str) -> None:
+    def free_blocks(self, request_id: str, priority: int = 0) -> None:
         blocks = self.req_blocks.pop(request_id, [])
         self.req_block_ids.pop(request_id, None)
         self.req_num_cached_blocks.pop(request_id, None)
@@ -161,7 +162,7 @@ class BlockManager:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
-                self.free_queue[block.block_id] = None
+                self.free_queue.push(block.block_id, block.block_hash is not None, priority)
 
     def reset_prefix_cache(self) -> None:
         for block in self.cached.values():

@@ -232,3 +232,40 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
     with pytest.raises(ValueError, match="kv_ssd_blocks"):
         DecodeWorker(llama, {"num_blocks": 16}, kv_transport="ray",
                      kv_tiers={"dram_blocks": 4, "ssd_dir": str(tmp_path / "x"), "ssd_blocks": 0})
+
+
+def test_with_hbm_full_batch_blocks_are_offloaded_before_interactive_ones(llama):
+    from engine import LLM, SamplingParams
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    store = TieredKVStore(DramTier(32, _block_bytes(llama), pin=False))
+    llm = LLM(llama, num_blocks=12, kv_store=store, scheduling_policy="priority")
+    one = SamplingParams(temperature=0, max_tokens=1)
+    interactive, batch = list(range(10, 58)), list(range(100, 148))  # 3 full blocks each
+    llm.generate([interactive], one, priority=[0])
+    llm.generate([batch], one, priority=[2])  # freed last: plain LRU would evict "interactive" first
+    llm.generate([list(range(200, 328))], one)  # needs 8 blocks: 6 empty ones and 2 cached ones
+    engine = llm.engine
+    offloaded, in_dram = engine.offloader.stats.offloaded_blocks, len(store.dram)
+
+    def hashes(prompt):
+        probe = engine.reserve_kv("probe", len(prompt), prompt)  # reports HBM hits without keeping them
+        engine.free_reserved("probe")
+        return probe.num_cached_blocks
+
+    # the batch prompt's two tail blocks went to DRAM (tail first); every interactive block stayed in HBM
+    assert offloaded == 2 and in_dram == 2
+    assert hashes(interactive) == 3
+    assert hashes(batch) == 1  # its head block is still in HBM
+
+
+def test_free_queue_hands_out_empty_blocks_before_evicting():
+    from engine.free_block_queue import FreeBlockQueue
+
+    q = FreeBlockQueue(range(0))
+    q.push(1, cached=True, priority=0)
+    q.push(2, cached=True, priority=5)
+    q.push(3, cached=False, priority=0)
+    q.push(4, cached=True, priority=5)
+    q.remove(4)  # reused as a prefix hit
+    assert [q.pop() for _ in range(3)] == [3, 2, 1] and len(q) == 0
