@@ -33,7 +33,7 @@ class BlockManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
-        self.on_evict = None  # callable(block_id, block_hash), before an evicted block is reused
+        self.on_evict = None  # callable(block_id, block_hash, priority), before an evicted block is reused
 
     @property
     def num_free_blocks(self) -> int:
@@ -124,13 +124,13 @@ class BlockManager:
         return hits
 
     def _pop_free(self) -> Block:
-        block_id = self.free_queue.pop()
+        block_id, priority = self.free_queue.pop()
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict: its content is about to be overwritten
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
                 if self.on_evict is not None:
-                    self.on_evict(block.block_id, block.block_hash)
+                    self.on_evict(block.block_id, block.block_hash, priority or 0)
             block.block_hash = None
         block.ref_cnt = 1
         return block

@@ -31,12 +31,13 @@ class FreeBlockQueue:
         """A free cached block is reused as a prefix hit."""
         del self._queues[self._where.pop(block_id)][block_id]
 
-    def pop(self) -> int:
-        """The next block to hand out: an empty one, else the least important class's oldest."""
+    def pop(self) -> tuple[int, int | None]:
+        """The next block to hand out, and the priority of its last user (None for an empty block): an
+        empty one, else the least important class's oldest."""
         if self._queues[_EMPTY]:
             key = _EMPTY
         else:
             key = max(k for k, q in self._queues.items() if k is not _EMPTY and q)
         block_id, _ = self._queues[key].popitem(last=False)
         del self._where[block_id]
-        return block_id
+        return block_id, key

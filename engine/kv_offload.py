@@ -18,7 +18,9 @@ class KVStore(ABC):
     """Blocks as raw bytes ([block_bytes] uint8 tensors), content-addressed by block hash."""
 
     @abstractmethod
-    def put(self, block_hash: bytes, data: torch.Tensor) -> None: ...
+    def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
+        """`priority`: of the block's last user (lower = more important); a store may use it to decide
+        how far down the block may go, or to drop it."""
 
     @abstractmethod
     def get(self, block_hash: bytes) -> torch.Tensor | None: ...
@@ -51,9 +53,9 @@ class KVOffloader:
     def _raw(self, block_id: int) -> torch.Tensor:
         return self.pool[block_id].reshape(-1).view(torch.uint8)  # [block_bytes]
 
-    def on_evict(self, block_id: int, block_hash: bytes) -> None:
+    def on_evict(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
         """Before an evicted block's slot is reused: keep its KV in the store."""
-        self.store.put(block_hash, self._raw(block_id))  # the store copies it (GPU -> pinned host: one DMA)
+        self.store.put(block_hash, self._raw(block_id), priority)  # the store copies it (GPU -> pinned host: one DMA)
         self.stats.offloaded_blocks += 1
 
     def load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int:

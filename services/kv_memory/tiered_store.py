@@ -10,12 +10,17 @@ import torch
 from engine.kv_offload import KVStore
 from services.kv_memory.dram_tier import DramTier
 from services.kv_memory.ssd_tier import SsdTier
+from services.kv_memory.tier_policy import TierPolicy
+
+_PROMOTED = 2**31 - 1  # priority of a block promoted from SSD (its user's priority is not kept there)
 
 
 class TieredKVStore(KVStore):
-    def __init__(self, dram: DramTier, ssd: SsdTier | None = None):
+    def __init__(self, dram: DramTier, ssd: SsdTier | None = None, policy: TierPolicy | None = None):
         self.dram, self.ssd = dram, ssd
-        self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0}
+        self.policy = policy or TierPolicy()
+        self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0}
+        self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
         self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -24,12 +29,26 @@ class TieredKVStore(KVStore):
             self._writer = threading.Thread(target=self._write_loop, daemon=True, name="ridgeline-ssd-writer")
             self._writer.start()
 
-    def put(self, block_hash: bytes, data: torch.Tensor) -> None:
-        for old_hash, old_data in self.dram.put(block_hash, data):
-            if self.ssd is not None:
-                with self._lock:
+    def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
+        if not self.policy.allows(priority, "dram"):
+            self.stats["dropped"] += 1
+            return
+        self._place(block_hash, data, priority)
+
+    def _place(self, block_hash: bytes, data: torch.Tensor, priority: int) -> None:
+        evicted = self.dram.put(block_hash, data)
+        with self._lock:
+            self._priority[block_hash] = priority
+            demote = []
+            for old_hash, old_data in evicted:
+                old_priority = self._priority.pop(old_hash, 0)
+                if self.ssd is not None and self.policy.allows(old_priority, "ssd"):
                     self._pending[old_hash] = old_data
-                self._queue.put(old_hash)
+                    demote.append(old_hash)
+                else:
+                    self.stats["dropped"] += 1
+        for old_hash in demote:
+            self._queue.put(old_hash)
 
     def get(self, block_hash: bytes) -> torch.Tensor | None:
         data = self.dram.get(block_hash)
@@ -45,7 +64,7 @@ class TieredKVStore(KVStore):
             self.stats["misses"] += 1
             return None
         self.stats["ssd_hits"] += 1
-        self.put(block_hash, data)  # promotion on hit
+        self._place(block_hash, data, _PROMOTED)  # promotion on hit; it came from SSD, so SSD allows it
         return data
 
     def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:

@@ -268,4 +268,23 @@ def test_free_queue_hands_out_empty_blocks_before_evicting():
     q.push(3, cached=False, priority=0)
     q.push(4, cached=True, priority=5)
     q.remove(4)  # reused as a prefix hit
-    assert [q.pop() for _ in range(3)] == [3, 2, 1] and len(q) == 0
+    assert [q.pop() for _ in range(3)] == [(3, None), (2, 5), (1, 0)] and len(q) == 0
+
+
+def test_tier_policy_limits_how_far_down_a_class_goes(tmp_path):
+    from services.kv_memory.tier_policy import TierPolicy
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    policy = TierPolicy(lowest_tier={0: "dram", 1: "hbm"})  # interactive: DRAM at most; 1: never offloaded
+    store = TieredKVStore(DramTier(1, BLOCK, pin=False), SsdTier(tmp_path, 8, BLOCK), policy)
+    store.put(h(1), block(1), priority=1)
+    assert h(1) not in store.dram and store.stats["dropped"] == 1
+    store.put(h(2), block(2), priority=0)
+    store.put(h(3), block(3), priority=2)  # evicts 2 from DRAM: an interactive block may not go to SSD
+    store.put(h(4), block(4), priority=0)  # evicts 3: batch goes down to SSD
+    store.flush()
+    assert h(2) not in store.ssd and h(3) in store.ssd and store.stats["dropped"] == 2
+    assert torch.equal(store.get(h(3)), block(3))
+    store.close()
+    with pytest.raises(ValueError, match="lowest_tier"):
+        TierPolicy(lowest_tier={0: "tape"})
