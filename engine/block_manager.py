@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from engine.free_block_queue import FreeBlockQueue
+from engine.kv_events import KVEventLog
 from engine.request import Request
 
 
@@ -34,6 +35,7 @@ class BlockManager:
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
         self.on_evict = None  # callable(block_id, block_hash, priority), before an evicted block is reused
+        self.events: KVEventLog | None = None  # hashes stored in / removed from this pool
 
     @property
     def num_free_blocks(self) -> int:
@@ -129,6 +131,8 @@ class BlockManager:
         if block.block_hash is not None:  # evict: its content is about to be overwritten
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if self.events is not None:
+                    self.events.record("removed", "hbm", block.block_hash)
                 if self.on_evict is not None:
                     self.on_evict(block.block_id, block.block_hash, priority or 0)
             block.block_hash = None
@@ -147,6 +151,8 @@ class BlockManager:
             if block.block_hash is None and block_hash not in self.cached:
                 block.block_hash = block_hash
                 self.cached[block_hash] = block
+                if self.events is not None:
+                    self.events.record("stored", "hbm", block_hash)
         self.req_num_cached_blocks[request.request_id] = max(start, num_full)
 
     def free(self, request: Request) -> None:
@@ -165,6 +171,8 @@ class BlockManager:
                 self.free_queue.push(block.block_id, block.block_hash is not None, priority)
 
     def reset_prefix_cache(self) -> None:
-        for block in self.cached.values():
+        for block_hash, block in self.cached.items():
             block.block_hash = None
+            if self.events is not None:
+                self.events.record("removed", "hbm", block_hash)
         self.cached.clear()

@@ -13,6 +13,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import allocate_kv_pool, layer_views, num_blocks_for
+from engine.kv_events import KVEventLog
 from engine.kv_offload import KVOffloader, KVStore
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
@@ -98,6 +99,8 @@ class LLMEngine:
         self.kv_pool = allocate_kv_pool(num_blocks, self.model_config, cache.block_size, self.dtype,
                                         self.device)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.kv_events = KVEventLog()  # drained by the worker that owns this engine
+        self.block_manager.events = self.kv_events
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.offloader = None
         if kv_store is not None:
@@ -121,6 +124,8 @@ class LLMEngine:
         if not self.config.cache.enable_prefix_caching:
             raise ValueError("kv_store: needs enable_prefix_caching (blocks are found by their hashes)")
         cached = self.block_manager.cached
+        if hasattr(store, "events"):
+            store.events = self.kv_events  # lower tiers report into the same log
         self.offloader = KVOffloader(store, self.kv_pool,
                                      lambda h: cached[h].block_id if h in cached else None)
         self.block_manager.on_evict = self.offloader.on_evict

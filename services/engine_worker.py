@@ -62,6 +62,10 @@ class EngineWorker:
     async def stats(self) -> dict:
         return self.snapshot()
 
+    async def kv_events(self) -> list:
+        """KV events since the last call (engine/kv_events.py): block hashes stored/removed per tier."""
+        return self.engine.kv_events.drain()
+
     async def info(self) -> dict:
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.model_config.vocab_size,
                 "block_size": self.engine.block_manager.block_size}

@@ -21,6 +21,7 @@ class TieredKVStore(KVStore):
         self.policy = policy or TierPolicy()
         self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0}
         self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
+        self.events = None  # engine/kv_events.KVEventLog, set by the engine that uses this store
         self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -35,9 +36,18 @@ class TieredKVStore(KVStore):
             return
         self._place(block_hash, data, priority)
 
+    def _event(self, kind: str, tier: str, block_hash: bytes) -> None:
+        if self.events is not None:
+            self.events.record(kind, tier, block_hash)
+
     def _place(self, block_hash: bytes, data: torch.Tensor, priority: int) -> None:
+        present = block_hash in self.dram
         evicted = self.dram.put(block_hash, data)
         with self._lock:
+            if not present:
+                self._event("stored", "dram", block_hash)
+            for old_hash, _ in evicted:
+                self._event("removed", "dram", old_hash)
             self._priority[block_hash] = priority
             demote = []
             for old_hash, old_data in evicted:
@@ -82,8 +92,12 @@ class TieredKVStore(KVStore):
             with self._lock:
                 data = self._pending.get(block_hash)
             if data is not None:
-                self.ssd.put(block_hash, data.numpy().tobytes())
+                gone = self.ssd.put(block_hash, data.numpy().tobytes())
                 self.stats["demoted"] += 1
+                with self._lock:
+                    self._event("stored", "ssd", block_hash)
+                    if gone is not None:
+                        self._event("removed", "ssd", gone)
             with self._lock:
                 self._pending.pop(block_hash, None)
 

@@ -288,3 +288,26 @@ def test_tier_policy_limits_how_far_down_a_class_goes(tmp_path):
     store.close()
     with pytest.raises(ValueError, match="lowest_tier"):
         TierPolicy(lowest_tier={0: "tape"})
+
+
+def test_kv_events_follow_blocks_across_tiers(llama, tmp_path):
+    from engine import LLM, SamplingParams
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    store = TieredKVStore(DramTier(2, _block_bytes(llama), pin=False), SsdTier(tmp_path, 16, _block_bytes(llama)))
+    llm = LLM(llama, num_blocks=8, kv_store=store)
+    one = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([list(range(10, 58))], one)  # 3 full blocks
+    events = llm.engine.kv_events.drain()
+    assert [(e.kind, e.tier, len(e.block_hashes)) for e in events] == [("stored", "hbm", 3)]
+    stored = events[0].block_hashes
+    llm.generate([list(range(100, 227))], one)  # 8 blocks (7 full): evicts the 3, DRAM keeps 2, SSD gets 1
+    store.flush()
+    by = {}
+    for e in llm.engine.kv_events.drain():
+        by.setdefault((e.kind, e.tier), []).extend(e.block_hashes)
+    assert sorted(by[("removed", "hbm")]) == sorted(stored)
+    assert sorted(by[("stored", "dram")]) == sorted(stored)
+    assert len(by[("removed", "dram")]) == 1 and by[("stored", "ssd")] == by[("removed", "dram")]
+    assert len(by[("stored", "hbm")]) == 7
+    store.close()
