@@ -17,6 +17,8 @@ from engine.request import Request
 class KVStore(ABC):
     """Blocks as raw bytes ([block_bytes] uint8 tensors), content-addressed by block hash."""
 
+    events = None  # engine/kv_events.KVEventLog the engine sets; a store records its tiers' moves there
+
     @abstractmethod
     def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
         """`priority`: of the block's last user (lower = more important); a store may use it to decide

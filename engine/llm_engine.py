@@ -32,6 +32,17 @@ class EngineStats:
     generated_tokens: int = 0
 
 
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """ValueError for an empty prompt, token ids outside the vocabulary, or no room to generate."""
+    if not prompt_ids:
+        raise ValueError("prompt: must not be empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
+        raise ValueError(f"prompt: token ids must be integers in [0, {vocab_size})")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context holds {max_model_len} "
+                         f"(max_model_len) including at least one generated token")
+
+
 def engine_config(model: str, **kwargs) -> EngineConfig:
     """Route flat keyword arguments to EngineConfig, CacheConfig and SchedulerConfig fields."""
     groups = {name: {} for name in ("engine", "cache", "scheduler")}
@@ -124,8 +135,7 @@ class LLMEngine:
         if not self.config.cache.enable_prefix_caching:
             raise ValueError("kv_store: needs enable_prefix_caching (blocks are found by their hashes)")
         cached = self.block_manager.cached
-        if hasattr(store, "events"):
-            store.events = self.kv_events  # lower tiers report into the same log
+        store.events = self.kv_events  # lower tiers report into the same log
         self.offloader = KVOffloader(store, self.kv_pool,
                                      lambda h: cached[h].block_id if h in cached else None)
         self.block_manager.on_evict = self.offloader.on_evict
@@ -237,14 +247,7 @@ class LLMEngine:
             self.block_manager.free_blocks(request_id)
 
     def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt: must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
-                             f"(max_model_len) including at least one generated token")
+        check_prompt_ids(prompt_ids, self.model_config.vocab_size, self.max_model_len)
         max_len = min(self.max_model_len, len(prompt_ids) + (params.max_tokens or self.max_model_len))
         need = -(-max_len // self.block_manager.block_size)
         if need > self.block_manager.num_blocks:

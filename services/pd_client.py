@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import ray.exceptions
 
+from engine.llm_engine import check_prompt_ids
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -48,20 +49,11 @@ class DisaggregatedClient:
     def num_unfinished(self) -> int:
         return self._inflight
 
-    def _validate(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt: must not be empty")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
-                             f"(max_model_len) including at least one generated token")
-
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(prompt_ids)
+        check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
         states = [SequenceState(i, params.logprobs is not None) for i in range(params.n)]
         sequences = []
         for i in range(params.n):
@@ -114,7 +106,7 @@ class DisaggregatedClient:
             finished = False
             try:
                 async for delta in stream:
-                    req.output_token_ids = req.output_token_ids + delta.token_ids
+                    req.output_token_ids.extend(delta.token_ids)  # kept for a migration
                     finished = delta.finish_reason is not None
                     yield delta
                     if finished:

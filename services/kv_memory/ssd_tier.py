@@ -67,6 +67,7 @@ class SsdTier:
         data = path.read_bytes() if path.exists() else b""
         good = 0
         self._records = 0
+        by_slot: dict[int, bytes] = {}
         for start in range(0, len(data) - _RECORD_BYTES + 1, _RECORD_BYTES):
             body = data[start:start + _RECORD.size]
             (crc,) = struct.unpack_from("<I", data, start + _RECORD.size)
@@ -76,11 +77,12 @@ class SsdTier:
             good = start + _RECORD_BYTES
             self._records += 1
             if op == _PUT:
-                for h in [h for h, (s, _) in self._entries.items() if s == slot]:
-                    del self._entries[h]  # the slot now holds this block
+                if (previous := by_slot.get(slot)) is not None:
+                    self._entries.pop(previous, None)  # the slot now holds this block
+                by_slot[slot] = block_hash
                 self._entries[block_hash] = (slot, block_crc)
-            else:
-                self._entries.pop(block_hash, None)
+            elif (entry := self._entries.pop(block_hash, None)) is not None:
+                by_slot.pop(entry[0], None)
         if good != len(data):
             with open(path, "r+b") as f:  # cut the torn tail so new records follow good ones
                 f.truncate(good)

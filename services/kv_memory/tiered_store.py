@@ -21,7 +21,6 @@ class TieredKVStore(KVStore):
         self.policy = policy or TierPolicy()
         self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0}
         self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
-        self.events = None  # engine/kv_events.KVEventLog, set by the engine that uses this store
         self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from kernels.block_checksum import block_checksum
+from kernels.block_checksum import block_checksum, block_checksum_ref
 
 _CHUNK = 64  # blocks per pass on the GPU: bounds the int64 scratch memory
 
@@ -35,18 +35,16 @@ def _crc32(pool: torch.Tensor, block_ids: list[int]) -> list[int]:
 
 def _wsum64(pool: torch.Tensor, block_ids: list[int]) -> list[int]:
     """sum_i (i + 1) * word_i over each block's 32-bit words, mod 2**64: any changed word changes it."""
+    words = pool.reshape(pool.shape[0], -1).view(torch.uint8)  # [num_blocks, block_bytes]
+    if words.shape[1] % 4:
+        raise ValueError(f"pool: block of {words.shape[1]} bytes, checksums need a multiple of 4")
+    words = words.view(torch.int32)  # [num_blocks, W]
     if pool.is_cuda:  # one Triton pass over the blocks, no int64 copy of them
-        words = pool.reshape(pool.shape[0], -1).view(torch.uint8).view(torch.int32)  # [num_blocks, W]
         return block_checksum(words, torch.tensor(block_ids, device=pool.device)).tolist()
-    out: list[int] = []
     # a host pool checked against a GPU owner's sums: the arithmetic is ~100x faster on a GPU, if one is here
-    work = torch.device("cuda") if pool.device.type == "cpu" and torch.cuda.is_available() else pool.device
-    for start in range(0, len(block_ids), _CHUNK):
-        ids = torch.tensor(block_ids[start:start + _CHUNK], device=pool.device)
-        raw = pool.index_select(0, ids).to(work).reshape(len(ids), -1).view(torch.uint8)  # [n, block_bytes]
-        if raw.shape[1] % 4:
-            raise ValueError(f"pool: block of {raw.shape[1]} bytes, checksums need a multiple of 4")
-        words = raw.view(torch.int32).to(torch.int64)  # [n, block_bytes / 4]
-        weights = torch.arange(1, words.shape[1] + 1, device=work, dtype=torch.int64)
-        out += (words * weights).sum(dim=1).tolist()  # int64 wraps: arithmetic mod 2**64
+    work = torch.device("cuda") if torch.cuda.is_available() else pool.device
+    out: list[int] = []
+    for start in range(0, len(block_ids), _CHUNK):  # chunks bound the reference's int64 scratch memory
+        rows = words.index_select(0, torch.tensor(block_ids[start:start + _CHUNK])).to(work)
+        out += block_checksum_ref(rows, torch.arange(len(rows), device=work)).tolist()
     return out

@@ -82,16 +82,20 @@ class NixlTransport(KVTransport):
     def path_for(self, source: dict) -> str:
         """`cuda_ipc` for a GPU pool on this host that this process could map, else `nixl`."""
         name = source["agent"]
-        if name not in self._ipc_pools:
-            export = source.get("cuda_ipc")
-            mapped = None
-            if self.use_cuda_ipc and self.pool.is_cuda and export and export["host"] == cuda_ipc.host_id():
-                try:
-                    mapped = cuda_ipc.open_pool(export)
-                except RuntimeError:  # another container, no P2P, or a GPU this process cannot see
-                    mapped = None
-            self._ipc_pools[name] = mapped
+        with self._peers_lock:
+            if name not in self._ipc_pools:
+                self._ipc_pools[name] = self._map_ipc(source)
         return "nixl" if self._ipc_pools[name] is None else "cuda_ipc"
+
+    def _map_ipc(self, source: dict) -> torch.Tensor | None:
+        """The owner's pool mapped into this process, or None where IPC does not apply or fails."""
+        export = source.get("cuda_ipc")
+        if not (self.use_cuda_ipc and self.pool.is_cuda and export and export["host"] == cuda_ipc.host_id()):
+            return None
+        try:
+            return cuda_ipc.open_pool(export)
+        except RuntimeError:  # another container, no P2P, or a GPU this process cannot see
+            return None
 
     def _peer(self, source: dict):
         name = source["agent"]
