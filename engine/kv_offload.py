@@ -1,17 +1,26 @@
 """The engine's seam to KV tiers below HBM: blocks evicted from the prefix cache are offloaded to a
 `KVStore`, and a prompt's blocks found there (after the HBM hits) are loaded instead of recomputed.
 
-The store is anything with contains/put/get keyed by block hash (services/kv_memory gives DRAM and SSD
-tiers); the engine never imports it. A block that comes back damaged is simply not loaded: the store
-checks its checksums and answers None, and the scheduler computes the block.
+Loads are asynchronous: at admission the scheduler asks the store how many of the prompt's next blocks
+it holds (`lookup`, cheap), and a loader thread copies them into the request's fresh blocks (`load`, one
+batched call) while the engine keeps stepping other requests; the request runs once its load is done.
+
+The store is anything implementing this interface (services/kv_memory gives DRAM and SSD tiers in-process
+and a per-node service); the engine never imports it. A block that comes back damaged is simply not
+loaded: the store checks its checksums and reports fewer blocks, and the scheduler computes the rest.
 """
 
+import logging
+import queue
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 from engine.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 class KVStore(ABC):
@@ -21,36 +30,56 @@ class KVStore(ABC):
 
     @abstractmethod
     def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
-        """`priority`: of the block's last user (lower = more important); a store may use it to decide
-        how far down the block may go, or to drop it."""
+        """Keep a copy of data (it is overwritten after put returns). `priority`: of the block's last user
+        (lower = more important); a store may use it to decide how far down the block may go, or to drop it."""
 
     @abstractmethod
-    def get(self, block_hash: bytes) -> torch.Tensor | None: ...
+    def lookup(self, block_hashes: list[bytes]) -> int:
+        """How many of the leading blocks the store holds (a hint: `load` may deliver fewer)."""
 
-    def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
-        """Copy the block into dst ([block_bytes] uint8, any device); False if missing. Stores override it
-        to copy straight from their (pinned) memory instead of through a temporary."""
-        data = self.get(block_hash)
-        if data is None:
-            return False
-        dst.copy_(data)
-        return True
+    @abstractmethod
+    def load(self, block_hashes: list[bytes], pool: torch.Tensor, block_ids: list[int]) -> int:
+        """Fill pool[block_ids[i]] with block i for the leading run of blocks the store can deliver
+        intact; returns how many. Runs on the offloader's loader thread, not the engine's."""
+
+    def get(self, block_hash: bytes) -> torch.Tensor | None:
+        """One block's bytes, or None."""
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 @dataclass
 class OffloadStats:
     offloaded_blocks: int = 0
     loaded_blocks: int = 0
+    loads: int = 0
+    load_failures: int = 0
+
+
+@dataclass
+class _Load:
+    request: Request
+    first: int  # the request's block index the load starts at
+    end: int  # one past the last block planned (from HBM copies or the store)
+    store_index: list[int]  # the request's block indices that come from the store, in order
+    block_ids: list[int]  # their destination blocks
 
 
 class KVOffloader:
     def __init__(self, store: KVStore, pool: torch.Tensor, hbm_lookup=None):
         """hbm_lookup(block_hash) -> block id or None: blocks still cached in this pool past the prefix hit
-        (the prefix hit stops at the first miss) are copied from there rather than recomputed."""
+        (the prefix hit stops at the first miss) are copied from there rather than loaded or recomputed."""
         self.store = store
         self.pool = pool  # [num_blocks, *block_shape]
         self.hbm_lookup = hbm_lookup
         self.stats = OffloadStats()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._finished: list[tuple[Request, int]] = []
+        self._finished_lock = threading.Lock()
+        self._finished_event = threading.Event()
+        self._loader: threading.Thread | None = None
 
     def _raw(self, block_id: int) -> torch.Tensor:
         return self.pool[block_id].reshape(-1).view(torch.uint8)  # [block_bytes]
@@ -60,18 +89,64 @@ class KVOffloader:
         self.store.put(block_hash, self._raw(block_id), priority)  # the store copies it (GPU -> pinned host: one DMA)
         self.stats.offloaded_blocks += 1
 
-    def load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int:
-        """Fill block_ids[first:] from the store for as many consecutive blocks as it holds (at most
-        max_blocks); returns how many were loaded."""
-        loaded = 0
-        for i in range(first, min(first + max_blocks, len(request.block_hashes), len(block_ids))):
-            block_hash = request.block_hashes[i]
-            src = self.hbm_lookup(block_hash) if self.hbm_lookup is not None else None
-            dst = self._raw(block_ids[i])
-            if src is not None:
-                dst.copy_(self._raw(src))
-            elif not self.store.load_into(block_hash, dst):
-                break
-            loaded += 1
-        self.stats.loaded_blocks += loaded
-        return loaded
+    def start_load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int | None:
+        """Plan filling the request's blocks first.. from HBM copies and the store. Returns the number of
+        blocks ready now (all came from HBM or none is held anywhere), or None when a store load was
+        started: its result comes from `take_finished`."""
+        hashes = request.block_hashes
+        end = min(first + max_blocks, len(hashes), len(block_ids))
+        sources = [self.hbm_lookup(hashes[i]) if self.hbm_lookup is not None else None for i in range(first, end)]
+        store_index = [first + k for k, src in enumerate(sources) if src is None]
+        held = self.store.lookup([hashes[i] for i in store_index]) if store_index else 0
+        if held < len(store_index):  # the plan ends at the first block nobody holds
+            end = store_index[held]
+            store_index = store_index[:held]
+        for k in range(end - first):  # blocks still in this pool: device copies, ordered before any step
+            if sources[k] is not None:
+                self._raw(block_ids[first + k]).copy_(self._raw(sources[k]))
+        if not store_index:
+            self.stats.loaded_blocks += end - first
+            return end - first
+        self._ensure_loader()
+        self._jobs.put(_Load(request, first, end, store_index, [block_ids[i] for i in store_index]))
+        return None
+
+    def _ensure_loader(self) -> None:
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._load_loop, daemon=True, name="ridgeline-kv-loader")
+            self._loader.start()
+
+    def _load_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            hashes = [job.request.block_hashes[i] for i in job.store_index]
+            try:
+                got = self.store.load(hashes, self.pool, job.block_ids)
+            except Exception:  # noqa: BLE001 - a failed load means recompute, never a dead engine
+                logger.exception("KV load of %d blocks failed; computing them", len(hashes))
+                got = 0
+                self.stats.load_failures += 1
+            # the loaded run ends at the first store block that did not arrive
+            loaded = (job.store_index[got] if got < len(job.store_index) else job.end) - job.first
+            with self._finished_lock:
+                self._finished.append((job.request, loaded))
+                self._finished_event.set()
+
+    def take_finished(self) -> list[tuple[Request, int]]:
+        """(request, blocks loaded from its first planned block on) for loads done since the last call."""
+        with self._finished_lock:
+            done, self._finished = self._finished, []
+            self._finished_event.clear()
+        for _, loaded in done:
+            self.stats.loads += 1
+            self.stats.loaded_blocks += loaded
+        return done
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a load finishes (or timeout): the engine has nothing else to step."""
+        self._finished_event.wait(timeout_s)
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._jobs.put(None)
+            self._loader.join(timeout=30)
+            self._loader = None

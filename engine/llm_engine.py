@@ -273,6 +273,8 @@ class LLMEngine:
         touched: dict[str, _Parent] = {p.request_id: p for p in self._aborted}
         self._aborted.clear()
         sched = self.scheduler.schedule()
+        if sched.is_empty and self.scheduler.num_loading:
+            self.offloader.wait(0.005)  # only KV loads are in flight: do not spin
         if not sched.is_empty:
             sampled, out = self.runner.execute(sched)
             self._record(sched)

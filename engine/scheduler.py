@@ -39,15 +39,23 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.offloader = None  # engine/kv_offload.py: loads prompt blocks held by lower KV tiers
+        self.loading: dict[str, Request] = {}  # admitted, blocks allocated, waiting for a KV load
+        self._abandoned: dict[str, Request] = {}  # aborted while loading: blocks freed when the load ends
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading or self._abandoned)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self.loading) + len(self._abandoned)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.offloader is not None and self.num_loading:
+            self._finish_loads()
         scheduled: dict[str, int] = {}  # request_id -> tokens, insertion-ordered
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self.policy.key)
@@ -97,6 +105,11 @@ class Scheduler:
             self.waiting.pop(0)
             if self.offloader is not None and not handed_over:
                 loaded = self._load_lower_tiers(request, len(hits), num_new)
+                if loaded is None:  # a load runs; the request joins `running` when it is done
+                    request.num_computed_tokens = num_hit_tokens
+                    request.status = RequestStatus.LOADING_KV
+                    self.loading[request.request_id] = request
+                    continue
                 num_hit_tokens, num_new = num_hit_tokens + loaded, num_new - loaded
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
@@ -107,15 +120,29 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _load_lower_tiers(self, request: Request, first_block: int, num_new: int) -> int:
-        """Tokens loaded into the request's fresh blocks after its HBM hits (whole blocks; the last
-        token and at least one scheduled token are always computed)."""
+    def _load_lower_tiers(self, request: Request, first_block: int, num_new: int) -> int | None:
+        """Tokens ready now in the request's fresh blocks after its HBM hits (whole blocks; the last
+        token and at least one scheduled token are always computed), or None while a load runs."""
         bs = self.block_manager.block_size
         max_blocks = min((request.num_tokens - 1) // bs - first_block, (num_new - 1) // bs)
         if max_blocks <= 0:
             return 0
         block_ids = self.block_manager.block_ids(request.request_id)
-        return self.offloader.load(request, first_block, block_ids, max_blocks) * bs
+        ready = self.offloader.start_load(request, first_block, block_ids, max_blocks)
+        return None if ready is None else ready * bs
+
+    def _finish_loads(self) -> None:
+        """Requests whose KV load finished start running, from the last block that arrived."""
+        for request, loaded_blocks in self.offloader.take_finished():
+            if self._abandoned.pop(request.request_id, None) is not None:
+                self.block_manager.free(request)  # aborted meanwhile: nobody writes the blocks any more
+                continue
+            del self.loading[request.request_id]
+            request.num_computed_tokens += loaded_blocks * self.block_manager.block_size
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = request.num_computed_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Recompute-style preemption: free the blocks, keep the tokens, start over later."""
@@ -136,5 +163,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif self.loading.pop(request.request_id, None) is not None:
+            self._abandoned[request.request_id] = request  # the loader still writes its blocks
+            return
         if not (request.hold_kv and status != RequestStatus.FINISHED_ABORTED):
             self.block_manager.free(request)

@@ -30,13 +30,20 @@ class PoolConfig(BaseModel):
     kv_dram_blocks: int = Field(default=0, ge=0, description="host-memory KV tier per replica (0: none)")
     kv_ssd_dir: str | None = Field(default=None, description="SSD KV tier directory (one per replica)")
     kv_ssd_blocks: int = Field(default=0, ge=0)
+    kv_memory: Literal["replica", "node"] = Field(
+        default="replica", description="replica: tiers inside each replica; node: one KV memory service per "
+        "node shared by its replicas (sizes are the service's), surviving replica restarts")
+    kv_staging_blocks: int = Field(default=64, ge=1, description="node mode: host blocks staged for offload")
 
     def kv_tiers(self) -> dict | None:
         if not self.kv_dram_blocks:
             if self.kv_ssd_dir:
                 raise ValueError("kv_ssd_dir: needs kv_dram_blocks >= 1 (SSD sits below DRAM)")
             return None
-        return {"dram_blocks": self.kv_dram_blocks, "ssd_dir": self.kv_ssd_dir, "ssd_blocks": self.kv_ssd_blocks}
+        tiers = {"dram_blocks": self.kv_dram_blocks, "ssd_dir": self.kv_ssd_dir, "ssd_blocks": self.kv_ssd_blocks}
+        if self.kv_memory == "node":
+            tiers |= {"service": True, "staging_blocks": self.kv_staging_blocks}
+        return tiers
 
 
 class ServeConfig(BaseModel):

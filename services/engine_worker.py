@@ -28,20 +28,32 @@ class EngineWorker:
         host memory (and on SSD) and loads them back instead of recomputing."""
         self.name = replica_name()
         self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
-        if kv_tiers and kv_tiers.get("dram_blocks"):  # before any request: the engine thread is idle
-            from services.kv_memory.tiered_store import build_store
-
-            pool = self.llm.engine.kv_pool
-            tiers = dict(kv_tiers)
-            if tiers.get("ssd_dir"):  # one slab per replica: replicas never share a directory
-                tiers["ssd_dir"] = os.path.join(tiers["ssd_dir"], f"{self.role}-{self.name}")
-            self.llm.engine.attach_kv_store(build_store(pool[0].numel() * pool.element_size(), **tiers))
         self.engine = self.llm.engine
         self.transport = make_transport(kv_transport)
         self.transport.register(self.engine.kv_pool)
+        self.kv_store = None
+        if kv_tiers and kv_tiers.get("dram_blocks"):  # before any request: the engine thread is idle
+            self.kv_store = self._build_kv_store(dict(kv_tiers), kv_transport)
+            self.engine.attach_kv_store(self.kv_store)
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
                          "kv_recomputes": 0, "kv_blocks_reused": 0, "kv_handles": 0, "kv_leases_released": 0,
                          "kv_leases_reclaimed": 0}
+
+    def _build_kv_store(self, tiers: dict, kv_transport: str):
+        pool = self.engine.kv_pool
+        if tiers.pop("service", False):  # the node's shared KV memory service
+            from services.kv_memory.client import KVMemoryClient
+            from services.kv_memory.service import connect
+
+            staging, use_shm = tiers.pop("staging_blocks", 64), tiers.pop("use_shm", True)
+            service = connect(self.transport.layout, kv_transport=kv_transport, **tiers)
+            return KVMemoryClient(service, self.transport.layout, self.transport, staging_blocks=staging,
+                                  kv_transport=kv_transport, use_shm=use_shm)
+        from services.kv_memory.tiered_store import build_store
+
+        if tiers.get("ssd_dir"):  # one slab per replica: replicas never share a directory
+            tiers["ssd_dir"] = os.path.join(tiers["ssd_dir"], f"{self.role}-{self.name}")
+        return build_store(pool[0].numel() * pool.element_size(), **tiers)
 
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""
@@ -53,7 +65,18 @@ class EngineWorker:
                 "kv_total_blocks": blocks.num_blocks, **self.counters,
                 "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {})),
                 "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
-                "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0}
+                "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0,
+                "kv_loading": sched.num_loading,
+                "kv_store": self._store_stats()}
+
+    def _store_stats(self) -> dict:
+        store = self.kv_store
+        if store is None:
+            return {}
+        stats = {k: (dict(v) if isinstance(v, dict) else v) for k, v in store.stats.items()}
+        if hasattr(store, "occupancy"):
+            stats |= store.occupancy()
+        return stats
 
     def record_routing_stats(self) -> dict:
         """Ray Serve collects this every stats period for the request router (services/routing.py)."""
@@ -74,10 +97,15 @@ class EngineWorker:
         if self.llm.error is not None:
             raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
 
-    def __del__(self):  # Ray Serve calls it when the replica shuts down
-        llm = getattr(self, "llm", None)
+    def __del__(self):  # Ray Serve calls it when the replica shuts down; safe to call twice
+        llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.shutdown()
-        transport = getattr(self, "transport", None)
+            if llm.engine.offloader is not None:
+                llm.engine.offloader.close()
+        store, self.kv_store = getattr(self, "kv_store", None), None
+        if store is not None:
+            store.close()
+        transport, self.transport = getattr(self, "transport", None), None
         if transport is not None:
             transport.close()

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-dram-blocks", type=int, default=0, help="host-memory KV tier per worker, in blocks")
     p.add_argument("--kv-ssd-dir", default=None, help="SSD KV tier directory (a subdirectory per worker)")
     p.add_argument("--kv-ssd-blocks", type=int, default=0, help="SSD KV tier capacity per worker, in blocks")
+    p.add_argument("--kv-memory", default="replica", choices=["replica", "node"],
+                   help="node: one KV memory service per node holds the DRAM/SSD tiers for all its workers")
     p.set_defaults(func=run)
 
 
@@ -50,7 +52,7 @@ def config_from_args(args: argparse.Namespace):
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     pool = {"num_cpus": args.worker_cpus, "num_gpus": gpus, "engine": engine, "kv_dram_blocks": args.kv_dram_blocks,
-            "kv_ssd_dir": args.kv_ssd_dir, "kv_ssd_blocks": args.kv_ssd_blocks}
+            "kv_ssd_dir": args.kv_ssd_dir, "kv_ssd_blocks": args.kv_ssd_blocks, "kv_memory": args.kv_memory}
     return ServeConfig(model=model, served_model_name=args.served_model_name,
                        mode="aggregated" if args.aggregated else "disaggregated",
                        prefill={**pool, "replicas": args.prefill}, decode={**pool, "replicas": args.decode},
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     print("shutting down", flush=True)
     serve.shutdown()
+    from services.kv_memory.service import shutdown_services
+
+    shutdown_services()
     ray.shutdown()
     return 0
 

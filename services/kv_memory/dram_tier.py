@@ -1,4 +1,9 @@
-"""DRAM tier: a preallocated host pool of KV blocks (pinned when CUDA is present), LRU within the tier."""
+"""DRAM tier: a preallocated host pool of KV blocks (pinned when CUDA is present), LRU within the tier.
+
+Slots can be pinned: a pinned slot is neither evicted nor overwritten, so a reader may copy from it (an
+async DMA, a remote NIXL read) without holding the tier's lock. The pool can live in a shared-memory file
+so that workers on the same host map it and copy from it directly (services/kv_memory/shm.py).
+"""
 
 import os
 import threading
@@ -11,14 +16,21 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class DramFull(RuntimeError):
+    """Every slot is pinned by a reader or writer: nothing can be stored until one is released."""
+
+
 class DramTier:
     """Holds up to `capacity_blocks` blocks of `block_bytes` bytes each, keyed by block hash.
 
     Contract: `put` stores a copy and returns the blocks it evicted to make room (least recently used
-    first), so the caller can demote them; `get` returns a copy or None. Thread-safe.
+    unpinned first), so the caller can demote them; `get` returns a copy or None. Thread-safe.
+    `pool` is [capacity, block_bytes] uint8; `typed` views it as [capacity, *block_shape] of `dtype`.
     """
 
-    def __init__(self, capacity_blocks: int, block_bytes: int, pin: bool | None = None):
+    def __init__(self, capacity_blocks: int, block_bytes: int, pin: bool | None = None, *,
+                 block_shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.uint8,
+                 shm_path: str | None = None):
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks: got {capacity_blocks}, allowed >= 1")
         if block_bytes < 1:
@@ -27,13 +39,23 @@ class DramTier:
         if total > physical_memory_bytes():
             raise ValueError(f"capacity_blocks: {capacity_blocks} blocks of {block_bytes} B need {total} B, "
                              f"more than this machine's {physical_memory_bytes()} B of memory")
+        block_shape = tuple(block_shape or (block_bytes // torch.empty((), dtype=dtype).element_size(),))
+        if torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size() != block_bytes:
+            raise ValueError(f"block_shape: {block_shape} of {dtype} is not {block_bytes} bytes")
         pin = torch.cuda.is_available() if pin is None else pin
-        self.block_bytes = block_bytes
-        self.capacity_blocks = capacity_blocks
-        # zeros, not empty: the pages are faulted in now, not on the first offloads of a busy step
-        self.pool = torch.zeros((capacity_blocks, block_bytes), dtype=torch.uint8, pin_memory=pin)
+        self.block_bytes, self.capacity_blocks, self.shm_path = block_bytes, capacity_blocks, shm_path
+        if shm_path is not None:
+            from services.kv_memory import shm
+
+            self.pool = shm.create(shm_path, capacity_blocks, block_bytes, pin)
+        else:
+            # zeros, not empty: the pages are faulted in now, not on the first offloads of a busy step
+            self.pool = torch.zeros((capacity_blocks, block_bytes), dtype=torch.uint8, pin_memory=pin)
+        self.typed = self.pool.view(dtype).view(capacity_blocks, *block_shape)
+        self.checksums: list[int | None] = [None] * capacity_blocks  # per slot, when the writer gave one
         self._slots: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self._free = list(range(capacity_blocks - 1, -1, -1))
+        self._pins = [0] * capacity_blocks
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -42,24 +64,99 @@ class DramTier:
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._slots
 
-    def put(self, block_hash: bytes, data: torch.Tensor) -> list[tuple[bytes, torch.Tensor]]:
-        """data: the block as bytes ([block_bytes] uint8, any device). Returns the evicted blocks."""
+    @property
+    def num_pinned(self) -> int:
+        with self._lock:
+            return sum(1 for p in self._pins if p)
+
+    def _take_slot(self, evicted: list) -> int | None:
+        """A free slot, evicting the least recently used unpinned block if needed (lock held)."""
+        if self._free:
+            return self._free.pop()
+        for old_hash, slot in self._slots.items():
+            if not self._pins[slot]:
+                del self._slots[old_hash]
+                evicted.append((old_hash, self.pool[slot].clone()))
+                self.checksums[slot] = None
+                return slot
+        return None  # every slot is pinned by a reader
+
+    def _check(self, data: torch.Tensor) -> torch.Tensor:
         data = data.reshape(-1)
         if data.dtype != torch.uint8 or data.numel() != self.block_bytes:
             raise ValueError(f"data: need {self.block_bytes} uint8 values, got {data.numel()} {data.dtype}")
-        evicted = []
+        return data
+
+    def put(self, block_hash: bytes, data: torch.Tensor, checksum: int | None = None) -> list[tuple[bytes, torch.Tensor]]:
+        """data: the block as bytes ([block_bytes] uint8, any device). Returns the evicted blocks; a put
+        while every slot is pinned stores nothing."""
+        data = self._check(data)
+        evicted: list = []
         with self._lock:
             if block_hash in self._slots:
                 self._slots.move_to_end(block_hash)
                 return evicted
-            if not self._free:
-                old_hash, slot = self._slots.popitem(last=False)
-                evicted.append((old_hash, self.pool[slot].clone()))
-                self._free.append(slot)
-            slot = self._free.pop()
+            slot = self._take_slot(evicted)
+            if slot is None:
+                return evicted
             self.pool[slot].copy_(data)
             self._slots[block_hash] = slot
+            self.checksums[slot] = checksum
         return evicted
+
+    def reserve(self, block_hash: bytes) -> tuple[int | None, list]:
+        """A pinned slot for a block someone else will write (a NIXL read, an SSD read); not findable
+        until `commit`. (None, []) when the block is present already; DramFull when every slot is pinned."""
+        evicted: list = []
+        with self._lock:
+            if block_hash in self._slots:
+                return None, evicted
+            slot = self._take_slot(evicted)
+            if slot is None:
+                raise DramFull(f"all {self.capacity_blocks} DRAM slots are pinned")
+            self._pins[slot] = 1
+            return slot, evicted
+
+    def commit(self, block_hash: bytes, slot: int, checksum: int | None = None, keep_pinned: bool = False) -> bool:
+        """Make a reserved slot findable under block_hash. False (slot freed) if the hash arrived
+        meanwhile through another slot."""
+        with self._lock:
+            if block_hash in self._slots:
+                self._pins[slot] = 0
+                self._free.append(slot)
+                return False
+            self._slots[block_hash] = slot
+            self.checksums[slot] = checksum
+            if not keep_pinned:
+                self._pins[slot] = 0
+            return True
+
+    def abort(self, slot: int) -> None:
+        """Give back a reserved slot whose write failed."""
+        with self._lock:
+            self._pins[slot] = 0
+            self.checksums[slot] = None
+            self._free.append(slot)
+
+    def acquire(self, block_hashes: list[bytes]) -> list[int]:
+        """Pin the slots of the leading run of these blocks that the tier holds (marked recently used)."""
+        slots = []
+        with self._lock:
+            for block_hash in block_hashes:
+                slot = self._slots.get(block_hash)
+                if slot is None:
+                    break
+                self._slots.move_to_end(block_hash)
+                self._pins[slot] += 1
+                slots.append(slot)
+        return slots
+
+    def unpin(self, slots: list[int]) -> None:
+        with self._lock:
+            for slot in slots:
+                if self._pins[slot] <= 0:
+                    raise ValueError(f"slot {slot} is not pinned")
+                self._pins[slot] -= 1
 
     def get(self, block_hash: bytes) -> torch.Tensor | None:
         with self._lock:
@@ -81,7 +178,16 @@ class DramTier:
 
     def discard(self, block_hash: bytes) -> bool:
         with self._lock:
-            slot = self._slots.pop(block_hash, None)
-            if slot is not None:
-                self._free.append(slot)
-            return slot is not None
+            slot = self._slots.get(block_hash)
+            if slot is None or self._pins[slot]:
+                return False
+            del self._slots[block_hash]
+            self.checksums[slot] = None
+            self._free.append(slot)
+            return True
+
+    def close(self) -> None:
+        if self.shm_path is not None:
+            from services.kv_memory import shm
+
+            shm.remove(self.shm_path, self.pool)

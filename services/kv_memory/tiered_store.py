@@ -1,16 +1,23 @@
-"""DRAM over SSD as one KVStore for the engine: puts land in DRAM; what DRAM evicts is written to SSD by a
-background thread (never on the engine's step); a get tries DRAM, then SSD, promoting SSD hits to DRAM."""
+"""DRAM over SSD as one KVStore: puts land in DRAM; what DRAM evicts is written to SSD by a background
+thread (never on the engine's step); reads try DRAM, then SSD, promoting SSD hits to DRAM.
+
+Used in-process by a worker (the engine's offloader calls put/lookup/load) and by the per-node
+KVMemoryService (services/kv_memory/service.py), which adds acquire/reserve/commit so remote readers and
+writers move the bytes themselves while the slots are pinned.
+"""
 
 import queue
 import threading
 import time
+import zlib
 
 import torch
 
 from engine.kv_offload import KVStore
-from services.kv_memory.dram_tier import DramTier
+from services.kv_memory.dram_tier import DramFull, DramTier
 from services.kv_memory.ssd_tier import SsdTier
 from services.kv_memory.tier_policy import TierPolicy
+from services.transport.block_copy import copy_blocks
 
 _PROMOTED = 2**31 - 1  # priority of a block promoted from SSD (its user's priority is not kept there)
 
@@ -19,15 +26,30 @@ class TieredKVStore(KVStore):
     def __init__(self, dram: DramTier, ssd: SsdTier | None = None, policy: TierPolicy | None = None):
         self.dram, self.ssd = dram, ssd
         self.policy = policy or TierPolicy()
-        self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0}
+        self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0,
+                      "stored_blocks": 0, "loaded_blocks": 0, "loads": 0, "load_seconds": 0.0}
         self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
         self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
         self._lock = threading.Lock()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # side streams for loads into GPU pools
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = None
         if ssd is not None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True, name="ridgeline-ssd-writer")
             self._writer.start()
+
+    # -- occupancy ---------------------------------------------------------------------------------
+
+    def occupancy(self) -> dict:
+        """Blocks held and capacity per tier."""
+        out = {"dram_blocks": len(self.dram), "dram_capacity_blocks": self.dram.capacity_blocks,
+               "dram_pinned_blocks": self.dram.num_pinned, "block_bytes": self.dram.block_bytes}
+        if self.ssd is not None:
+            out |= {"ssd_blocks": len(self.ssd), "ssd_capacity_blocks": self.ssd.capacity_blocks,
+                    "ssd_corrupt_blocks": self.ssd.corrupt_blocks}
+        return out
+
+    # -- writes ------------------------------------------------------------------------------------
 
     def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
         if not self.policy.allows(priority, "dram"):
@@ -43,13 +65,18 @@ class TieredKVStore(KVStore):
         present = block_hash in self.dram
         evicted = self.dram.put(block_hash, data)
         with self._lock:
-            if not present:
+            if not present and block_hash in self.dram:
                 self._event("stored", "dram", block_hash)
-            for old_hash, _ in evicted:
-                self._event("removed", "dram", old_hash)
-            self._priority[block_hash] = priority
-            demote = []
+                self._priority[block_hash] = priority
+                self.stats["stored_blocks"] += 1
+        self._demote(evicted)
+
+    def _demote(self, evicted: list[tuple[bytes, torch.Tensor]]) -> None:
+        """Blocks DRAM evicted go to SSD if their class may live there, else they are dropped."""
+        demote = []
+        with self._lock:
             for old_hash, old_data in evicted:
+                self._event("removed", "dram", old_hash)
                 old_priority = self._priority.pop(old_hash, 0)
                 if self.ssd is not None and self.policy.allows(old_priority, "ssd"):
                     self._pending[old_hash] = old_data
@@ -59,32 +86,146 @@ class TieredKVStore(KVStore):
         for old_hash in demote:
             self._queue.put(old_hash)
 
-    def get(self, block_hash: bytes) -> torch.Tensor | None:
-        data = self.dram.get(block_hash)
-        if data is not None:
-            self.stats["dram_hits"] += 1
-            return data
+    def reserve(self, block_hashes: list[bytes], priorities: list[int]) -> tuple[list[tuple[int, int]], int]:
+        """(index, slot) for each block to be written by someone else (absent, and allowed in DRAM by its
+        priority), each slot pinned until `commit` or `abort`; and how many blocks were considered (the
+        rest wait until DRAM has unpinned slots again: commit these first)."""
+        out = []
+        for i, (block_hash, priority) in enumerate(zip(block_hashes, priorities, strict=True)):
+            if not self.policy.allows(priority, "dram"):
+                self.stats["dropped"] += 1
+                continue
+            try:
+                slot, evicted = self.dram.reserve(block_hash)
+            except DramFull:
+                return out, i
+            self._demote(evicted)
+            if slot is not None:
+                out.append((i, slot))
+        return out, len(block_hashes)
+
+    def commit(self, block_hash: bytes, slot: int, priority: int, checksum: int | None = None) -> None:
+        if self.dram.commit(block_hash, slot, checksum):
+            with self._lock:
+                self._priority[block_hash] = priority
+                self._event("stored", "dram", block_hash)
+                self.stats["stored_blocks"] += 1
+
+    def abort(self, slot: int) -> None:
+        self.dram.abort(slot)
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def lookup(self, block_hashes: list[bytes]) -> int:
+        n = 0
+        for block_hash in block_hashes:
+            with self._lock:
+                pending = block_hash in self._pending
+            if not (block_hash in self.dram or pending or (self.ssd is not None and block_hash in self.ssd)):
+                break
+            n += 1
+        return n
+
+    def acquire(self, block_hashes: list[bytes]) -> list[int]:
+        """Pin the DRAM slots of the leading run of blocks held in any tier, promoting SSD hits into DRAM
+        (the run also ends where DRAM has no unpinned slot left); read the slots, then `release`."""
+        slots: list[int] = []
+        for block_hash in block_hashes:
+            got = self.dram.acquire([block_hash])
+            if got:
+                self.stats["dram_hits"] += 1
+            else:
+                got = self._promote(block_hash)
+                if got is None:
+                    self.stats["misses"] += 1
+                if not got:
+                    break
+                self.stats["ssd_hits"] += 1
+            slots += got
+        return slots
+
+    def _read_lower(self, block_hash: bytes) -> torch.Tensor | None:
+        """A block's bytes from the pending demotions or SSD (None if missing or damaged)."""
         with self._lock:
             data = self._pending.get(block_hash)
         if data is None and self.ssd is not None:
             raw = self.ssd.get(block_hash)  # None if missing or damaged (checksum)
             data = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if data is None:
-            self.stats["misses"] += 1
-            return None
-        self.stats["ssd_hits"] += 1
-        self._place(block_hash, data, _PROMOTED)  # promotion on hit; it came from SSD, so SSD allows it
         return data
 
-    def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
-        if self.dram.copy_into(block_hash, dst):
-            self.stats["dram_hits"] += 1
-            return True
-        data = self.get(block_hash)  # pending demotion or SSD (promoted on the way)
+    def _promote(self, block_hash: bytes) -> list[int] | None:
+        """Bring a block from the pending demotions or SSD into a pinned DRAM slot: [slot], [] when every
+        DRAM slot is pinned, None when the block is missing or damaged."""
+        data = self._read_lower(block_hash)
         if data is None:
+            return None
+        try:
+            slot, evicted = self.dram.reserve(block_hash)
+        except DramFull:
+            return []
+        self._demote(evicted)
+        if slot is None:  # promoted meanwhile by another reader
+            return self.dram.acquire([block_hash])
+        self.dram.pool[slot].copy_(data)
+        if self.dram.commit(block_hash, slot, zlib.crc32(data.numpy()), keep_pinned=True):
+            with self._lock:
+                self._priority[block_hash] = _PROMOTED  # it came from SSD, so SSD allows it
+                self._event("stored", "dram", block_hash)
+            return [slot]
+        return self.dram.acquire([block_hash])
+
+    def release(self, slots: list[int]) -> None:
+        self.dram.unpin(slots)
+
+    def load(self, block_hashes: list[bytes], pool: torch.Tensor, block_ids: list[int]) -> int:
+        """Batched copies of the leading held blocks into pool[block_ids] (async DMAs on a side stream for
+        a GPU pool, waited for here: callers run this off the engine's step)."""
+        start = time.perf_counter()
+        n, done = min(len(block_hashes), len(block_ids)), 0
+        stream = None
+        if pool.is_cuda:
+            stream = self._streams.get(pool.device) or self._streams.setdefault(pool.device,
+                                                                                torch.cuda.Stream(pool.device))
+        while done < n:
+            slots = self.acquire(block_hashes[done:n])
+            if slots:
+                try:
+                    copy_blocks(self.dram.pool, slots, pool, block_ids[done:done + len(slots)], stream)
+                finally:
+                    self.release(slots)
+                done += len(slots)
+                continue
+            data = self._read_lower(block_hashes[done])  # DRAM is all pinned: straight from below
+            if data is None:
+                break
+            self.stats["ssd_hits"] += 1
+            copy_blocks(data.view(1, -1), [0], pool, [block_ids[done]], stream)
+            done += 1
+        self.stats["loads"] += 1
+        self.stats["loaded_blocks"] += done
+        self.stats["load_seconds"] += time.perf_counter() - start
+        return done
+
+    def get(self, block_hash: bytes) -> torch.Tensor | None:
+        slots = self.acquire([block_hash])
+        if not slots:
+            return None
+        try:
+            return self.dram.pool[slots[0]].clone()
+        finally:
+            self.release(slots)
+
+    def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
+        slots = self.acquire([block_hash])
+        if not slots:
             return False
-        dst.copy_(data)
+        try:
+            dst.copy_(self.dram.pool[slots[0]])
+        finally:
+            self.release(slots)
         return True
+
+    # -- SSD demotion ------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
         while (block_hash := self._queue.get()) is not None:
@@ -117,11 +258,13 @@ class TieredKVStore(KVStore):
             self._writer.join(timeout=30)
         if self.ssd is not None:
             self.ssd.close()
+        self.dram.close()
 
 
-def build_store(block_bytes: int, dram_blocks: int, ssd_dir: str | None = None, ssd_blocks: int = 0) -> TieredKVStore:
-    """The tiers a worker keeps below HBM: DRAM, and SSD when a directory is given."""
+def build_store(block_bytes: int, dram_blocks: int, ssd_dir: str | None = None, ssd_blocks: int = 0,
+                policy: TierPolicy | None = None, **dram_options) -> TieredKVStore:
+    """The tiers below HBM: DRAM, and SSD when a directory is given."""
     if ssd_dir is not None and ssd_blocks < 1:
         raise ValueError(f"kv_ssd_blocks: got {ssd_blocks}, allowed >= 1 with kv_ssd_dir")
     ssd = SsdTier(ssd_dir, ssd_blocks, block_bytes) if ssd_dir is not None else None
-    return TieredKVStore(DramTier(dram_blocks, block_bytes), ssd)
+    return TieredKVStore(DramTier(dram_blocks, block_bytes, **dram_options), ssd, policy)

@@ -53,15 +53,28 @@ class KVHandle:
     checksum_algorithm: str
     source: dict = field(default_factory=dict)  # backend-specific: NIXL agent + addresses, or a Ray ref
     offset: int = 0  # index of block_ids[0] among the blocks the owner exported
+    positions: list[int] | None = None  # index of each block among those exported (None: offset, offset+1, ..)
 
     @property
     def num_bytes(self) -> int:
         return len(self.block_ids) * self.layout.block_bytes
 
+    def exported_positions(self) -> list[int]:
+        return self.positions if self.positions is not None else \
+            list(range(self.offset, self.offset + len(self.block_ids)))
+
     def tail(self, skip: int) -> "KVHandle":
         """The same claim without its first `skip` blocks (the puller already holds them)."""
-        return dataclasses.replace(self, block_ids=self.block_ids[skip:], checksums=self.checksums[skip:],
-                                   offset=self.offset + skip)
+        return self.select(range(skip, len(self.block_ids)))
+
+    def select(self, indices) -> "KVHandle":
+        """The same claim on some of its blocks, in the given order."""
+        indices = list(indices)
+        positions = self.exported_positions()
+        return dataclasses.replace(self, block_ids=[self.block_ids[i] for i in indices],
+                                   checksums=[self.checksums[i] for i in indices],
+                                   offset=positions[indices[0]] if indices else self.offset,
+                                   positions=[positions[i] for i in indices])
 
 
 class KVTransport(ABC):
@@ -81,10 +94,14 @@ class KVTransport(ABC):
         self.pool = pool
         self.layout = KVLayout.of(pool)
 
-    def handle(self, block_ids: list[int], num_tokens: int) -> KVHandle:
-        """Thread-safe while the blocks are held (nobody writes them): may run off the engine thread."""
+    def handle(self, block_ids: list[int], num_tokens: int, checksums: list[int] | None = None) -> KVHandle:
+        """Thread-safe while the blocks are held (nobody writes them): may run off the engine thread.
+        `checksums`: the blocks' CRC32s when the owner already knows them (a host pool's stored blocks)."""
         algorithm = default_algorithm(self.pool)
-        checksums = block_checksums(self.pool, block_ids, algorithm)
+        if checksums is None:
+            checksums = block_checksums(self.pool, block_ids, algorithm)
+        elif algorithm != "crc32" or len(checksums) != len(block_ids):
+            raise ValueError("checksums: known checksums must be one CRC32 per block of a host pool")
         return KVHandle(uuid.uuid4().hex, self.name, list(block_ids), num_tokens, self.layout, checksums,
                         algorithm, self._export(block_ids))
 

@@ -10,6 +10,8 @@ import socket
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from services.transport import block_copy
+
 
 def host_id() -> str:
     """Same value in every process of one machine (and boot), different across machines."""
@@ -32,21 +34,6 @@ def open_pool(export: dict) -> torch.Tensor:
     return export["rebuild"](*export["args"])
 
 
-def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) of runs where both ids go up by one."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
-
-
 def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tensor, dst_ids: list[int]) -> None:
-    """dst_pool[dst_ids] = src_pool[src_ids], block-major pools, then wait for the copies."""
-    stream = torch.cuda.current_stream(dst_pool.device)
-    with torch.cuda.device(dst_pool.device):
-        for s, d, n in _runs(src_ids, dst_ids):
-            dst_pool[d:d + n].copy_(src_pool[s:s + n], non_blocking=True)
-    stream.synchronize()
+    """dst_pool[dst_ids] = src_pool[src_ids] on the destination GPU, then wait for the copies."""
+    block_copy.copy_blocks(src_pool, src_ids, dst_pool, dst_ids)

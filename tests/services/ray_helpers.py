@@ -44,3 +44,34 @@ def wait_pools_idle(app: str, deployments: dict[str, int], timeout: float = 30.0
         if time.monotonic() > deadline:
             raise AssertionError(f"pools not idle: {busy}")
         time.sleep(0.2)
+
+
+@ray.remote(num_cpus=0)
+class TierWorker:
+    """An engine worker (services/engine_worker.py) in its own Ray actor, driven request by request."""
+
+    def __init__(self, model: str, engine: dict, kv_tiers: dict, kv_transport: str = "nixl"):
+        from services.engine_worker import EngineWorker
+
+        self.worker = EngineWorker(model, engine, kv_transport=kv_transport, kv_tiers=kv_tiers)
+
+    async def run(self, prompt: list[int], max_tokens: int = 4) -> tuple[list[int], int]:
+        """Greedy output token ids, and how many prompt tokens the engine computed for them."""
+        from engine.sampling_params import SamplingParams
+
+        engine = self.worker.engine
+        before = engine.stats.prompt_tokens_computed
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        final = None
+        async for out in self.worker.llm.generate(self.worker.llm.new_request_id(), prompt, params):
+            final = out
+        return final.outputs[0].token_ids, engine.stats.prompt_tokens_computed - before
+
+    def flush(self) -> None:
+        self.worker.kv_store.flush()
+
+    def stats(self) -> dict:
+        return self.worker.snapshot()
+
+    def close(self) -> None:
+        self.worker.__del__()

@@ -185,7 +185,7 @@ def test_ray_transport_between_processes(ray_serve):
 
 
 def test_cuda_ipc_copies_coalesce_consecutive_blocks():
-    from services.transport.cuda_ipc import _runs
+    from services.transport.block_copy import runs as _runs
 
     assert _runs([4, 5, 6, 9, 2, 3], [0, 1, 2, 3, 7, 8]) == [(4, 0, 3), (9, 3, 1), (2, 7, 2)]
     assert _runs([], []) == []
