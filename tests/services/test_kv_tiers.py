@@ -10,6 +10,7 @@ import torch
 
 from services.kv_memory.dram_tier import DramTier
 from services.kv_memory.ssd_tier import SsdTier
+from services.kv_memory.tiered_store import TieredKVStore
 
 BLOCK = 4096
 
@@ -311,3 +312,70 @@ def test_kv_events_follow_blocks_across_tiers(llama, tmp_path):
     assert len(by[("removed", "dram")]) == 1 and by[("stored", "ssd")] == by[("removed", "dram")]
     assert len(by[("stored", "hbm")]) == 7
     store.close()
+
+
+class _GatedStore(TieredKVStore):
+    """A DRAM store whose loads wait for a gate: a slow tier, to watch the engine while a load runs."""
+
+    def __init__(self, dram):
+        super().__init__(dram)
+        self.gate = threading.Event()
+
+    def load(self, block_hashes, pool, block_ids):
+        assert self.gate.wait(60), "gate never opened"
+        return super().load(block_hashes, pool, block_ids)
+
+
+def test_engine_steps_other_requests_while_a_kv_load_runs_and_abort_frees_its_blocks(llama):
+    from engine import LLM, SamplingParams
+    from engine.request import RequestStatus
+
+    store = _GatedStore(DramTier(64, _block_bytes(llama), pin=False))
+    store.gate.set()
+    llm = LLM(llama, num_blocks=8, kv_store=store)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    llm.generate([prompt], params)
+    llm.generate([list(range(200, 200 + 7 * 16))], params)  # the prompt's 5 blocks go to DRAM
+    store.gate.clear()
+    engine.add_request("slow", prompt, params)
+    engine.step()
+    assert engine.scheduler.loading["slow"].status is RequestStatus.LOADING_KV
+    engine.add_request("other", list(range(300, 310)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    finished = []
+    for _ in range(50):  # the other request runs to completion while the load is stuck
+        finished += [o.request_id for o in engine.step() if o.finished]
+        if finished:
+            break
+    assert finished == ["other"] and "slow" in engine.scheduler.loading
+    engine.abort_request("slow")
+    engine.step()
+    assert engine.block_manager.num_free_blocks < 8  # the loader may still write its blocks: kept
+    store.gate.set()
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == 8
+    engine.offloader.close()
+
+
+def test_a_failed_kv_load_means_recompute_with_identical_output(llama):
+    from engine import LLM, SamplingParams
+
+    class Failing(TieredKVStore):
+        def load(self, block_hashes, pool, block_ids):
+            raise OSError("tier went away")
+
+    store = Failing(DramTier(64, _block_bytes(llama), pin=False))
+    llm = LLM(llama, num_blocks=8, kv_store=store)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    first = llm.generate([prompt], params)[0]
+    llm.generate([list(range(200, 200 + 7 * 16))], params)
+    before = llm.engine.stats.prompt_tokens_computed
+    again = llm.generate([prompt], params)[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.engine.stats.prompt_tokens_computed - before == len(prompt)
+    assert llm.engine.offloader.stats.load_failures == 1
