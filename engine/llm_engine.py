@@ -134,12 +134,25 @@ class LLMEngine:
         """Keep evicted prefix blocks in `store` and load prompt blocks from it (needs prefix caching)."""
         if not self.config.cache.enable_prefix_caching:
             raise ValueError("kv_store: needs enable_prefix_caching (blocks are found by their hashes)")
+        self.detach_kv_store()
         cached = self.block_manager.cached
         store.events = self.kv_events  # lower tiers report into the same log
         self.offloader = KVOffloader(store, self.kv_pool,
                                      lambda h: cached[h].block_id if h in cached else None)
         self.block_manager.on_evict = self.offloader.on_evict
         self.scheduler.offloader = self.offloader
+
+    def detach_kv_store(self) -> KVStore | None:
+        """Stop offloading and loading (no load may be in flight); returns the store that was attached."""
+        if self.offloader is None:
+            return None
+        if self.scheduler.num_loading:
+            raise RuntimeError("detach_kv_store: KV loads are in flight")
+        self.offloader.close()
+        store, self.offloader = self.offloader.store, None
+        self.block_manager.on_evict = None
+        self.scheduler.offloader = None
+        return store
 
     @classmethod
     def from_pretrained(cls, model: str, kv_store: KVStore | None = None, **kwargs) -> "LLMEngine":

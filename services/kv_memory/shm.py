@@ -54,8 +54,15 @@ def open_pool(path: str, capacity_blocks: int, block_bytes: int) -> torch.Tensor
     return _map(path, capacity_blocks * block_bytes, pin=True).view(capacity_blocks, block_bytes)
 
 
-def remove(path: str, pool: torch.Tensor | None = None) -> None:
-    if pool is not None and pool.is_pinned() and torch.cuda.is_available():
+def unpin(pool: torch.Tensor) -> None:
+    """Undo the page-locking of a mapped pool (before dropping the mapping)."""
+    if pool.is_pinned() and torch.cuda.is_available():
         torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+
+
+def remove(path: str, pool: torch.Tensor | None = None) -> None:
+    """Unpin the owner's mapping and remove the file (mappings elsewhere stay valid until dropped)."""
+    if pool is not None:
+        unpin(pool)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

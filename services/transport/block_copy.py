@@ -27,7 +27,9 @@ def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tens
         for s, d, n in runs(src_ids, dst_ids):
             dst[d:d + n].copy_(src[s:s + n])
         return
-    stream = stream or torch.cuda.current_stream(gpu)
+    current = torch.cuda.current_stream(gpu)
+    stream = stream or current
+    stream.wait_stream(current)  # work queued before (on this thread's stream) touching the pools comes first
     with torch.cuda.device(gpu), torch.cuda.stream(stream):
         for s, d, n in runs(src_ids, dst_ids):
             dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
