@@ -160,6 +160,30 @@ class SsdTier:
             self._entries.move_to_end(block_hash)
             return data
 
+    def read_into(self, block_hash: bytes, out) -> bool:
+        """Read a block straight into `out` (a writable buffer of block_bytes, e.g. a pinned DRAM slot)
+        and verify it; False if missing or damaged (then dropped). Reads run in parallel: the lock is held
+        only to look the block up and, after the read, to confirm the slot still holds it."""
+        with self._lock:
+            entry = self._entries.get(block_hash)
+        if entry is None:
+            return False
+        slot, crc = entry
+        view = memoryview(out).cast("B")
+        if len(view) != self.block_bytes:
+            raise ValueError(f"out: need {self.block_bytes} bytes, got {len(view)}")
+        got = os.preadv(self._slab, [view], slot * self.block_bytes)
+        good = got == self.block_bytes and zlib.crc32(view) == crc
+        with self._lock:
+            if self._entries.get(block_hash) != entry:
+                return False  # evicted and its slot reused while we read: a miss, not damage
+            if not good:
+                self.corrupt_blocks += 1
+                self._drop(block_hash, slot)
+                return False
+            self._entries.move_to_end(block_hash)
+            return True
+
     def discard(self, block_hash: bytes) -> bool:
         with self._lock:
             entry = self._entries.get(block_hash)

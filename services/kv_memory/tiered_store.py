@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -20,6 +21,8 @@ from services.kv_memory.tier_policy import TierPolicy
 from services.transport.block_copy import copy_blocks
 
 _PROMOTED = 2**31 - 1  # priority of a block promoted from SSD (its user's priority is not kept there)
+_PROMOTE_BATCH = 64  # blocks read from SSD per round
+_SSD_READERS = 8  # parallel SSD reads (pread and crc32 release the GIL)
 
 
 class TieredKVStore(KVStore):
@@ -34,6 +37,7 @@ class TieredKVStore(KVStore):
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # side streams for loads into GPU pools
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = None
+        self._read_pool: ThreadPoolExecutor | None = None
         if ssd is not None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True, name="ridgeline-ssd-writer")
             self._writer.start()
@@ -127,22 +131,85 @@ class TieredKVStore(KVStore):
         return n
 
     def acquire(self, block_hashes: list[bytes]) -> list[int]:
-        """Pin the DRAM slots of the leading run of blocks held in any tier, promoting SSD hits into DRAM
-        (the run also ends where DRAM has no unpinned slot left); read the slots, then `release`."""
+        """Pin the DRAM slots of the leading run of blocks held in any tier, promoting lower-tier hits
+        into DRAM (SSD reads in parallel); the run also ends where DRAM has no unpinned slot left. Read
+        the slots, then `release`."""
         slots: list[int] = []
-        for block_hash in block_hashes:
-            got = self.dram.acquire([block_hash])
-            if got:
-                self.stats["dram_hits"] += 1
-            else:
-                got = self._promote(block_hash)
-                if got is None:
-                    self.stats["misses"] += 1
-                if not got:
-                    break
-                self.stats["ssd_hits"] += 1
+        n = len(block_hashes)
+        for _ in range(n + 1):  # each round pins at least one block or ends the run
+            if len(slots) >= n:
+                break
+            got = self.dram.acquire(block_hashes[len(slots):])
+            self.stats["dram_hits"] += len(got)
             slots += got
+            start = len(slots)
+            end = start
+            while end < n and end - start < _PROMOTE_BATCH and block_hashes[end] not in self.dram \
+                    and self._below(block_hashes[end]):
+                end += 1
+            if end == start:
+                if start < n:
+                    self.stats["misses"] += 1
+                break
+            promoted = self._promote(block_hashes[start:end])
+            slots += promoted
+            stopped = start + len(promoted)
+            if len(promoted) < end - start and block_hashes[stopped] not in self.dram:
+                break  # damaged, or DRAM fully pinned (a block another reader promoted continues the run)
         return slots
+
+    def _below(self, block_hash: bytes) -> bool:
+        with self._lock:
+            if block_hash in self._pending:
+                return True
+        return self.ssd is not None and block_hash in self.ssd
+
+    def _promote(self, block_hashes: list[bytes]) -> list[int]:
+        """Bring blocks from the pending demotions or SSD into DRAM (SSD reads run in parallel, straight
+        into the reserved slots); returns the pinned slots of the leading run that arrived intact."""
+        reserved: list[tuple[bytes, int]] = []
+        for block_hash in block_hashes:
+            try:
+                slot, evicted = self.dram.reserve(block_hash)
+            except DramFull:
+                break
+            self._demote(evicted)
+            if slot is None:  # promoted meanwhile by another reader: the run continues in DRAM next round
+                break
+            reserved.append((block_hash, slot))
+        ok = list(self._readers().map(lambda item: self._read_into_slot(*item), reserved))
+        lead = ok.index(False) if False in ok else len(ok)
+        out = []
+        for k, ((block_hash, slot), good) in enumerate(zip(reserved, ok, strict=True)):
+            if not good:
+                self.dram.abort(slot)
+                if k == lead:
+                    self.stats["misses"] += 1
+                continue
+            pinned = k < lead
+            if self.dram.commit(block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy()), keep_pinned=pinned):
+                with self._lock:
+                    self._priority[block_hash] = _PROMOTED  # it came from below, so the policy allows it there
+                    self._event("stored", "dram", block_hash)
+                if pinned:
+                    out.append(slot)
+                self.stats["ssd_hits"] += 1
+            elif pinned:
+                break  # raced with another promotion: stop the run here (its slot is in DRAM already)
+        return out
+
+    def _read_into_slot(self, block_hash: bytes, slot: int) -> bool:
+        with self._lock:
+            data = self._pending.get(block_hash)
+        if data is not None:
+            self.dram.pool[slot].copy_(data)
+            return True
+        return self.ssd is not None and self.ssd.read_into(block_hash, self.dram.pool[slot].numpy())
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._read_pool is None:
+            self._read_pool = ThreadPoolExecutor(max_workers=_SSD_READERS, thread_name_prefix="ridgeline-ssd-read")
+        return self._read_pool
 
     def _read_lower(self, block_hash: bytes) -> torch.Tensor | None:
         """A block's bytes from the pending demotions or SSD (None if missing or damaged)."""
@@ -152,27 +219,6 @@ class TieredKVStore(KVStore):
             raw = self.ssd.get(block_hash)  # None if missing or damaged (checksum)
             data = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return data
-
-    def _promote(self, block_hash: bytes) -> list[int] | None:
-        """Bring a block from the pending demotions or SSD into a pinned DRAM slot: [slot], [] when every
-        DRAM slot is pinned, None when the block is missing or damaged."""
-        data = self._read_lower(block_hash)
-        if data is None:
-            return None
-        try:
-            slot, evicted = self.dram.reserve(block_hash)
-        except DramFull:
-            return []
-        self._demote(evicted)
-        if slot is None:  # promoted meanwhile by another reader
-            return self.dram.acquire([block_hash])
-        self.dram.pool[slot].copy_(data)
-        if self.dram.commit(block_hash, slot, zlib.crc32(data.numpy()), keep_pinned=True):
-            with self._lock:
-                self._priority[block_hash] = _PROMOTED  # it came from SSD, so SSD allows it
-                self._event("stored", "dram", block_hash)
-            return [slot]
-        return self.dram.acquire([block_hash])
 
     def release(self, slots: list[int]) -> None:
         self.dram.unpin(slots)
@@ -256,6 +302,8 @@ class TieredKVStore(KVStore):
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=30)
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
         if self.ssd is not None:
             self.ssd.close()
         self.dram.close()

@@ -379,3 +379,22 @@ def test_a_failed_kv_load_means_recompute_with_identical_output(llama):
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert llm.engine.stats.prompt_tokens_computed - before == len(prompt)
     assert llm.engine.offloader.stats.load_failures == 1
+
+
+def test_ssd_promotion_reads_in_parallel_and_stops_at_a_damaged_block(tmp_path):
+    store = TieredKVStore(DramTier(8, BLOCK, pin=False), SsdTier(tmp_path, 8, BLOCK))
+    for i in range(6):
+        store.ssd.put(h(i), block(i).numpy().tobytes())
+    fd = os.open(tmp_path / "slab.bin", os.O_RDWR)
+    os.pwrite(fd, b"\x00\x01", 3 * BLOCK + 17)  # block 3 (slot 3) damaged
+    os.close(fd)
+    slots = store.acquire([h(i) for i in range(6)])
+    assert len(slots) == 3 and [torch.equal(store.dram.pool[s], block(i)) for i, s in enumerate(slots)] == [True] * 3
+    store.release(slots)
+    assert store.ssd.corrupt_blocks == 1 and h(3) not in store.ssd and h(3) not in store.dram
+    assert all(h(i) in store.dram for i in (4, 5))  # read intact in the same round: kept, unpinned
+    assert store.dram.num_pinned == 0
+    pool = torch.zeros(6, BLOCK, dtype=torch.uint8)
+    assert store.load([h(i) for i in range(6)], pool, [5, 4, 3, 2, 1, 0]) == 3
+    assert torch.equal(pool[5], block(0)) and torch.equal(pool[3], block(2)) and not pool[2].any()
+    store.close()
