@@ -5,7 +5,9 @@ model served from each tier against recomputing it.
     python -m benchmarks.gpu_kv_tiers [--prompt-lens 2048 6144] [--ssd-dir DIR]
 
 Block moves use Llama-3-8B blocks (32 layers x K/V x 16 tokens x 8 heads x 128, bf16 = 2 MiB):
-- offload: HBM -> pinned DRAM tier, one block per eviction (what the engine does at eviction);
+- write-through: HBM -> pinned DRAM tier, one batch of async copies on a side stream (what the engine
+  does after each step for the blocks it completed); offload at eviction: one block at a time,
+  synchronous (the fallback for blocks write-through could not place);
 - load: DRAM tier -> HBM through `TieredKVStore.load` (one batched call: async DMAs on a side stream),
   into scattered blocks (the engine's free blocks are not contiguous);
 - shm: the KV memory service's path on one host: another process owns the pool in a shared-memory file,
@@ -102,7 +104,19 @@ def block_moves(ssd_dir: str) -> dict:
         ok = torch.equal(hbm[dst], hbm[:n])
         rows.append({"path": "dram_to_hbm", "blocks": n, "seconds": s, "gbps": n * BLOCK_BYTES / s / 1e9,
                      "correct": ok})
-    rows.append({"path": "hbm_to_dram_offload", "blocks": n_max, "seconds": offload_s,
+    for n in SIZES:  # write-through: one batch per step, async on a side stream, committed when landed
+        wt = TieredKVStore(DramTier(n, BLOCK_BYTES, pin=True))
+        side = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        taken = wt.offload(hashes[:n], [0] * n, hbm, list(range(n)), side)
+        wt.flush()
+        s = time.perf_counter() - t0
+        ok = all(taken) and torch.equal(wt.dram.pool[wt.dram._slots[hashes[n - 1]]].cuda(), hbm[n - 1])
+        rows.append({"path": "hbm_to_dram_write_through", "blocks": n, "seconds": s,
+                     "gbps": n * BLOCK_BYTES / s / 1e9, "correct": ok})
+        wt.close()
+    rows.append({"path": "hbm_to_dram_offload_at_eviction", "blocks": n_max, "seconds": offload_s,
                  "gbps": n_max * BLOCK_BYTES / offload_s / 1e9, "correct": torch.equal(
                      dram.pool[dram._slots[hashes[5]]].cuda(), hbm[5])})
 

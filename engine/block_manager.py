@@ -35,6 +35,7 @@ class BlockManager:
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
         self.on_evict = None  # callable(block_id, block_hash, priority), before an evicted block is reused
+        self.on_cached = None  # callable(block_id, block_hash, priority), when a computed block gets its hash
         self.events: KVEventLog | None = None  # hashes stored in / removed from this pool
 
     @property
@@ -153,6 +154,8 @@ class BlockManager:
                 self.cached[block_hash] = block
                 if self.events is not None:
                     self.events.record("stored", "hbm", block_hash)
+                if self.on_cached is not None:
+                    self.on_cached(block.block_id, block_hash, request.priority)
         self.req_num_cached_blocks[request.request_id] = max(start, num_full)
 
     def free(self, request: Request) -> None:

@@ -1,5 +1,10 @@
-"""The engine's seam to KV tiers below HBM: blocks evicted from the prefix cache are offloaded to a
-`KVStore`, and a prompt's blocks found there (after the HBM hits) are loaded instead of recomputed.
+"""The engine's seam to KV tiers below HBM: cached blocks are copied down to a `KVStore`, and a prompt's
+blocks found there (after the HBM hits) are loaded instead of recomputed.
+
+Offload is write-through and asynchronous: after each step, the blocks that step completed start copying
+down on a side stream (the GPU's copy engine, overlapping the next steps), so evicting one later costs
+nothing: the engine only orders the overwrite after that copy on the GPU. A block the store did not take
+then (staging full) is put synchronously when evicted.
 
 Loads are asynchronous: at admission the scheduler asks the store how many of the prompt's next blocks
 it holds (`lookup`, cheap), and a loader thread copies them into the request's fresh blocks (`load`, one
@@ -42,6 +47,15 @@ class KVStore(ABC):
         """Fill pool[block_ids[i]] with block i for the leading run of blocks the store can deliver
         intact; returns how many. Runs on the offloader's loader thread, not the engine's."""
 
+    def offload(self, block_hashes: list[bytes], priorities: list[int], pool: torch.Tensor, block_ids: list[int],
+                stream: "torch.cuda.Stream | None" = None) -> list[bool]:
+        """Start copying pool[block_ids[i]] into the store; returns which blocks it took (or already
+        holds). With a GPU pool the copies may stay in flight on `stream`: the store must not serve the
+        bytes before they landed, and the engine orders any overwrite of the blocks after them."""
+        for block_hash, priority, block_id in zip(block_hashes, priorities, block_ids, strict=True):
+            self.put(block_hash, pool[block_id].reshape(-1).view(torch.uint8), priority)
+        return [True] * len(block_ids)
+
     def get(self, block_hash: bytes) -> torch.Tensor | None:
         """One block's bytes, or None."""
         return None
@@ -65,6 +79,7 @@ class _Load:
     end: int  # one past the last block planned (from HBM copies or the store)
     store_index: list[int]  # the request's block indices that come from the store, in order
     block_ids: list[int]  # their destination blocks
+    waits: list  # GPU events: copies down of blocks that the destinations reused, to finish first
 
 
 class KVOffloader:
@@ -80,13 +95,44 @@ class KVOffloader:
         self._finished_lock = threading.Lock()
         self._finished_event = threading.Event()
         self._loader: threading.Thread | None = None
+        self._new: list[tuple[int, bytes, int]] = []  # cached this step: (block id, hash, priority)
+        self._written: dict[int, tuple[bytes, object]] = {}  # block id -> (hash, GPU event of its copy down)
+        self._reuse_waits: list = []  # events of copies down whose blocks were handed out again
+        self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
 
     def _raw(self, block_id: int) -> torch.Tensor:
         return self.pool[block_id].reshape(-1).view(torch.uint8)  # [block_bytes]
 
+    def on_cached(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        self._new.append((block_id, block_hash, priority))
+
+    def write_through(self) -> None:
+        """After a step: start copying the blocks it completed down to the store (async on a GPU)."""
+        if not self._new:
+            return
+        new, self._new = self._new, []
+        ids, hashes, priorities = ([x[k] for x in new] for k in range(3))
+        taken = self.store.offload(hashes, priorities, self.pool, ids, self._stream)
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        for block_id, block_hash, ok in zip(ids, hashes, taken, strict=True):
+            if ok:
+                self._written[block_id] = (block_hash, event)
+        self.stats.offloaded_blocks += sum(taken)
+
     def on_evict(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
-        """Before an evicted block's slot is reused: keep its KV in the store."""
-        self.store.put(block_hash, self._raw(block_id), priority)  # the store copies it (GPU -> pinned host: one DMA)
+        """Before an evicted block's slot is reused: its KV must be in the store (or dropped by policy)."""
+        written = self._written.pop(block_id, None)
+        if written is not None and written[0] == block_hash:
+            event = written[1]
+            if event is not None:  # GPU-side only: the next write into this block waits for the copy down
+                torch.cuda.current_stream(self.pool.device).wait_event(event)
+                if event not in self._reuse_waits:
+                    self._reuse_waits = [e for e in self._reuse_waits if not e.query()] + [event]
+            return
+        self.store.put(block_hash, self._raw(block_id), priority)  # not taken earlier: copy it now
         self.stats.offloaded_blocks += 1
 
     def start_load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int | None:
@@ -108,7 +154,8 @@ class KVOffloader:
             self.stats.loaded_blocks += end - first
             return end - first
         self._ensure_loader()
-        self._jobs.put(_Load(request, first, end, store_index, [block_ids[i] for i in store_index]))
+        waits, self._reuse_waits = self._reuse_waits, []
+        self._jobs.put(_Load(request, first, end, store_index, [block_ids[i] for i in store_index], waits))
         return None
 
     def _ensure_loader(self) -> None:
@@ -120,6 +167,8 @@ class KVOffloader:
         while (job := self._jobs.get()) is not None:
             hashes = [job.request.block_hashes[i] for i in job.store_index]
             try:
+                for event in job.waits:  # a destination block may still be copying down
+                    event.synchronize()
                 got = self.store.load(hashes, self.pool, job.block_ids)
             except Exception:  # noqa: BLE001 - a failed load means recompute, never a dead engine
                 logger.exception("KV load of %d blocks failed; computing them", len(hashes))

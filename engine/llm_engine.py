@@ -140,6 +140,7 @@ class LLMEngine:
         self.offloader = KVOffloader(store, self.kv_pool,
                                      lambda h: cached[h].block_id if h in cached else None)
         self.block_manager.on_evict = self.offloader.on_evict
+        self.block_manager.on_cached = self.offloader.on_cached
         self.scheduler.offloader = self.offloader
 
     def detach_kv_store(self) -> KVStore | None:
@@ -151,6 +152,7 @@ class LLMEngine:
         self.offloader.close()
         store, self.offloader = self.offloader.store, None
         self.block_manager.on_evict = None
+        self.block_manager.on_cached = None
         self.scheduler.offloader = None
         return store
 
@@ -291,6 +293,8 @@ class LLMEngine:
         if not sched.is_empty:
             sampled, out = self.runner.execute(sched)
             self._record(sched)
+            if self.offloader is not None:
+                self.offloader.write_through()  # this step's new cached blocks start copying down
             for req, token, logprobs in zip(sampled, out.token_ids, out.logprobs, strict=True):
                 self._append_token(req, token, logprobs)
                 parent = self._child_to_parent[req.request_id]

@@ -1,9 +1,10 @@
 """A worker's KVStore backed by the node's KVMemoryService (services/kv_memory/service.py).
 
-put: the evicted block is copied into a local staging pool (host memory; pinned with CUDA; a
-shared-memory file the service maps when both are on one host) on the engine's thread, and a sender
-thread hands batches of staged blocks to the service, which pulls them (KV transport) or copies them
-(shared memory). A full staging pool drops the block (counted), never blocks the step.
+offload (write-through after each step) / put (at eviction, for blocks offload could not take): blocks are
+copied into a local staging pool (host memory; pinned with CUDA, the copies async on the offload stream; a
+shared-memory file the service maps when both are on one host), and a sender thread hands batches of
+staged blocks to the service, which pulls them (KV transport) or copies them (shared memory). A full
+staging pool takes nothing (counted), never blocks the step.
 
 lookup/load: lookup asks the service which leading blocks it holds and pins them (one call); load, on the
 engine's loader thread, copies them into the engine's pool — from the service's shared-memory pool on the
@@ -82,29 +83,52 @@ class KVMemoryClient(KVStore):
 
     # -- offload -----------------------------------------------------------------------------------
 
-    def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
+    def _take_staging(self, n: int) -> list[int]:
         with self._staging_lock:
-            slot = self._free_staging.pop() if self._free_staging else None
-        if slot is None:
-            self.stats["staging_full"] += 1
-            return
-        self.staging[slot].copy_(data.reshape(-1))  # GPU -> pinned host: one DMA, done when it returns
-        self.stats["staged"] += 1
-        self._queue.put((block_hash, slot, priority))
+            k = min(n, len(self._free_staging))
+            slots = [self._free_staging.pop() for _ in range(k)]
+        self.stats["staging_full"] += n - k
+        self.stats["staged"] += k
+        return slots
+
+    def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
+        slots = self._take_staging(1)
+        if slots:
+            self.staging[slots[0]].copy_(data.reshape(-1))  # GPU -> pinned host: one DMA, done when it returns
+            self._queue.put((None, [(block_hash, slots[0], priority)]))
+
+    def offload(self, block_hashes: list[bytes], priorities: list[int], pool: torch.Tensor, block_ids: list[int],
+                stream: torch.cuda.Stream | None = None) -> list[bool]:
+        slots = self._take_staging(len(block_ids))
+        if not slots:
+            return [False] * len(block_ids)
+        k = len(slots)
+        copy_blocks(pool, block_ids[:k], self.staging_typed, slots, stream, wait=not pool.is_cuda)
+        event = None
+        if pool.is_cuda:
+            event = torch.cuda.Event()
+            event.record(stream or torch.cuda.current_stream(pool.device))
+        self._queue.put((event, list(zip(block_hashes[:k], slots, priorities[:k], strict=True))))
+        return [True] * k + [False] * (len(block_ids) - k)
 
     def _send_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            batch = [item]
-            while len(batch) < self.batch_blocks:
+            batch = []
+            while item is not None:
+                event, staged = item
+                if event is not None:
+                    event.synchronize()  # the copies into staging landed
+                batch += staged
+                if len(batch) >= self.batch_blocks:
+                    break
                 try:
-                    nxt = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            self._send(batch)
+            if item is None:
+                self._queue.put(None)
+            for start in range(0, len(batch), self.batch_blocks):
+                self._send(batch[start:start + self.batch_blocks])
 
     def _send(self, batch: list[tuple[bytes, int, int]]) -> None:
         hashes, slots, priorities = (list(x) for x in zip(*batch, strict=True))

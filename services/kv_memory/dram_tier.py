@@ -56,6 +56,7 @@ class DramTier:
         self._slots: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self._pins = [0] * capacity_blocks
+        self._reserved: set[int] = set()  # reserved for a write, not committed yet
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -63,6 +64,12 @@ class DramTier:
 
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._slots
+
+    @property
+    def num_reserved(self) -> int:
+        """Slots reserved for a write not yet committed."""
+        with self._lock:
+            return len(self._reserved)
 
     @property
     def num_pinned(self) -> int:
@@ -115,12 +122,14 @@ class DramTier:
             if slot is None:
                 raise DramFull(f"all {self.capacity_blocks} DRAM slots are pinned")
             self._pins[slot] = 1
+            self._reserved.add(slot)
             return slot, evicted
 
     def commit(self, block_hash: bytes, slot: int, checksum: int | None = None, keep_pinned: bool = False) -> bool:
         """Make a reserved slot findable under block_hash. False (slot freed) if the hash arrived
         meanwhile through another slot."""
         with self._lock:
+            self._reserved.discard(slot)
             if block_hash in self._slots:
                 self._pins[slot] = 0
                 self._free.append(slot)
@@ -134,6 +143,7 @@ class DramTier:
     def abort(self, slot: int) -> None:
         """Give back a reserved slot whose write failed."""
         with self._lock:
+            self._reserved.discard(slot)
             self._pins[slot] = 0
             self.checksums[slot] = None
             self._free.append(slot)

@@ -23,6 +23,7 @@ from services.transport.block_copy import copy_blocks
 _PROMOTED = 2**31 - 1  # priority of a block promoted from SSD (its user's priority is not kept there)
 _PROMOTE_BATCH = 64  # blocks read from SSD per round
 _SSD_READERS = 8  # parallel SSD reads (pread and crc32 release the GIL)
+_MAX_PENDING = 512  # blocks waiting for the SSD writer; beyond it DRAM evictions are dropped (SSD too slow)
 
 
 class TieredKVStore(KVStore):
@@ -38,6 +39,7 @@ class TieredKVStore(KVStore):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = None
         self._read_pool: ThreadPoolExecutor | None = None
+        self._committer: threading.Thread | None = None
         if ssd is not None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True, name="ridgeline-ssd-writer")
             self._writer.start()
@@ -82,7 +84,8 @@ class TieredKVStore(KVStore):
             for old_hash, old_data in evicted:
                 self._event("removed", "dram", old_hash)
                 old_priority = self._priority.pop(old_hash, 0)
-                if self.ssd is not None and self.policy.allows(old_priority, "ssd"):
+                if self.ssd is not None and self.policy.allows(old_priority, "ssd") \
+                        and len(self._pending) < _MAX_PENDING:
                     self._pending[old_hash] = old_data
                     demote.append(old_hash)
                 else:
@@ -107,6 +110,42 @@ class TieredKVStore(KVStore):
             if slot is not None:
                 out.append((i, slot))
         return out, len(block_hashes)
+
+    def offload(self, block_hashes: list[bytes], priorities: list[int], pool: torch.Tensor, block_ids: list[int],
+                stream: torch.cuda.Stream | None = None) -> list[bool]:
+        """Copy blocks of an engine pool into reserved DRAM slots in one batch; from a GPU the copies stay
+        in flight on `stream` and a committer thread makes the slots findable once they landed."""
+        plan, _ = self.reserve(block_hashes, priorities)
+        taken = [block_hash in self.dram for block_hash in block_hashes]  # already held: nothing to copy
+        if not plan:
+            return taken
+        slots = [slot for _, slot in plan]
+        copy_blocks(pool, [block_ids[i] for i, _ in plan], self.dram.pool, slots, stream, wait=not pool.is_cuda)
+        commits = [(block_hashes[i], slot, priorities[i]) for i, slot in plan]
+        for i, _ in plan:
+            taken[i] = True
+        if pool.is_cuda:
+            event = torch.cuda.Event()
+            event.record(stream or torch.cuda.current_stream(pool.device))
+            self._committer_queue().put((event, commits))
+        else:
+            for block_hash, slot, priority in commits:
+                self.commit(block_hash, slot, priority)
+        return taken
+
+    def _committer_queue(self) -> queue.SimpleQueue:
+        if self._committer is None:
+            self._commits: queue.SimpleQueue = queue.SimpleQueue()
+            self._committer = threading.Thread(target=self._commit_loop, daemon=True, name="ridgeline-kv-commit")
+            self._committer.start()
+        return self._commits
+
+    def _commit_loop(self) -> None:
+        while (item := self._commits.get()) is not None:
+            event, commits = item
+            event.synchronize()  # the copies down landed: the slots hold the blocks
+            for block_hash, slot, priority in commits:
+                self.commit(block_hash, slot, priority)
 
     def commit(self, block_hash: bytes, slot: int, priority: int, checksum: int | None = None) -> None:
         if self.dram.commit(block_hash, slot, checksum):
@@ -288,17 +327,21 @@ class TieredKVStore(KVStore):
                 self._pending.pop(block_hash, None)
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until every demotion so far is on SSD (bounded)."""
+        """Wait until every offload so far is findable and every demotion is on SSD (bounded)."""
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
-                if not self._pending:
+                if not self._pending and (self._committer is None or self._commits.empty()) \
+                        and not self.dram.num_reserved:
                     return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"SSD writer did not drain in {timeout_s} s")
             time.sleep(0.005)
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._commits.put(None)
+            self._committer.join(timeout=30)
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=30)

@@ -16,9 +16,10 @@ def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 
 
 def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tensor, dst_ids: list[int],
-                stream: torch.cuda.Stream | None = None) -> None:
+                stream: torch.cuda.Stream | None = None, wait: bool = True) -> None:
     """dst_pool[dst_ids] = src_pool[src_ids] (both [num_blocks, ...] with equal bytes per block), and wait
-    for the copies. `stream`: where GPU copies go (default: the destination's current stream)."""
+    for the copies. `stream`: where GPU copies go (default: the GPU's current stream); `wait=False`
+    leaves GPU copies in flight on it (the caller records an event; host memory must be pinned)."""
     src, dst = src_pool.reshape(src_pool.shape[0], -1), dst_pool.reshape(dst_pool.shape[0], -1)
     if src.dtype != dst.dtype:
         src, dst = src.view(torch.uint8), dst.view(torch.uint8)
@@ -33,4 +34,5 @@ def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tens
     with torch.cuda.device(gpu), torch.cuda.stream(stream):
         for s, d, n in runs(src_ids, dst_ids):
             dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
-    stream.synchronize()
+    if wait:
+        stream.synchronize()

@@ -3,7 +3,6 @@ import threading
 import time
 
 import pytest
-import uvicorn
 from serving_helpers import MODEL
 
 from engine.async_llm import AsyncLLM
@@ -26,6 +25,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(async_llm):
     """A real HTTP server on 127.0.0.1 serving the frontend; yields its base URL."""
+    import uvicorn
+
     port = _free_port()
     config = uvicorn.Config(build_frontend(async_llm, MODEL), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
