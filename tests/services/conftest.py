@@ -6,7 +6,6 @@ import pytest
 from serving_helpers import MODEL
 
 from engine.async_llm import AsyncLLM
-from services.frontend import build_frontend
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +25,8 @@ def _free_port() -> int:
 def server(async_llm):
     """A real HTTP server on 127.0.0.1 serving the frontend; yields its base URL."""
     import uvicorn
+
+    from services.frontend import build_frontend
 
     port = _free_port()
     config = uvicorn.Config(build_frontend(async_llm, MODEL), host="127.0.0.1", port=port, log_level="warning")
