@@ -177,3 +177,27 @@ def test_bad_service_configuration_is_a_clear_error(ray_serve, tmp_path):
     with pytest.raises(ValueError, match="lowest_tier"):
         KVMemoryService("kv-memory-bad", layout.block_shape, layout.dtype, dram_blocks=2, kv_transport="ray",
                         policy={0: "tape"})
+
+
+def test_serve_app_with_node_kv_memory_reads_an_evicted_prefix_back(services, deploy, llama):
+    """The deployed app (`kv_memory="node"`): replicas start the node's service and use it."""
+    import httpx
+    from ray_helpers import MODEL, POOL, app_config, pool_stats
+
+    pool = {**POOL, "engine": {"num_blocks": 8, "max_model_len": 256}, "kv_dram_blocks": 32, "kv_memory": "node"}
+    url = deploy("kvnode", **app_config(llama, mode="aggregated", decode=pool))
+
+    def complete(prompt):
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = complete(PROMPT)
+    complete(FILLER)  # evicts PROMPT's blocks from the replica's 8-block pool
+    again = complete(PROMPT)
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 5 * 16
+    (stats,) = pool_stats("kvnode", "DecodeWorker", 1).values()
+    assert stats["kv_store"]["loads_by_path"]["shm"] == 1 and stats["kv_tier_loaded_blocks"] == 5
+    assert ray.get(_service().stats.remote())["ingested_blocks"] >= 5
