@@ -217,24 +217,24 @@ class TieredKVStore(KVStore):
                 break
             reserved.append((block_hash, slot))
         ok = list(self._readers().map(lambda item: self._read_into_slot(*item), reserved))
-        lead = ok.index(False) if False in ok else len(ok)
-        out = []
-        for k, ((block_hash, slot), good) in enumerate(zip(reserved, ok, strict=True)):
+        out: list[int] = []
+        leading = True  # still in the run the caller gets pinned
+        for (block_hash, slot), good in zip(reserved, ok, strict=True):
             if not good:
                 self.dram.abort(slot)
-                if k == lead:
+                if leading:
                     self.stats["misses"] += 1
+                leading = False
                 continue
-            pinned = k < lead
-            if self.dram.commit(block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy()), keep_pinned=pinned):
+            if self.dram.commit(block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy()), keep_pinned=leading):
                 with self._lock:
                     self._priority[block_hash] = _PROMOTED  # it came from below, so the policy allows it there
                     self._event("stored", "dram", block_hash)
-                if pinned:
-                    out.append(slot)
                 self.stats["ssd_hits"] += 1
-            elif pinned:
-                break  # raced with another promotion: stop the run here (its slot is in DRAM already)
+                if leading:
+                    out.append(slot)
+            else:
+                leading = False  # raced with another promotion: the run continues in DRAM next round
         return out
 
     def _read_into_slot(self, block_hash: bytes, slot: int) -> bool:

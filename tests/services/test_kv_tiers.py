@@ -401,3 +401,50 @@ def test_ssd_promotion_reads_in_parallel_and_stops_at_a_damaged_block(tmp_path):
     assert store.load([h(i) for i in range(6)], pool, [5, 4, 3, 2, 1, 0]) == 3
     assert torch.equal(pool[5], block(0)) and torch.equal(pool[3], block(2)) and not pool[2].any()
     store.close()
+
+
+def test_concurrent_readers_writers_and_pins_keep_every_block_intact(tmp_path):
+    """Writers reserve/commit and put, readers acquire (pin) and load, while SSD demotion and promotion
+    run: nothing read is ever wrong, pinned slots are never reused, capacity holds, no pin leaks."""
+    store = TieredKVStore(DramTier(12, BLOCK, pin=False), SsdTier(tmp_path, 24, BLOCK, sync=False))
+    errors = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(400):
+            i = rng.randrange(40)
+            if rng.random() < 0.5:
+                store.put(h(i), block(i))
+                continue
+            plan, _ = store.reserve([h(i)], [0])
+            for _, slot in plan:
+                store.dram.pool[slot].copy_(block(i))
+                store.commit(h(i), slot, 0)
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        pool = torch.zeros(4, BLOCK, dtype=torch.uint8)
+        for _ in range(400):
+            start = rng.randrange(38)
+            want = [h(start + k) for k in range(3)]
+            slots = store.acquire(want)
+            for k, slot in enumerate(slots):
+                if not torch.equal(store.dram.pool[slot], block(start + k)):
+                    errors.append(("pinned slot changed", start + k))
+            store.release(slots)
+            got = store.load(want, pool, [0, 1, 2])
+            errors.extend(("loaded", start + k) for k in range(got) if not torch.equal(pool[k], block(start + k)))
+            if len(store.dram) > 12 or len(store.ssd) > 24:
+                errors.append("over capacity")
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)]
+    threads += [threading.Thread(target=reader, args=(10 + s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    store.flush()
+    assert errors == [] and store.dram.num_pinned == 0 and store.dram.num_reserved == 0
+    slots = [slot for slot in store.dram._slots.values()]
+    assert len(slots) == len(set(slots)) and len(slots) + len(store.dram._free) == 12  # no slot lost
+    store.close()
