@@ -13,7 +13,8 @@ Block moves use Llama-3-8B blocks (32 layers x K/V x 16 tokens x 8 heads x 128, 
 - shm: the KV memory service's path on one host: another process owns the pool in a shared-memory file,
   this process maps and page-locks it and copies blocks to HBM;
 - ssd: SSD tier -> HBM (reads past a one-block DRAM tier).
-TTFT runs one engine (dummy weights, CUDA graphs) and swaps stores: recompute, DRAM, SSD.
+TTFT runs one engine (dummy weights, CUDA graphs) and swaps stores: recompute, DRAM, SSD with every held
+block loaded (forced), and SSD with the engine's choice (load only what is faster than computing it).
 """
 
 import argparse
@@ -231,19 +232,19 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
     for prompt_len in prompt_lens:
         prompt = [(7 * i) % 120000 + 5 for i in range(prompt_len)]
         reference = None
-        for tier in ("recompute", "dram", "ssd"):
+        for tier in ("recompute", "dram", "ssd_forced", "ssd_auto"):
             store = None
             engine.detach_kv_store()
             if tier == "dram":
                 store = TieredKVStore(DramTier(2 * num_blocks, block_bytes, pin=True))
-            elif tier == "ssd":
+            elif tier.startswith("ssd"):
                 store = TieredKVStore(DramTier(64, block_bytes, pin=True),  # the prompt's blocks end up on SSD
                                       SsdTier(os.path.join(ssd_dir, f"ttft-{prompt_len}"), 2 * num_blocks, block_bytes,
                                               sync=False))
             if store is not None:
                 engine.attach_kv_store(store)
             times, loads, tokens, computed = [], [], None, None
-            for _ in range(3):
+            for i in range(4 if tier == "ssd_auto" else 3):  # auto: a first round measures the disk
                 run(prompt)
                 run(filler)  # pushes the prompt's blocks out of HBM (into the store)
                 if store is not None and store.ssd is not None:
@@ -251,8 +252,12 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
                     fd = os.open(os.path.join(ssd_dir, f"ttft-{prompt_len}", "slab.bin"), os.O_RDONLY)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     os.close(fd)
+                if tier == "ssd_forced":  # forget the prefill rate: every held block is loaded
+                    engine.offloader.prefill_tokens_per_s = None
                 loaded_before = store.stats["load_seconds"] if store is not None else 0.0
                 s, tokens, computed = run(prompt)
+                if tier == "ssd_auto" and i == 0:
+                    continue
                 times.append(s)
                 loads.append(store.stats["load_seconds"] - loaded_before if store is not None else 0.0)
             reference = reference or tokens
@@ -260,6 +265,9 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
                          "ttft_all_s": times, "store_load_s": statistics.median(loads),
                          "prompt_tokens_computed": computed,
                          "same_first_token_as_recompute": tokens == reference,
+                         "blocks_computed_because_slower_to_load":
+                             engine.offloader.stats.skipped_slower_than_compute if store is not None else 0,
+                         "tier_bandwidth_bytes_per_s": dict(store.bandwidth) if store is not None else None,
                          "kv_bytes": (prompt_len // 16) * block_bytes})
             if store is not None:
                 engine.detach_kv_store()

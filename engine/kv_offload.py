@@ -10,6 +10,11 @@ Loads are asynchronous: at admission the scheduler asks the store how many of th
 it holds (`lookup`, cheap), and a loader thread copies them into the request's fresh blocks (`load`, one
 batched call) while the engine keeps stepping other requests; the request runs once its load is done.
 
+A load is worth it only while it is faster than computing: the offloader measures this engine's prefill
+rate, the store estimates each block's load time from the bandwidth its tiers delivered so far, and only
+the prefix of the held run that saves time is loaded (on an H200, a disk at 1 GB/s loses to recomputing a
+Llama-8B prompt, which produces KV at ~5 GB/s).
+
 The store is anything implementing this interface (services/kv_memory gives DRAM and SSD tiers in-process
 and a per-node service); the engine never imports it. A block that comes back damaged is simply not
 loaded: the store checks its checksums and reports fewer blocks, and the scheduler computes the rest.
@@ -26,6 +31,8 @@ import torch
 from engine.request import Request
 
 logger = logging.getLogger(__name__)
+
+_MIN_PREFILL_SAMPLE = 64  # prompt tokens in a step for its time to say what a block costs to compute
 
 
 class KVStore(ABC):
@@ -56,6 +63,10 @@ class KVStore(ABC):
             self.put(block_hash, pool[block_id].reshape(-1).view(torch.uint8), priority)
         return [True] * len(block_ids)
 
+    def load_costs(self, block_hashes: list[bytes]) -> list[float | None]:
+        """Estimated seconds to load each block (None: unknown yet, then it is loaded)."""
+        return [None] * len(block_hashes)
+
     def get(self, block_hash: bytes) -> torch.Tensor | None:
         """One block's bytes, or None."""
         return None
@@ -70,6 +81,7 @@ class OffloadStats:
     loaded_blocks: int = 0
     loads: int = 0
     load_failures: int = 0
+    skipped_slower_than_compute: int = 0  # held blocks computed because loading them would take longer
 
 
 @dataclass
@@ -99,6 +111,30 @@ class KVOffloader:
         self._written: dict[int, tuple[bytes, object]] = {}  # block id -> (hash, GPU event of its copy down)
         self._reuse_waits: list = []  # events of copies down whose blocks were handed out again
         self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
+        self.prefill_tokens_per_s: float | None = None  # measured on this engine's prefill steps
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A step that computed `tokens` prompt tokens took `seconds` (only steps with many count)."""
+        if tokens >= _MIN_PREFILL_SAMPLE and seconds > 0:
+            rate = tokens / seconds
+            old = self.prefill_tokens_per_s
+            self.prefill_tokens_per_s = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def _worth_loading(self, store_hashes: list[bytes], block_size: int) -> int:
+        """How many of the held blocks to load: the prefix that saves the most time against computing
+        them (all when costs or the prefill rate are not known yet)."""
+        if self.prefill_tokens_per_s is None:
+            return len(store_hashes)
+        costs = self.store.load_costs(store_hashes)
+        if any(c is None for c in costs):
+            return len(store_hashes)
+        compute = block_size / self.prefill_tokens_per_s  # seconds to compute one block
+        best, best_saving, saving = 0, 0.0, 0.0
+        for k, cost in enumerate(costs, start=1):
+            saving += compute - cost
+            if saving > best_saving:
+                best, best_saving = k, saving
+        return best
 
     def _raw(self, block_id: int) -> torch.Tensor:
         return self.pool[block_id].reshape(-1).view(torch.uint8)  # [block_bytes]
@@ -135,7 +171,8 @@ class KVOffloader:
         self.store.put(block_hash, self._raw(block_id), priority)  # not taken earlier: copy it now
         self.stats.offloaded_blocks += 1
 
-    def start_load(self, request: Request, first: int, block_ids: list[int], max_blocks: int) -> int | None:
+    def start_load(self, request: Request, first: int, block_ids: list[int], max_blocks: int,
+                   block_size: int = 16) -> int | None:
         """Plan filling the request's blocks first.. from HBM copies and the store. Returns the number of
         blocks ready now (all came from HBM or none is held anywhere), or None when a store load was
         started: its result comes from `take_finished`."""
@@ -144,9 +181,11 @@ class KVOffloader:
         sources = [self.hbm_lookup(hashes[i]) if self.hbm_lookup is not None else None for i in range(first, end)]
         store_index = [first + k for k, src in enumerate(sources) if src is None]
         held = self.store.lookup([hashes[i] for i in store_index]) if store_index else 0
-        if held < len(store_index):  # the plan ends at the first block nobody holds
-            end = store_index[held]
-            store_index = store_index[:held]
+        worth = self._worth_loading([hashes[i] for i in store_index[:held]], block_size) if held else 0
+        self.stats.skipped_slower_than_compute += held - worth
+        if worth < len(store_index):  # the plan ends at the first block nobody holds (or worth loading)
+            end = store_index[worth]
+            store_index = store_index[:worth]
         for k in range(end - first):  # blocks still in this pool: device copies, ordered before any step
             if sources[k] is not None:
                 self._raw(block_ids[first + k]).copy_(self._raw(sources[k]))

@@ -1,5 +1,6 @@
 """LLMEngine: add_request / abort_request / step() = schedule -> execute -> update."""
 
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -291,9 +292,12 @@ class LLMEngine:
         if sched.is_empty and self.scheduler.num_loading:
             self.offloader.wait(0.005)  # only KV loads are in flight: do not spin
         if not sched.is_empty:
-            sampled, out = self.runner.execute(sched)
-            self._record(sched)
+            start = time.perf_counter()
+            sampled, out = self.runner.execute(sched)  # returns once the sampled ids are on the host
+            seconds = time.perf_counter() - start
+            prompt_tokens = self._record(sched)
             if self.offloader is not None:
+                self.offloader.observe_prefill(prompt_tokens, seconds)  # what recomputing a block costs
                 self.offloader.write_through()  # this step's new cached blocks start copying down
             for req, token, logprobs in zip(sampled, out.token_ids, out.logprobs, strict=True):
                 self._append_token(req, token, logprobs)
@@ -309,14 +313,18 @@ class LLMEngine:
             outputs.append(output)
         return outputs
 
-    def _record(self, sched: SchedulerOutput) -> None:
+    def _record(self, sched: SchedulerOutput) -> int:
+        """Advance the scheduled requests; returns the prompt tokens this step computed."""
         self.stats.steps += 1
+        prompt_tokens = 0
         for req, n in sched.scheduled:
             prompt_left = max(req.num_prompt_tokens - req.num_computed_tokens, 0)
-            self.stats.prompt_tokens_computed += min(n, prompt_left)
+            prompt_tokens += min(n, prompt_left)
             self.stats.scheduled_tokens += n
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
+        self.stats.prompt_tokens_computed += prompt_tokens
+        return prompt_tokens
 
     def _append_token(self, req: Request, token: int, logprobs: dict[int, float] | None) -> None:
         params = req.params

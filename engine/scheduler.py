@@ -128,7 +128,7 @@ class Scheduler:
         if max_blocks <= 0:
             return 0
         block_ids = self.block_manager.block_ids(request.request_id)
-        ready = self.offloader.start_load(request, first_block, block_ids, max_blocks)
+        ready = self.offloader.start_load(request, first_block, block_ids, max_blocks, bs)
         return None if ready is None else ready * bs
 
     def _finish_loads(self) -> None:

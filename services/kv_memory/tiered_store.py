@@ -32,6 +32,8 @@ class TieredKVStore(KVStore):
         self.policy = policy or TierPolicy()
         self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0,
                       "stored_blocks": 0, "loaded_blocks": 0, "loads": 0, "load_seconds": 0.0}
+        # bytes/s each tier delivered to readers so far (moving averages; None until measured)
+        self.bandwidth: dict[str, float | None] = {"dram": None, "ssd": None}
         self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
         self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
         self._lock = threading.Lock()
@@ -203,6 +205,24 @@ class TieredKVStore(KVStore):
                 return True
         return self.ssd is not None and block_hash in self.ssd
 
+    def _observe(self, tier: str, num_bytes: int, seconds: float) -> None:
+        if num_bytes and seconds > 0:
+            old = self.bandwidth[tier]
+            rate = num_bytes / seconds
+            self.bandwidth[tier] = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def load_costs(self, block_hashes: list[bytes]) -> list[float | None]:
+        """Seconds to bring each block to the reader: a DRAM copy, plus an SSD read for blocks below."""
+        dram, ssd = self.bandwidth["dram"], self.bandwidth["ssd"]
+        per_dram = None if dram is None else self.dram.block_bytes / dram
+        per_ssd = None if ssd is None or per_dram is None else self.dram.block_bytes / ssd + per_dram
+        out: list[float | None] = []
+        for block_hash in block_hashes:
+            with self._lock:
+                in_memory = block_hash in self._pending
+            out.append(per_dram if in_memory or block_hash in self.dram else per_ssd)
+        return out
+
     def _promote(self, block_hashes: list[bytes]) -> list[int]:
         """Bring blocks from the pending demotions or SSD into DRAM (SSD reads run in parallel, straight
         into the reserved slots); returns the pinned slots of the leading run that arrived intact."""
@@ -216,7 +236,9 @@ class TieredKVStore(KVStore):
             if slot is None:  # promoted meanwhile by another reader: the run continues in DRAM next round
                 break
             reserved.append((block_hash, slot))
+        start = time.perf_counter()
         ok = list(self._readers().map(lambda item: self._read_into_slot(*item), reserved))
+        self._observe("ssd", sum(ok) * self.dram.block_bytes, time.perf_counter() - start)
         out: list[int] = []
         leading = True  # still in the run the caller gets pinned
         for (block_hash, slot), good in zip(reserved, ok, strict=True):
@@ -274,10 +296,12 @@ class TieredKVStore(KVStore):
         while done < n:
             slots = self.acquire(block_hashes[done:n])
             if slots:
+                copy_start = time.perf_counter()
                 try:
                     copy_blocks(self.dram.pool, slots, pool, block_ids[done:done + len(slots)], stream)
                 finally:
                     self.release(slots)
+                self._observe("dram", len(slots) * self.dram.block_bytes, time.perf_counter() - copy_start)
                 done += len(slots)
                 continue
             data = self._read_lower(block_hashes[done])  # DRAM is all pinned: straight from below

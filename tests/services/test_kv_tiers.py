@@ -448,3 +448,30 @@ def test_concurrent_readers_writers_and_pins_keep_every_block_intact(tmp_path):
     slots = [slot for slot in store.dram._slots.values()]
     assert len(slots) == len(set(slots)) and len(slots) + len(store.dram._free) == 12  # no slot lost
     store.close()
+
+
+def test_blocks_slower_to_load_than_to_compute_are_computed(llama, tmp_path):
+    from engine import LLM, SamplingParams
+
+    store = TieredKVStore(DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama)))
+    llm = LLM(llama, num_blocks=8, kv_store=store)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    filler = list(range(200, 200 + 7 * 16))
+    first = llm.generate([prompt], params)[0]
+    assert engine.offloader.prefill_tokens_per_s > 0  # measured on the 83-token prefill
+
+    def again(ssd_bytes_per_s: float) -> int:
+        llm.generate([filler], params)
+        store.flush()
+        store.bandwidth = {"dram": 1e12, "ssd": ssd_bytes_per_s}
+        before = engine.stats.prompt_tokens_computed
+        out = llm.generate([prompt], params)[0]
+        assert out.outputs[0].token_ids == first.outputs[0].token_ids
+        return engine.stats.prompt_tokens_computed - before
+
+    assert again(ssd_bytes_per_s=1.0) == len(prompt)  # a disk at 1 B/s: computing wins
+    assert engine.offloader.stats.skipped_slower_than_compute >= 5
+    assert again(ssd_bytes_per_s=1e12) == len(prompt) - 5 * 16  # a fast disk: every block is loaded
+    store.close()
