@@ -204,6 +204,8 @@ def _parallel_read(path: str, size: int, threads: int = 8) -> float:
 
 def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
     from engine import LLMEngine, SamplingParams
+    from engine.block_hash import hash_extra, update_block_hashes
+    from engine.request import Request
 
     longest = max(prompt_lens)
     num_blocks = longest // 16 + 4
@@ -228,6 +230,12 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
         return time.perf_counter() - t0, outs[-1].outputs[0].token_ids, engine.stats.prompt_tokens_computed - before
 
     block_bytes = engine.kv_pool[0].numel() * engine.kv_pool.element_size()
+
+    def engine_hashes(prompt: list[int]) -> list[bytes]:
+        probe = Request("probe", prompt, one, hash_extra=hash_extra(engine.fingerprint, str(engine.dtype), None))
+        update_block_hashes(probe, engine.block_manager.block_size)
+        return probe.block_hashes
+
     rows = []
     for prompt_len in prompt_lens:
         prompt = [(7 * i) % 120000 + 5 for i in range(prompt_len)]
@@ -255,6 +263,11 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
                 if tier == "ssd_forced":  # forget the prefill rate: every held block is loaded
                     engine.offloader.prefill_tokens_per_s = None
                 loaded_before = store.stats["load_seconds"] if store is not None else 0.0
+                if store is not None:  # what the engine's choice sees
+                    off = engine.offloader
+                    decision = {"prefill_tokens_per_s": off.prefill_tokens_per_s,
+                                "load_cost_first_blocks_s": store.load_costs(engine_hashes(prompt)[:2]),
+                                "tier_bandwidth": dict(store.bandwidth)}
                 s, tokens, computed = run(prompt)
                 if tier == "ssd_auto" and i == 0:
                     continue
@@ -263,6 +276,7 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
             reference = reference or tokens
             rows.append({"prompt_len": prompt_len, "tier": tier, "ttft_s": statistics.median(times),
                          "ttft_all_s": times, "store_load_s": statistics.median(loads),
+                         "last_decision_inputs": decision if store is not None else None,
                          "prompt_tokens_computed": computed,
                          "same_first_token_as_recompute": tokens == reference,
                          "blocks_computed_because_slower_to_load":

@@ -33,6 +33,7 @@ from engine.request import Request
 logger = logging.getLogger(__name__)
 
 _MIN_PREFILL_SAMPLE = 64  # prompt tokens in a step for its time to say what a block costs to compute
+_PROBE_EVERY = 16  # of the loads judged not worth it, every 16th is done anyway: estimates stay current
 
 
 class KVStore(ABC):
@@ -82,6 +83,7 @@ class OffloadStats:
     loads: int = 0
     load_failures: int = 0
     skipped_slower_than_compute: int = 0  # held blocks computed because loading them would take longer
+    probes: int = 0  # loads done although judged slower, to measure the tiers again
 
 
 @dataclass
@@ -112,6 +114,7 @@ class KVOffloader:
         self._reuse_waits: list = []  # events of copies down whose blocks were handed out again
         self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
         self.prefill_tokens_per_s: float | None = None  # measured on this engine's prefill steps
+        self._judged_slower = 0
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """A step that computed `tokens` prompt tokens took `seconds` (only steps with many count)."""
@@ -134,6 +137,11 @@ class KVOffloader:
             saving += compute - cost
             if saving > best_saving:
                 best, best_saving = k, saving
+        if best < len(store_hashes):
+            self._judged_slower += 1
+            if self._judged_slower % _PROBE_EVERY == 0:  # a slow estimate would never be measured again
+                self.stats.probes += 1
+                return len(store_hashes)
         return best
 
     def _raw(self, block_id: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from services.transport.block_copy import copy_blocks
 _PROMOTED = 2**31 - 1  # priority of a block promoted from SSD (its user's priority is not kept there)
 _PROMOTE_BATCH = 64  # blocks read from SSD per round
 _SSD_READERS = 8  # parallel SSD reads (pread and crc32 release the GIL)
+_MIN_BANDWIDTH_SAMPLE_BLOCKS = 8  # reads at least this large update a tier's bandwidth estimate
 _MAX_PENDING = 512  # blocks waiting for the SSD writer; beyond it DRAM evictions are dropped (SSD too slow)
 
 
@@ -206,7 +207,8 @@ class TieredKVStore(KVStore):
         return self.ssd is not None and block_hash in self.ssd
 
     def _observe(self, tier: str, num_bytes: int, seconds: float) -> None:
-        if num_bytes and seconds > 0:
+        """A read of num_bytes took seconds; small reads (latency-bound) say little about bandwidth."""
+        if num_bytes >= _MIN_BANDWIDTH_SAMPLE_BLOCKS * self.dram.block_bytes and seconds > 0:
             old = self.bandwidth[tier]
             rate = num_bytes / seconds
             self.bandwidth[tier] = rate if old is None else 0.7 * old + 0.3 * rate
