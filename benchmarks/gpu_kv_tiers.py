@@ -247,8 +247,8 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
                 store = TieredKVStore(DramTier(2 * num_blocks, block_bytes, pin=True))
             elif tier.startswith("ssd"):
                 store = TieredKVStore(DramTier(64, block_bytes, pin=True),  # the prompt's blocks end up on SSD
-                                      SsdTier(os.path.join(ssd_dir, f"ttft-{prompt_len}"), 2 * num_blocks, block_bytes,
-                                              sync=False))
+                                      SsdTier(os.path.join(ssd_dir, f"ttft-{prompt_len}-{tier}"), 2 * num_blocks,
+                                              block_bytes, sync=False))
             if store is not None:
                 engine.attach_kv_store(store)
             times, loads, tokens, computed = [], [], None, None
@@ -257,7 +257,7 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
                 run(filler)  # pushes the prompt's blocks out of HBM (into the store)
                 if store is not None and store.ssd is not None:
                     store.flush(300)
-                    fd = os.open(os.path.join(ssd_dir, f"ttft-{prompt_len}", "slab.bin"), os.O_RDONLY)
+                    fd = os.open(os.path.join(ssd_dir, f"ttft-{prompt_len}-{tier}", "slab.bin"), os.O_RDONLY)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                     os.close(fd)
                 if tier == "ssd_forced":  # forget the prefill rate: every held block is loaded
