@@ -24,7 +24,11 @@ class DramTier:
     """Holds up to `capacity_blocks` blocks of `block_bytes` bytes each, keyed by block hash.
 
     Contract: `put` stores a copy and returns the blocks it evicted to make room (least recently used
-    unpinned first), so the caller can demote them; `get` returns a copy or None. Thread-safe.
+    unpinned first) as (hash, bytes, slot), so the caller can demote them; `get` returns a copy or None.
+    Thread-safe. With a `demote` hook, an evicted block the hook accepts is demoted in place: its slot stays
+    pinned and `bytes` is a view of it (no copy) until the caller wrote it below and `release_demoted(slot)`
+    (at most a quarter of the slots at once; beyond that, and without a hook, `bytes` is a copy and slot
+    None); a block the hook refuses comes back as (hash, None, None) and its slot is reused at once.
     `pool` is [capacity, block_bytes] uint8; `typed` views it as [capacity, *block_shape] of `dtype`.
     """
 
@@ -57,6 +61,9 @@ class DramTier:
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self._pins = [0] * capacity_blocks
         self._reserved: set[int] = set()  # reserved for a write, not committed yet
+        self.demote = None  # callable(block_hash) -> bool: demote this evicted block in place
+        self._demoting: set[int] = set()  # slots whose evicted blocks are being written below
+        self.max_demoting = max(1, capacity_blocks // 4)  # beyond it evicted blocks are dropped
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -72,21 +79,54 @@ class DramTier:
             return len(self._reserved)
 
     @property
+    def num_demoting(self) -> int:
+        with self._lock:
+            return len(self._demoting)
+
+    @property
     def num_pinned(self) -> int:
         with self._lock:
             return sum(1 for p in self._pins if p)
 
     def _take_slot(self, evicted: list) -> int | None:
-        """A free slot, evicting the least recently used unpinned block if needed (lock held)."""
+        """A free slot, evicting least recently used unpinned blocks if needed (lock held)."""
         if self._free:
             return self._free.pop()
-        for old_hash, slot in self._slots.items():
-            if not self._pins[slot]:
-                del self._slots[old_hash]
-                evicted.append((old_hash, self.pool[slot].clone()))
-                self.checksums[slot] = None
+        demoted_here = []
+        for old_hash, slot in list(self._slots.items()):
+            if self._pins[slot]:
+                continue
+            del self._slots[old_hash]
+            self.checksums[slot] = None
+            if self.demote is None:
+                evicted.append((old_hash, self.pool[slot].clone(), None))
                 return slot
-        return None  # every slot is pinned by a reader
+            if not self.demote(old_hash):
+                evicted.append((old_hash, None, None))  # dropped
+                return slot
+            if len(self._demoting) < self.max_demoting:
+                self._pins[slot] = 1  # written below from here; the next LRU block gives its slot
+                self._demoting.add(slot)
+                evicted.append((old_hash, self.pool[slot], slot))
+                demoted_here.append(len(evicted) - 1)
+                continue
+            evicted.append((old_hash, self.pool[slot].clone(), None))  # a burst: demoted from a copy
+            return slot
+        if demoted_here:  # no other slot to give: copy the last demoted block out and reuse its slot
+            i = demoted_here[-1]
+            old_hash, view, slot = evicted[i]
+            evicted[i] = (old_hash, view.clone(), None)
+            self._demoting.discard(slot)
+            self._pins[slot] = 0
+            return slot
+        return None  # every slot is pinned by a reader, a writer or a demotion
+
+    def release_demoted(self, slot: int) -> None:
+        """The evicted block in `slot` is below now (or given up): the slot is free."""
+        with self._lock:
+            self._demoting.discard(slot)
+            self._pins[slot] = 0
+            self._free.append(slot)
 
     def _check(self, data: torch.Tensor) -> torch.Tensor:
         data = data.reshape(-1)
@@ -94,7 +134,7 @@ class DramTier:
             raise ValueError(f"data: need {self.block_bytes} uint8 values, got {data.numel()} {data.dtype}")
         return data
 
-    def put(self, block_hash: bytes, data: torch.Tensor, checksum: int | None = None) -> list[tuple[bytes, torch.Tensor]]:
+    def put(self, block_hash: bytes, data: torch.Tensor, checksum: int | None = None) -> list[tuple]:
         """data: the block as bytes ([block_bytes] uint8, any device). Returns the evicted blocks; a put
         while every slot is pinned stores nothing."""
         data = self._check(data)

@@ -6,6 +6,7 @@ KVMemoryService (services/kv_memory/service.py), which adds acquire/reserve/comm
 writers move the bytes themselves while the slots are pinned.
 """
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ from services.kv_memory.dram_tier import DramFull, DramTier
 from services.kv_memory.ssd_tier import SsdTier
 from services.kv_memory.tier_policy import TierPolicy
 from services.transport.block_copy import copy_blocks
+
+logger = logging.getLogger(__name__)
 
 _PROMOTED = 2**31 - 1  # priority of a block promoted from SSD (its user's priority is not kept there)
 _PROMOTE_BATCH = 64  # blocks read from SSD per round
@@ -36,13 +39,15 @@ class TieredKVStore(KVStore):
         # bytes/s each tier delivered to readers so far (moving averages; None until measured)
         self.bandwidth: dict[str, float | None] = {"dram": None, "ssd": None}
         self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
-        self._pending: dict[bytes, torch.Tensor] = {}  # evicted from DRAM, not yet on SSD (still readable)
+        # evicted from DRAM, not yet on SSD (still readable): the bytes (a view of a DRAM slot being demoted)
+        self._pending: dict[bytes, tuple[torch.Tensor, int | None]] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # side streams for loads into GPU pools
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._committer: threading.Thread | None = None
+        dram.demote = self._may_demote if ssd is not None else None
         if ssd is not None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True, name="ridgeline-ssd-writer")
             self._writer.start()
@@ -80,19 +85,28 @@ class TieredKVStore(KVStore):
                 self.stats["stored_blocks"] += 1
         self._demote(evicted)
 
-    def _demote(self, evicted: list[tuple[bytes, torch.Tensor]]) -> None:
-        """Blocks DRAM evicted go to SSD if their class may live there, else they are dropped."""
+    def _may_demote(self, block_hash: bytes) -> bool:
+        """Called by the DRAM tier for each block it evicts (its lock held): write it to SSD in place?"""
+        return self.policy.allows(self._priority.get(block_hash, 0), "ssd") and len(self._pending) < _MAX_PENDING
+
+    def _demote(self, evicted: list[tuple]) -> None:
+        """Blocks DRAM evicted go to SSD (written from their slot) if allowed there, else they are dropped."""
         demote = []
         with self._lock:
-            for old_hash, old_data in evicted:
+            for old_hash, old_data, slot in evicted:
                 self._event("removed", "dram", old_hash)
                 old_priority = self._priority.pop(old_hash, 0)
-                if self.ssd is not None and self.policy.allows(old_priority, "ssd") \
-                        and len(self._pending) < _MAX_PENDING:
-                    self._pending[old_hash] = old_data
+                if old_hash in self._pending:  # promoted and evicted again before it reached SSD
+                    if slot is not None:
+                        self.dram.release_demoted(slot)
+                elif old_data is not None and self.ssd is not None and (
+                        slot is not None or self.policy.allows(old_priority, "ssd")):
+                    self._pending[old_hash] = (old_data, slot)
                     demote.append(old_hash)
                 else:
                     self.stats["dropped"] += 1
+                    if slot is not None:
+                        self.dram.release_demoted(slot)
         for old_hash in demote:
             self._queue.put(old_hash)
 
@@ -263,10 +277,10 @@ class TieredKVStore(KVStore):
 
     def _read_into_slot(self, block_hash: bytes, slot: int) -> bool:
         with self._lock:
-            data = self._pending.get(block_hash)
-        if data is not None:
-            self.dram.pool[slot].copy_(data)
-            return True
+            pending = self._pending.get(block_hash)
+            if pending is not None:  # under the lock: the writer frees the source slot only after it
+                self.dram.pool[slot].copy_(pending[0])
+                return True
         return self.ssd is not None and self.ssd.read_into(block_hash, self.dram.pool[slot].numpy())
 
     def _readers(self) -> ThreadPoolExecutor:
@@ -277,7 +291,8 @@ class TieredKVStore(KVStore):
     def _read_lower(self, block_hash: bytes) -> torch.Tensor | None:
         """A block's bytes from the pending demotions or SSD (None if missing or damaged)."""
         with self._lock:
-            data = self._pending.get(block_hash)
+            pending = self._pending.get(block_hash)
+            data = None if pending is None else pending[0].clone()  # its slot is freed once on SSD
         if data is None and self.ssd is not None:
             raw = self.ssd.get(block_hash)  # None if missing or damaged (checksum)
             data = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -341,16 +356,23 @@ class TieredKVStore(KVStore):
     def _write_loop(self) -> None:
         while (block_hash := self._queue.get()) is not None:
             with self._lock:
-                data = self._pending.get(block_hash)
+                data, slot = self._pending.get(block_hash, (None, None))
             if data is not None:
-                gone = self.ssd.put(block_hash, data.numpy().tobytes())
-                self.stats["demoted"] += 1
-                with self._lock:
-                    self._event("stored", "ssd", block_hash)
-                    if gone is not None:
-                        self._event("removed", "ssd", gone)
+                try:
+                    gone = self.ssd.put(block_hash, data.numpy())  # straight from the demoted slot
+                except OSError as e:  # disk full or failing: the block is dropped, the writer goes on
+                    logger.warning("SSD tier write failed, block dropped: %r", e)
+                    self.stats["dropped"] += 1
+                else:
+                    self.stats["demoted"] += 1
+                    with self._lock:
+                        self._event("stored", "ssd", block_hash)
+                        if gone is not None:
+                            self._event("removed", "ssd", gone)
             with self._lock:
                 self._pending.pop(block_hash, None)
+                if slot is not None:  # freed under the lock: a promotion may be copying from it
+                    self.dram.release_demoted(slot)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every offload so far is findable and every demotion is on SSD (bounded)."""

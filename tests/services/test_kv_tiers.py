@@ -38,7 +38,7 @@ def test_hbm_to_dram_to_ssd_and_back_is_bit_exact(tmp_path):
     dram = DramTier(capacity_blocks=1, block_bytes=raw.shape[1], pin=False)
     ssd = SsdTier(tmp_path, capacity_blocks=8, block_bytes=raw.shape[1])
     for i in range(4):  # each put demotes the previous block to SSD
-        for old_hash, data in dram.put(h(i), raw[i]):
+        for old_hash, data, _ in dram.put(h(i), raw[i]):
             ssd.put(old_hash, data.numpy().tobytes())
     back = torch.empty_like(hbm)
     back.view(4, -1).view(torch.uint8)[3] = dram.get(h(3))
