@@ -202,7 +202,8 @@ def _parallel_read(path: str, size: int, threads: int = 8) -> float:
     return seconds
 
 
-def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
+def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
+         tiers: tuple[str, ...] = ("recompute", "dram", "ssd_forced", "ssd_auto")) -> list[dict]:
     from engine import LLMEngine, SamplingParams
     from engine.block_hash import hash_extra, update_block_hashes
     from engine.request import Request
@@ -217,6 +218,8 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     filler = [(11 * i) % 120000 + 5 for i in range((num_blocks - 1) * 16)]  # takes the whole pool
 
+    steps: list[tuple] = []  # the last run's steps: (ms since add, ms the step took, tokens, loading)
+
     def run(prompt: list[int]) -> tuple[float, list[int], int]:
         before = engine.stats.prompt_tokens_computed
         rid = f"r{time.monotonic_ns()}"
@@ -224,8 +227,13 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
         t0 = time.perf_counter()
         engine.add_request(rid, prompt, one, stream=False)
         outs = []
+        steps.clear()
         while engine.has_unfinished_requests():
+            s0 = time.perf_counter()
+            tokens0 = engine.stats.scheduled_tokens
             outs += engine.step()
+            steps.append((round((s0 - t0) * 1e3, 2), round((time.perf_counter() - s0) * 1e3, 2),
+                          engine.stats.scheduled_tokens - tokens0, engine.scheduler.num_loading))
         torch.cuda.synchronize()
         return time.perf_counter() - t0, outs[-1].outputs[0].token_ids, engine.stats.prompt_tokens_computed - before
 
@@ -240,7 +248,7 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
     for prompt_len in prompt_lens:
         prompt = [(7 * i) % 120000 + 5 for i in range(prompt_len)]
         reference = None
-        for tier in ("recompute", "dram", "ssd_forced", "ssd_auto"):
+        for tier in tiers:
             store = None
             engine.detach_kv_store()
             if tier == "dram":
@@ -277,6 +285,7 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str) -> list[dict]:
             rows.append({"prompt_len": prompt_len, "tier": tier, "ttft_s": statistics.median(times),
                          "ttft_all_s": times, "store_load_s": statistics.median(loads),
                          "last_decision_inputs": decision if store is not None else None,
+                         "last_run_steps_ms_tokens_loading": [x for x in steps if x[2] or x[1] > 0.5][:20],
                          "prompt_tokens_computed": computed,
                          "same_first_token_as_recompute": tokens == reference,
                          "blocks_computed_because_slower_to_load":
@@ -298,11 +307,13 @@ def main() -> None:
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[2048, 6144])
     parser.add_argument("--ssd-dir", default=None)
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--skip-moves", action="store_true")
+    parser.add_argument("--tiers", nargs="+", default=["recompute", "dram", "ssd_forced", "ssd_auto"])
     args = parser.parse_args()
     result = {"floors": floors()}
     print(result, flush=True)
     with tempfile.TemporaryDirectory(dir=args.ssd_dir) as tmp:
-        result["block_moves"] = block_moves(tmp)
+        result["block_moves"] = {"rows": []} if args.skip_moves else block_moves(tmp)
         fl = result["floors"]
         for r in result["block_moves"]["rows"]:
             if "gbps" in r:
@@ -310,7 +321,7 @@ def main() -> None:
                 r["vs_pinned_copy"] = r["gbps"] / floor
             print(r, flush=True)
         if not args.skip_ttft:
-            result["ttft"] = ttft(write_model_dir(Path(tmp)), args.prompt_lens, tmp)
+            result["ttft"] = ttft(write_model_dir(Path(tmp)), args.prompt_lens, tmp, tuple(args.tiers))
             for r in result["ttft"]:
                 print(r, flush=True)
     result["block_shape"] = list(BLOCK_SHAPE)
