@@ -134,6 +134,7 @@ def block_moves(ssd_dir: str) -> dict:
         for n in SIZES:
             dst = scattered[:n]
             hbm[dst] = 0
+            torch.cuda.synchronize()  # the side stream does not wait for the default one
             s = _timed(lambda n=n, dst=dst: copy_blocks(mapped, list(range(n)), hbm, dst, side))
             rows.append({"path": "shm_other_process_to_hbm", "blocks": n, "seconds": s,
                          "gbps": n * BLOCK_BYTES / s / 1e9, "correct": torch.equal(hbm[dst], hbm[:n])})

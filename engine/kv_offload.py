@@ -1,10 +1,12 @@
 """The engine's seam to KV tiers below HBM: cached blocks are copied down to a `KVStore`, and a prompt's
 blocks found there (after the HBM hits) are loaded instead of recomputed.
 
-Offload is write-through and asynchronous: after each step, the blocks that step completed start copying
-down on a side stream (the GPU's copy engine, overlapping the next steps), so evicting one later costs
-nothing: the engine only orders the overwrite after that copy on the GPU. A block the store did not take
-then (staging full) is put synchronously when evicted.
+Offload is write-through and asynchronous: after each step, the blocks that step completed are handed to
+an offload thread, which has the store copy them down on a side stream (the GPU's copy engine, after the
+step's compute, overlapping the next steps) — the store's bookkeeping never runs on the engine's step. So
+evicting such a block later costs nothing: the engine only orders the overwrite after that copy on the
+GPU. A block the store did not take (staging full) is put synchronously when evicted. On a CPU pool the
+copies are plain memcpy on the engine thread.
 
 Loads are asynchronous: at admission the scheduler asks the store how many of the prompt's next blocks
 it holds (`lookup`, cheap), and a loader thread copies them into the request's fresh blocks (`load`, one
@@ -86,6 +88,20 @@ class OffloadStats:
     probes: int = 0  # loads done although judged slower, to measure the tiers again
 
 
+class _Offload:
+    """One step's blocks on their way down: the offload thread fills in what the store took."""
+
+    def __init__(self, block_ids: list[int], hashes: list[bytes], priorities: list[int], ready):
+        self.block_ids, self.hashes, self.priorities, self.ready = block_ids, hashes, priorities, ready
+        self.launched = threading.Event()
+        self.taken: list[bool] = [False] * len(block_ids)
+        self.copied = None  # CUDA event after the copies
+
+    def took(self, block_id: int) -> bool:
+        self.launched.wait()
+        return self.taken[self.block_ids.index(block_id)]
+
+
 @dataclass
 class _Load:
     request: Request
@@ -110,9 +126,11 @@ class KVOffloader:
         self._finished_event = threading.Event()
         self._loader: threading.Thread | None = None
         self._new: list[tuple[int, bytes, int]] = []  # cached this step: (block id, hash, priority)
-        self._written: dict[int, tuple[bytes, object]] = {}  # block id -> (hash, GPU event of its copy down)
+        self._written: dict[int, tuple[bytes, object]] = {}  # block id -> (hash, _Offload, None when copied)
         self._reuse_waits: list = []  # events of copies down whose blocks were handed out again
         self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
+        self._offloads: queue.SimpleQueue = queue.SimpleQueue()
+        self._offloader: threading.Thread | None = None
         self.prefill_tokens_per_s: float | None = None  # measured on this engine's prefill steps
         self._judged_slower = 0
 
@@ -151,31 +169,54 @@ class KVOffloader:
         self._new.append((block_id, block_hash, priority))
 
     def write_through(self) -> None:
-        """After a step: start copying the blocks it completed down to the store (async on a GPU)."""
+        """After a step: the blocks it completed start their way down to the store."""
         if not self._new:
             return
         new, self._new = self._new, []
         ids, hashes, priorities = ([x[k] for x in new] for k in range(3))
-        taken = self.store.offload(hashes, priorities, self.pool, ids, self._stream)
-        event = None
-        if self._stream is not None:
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        for block_id, block_hash, ok in zip(ids, hashes, taken, strict=True):
-            if ok:
-                self._written[block_id] = (block_hash, event)
-        self.stats.offloaded_blocks += sum(taken)
+        if self._stream is None:  # a host pool: memcpy now, nothing to order
+            taken = self.store.offload(hashes, priorities, self.pool, ids, None)
+            for block_id, block_hash, ok in zip(ids, hashes, taken, strict=True):
+                if ok:
+                    self._written[block_id] = (block_hash, None)
+            self.stats.offloaded_blocks += sum(taken)
+            return
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.pool.device))  # the step's compute wrote these blocks
+        job = _Offload(ids, hashes, priorities, ready)
+        for block_id, block_hash in zip(ids, hashes, strict=True):
+            self._written[block_id] = (block_hash, job)
+        if self._offloader is None:
+            self._offloader = threading.Thread(target=self._offload_loop, daemon=True, name="ridgeline-kv-offload")
+            self._offloader.start()
+        self._offloads.put(job)
+
+    def _offload_loop(self) -> None:
+        while (job := self._offloads.get()) is not None:
+            try:
+                self._stream.wait_event(job.ready)
+                job.taken = self.store.offload(job.hashes, job.priorities, self.pool, job.block_ids, self._stream)
+                job.copied = torch.cuda.Event()
+                job.copied.record(self._stream)
+                self.stats.offloaded_blocks += sum(job.taken)
+            except Exception:  # noqa: BLE001 - nothing taken: evictions put the blocks themselves
+                logger.exception("write-through of %d blocks failed", len(job.block_ids))
+                job.taken = [False] * len(job.block_ids)
+            finally:
+                job.launched.set()
 
     def on_evict(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
         """Before an evicted block's slot is reused: its KV must be in the store (or dropped by policy)."""
         written = self._written.pop(block_id, None)
         if written is not None and written[0] == block_hash:
-            event = written[1]
-            if event is not None:  # GPU-side only: the next write into this block waits for the copy down
-                torch.cuda.current_stream(self.pool.device).wait_event(event)
-                if event not in self._reuse_waits:
-                    self._reuse_waits = [e for e in self._reuse_waits if not e.query()] + [event]
-            return
+            job = written[1]
+            if job is None:  # copied synchronously (host pool)
+                return
+            if job.took(block_id):  # GPU-side only: the next write into this block waits for the copy down
+                torch.cuda.current_stream(self.pool.device).wait_event(job.copied)
+                if job.copied not in self._reuse_waits:
+                    self._reuse_waits = [e for e in self._reuse_waits if not e.query()] + [job.copied]
+                return
         self.store.put(block_hash, self._raw(block_id), priority)  # not taken earlier: copy it now
         self.stats.offloaded_blocks += 1
 
@@ -242,6 +283,10 @@ class KVOffloader:
         self._finished_event.wait(timeout_s)
 
     def close(self) -> None:
+        if self._offloader is not None:
+            self._offloads.put(None)
+            self._offloader.join(timeout=30)
+            self._offloader = None
         if self._loader is not None:
             self._jobs.put(None)
             self._loader.join(timeout=30)

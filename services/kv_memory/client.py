@@ -69,6 +69,7 @@ class KVMemoryClient(KVStore):
             self.staging_transport = make_transport(kv_transport)
             self.staging_transport.register(self.staging_typed)
         self._service_pool = None  # the service's shared-memory pool, mapped on first use
+        self._load_stream = None
         self._service_pool_incarnation = None
         self._free_staging = list(range(staging_blocks - 1, -1, -1))
         self._staging_lock = threading.Lock()
@@ -209,7 +210,11 @@ class KVMemoryClient(KVStore):
         try:
             src = self._service_pool_for(handle)
             if src is not None:  # same host: straight from the service's (pinned) pool, DMA on a GPU
-                copy_blocks(src, handle.block_ids[:n], pool, block_ids)
+                stream = None
+                if pool.is_cuda:  # a side stream: the engine's stream keeps computing meanwhile
+                    self._load_stream = self._load_stream or torch.cuda.Stream(pool.device)
+                    stream = self._load_stream
+                copy_blocks(src, handle.block_ids[:n], pool, block_ids, stream)
                 self.stats["loads_by_path"]["shm"] += 1
             else:
                 self.pull_transport.pull(handle.select(range(n)), block_ids, timeout_s=self.timeout_s)

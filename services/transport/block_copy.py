@@ -18,8 +18,9 @@ def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tensor, dst_ids: list[int],
                 stream: torch.cuda.Stream | None = None, wait: bool = True) -> None:
     """dst_pool[dst_ids] = src_pool[src_ids] (both [num_blocks, ...] with equal bytes per block), and wait
-    for the copies. `stream`: where GPU copies go (default: the GPU's current stream); `wait=False`
-    leaves GPU copies in flight on it (the caller records an event; host memory must be pinned)."""
+    for the copies. `stream`: where GPU copies go (default: the GPU's current stream); the caller orders it
+    after any GPU work the copy depends on. `wait=False` leaves GPU copies in flight on it (the caller
+    records an event; host memory must be pinned)."""
     src, dst = src_pool.reshape(src_pool.shape[0], -1), dst_pool.reshape(dst_pool.shape[0], -1)
     if src.dtype != dst.dtype:
         src, dst = src.view(torch.uint8), dst.view(torch.uint8)
@@ -28,9 +29,7 @@ def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tens
         for s, d, n in runs(src_ids, dst_ids):
             dst[d:d + n].copy_(src[s:s + n])
         return
-    current = torch.cuda.current_stream(gpu)
-    stream = stream or current
-    stream.wait_stream(current)  # work queued before (on this thread's stream) touching the pools comes first
+    stream = stream or torch.cuda.current_stream(gpu)
     with torch.cuda.device(gpu), torch.cuda.stream(stream):
         for s, d, n in runs(src_ids, dst_ids):
             dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
