@@ -265,6 +265,7 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
                 run(prompt)
                 run(filler)  # pushes the prompt's blocks out of HBM (into the store)
                 if store is not None and store.ssd is not None:
+                    engine.offloader.drain(300)
                     store.flush(300)
                     fd = os.open(os.path.join(ssd_dir, f"ttft-{prompt_len}-{tier}", "slab.bin"), os.O_RDONLY)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -128,6 +128,7 @@ def ttft(path: str, prompt_len: int, ssd_dir: str) -> dict:
             llm.generate([prompt], params)
             llm.generate([filler], params)  # pushes the prompt's blocks out of the pool
             if store is not None and store.ssd is not None:
+                llm.engine.offloader.drain()
                 store.flush()
             before = llm.engine.stats.prompt_tokens_computed
             t0 = time.perf_counter()
@@ -201,6 +202,7 @@ class _ServiceWorker:
         return time.perf_counter() - t0, engine.stats.prompt_tokens_computed - before
 
     def flush(self) -> None:
+        self.worker.engine.offloader.drain()
         self.worker.kv_store.flush()
 
     def stats(self) -> dict:

@@ -191,6 +191,13 @@ class KVOffloader:
             self._offloader.start()
         self._offloads.put(job)
 
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every write-through so far has been handed to the store (launched)."""
+        pending = [job for _, job in self._written.values() if job is not None]
+        for job in pending:
+            if not job.launched.wait(timeout_s):
+                raise TimeoutError(f"write-through not launched in {timeout_s} s")
+
     def _offload_loop(self) -> None:
         while (job := self._offloads.get()) is not None:
             try:

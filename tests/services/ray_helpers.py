@@ -68,6 +68,7 @@ class TierWorker:
         return final.outputs[0].token_ids, engine.stats.prompt_tokens_computed - before
 
     def flush(self) -> None:
+        self.worker.engine.offloader.drain()
         self.worker.kv_store.flush()
 
     def stats(self) -> dict:

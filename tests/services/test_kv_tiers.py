@@ -162,6 +162,7 @@ def _prefix_run(llama, store):
     llm.generate([list(range(200, 200 + 7 * 16))], params)  # needs the whole pool: evicts the prefix
     engine = llm.engine
     if store is not None and hasattr(store, "flush"):
+        engine.offloader.drain()
         store.flush()
     before = engine.stats.prompt_tokens_computed
     again = llm.generate([prompt], params)[0]
@@ -199,6 +200,7 @@ def test_damaged_ssd_block_is_recomputed_not_served(llama, tmp_path):
     prompt = list(range(30, 30 + 5 * 16 + 3))
     first = llm.generate([prompt], params)[0]
     llm.generate([list(range(200, 200 + 7 * 16))], params)
+    llm.engine.offloader.drain()
     store.flush()
     os.truncate(tmp_path / "slab.bin", 0)  # every block on SSD is torn
     before = llm.engine.stats.prompt_tokens_computed
@@ -300,11 +302,13 @@ def test_kv_events_follow_blocks_across_tiers(llama, tmp_path):
     llm = LLM(llama, num_blocks=8, kv_store=store)
     one = SamplingParams(temperature=0, max_tokens=1)
     llm.generate([list(range(10, 58))], one)  # 3 full blocks, written through to DRAM
-    store.flush()  # (on a GPU the copies down land asynchronously)
+    llm.engine.offloader.drain()  # on a GPU the copies down are launched and land asynchronously
+    store.flush()
     events = llm.engine.kv_events.drain()
     assert (events[0].kind, events[0].tier, len(events[0].block_hashes)) == ("stored", "hbm", 3)
     stored = events[0].block_hashes
     llm.generate([list(range(100, 227))], one)  # 8 blocks (7 full): evicts the 3 from HBM, and from DRAM
+    llm.engine.offloader.drain()
     store.flush()
     by = {}
     for e in events + llm.engine.kv_events.drain():
@@ -464,6 +468,7 @@ def test_blocks_slower_to_load_than_to_compute_are_computed(llama, tmp_path):
 
     def again(ssd_bytes_per_s: float) -> int:
         llm.generate([filler], params)
+        llm.engine.offloader.drain()
         store.flush()
         store.bandwidth = {"dram": 1e12, "ssd": ssd_bytes_per_s}
         before = engine.stats.prompt_tokens_computed
