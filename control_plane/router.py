@@ -1,7 +1,13 @@
-"""Replica choice, first version: least loaded. No Ray, no torch: the Serve glue (services/routing.py)
-feeds it loads and asks for a ranking; the KV-aware router replaces the policy, not the glue."""
+"""Replica choice: pluggable policies ranking replicas for one request. No Ray, no torch: the Serve glue
+(services/routing.py) feeds them loads (and the request's block hashes) and asks for a ranking.
+
+`LeastLoadedPolicy` looks at load only. `KVAwarePolicy` prices each replica as the work the request would
+cost there: the blocks it would have to compute (those no tier of that replica holds), the blocks it would
+load from DRAM or SSD (cheaper than computing, not free), and the requests already queued there."""
 
 from dataclasses import dataclass
+
+from control_plane.kv_index import KVIndex
 
 
 @dataclass(frozen=True)
@@ -19,8 +25,53 @@ class LeastLoadedPolicy:
 
     name = "least_loaded"
 
-    def rank(self, loads: list[ReplicaLoad]) -> list[str]:
+    def rank(self, loads: list[ReplicaLoad], block_hashes: list[bytes] | None = None) -> list[str]:
         def key(load: ReplicaLoad):
             return max(load.ongoing, load.running + load.waiting), -load.kv_free_fraction, load.replica_id
+
+        return [load.replica_id for load in sorted(loads, key=key)]
+
+
+@dataclass(frozen=True)
+class TierCosts:
+    """What serving one block from a tier costs, in units of computing it (HBM: free)."""
+
+    hbm: float = 0.0
+    dram: float = 0.1
+    ssd: float = 0.5
+
+    def __post_init__(self) -> None:
+        for tier in ("hbm", "dram", "ssd"):
+            if not 0.0 <= getattr(self, tier) <= 1.0:
+                raise ValueError(f"tier_costs.{tier}: got {getattr(self, tier)}, allowed 0..1 (of computing a block)")
+
+
+class KVAwarePolicy:
+    """Cheapest replica for this request: blocks to compute + tier-weighted blocks to load + queued
+    requests × `queue_blocks` (what one waiting request costs, in blocks); ties by load, then id."""
+
+    name = "kv_aware"
+
+    def __init__(self, index: KVIndex, tier_costs: TierCosts = TierCosts(), queue_blocks: float = 8.0):
+        if queue_blocks < 0:
+            raise ValueError(f"queue_blocks: got {queue_blocks}, allowed >= 0")
+        self.index, self.tier_costs, self.queue_blocks = index, tier_costs, queue_blocks
+
+    def costs(self, loads: list[ReplicaLoad], block_hashes: list[bytes]) -> dict[str, float]:
+        matches = self.index.match(block_hashes, [load.replica_id for load in loads])
+        out = {}
+        for load in loads:
+            m, c = matches[load.replica_id], self.tier_costs
+            compute = len(block_hashes) - m.blocks
+            queued = max(load.ongoing, load.running + load.waiting)
+            out[load.replica_id] = compute + m.hbm * c.hbm + m.dram * c.dram + m.ssd * c.ssd + queued * self.queue_blocks
+        return out
+
+    def rank(self, loads: list[ReplicaLoad], block_hashes: list[bytes] | None = None) -> list[str]:
+        costs = self.costs(loads, block_hashes or [])
+
+        def key(load: ReplicaLoad):
+            return costs[load.replica_id], max(load.ongoing, load.running + load.waiting), \
+                -load.kv_free_fraction, load.replica_id
 
         return [load.replica_id for load in sorted(loads, key=key)]
