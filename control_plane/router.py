@@ -47,15 +47,16 @@ class TierCosts:
 
 
 class KVAwarePolicy:
-    """Cheapest replica for this request: blocks to compute + tier-weighted blocks to load + queued
-    requests × `queue_blocks` (what one waiting request costs, in blocks); ties by load, then id."""
+    """Cheapest replica for this request: blocks to compute + tier-weighted blocks to load + requests in
+    flight there × `queue_weight` × this request's blocks (each one ahead delays it about as much as a
+    fraction of computing it); ties by load, then id."""
 
     name = "kv_aware"
 
-    def __init__(self, index: KVIndex, tier_costs: TierCosts = TierCosts(), queue_blocks: float = 8.0):
-        if queue_blocks < 0:
-            raise ValueError(f"queue_blocks: got {queue_blocks}, allowed >= 0")
-        self.index, self.tier_costs, self.queue_blocks = index, tier_costs, queue_blocks
+    def __init__(self, index: KVIndex, tier_costs: TierCosts = TierCosts(), queue_weight: float = 0.5):
+        if queue_weight < 0:
+            raise ValueError(f"queue_weight: got {queue_weight}, allowed >= 0")
+        self.index, self.tier_costs, self.queue_weight = index, tier_costs, queue_weight
 
     def costs(self, loads: list[ReplicaLoad], block_hashes: list[bytes]) -> dict[str, float]:
         matches = self.index.match(block_hashes, [load.replica_id for load in loads])
@@ -64,7 +65,8 @@ class KVAwarePolicy:
             m, c = matches[load.replica_id], self.tier_costs
             compute = len(block_hashes) - m.blocks
             queued = max(load.ongoing, load.running + load.waiting)
-            out[load.replica_id] = compute + m.hbm * c.hbm + m.dram * c.dram + m.ssd * c.ssd + queued * self.queue_blocks
+            queue = queued * self.queue_weight * max(len(block_hashes), 1)
+            out[load.replica_id] = compute + m.hbm * c.hbm + m.dram * c.dram + m.ssd * c.ssd + queue
         return out
 
     def rank(self, loads: list[ReplicaLoad], block_hashes: list[bytes] | None = None) -> list[str]:

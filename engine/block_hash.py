@@ -35,3 +35,13 @@ def update_block_hashes(request: Request, block_size: int) -> None:
         parent = request.block_hashes[i - 1] if i else None
         tokens = request.token_ids(i * block_size, (i + 1) * block_size)
         request.block_hashes.append(hash_block(parent, tokens, request.hash_extra))
+
+
+def prompt_block_hashes(token_ids: list[int], block_size: int, extra: bytes) -> list[bytes]:
+    """The chained hashes of a prompt's full blocks (what a router matches against workers' KV)."""
+    hashes: list[bytes] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start:start + block_size], extra)
+        hashes.append(parent)
+    return hashes

@@ -61,6 +61,10 @@ class ServeConfig(BaseModel):
     frontend_num_cpus: float = Field(default=0.5, ge=0)
     max_migrations: int = Field(default=3, ge=0)
     fault_corrupt_pulls: int = Field(default=0, ge=0, description="tests only: corrupt the first N KV pulls")
+    router: Literal["kv_aware", "least_loaded"] = Field(
+        default="kv_aware", description="how the pool that computes prompts (prefill; decode when aggregated) "
+        "picks a replica: where the prompt's KV already is (kv_aware) or by load only; the decode pool of a "
+        "disaggregated app always goes by load and free KV")
 
     @property
     def model_name(self) -> str:
@@ -87,27 +91,32 @@ class OpenAIIngress:
                               max_inflight=self.config.max_inflight)
 
 
-def _router_config() -> RequestRouterConfig:
-    return RequestRouterConfig(request_router_class="services.routing:LeastLoadedRequestRouter",
+_ROUTERS = {"kv_aware": "services.routing:KVAwareRequestRouter",
+            "least_loaded": "services.routing:LeastLoadedRequestRouter"}
+
+
+def _router_config(router: str) -> RequestRouterConfig:
+    return RequestRouterConfig(request_router_class=_ROUTERS[router],
                                request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5)
 
 
-def _pool(cls: type, name: str, pool: PoolConfig):
+def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded"):
     scale = {"autoscaling_config": pool.autoscaling} if pool.autoscaling else {"num_replicas": pool.replicas}
     return serve.deployment(cls, name=name, max_ongoing_requests=pool.max_ongoing_requests,
                             ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
-                            request_router_config=_router_config(), health_check_period_s=2,
+                            request_router_config=_router_config(router), health_check_period_s=2,
                             graceful_shutdown_timeout_s=5, **scale)
 
 
 def build_app(config: ServeConfig | dict) -> serve.Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
-    decode = _pool(DecodeWorker, "DecodeWorker", config.decode).bind(
+    decode_router = config.router if config.mode == "aggregated" else "least_loaded"
+    decode = _pool(DecodeWorker, "DecodeWorker", config.decode, decode_router).bind(
         config.model, config.decode.engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
         fault_corrupt_pulls=config.fault_corrupt_pulls, kv_tiers=config.decode.kv_tiers())
     prefill = None
     if config.mode == "disaggregated":
-        prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill).bind(
+        prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill, config.router).bind(
             config.model, config.prefill.engine, config.kv_transport, kv_lease_s=config.kv_lease_s,
             kv_tiers=config.prefill.kv_tiers())
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,

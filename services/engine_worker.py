@@ -35,6 +35,9 @@ class EngineWorker:
         if kv_tiers and kv_tiers.get("dram_blocks"):  # before any request: the engine thread is idle
             self.kv_store = self._build_kv_store(dict(kv_tiers), kv_transport)
             self.engine.attach_kv_store(self.kv_store)
+        from services.kv_feed import KVEventFeed
+
+        self.kv_feed = KVEventFeed(self.engine.kv_events, self._kv_snapshot)
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
                          "kv_recomputes": 0, "kv_blocks_reused": 0, "kv_handles": 0, "kv_leases_released": 0,
                          "kv_leases_reclaimed": 0}
@@ -78,16 +81,30 @@ class EngineWorker:
             stats |= store.occupancy()
         return stats
 
+    def _kv_snapshot(self) -> dict[str, list[bytes]]:
+        """Every block this worker holds, by tier (HBM from the prefix cache; DRAM/SSD of in-process tiers)."""
+        out = {"hbm": list(self.engine.block_manager.cached)}
+        store = self.kv_store
+        if store is not None and hasattr(store, "dram"):
+            out["dram"] = list(store.dram._slots)
+            if store.ssd is not None:
+                out["ssd"] = list(store.ssd._entries)
+        return out
+
     def record_routing_stats(self) -> dict:
-        """Ray Serve collects this every stats period for the request router (services/routing.py)."""
-        return self.snapshot()
+        """Ray Serve collects this every stats period for the request router (services/routing.py): load,
+        and the KV events since the last reports (for the KV-aware router's index)."""
+        engine = self.engine
+        return {**self.snapshot(), "kv_feed": self.kv_feed.report(), "block_size": engine.block_manager.block_size,
+                "kv_fingerprint": engine.fingerprint, "kv_dtype": str(engine.dtype)}
 
     async def stats(self) -> dict:
         return self.snapshot()
 
-    async def kv_events(self) -> list:
-        """KV events since the last call (engine/kv_events.py): block hashes stored/removed per tier."""
-        return self.engine.kv_events.drain()
+    async def kv_events(self) -> dict:
+        """The KV event feed's latest report (services/kv_feed.py): numbered batches of block hashes
+        stored/removed per tier, and a full snapshot every few reports."""
+        return self.kv_feed.report()
 
     async def info(self) -> dict:
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.model_config.vocab_size,

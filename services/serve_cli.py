@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-dram-blocks", type=int, default=0, help="host-memory KV tier per worker, in blocks")
     p.add_argument("--kv-ssd-dir", default=None, help="SSD KV tier directory (a subdirectory per worker)")
     p.add_argument("--kv-ssd-blocks", type=int, default=0, help="SSD KV tier capacity per worker, in blocks")
+    p.add_argument("--router", default="kv_aware", choices=["kv_aware", "least_loaded"],
+                   help="how prompts pick a replica: where their KV already is, or by load only")
     p.add_argument("--kv-memory", default="replica", choices=["replica", "node"],
                    help="node: one KV memory service per node holds the DRAM/SSD tiers for all its workers")
     p.set_defaults(func=run)
@@ -56,7 +58,7 @@ def config_from_args(args: argparse.Namespace):
     return ServeConfig(model=model, served_model_name=args.served_model_name,
                        mode="aggregated" if args.aggregated else "disaggregated",
                        prefill={**pool, "replicas": args.prefill}, decode={**pool, "replicas": args.decode},
-                       kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key())
+                       kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key(), router=args.router)
 
 
 def banner(config, host: str, port: int) -> str:

@@ -47,8 +47,8 @@ def test_bad_events_and_costs_are_clear_errors():
         KVIndex().apply("w", [("moved", "hbm", [h(1)])])
     with pytest.raises(ValueError, match="tier_costs.ssd"):
         TierCosts(ssd=2.0)
-    with pytest.raises(ValueError, match="queue_blocks"):
-        KVAwarePolicy(KVIndex(), queue_blocks=-1)
+    with pytest.raises(ValueError, match="queue_weight"):
+        KVAwarePolicy(KVIndex(), queue_weight=-1)
 
 
 def test_kv_aware_policy_weighs_cached_tiers_against_queue():
@@ -56,10 +56,10 @@ def test_kv_aware_policy_weighs_cached_tiers_against_queue():
     blocks = [h(i) for i in range(10)]
     index.apply("hot", [("stored", "hbm", blocks)])
     index.apply("warm", [("stored", "dram", blocks)])
-    policy = KVAwarePolicy(index, TierCosts(dram=0.1, ssd=0.5), queue_blocks=4)
+    policy = KVAwarePolicy(index, TierCosts(dram=0.1, ssd=0.5), queue_weight=0.4)
     idle = [ReplicaLoad("cold"), ReplicaLoad("warm"), ReplicaLoad("hot")]
     assert policy.rank(idle, blocks) == ["hot", "warm", "cold"]
-    busy = [ReplicaLoad("cold"), ReplicaLoad("warm"), ReplicaLoad("hot", ongoing=3)]  # 12 blocks of queue
+    busy = [ReplicaLoad("cold"), ReplicaLoad("warm"), ReplicaLoad("hot", ongoing=3)]  # 3 x 0.4 x 10 = 12 blocks
     assert policy.rank(busy, blocks) == ["warm", "cold", "hot"]
     assert LeastLoadedPolicy().rank(busy, blocks) == ["cold", "warm", "hot"]
 
@@ -98,7 +98,7 @@ def _shared_prefix_hit_rate(model: str, policy_name: str) -> float:
     from engine.sampling_params import SamplingParams
 
     index = KVIndex()
-    policy = LeastLoadedPolicy() if policy_name == "least_loaded" else KVAwarePolicy(index, queue_blocks=2)
+    policy = LeastLoadedPolicy() if policy_name == "least_loaded" else KVAwarePolicy(index)
     workers = {name: _Worker(name, model) for name in ("w0", "w1", "w2")}
     any_engine = workers["w0"].engine
     extra = hash_extra(any_engine.fingerprint, str(any_engine.dtype), None)
