@@ -5,6 +5,8 @@ its own count of requests it has sent to each replica and not yet seen complete,
 send, so a burst arriving between two stats reports does not pile onto one replica.
 """
 
+import dataclasses
+import time
 from collections import Counter
 
 from ray.serve.request_router import (
@@ -22,8 +24,8 @@ from observability import metrics  # (a module: Serve pickles this class by valu
 from services.worker_protocol import WorkerRequest
 
 
-class LeastLoadedRequestRouter(FIFOMixin, RequestRouter):
-    policy = LeastLoadedPolicy()
+class _LoadTrackingRouter(RequestRouter):
+    """Load per replica: its routing stats plus this router's own count of requests sent and not done."""
 
     @property
     def _inflight(self) -> Counter:
@@ -43,6 +45,12 @@ class LeastLoadedRequestRouter(FIFOMixin, RequestRouter):
         return ReplicaLoad(replica.replica_id.unique_id, self._inflight[replica.replica_id.unique_id],
                            stats.get("running", 0), stats.get("waiting", 0), stats.get("kv_free_blocks", total) / total)
 
+
+class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
+    """Any request may take the least loaded replica (FIFO: the oldest pending request goes first)."""
+
+    policy = LeastLoadedPolicy()
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -50,25 +58,35 @@ class LeastLoadedRequestRouter(FIFOMixin, RequestRouter):
         return [[by_id[replica_id]] for replica_id in order]  # one rank each: try the best first
 
 
-class KVAwareRequestRouter(LeastLoadedRequestRouter):
+_FORGET_AFTER_S = 30.0  # a replica missing from the candidates this long is dropped from the KV index
+_RECENT_S = 0.5  # this router's own choices count as load on a replica for this long
+
+
+class KVAwareRequestRouter(_LoadTrackingRouter):
     """Sends a request where its prompt's KV already is (control_plane/router.py:KVAwarePolicy), from an
-    exact index of every replica's blocks, kept current from the KV event batches replicas put in their
-    routing stats (services/kv_feed.py)."""
+    index of every replica's blocks kept current from the KV event batches replicas put in their routing
+    stats (services/kv_feed.py), plus what this router just sent (until the replica's events catch up).
+    No FIFOMixin: a replica chosen for one request's prefix must take that request, not the oldest one."""
 
     @property
     def _kv(self) -> dict:
         state = self.__dict__.get("_kv_state")
         if state is None:
             index = KVIndex()
-            state = self.__dict__["_kv_state"] = {"index": index, "policy": KVAwarePolicy(index), "seen": {}}
+            state = self.__dict__["_kv_state"] = {"index": index, "policy": KVAwarePolicy(index), "seen": {},
+                                                  "last_seen": {}}
         return state
 
     def _sync(self, replicas: list[RunningReplica]) -> None:
-        index, seen = self._kv["index"], self._kv["seen"]
-        live = {r.replica_id.unique_id for r in replicas}
-        for gone in [rid for rid in seen if rid not in live]:  # dead or removed replicas
+        index, seen, last_seen = self._kv["index"], self._kv["seen"], self._kv["last_seen"]
+        now = time.monotonic()
+        for replica in replicas:
+            last_seen[replica.replica_id.unique_id] = now
+        # candidates can be a subset; a replica absent for long is gone (dead or scaled down)
+        for gone in [rid for rid, t in last_seen.items() if now - t > _FORGET_AFTER_S]:
             index.drop(gone)
-            del seen[gone]
+            seen.pop(gone, None)
+            del last_seen[gone]
         for replica in replicas:
             rid = replica.replica_id.unique_id
             feed = (replica.routing_stats or {}).get("kv_feed")
@@ -80,7 +98,9 @@ class KVAwareRequestRouter(LeastLoadedRequestRouter):
                 index.rebuild(rid, snapshot[1])
                 last = snapshot[0]
             if last is None:
-                continue  # nothing to build on yet: wait for a snapshot
+                if feed["batches"] and feed["batches"][0][0] != 1:
+                    continue  # history incomplete: wait for the next snapshot
+                last = 0  # every batch since the worker started is here: build from empty
             batches = [b for b in feed["batches"] if b[0] > last]
             if batches and batches[0][0] != last + 1:  # fell behind what the replica keeps
                 index.drop(rid)
@@ -105,7 +125,16 @@ class KVAwareRequestRouter(LeastLoadedRequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hashes = self._block_hashes(candidate_replicas, pending_request)
         policy = self._kv["policy"]
-        order = policy.rank([self._load(r) for r in candidate_replicas], hashes)
+        now = time.monotonic()
+        recent = self._kv["recent"] = [(t, rid) for t, rid in self._kv.get("recent", []) if now - t < _RECENT_S]
+        loads = []
+        for replica in candidate_replicas:  # choices made but not sent yet count as load (a burst is
+            load = self._load(replica)      # chosen before any of it is sent)
+            chosen = sum(1 for _, rid in recent if rid == load.replica_id)
+            loads.append(dataclasses.replace(load, ongoing=max(load.ongoing, chosen)))
+        order = policy.rank(loads, hashes)
+        if order:
+            recent.append((now, order[0]))
         if hashes and order:  # the decision, as metrics: how much of the prompt the chosen replica holds
             match = self._kv["index"].match(hashes, [order[0]])[order[0]]
             counts = {"hbm": match.hbm, "dram": match.dram, "ssd": match.ssd}
@@ -113,4 +142,7 @@ class KVAwareRequestRouter(LeastLoadedRequestRouter):
             for tier, n in counts.items():
                 metrics.ROUTER_MATCHED_BLOCKS.labels(policy.name, tier).inc(n)
             metrics.ROUTER_PROMPT_BLOCKS.labels(policy.name).inc(len(hashes))
+            # the chosen replica will hold these blocks in a moment: count on it before its events say so
+            # (so a burst sharing a prefix follows the first request); the next snapshot corrects a miss
+            self._kv["index"].apply(order[0], [("stored", "hbm", hashes)])
         return [[by_id[replica_id]] for replica_id in order]
