@@ -62,11 +62,20 @@ _FORGET_AFTER_S = 30.0  # a replica missing from the candidates this long is dro
 _RECENT_S = 0.5  # this router's own choices count as load on a replica for this long
 
 
-class KVAwareRequestRouter(_LoadTrackingRouter):
+class _ExactThenFIFO(FIFOMixin):
+    """A replica chosen for one request goes to that request (matched by Serve's internal request id);
+    FIFO only when that fails. Plain FIFO would hand a replica chosen for one prefix to whichever request
+    is oldest; exact-only matching loops forever when calls made while serving one HTTP request (n > 1
+    fan-out) share that request's internal id."""
+
+    def _get_pending_request_matching_metadata(self, request_metadata=None):
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
+
+
+class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
     """Sends a request where its prompt's KV already is (control_plane/router.py:KVAwarePolicy), from an
     index of every replica's blocks kept current from the KV event batches replicas put in their routing
-    stats (services/kv_feed.py), plus what this router just sent (until the replica's events catch up).
-    No FIFOMixin: a replica chosen for one request's prefix must take that request, not the oldest one."""
+    stats (services/kv_feed.py), plus what this router just sent (until the replica's events catch up)."""
 
     @property
     def _kv(self) -> dict:
