@@ -52,6 +52,7 @@ class KVMemoryService:
         for stale in glob.glob(os.path.join(shm.SHM_DIR, f"ridgeline-{name}-*")):  # a killed incarnation's
             with contextlib.suppress(OSError):
                 os.unlink(stale)
+        shm.sweep_dead_staging()  # and killed workers' staging files
         if use_shm and shm.fits(dram_blocks * block_bytes):
             shm_path = os.path.join(shm.SHM_DIR, f"ridgeline-{name}-{self.incarnation}")
         self.store = build_store(block_bytes, dram_blocks, ssd_dir, ssd_blocks,

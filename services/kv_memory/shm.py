@@ -66,3 +66,22 @@ def remove(path: str, pool: torch.Tensor | None = None) -> None:
         unpin(pool)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def sweep_dead_staging(directory: str = SHM_DIR) -> int:
+    """Remove workers' staging files (ridgeline-stage-<pid>-*) whose process is gone (a killed worker never
+    removed its own); returns how many."""
+    removed = 0
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        parts = name.split("-")
+        if not name.startswith("ridgeline-stage-") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+        except PermissionError:  # alive, another user's
+            pass
+    return removed

@@ -480,3 +480,19 @@ def test_blocks_slower_to_load_than_to_compute_are_computed(llama, tmp_path):
     assert engine.offloader.stats.skipped_slower_than_compute >= 5
     assert again(ssd_bytes_per_s=1e12) == len(prompt) - 5 * 16  # a fast disk: every block is loaded
     store.close()
+
+
+def test_staging_files_of_dead_workers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from services.kv_memory import shm
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f"ridgeline-stage-{dead_pid}-abcd").write_bytes(b"x")
+    (tmp_path / f"ridgeline-stage-{os.getpid()}-abcd").write_bytes(b"x")  # alive: kept
+    (tmp_path / "ridgeline-kv-memory-x").write_bytes(b"x")  # not a staging file: kept
+    assert shm.sweep_dead_staging(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"ridgeline-stage-{os.getpid()}-abcd", "ridgeline-kv-memory-x"])
