@@ -175,6 +175,8 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         for block_hash, block in self.cached.items():
+            if self.on_evict is not None:  # a copy down may still read the block: order reuse after it
+                self.on_evict(block.block_id, block_hash, 0)
             block.block_hash = None
             if self.events is not None:
                 self.events.record("removed", "hbm", block_hash)

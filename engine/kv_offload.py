@@ -98,7 +98,8 @@ class _Offload:
         self.copied = None  # CUDA event after the copies
 
     def took(self, block_id: int) -> bool:
-        self.launched.wait()
+        if not self.launched.wait(60):  # never overwrite a block a late copy could still read
+            raise RuntimeError("KV write-through was not launched within 60 s")
         return self.taken[self.block_ids.index(block_id)]
 
 
@@ -193,7 +194,7 @@ class KVOffloader:
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until every write-through so far has been handed to the store (launched)."""
-        pending = [job for _, job in self._written.values() if job is not None]
+        pending = [job for _, job in list(self._written.values()) if job is not None]
         for job in pending:
             if not job.launched.wait(timeout_s):
                 raise TimeoutError(f"write-through not launched in {timeout_s} s")
