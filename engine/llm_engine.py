@@ -1,7 +1,7 @@
 """LLMEngine: add_request / abort_request / step() = schedule -> execute -> update."""
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -31,6 +31,7 @@ class EngineStats:
     scheduled_tokens: int = 0  # tokens whose KV was computed, over all steps
     prompt_tokens_computed: int = 0
     generated_tokens: int = 0
+    requests_by_priority: dict = field(default_factory=dict)  # priority -> requests added
 
 
 def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
@@ -208,6 +209,7 @@ class LLMEngine:
                 req.num_computed_tokens, req.num_cached_tokens = kv_computed_tokens, 0
             update_block_hashes(req, self.block_manager.block_size)
             children.append(req)
+        self.stats.requests_by_priority[priority] = self.stats.requests_by_priority.get(priority, 0) + 1
         parent = _Parent(request_id, text, children, self.tokenizer, stream)
         if resumed:  # the resumed tokens' text is part of the output, as if generated here
             parent.detokenizers[request_id].update(skip_last=False)

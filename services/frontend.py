@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from control_plane.slo import DEFAULT_SLO_TABLE, SLOTable
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
@@ -66,7 +67,8 @@ def _token_text(tokenizer, token: int) -> str:
 
 
 class Frontend:
-    def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int):
+    def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int, slo_table: SLOTable = DEFAULT_SLO_TABLE):
+        self.slo_table = slo_table
         self.llm = llm
         self.model_name = model_name
         self.max_inflight = max_inflight
@@ -79,9 +81,17 @@ class Frontend:
             raise HTTPError(503, "server busy: too many requests in flight", type_="server_error",
                             headers={"Retry-After": "1"})
 
-    async def start(self, request_id: str, prompt, params, cache_salt) -> tuple[RequestOutput, AsyncIterator]:
+    def slo_class(self, http: Request, priority: int | None):
+        """The request's SLO class (control_plane/slo.py): header x-slo-class, else body priority."""
+        try:
+            return self.slo_table.resolve(http.headers.get("x-slo-class"), priority)
+        except ValueError as e:
+            raise HTTPError(400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class") from None
+
+    async def start(self, request_id: str, prompt, params, cache_salt,
+                    priority: int = 0) -> tuple[RequestOutput, AsyncIterator]:
         """The first output of a request: bad input surfaces here, before any byte of the response."""
-        stream = self.llm.generate(request_id, prompt, params, cache_salt=cache_salt)
+        stream = self.llm.generate(request_id, prompt, params, cache_salt=cache_salt, priority=priority)
         try:
             first = await anext(stream)
         except ValueError as e:
@@ -231,8 +241,9 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             params = req.sampling_params(default_max_tokens=16, logprobs=req.logprobs)
         except ValueError as e:
             raise HTTPError.bad_request(e) from None
+        slo = front.slo_class(http, req.priority)
         rid, created = new_id("cmpl"), now()
-        first, stream = await front.start(rid, req.prompt, params, req.cache_salt)
+        first, stream = await front.start(rid, req.prompt, params, req.cache_salt, slo.priority)
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         if not req.stream:
             out = await front.final(http, first, stream)
@@ -270,8 +281,9 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             prompt = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
         except ValueError as e:
             raise HTTPError.bad_request(e) from None
+        slo = front.slo_class(http, req.priority)
         rid, created = new_id("chatcmpl"), now()
-        first, stream = await front.start(rid, prompt, params, req.cache_salt)
+        first, stream = await front.start(rid, prompt, params, req.cache_salt, slo.priority)
         base = {"id": rid, "created": created, "model": model_name}
         if not req.stream:
             out = await front.final(http, first, stream)

@@ -37,6 +37,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None
+    priority: int | None = None  # the SLO class by its priority (control_plane/slo.py); or header x-slo-class
     return_token_ids: bool = False  # vLLM's extension: prompt and completion token ids in the response
     user: str | None = None
 

@@ -124,3 +124,23 @@ def test_kv_aware_router_hits_more_shared_prefixes_than_least_loaded(llama):
     kv_aware = _shared_prefix_hit_rate(llama, "kv_aware")
     assert kv_aware > least_loaded, (kv_aware, least_loaded)
     assert kv_aware > 0.5  # most prompts find their system prompt where they are sent
+
+
+def test_slo_classes_resolve_from_header_or_priority():
+    from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
+
+    table = DEFAULT_SLO_TABLE
+    assert table.resolve(None, None).name == "standard"
+    assert table.resolve("Batch", None).priority == 2 and table.resolve(None, 0).name == "interactive"
+    assert table.resolve("batch", 2).name == "batch"
+    with pytest.raises(ValueError, match="x-slo-class"):
+        table.resolve("premium", None)
+    with pytest.raises(ValueError, match="priority: got 7"):
+        table.resolve(None, 7)
+    with pytest.raises(ValueError, match="priority: 0 is class interactive"):
+        table.resolve("batch", 0)
+    with pytest.raises(ValueError, match="unique"):
+        SLOTable([SLOClass("a", 0, 1, 1), SLOClass("b", 0, 1, 1)], default="a")
+    with pytest.raises(ValueError, match="lowest_tier"):
+        SLOClass("a", 0, 1, 1, lowest_tier="tape")
+    assert table.lowest_tiers() == {0: "ssd", 1: "ssd", 2: "ssd"}

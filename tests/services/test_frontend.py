@@ -190,3 +190,18 @@ def test_failure_after_the_stream_started_becomes_an_error_event():
     assert out[0] == "data: {}\n\n" and out[-1] == "data: [DONE]\n\n"
     error = json.loads(out[1].removeprefix("data: "))["error"]
     assert error["type"] == "server_error" and "no decode worker" in error["message"]
+
+
+def test_slo_class_from_header_or_body_reaches_the_engine_as_priority(server, async_llm):
+    counts = async_llm.engine.stats.requests_by_priority
+    before = dict(counts)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    assert httpx.post(f"{server}/v1/completions", json=body, headers={"x-slo-class": "batch"}, timeout=60).status_code == 200
+    assert httpx.post(f"{server}/v1/completions", json={**body, "priority": 0}, timeout=60).status_code == 200
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=60, headers={"x-slo-class": "interactive"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200
+    assert counts.get(2, 0) - before.get(2, 0) == 1 and counts.get(0, 0) - before.get(0, 0) == 2
+    for headers, extra, param in (({"x-slo-class": "premium"}, {}, "x-slo-class"), ({}, {"priority": 9}, "priority")):
+        bad = httpx.post(f"{server}/v1/completions", json={**body, **extra}, headers=headers, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

@@ -1,0 +1,70 @@
+"""SLO classes: what a request is promised (TTFT and TPOT targets), how it is scheduled (engine priority:
+lower runs first and may preempt higher), how far down its KV may go (lowest tier), and whether it may be
+preempted. A request names its class with the `x-slo-class` header, or with the body field `priority`
+(the class with that priority); neither means `standard`. No torch, no Ray."""
+
+from dataclasses import dataclass
+
+TIERS = ("hbm", "dram", "ssd")
+
+
+@dataclass(frozen=True)
+class SLOClass:
+    name: str
+    priority: int
+    ttft_ms: float
+    tpot_ms: float
+    lowest_tier: str = "ssd"
+    preemptible: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"slo class name: got {self.name!r}, allowed letters, digits, - and _")
+        if self.priority < 0:
+            raise ValueError(f"slo class {self.name}: priority {self.priority}, allowed >= 0")
+        if self.ttft_ms <= 0 or self.tpot_ms <= 0:
+            raise ValueError(f"slo class {self.name}: ttft_ms and tpot_ms must be > 0")
+        if self.lowest_tier not in TIERS:
+            raise ValueError(f"slo class {self.name}: lowest_tier {self.lowest_tier!r}, allowed {', '.join(TIERS)}")
+
+
+class SLOTable:
+    def __init__(self, classes: list[SLOClass], default: str = "standard"):
+        names = [c.name for c in classes]
+        priorities = [c.priority for c in classes]
+        if len(set(names)) != len(names) or len(set(priorities)) != len(priorities):
+            raise ValueError(f"slo classes: names and priorities must be unique, got {list(zip(names, priorities, strict=True))}")
+        self.by_name = {c.name: c for c in classes}
+        self.by_priority = {c.priority: c for c in classes}
+        if default not in self.by_name:
+            raise ValueError(f"slo default: {default!r} is not one of {', '.join(names)}")
+        self.default = self.by_name[default]
+
+    def resolve(self, header: str | None, priority: int | None) -> SLOClass:
+        """The class of a request: the `x-slo-class` header, else the body `priority`, else the default.
+        ValueError (naming the field and what is allowed) for an unknown class or priority, or a mismatch."""
+        by_header = None
+        if header is not None:
+            by_header = self.by_name.get(header.strip().lower())
+            if by_header is None:
+                raise ValueError(f"x-slo-class: got {header!r}, allowed {', '.join(self.by_name)}")
+        by_priority = None
+        if priority is not None:
+            by_priority = self.by_priority.get(priority)
+            if by_priority is None:
+                allowed = ", ".join(f"{p} ({c.name})" for p, c in sorted(self.by_priority.items()))
+                raise ValueError(f"priority: got {priority}, allowed {allowed}")
+        if by_header is not None and by_priority is not None and by_header is not by_priority:
+            raise ValueError(f"priority: {priority} is class {by_priority.name}, but x-slo-class says {by_header.name}")
+        return by_header or by_priority or self.default
+
+    def lowest_tiers(self) -> dict[int, str]:
+        """priority -> lowest KV tier allowed (services/kv_memory/tier_policy.py takes it)."""
+        return {c.priority: c.lowest_tier for c in self.by_name.values()}
+
+
+DEFAULT_SLO_TABLE = SLOTable([
+    SLOClass("interactive", priority=0, ttft_ms=500, tpot_ms=50, lowest_tier="ssd", preemptible=False),
+    SLOClass("standard", priority=1, ttft_ms=2000, tpot_ms=100, lowest_tier="ssd"),
+    SLOClass("batch", priority=2, ttft_ms=60_000, tpot_ms=1000, lowest_tier="ssd"),
+])
