@@ -2,13 +2,15 @@
 prefill pool. Each pool is a deployment with its own replicas or autoscaling, resources and engine options;
 requests reach replicas through the least-loaded router."""
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.tokenizer import Tokenizer
 from services.decode import DecodeWorker
 from services.frontend import build_frontend
@@ -61,6 +63,10 @@ class ServeConfig(BaseModel):
     frontend_num_cpus: float = Field(default=0.5, ge=0)
     max_migrations: int = Field(default=3, ge=0)
     fault_corrupt_pulls: int = Field(default=0, ge=0, description="tests only: corrupt the first N KV pulls")
+    slo_classes: list[dict] = Field(
+        default_factory=lambda: [dataclasses.asdict(c) for c in DEFAULT_SLO_TABLE.by_name.values()],
+        description="SLO classes (control_plane/slo.py): name, priority, ttft_ms, tpot_ms, lowest_tier, preemptible")
+    slo_default: str = "standard"
     router: Literal["kv_aware", "least_loaded"] = Field(
         default="kv_aware", description="how the pool that computes prompts (prefill; decode when aggregated) "
         "picks a replica: where the prompt's KV already is (kv_aware) or by load only; the decode pool of a "
@@ -69,6 +75,23 @@ class ServeConfig(BaseModel):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    @model_validator(mode="after")
+    def _check_slo_classes(self) -> "ServeConfig":
+        self.slo_table()  # ValueError (naming the class and field) for a bad table
+        return self
+
+    def slo_table(self) -> SLOTable:
+        try:
+            classes = [SLOClass(**c) for c in self.slo_classes]
+        except TypeError as e:
+            raise ValueError(f"slo_classes: {e}") from None
+        return SLOTable(classes, self.slo_default)
+
+    def kv_tiers(self, pool: PoolConfig) -> dict | None:
+        """A pool's KV tiers, with each SLO class's lowest tier."""
+        tiers = pool.kv_tiers()
+        return None if tiers is None else {**tiers, "policy": self.slo_table().lowest_tiers()}
 
 
 @serve.ingress()
@@ -88,6 +111,7 @@ class OpenAIIngress:
             Tokenizer(self.config.model), min(i["max_model_len"] for i in infos), infos[0]["vocab_size"],
             self.decode, self.prefill, max_migrations=self.config.max_migrations)
         return build_frontend(self.client, self.config.model_name, api_key=self.config.api_key,
+                              slo_table=self.config.slo_table(),
                               max_inflight=self.config.max_inflight)
 
 
@@ -113,12 +137,12 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
     decode_router = config.router if config.mode == "aggregated" else "least_loaded"
     decode = _pool(DecodeWorker, "DecodeWorker", config.decode, decode_router).bind(
         config.model, config.decode.engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
-        fault_corrupt_pulls=config.fault_corrupt_pulls, kv_tiers=config.decode.kv_tiers())
+        fault_corrupt_pulls=config.fault_corrupt_pulls, kv_tiers=config.kv_tiers(config.decode))
     prefill = None
     if config.mode == "disaggregated":
         prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill, config.router).bind(
             config.model, config.prefill.engine, config.kv_transport, kv_lease_s=config.kv_lease_s,
-            kv_tiers=config.prefill.kv_tiers())
+            kv_tiers=config.kv_tiers(config.prefill))
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": config.frontend_num_cpus})
     return ingress.bind(config.model_dump(), decode, prefill)

@@ -24,8 +24,8 @@ class EngineWorker:
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
                  kv_tiers: dict | None = None):
-        """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M} keeps evicted prefix blocks in
-        host memory (and on SSD) and loads them back instead of recomputing."""
+        """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
+        keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing."""
         self.name = replica_name()
         self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
         self.engine = self.llm.engine
@@ -52,11 +52,13 @@ class EngineWorker:
             service = connect(self.transport.layout, kv_transport=kv_transport, **tiers)
             return KVMemoryClient(service, self.transport.layout, self.transport, staging_blocks=staging,
                                   kv_transport=kv_transport, use_shm=use_shm)
+        from services.kv_memory.tier_policy import TierPolicy
         from services.kv_memory.tiered_store import build_store
 
         if tiers.get("ssd_dir"):  # one slab per replica: replicas never share a directory
             tiers["ssd_dir"] = os.path.join(tiers["ssd_dir"], f"{self.role}-{self.name}")
-        return build_store(pool[0].numel() * pool.element_size(), **tiers)
+        policy = TierPolicy({int(k): v for k, v in (tiers.pop("policy", None) or {}).items()})
+        return build_store(pool[0].numel() * pool.element_size(), policy=policy, **tiers)
 
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""

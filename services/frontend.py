@@ -193,12 +193,13 @@ def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]
     return {"content": content}
 
 
-def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256) -> FastAPI:
+def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256,
+                   slo_table: SLOTable = DEFAULT_SLO_TABLE) -> FastAPI:
     """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
 
     `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
-    front = Frontend(llm, model_name, max_inflight)
+    front = Frontend(llm, model_name, max_inflight, slo_table)
     tokenizer = llm.tokenizer
 
     @app.exception_handler(HTTPError)

@@ -219,17 +219,30 @@ def _block_bytes(llama) -> int:
 
 
 def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
-    from services.app import PoolConfig
+    from services.app import PoolConfig, ServeConfig
     from services.decode import DecodeWorker
 
     pool = PoolConfig(engine={"num_blocks": 16}, kv_dram_blocks=8, kv_ssd_dir=str(tmp_path), kv_ssd_blocks=32)
-    worker = DecodeWorker(llama, pool.engine, kv_transport="ray", kv_tiers=pool.kv_tiers())
+    classes = [{"name": "interactive", "priority": 0, "ttft_ms": 500, "tpot_ms": 50, "lowest_tier": "dram"},
+               {"name": "standard", "priority": 1, "ttft_ms": 2000, "tpot_ms": 100},
+               {"name": "batch", "priority": 2, "ttft_ms": 60000, "tpot_ms": 1000, "lowest_tier": "hbm"}]
+    config = ServeConfig(model=llama, decode=pool, slo_classes=classes)
+    worker = DecodeWorker(llama, pool.engine, kv_transport="ray", kv_tiers=config.kv_tiers(config.decode))
     try:
         store = worker.engine.offloader.store
         assert store.dram.capacity_blocks == 8 and store.ssd.capacity_blocks == 32
         assert store.ssd.dir.parent == tmp_path  # a directory of its own under the configured one
+        policy = store.policy  # each SLO class's lowest tier
+        assert policy.allows(0, "dram") and not policy.allows(0, "ssd") and not policy.allows(2, "dram")
+        assert policy.allows(1, "ssd")
     finally:
         worker.llm.shutdown()
+    with pytest.raises(ValueError, match="lowest_tier"):
+        ServeConfig(model=llama, slo_classes=[{**classes[0], "lowest_tier": "tape"}], slo_default="interactive")
+    with pytest.raises(ValueError, match="slo_classes"):
+        ServeConfig(model=llama, slo_classes=[{"name": "x", "priority": 0}], slo_default="x")
+    with pytest.raises(ValueError, match="slo default"):
+        ServeConfig(model=llama, slo_classes=classes[:1])
     with pytest.raises(ValueError, match="kv_ssd_dir"):
         PoolConfig(kv_ssd_dir=str(tmp_path)).kv_tiers()
     with pytest.raises(ValueError, match="kv_ssd_blocks"):
