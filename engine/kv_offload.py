@@ -70,10 +70,6 @@ class KVStore(ABC):
         """Estimated seconds to load each block (None: unknown yet, then it is loaded)."""
         return [None] * len(block_hashes)
 
-    def get(self, block_hash: bytes) -> torch.Tensor | None:
-        """One block's bytes, or None."""
-        return None
-
     def close(self) -> None:
         return None
 

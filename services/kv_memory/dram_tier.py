@@ -79,11 +79,6 @@ class DramTier:
             return len(self._reserved)
 
     @property
-    def num_demoting(self) -> int:
-        with self._lock:
-            return len(self._demoting)
-
-    @property
     def num_pinned(self) -> int:
         with self._lock:
             return sum(1 for p in self._pins if p)
@@ -215,16 +210,6 @@ class DramTier:
                 return None
             self._slots.move_to_end(block_hash)
             return self.pool[slot].clone()
-
-    def copy_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
-        """Copy a block straight from the (pinned) pool into dst; False if absent."""
-        with self._lock:  # held through the copy: a concurrent put may not reuse the slot meanwhile
-            slot = self._slots.get(block_hash)
-            if slot is None:
-                return False
-            self._slots.move_to_end(block_hash)
-            dst.copy_(self.pool[slot])
-            return True
 
     def discard(self, block_hash: bytes) -> bool:
         with self._lock:

@@ -14,7 +14,6 @@ import glob
 import hashlib
 import os
 import threading
-import time
 import zlib
 
 import torch
@@ -81,9 +80,6 @@ class KVMemoryService:
                 "transport": self.transport.name, "shm": self.shm, "policy": dict(self.store.policy.lowest_tier)}
 
     # -- reads -------------------------------------------------------------------------------------
-
-    def lookup(self, block_hashes: list[bytes]) -> int:
-        return self.store.lookup(block_hashes)
 
     def acquire(self, block_hashes: list[bytes]) -> KVHandle | None:
         """A handle on the leading run of these blocks (pinned in DRAM), or None if the first is missing.
@@ -222,9 +218,6 @@ class KVMemoryService:
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self.store.flush(timeout_s)
-
-    def ping(self) -> float:
-        return time.time()
 
     def close(self) -> None:
         self._stop.set()

@@ -179,9 +179,7 @@ class TieredKVStore(KVStore):
     def lookup(self, block_hashes: list[bytes]) -> int:
         n = 0
         for block_hash in block_hashes:
-            with self._lock:
-                pending = block_hash in self._pending
-            if not (block_hash in self.dram or pending or (self.ssd is not None and block_hash in self.ssd)):
+            if not (block_hash in self.dram or self._below(block_hash)):
                 break
             n += 1
         return n
@@ -276,27 +274,22 @@ class TieredKVStore(KVStore):
         return out
 
     def _read_into_slot(self, block_hash: bytes, slot: int) -> bool:
+        return self._read_below(block_hash, self.dram.pool[slot])
+
+    def _read_below(self, block_hash: bytes, out: torch.Tensor) -> bool:
+        """Copy a block from the pending demotions or SSD into `out` ([block_bytes] uint8 on the host);
+        False if missing or damaged."""
         with self._lock:
             pending = self._pending.get(block_hash)
             if pending is not None:  # under the lock: the writer frees the source slot only after it
-                self.dram.pool[slot].copy_(pending[0])
+                out.copy_(pending[0])
                 return True
-        return self.ssd is not None and self.ssd.read_into(block_hash, self.dram.pool[slot].numpy())
+        return self.ssd is not None and self.ssd.read_into(block_hash, out.numpy())
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._read_pool is None:
             self._read_pool = ThreadPoolExecutor(max_workers=_SSD_READERS, thread_name_prefix="ridgeline-ssd-read")
         return self._read_pool
-
-    def _read_lower(self, block_hash: bytes) -> torch.Tensor | None:
-        """A block's bytes from the pending demotions or SSD (None if missing or damaged)."""
-        with self._lock:
-            pending = self._pending.get(block_hash)
-            data = None if pending is None else pending[0].clone()  # its slot is freed once on SSD
-        if data is None and self.ssd is not None:
-            raw = self.ssd.get(block_hash)  # None if missing or damaged (checksum)
-            data = None if raw is None else torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        return data
 
     def release(self, slots: list[int]) -> None:
         self.dram.unpin(slots)
@@ -321,8 +314,8 @@ class TieredKVStore(KVStore):
                 self._observe("dram", len(slots) * self.dram.block_bytes, time.perf_counter() - copy_start)
                 done += len(slots)
                 continue
-            data = self._read_lower(block_hashes[done])  # DRAM is all pinned: straight from below
-            if data is None:
+            data = torch.empty(self.dram.block_bytes, dtype=torch.uint8)  # DRAM is all pinned: read past it
+            if not self._read_below(block_hashes[done], data):
                 break
             self.stats["ssd_hits"] += 1
             copy_blocks(data.view(1, -1), [0], pool, [block_ids[done]], stream)
@@ -340,16 +333,6 @@ class TieredKVStore(KVStore):
             return self.dram.pool[slots[0]].clone()
         finally:
             self.release(slots)
-
-    def load_into(self, block_hash: bytes, dst: torch.Tensor) -> bool:
-        slots = self.acquire([block_hash])
-        if not slots:
-            return False
-        try:
-            dst.copy_(self.dram.pool[slots[0]])
-        finally:
-            self.release(slots)
-        return True
 
     # -- SSD demotion ------------------------------------------------------------------------------
 
