@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ridgeline-installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install system-deps serve test lint bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# servers the test suite starts on 127.0.0.1 (real components, not mocks): etcd for the registry
+system-deps:
+	@command -v etcd >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; }
+
 # frontend + 1 prefill + 1 decode replica of the default model on 127.0.0.1:8000 (Ctrl-C stops it)
 serve: install
 	$(VENV)/bin/ridgeline serve --host 127.0.0.1 --port 8000
@@ -23,7 +27,7 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+test: install system-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install

@@ -18,7 +18,7 @@ from engine.kv_events import KVEventLog
 from engine.kv_offload import KVOffloader, KVStore
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, ComputeUsage, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -31,6 +31,7 @@ class EngineStats:
     scheduled_tokens: int = 0  # tokens whose KV was computed, over all steps
     prompt_tokens_computed: int = 0
     generated_tokens: int = 0
+    busy_seconds: float = 0.0  # wall time of the steps that computed tokens (split over their requests)
     requests_by_priority: dict = field(default_factory=dict)  # priority -> requests added
 
 
@@ -92,7 +93,8 @@ class _Parent:
         first = self.children[0]
         return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outs,
                              finished=all(r.is_finished for r in self.children),
-                             num_cached_tokens=max(first.num_cached_tokens, 0))
+                             num_cached_tokens=max(first.num_cached_tokens, 0),
+                             compute=sum((r.compute for r in self.children), ComputeUsage()))
 
 
 class LLMEngine:
@@ -172,7 +174,7 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    *, priority: int = 0, cache_salt: str | None = None,
+                    *, priority: int = 0, preemptible: bool = True, cache_salt: str | None = None,
                     arrival_time: float | None = None, stream: bool = True,
                     output_token_ids: list[int] | None = None, kv_computed_tokens: int = 0,
                     hold_kv: bool = False) -> None:
@@ -202,7 +204,8 @@ class LLMEngine:
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, prompt_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
-                          hash_extra=extra, arrival_time=arrival_time, seed_offset=i, hold_kv=hold_kv)
+                          preemptible=preemptible, hash_extra=extra, arrival_time=arrival_time,
+                          seed_offset=i, hold_kv=hold_kv)
             if resumed:
                 req.resume(resumed, self.model_config.vocab_size)
             if kv_computed_tokens:
@@ -288,23 +291,25 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward pass. Returns an output for every user request that changed."""
+        start = time.perf_counter()
         touched: dict[str, _Parent] = {p.request_id: p for p in self._aborted}
         self._aborted.clear()
         sched = self.scheduler.schedule()
         if sched.is_empty and self.scheduler.num_loading:
             self.offloader.wait(0.005)  # only KV loads are in flight: do not spin
         if not sched.is_empty:
-            start = time.perf_counter()
+            run_start = time.perf_counter()
             sampled, out = self.runner.execute(sched)  # returns once the sampled ids are on the host
-            seconds = time.perf_counter() - start
-            prompt_tokens = self._record(sched)
+            seconds = time.perf_counter() - run_start
+            split = self._record(sched)
             if self.offloader is not None:
-                self.offloader.observe_prefill(prompt_tokens, seconds)  # what recomputing a block costs
+                self.offloader.observe_prefill(sum(p for _, p, _ in split), seconds)  # what recomputing costs
                 self.offloader.write_through()  # this step's new cached blocks start copying down
             for req, token, logprobs in zip(sampled, out.token_ids, out.logprobs, strict=True):
                 self._append_token(req, token, logprobs)
                 parent = self._child_to_parent[req.request_id]
                 touched[parent.request_id] = parent
+            self._account(split, time.perf_counter() - start)
         outputs = []
         for parent in touched.values():
             if not parent.stream and not all(r.is_finished for r in parent.children):
@@ -315,18 +320,29 @@ class LLMEngine:
             outputs.append(output)
         return outputs
 
-    def _record(self, sched: SchedulerOutput) -> int:
-        """Advance the scheduled requests; returns the prompt tokens this step computed."""
+    def _record(self, sched: SchedulerOutput) -> list[tuple[Request, int, int]]:
+        """Advance the scheduled requests; returns (request, prompt tokens, decode tokens) computed."""
         self.stats.steps += 1
-        prompt_tokens = 0
+        split = []
         for req, n in sched.scheduled:
-            prompt_left = max(req.num_prompt_tokens - req.num_computed_tokens, 0)
-            prompt_tokens += min(n, prompt_left)
+            prompt = min(n, max(req.num_prompt_tokens - req.num_computed_tokens, 0))
+            split.append((req, prompt, n - prompt))
+            self.stats.prompt_tokens_computed += prompt
             self.stats.scheduled_tokens += n
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
-        self.stats.prompt_tokens_computed += prompt_tokens
-        return prompt_tokens
+        return split
+
+    def _account(self, split: list[tuple[Request, int, int]], seconds: float) -> None:
+        """The step's wall time (schedule to last token appended), split evenly over its tokens."""
+        per_token = seconds / sum(p + d for _, p, d in split)
+        self.stats.busy_seconds += seconds
+        for req, prompt, decode in split:
+            c = req.compute
+            c.prefill_seconds += prompt * per_token
+            c.decode_seconds += decode * per_token
+            c.prefill_tokens += prompt
+            c.decode_tokens += decode
 
     def _append_token(self, req: Request, token: int, logprobs: dict[int, float] | None) -> None:
         params = req.params

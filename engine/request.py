@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from engine.outputs import ComputeUsage
 from engine.sampling_params import SamplingParams
 
 
@@ -33,13 +34,14 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                  eos_token_ids: frozenset[int] = frozenset(), priority: int = 0,
                  hash_extra: bytes = b"", arrival_time: float | None = None, seed_offset: int = 0,
-                 hold_kv: bool = False):
+                 hold_kv: bool = False, preemptible: bool = True):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
         self.eos_token_ids = eos_token_ids
         self.priority = priority
+        self.preemptible = preemptible  # a higher class may evict it (its tokens are kept and recomputed)
         self.hold_kv = hold_kv  # keep the blocks after finishing: another worker pulls them
         self.hash_extra = hash_extra
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -47,6 +49,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until scheduled
         self.num_preemptions = 0
+        self.compute = ComputeUsage()  # its share of the engine steps it was in
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] = []

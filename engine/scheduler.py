@@ -84,8 +84,14 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> int:
         self.waiting.sort(key=self.policy.key)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0:
             request = self.waiting[0]
+            if len(self.running) >= self.config.max_num_seqs:  # full: only a lower class may make room
+                victim = self._victim_for(request)
+                if victim is None:
+                    break
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim, out)
             handed_over = request.num_computed_tokens > 0  # KV from another worker already fills its blocks
             if handed_over:
                 hits, num_hit_tokens = [], request.num_computed_tokens
@@ -96,8 +102,8 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             while not self.block_manager.allocate_slots(request, num_new, hits):
-                victim = self.running[-1] if self.running else None
-                if victim is None or not self.policy.may_preempt_for(request, victim):
+                victim = self._victim_for(request)
+                if victim is None:
                     return budget
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim, out)
@@ -119,6 +125,11 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _victim_for(self, request: Request) -> Request | None:
+        """The running request the policy would preempt last-in-line for `request`, if any."""
+        victims = [r for r in self.running if self.policy.may_preempt_for(request, r)]
+        return max(victims, key=self.policy.key, default=None)
 
     def _load_lower_tiers(self, request: Request, first_block: int, num_new: int) -> int | None:
         """Tokens ready now in the request's fresh blocks after its HBM hits (whole blocks; the last

@@ -30,7 +30,7 @@ class FCFSPolicy(SchedulingPolicy):
 
 class PriorityPolicy(SchedulingPolicy):
     """Lower `priority` value first (vLLM's convention), then arrival. A waiting request may preempt a
-    running one of strictly lower priority when blocks run out."""
+    running one of strictly lower priority that is `preemptible` when blocks or batch slots run out."""
 
     name = "priority"
 
@@ -38,7 +38,7 @@ class PriorityPolicy(SchedulingPolicy):
         return (request.priority, request.arrival_time, request.request_id)
 
     def may_preempt_for(self, waiting: Request, running: Request) -> bool:
-        return waiting.priority < running.priority
+        return waiting.priority < running.priority and running.preemptible
 
 
 POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FCFSPolicy, PriorityPolicy)}

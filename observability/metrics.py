@@ -19,3 +19,14 @@ ROUTER_MATCHED_BLOCKS = Counter(
 ROUTER_PROMPT_BLOCKS = Counter(
     "ridgeline_router_prompt_blocks_total", "Full prompt blocks routed (the denominator of the hit rate)",
     ["policy"])
+ADMISSION_REJECTED = Counter(
+    "ridgeline_admission_rejected_total", "Requests rejected with 429 because their class's TTFT target "
+    "could not be met (control_plane/admission.py)", ["model", "slo_class"])
+COST_DOLLARS = Counter(
+    "ridgeline_cost_dollars_total", "Dollars of engine time spent on requests (step time x the pool's "
+    "price, split over the step's tokens)", ["model", "pool", "slo_class"])
+COMPUTE_TOKENS = Counter(
+    "ridgeline_compute_tokens_total", "Tokens the engines computed for requests, prompt (prefill) and "
+    "generated-position (decode) apart", ["model", "pool", "slo_class", "kind"])
+COMPUTE_SECONDS = Counter(
+    "ridgeline_compute_seconds_total", "Engine step seconds spent on requests", ["model", "pool", "slo_class"])

@@ -34,12 +34,12 @@ class DecodeWorker(EngineWorker):
         computed = 0
         if req.kv_handle is not None:
             computed = await self._pull(req)
-        tracker = DeltaTracker(len(req.output_token_ids), self.name)
+        tracker = DeltaTracker(len(req.output_token_ids), self.name, self.pool)
         try:
             async for out in self.llm.generate(req.request_id, req.prompt_token_ids, req.params,
                                                output_token_ids=req.output_token_ids,
                                                kv_computed_tokens=computed, cache_salt=req.cache_salt,
-                                               priority=req.priority):
+                                               priority=req.priority, preemptible=req.preemptible):
                 yield tracker.delta(out)
         except BaseException:
             if computed:  # a rejected add leaves the pulled blocks unadopted

@@ -2,23 +2,29 @@
 deployments drive the same app in the serving work).
 
 Every error a client can cause returns an OpenAI error body: 400 bad input, 401 missing or wrong API key,
-404 unknown model, 413 oversized body, 503 + Retry-After when too many requests are in flight.
-A client that disconnects aborts its request.
+404 unknown model, 413 oversized body, 429 + Retry-After when the request's SLO class cannot meet its TTFT
+target (control_plane/admission.py), 503 + Retry-After when too many requests are in flight.
+A client that disconnects aborts its request. Usage carries `cost_usd` when every pool that served the
+request has a price (services/accounting.py).
 """
 
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from control_plane.slo import DEFAULT_SLO_TABLE, SLOTable
+from control_plane.admission import AdmissionController, Overloaded, Ticket
+from control_plane.cost import PriceList
+from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
+from observability.metrics import ADMISSION_REJECTED
+from services.accounting import RequestAccount
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from services.worker_protocol import WorkerLostError
 
@@ -67,11 +73,16 @@ def _token_text(tokenizer, token: int) -> str:
 
 
 class Frontend:
-    def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int, slo_table: SLOTable = DEFAULT_SLO_TABLE):
+    def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int, slo_table: SLOTable = DEFAULT_SLO_TABLE,
+                 prices: PriceList | None = None, default_pool: str = "engine",
+                 admission: AdmissionController | None = None):
         self.slo_table = slo_table
         self.llm = llm
         self.model_name = model_name
         self.max_inflight = max_inflight
+        self.prices = prices or PriceList({})
+        self.default_pool = default_pool
+        self.admission = admission
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -88,17 +99,41 @@ class Frontend:
         except ValueError as e:
             raise HTTPError(400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class") from None
 
+    def _admit(self, slo: SLOClass, prompt_ids: list[int]) -> Ticket | None:
+        if self.admission is None:
+            return None
+        try:
+            return self.admission.admit(slo, len(prompt_ids))
+        except Overloaded as e:
+            ADMISSION_REJECTED.labels(self.model_name, slo.name).inc()
+            raise HTTPError(429, str(e), type_="rate_limit_error", code="slo_overloaded",
+                            headers={"Retry-After": str(e.retry_after_s)}) from None
+
     async def start(self, request_id: str, prompt, params, cache_salt,
-                    priority: int = 0) -> tuple[RequestOutput, AsyncIterator]:
-        """The first output of a request: bad input surfaces here, before any byte of the response."""
-        stream = self.llm.generate(request_id, prompt, params, cache_salt=cache_salt, priority=priority)
+                    slo: SLOClass) -> tuple[RequestOutput, AsyncIterator, RequestAccount]:
+        """The first output of a request: bad input and admission surface here, before any byte of the
+        response. The stream returned is accounted (its cost) as it is consumed."""
+        if not prompt:
+            raise HTTPError(400, "prompt: must not be empty", param="prompt")
+        prompt_ids = self.llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ticket = self._admit(slo, prompt_ids)
+        account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
+        stream = self.llm.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
+                                   priority=slo.priority, preemptible=slo.preemptible)
         try:
             first = await anext(stream)
-        except ValueError as e:
-            raise HTTPError.bad_request(e) from None
-        except UNAVAILABLE as e:
-            raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
-        return first, stream
+        except BaseException as e:
+            if ticket is not None:  # nothing will come: it leaves the queue without draining it
+                self.admission.cancel(ticket)
+            if isinstance(e, ValueError):
+                raise HTTPError.bad_request(e) from None
+            if isinstance(e, UNAVAILABLE):
+                raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
+            raise
+        if ticket is not None:
+            self.admission.first_token(ticket)
+        account.update(first)
+        return first, account.follow(stream), account
 
     async def final(self, http: Request, first: RequestOutput, stream: AsyncIterator) -> RequestOutput | None:
         """Drain a request; None if the client went away (the request is then aborted)."""
@@ -122,12 +157,14 @@ class Frontend:
                 await asyncio.gather(task, return_exceptions=True)
                 return None
 
-    def usage(self, out: RequestOutput) -> dict:
+    def usage(self, out: RequestOutput, account: RequestAccount) -> dict:
         completion = sum(len(c.token_ids) for c in out.outputs)
         usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
                  "total_tokens": len(out.prompt_token_ids) + completion}
         if out.num_cached_tokens:
             usage["prompt_tokens_details"] = {"cached_tokens": out.num_cached_tokens}
+        if account.priced:
+            usage["cost_usd"] = account.usd
         return usage
 
 
@@ -194,12 +231,16 @@ def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]
 
 
 def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256,
-                   slo_table: SLOTable = DEFAULT_SLO_TABLE) -> FastAPI:
-    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+                   slo_table: SLOTable = DEFAULT_SLO_TABLE, prices: dict[str, float] | None = None,
+                   default_pool: str = "engine", admission: AdmissionController | None = None,
+                   pools: Callable[[], Awaitable[list[dict]]] | None = None) -> FastAPI:
+    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /v1/pools, /health, /metrics.
 
-    `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient."""
+    `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient.
+    `prices`: $/hour per replica by pool (outputs that name no pool are `default_pool`'s); `admission`
+    rejects what would miss its class's TTFT target; `pools()` lists the pools for /v1/pools."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
-    front = Frontend(llm, model_name, max_inflight, slo_table)
+    front = Frontend(llm, model_name, max_inflight, slo_table, PriceList(prices or {}), default_pool, admission)
     tokenizer = llm.tokenizer
 
     @app.exception_handler(HTTPError)
@@ -234,6 +275,11 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
                                             "owned_by": "ridgeline", "max_model_len": llm.max_model_len}]}
 
+    @app.get("/v1/pools")
+    async def list_pools():
+        """Admin, read-only: each pool's configuration (device, replicas, price, dtypes) and live workers."""
+        return {"object": "list", "data": await pools() if pools is not None else []}
+
     @app.post("/v1/completions")
     async def completions(http: Request):
         req = await _parse(http, CompletionRequest)
@@ -244,7 +290,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             raise HTTPError.bad_request(e) from None
         slo = front.slo_class(http, req.priority)
         rid, created = new_id("cmpl"), now()
-        first, stream = await front.start(rid, req.prompt, params, req.cache_salt, slo.priority)
+        first, stream, account = await front.start(rid, req.prompt, params, req.cache_salt, slo)
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         if not req.stream:
             out = await front.final(http, first, stream)
@@ -255,7 +301,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                         "logprobs": _completion_logprobs(tokenizer, c.token_ids, c.logprobs),
                         **({"token_ids": c.token_ids} if req.return_token_ids else {})} for c in out.outputs]
             extra = {"prompt_token_ids": out.prompt_token_ids} if req.return_token_ids else {}
-            return {**base, "choices": choices, "usage": front.usage(out), **extra}
+            return {**base, "choices": choices, "usage": front.usage(out, account), **extra}
 
         async def events():
             last = first
@@ -265,7 +311,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                           "logprobs": _completion_logprobs(tokenizer, tokens, logprobs)}
                 yield _sse({**base, "choices": [choice]})
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse({**base, "choices": [], "usage": front.usage(last)})
+                yield _sse({**base, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
         return StreamingResponse(_guarded(events()), media_type="text/event-stream")
@@ -284,7 +330,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             raise HTTPError.bad_request(e) from None
         slo = front.slo_class(http, req.priority)
         rid, created = new_id("chatcmpl"), now()
-        first, stream = await front.start(rid, prompt, params, req.cache_salt, slo.priority)
+        first, stream, account = await front.start(rid, prompt, params, req.cache_salt, slo)
         base = {"id": rid, "created": created, "model": model_name}
         if not req.stream:
             out = await front.final(http, first, stream)
@@ -295,7 +341,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                         "logprobs": _chat_logprobs(tokenizer, c.token_ids, c.logprobs, top),
                         **({"token_ids": c.token_ids} if req.return_token_ids else {})} for c in out.outputs]
             extra = {"prompt_token_ids": out.prompt_token_ids} if req.return_token_ids else {}
-            return {**base, "object": "chat.completion", "choices": choices, "usage": front.usage(out), **extra}
+            return {**base, "object": "chat.completion", "choices": choices, "usage": front.usage(out, account), **extra}
 
         async def events():
             chunk = {**base, "object": "chat.completion.chunk"}
@@ -309,7 +355,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                           "logprobs": _chat_logprobs(tokenizer, tokens, logprobs, top)}
                 yield _sse({**chunk, "choices": [choice]})
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse({**chunk, "choices": [], "usage": front.usage(last)})
+                yield _sse({**chunk, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
         return StreamingResponse(_guarded(events()), media_type="text/event-stream")

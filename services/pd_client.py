@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import ray.exceptions
 
 from engine.llm_engine import check_prompt_ids
-from engine.outputs import RequestOutput
+from engine.outputs import ComputeUsage, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from observability.metrics import REQUEST_MIGRATIONS, WORKERS_LOST
@@ -50,7 +50,8 @@ class DisaggregatedClient:
         return self._inflight
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0,
+                       preemptible: bool = True) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
@@ -61,15 +62,20 @@ class DisaggregatedClient:
                 params, n=1, seed=None if params.seed is None else params.seed + i)
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             sequences.append(self._sequence(WorkerRequest(sub_id, prompt_ids, sub_params, cache_salt=cache_salt,
-                                                          priority=priority)))
+                                                          priority=priority, preemptible=preemptible)))
         text = prompt if isinstance(prompt, str) else None
         self._inflight += 1
         try:
             async for index, delta in _merge(sequences):
                 states[index].apply(delta)
+                by_pool: dict[str, ComputeUsage] = {}
+                for s in states:
+                    for pool, usage in s.compute_by_pool.items():
+                        by_pool[pool] = by_pool.get(pool, ComputeUsage()) + usage
                 yield RequestOutput(request_id, text, prompt_ids, [s.output() for s in states],
                                     finished=all(s.finished for s in states),
-                                    num_cached_tokens=max(s.num_cached_tokens for s in states))
+                                    num_cached_tokens=max(s.num_cached_tokens for s in states),
+                                    compute=sum(by_pool.values(), ComputeUsage()), compute_by_pool=by_pool)
         finally:
             self._inflight -= 1
 

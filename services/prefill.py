@@ -27,9 +27,10 @@ class PrefillWorker(EngineWorker):
         first_only = dataclasses.replace(req.params, max_tokens=1)
         last = None
         async for out in self.llm.generate(req.request_id, req.prompt_token_ids, first_only, hold_kv=True,
-                                           cache_salt=req.cache_salt, priority=req.priority):
+                                           cache_salt=req.cache_salt, priority=req.priority,
+                                           preemptible=req.preemptible):
             last = out
-        delta = DeltaTracker(0, self.name).delta(last)
+        delta = DeltaTracker(0, self.name, self.pool).delta(last)
         num_tokens = len(req.prompt_token_ids) + 1
         wanted_one = req.params.max_tokens == 1 or num_tokens >= self.engine.max_model_len
         if delta.finish_reason != "length" or wanted_one:  # finished for real: nothing to hand over

@@ -8,7 +8,7 @@ stopped because both sides count the same tokens.
 
 from dataclasses import dataclass, field
 
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, ComputeUsage, RequestOutput
 from engine.sampling_params import SamplingParams
 from services.transport import KVHandle
 
@@ -29,6 +29,7 @@ class WorkerRequest:
     output_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None
     priority: int = 0
+    preemptible: bool = True
     kv_handle: KVHandle | None = None
 
 
@@ -42,6 +43,8 @@ class Delta:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     worker: str = ""  # the replica that produced it
+    pool: str = ""  # ... and its pool
+    compute: ComputeUsage = field(default_factory=ComputeUsage)  # engine time spent since the last delta
 
 
 @dataclass
@@ -55,18 +58,20 @@ class PrefillResult:
 class DeltaTracker:
     """Worker side: turns the engine's cumulative outputs for one sequence into deltas."""
 
-    def __init__(self, num_resumed_tokens: int, worker: str):
+    def __init__(self, num_resumed_tokens: int, worker: str, pool: str = ""):
         self.sent_tokens = num_resumed_tokens
         self.text: str | None = None  # None: the first delta sends the whole text
-        self.worker = worker
+        self.worker, self.pool = worker, pool
+        self.sent_compute = ComputeUsage()
 
     def delta(self, out: RequestOutput) -> Delta:
         c = out.outputs[0]
         start = len(self.text) if self.text is not None and c.text.startswith(self.text) else 0
         new = slice(self.sent_tokens, None)
         delta = Delta(c.token_ids[new], c.logprobs[new] if c.logprobs is not None else None, start,
-                      c.text[start:], c.finish_reason, c.stop_reason, out.num_cached_tokens, self.worker)
-        self.sent_tokens, self.text = len(c.token_ids), c.text
+                      c.text[start:], c.finish_reason, c.stop_reason, out.num_cached_tokens, self.worker,
+                      self.pool, out.compute - self.sent_compute)
+        self.sent_tokens, self.text, self.sent_compute = len(c.token_ids), c.text, out.compute
         return delta
 
 
@@ -81,8 +86,10 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
+        self.compute_by_pool: dict[str, ComputeUsage] = {}
 
     def apply(self, delta: Delta) -> None:
+        self.compute_by_pool[delta.pool] = self.compute_by_pool.get(delta.pool, ComputeUsage()) + delta.compute
         self.token_ids += delta.token_ids
         if self.logprobs is not None and delta.logprobs is not None:
             self.logprobs += delta.logprobs

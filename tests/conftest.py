@@ -89,3 +89,51 @@ def deploy(ray_serve):
     yield run
     for name in names:
         serve.delete(name)
+
+
+class EtcdServer:
+    """A real etcd on 127.0.0.1 (Debian etcd-server), with a temporary data directory."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.port, self.peer_port = _free_port(), _free_port()
+        self.url = f"etcd://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, wipe: bool = False) -> None:
+        import shutil
+        import subprocess
+        import time
+
+        if wipe:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "test", "--data-dir", str(self.data_dir), "--listen-client-urls", client,
+             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"test={peer}"],
+            stdout=subprocess.DEVNULL, stderr=open(self.data_dir.parent / "etcd.log", "ab"))  # noqa: SIM115
+        deadline = time.monotonic() + 30
+        import socket
+
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "etcd exited; see etcd.log"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError("etcd did not start listening within 30 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory):
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data")
+    server.start()
+    yield server
+    server.stop()

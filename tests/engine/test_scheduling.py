@@ -91,6 +91,47 @@ def test_priority_policy_serves_lower_value_first_and_preempts_for_it(llama):
     assert finished == ["urgent", "background"]
 
 
+def test_a_higher_class_takes_a_full_batch_slot_from_a_preemptible_lower_one(llama):
+    llm = LLM(llama, num_blocks=64, scheduling_policy="priority", max_num_seqs=2)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    engine.add_request("batch-a", _prompts()[0], params, priority=2)
+    engine.add_request("pinned", _prompts()[1], params, priority=2, preemptible=False)
+    engine.step()
+    engine.add_request("interactive", _prompts()[2], params, priority=0)
+    engine.step()  # both slots taken: the preemptible batch request gives up its slot, the pinned one keeps it
+    running = {r.request_id for r in engine.scheduler.running}
+    assert running == {"pinned", "interactive"}
+    assert engine.scheduler.waiting[0].request_id == "batch-a"
+    assert engine.scheduler.waiting[0].status == RequestStatus.PREEMPTED
+    engine.add_request("interactive-2", _prompts()[3], params, priority=0)
+    engine.step()  # nothing left that may be preempted for it: it waits
+    assert {r.request_id for r in engine.scheduler.running} == running
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs |= {o.request_id: o for o in engine.step() if o.finished}
+    want = {o.request_id: o for o in LLM(llama, num_blocks=64).generate(
+        [_prompts()[0]], params)}  # the preempted request's tokens are unchanged by the recompute
+    assert outs["batch-a"].outputs[0].token_ids == next(iter(want.values())).outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == 64
+
+
+def test_every_step_second_is_charged_to_the_requests_in_it(llama):
+    llm = LLM(llama, num_blocks=64, max_num_batched_tokens=16)
+    engine = llm.engine
+    busy = engine.stats.busy_seconds
+    prompts = _prompts()
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    spent = engine.stats.busy_seconds - busy
+    assert spent > 0
+    assert abs(sum(o.compute.seconds for o in outs) - spent) < 1e-9 * max(1.0, spent)
+    for prompt, out in zip(prompts, outs, strict=True):
+        c = out.compute
+        # every prompt token computed once; a decode token per generated position but the last sampled
+        assert c.prefill_tokens == len(prompt) and c.decode_tokens == 5
+        assert c.prefill_seconds > 0 and c.decode_seconds > 0
+
+
 def test_fcfs_never_preempts_a_running_request_for_a_newcomer(llama):
     llm = LLM(llama, num_blocks=6, enable_prefix_caching=False)
     engine = llm.engine

@@ -1,0 +1,83 @@
+"""Admission control's prediction (Little's law on queued prompt tokens over the measured drain rate) and
+the price list, on a controlled clock."""
+
+import pytest
+
+from control_plane.admission import AdmissionController, Overloaded
+from control_plane.cost import PriceList, default_price_per_hour
+from control_plane.slo import DEFAULT_SLO_TABLE
+
+INTERACTIVE, STANDARD, BATCH = (DEFAULT_SLO_TABLE.by_name[n] for n in ("interactive", "standard", "batch"))
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_cold_server_admits_everything_and_measures_the_drain_rate():
+    clock = Clock()
+    ac = AdmissionController(window_s=10, min_busy_s=1, clock=clock)
+    tickets = [ac.admit(STANDARD, 1000) for _ in range(50)]  # no measurement yet: nothing is refused
+    assert ac.rate() is None
+    for i, t in enumerate(tickets[:20]):  # 20 000 prompt tokens drained in 2 s: 10 000 tokens/s
+        clock.t = 100.0 + 0.1 * (i + 1)
+        ac.first_token(t)
+    assert ac.rate() == pytest.approx(10_000)
+    # 30 000 tokens queued: a standard request (target 2 s) would wait ~3 s, an interactive one jumps them
+    with pytest.raises(Overloaded) as e:
+        ac.admit(STANDARD, 100)
+    assert e.value.retry_after_s == 2 and e.value.predicted_s == pytest.approx(30_100 / 10_000)
+    assert ac.admit(INTERACTIVE, 100) is not None
+    assert ac.admit(BATCH, 100) is not None  # batch's target (60 s) still holds
+    assert ac.rejected == {"standard": 1}
+
+
+def test_queue_ahead_counts_only_equal_or_higher_classes():
+    clock = Clock()
+    ac = AdmissionController(window_s=5, min_busy_s=1, clock=clock)
+    first = ac.admit(STANDARD, 500)
+    clock.t += 1.0
+    ac.first_token(first)  # 500 tokens/s, measured over a 1 s busy period
+    assert ac.rate() == pytest.approx(500)
+    for _ in range(4):
+        ac.admit(BATCH, 500)  # 2000 batch tokens queued: 4 s for anyone behind them
+    assert ac.predict_ttft_s(BATCH, 100) == pytest.approx(4.2)
+    assert ac.predict_ttft_s(INTERACTIVE, 100) == pytest.approx(0.2)
+    ac.admit(INTERACTIVE, 100)
+    with pytest.raises(Overloaded):  # interactive's own queue (target 0.5 s) is what limits it
+        for _ in range(3):
+            ac.admit(INTERACTIVE, 100)
+
+
+def test_tickets_leave_the_queue_once_and_bad_arguments_are_named():
+    clock = Clock()
+    ac = AdmissionController(clock=clock)
+    t = ac.admit(STANDARD, 10)
+    ac.cancel(t)
+    ac.cancel(t)
+    ac.first_token(t)
+    assert ac.num_pending == 0 and ac.rate() is None  # a cancelled request drained nothing
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        ac.admit(STANDARD, 0)
+    with pytest.raises(ValueError, match="min_busy_s"):
+        AdmissionController(window_s=1, min_busy_s=2)
+
+
+def test_price_list_charges_engine_seconds_at_the_pool_price():
+    class Usage:
+        prefill_seconds, decode_seconds, prefill_tokens, decode_tokens = 1.5, 0.5, 300, 40
+
+    prices = PriceList({"prefill": 3.6, "decode": 0.0})
+    charge = prices.charge("prefill", Usage())
+    assert charge.usd == pytest.approx(2.0 * 3.6 / 3600) and charge.seconds == 2.0
+    assert (charge.prefill_tokens, charge.decode_tokens) == (300, 40)
+    assert prices.charge("decode", Usage()).usd == 0.0
+    with pytest.raises(ValueError, match="pool: 'draft'"):
+        prices.charge("draft", Usage())
+    with pytest.raises(ValueError, match="price_per_hour"):
+        PriceList({"decode": -1})
+    assert default_price_per_hour(num_gpus=1, num_cpus=2) > default_price_per_hour(num_gpus=0, num_cpus=2) > 0
