@@ -9,6 +9,7 @@ whatever the owner's loop is doing:
 """
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -19,6 +20,10 @@ from control_plane.registry import Registry, WatchEvent
 logger = logging.getLogger("ridgeline.registry")
 
 _BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+
+# app name -> the view of its registry kept by this process's frontend; the request routers running in the
+# same process read it to skip replicas whose registration lapsed
+VIEWS: dict[str, "RegistryView"] = {}
 
 
 class _LoopThread:
@@ -101,10 +106,8 @@ class Registration(_LoopThread):
                 if not await self.sleep(wait):
                     break
             if self.lease is not None:  # leaving cleanly: vanish now rather than at the TTL
-                try:
+                with contextlib.suppress(Exception):  # else the TTL will do it
                     await asyncio.wait_for(registry.revoke(self.lease), 2.0)
-                except Exception:  # noqa: BLE001 - the TTL will do it
-                    pass
         finally:
             await registry.close()
 

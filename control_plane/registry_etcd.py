@@ -1,6 +1,7 @@
 """The registry on etcd v3 through aetcd: leases with TTLs, keys under leases, list + watch by revision.
 Connection failures become RegistryUnavailable (the caller retries); aetcd reconnects by itself."""
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import aetcd
@@ -75,10 +76,8 @@ class EtcdRegistry(Registry):
         except _UNAVAILABLE as e:
             raise self._lost(e) from None
         finally:
-            try:
+            with contextlib.suppress(Exception):  # the connection may be gone already
                 await watch.cancel()
-            except Exception:  # noqa: BLE001 - the connection is gone already
-                pass
 
     async def close(self) -> None:
         await self._client.close()

@@ -3,6 +3,7 @@ for `ridgeline serve` without etcd (services/registry_actor.py hosts it in a Ray
 Lapsed leases are swept on every call and while watchers wait, so a dead worker's key goes within its TTL."""
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -102,10 +103,8 @@ class MemoryRegistry(Registry):
                 if events or now >= deadline:
                     return events, max(start_revision, self.revision + 1)
                 next_expiry = min((d for _, d in self._leases.values()), default=deadline)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(cond.wait(), max(0.0, min(deadline, next_expiry) - now) + 0.001)
-                except TimeoutError:
-                    pass
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         while True:

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from control_plane.admission import AdmissionController
+from control_plane.cost import default_price_per_hour
+from control_plane.registry import parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.tokenizer import Tokenizer
 from services.decode import DecodeWorker
@@ -36,6 +39,58 @@ class PoolConfig(BaseModel):
         default="replica", description="replica: tiers inside each replica; node: one KV memory service per "
         "node shared by its replicas (sizes are the service's), surviving replica restarts")
     kv_staging_blocks: int = Field(default=64, ge=1, description="node mode: host blocks staged for offload")
+    device: str | None = Field(default=None, description="what a replica runs on: cpu, or the GPU type "
+                               "(H200, A100-80GB, ...); default cpu without GPUs, gpu with")
+    price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per replica; default: "
+                                         "control_plane/cost.py's placeholder rates for its GPUs and CPUs")
+    weight_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto: the checkpoint's dtype")
+    kv_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="KV cache dtype; today the weight dtype (auto) — quantized KV comes with "
+        "per-pool quantization")
+
+    @model_validator(mode="after")
+    def _check_device_and_dtypes(self) -> "PoolConfig":
+        if self.device is not None and not self.device.strip():
+            raise ValueError("device: must not be empty")
+        if self.num_gpus > 0 and self.device == "cpu":
+            raise ValueError(f"device: 'cpu' but num_gpus is {self.num_gpus}; name the GPU type")
+        if self.num_gpus == 0 and self.device not in (None, "cpu"):
+            raise ValueError(f"device: {self.device!r} needs num_gpus > 0")
+        engine_dtype = self.engine.get("dtype", "auto")
+        if self.weight_dtype != "auto" and engine_dtype not in ("auto", self.weight_dtype):
+            raise ValueError(f"weight_dtype: {self.weight_dtype} but engine.dtype is {engine_dtype}; set one")
+        weights = self.weight_dtype if self.weight_dtype != "auto" else engine_dtype
+        if self.kv_dtype != "auto" and self.kv_dtype != weights:
+            raise ValueError(f"kv_dtype: got {self.kv_dtype}, allowed auto or the weight dtype ({weights}): "
+                             "the KV cache is stored in the weight dtype today")
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("gpu" if self.num_gpus > 0 else "cpu")
+
+    @property
+    def resolved_price(self) -> float:
+        if self.price_per_hour is not None:
+            return self.price_per_hour
+        return default_price_per_hour(self.num_gpus, self.num_cpus)
+
+    def engine_options(self) -> dict:
+        """The engine's options: priority scheduling (SLO classes) unless the pool says otherwise."""
+        options = {"scheduling_policy": "priority", **self.engine}
+        if self.weight_dtype != "auto":
+            options["dtype"] = self.weight_dtype
+        return options
+
+    def describe(self, name: str, role: str, router: str) -> dict:
+        """The pool as the registry stores it and /v1/pools shows it."""
+        return {"name": name, "role": role, "device": self.resolved_device, "replicas": self.replicas,
+                "autoscaling": self.autoscaling, "num_gpus": self.num_gpus, "num_cpus": self.num_cpus,
+                "price_per_hour": self.resolved_price, "price_is_default": self.price_per_hour is None,
+                "weight_dtype": self.weight_dtype if self.weight_dtype != "auto" else self.engine.get("dtype", "auto"),
+                "kv_dtype": self.kv_dtype, "router": router, "kv_memory": self.kv_memory,
+                "kv_dram_blocks": self.kv_dram_blocks, "kv_ssd_blocks": self.kv_ssd_blocks}
 
     def kv_tiers(self) -> dict | None:
         if not self.kv_dram_blocks:
@@ -72,6 +127,14 @@ class ServeConfig(BaseModel):
         "picks a replica: where the prompt's KV already is (kv_aware) or by load only; the decode pool of a "
         "disaggregated app always goes by load and free KV")
 
+    app_name: str | None = Field(default=None, description="registry namespace (default: the Serve app name)")
+    registry: str = Field(default="embedded", description="where workers and pools register: embedded (a Ray "
+                          "actor) or etcd://HOST:PORT")
+    registry_ttl_s: float = Field(default=10.0, gt=0, description="a worker that stops heartbeating leaves "
+                                  "the registry (and the router's choices) after this long")
+    admission: bool = Field(default=True, description="reject with 429 + Retry-After what would miss its SLO "
+                            "class's TTFT target (control_plane/admission.py)")
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
@@ -79,7 +142,19 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _check_slo_classes(self) -> "ServeConfig":
         self.slo_table()  # ValueError (naming the class and field) for a bad table
+        parse_url(self.registry)  # ValueError naming `registry`
         return self
+
+    def pools(self) -> dict[str, tuple[PoolConfig, str, str]]:
+        """name -> (config, role, router) of the pools this app runs."""
+        decode_router = self.router if self.mode == "aggregated" else "least_loaded"
+        pools = {"decode": (self.decode, "decode" if self.mode == "disaggregated" else "aggregated", decode_router)}
+        if self.mode == "disaggregated":
+            pools = {"prefill": (self.prefill, "prefill", self.router), **pools}
+        return pools
+
+    def prices(self) -> dict[str, float]:
+        return {name: pool.resolved_price for name, (pool, _, _) in self.pools().items()}
 
     def slo_table(self) -> SLOTable:
         try:
@@ -96,12 +171,33 @@ class ServeConfig(BaseModel):
 
 @serve.ingress()
 class OpenAIIngress:
-    """The HTTP frontend replica: tokenizes, sends each request through the pools, streams SSE back."""
+    """The HTTP frontend replica: tokenizes, admits by SLO class, sends each request through the pools,
+    streams SSE back. It publishes the pools' configuration in the registry and follows the registry's view
+    of live workers (for /v1/pools and for the routers in this process)."""
 
     def __init__(self, config: dict, decode, prefill=None):
         self.config = ServeConfig.model_validate(config)
         self.decode, self.prefill = decode, prefill
         self.client: DisaggregatedClient | None = None
+        self.app_name = self.config.app_name or serve.get_replica_context().app_name
+        self._membership = []
+
+    def _follow_registry(self):
+        from control_plane import membership
+        from control_plane.membership import Registration, RegistryView
+        from control_plane.registry import keys
+        from services.registry_actor import connector
+
+        connect = connector(self.config.registry)
+        for name, (pool, role, router) in self.config.pools().items():
+            self._membership.append(Registration(connect, keys.pool(self.app_name, name), pool.describe(name, role, router),
+                                                 ttl_s=self.config.registry_ttl_s))
+        view = RegistryView(connect, keys.app(self.app_name), resync_s=5.0)
+        self._membership.append(view)
+        for part in self._membership:
+            part.start()
+        membership.VIEWS[self.app_name] = view  # the request routers in this process read it
+        return view
 
     async def __serve_build_asgi_app__(self):
         infos = [await self.decode.info.remote()]
@@ -110,9 +206,30 @@ class OpenAIIngress:
         self.client = DisaggregatedClient(
             Tokenizer(self.config.model), min(i["max_model_len"] for i in infos), infos[0]["vocab_size"],
             self.decode, self.prefill, max_migrations=self.config.max_migrations)
+        view = self._follow_registry()
+        configured = {name: pool.describe(name, role, router) for name, (pool, role, router) in self.config.pools().items()}
+
+        async def pools() -> list[dict]:
+            """Each pool as the registry has it (the configuration here until it does) and its live workers."""
+            registered = view.under("pools/")
+            workers = view.under("workers/")
+            out = []
+            for name, described in configured.items():
+                live = sorted((w for key, w in workers.items() if key.startswith(name + "/")),
+                              key=lambda w: w.get("replica", ""))
+                out.append({**registered.get(name, described), "registered": name in registered,
+                            "workers": [{k: v for k, v in w.items() if k != "transport"} | {
+                                "transport": w.get("transport", {}).get("name")} for w in live]})
+            return out
+
         return build_frontend(self.client, self.config.model_name, api_key=self.config.api_key,
-                              slo_table=self.config.slo_table(),
-                              max_inflight=self.config.max_inflight)
+                              slo_table=self.config.slo_table(), max_inflight=self.config.max_inflight,
+                              prices=self.config.prices(),
+                              admission=AdmissionController() if self.config.admission else None, pools=pools)
+
+    def __del__(self):
+        for part in getattr(self, "_membership", []):
+            part.stop()
 
 
 _ROUTERS = {"kv_aware": "services.routing:KVAwareRequestRouter",
@@ -134,15 +251,23 @@ def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded"):
 
 def build_app(config: ServeConfig | dict) -> serve.Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
-    decode_router = config.router if config.mode == "aggregated" else "least_loaded"
-    decode = _pool(DecodeWorker, "DecodeWorker", config.decode, decode_router).bind(
-        config.model, config.decode.engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
-        fault_corrupt_pulls=config.fault_corrupt_pulls, kv_tiers=config.kv_tiers(config.decode))
+    pools = config.pools()
+    registry = {"url": config.registry, "ttl_s": config.registry_ttl_s, "app": config.app_name}
+
+    def worker_options(name: str) -> dict:
+        pool = pools[name][0]
+        return {"kv_tiers": config.kv_tiers(pool), "pool_name": name, "registry": registry}
+
+    decode_pool, _, decode_router = pools["decode"]
+    decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router).bind(
+        config.model, decode_pool.engine_options(), config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
+        fault_corrupt_pulls=config.fault_corrupt_pulls, **worker_options("decode"))
     prefill = None
-    if config.mode == "disaggregated":
-        prefill = _pool(PrefillWorker, "PrefillWorker", config.prefill, config.router).bind(
-            config.model, config.prefill.engine, config.kv_transport, kv_lease_s=config.kv_lease_s,
-            kv_tiers=config.kv_tiers(config.prefill))
+    if "prefill" in pools:
+        prefill_pool, _, prefill_router = pools["prefill"]
+        prefill = _pool(PrefillWorker, "PrefillWorker", prefill_pool, prefill_router).bind(
+            config.model, prefill_pool.engine_options(), config.kv_transport, kv_lease_s=config.kv_lease_s,
+            **worker_options("prefill"))
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": config.frontend_num_cpus})
     return ingress.bind(config.model_dump(), decode, prefill)

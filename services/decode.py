@@ -19,8 +19,9 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
                  pull_attempts: int = 3, pull_timeout_s: float = 30.0, fault_corrupt_pulls: int = 0,
-                 kv_tiers: dict | None = None):
-        super().__init__(model, engine_options, kv_transport, kv_tiers)
+                 **worker_options):
+        """worker_options: EngineWorker's (kv_tiers, pool_name, registry)."""
+        super().__init__(model, engine_options, kv_transport, **worker_options)
         if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
             from services.transport.faults import CorruptingTransport
 

@@ -3,6 +3,7 @@ pool, the load report the router reads, and health. Plain classes: build_app() m
 deployments; tests may drive them directly."""
 
 import os
+import socket
 import uuid
 
 from engine.async_llm import AsyncLLM, EngineDeadError
@@ -19,14 +20,36 @@ def replica_name() -> str:
         return f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _app_name() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        return "ridgeline"
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - no Ray here
+        return "127.0.0.1"
+
+
 class EngineWorker:
     role = "worker"
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 kv_tiers: dict | None = None):
+                 kv_tiers: dict | None = None, pool_name: str | None = None, registry: dict | None = None):
         """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
-        keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing."""
+        keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
+        pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
+        "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease."""
         self.name = replica_name()
+        self.pool = pool_name or self.role
+        self.registration = None
         self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
         self.engine = self.llm.engine
         self.transport = make_transport(kv_transport)
@@ -38,6 +61,8 @@ class EngineWorker:
         from services.kv_feed import KVEventFeed
 
         self.kv_feed = KVEventFeed(self.engine.kv_events, self._kv_snapshot)
+        if registry is not None:
+            self._register(registry)
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
                          "kv_recomputes": 0, "kv_blocks_reused": 0, "kv_handles": 0, "kv_leases_released": 0,
                          "kv_leases_reclaimed": 0}
@@ -60,6 +85,24 @@ class EngineWorker:
         policy = TierPolicy({int(k): v for k, v in (tiers.pop("policy", None) or {}).items()})
         return build_store(pool[0].numel() * pool.element_size(), policy=policy, **tiers)
 
+    def _register(self, registry: dict) -> None:
+        """Put this replica in the registry under a lease kept alive by a heartbeat thread; a registration
+        made again (the registry lost it) sends a full KV snapshot with the next routing stats."""
+        from control_plane.membership import Registration
+        from control_plane.registry import keys
+        from services.registry_actor import connector
+
+        engine = self.engine
+        value = {"pool": self.pool, "role": self.role, "replica": self.name, "pid": os.getpid(),
+                 "host": socket.gethostname(), "node_ip": _node_ip(), "device": str(engine.device),
+                 "transport": self.transport.describe(), "block_size": engine.block_manager.block_size,
+                 "kv_blocks": engine.block_manager.num_blocks, "kv_dtype": str(engine.dtype),
+                 "kv_fingerprint": engine.fingerprint, "max_model_len": engine.max_model_len}
+        app = registry.get("app") or _app_name()
+        self.registration = Registration(connector(registry["url"]), keys.worker(app, self.pool, self.name), value,
+                                         ttl_s=registry.get("ttl_s", 10.0), on_registered=self.kv_feed.force_snapshot)
+        self.registration.start()
+
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""
         sched, blocks = self.engine.scheduler, self.engine.block_manager
@@ -71,7 +114,8 @@ class EngineWorker:
                 "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {})),
                 "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
                 "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0,
-                "kv_loading": sched.num_loading,
+                "kv_loading": sched.num_loading, "busy_seconds": self.engine.stats.busy_seconds,
+                "pool": self.pool, "registered": self.registration.registered if self.registration else None,
                 "kv_store": self._store_stats()}
 
     def _store_stats(self) -> dict:
@@ -117,6 +161,9 @@ class EngineWorker:
             raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
 
     def __del__(self):  # Ray Serve calls it when the replica shuts down; safe to call twice
+        registration, self.registration = getattr(self, "registration", None), None
+        if registration is not None:
+            registration.stop()  # revokes the lease: the replica leaves the registry now
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.shutdown()

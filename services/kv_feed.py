@@ -13,6 +13,11 @@ class KVEventFeed:
         self.seq = 0
         self._batches: list[tuple[int, list[tuple]]] = []
         self._reports = 0
+        self._force = False
+
+    def force_snapshot(self) -> None:
+        """The next report carries a full snapshot (readers rebuild this worker's entries from it)."""
+        self._force = True
 
     def report(self) -> dict:
         """The feed's part of one routing-stats report: new events become a batch; the last `keep`
@@ -22,7 +27,8 @@ class KVEventFeed:
             self.seq += 1
             self._batches = (self._batches + [(self.seq, events)])[-self.keep:]
         out = {"seq": self.seq, "batches": list(self._batches)}
-        if self._reports % self.snapshot_every == 0 or self.log.dropped:
+        if self._reports % self.snapshot_every == 0 or self.log.dropped or self._force:
+            self._force = False
             self.log.dropped = 0  # events were lost: readers must resync from this snapshot
             out["snapshot"] = (self.seq, {tier: list(hashes) for tier, hashes in self.snapshot().items()})
         self._reports += 1

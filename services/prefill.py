@@ -13,8 +13,9 @@ class PrefillWorker(EngineWorker):
     role = "prefill"
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 kv_lease_s: float = 30.0, lease_poll_s: float = 0.02, kv_tiers: dict | None = None):
-        super().__init__(model, engine_options, kv_transport, kv_tiers)
+                 kv_lease_s: float = 30.0, lease_poll_s: float = 0.02, **worker_options):
+        """worker_options: EngineWorker's (kv_tiers, pool_name, registry)."""
+        super().__init__(model, engine_options, kv_transport, **worker_options)
         self.leases = LeaseTable(kv_lease_s)  # touched only on the engine thread
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, args=(lease_poll_s,), daemon=True,

@@ -17,6 +17,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from control_plane import membership  # (a module, read at call time: see the metrics import)
 from control_plane.kv_index import KVIndex
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
 from engine.block_hash import hash_extra, prompt_block_hashes
@@ -39,6 +40,20 @@ class _LoadTrackingRouter(RequestRouter):
         if self._inflight[replica_id.unique_id] > 0:
             self._inflight[replica_id.unique_id] -= 1
 
+    def _registered(self, candidates: list[RunningReplica]) -> list[RunningReplica]:
+        """The candidates minus replicas whose registration lapsed (a killed worker leaves the registry within
+        its TTL, often before Serve notices). Replicas not registered yet stay; with no registry view in this
+        process, or nobody left, all stay. Records each replica's registration in `self._registrations`."""
+        view = membership.VIEWS.get(self._deployment_id.app_name)
+        if view is None:
+            return candidates
+        live = {w.get("replica"): w.get("registered_at") for w in view.under("workers/").values()}
+        ever = self.__dict__.setdefault("_ever_registered", set())
+        ever.update(live)
+        self.__dict__["_registrations"] = live
+        kept = [r for r in candidates if r.replica_id.unique_id in live or r.replica_id.unique_id not in ever]
+        return kept or candidates
+
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
         total = stats.get("kv_total_blocks") or 1
@@ -53,6 +68,7 @@ class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        candidate_replicas = self._registered(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         order = self.policy.rank([self._load(r) for r in candidate_replicas])
         return [[by_id[replica_id]] for replica_id in order]  # one rank each: try the best first
@@ -89,6 +105,16 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
     def _sync(self, replicas: list[RunningReplica]) -> None:
         index, seen, last_seen = self._kv["index"], self._kv["seen"], self._kv["last_seen"]
         now = time.monotonic()
+        # the registry's word: a lapsed registration drops the replica's entries; a new one (the replica
+        # registered again) drops them until its next snapshot rebuilds them
+        registrations, known = self.__dict__.get("_registrations"), self._kv.setdefault("registered_at", {})
+        if registrations is not None:
+            for rid in list(known):
+                if registrations.get(rid) != known[rid]:
+                    index.drop(rid)
+                    seen.pop(rid, None)
+                    del known[rid]
+            known.update(registrations)
         for replica in replicas:
             last_seen[replica.replica_id.unique_id] = now
         # candidates can be a subset; a replica absent for long is gone (dead or scaled down)
@@ -130,6 +156,7 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        candidate_replicas = self._registered(candidate_replicas)
         self._sync(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hashes = self._block_hashes(candidate_replicas, pending_request)

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "ray"])
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: memory budget)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weight dtype (the KV cache uses it too)")
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs reserved per worker replica")
     p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (default: 1 if CUDA)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
@@ -32,6 +33,13 @@ def add_parser(sub) -> None:
                    help="how prompts pick a replica: where their KV already is, or by load only")
     p.add_argument("--kv-memory", default="replica", choices=["replica", "node"],
                    help="node: one KV memory service per node holds the DRAM/SSD tiers for all its workers")
+    p.add_argument("--registry", default="embedded",
+                   help="where workers and pools register: embedded (a Ray actor) or etcd://HOST:PORT")
+    p.add_argument("--registry-ttl", type=float, default=10.0,
+                   help="seconds after which a worker that stopped heartbeating leaves the registry")
+    p.add_argument("--prefill-price", type=float, default=None, help="$ per hour per prefill replica")
+    p.add_argument("--decode-price", type=float, default=None, help="$ per hour per decode replica")
+    p.add_argument("--device", default=None, help="what replicas run on, for /v1/pools and prices (cpu, H200, ...)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +51,7 @@ def config_from_args(args: argparse.Namespace):
         from engine.tiny_model import default_model_path
 
         model = str(default_model_path())
-    engine = {"dtype": args.dtype}
+    engine = {}
     if args.num_blocks is not None:
         engine["num_blocks"] = args.num_blocks
     if args.max_model_len is not None:
@@ -54,11 +62,14 @@ def config_from_args(args: argparse.Namespace):
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     pool = {"num_cpus": args.worker_cpus, "num_gpus": gpus, "engine": engine, "kv_dram_blocks": args.kv_dram_blocks,
-            "kv_ssd_dir": args.kv_ssd_dir, "kv_ssd_blocks": args.kv_ssd_blocks, "kv_memory": args.kv_memory}
+            "kv_ssd_dir": args.kv_ssd_dir, "kv_ssd_blocks": args.kv_ssd_blocks, "kv_memory": args.kv_memory,
+            "weight_dtype": args.dtype, "device": args.device}
     return ServeConfig(model=model, served_model_name=args.served_model_name,
                        mode="aggregated" if args.aggregated else "disaggregated",
-                       prefill={**pool, "replicas": args.prefill}, decode={**pool, "replicas": args.decode},
-                       kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key(), router=args.router)
+                       prefill={**pool, "replicas": args.prefill, "price_per_hour": args.prefill_price},
+                       decode={**pool, "replicas": args.decode, "price_per_hour": args.decode_price},
+                       kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key(), router=args.router,
+                       registry=args.registry, registry_ttl_s=args.registry_ttl)
 
 
 def banner(config, host: str, port: int) -> str:
@@ -99,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     from services.kv_memory.service import shutdown_services
 
     shutdown_services()
+    from services.registry_actor import shutdown_registry
+
+    shutdown_registry()
     ray.shutdown()
     return 0
 

@@ -94,6 +94,10 @@ class KVTransport(ABC):
         self.pool = pool
         self.layout = KVLayout.of(pool)
 
+    def describe(self) -> dict:
+        """What the registry publishes about this endpoint (NIXL adds its agent name and metadata)."""
+        return {"name": self.name, "block_bytes": self.layout.block_bytes if hasattr(self, "layout") else None}
+
     def handle(self, block_ids: list[int], num_tokens: int, checksums: list[int] | None = None) -> KVHandle:
         """Thread-safe while the blocks are held (nobody writes them): may run off the engine thread.
         `checksums`: the blocks' CRC32s when the owner already knows them (a host pool's stored blocks)."""

@@ -5,6 +5,7 @@ The whole pool is registered once as one region; each block is one descriptor (b
 transfer of n blocks is one request of n descriptors. Works for DRAM and GPU pools alike.
 """
 
+import base64
 import contextlib
 import threading
 import time
@@ -73,6 +74,11 @@ class NixlTransport(KVTransport):
         self._local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type)
         self._metadata = self.agent.get_agent_metadata()
         self._ipc_export = cuda_ipc.export_pool(pool) if pool.is_cuda and self.use_cuda_ipc else None
+
+    def describe(self) -> dict:
+        metadata = getattr(self, "_metadata", None)
+        return {**super().describe(), "agent": self.agent_name,
+                "metadata": base64.b64encode(metadata).decode() if metadata else None}
 
     def _export(self, block_ids: list[int]) -> dict:
         return {"agent": self.agent_name, "metadata": self._metadata, "base": self.pool.data_ptr(),

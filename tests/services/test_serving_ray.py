@@ -83,6 +83,7 @@ def test_streamed_tokens_equal_the_non_streamed_answer(apps, reference):
         text += "".join(c["text"] for c in chunk["choices"])
         usage = chunk.get("usage") or usage
     assert text == want.outputs[0].text
+    assert usage.pop("cost_usd") > 0  # both pools' engine time, priced (test_cost_accounting checks the sums)
     assert usage == {"prompt_tokens": len(want.prompt_token_ids), "completion_tokens": 24,
                      "total_tokens": len(want.prompt_token_ids) + 24}
 
