@@ -1,7 +1,9 @@
 """`ridgeline serve` as a user runs it: a subprocess that starts Ray, prints the URL and a curl, answers
 that request with an API key required, and shuts down cleanly on Ctrl-C."""
 
+import asyncio
 import os
+import re
 import shlex
 import signal
 import socket
@@ -13,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from control_plane.registry import keys, open_registry
 from services.app import PoolConfig, _pool
 from services.decode import DecodeWorker
 from services.serve_cli import banner, config_for_argv
@@ -28,11 +31,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama):
+def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
     port = _free_port()
     env = {**os.environ, "RIDGELINE_API_KEY": "sk-cli"}
     proc = subprocess.Popen([RIDGELINE, "serve", "--model", llama, "--port", str(port), "--num-blocks", "64",
-                             "--worker-cpus", "0.25"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             "--worker-cpus", "0.25", "--registry", etcd.url, "--prefill-price", "2.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, start_new_session=True)
     try:
         lines, deadline = [], time.monotonic() + 180
@@ -47,12 +51,27 @@ def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama):
         r = httpx.post(url, content=body, timeout=60, headers={"Authorization": "Bearer sk-cli",
                                                                "Content-Type": "application/json"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+        assert r.json()["usage"]["cost_usd"] > 0
+        pools = httpx.get(f"http://127.0.0.1:{port}/v1/pools", timeout=30,
+                          headers={"Authorization": "Bearer sk-cli"}).json()["data"]
+        assert {p["name"]: p["price_per_hour"] for p in pools}["prefill"] == 2.5
+        registered = asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline")))  # the CLI's app is "ridgeline"
+        assert sorted(v["pool"] for v in registered.values()) == ["decode", "prefill"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+        assert asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline"))) == {}  # leases revoked on the way out
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+async def _etcd_keys(url: str, prefix: str) -> dict:
+    registry = open_registry(url)
+    try:
+        return (await registry.get_prefix(prefix))[0]
+    finally:
+        await registry.close()
 
 
 def test_banner_names_the_key_only_when_one_is_set(llama):
@@ -79,3 +98,30 @@ def test_serve_config_rejects_bad_values(llama):
         ServeConfig(model=llama, decode={"replicas": 0})
     with pytest.raises(ValueError, match="kv_transport"):
         ServeConfig(model=llama, kv_transport="smoke-signals")
+
+
+@pytest.mark.parametrize("pool, message", [
+    ({"num_gpus": 1, "device": "cpu"}, "device: 'cpu' but num_gpus is 1"),
+    ({"device": "H200"}, "device: 'H200' needs num_gpus > 0"),
+    ({"price_per_hour": -1}, "price_per_hour"),
+    ({"weight_dtype": "float16", "kv_dtype": "bfloat16"}, "kv_dtype: got bfloat16, allowed auto or the weight dtype"),
+    ({"kv_dtype": "fp8"}, "kv_dtype"),
+    ({"weight_dtype": "float16", "engine": {"dtype": "float32"}}, "weight_dtype: float16 but engine.dtype"),
+])
+def test_bad_pool_configuration_is_named(llama, pool, message):
+    from services.app import ServeConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServeConfig(model=llama, decode=pool)
+
+
+def test_pool_prices_devices_and_registry_from_the_command_line(llama):
+    config = config_for_argv(["serve", "--model", llama, "--decode-price", "1.25", "--worker-gpus", "0",
+                              "--registry", "etcd://10.1.2.3:2379", "--dtype", "float32"])
+    assert config.prices()["decode"] == 1.25 and config.prices()["prefill"] > 0  # default rate for its CPUs
+    assert config.registry == "etcd://10.1.2.3:2379"
+    decode = config.decode.describe("decode", "decode", "least_loaded")
+    assert (decode["device"], decode["weight_dtype"], decode["price_is_default"]) == ("cpu", "float32", False)
+    assert config.decode.engine_options() == {"scheduling_policy": "priority", "dtype": "float32"}
+    with pytest.raises(ValueError, match="registry: got 'zookeeper://x'"):
+        config_for_argv(["serve", "--model", llama, "--registry", "zookeeper://x"])
