@@ -3,10 +3,12 @@ actor and a real etcd on 127.0.0.1), /v1/pools, a killed worker leaving the regi
 choices, an etcd restart during serving, and the dollars of a run adding up."""
 
 import asyncio
+import json
 import os
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -44,6 +46,19 @@ def _complete(url: str, n: int, max_tokens: int = 6) -> list[dict]:
     return asyncio.run(main())
 
 
+def _stream_tokens(url: str, first: int) -> int:
+    """Completion tokens of a streamed request (96 asked); a 200 stream that broke would count fewer."""
+    tokens = 0
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": [first] * 24, "max_tokens": 96, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"usage"' in line and '"choices": []' in line:
+                tokens = json.loads(line.removeprefix("data: "))["usage"]["completion_tokens"]
+    return tokens
+
+
 def _etcd_keys(url: str, prefix: str) -> dict[str, dict]:
     async def main():
         reg = open_registry(url)
@@ -58,7 +73,8 @@ def _etcd_keys(url: str, prefix: str) -> dict[str, dict]:
 def test_pools_endpoint_and_the_dollars_of_a_run_add_up(deploy, llama):
     prices = {"prefill": 3.6, "decode": 1.8}
     url = deploy("cost", **app_config(llama, prefill={**POOL, "price_per_hour": prices["prefill"], "device": "cpu"},
-                                      decode={**POOL, "price_per_hour": prices["decode"], "kv_dtype": "auto"}))
+                                      decode={**POOL, "price_per_hour": prices["decode"], "kv_dtype": "auto"},
+                                      admission=True))  # (8 short requests: far from any target)
     _wait(lambda: all(len(p["workers"]) == 1 and p["registered"] for p in _pools(url).values()), 30,
           "both pools and their workers registered")
     pools = _pools(url)
@@ -97,12 +113,15 @@ def test_etcd_registry_a_killed_worker_leaves_and_an_etcd_restart_does_not_stop_
     victim = _pools(url)["decode"]["workers"][0]
     _complete(url, 4)
 
+    streams = ThreadPoolExecutor(4).map(lambda i: _stream_tokens(url, 5 + i), range(4))  # in flight at the kill
+    time.sleep(0.5)
     os.kill(victim["pid"], signal.SIGKILL)
     gone = _wait(lambda: keys.worker(app, "decode", victim["replica"]) not in _etcd_keys(etcd.url, workers_prefix),
                  2.0 + 5, "the killed worker leaves etcd")
     print(f"killed worker left etcd {gone:.2f} s after SIGKILL (TTL 2 s)")
     _wait(lambda: victim["replica"] not in {w["replica"] for w in _pools(url)["decode"]["workers"]}, 10,
           "the frontend's view drops it")
+    assert list(streams) == [96] * 4  # streams on the killed worker migrated and finished (serving's rules)
     _complete(url, 6)  # the router no longer sends anything to it: every request is answered
     # Serve replaces the replica; the new one registers itself
     _wait(lambda: len(_etcd_keys(etcd.url, workers_prefix)) == 2, 60, "the replacement registers")
