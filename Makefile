@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# servers the test suite starts on 127.0.0.1 (real components, not mocks): etcd for the registry
+# servers the test suite starts on 127.0.0.1 (real components, not mocks): etcd for the registry,
+# Prometheus (and promtool) for the metrics, rules and dashboards
 system-deps:
-	@command -v etcd >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; }
+	@command -v etcd >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server prometheus; }
 
 # frontend + 1 prefill + 1 decode replica of the default model on 127.0.0.1:8000 (Ctrl-C stops it)
 serve: install

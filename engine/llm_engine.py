@@ -94,7 +94,8 @@ class _Parent:
         return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outs,
                              finished=all(r.is_finished for r in self.children),
                              num_cached_tokens=max(first.num_cached_tokens, 0),
-                             compute=sum((r.compute for r in self.children), ComputeUsage()))
+                             compute=sum((r.compute for r in self.children), ComputeUsage()),
+                             queued=(first.arrival_wall, first.scheduled_wall) if first.scheduled_wall else None)
 
 
 class LLMEngine:

@@ -45,6 +45,8 @@ class Request:
         self.hold_kv = hold_kv  # keep the blocks after finishing: another worker pulls them
         self.hash_extra = hash_extra
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.arrival_wall = time.time()  # wall clock (traces, queue-time metrics)
+        self.scheduled_wall: float | None = None  # when it was first admitted to the running batch
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until scheduled

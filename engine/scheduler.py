@@ -4,6 +4,7 @@ One loop serves every case: a decode is a request one token behind, a chunked pr
 tokens behind, a prefix hit starts `num_computed_tokens` above zero.
 """
 
+import time
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -38,6 +39,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_lookup_blocks = 0  # full prompt blocks looked up in the prefix cache at first admission
+        self.prefix_hit_blocks = 0  # ... and found there
         self.offloader = None  # engine/kv_offload.py: loads prompt blocks held by lower KV tiers
         self.loading: dict[str, Request] = {}  # admitted, blocks allocated, waiting for a KV load
         self._abandoned: dict[str, Request] = {}  # aborted while loading: blocks freed when the load ends
@@ -97,6 +100,9 @@ class Scheduler:
                 hits, num_hit_tokens = [], request.num_computed_tokens
             else:
                 hits, num_hit_tokens = self.block_manager.get_computed_blocks(request)
+                if request.num_cached_tokens < 0:  # first admission (not a preempted request coming back)
+                    self.prefix_lookup_blocks += (request.num_tokens - 1) // self.block_manager.block_size
+                    self.prefix_hit_blocks += len(hits)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
@@ -109,6 +115,8 @@ class Scheduler:
                 self._preempt(victim, out)
                 num_new = min(request.num_tokens - num_hit_tokens, budget)
             self.waiting.pop(0)
+            if request.scheduled_wall is None:
+                request.scheduled_wall = time.time()
             if self.offloader is not None and not handed_over:
                 loaded = self._load_lower_tiers(request, len(hits), num_new)
                 if loaded is None:  # a load runs; the request joins `running` when it is done

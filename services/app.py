@@ -15,6 +15,8 @@ from control_plane.cost import default_price_per_hour
 from control_plane.registry import parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.tokenizer import Tokenizer
+from observability.aggregate import app_metrics
+from observability.metrics import POOL_PRICE, POOL_REPLICAS
 from services.decode import DecodeWorker
 from services.frontend import build_frontend
 from services.pd_client import DisaggregatedClient
@@ -205,7 +207,8 @@ class OpenAIIngress:
             infos.append(await self.prefill.info.remote())
         self.client = DisaggregatedClient(
             Tokenizer(self.config.model), min(i["max_model_len"] for i in infos), infos[0]["vocab_size"],
-            self.decode, self.prefill, max_migrations=self.config.max_migrations)
+            self.decode, self.prefill, max_migrations=self.config.max_migrations,
+            model_name=self.config.model_name)
         view = self._follow_registry()
         configured = {name: pool.describe(name, role, router) for name, (pool, role, router) in self.config.pools().items()}
 
@@ -222,10 +225,21 @@ class OpenAIIngress:
                                 "transport": w.get("transport", {}).get("name")} for w in live]})
             return out
 
-        return build_frontend(self.client, self.config.model_name, api_key=self.config.api_key,
+        model = self.config.model_name
+        prices = self.config.prices()
+
+        async def metrics() -> bytes:
+            """This process's metrics and every live worker's (the URLs they registered)."""
+            workers = view.under("workers/").values()
+            for name, price in prices.items():
+                POOL_PRICE.labels(model, name).set(price)
+                POOL_REPLICAS.labels(model, name).set(sum(1 for w in workers if w.get("pool") == name))
+            return await app_metrics({w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")})
+
+        return build_frontend(self.client, model, api_key=self.config.api_key,
                               slo_table=self.config.slo_table(), max_inflight=self.config.max_inflight,
-                              prices=self.config.prices(),
-                              admission=AdmissionController() if self.config.admission else None, pools=pools)
+                              prices=prices, admission=AdmissionController() if self.config.admission else None,
+                              pools=pools, app_metrics=metrics)
 
     def __del__(self):
         for part in getattr(self, "_membership", []):
@@ -256,7 +270,8 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
 
     def worker_options(name: str) -> dict:
         pool = pools[name][0]
-        return {"kv_tiers": config.kv_tiers(pool), "pool_name": name, "registry": registry}
+        return {"kv_tiers": config.kv_tiers(pool), "pool_name": name, "registry": registry,
+                "model_name": config.model_name}
 
     decode_pool, _, decode_router = pools["decode"]
     decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router).bind(

@@ -5,8 +5,10 @@ a bad block is never decoded from."""
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
+from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from services.engine_worker import EngineWorker
 from services.transport import KVHandle, TransferError
 from services.worker_protocol import Delta, DeltaTracker, WorkerRequest
@@ -36,11 +38,15 @@ class DecodeWorker(EngineWorker):
         if req.kv_handle is not None:
             computed = await self._pull(req)
         tracker = DeltaTracker(len(req.output_token_ids), self.name, self.pool)
+        queued = None
         try:
             async for out in self.llm.generate(req.request_id, req.prompt_token_ids, req.params,
                                                output_token_ids=req.output_token_ids,
                                                kv_computed_tokens=computed, cache_salt=req.cache_salt,
                                                priority=req.priority, preemptible=req.preemptible):
+                if queued is None and out.queued is not None:
+                    queued = out.queued
+                    self.observe_queue_time(queued, req.slo_class)
                 yield tracker.delta(out)
         except BaseException:
             if computed:  # a rejected add leaves the pulled blocks unadopted
@@ -64,12 +70,15 @@ class DecodeWorker(EngineWorker):
         skip = reserved.num_cached_blocks
         rest, into = handle.tail(skip), reserved.block_ids[skip:]
         self.counters["kv_blocks_reused"] += skip
+        labels = {**self.metric_labels, "transport": self.transport.name}
         for attempt in range(1, self.pull_attempts + 1):
+            start = time.perf_counter()
             try:
                 if rest.block_ids:
                     await _uncancellable(asyncio.to_thread(self.transport.pull, rest, into, self.pull_timeout_s))
             except TransferError as e:
                 self.counters["kv_pull_failures"] += 1
+                KV_TRANSFER_FAILURES.labels(**labels).inc()
                 logger.warning("KV pull %d/%d for %s failed: %s", attempt, self.pull_attempts, request_id, e)
                 if not e.retryable:  # the owner is gone: recompute now rather than ask again
                     break
@@ -80,6 +89,9 @@ class DecodeWorker(EngineWorker):
             self.transport.release(handle)
             self.counters["kv_pulls"] += 1
             self.counters["kv_pull_bytes"] += rest.num_bytes
+            if rest.block_ids:
+                KV_TRANSFER_SECONDS.labels(**labels).observe(time.perf_counter() - start)
+                KV_TRANSFER_BYTES.labels(**labels).inc(rest.num_bytes)
             return handle.num_tokens
         await self._give_up(request_id, handle)
         self.counters["kv_recomputes"] += 1

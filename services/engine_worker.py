@@ -6,7 +6,11 @@ import os
 import socket
 import uuid
 
+from prometheus_client import start_http_server
+
 from engine.async_llm import AsyncLLM, EngineDeadError
+from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
+from observability.worker_metrics import register_worker, unregister_worker
 from services.transport import make_transport
 
 
@@ -42,14 +46,17 @@ class EngineWorker:
     role = "worker"
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 kv_tiers: dict | None = None, pool_name: str | None = None, registry: dict | None = None):
+                 kv_tiers: dict | None = None, pool_name: str | None = None, registry: dict | None = None,
+                 model_name: str | None = None):
         """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
         keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
         "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease."""
         self.name = replica_name()
         self.pool = pool_name or self.role
+        self.model_name = model_name or os.path.basename(os.path.normpath(model))
         self.registration = None
+        self.metrics_server = None
         self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
         self.engine = self.llm.engine
         self.transport = make_transport(kv_transport)
@@ -61,6 +68,10 @@ class EngineWorker:
         from services.kv_feed import KVEventFeed
 
         self.kv_feed = KVEventFeed(self.engine.kv_events, self._kv_snapshot)
+        self.metric_labels = {"model": self.model_name, "pool": self.pool, "role": self.role}
+        self._metrics_token = register_worker(self.metric_labels, self._metrics_read)
+        for metric in (KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES):  # known series start at 0, not absent
+            metric.labels(**self.metric_labels, transport=self.transport.name)
         if registry is not None:
             self._register(registry)
         self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
@@ -98,10 +109,42 @@ class EngineWorker:
                  "transport": self.transport.describe(), "block_size": engine.block_manager.block_size,
                  "kv_blocks": engine.block_manager.num_blocks, "kv_dtype": str(engine.dtype),
                  "kv_fingerprint": engine.fingerprint, "max_model_len": engine.max_model_len}
+        # this replica's metrics endpoint: the frontend's /metrics gathers it (observability/aggregate.py)
+        self.metrics_server, _ = start_http_server(0, addr=value["node_ip"])
+        value["metrics_url"] = f"http://{value['node_ip']}:{self.metrics_server.server_port}/metrics"
         app = registry.get("app") or _app_name()
         self.registration = Registration(connector(registry["url"]), keys.worker(app, self.pool, self.name), value,
                                          ttl_s=registry.get("ttl_s", 10.0), on_registered=self.kv_feed.force_snapshot)
         self.registration.start()
+
+    def _metrics_read(self) -> dict:
+        """Engine state for observability/worker_metrics.py (read at scrape time, off the engine thread)."""
+        engine, sched, blocks = self.engine, self.engine.scheduler, self.engine.block_manager
+        kv_blocks = {"hbm": (blocks.num_blocks, blocks.num_blocks - blocks.num_free_blocks)}
+        hit_blocks = {"hbm": sched.prefix_hit_blocks}
+        moved: dict[tuple[str, str], int] = {}
+        store, offloader = self.kv_store, engine.offloader
+        if store is not None and offloader is not None:
+            block_bytes = engine.kv_pool[0].numel() * engine.kv_pool.element_size()
+            occupancy = store.occupancy() if hasattr(store, "occupancy") else {}
+            for tier in ("dram", "ssd"):
+                if f"{tier}_capacity_blocks" in occupancy:
+                    kv_blocks[tier] = (occupancy[f"{tier}_capacity_blocks"], occupancy[f"{tier}_blocks"])
+            stats = store.stats
+            hit_blocks["dram"] = stats.get("dram_hits", stats.get("loaded_blocks", 0))
+            hit_blocks["ssd"] = stats.get("ssd_hits", 0)
+            moved[("dram", "offload")] = offloader.stats.offloaded_blocks * block_bytes
+            moved[("dram", "load")] = offloader.stats.loaded_blocks * block_bytes
+            moved[("ssd", "offload")] = stats.get("demoted", 0) * block_bytes
+            moved[("ssd", "load")] = stats.get("ssd_hits", 0) * block_bytes
+        return {"running": len(sched.running), "waiting": len(sched.waiting) + sched.num_loading,
+                "preemptions": sched.num_preemptions, "busy_seconds": engine.stats.busy_seconds,
+                "steps": engine.stats.steps, "kv_blocks": kv_blocks, "lookup_blocks": sched.prefix_lookup_blocks,
+                "hit_blocks": hit_blocks, "moved_bytes": moved}
+
+    def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str) -> None:
+        if queued is not None:
+            QUEUE_TIME.labels(**self.metric_labels, slo_class=slo_class).observe(max(queued[1] - queued[0], 0.0))
 
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""
@@ -161,6 +204,13 @@ class EngineWorker:
             raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
 
     def __del__(self):  # Ray Serve calls it when the replica shuts down; safe to call twice
+        if getattr(self, "_metrics_token", None) is not None:
+            unregister_worker(self._metrics_token)
+            self._metrics_token = None
+        server, self.metrics_server = getattr(self, "metrics_server", None), None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         registration, self.registration = getattr(self, "registration", None), None
         if registration is not None:
             registration.stop()  # revokes the lease: the replica leaves the registry now

@@ -11,7 +11,9 @@ request has a price (services/accounting.py).
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,6 +28,7 @@ from engine.outputs import RequestOutput
 from observability.metrics import ADMISSION_REJECTED
 from services.accounting import RequestAccount
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from services.request_metrics import RequestRecord, count_outcome, outcome_of
 from services.worker_protocol import WorkerLostError
 
 # the engine (or every worker that could continue a request) is gone: the client may retry later
@@ -95,7 +98,9 @@ class Frontend:
     def slo_class(self, http: Request, priority: int | None):
         """The request's SLO class (control_plane/slo.py): header x-slo-class, else body priority."""
         try:
-            return self.slo_table.resolve(http.headers.get("x-slo-class"), priority)
+            slo = self.slo_table.resolve(http.headers.get("x-slo-class"), priority)
+            http.state.slo_name = slo.name
+            return slo
         except ValueError as e:
             raise HTTPError(400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class") from None
 
@@ -109,22 +114,24 @@ class Frontend:
             raise HTTPError(429, str(e), type_="rate_limit_error", code="slo_overloaded",
                             headers={"Retry-After": str(e.retry_after_s)}) from None
 
-    async def start(self, request_id: str, prompt, params, cache_salt,
-                    slo: SLOClass) -> tuple[RequestOutput, AsyncIterator, RequestAccount]:
+    async def start(self, http: Request, request_id: str, prompt, params, cache_salt, slo: SLOClass) -> "Flight":
         """The first output of a request: bad input and admission surface here, before any byte of the
-        response. The stream returned is accounted (its cost) as it is consumed."""
+        response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
         if not prompt:
             raise HTTPError(400, "prompt: must not be empty", param="prompt")
         prompt_ids = self.llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         ticket = self._admit(slo, prompt_ids)
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
+        record = RequestRecord(self.model_name, slo, http.state.received)
         stream = self.llm.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
-                                   priority=slo.priority, preemptible=slo.preemptible)
+                                   priority=slo.priority, preemptible=slo.preemptible, slo_class=slo.name)
         try:
             first = await anext(stream)
         except BaseException as e:
             if ticket is not None:  # nothing will come: it leaves the queue without draining it
                 self.admission.cancel(ticket)
+            http.state.counted = True
+            record.finish(None, "invalid" if isinstance(e, ValueError) else "error")
             if isinstance(e, ValueError):
                 raise HTTPError.bad_request(e) from None
             if isinstance(e, UNAVAILABLE):
@@ -133,10 +140,13 @@ class Frontend:
         if ticket is not None:
             self.admission.first_token(ticket)
         account.update(first)
-        return first, account.follow(stream), account
+        record.output(first)
+        return Flight(first, _observed(stream, account, record), account, record)
 
-    async def final(self, http: Request, first: RequestOutput, stream: AsyncIterator) -> RequestOutput | None:
+    async def final(self, http: Request, flight: "Flight") -> RequestOutput | None:
         """Drain a request; None if the client went away (the request is then aborted)."""
+        first, stream, record = flight.first, flight.stream, flight.record
+
         async def drain():
             last = first
             if not first.finished:
@@ -149,12 +159,17 @@ class Frontend:
             done, _ = await asyncio.wait({task}, timeout=0.1)
             if done:
                 try:
-                    return task.result()
+                    out = task.result()
                 except UNAVAILABLE as e:
+                    record.finish(None, "error")
+                    http.state.counted = True
                     raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
+                record.finish(out, outcome_of(out))
+                return out
             if await http.is_disconnected():
                 task.cancel()  # the stream's cleanup aborts the request
                 await asyncio.gather(task, return_exceptions=True)
+                record.finish(None, "aborted")
                 return None
 
     def usage(self, out: RequestOutput, account: RequestAccount) -> dict:
@@ -168,18 +183,42 @@ class Frontend:
         return usage
 
 
+@dataclass
+class Flight:
+    """A request being served: its first output, the rest of its stream, its cost and its timings."""
+
+    first: RequestOutput
+    stream: AsyncIterator[RequestOutput]
+    account: RequestAccount
+    record: RequestRecord
+
+
+async def _observed(stream: AsyncIterator[RequestOutput], account: RequestAccount,
+                    record: RequestRecord) -> AsyncIterator[RequestOutput]:
+    async for out in stream:
+        account.update(out)
+        record.output(out)
+        yield out
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """A failure after the stream started becomes an error event and the stream ends; it never hangs."""
+async def _guarded(events: AsyncIterator[str], record: RequestRecord | None = None) -> AsyncIterator[str]:
+    """A failure after the stream started becomes an error event and the stream ends; it never hangs.
+    A stream that ends any other way than finishing (the client left) counts as aborted."""
+    outcome = "aborted"
     try:
         async for event in events:
             yield event
     except UNAVAILABLE as e:
+        outcome = "error"
         yield _sse(error_body(str(e), "server_error", code="service_unavailable"))
         yield _sse("[DONE]")
+    finally:
+        if record is not None:
+            record.finish(None, outcome)  # a no-op when the stream finished and counted itself
 
 
 async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
@@ -233,22 +272,28 @@ def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]
 def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256,
                    slo_table: SLOTable = DEFAULT_SLO_TABLE, prices: dict[str, float] | None = None,
                    default_pool: str = "engine", admission: AdmissionController | None = None,
-                   pools: Callable[[], Awaitable[list[dict]]] | None = None) -> FastAPI:
+                   pools: Callable[[], Awaitable[list[dict]]] | None = None,
+                   app_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
     """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /v1/pools, /health, /metrics.
 
     `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient.
     `prices`: $/hour per replica by pool (outputs that name no pool are `default_pool`'s); `admission`
-    rejects what would miss its class's TTFT target; `pools()` lists the pools for /v1/pools."""
+    rejects what would miss its class's TTFT target; `pools()` lists the pools for /v1/pools;
+    `app_metrics()` renders /metrics for the whole app (default: this process's registry)."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
     front = Frontend(llm, model_name, max_inflight, slo_table, PriceList(prices or {}), default_pool, admission)
     tokenizer = llm.tokenizer
 
     @app.exception_handler(HTTPError)
-    async def _http_error(_, exc: HTTPError):
+    async def _http_error(request: Request, exc: HTTPError):
+        if not getattr(request.state, "counted", False):  # ended before it was served
+            outcome = "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid"
+            count_outcome(model_name, getattr(request.state, "slo_name", "none"), outcome)
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
+        request.state.received = time.perf_counter()
         path, root = request.scope["path"], request.scope.get("root_path", "")
         if api_key is not None and path.removeprefix(root) != "/health":  # root: a mounted prefix
             header = request.headers.get("authorization", "")
@@ -268,7 +313,8 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body = await app_metrics() if app_metrics is not None else generate_latest()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -290,10 +336,11 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             raise HTTPError.bad_request(e) from None
         slo = front.slo_class(http, req.priority)
         rid, created = new_id("cmpl"), now()
-        first, stream, account = await front.start(rid, req.prompt, params, req.cache_salt, slo)
+        flight = await front.start(http, rid, req.prompt, params, req.cache_salt, slo)
+        first, stream, account = flight.first, flight.stream, flight.account
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         if not req.stream:
-            out = await front.final(http, first, stream)
+            out = await front.final(http, flight)
             if out is None:
                 return Response(status_code=499)
             choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
@@ -310,11 +357,12 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 choice = {"index": index, "text": text, "finish_reason": finish,
                           "logprobs": _completion_logprobs(tokenizer, tokens, logprobs)}
                 yield _sse({**base, "choices": [choice]})
+            flight.record.finish(last, outcome_of(last))
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({**base, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(_guarded(events()), media_type="text/event-stream")
+        return StreamingResponse(_guarded(events(), flight.record), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
@@ -330,10 +378,11 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             raise HTTPError.bad_request(e) from None
         slo = front.slo_class(http, req.priority)
         rid, created = new_id("chatcmpl"), now()
-        first, stream, account = await front.start(rid, prompt, params, req.cache_salt, slo)
+        flight = await front.start(http, rid, prompt, params, req.cache_salt, slo)
+        first, stream, account = flight.first, flight.stream, flight.account
         base = {"id": rid, "created": created, "model": model_name}
         if not req.stream:
-            out = await front.final(http, first, stream)
+            out = await front.final(http, flight)
             if out is None:
                 return Response(status_code=499)
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -354,11 +403,12 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish,
                           "logprobs": _chat_logprobs(tokenizer, tokens, logprobs, top)}
                 yield _sse({**chunk, "choices": [choice]})
+            flight.record.finish(last, outcome_of(last))
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({**chunk, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(_guarded(events()), media_type="text/event-stream")
+        return StreamingResponse(_guarded(events(), flight.record), media_type="text/event-stream")
 
     return app
 

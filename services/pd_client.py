@@ -34,7 +34,7 @@ def _unwrap(error: ValueError) -> ValueError:
 
 class DisaggregatedClient:
     def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, decode, prefill=None,
-                 max_migrations: int = 3, retry_backoff_s: float = 0.5):
+                 max_migrations: int = 3, retry_backoff_s: float = 0.5, model_name: str = ""):
         """decode, prefill: Ray Serve deployment handles; prefill None means aggregated mode."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -44,14 +44,15 @@ class DisaggregatedClient:
         self.prefill = prefill
         self.max_migrations = max_migrations
         self.retry_backoff_s = retry_backoff_s
+        self.model_name = model_name  # metric label
         self._inflight = 0
 
     def num_unfinished(self) -> int:
         return self._inflight
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       cache_salt: str | None = None, priority: int = 0,
-                       preemptible: bool = True) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0, preemptible: bool = True,
+                       slo_class: str = "standard") -> AsyncIterator[RequestOutput]:
         """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
@@ -62,7 +63,8 @@ class DisaggregatedClient:
                 params, n=1, seed=None if params.seed is None else params.seed + i)
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             sequences.append(self._sequence(WorkerRequest(sub_id, prompt_ids, sub_params, cache_salt=cache_salt,
-                                                          priority=priority, preemptible=preemptible)))
+                                                          priority=priority, preemptible=preemptible,
+                                                          slo_class=slo_class)))
         text = prompt if isinstance(prompt, str) else None
         self._inflight += 1
         try:
@@ -90,7 +92,7 @@ class DisaggregatedClient:
                 call.cancel()
                 raise
             except WORKER_LOST:  # the prefill replica died: decode computes the prompt itself
-                WORKERS_LOST.labels(role="prefill").inc()
+                WORKERS_LOST.labels(self.model_name, "prefill").inc()
                 result = None
             if result is not None:
                 req.kv_handle = result.kv_handle
@@ -121,13 +123,13 @@ class DisaggregatedClient:
             except ValueError as e:
                 raise _unwrap(e) from None
             except WORKER_LOST as e:
-                WORKERS_LOST.labels(role="decode").inc()
+                WORKERS_LOST.labels(self.model_name, "decode").inc()
                 if attempt == self.max_migrations:
                     raise WorkerLostError(f"request {req.request_id}: no decode worker could finish it "
                                           f"after {attempt + 1} attempts: {e}") from None
                 logger.warning("decode worker lost for %s after %d tokens; migrating", req.request_id,
                                len(req.output_token_ids))
-                REQUEST_MIGRATIONS.inc()
+                REQUEST_MIGRATIONS.labels(self.model_name).inc()
                 req.kv_handle = None  # the resumed request recomputes prompt + tokens so far
                 # a fresh id: a replica that only looked dead may still hold the old one
                 req.request_id = f"{req.request_id.split('~')[0]}~m{attempt + 1}"

@@ -31,6 +31,7 @@ class PrefillWorker(EngineWorker):
                                            cache_salt=req.cache_salt, priority=req.priority,
                                            preemptible=req.preemptible):
             last = out
+        self.observe_queue_time(last.queued, req.slo_class)
         delta = DeltaTracker(0, self.name, self.pool).delta(last)
         num_tokens = len(req.prompt_token_ids) + 1
         wanted_one = req.params.max_tokens == 1 or num_tokens >= self.engine.max_model_len

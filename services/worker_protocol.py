@@ -30,6 +30,8 @@ class WorkerRequest:
     cache_salt: str | None = None
     priority: int = 0
     preemptible: bool = True
+    slo_class: str = "standard"  # the class's name (metrics and traces)
+    trace_context: dict = field(default_factory=dict)  # W3C trace context carrier (observability/tracing.py)
     kv_handle: KVHandle | None = None
 
 

@@ -1,0 +1,73 @@
+"""Engine state as Prometheus metrics, read at scrape time (nothing on the engine's hot path): every worker
+in this process registers a `read()` giving its running and waiting requests, preemptions, busy time, KV
+blocks per tier, hits and moves. One collector serves them all, each with its own labels."""
+
+import itertools
+import threading
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from observability.metrics import ENGINE_COUNTERS, ENGINE_GAUGES
+
+_sources: dict[int, tuple[dict[str, str], Callable[[], dict]]] = {}
+_lock = threading.Lock()
+_ids = itertools.count(1)
+_registered = False
+
+
+class _EngineCollector:
+    def collect(self):
+        with _lock:
+            sources = list(_sources.values())
+        gauges = {name: GaugeMetricFamily(name, doc, labels=_labels(name)) for name, doc in ENGINE_GAUGES.items()}
+        counters = {name: CounterMetricFamily(name, doc, labels=_labels(name)) for name, doc in ENGINE_COUNTERS.items()}
+        for labels, read in sources:
+            try:
+                s = read()
+            except Exception:  # noqa: BLE001 - a worker shutting down: skip it this scrape
+                continue
+            base = [labels["model"], labels["pool"], labels["role"]]
+            gauges["ridgeline_num_requests_running"].add_metric(base, s["running"])
+            gauges["ridgeline_num_requests_waiting"].add_metric(base, s["waiting"])
+            for tier, (capacity, used) in s["kv_blocks"].items():
+                gauges["ridgeline_kv_capacity_blocks"].add_metric([*base, tier], capacity)
+                gauges["ridgeline_kv_used_blocks"].add_metric([*base, tier], used)
+            counters["ridgeline_preemptions"].add_metric(base, s["preemptions"])
+            counters["ridgeline_engine_busy_seconds"].add_metric(base, s["busy_seconds"])
+            counters["ridgeline_engine_steps"].add_metric(base, s["steps"])
+            counters["ridgeline_kv_lookup_blocks"].add_metric(base, s["lookup_blocks"])
+            for tier, n in s["hit_blocks"].items():
+                counters["ridgeline_kv_hit_blocks"].add_metric([*base, tier], n)
+            for (tier, direction), n in s["moved_bytes"].items():
+                counters["ridgeline_kv_moved_bytes"].add_metric([*base, tier, direction], n)
+        yield from gauges.values()
+        yield from counters.values()
+
+    def describe(self):
+        return []  # families are made at collect time (registering twice is not checked by name)
+
+
+def _labels(name: str) -> list[str]:
+    extra = {"ridgeline_kv_capacity_blocks": ["tier"], "ridgeline_kv_used_blocks": ["tier"],
+             "ridgeline_kv_hit_blocks": ["tier"], "ridgeline_kv_moved_bytes": ["tier", "direction"]}
+    return ["model", "pool", "role", *extra.get(name, [])]
+
+
+def register_worker(labels: dict[str, str], read: Callable[[], dict]) -> int:
+    """`read()` -> {running, waiting, preemptions, busy_seconds, steps, kv_blocks: {tier: (capacity, used)},
+    lookup_blocks, hit_blocks: {tier: n}, moved_bytes: {(tier, direction): bytes}}. Returns a token."""
+    global _registered
+    with _lock:
+        if not _registered:
+            REGISTRY.register(_EngineCollector())
+            _registered = True
+        token = next(_ids)
+        _sources[token] = (dict(labels), read)
+        return token
+
+
+def unregister_worker(token: int) -> None:
+    with _lock:
+        _sources.pop(token, None)

@@ -1,0 +1,78 @@
+"""What a client sees of one request, as the frontend's metrics (observability/metrics.py): time to first
+token, inter-token latency, time per output token, end-to-end latency, tokens, the outcome, and whether the
+request met its SLO class's targets. Times run from the moment the frontend received the request."""
+
+import time
+
+from control_plane.slo import SLOClass
+from engine.outputs import RequestOutput
+from observability.metrics import (
+    E2E,
+    GENERATION_TOKENS,
+    ITL,
+    PROMPT_TOKENS,
+    REQUESTS,
+    REQUESTS_IN_FLIGHT,
+    SLO_MET,
+    TPOT,
+    TTFT,
+)
+
+
+def count_outcome(model: str, slo_class: str, outcome: str) -> None:
+    """A request that ended before it was served (invalid, rejected, unavailable)."""
+    REQUESTS.labels(model, slo_class, outcome).inc()
+
+
+class RequestRecord:
+    def __init__(self, model: str, slo: SLOClass, received: float):
+        """received: time.perf_counter() when the frontend got the request."""
+        self.model, self.slo, self.received = model, slo, received
+        self.labels = (model, slo.name)
+        self.first_token_at: float | None = None
+        self.last_at = received
+        self.tokens = 0
+        self.done = False
+        REQUESTS_IN_FLIGHT.labels(model).inc()
+
+    def output(self, out: RequestOutput) -> None:
+        """Each output as the frontend consumes it (cumulative, as the engine clients give them)."""
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = tokens - self.tokens
+        if new <= 0:
+            return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            TTFT.labels(*self.labels).observe(now - self.received)
+            new -= 1  # the first token's latency is TTFT, not an inter-token gap
+        for _ in range(new):
+            ITL.labels(*self.labels).observe((now - self.last_at) / max(new, 1))
+        self.tokens, self.last_at = tokens, now
+
+    def finish(self, out: RequestOutput | None, outcome: str) -> None:
+        """outcome: stop | length (served), aborted (client gone), error. Idempotent."""
+        if self.done:
+            return
+        self.done = True
+        REQUESTS_IN_FLIGHT.labels(self.model).dec()
+        REQUESTS.labels(*self.labels, outcome).inc()
+        if out is None or outcome not in ("stop", "length"):
+            return
+        e2e = self.last_at - self.received
+        E2E.labels(*self.labels).observe(e2e)
+        PROMPT_TOKENS.labels(*self.labels).inc(len(out.prompt_token_ids))
+        GENERATION_TOKENS.labels(*self.labels).inc(self.tokens)
+        ttft = (self.first_token_at or self.last_at) - self.received
+        tpot = None
+        if self.tokens > 1:
+            tpot = (e2e - ttft) / (self.tokens - 1)
+            TPOT.labels(*self.labels).observe(tpot)
+        if ttft * 1000 <= self.slo.ttft_ms and (tpot is None or tpot * 1000 <= self.slo.tpot_ms):
+            SLO_MET.labels(*self.labels).inc()
+
+
+def outcome_of(out: RequestOutput) -> str:
+    """stop unless any choice ran out of length (an aborted choice makes it aborted)."""
+    reasons = {c.finish_reason for c in out.outputs}
+    return "aborted" if "abort" in reasons else "length" if "length" in reasons else "stop"
