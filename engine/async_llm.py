@@ -48,10 +48,11 @@ class AsyncLLM:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       slo_class: str | None = None, **request_options) -> AsyncIterator[RequestOutput]:
+                       slo_class: str | None = None, trace_context: dict | None = None,
+                       **request_options) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request until it finishes. Bad input raises ValueError at once.
-        `slo_class` is the serving layer's label (the engine schedules by `priority`); it is accepted so that
-        this and the Ray pools' client take the same call."""
+        `slo_class` and `trace_context` are the serving layer's (the engine schedules by `priority` and opens
+        no spans); they are accepted so that this and the Ray pools' client take the same call."""
         if self._error is not None:
             raise EngineDeadError(f"engine step loop failed: {self._error!r}")
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()

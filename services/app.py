@@ -15,6 +15,7 @@ from control_plane.cost import default_price_per_hour
 from control_plane.registry import parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.tokenizer import Tokenizer
+from observability import tracing
 from observability.aggregate import app_metrics
 from observability.metrics import POOL_PRICE, POOL_REPLICAS
 from services.decode import DecodeWorker
@@ -134,6 +135,8 @@ class ServeConfig(BaseModel):
                           "actor) or etcd://HOST:PORT")
     registry_ttl_s: float = Field(default=10.0, gt=0, description="a worker that stops heartbeating leaves "
                                   "the registry (and the router's choices) after this long")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables of every replica "
+                                "(e.g. OTEL_EXPORTER_OTLP_ENDPOINT to export traces)")
     admission: bool = Field(default=True, description="reject with 429 + Retry-After what would miss its SLO "
                             "class's TTFT target (control_plane/admission.py)")
 
@@ -182,6 +185,7 @@ class OpenAIIngress:
         self.decode, self.prefill = decode, prefill
         self.client: DisaggregatedClient | None = None
         self.app_name = self.config.app_name or serve.get_replica_context().app_name
+        tracing.configure("ridgeline-frontend")  # records spans only when OTEL_* names an exporter
         self._membership = []
 
     def _follow_registry(self):
@@ -255,10 +259,17 @@ def _router_config(router: str) -> RequestRouterConfig:
                                request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5)
 
 
-def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded"):
+def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] | None = None) -> dict:
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
+    return options
+
+
+def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded", env: dict | None = None):
     scale = {"autoscaling_config": pool.autoscaling} if pool.autoscaling else {"num_replicas": pool.replicas}
     return serve.deployment(cls, name=name, max_ongoing_requests=pool.max_ongoing_requests,
-                            ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+                            ray_actor_options=_actor_options(pool.num_cpus, pool.num_gpus, env),
                             request_router_config=_router_config(router), health_check_period_s=2,
                             graceful_shutdown_timeout_s=5, **scale)
 
@@ -274,15 +285,15 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
                 "model_name": config.model_name}
 
     decode_pool, _, decode_router = pools["decode"]
-    decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router).bind(
+    decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router, config.env).bind(
         config.model, decode_pool.engine_options(), config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
         fault_corrupt_pulls=config.fault_corrupt_pulls, **worker_options("decode"))
     prefill = None
     if "prefill" in pools:
         prefill_pool, _, prefill_router = pools["prefill"]
-        prefill = _pool(PrefillWorker, "PrefillWorker", prefill_pool, prefill_router).bind(
+        prefill = _pool(PrefillWorker, "PrefillWorker", prefill_pool, prefill_router, config.env).bind(
             config.model, prefill_pool.engine_options(), config.kv_transport, kv_lease_s=config.kv_lease_s,
             **worker_options("prefill"))
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
-                               ray_actor_options={"num_cpus": config.frontend_num_cpus})
+                               ray_actor_options=_actor_options(config.frontend_num_cpus, env=config.env))
     return ingress.bind(config.model_dump(), decode, prefill)

@@ -8,6 +8,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
+from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from services.engine_worker import EngineWorker
 from services.transport import KVHandle, TransferError
@@ -34,9 +37,28 @@ class DecodeWorker(EngineWorker):
     async def generate(self, req: WorkerRequest) -> AsyncIterator[Delta]:
         """Stream deltas of one sequence until it finishes; cancelling the stream aborts it here."""
         self.counters["requests"] += 1
+        span = self.request_span("decode", req)
+        try:
+            async for delta in self._generate(req, span):
+                yield delta
+        except BaseException as e:
+            if not isinstance(e, GeneratorExit | asyncio.CancelledError):
+                span.set_status(tracing.Status(tracing.StatusCode.ERROR, type(e).__name__))
+            raise
+        finally:
+            span.end()
+
+    async def _generate(self, req: WorkerRequest, span) -> AsyncIterator[Delta]:
         computed = 0
         if req.kv_handle is not None:
-            computed = await self._pull(req)
+            transfer = tracing.tracer().start_span("kv_transfer", context=trace.set_span_in_context(span),
+                                                   attributes={"ridgeline.transport": self.transport.name,
+                                                               "ridgeline.blocks": len(req.kv_handle.block_ids)})
+            try:
+                computed = await self._pull(req)
+            finally:
+                transfer.set_attribute("ridgeline.kv_tokens", computed)
+                transfer.end()
         tracker = DeltaTracker(len(req.output_token_ids), self.name, self.pool)
         queued = None
         try:
@@ -46,7 +68,7 @@ class DecodeWorker(EngineWorker):
                                                priority=req.priority, preemptible=req.preemptible):
                 if queued is None and out.queued is not None:
                     queued = out.queued
-                    self.observe_queue_time(queued, req.slo_class)
+                    self.observe_queue_time(queued, req.slo_class, span)
                 yield tracker.delta(out)
         except BaseException:
             if computed:  # a rejected add leaves the pulled blocks unadopted

@@ -6,9 +6,11 @@ import os
 import socket
 import uuid
 
+from opentelemetry import trace
 from prometheus_client import start_http_server
 
 from engine.async_llm import AsyncLLM, EngineDeadError
+from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
 from observability.worker_metrics import register_worker, unregister_worker
 from services.transport import make_transport
@@ -52,6 +54,7 @@ class EngineWorker:
         keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
         "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease."""
+        tracing.configure(f"ridgeline-{self.role}")  # records spans only when OTEL_* names an exporter
         self.name = replica_name()
         self.pool = pool_name or self.role
         self.model_name = model_name or os.path.basename(os.path.normpath(model))
@@ -142,9 +145,23 @@ class EngineWorker:
                 "steps": engine.stats.steps, "kv_blocks": kv_blocks, "lookup_blocks": sched.prefix_lookup_blocks,
                 "hit_blocks": hit_blocks, "moved_bytes": moved}
 
-    def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str) -> None:
-        if queued is not None:
-            QUEUE_TIME.labels(**self.metric_labels, slo_class=slo_class).observe(max(queued[1] - queued[0], 0.0))
+    def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:
+        """The queue-time metric, and a `queue` child span (arrival to first scheduled step) of `span`."""
+        if queued is None:
+            return
+        QUEUE_TIME.labels(**self.metric_labels, slo_class=slo_class).observe(max(queued[1] - queued[0], 0.0))
+        if span is not None and span.is_recording():
+            start, end = int(queued[0] * 1e9), int(queued[1] * 1e9)
+            tracing.tracer().start_span("queue", context=trace.set_span_in_context(span),
+                                        start_time=start).end(end_time=max(end, start))
+
+    def request_span(self, name: str, req):
+        """This worker's SERVER span for a request, a child of the caller's span carried in the request."""
+        return tracing.tracer().start_span(
+            name, context=tracing.extract(req.trace_context), kind=tracing.SpanKind.SERVER,
+            attributes={"ridgeline.replica": self.name, "ridgeline.pool": self.pool, "ridgeline.role": self.role,
+                        "ridgeline.request_id": req.request_id, "ridgeline.slo_class": req.slo_class,
+                        "gen_ai.usage.input_tokens": len(req.prompt_token_ids)})
 
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""

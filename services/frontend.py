@@ -25,6 +25,7 @@ from control_plane.cost import PriceList
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.async_llm import AsyncLLM, EngineDeadError
 from engine.outputs import RequestOutput
+from observability import tracing
 from observability.metrics import ADMISSION_REJECTED
 from services.accounting import RequestAccount
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
@@ -114,7 +115,19 @@ class Frontend:
             raise HTTPError(429, str(e), type_="rate_limit_error", code="slo_overloaded",
                             headers={"Retry-After": str(e.retry_after_s)}) from None
 
-    async def start(self, http: Request, request_id: str, prompt, params, cache_salt, slo: SLOClass) -> "Flight":
+    def _span(self, http: Request, operation: str, request_id: str, params):
+        """The request's SERVER span, a child of the client's traceparent when it sent one."""
+        return tracing.tracer().start_span(
+            f"{operation} {self.model_name}", context=tracing.extract(http.headers), kind=tracing.SpanKind.SERVER,
+            start_time=http.state.received_ns, attributes={
+                "gen_ai.operation.name": operation, "gen_ai.provider.name": "ridgeline",
+                "gen_ai.request.model": self.model_name, "gen_ai.response.id": request_id,
+                "gen_ai.request.max_tokens": params.max_tokens or 0, "gen_ai.request.temperature": params.temperature,
+                "gen_ai.request.top_p": params.top_p, "gen_ai.request.choice.count": params.n,
+                "ridgeline.slo_class": http.state.slo_name})
+
+    async def start(self, http: Request, request_id: str, prompt, params, cache_salt, slo: SLOClass,
+                    operation: str = "text_completion") -> "Flight":
         """The first output of a request: bad input and admission surface here, before any byte of the
         response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
         if not prompt:
@@ -122,9 +135,11 @@ class Frontend:
         prompt_ids = self.llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         ticket = self._admit(slo, prompt_ids)
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
-        record = RequestRecord(self.model_name, slo, http.state.received)
+        span = self._span(http, operation, request_id, params)
+        record = RequestRecord(self.model_name, slo, http.state.received, span)
         stream = self.llm.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
-                                   priority=slo.priority, preemptible=slo.preemptible, slo_class=slo.name)
+                                   priority=slo.priority, preemptible=slo.preemptible, slo_class=slo.name,
+                                   trace_context=tracing.inject(span))
         try:
             first = await anext(stream)
         except BaseException as e:
@@ -293,7 +308,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        request.state.received = time.perf_counter()
+        request.state.received, request.state.received_ns = time.perf_counter(), time.time_ns()
         path, root = request.scope["path"], request.scope.get("root_path", "")
         if api_key is not None and path.removeprefix(root) != "/health":  # root: a mounted prefix
             header = request.headers.get("authorization", "")
@@ -378,7 +393,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             raise HTTPError.bad_request(e) from None
         slo = front.slo_class(http, req.priority)
         rid, created = new_id("chatcmpl"), now()
-        flight = await front.start(http, rid, prompt, params, req.cache_salt, slo)
+        flight = await front.start(http, rid, prompt, params, req.cache_salt, slo, operation="chat")
         first, stream, account = flight.first, flight.stream, flight.account
         base = {"id": rid, "created": created, "model": model_name}
         if not req.stream:

@@ -17,6 +17,7 @@ from engine.llm_engine import check_prompt_ids
 from engine.outputs import ComputeUsage, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from observability import tracing
 from observability.metrics import REQUEST_MIGRATIONS, WORKERS_LOST
 from services.worker_protocol import Delta, SequenceState, WorkerLostError, WorkerRequest
 
@@ -52,7 +53,7 @@ class DisaggregatedClient:
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        cache_salt: str | None = None, priority: int = 0, preemptible: bool = True,
-                       slo_class: str = "standard") -> AsyncIterator[RequestOutput]:
+                       slo_class: str = "standard", trace_context: dict | None = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
@@ -64,7 +65,8 @@ class DisaggregatedClient:
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             sequences.append(self._sequence(WorkerRequest(sub_id, prompt_ids, sub_params, cache_salt=cache_salt,
                                                           priority=priority, preemptible=preemptible,
-                                                          slo_class=slo_class)))
+                                                          slo_class=slo_class,
+                                                          trace_context=dict(trace_context or {}))))
         text = prompt if isinstance(prompt, str) else None
         self._inflight += 1
         try:
@@ -81,8 +83,17 @@ class DisaggregatedClient:
         finally:
             self._inflight -= 1
 
+    def _call_span(self, name: str, req: WorkerRequest, parent: dict):
+        """A CLIENT span for one call to a pool; the request carries it to the router and the worker."""
+        span = tracing.tracer().start_span(name, context=tracing.extract(parent), kind=tracing.SpanKind.CLIENT,
+                                           attributes={"ridgeline.request_id": req.request_id})
+        req.trace_context = tracing.inject(span)
+        return span
+
     async def _sequence(self, req: WorkerRequest) -> AsyncIterator[Delta]:
+        parent = req.trace_context  # the frontend's span
         if self.prefill is not None:
+            span = self._call_span("prefill", req, parent)
             call = self.prefill.prefill.remote(req)
             try:
                 result = await call
@@ -93,7 +104,10 @@ class DisaggregatedClient:
                 raise
             except WORKER_LOST:  # the prefill replica died: decode computes the prompt itself
                 WORKERS_LOST.labels(self.model_name, "prefill").inc()
+                span.add_event("prefill worker lost: decode computes the prompt")
                 result = None
+            finally:
+                span.end()
             if result is not None:
                 req.kv_handle = result.kv_handle
                 try:
@@ -105,10 +119,14 @@ class DisaggregatedClient:
                 if result.delta.finish_reason is not None:
                     return
                 req.output_token_ids = list(result.delta.token_ids)
-        async for delta in self._decode(req):
-            yield delta
+        span = self._call_span("decode", req, parent)
+        try:
+            async for delta in self._decode(req, span):
+                yield delta
+        finally:
+            span.end()
 
-    async def _decode(self, req: WorkerRequest) -> AsyncIterator[Delta]:
+    async def _decode(self, req: WorkerRequest, span) -> AsyncIterator[Delta]:
         for attempt in range(self.max_migrations + 1):
             stream = self.decode_stream.generate.remote(req)
             finished = False
@@ -130,6 +148,7 @@ class DisaggregatedClient:
                 logger.warning("decode worker lost for %s after %d tokens; migrating", req.request_id,
                                len(req.output_token_ids))
                 REQUEST_MIGRATIONS.labels(self.model_name).inc()
+                span.add_event("decode worker lost: migrating", {"tokens_kept": len(req.output_token_ids)})
                 req.kv_handle = None  # the resumed request recomputes prompt + tokens so far
                 # a fresh id: a replica that only looked dead may still hold the old one
                 req.request_id = f"{req.request_id.split('~')[0]}~m{attempt + 1}"

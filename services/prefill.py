@@ -4,6 +4,7 @@ decode worker that will pull it (released by the puller's notification, reclaime
 import dataclasses
 import threading
 
+from observability import tracing
 from services.engine_worker import EngineWorker
 from services.transport.leases import LeaseTable
 from services.worker_protocol import DeltaTracker, PrefillResult, WorkerRequest
@@ -25,13 +26,24 @@ class PrefillWorker(EngineWorker):
     async def prefill(self, req: WorkerRequest) -> PrefillResult:
         """Bad input raises ValueError before anything is computed."""
         self.counters["requests"] += 1
+        span = self.request_span("prefill", req)
+        try:
+            return await self._prefill(req, span)
+        except BaseException as e:
+            span.set_status(tracing.Status(tracing.StatusCode.ERROR, type(e).__name__))
+            raise
+        finally:
+            span.end()
+
+    async def _prefill(self, req: WorkerRequest, span) -> PrefillResult:
         first_only = dataclasses.replace(req.params, max_tokens=1)
         last = None
         async for out in self.llm.generate(req.request_id, req.prompt_token_ids, first_only, hold_kv=True,
                                            cache_salt=req.cache_salt, priority=req.priority,
                                            preemptible=req.preemptible):
             last = out
-        self.observe_queue_time(last.queued, req.slo_class)
+        self.observe_queue_time(last.queued, req.slo_class, span)
+        span.set_attribute("ridgeline.cached_tokens", last.num_cached_tokens)
         delta = DeltaTracker(0, self.name, self.pool).delta(last)
         num_tokens = len(req.prompt_token_ids) + 1
         wanted_one = req.params.max_tokens == 1 or num_tokens >= self.engine.max_model_len

@@ -1,6 +1,7 @@
 """What a client sees of one request, as the frontend's metrics (observability/metrics.py): time to first
 token, inter-token latency, time per output token, end-to-end latency, tokens, the outcome, and whether the
-request met its SLO class's targets. Times run from the moment the frontend received the request."""
+request met its SLO class's targets; and the end of the request's trace span (observability/tracing.py)
+with its GenAI usage attributes. Times run from the moment the frontend received the request."""
 
 import time
 
@@ -17,6 +18,7 @@ from observability.metrics import (
     TPOT,
     TTFT,
 )
+from observability.tracing import Status, StatusCode
 
 
 def count_outcome(model: str, slo_class: str, outcome: str) -> None:
@@ -25,9 +27,9 @@ def count_outcome(model: str, slo_class: str, outcome: str) -> None:
 
 
 class RequestRecord:
-    def __init__(self, model: str, slo: SLOClass, received: float):
-        """received: time.perf_counter() when the frontend got the request."""
-        self.model, self.slo, self.received = model, slo, received
+    def __init__(self, model: str, slo: SLOClass, received: float, span=None):
+        """received: time.perf_counter() when the frontend got the request; span: its trace span, ended here."""
+        self.model, self.slo, self.received, self.span = model, slo, received, span
         self.labels = (model, slo.name)
         self.first_token_at: float | None = None
         self.last_at = received
@@ -57,6 +59,8 @@ class RequestRecord:
         self.done = True
         REQUESTS_IN_FLIGHT.labels(self.model).dec()
         REQUESTS.labels(*self.labels, outcome).inc()
+        if self.span is not None:
+            self._end_span(out, outcome)
         if out is None or outcome not in ("stop", "length"):
             return
         e2e = self.last_at - self.received
@@ -70,6 +74,20 @@ class RequestRecord:
             TPOT.labels(*self.labels).observe(tpot)
         if ttft * 1000 <= self.slo.ttft_ms and (tpot is None or tpot * 1000 <= self.slo.tpot_ms):
             SLO_MET.labels(*self.labels).inc()
+
+
+    def _end_span(self, out: RequestOutput | None, outcome: str) -> None:
+        span = self.span
+        span.set_attribute("ridgeline.outcome", outcome)
+        span.set_attribute("gen_ai.usage.output_tokens", self.tokens)
+        if out is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", len(out.prompt_token_ids))
+            span.set_attribute("gen_ai.response.finish_reasons", [c.finish_reason or "" for c in out.outputs])
+        if self.first_token_at is not None:
+            span.set_attribute("ridgeline.ttft_s", self.first_token_at - self.received)
+        if outcome == "error":
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        span.end()
 
 
 def outcome_of(out: RequestOutput) -> str:

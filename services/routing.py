@@ -21,7 +21,7 @@ from control_plane import membership  # (a module, read at call time: see the me
 from control_plane.kv_index import KVIndex
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
 from engine.block_hash import hash_extra, prompt_block_hashes
-from observability import metrics  # (a module: Serve pickles this class by value, metrics hold locks)
+from observability import metrics, tracing  # (modules: Serve pickles this class by value; metrics hold locks)
 from services.worker_protocol import WorkerRequest
 
 
@@ -54,6 +54,17 @@ class _LoadTrackingRouter(RequestRouter):
         kept = [r for r in candidates if r.replica_id.unique_id in live or r.replica_id.unique_id not in ever]
         return kept or candidates
 
+    def _traced(self, pending_request: PendingRequest | None, policy: str, order: list[str], **attributes) -> None:
+        """A `route` span in the request's trace (observability/tracing.py), when it carries one."""
+        request = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if not isinstance(request, WorkerRequest) or not request.trace_context or not tracing.enabled():
+            return
+        span = tracing.tracer().start_span("route", context=tracing.extract(request.trace_context), attributes={
+            "ridgeline.router.policy": policy, "ridgeline.router.deployment": self._deployment_id.name,
+            "ridgeline.router.chosen": order[0] if order else "", "ridgeline.router.candidates": len(order),
+            **attributes})
+        span.end()
+
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
         total = stats.get("kv_total_blocks") or 1
@@ -71,6 +82,7 @@ class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
         candidate_replicas = self._registered(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         order = self.policy.rank([self._load(r) for r in candidate_replicas])
+        self._traced(pending_request, self.policy.name, order)
         return [[by_id[replica_id]] for replica_id in order]  # one rank each: try the best first
 
 
@@ -171,9 +183,11 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         order = policy.rank(loads, hashes)
         if order:
             recent.append((now, order[0]))
+        matched = 0
         if hashes and order:  # the decision, as metrics: how much of the prompt the chosen replica holds
             match = self._kv["index"].match(hashes, [order[0]])[order[0]]
             counts = {"hbm": match.hbm, "dram": match.dram, "ssd": match.ssd}
+            matched = sum(counts.values())
             metrics.ROUTER_DECISIONS.labels(policy.name, next((t for t, n in counts.items() if n), "none")).inc()
             for tier, n in counts.items():
                 metrics.ROUTER_MATCHED_BLOCKS.labels(policy.name, tier).inc(n)
@@ -181,4 +195,6 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             # the chosen replica will hold these blocks in a moment: count on it before its events say so
             # (so a burst sharing a prefix follows the first request); the next snapshot corrects a miss
             self._kv["index"].apply(order[0], [("stored", "hbm", hashes)])
+        self._traced(pending_request, policy.name, order, **{"ridgeline.router.prompt_blocks": len(hashes),
+                                                            "ridgeline.router.matched_blocks": matched})
         return [[by_id[replica_id]] for replica_id in order]
