@@ -46,6 +46,7 @@ class DisaggregatedClient:
         self.max_migrations = max_migrations
         self.retry_backoff_s = retry_backoff_s
         self.model_name = model_name  # metric label
+        REQUEST_MIGRATIONS.labels(model_name)  # the series exists (at 0) before the first migration
         self._inflight = 0
 
     def num_unfinished(self) -> int:

@@ -3,6 +3,7 @@ and aggregated, against the engine run in-process."""
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -179,4 +180,8 @@ def test_api_key_is_required_when_set(apps):
 
 def test_metrics_endpoint(apps):
     r = httpx.get(f"{apps['disaggregated']}/metrics", timeout=30)
-    assert r.status_code == 200 and "ridgeline_request_migrations_total" in r.text
+    assert r.status_code == 200 and 'ridgeline_request_migrations_total{model="tiny-llama"}' in r.text
+    # the workers' families come through the frontend, one series per replica
+    for role in ("prefill", "decode"):
+        assert re.search(rf'ridgeline_engine_steps_total{{model="tiny-llama",pool="{role}",replica="\w+",'
+                         rf'role="{role}"}} \d', r.text), role
