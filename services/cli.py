@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    sub.add_parser("bench", help="load an OpenAI-compatible server: latency, goodput, tokens per dollar "
+                   "(ridgeline bench --help)", add_help=False)
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random HF checkpoint")
     tiny.add_argument("out_dir")
     tiny.add_argument("--arch", default="llama", choices=sorted(ARCHS))
@@ -67,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (it has a `compare` form besides the flags)
+        from benchmarks.loadgen.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,1 @@
+"""`ridgeline bench`: a load generator for any OpenAI-compatible server (Ridgeline, vLLM, SGLang)."""
