@@ -294,6 +294,10 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
         prefill = _pool(PrefillWorker, "PrefillWorker", prefill_pool, prefill_router, config.env).bind(
             config.model, prefill_pool.engine_options(), config.kv_transport, kv_lease_s=config.kv_lease_s,
             **worker_options("prefill"))
+    # the frontend takes every request the proxy gets (its own max_inflight answers 503 beyond that), so its
+    # admission control and metrics see the whole queue; Serve's default (5 ongoing) would hold the rest in
+    # the proxy, invisible
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
+                               max_ongoing_requests=config.max_inflight + 16,
                                ray_actor_options=_actor_options(config.frontend_num_cpus, env=config.env))
     return ingress.bind(config.model_dump(), decode, prefill)
