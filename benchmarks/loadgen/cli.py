@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-len", default="32", help="rag: question length (words)")
     p.add_argument("--hit-ratio", type=float, default=0.7, help="rag: share of requests reusing a document")
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
+    p.add_argument("--system-len", type=int, default=64, help="chat: system prompt length (words)")
     p.add_argument("--rate", type=float, default=None, help="open loop: requests (conversations) per second")
     p.add_argument("--rates", default=None, help="a sweep: comma-separated rates, one run each")
     p.add_argument("--arrivals", default="poisson", choices=["poisson", "gamma", "constant"])
@@ -77,7 +78,7 @@ def _specs(args, seed: int):
     if args.workload == "rag":
         return workloads.rag_workload(n, seed, args.doc_len, args.question_len, args.output_len, args.hit_ratio, mix)
     if args.workload == "chat":
-        return workloads.chat_workload(n, seed, args.turns, args.input_len, args.output_len, slo_mix=mix)
+        return workloads.chat_workload(n, seed, args.turns, args.input_len, args.output_len, args.system_len, mix)
     if not args.dataset:
         raise ValueError(f"dataset: --workload {args.workload} needs --dataset PATH")
     if args.workload == "sharegpt":

@@ -81,6 +81,18 @@ def test_a_rag_run_reports_sane_metrics_writes_its_files_and_reuses_prefixes(ser
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 400
 
 
+def test_chat_conversations_carry_their_history(served, tmp_path):
+    r = bench(served, tmp_path, "--workload", "chat", "--turns", "3", "--requests", "2", "--concurrency", "2",
+              "--input-len", "4", "--output-len", "5", "--system-len", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["summary"]["completed"] == 6, data["summary"]["errors"]
+    by_start = sorted(data["requests"], key=lambda q: q["start"])
+    # each conversation's later turns carry the earlier turns and answers: their prompts grow
+    prompts = [q["prompt_tokens"] for q in by_start]
+    assert max(prompts) > min(prompts) + 2 * 5
+
+
 def test_errors_and_timeouts_are_counted_not_crashes(served, tmp_path):
     r = bench(served, tmp_path / "long", "--requests", "3", "--concurrency", "3", "--input-len", "600")
     assert r.returncode == 0, r.stderr
