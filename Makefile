@@ -29,7 +29,11 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install system-deps lint
+# static helm + kubectl for the chart's tests (not in Debian; see helm/fetch_helm.py)
+$(VENV)/bin/helm: helm/fetch_helm.py | $(STAMP)
+	$(PY) helm/fetch_helm.py $(VENV)/bin
+
+test: install system-deps $(VENV)/bin/helm lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install

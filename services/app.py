@@ -14,6 +14,7 @@ from control_plane.admission import AdmissionController
 from control_plane.cost import default_price_per_hour
 from control_plane.registry import parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
+from engine import envs
 from engine.tokenizer import Tokenizer
 from observability import tracing
 from observability.aggregate import app_metrics
@@ -42,6 +43,8 @@ class PoolConfig(BaseModel):
         default="replica", description="replica: tiers inside each replica; node: one KV memory service per "
         "node shared by its replicas (sizes are the service's), surviving replica restarts")
     kv_staging_blocks: int = Field(default=64, ge=1, description="node mode: host blocks staged for offload")
+    ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each replica "
+                                            "needs (the Helm chart pins pools to their worker groups with them)")
     device: str | None = Field(default=None, description="what a replica runs on: cpu, or the GPU type "
                                "(H200, A100-80GB, ...); default cpu without GPUs, gpu with")
     price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per replica; default: "
@@ -240,7 +243,7 @@ class OpenAIIngress:
                 POOL_REPLICAS.labels(model, name).set(sum(1 for w in workers if w.get("pool") == name))
             return await app_metrics({w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")})
 
-        return build_frontend(self.client, model, api_key=self.config.api_key,
+        return build_frontend(self.client, model, api_key=self.config.api_key or envs.api_key(),
                               slo_table=self.config.slo_table(), max_inflight=self.config.max_inflight,
                               prices=prices, admission=AdmissionController() if self.config.admission else None,
                               pools=pools, app_metrics=metrics)
@@ -259,8 +262,11 @@ def _router_config(router: str) -> RequestRouterConfig:
                                request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5)
 
 
-def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] | None = None) -> dict:
+def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] | None = None,
+                   resources: dict[str, float] | None = None) -> dict:
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if resources:
+        options["resources"] = dict(resources)
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
     return options
@@ -269,7 +275,7 @@ def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] |
 def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded", env: dict | None = None):
     scale = {"autoscaling_config": pool.autoscaling} if pool.autoscaling else {"num_replicas": pool.replicas}
     return serve.deployment(cls, name=name, max_ongoing_requests=pool.max_ongoing_requests,
-                            ray_actor_options=_actor_options(pool.num_cpus, pool.num_gpus, env),
+                            ray_actor_options=_actor_options(pool.num_cpus, pool.num_gpus, env, pool.ray_resources),
                             request_router_config=_router_config(router), health_check_period_s=2,
                             graceful_shutdown_timeout_s=5, **scale)
 
@@ -301,3 +307,9 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
                                max_ongoing_requests=config.max_inflight + 16,
                                ray_actor_options=_actor_options(config.frontend_num_cpus, env=config.env))
     return ingress.bind(config.model_dump(), decode, prefill)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Ray Serve's application builder (`import_path: services.app:app_builder`, `args:` the ServeConfig
+    fields): what the Helm chart's RayService runs. Bad args fail the deployment with the field named."""
+    return build_app(ServeConfig.model_validate(args))
