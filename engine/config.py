@@ -50,5 +50,10 @@ class EngineConfig:
     attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
     load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # speculative decoding: a drafter (engine/drafter.py) proposes up to num_speculative_tokens per decode step
+    speculative_method: str | None = None  # None: off; "ngram": prompt lookup
+    num_speculative_tokens: int = 4
+    spec_ngram_min: int = 1
+    spec_ngram_max: int = 4
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -13,6 +13,7 @@ from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.detokenizer import IncrementalDetokenizer
+from engine.drafter import make_drafter
 from engine.kv_cache import allocate_kv_pool, layer_views, num_blocks_for
 from engine.kv_events import KVEventLog
 from engine.kv_offload import KVOffloader, KVStore
@@ -32,6 +33,9 @@ class EngineStats:
     prompt_tokens_computed: int = 0
     generated_tokens: int = 0
     busy_seconds: float = 0.0  # wall time of the steps that computed tokens (split over their requests)
+    spec_verifications: int = 0  # (request, step) pairs that verified drafts
+    spec_draft_tokens: int = 0  # drafted tokens verified
+    spec_accepted_tokens: int = 0  # ... and accepted
     requests_by_priority: dict = field(default_factory=dict)  # priority -> requests added
 
 
@@ -131,6 +135,12 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.stats = EngineStats()
+        self.drafter = None
+        if config.speculative_method is not None:
+            if config.num_speculative_tokens < 1:
+                raise ValueError(f"num_speculative_tokens: got {config.num_speculative_tokens}, allowed >= 1")
+            self.drafter = make_drafter(config.speculative_method, ngram_min=config.spec_ngram_min,
+                                        ngram_max=config.spec_ngram_max)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, _Parent] = {}
         self._aborted: list[_Parent] = []
@@ -300,16 +310,18 @@ class LLMEngine:
             self.offloader.wait(0.005)  # only KV loads are in flight: do not spin
         if not sched.is_empty:
             run_start = time.perf_counter()
-            sampled, out = self.runner.execute(sched)  # returns once the sampled ids are on the host
+            sampled = self.runner.execute(sched)  # returns once the new tokens are on the host
             seconds = time.perf_counter() - run_start
             split = self._record(sched)
             if self.offloader is not None:
                 self.offloader.observe_prefill(sum(p for _, p, _ in split), seconds)  # what recomputing costs
                 self.offloader.write_through()  # this step's new cached blocks start copying down
-            for req, token, logprobs in zip(sampled, out.token_ids, out.logprobs, strict=True):
-                self._append_token(req, token, logprobs)
-                parent = self._child_to_parent[req.request_id]
+            for s in sampled:
+                self._append_sampled(s)
+                parent = self._child_to_parent[s.request.request_id]
                 touched[parent.request_id] = parent
+            if self.drafter is not None:
+                self._draft()
             self._account(split, time.perf_counter() - start)
         outputs = []
         for parent in touched.values():
@@ -330,9 +342,38 @@ class LLMEngine:
             split.append((req, prompt, n - prompt))
             self.stats.prompt_tokens_computed += prompt
             self.stats.scheduled_tokens += n
-            req.num_computed_tokens += n
+            # drafted positions count once verified (_append_sampled): only real tokens are computed here
+            req.num_computed_tokens += min(n, req.num_tokens - req.num_computed_tokens)
             self.block_manager.cache_full_blocks(req)
         return split
+
+    def _append_sampled(self, s) -> None:
+        """The step's new tokens for one request; accepted drafts' KV (written this step) becomes valid."""
+        req = s.request
+        if s.num_drafts:
+            self.stats.spec_verifications += 1
+            self.stats.spec_draft_tokens += s.num_drafts
+            self.stats.spec_accepted_tokens += s.num_accepted
+            req.spec_token_ids = []
+        for i, (token, logprobs) in enumerate(zip(s.token_ids, s.logprobs, strict=True)):
+            self._append_token(req, token, logprobs)
+            if req.is_finished:
+                return
+            if i < s.num_accepted:  # this token was a draft: its KV is in place
+                req.num_computed_tokens += 1
+        if s.num_accepted:
+            self.block_manager.cache_full_blocks(req)
+
+    def _draft(self) -> None:
+        """Drafts for the next step of every running request that is decoding (one token behind)."""
+        k = self.config.num_speculative_tokens
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            room = min(k, self.max_model_len - req.num_tokens - 1)
+            if req.params.max_tokens is not None:  # the step emits the accepted drafts and one more
+                room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
+            req.spec_token_ids = self.drafter.propose(req, room) if room > 0 else []
 
     def _account(self, split: list[tuple[Request, int, int]], seconds: float) -> None:
         """The step's wall time (schedule to last token appended), split evenly over its tokens."""

@@ -10,8 +10,9 @@ from engine.block_manager import BlockManager
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.kv_cache import layer_views
 from engine.request import Request
-from engine.sampler import Sampler, SamplerOutput
+from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
+from engine.spec_verify import verify
 
 
 @dataclass
@@ -20,7 +21,19 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     attn: AttentionMetadata
     sample_rows: torch.Tensor  # [S] rows of the flattened batch whose logits are sampled
-    sample_requests: list[Request]  # [S]
+    sample_requests: list[Request]  # one per request sampled
+    num_drafts: list[int]  # per sampled request: drafted tokens verified (its rows: 1 + that many)
+
+
+@dataclass
+class Sampled:
+    """What one request got from a step: the new tokens (one, or the accepted drafts and one more)."""
+
+    request: Request
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    num_drafts: int = 0
+    num_accepted: int = 0
 
 
 class ModelRunner:
@@ -44,26 +57,32 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         # two host buffers, two copies to the device:
         # int64 [ids | positions | slots | sample rows], int32 [query_start_loc | seq_lens | block tables]
-        longs = np.empty(3 * T + B, dtype=np.int64)
+        num_drafts = [max(n - (r.num_tokens - r.num_computed_tokens), 0) for r, n in sched.scheduled]
+        longs = np.empty(3 * T + B + sum(num_drafts), dtype=np.int64)
         ints = np.zeros(2 * B + 1 + B * width, dtype=np.int32)
         ids, positions, slots = longs[:T], longs[T:2 * T], longs[2 * T:3 * T]
         query_start, seq_lens = ints[:B + 1], ints[B + 1:2 * B + 1]
         block_tables = ints[2 * B + 1:].reshape(B, width)
         sample_requests: list[Request] = []
+        sampled_drafts: list[int] = []
+        rows = 0
         t = 0
         for i, ((request, n), table) in enumerate(zip(sched.scheduled, tables, strict=True)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             pos = np.arange(start, end)
-            ids[t:t + n] = request.token_ids(start, end)
+            k = num_drafts[i]
+            ids[t:t + n] = request.token_ids_with_spec(start, end) if k else request.token_ids(start, end)
             positions[t:t + n] = pos
             block_tables[i, :len(table)] = table
             slots[t:t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
             t += n
             query_start[i + 1] = t
             seq_lens[i] = end
-            if end == request.num_tokens:  # caught up: this row's logits give the next token
-                longs[3 * T + len(sample_requests)] = t - 1
+            if end == request.num_tokens + k:  # caught up: these rows' logits give the next token(s)
+                longs[3 * T + rows:3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
+                rows += k + 1
                 sample_requests.append(request)
+                sampled_drafts.append(k)
         longs_dev = torch.from_numpy(longs).to(self.device)
         ints_dev = torch.from_numpy(ints).to(self.device)
         attn = AttentionMetadata(
@@ -78,8 +97,8 @@ class ModelRunner:
             block_size=bs,
         )
         self.backend.plan(attn, self.model.config.num_kv_heads)
-        return StepInputs(longs_dev[:T], longs_dev[T:2 * T], attn,
-                          longs_dev[3 * T:3 * T + len(sample_requests)], sample_requests)
+        return StepInputs(longs_dev[:T], longs_dev[T:2 * T], attn, longs_dev[3 * T:3 * T + rows], sample_requests,
+                          sampled_drafts)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -89,13 +108,38 @@ class ModelRunner:
         return self.model(inputs.input_ids, ctx)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput]:
+    def execute(self, sched: SchedulerOutput) -> list[Sampled]:
+        """One forward pass; returns once the new tokens are on the host."""
         inputs = self.prepare(sched)
         if self.graphs is not None and self.graphs.can_run(inputs.attn, len(inputs.sample_requests)):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [B, vocab]
         else:
             hidden = self.forward(inputs)
             if not inputs.sample_requests:
-                return [], SamplerOutput([], [])
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, vocab]
-        return inputs.sample_requests, self.sampler(logits, inputs.sample_requests)
+                return []
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
+        if not any(inputs.num_drafts):
+            out = self.sampler(logits, inputs.sample_requests)
+            return [Sampled(r, [t], [lp]) for r, t, lp in
+                    zip(inputs.sample_requests, out.token_ids, out.logprobs, strict=True)]
+        return self._verify(logits, inputs)
+
+    def _verify(self, logits: torch.Tensor, inputs: StepInputs) -> list[Sampled]:
+        """Requests without drafts are sampled in one batch; each with drafts is verified on its rows."""
+        starts = np.cumsum([0] + [k + 1 for k in inputs.num_drafts])
+        plain = [i for i, k in enumerate(inputs.num_drafts) if k == 0]
+        results: list[Sampled | None] = [None] * len(inputs.sample_requests)
+        if plain:
+            rows = torch.tensor([int(starts[i]) for i in plain], device=logits.device)
+            out = self.sampler(logits[rows], [inputs.sample_requests[i] for i in plain])
+            for j, i in enumerate(plain):
+                results[i] = Sampled(inputs.sample_requests[i], [out.token_ids[j]], [out.logprobs[j]])
+        for i, k in enumerate(inputs.num_drafts):
+            if k == 0:
+                continue
+            request = inputs.sample_requests[i]
+            rows = logits[int(starts[i]):int(starts[i + 1])]
+            tokens, accepted = verify(rows, list(request.spec_token_ids[:k]), request)
+            logprobs = self.sampler.logprobs_of(rows[:len(tokens)], request.params, tokens)
+            results[i] = Sampled(request, tokens, logprobs, k, accepted)
+        return results

@@ -52,6 +52,7 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until scheduled
         self.num_preemptions = 0
         self.compute = ComputeUsage()  # its share of the engine steps it was in
+        self.spec_token_ids: list[int] = []  # drafted next tokens the next step verifies (speculative decoding)
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] = []
@@ -78,6 +79,14 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def token_ids_with_spec(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output + the drafted tokens after them."""
+        n = self.num_tokens
+        if end <= n:
+            return self.token_ids(start, end)
+        return self.token_ids(start, n) + self.spec_token_ids[max(start - n, 0):end - n] if start < n else \
+            self.spec_token_ids[start - n:end - n]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole list."""

@@ -56,6 +56,10 @@ class Sampler:
         token_list = token_ids.tolist()
         return SamplerOutput(token_list, self._logprobs(logits, params, token_list))
 
+    def logprobs_of(self, logits: torch.Tensor, params, token_ids: list[int]) -> list[dict[int, float] | None]:
+        """Logprobs of one request's tokens, one per row of `logits` (verified drafts)."""
+        return self._logprobs(logits, [params] * len(token_ids), token_ids)
+
     @staticmethod
     def _logprobs(logits, params, token_ids) -> list[dict[int, float] | None]:
         wanted = [p.logprobs for p in params]

@@ -67,7 +67,17 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.spec_token_ids:  # a decode with drafts: its last token and the drafts, verified at once
+                if num_new == request.num_tokens - request.num_computed_tokens == 1:
+                    del request.spec_token_ids[budget - 1:]
+                    num_new += len(request.spec_token_ids)
+                else:
+                    request.spec_token_ids = []
             while not self.block_manager.allocate_slots(request, num_new):
+                if request.spec_token_ids:  # memory is short: verify no drafts rather than preempt anyone
+                    num_new -= len(request.spec_token_ids)
+                    request.spec_token_ids = []
+                    continue
                 victim = self.running[-1]  # lowest priority last
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim, out)
@@ -168,6 +178,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1

@@ -1,0 +1,122 @@
+"""Speculative decoding in the engine: drafts verified in one pass never change greedy outputs, keep the
+sampling distribution exact (chi-square), respect stops and budgets, and leak no KV blocks."""
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.drafter import NgramDrafter, make_drafter
+from engine.request import Request
+from engine.sampling_params import SamplingParams as Params
+from engine.spec_verify import verify
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+# chi-square critical values at alpha = 0.001 (from the chi-square table), by degrees of freedom
+CHI2_CRIT_001 = {7: 24.32}
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(4)
+    randoms = [torch.randint(4, 300, (n,), generator=gen).tolist() for n in (5, 19, 34, 50)]
+    return randoms + [[7, 8, 9, 10] * 10, [100 + i % 13 for i in range(60)]]  # repetitive: drafts hit
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_outputs_are_identical_with_drafts_and_fewer_steps(llama):
+    prompts = _prompts()
+    plain = LLM(llama, num_blocks=128)
+    reference = _tokens(plain.generate(prompts, GREEDY))
+    llm = LLM(llama, num_blocks=128, speculative_method="ngram", num_speculative_tokens=4)
+    assert _tokens(llm.generate(prompts, GREEDY)) == reference  # batched
+    assert [_tokens(llm.generate([p], GREEDY))[0] for p in prompts] == reference  # alone
+    stats = llm.engine.stats
+    assert stats.spec_accepted_tokens > 0 and stats.spec_draft_tokens >= stats.spec_accepted_tokens
+    assert llm.engine.block_manager.num_free_blocks == 128
+    alone = LLM(llama, num_blocks=128)
+    steps = LLM(llama, num_blocks=128, speculative_method="ngram")
+    alone.generate([prompts[4]], GREEDY)
+    steps.generate([prompts[4]], GREEDY)
+    assert steps.engine.stats.steps < alone.engine.stats.steps  # accepted drafts saved whole steps
+
+
+def test_drafts_respect_stop_tokens_max_tokens_and_preemption(llama):
+    prompts = _prompts()
+    for params in (SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=[371, 116])):
+        want = _tokens(LLM(llama, num_blocks=128).generate(prompts, params))
+        got = _tokens(LLM(llama, num_blocks=128, speculative_method="ngram").generate(prompts, params))
+        assert got == want
+    # a pool too small for the batch: preemption (and dropped drafts) never change tokens or leak blocks
+    small = LLM(llama, num_blocks=12, enable_prefix_caching=False, speculative_method="ngram")
+    assert _tokens(small.generate(prompts, GREEDY)) == _tokens(LLM(llama, num_blocks=128).generate(prompts, GREEDY))
+    assert small.engine.scheduler.num_preemptions > 0 and small.engine.block_manager.num_free_blocks == 12
+
+
+def test_sampled_requests_with_drafts_finish_with_their_budget(llama):
+    llm = LLM(llama, num_blocks=128, speculative_method="ngram", num_speculative_tokens=3)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=30, ignore_eos=True, seed=3, logprobs=2)
+    outs = llm.generate(_prompts(), params)
+    for out in outs:
+        c = out.outputs[0]
+        assert len(c.token_ids) == 30 and len(c.logprobs) == 30
+        assert all(t in lp for t, lp in zip(c.token_ids, c.logprobs, strict=True))
+    again = LLM(llama, num_blocks=128, speculative_method="ngram", num_speculative_tokens=3).generate(_prompts(), params)
+    assert _tokens(again) == _tokens(outs)  # seeded: reproducible
+
+
+def _request(params: Params) -> Request:
+    return Request("r", [1, 2, 3], params)
+
+
+@pytest.mark.parametrize("drafts", [[2, 5], [0, 0], [7, 3]])
+def test_rejection_sampling_keeps_the_target_distribution(drafts):
+    """First emitted token ~ p0 whatever the drafts; given the first draft was kept, the next ~ p1."""
+    V, N = 8, 20_000
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=gen) * 1.5
+    p = logits.softmax(dim=-1)
+    request = _request(Params(temperature=1.0, seed=11))
+    first = torch.zeros(V)
+    second = torch.zeros(V)
+    for _ in range(N):
+        tokens, accepted = verify(logits, drafts, request)
+        assert len(tokens) == accepted + 1 and tokens[:accepted] == drafts[:accepted]
+        first[tokens[0]] += 1
+        if tokens[0] == drafts[0]:
+            second[tokens[1]] += 1
+    for counts, probs in ((first, p[0]), (second, p[1])):
+        expected = counts.sum() * probs
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < CHI2_CRIT_001[V - 1], (chi2, counts.tolist(), expected.tolist())
+
+
+def test_greedy_verification_accepts_the_argmax_prefix():
+    logits = torch.full((4, 10), -5.0)
+    for row, best in enumerate([3, 4, 9, 1]):
+        logits[row, best] = 5.0
+    request = _request(Params(temperature=0.0))
+    assert verify(logits, [3, 4, 9], request) == ([3, 4, 9, 1], 3)  # all right: plus the bonus
+    assert verify(logits, [3, 7, 9], request) == ([3, 4], 1)  # the first miss is replaced by the argmax
+    assert verify(logits, [0, 4, 9], request) == ([3], 0)
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_match():
+    drafter = NgramDrafter(ngram_min=1, ngram_max=3)
+    request = Request("r", [5, 6, 7, 8, 1, 5, 6, 7, 9, 2, 5, 6, 7], Params())
+    assert drafter.propose(request, 2) == [9, 2]  # "5 6 7" last seen before 9 2 (latest match wins)
+    assert drafter.propose(request, 0) == []
+    assert drafter.propose(Request("r", [1, 2, 3, 4], Params()), 3) == []  # nothing repeats
+    with pytest.raises(ValueError, match="ngram_min"):
+        NgramDrafter(ngram_min=3, ngram_max=2)
+    with pytest.raises(ValueError, match="speculative_method"):
+        make_drafter("eagle")
+
+
+def test_bad_speculative_config_is_named(llama):
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        LLM(llama, num_blocks=16, speculative_method="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="speculative_method"):
+        LLM(llama, num_blocks=16, speculative_method="medusa")
