@@ -55,5 +55,8 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     spec_ngram_min: int = 1
     spec_ngram_max: int = 4
+    # drafting stops while the decode batch x (drafts + 1) exceeds this many tokens: past the roofline's ridge
+    # a verify step is compute-bound and costs about (k + 1) plain steps, so drafts stop paying
+    spec_max_batch_tokens: int = 256
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

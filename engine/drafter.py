@@ -21,6 +21,13 @@ class Drafter(ABC):
     def propose(self, request: Request, num_tokens: int) -> list[int]:
         """Up to `num_tokens` guesses of the request's next tokens (possibly none)."""
 
+    def propose_batch(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        """Drafts for a step's decoding requests (a remote drafter batches them); must not block for long."""
+        return [self.propose(r, k) if k > 0 else [] for r, k in zip(requests, num_tokens, strict=True)]
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
 
 class NgramDrafter(Drafter):
     name = "ngram"

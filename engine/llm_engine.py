@@ -145,6 +145,14 @@ class LLMEngine:
         self._child_to_parent: dict[str, _Parent] = {}
         self._aborted: list[_Parent] = []
 
+    def attach_drafter(self, drafter) -> None:
+        """Speculative decoding with `drafter` (engine/drafter.py:Drafter), e.g. a remote draft-model pool."""
+        if self.config.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens: got {self.config.num_speculative_tokens}, allowed >= 1")
+        if self.drafter is not None:
+            self.drafter.close()
+        self.drafter = drafter
+
     def attach_kv_store(self, store: KVStore) -> None:
         """Keep evicted prefix blocks in `store` and load prompt blocks from it (needs prefix caching)."""
         if not self.config.cache.enable_prefix_caching:
@@ -355,6 +363,11 @@ class LLMEngine:
             self.stats.spec_draft_tokens += s.num_drafts
             self.stats.spec_accepted_tokens += s.num_accepted
             req.spec_token_ids = []
+            # adaptive draft length: longer after a full acceptance, shorter when most drafts fail
+            if s.num_accepted == s.num_drafts:
+                req.spec_len = min(req.spec_len + 1, self.config.num_speculative_tokens)
+            elif 2 * s.num_accepted < s.num_drafts:
+                req.spec_len = max(req.spec_len - 1, 1)
         for i, (token, logprobs) in enumerate(zip(s.token_ids, s.logprobs, strict=True)):
             self._append_token(req, token, logprobs)
             if req.is_finished:
@@ -365,15 +378,24 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(req)
 
     def _draft(self) -> None:
-        """Drafts for the next step of every running request that is decoding (one token behind)."""
-        k = self.config.num_speculative_tokens
-        for req in self.scheduler.running:
-            if req.num_tokens - req.num_computed_tokens != 1:
-                continue
-            room = min(k, self.max_model_len - req.num_tokens - 1)
+        """Drafts for the next step of every running request that is decoding (one token behind), unless
+        the batch is past the point where verifying drafts costs as much as the tokens it saves."""
+        decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        k_max = self.config.num_speculative_tokens
+        if len(decoding) * (k_max + 1) > self.config.spec_max_batch_tokens:
+            for req in decoding:
+                req.spec_token_ids = []
+            return
+        wanted = []
+        for req in decoding:
+            if req.spec_len == 0:
+                req.spec_len = k_max
+            room = min(req.spec_len, self.max_model_len - req.num_tokens - 1)
             if req.params.max_tokens is not None:  # the step emits the accepted drafts and one more
                 room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
-            req.spec_token_ids = self.drafter.propose(req, room) if room > 0 else []
+            wanted.append(max(room, 0))
+        for req, drafts in zip(decoding, self.drafter.propose_batch(decoding, wanted), strict=True):
+            req.spec_token_ids = drafts
 
     def _account(self, split: list[tuple[Request, int, int]], seconds: float) -> None:
         """The step's wall time (schedule to last token appended), split evenly over its tokens."""

@@ -53,6 +53,7 @@ class Request:
         self.num_preemptions = 0
         self.compute = ComputeUsage()  # its share of the engine steps it was in
         self.spec_token_ids: list[int] = []  # drafted next tokens the next step verifies (speculative decoding)
+        self.spec_len = 0  # how many to draft next (adapted to its acceptance; 0: not yet started)
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict[int, float]] = []

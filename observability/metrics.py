@@ -80,12 +80,15 @@ KV_TRANSFER_SECONDS = Histogram("ridgeline_kv_transfer_seconds", "One verified K
                                 [*WORKER, "transport"], buckets=_TRANSFER_S)
 KV_TRANSFER_FAILURES = Counter("ridgeline_kv_transfer_failures_total", "KV pulls that failed or did not "
                                "verify (retried, then recomputed)", [*WORKER, "transport"])
+DRAFT_LATENCY = Histogram("ridgeline_spec_draft_latency_seconds", "One call to the draft workers for a decode "
+                          "step's batch of proposals", WORKER, buckets=_TRANSFER_S)
 # engine state, exported by a collector in each worker (names listed here so this module stays the index):
 #   ridgeline_num_requests_running, ridgeline_num_requests_waiting, ridgeline_preemptions_total,
 #   ridgeline_engine_busy_seconds_total, ridgeline_engine_steps_total,
 #   ridgeline_kv_capacity_blocks{tier}, ridgeline_kv_used_blocks{tier},
 #   ridgeline_kv_lookup_blocks_total, ridgeline_kv_hit_blocks_total{tier},
-#   ridgeline_kv_moved_bytes_total{tier,direction}
+#   ridgeline_kv_moved_bytes_total{tier,direction},
+#   ridgeline_spec_draft_tokens_total, ridgeline_spec_accepted_tokens_total, ridgeline_spec_verifications_total
 ENGINE_GAUGES = {
     "ridgeline_num_requests_running": "Requests in the engine's running batch",
     "ridgeline_num_requests_waiting": "Requests waiting to be scheduled (incl. preempted)",
@@ -100,4 +103,8 @@ ENGINE_COUNTERS = {
     "ridgeline_kv_hit_blocks": "Prompt blocks found in a tier instead of computed (hbm: prefix cache; "
                                "dram/ssd: loaded from the tier)",
     "ridgeline_kv_moved_bytes": "KV bytes moved between HBM and a lower tier (direction: offload, load)",
+    "ridgeline_spec_draft_tokens": "Drafted tokens verified (speculative decoding proposals)",
+    "ridgeline_spec_accepted_tokens": "Drafted tokens accepted",
+    "ridgeline_spec_verifications": "Verifications (a request's drafts checked in one step); accepted / "
+                                    "verifications is the mean accepted length",
 }

@@ -38,6 +38,8 @@ class _EngineCollector:
             counters["ridgeline_engine_busy_seconds"].add_metric(base, s["busy_seconds"])
             counters["ridgeline_engine_steps"].add_metric(base, s["steps"])
             counters["ridgeline_kv_lookup_blocks"].add_metric(base, s["lookup_blocks"])
+            for name in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verifications"):
+                counters[f"ridgeline_{name}"].add_metric(base, s.get(name, 0))
             for tier, n in s["hit_blocks"].items():
                 counters["ridgeline_kv_hit_blocks"].add_metric([*base, tier], n)
             for (tier, direction), n in s["moved_bytes"].items():

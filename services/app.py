@@ -20,6 +20,7 @@ from observability import tracing
 from observability.aggregate import app_metrics
 from observability.metrics import POOL_PRICE, POOL_REPLICAS
 from services.decode import DecodeWorker
+from services.draft import DraftWorker
 from services.frontend import build_frontend
 from services.pd_client import DisaggregatedClient
 from services.prefill import PrefillWorker
@@ -109,6 +110,17 @@ class PoolConfig(BaseModel):
         return tiers
 
 
+class DraftConfig(BaseModel):
+    """The CPU draft-model pool for speculative decoding (services/draft.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="a small checkpoint with the target's tokenizer")
+    replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per draft worker (its torch threads)")
+    engine: dict = Field(default_factory=dict)
+    deadline_s: float = Field(default=0.5, gt=0, description="proposals older than this are not used")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -138,6 +150,11 @@ class ServeConfig(BaseModel):
                           "actor) or etcd://HOST:PORT")
     registry_ttl_s: float = Field(default=10.0, gt=0, description="a worker that stops heartbeating leaves "
                                   "the registry (and the router's choices) after this long")
+    spec: Literal["none", "ngram", "draft"] = Field(
+        default="none", description="speculative decoding on the decode pool: prompt lookup (ngram) or a draft "
+        "model on CPU draft workers (draft)")
+    num_speculative_tokens: int = Field(default=4, ge=1, le=16)
+    draft: DraftConfig | None = None
     env: dict[str, str] = Field(default_factory=dict, description="environment variables of every replica "
                                 "(e.g. OTEL_EXPORTER_OTLP_ENDPOINT to export traces)")
     admission: bool = Field(default=True, description="reject with 429 + Retry-After what would miss its SLO "
@@ -151,6 +168,8 @@ class ServeConfig(BaseModel):
     def _check_slo_classes(self) -> "ServeConfig":
         self.slo_table()  # ValueError (naming the class and field) for a bad table
         parse_url(self.registry)  # ValueError naming `registry`
+        if (self.spec == "draft") != (self.draft is not None):
+            raise ValueError("draft: spec 'draft' needs a draft pool (draft.model), and a draft pool needs spec 'draft'")
         return self
 
     def pools(self) -> dict[str, tuple[PoolConfig, str, str]]:
@@ -291,9 +310,20 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
                 "model_name": config.model_name}
 
     decode_pool, _, decode_router = pools["decode"]
+    decode_engine = decode_pool.engine_options()
+    spec = None
+    if config.spec == "ngram":
+        decode_engine |= {"speculative_method": "ngram", "num_speculative_tokens": config.num_speculative_tokens}
+    elif config.spec == "draft":
+        decode_engine |= {"num_speculative_tokens": config.num_speculative_tokens}
+        d = config.draft
+        drafts = serve.deployment(DraftWorker, name="DraftWorker", num_replicas=d.replicas, max_ongoing_requests=64,
+                                  ray_actor_options=_actor_options(d.num_cpus, env=config.env)).bind(
+            d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
+        spec = {"draft": drafts, "deadline_s": d.deadline_s}
     decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router, config.env).bind(
-        config.model, decode_pool.engine_options(), config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
-        fault_corrupt_pulls=config.fault_corrupt_pulls, **worker_options("decode"))
+        config.model, decode_engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
+        fault_corrupt_pulls=config.fault_corrupt_pulls, spec=spec, **worker_options("decode"))
     prefill = None
     if "prefill" in pools:
         prefill_pool, _, prefill_router = pools["prefill"]

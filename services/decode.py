@@ -24,9 +24,16 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
                  pull_attempts: int = 3, pull_timeout_s: float = 30.0, fault_corrupt_pulls: int = 0,
-                 **worker_options):
-        """worker_options: EngineWorker's (kv_tiers, pool_name, registry)."""
+                 spec: dict | None = None, **worker_options):
+        """worker_options: EngineWorker's (kv_tiers, pool_name, registry). spec: {"draft": a handle to the
+        DraftWorker pool, "deadline_s": ...} drafts with a remote draft model (ngram drafting is an engine
+        option)."""
         super().__init__(model, engine_options, kv_transport, **worker_options)
+        if spec is not None:
+            from services.draft import RemoteDrafter
+
+            self.engine.attach_drafter(RemoteDrafter(spec["draft"], deadline_s=spec.get("deadline_s", 0.5),
+                                                     labels=self.metric_labels))
         if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
             from services.transport.faults import CorruptingTransport
 

@@ -143,6 +143,9 @@ class EngineWorker:
         return {"running": len(sched.running), "waiting": len(sched.waiting) + sched.num_loading,
                 "preemptions": sched.num_preemptions, "busy_seconds": engine.stats.busy_seconds,
                 "steps": engine.stats.steps, "kv_blocks": kv_blocks, "lookup_blocks": sched.prefix_lookup_blocks,
+                "spec_draft_tokens": engine.stats.spec_draft_tokens,
+                "spec_accepted_tokens": engine.stats.spec_accepted_tokens,
+                "spec_verifications": engine.stats.spec_verifications,
                 "hit_blocks": hit_blocks, "moved_bytes": moved}
 
     def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:
@@ -175,6 +178,9 @@ class EngineWorker:
                 "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
                 "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0,
                 "kv_loading": sched.num_loading, "busy_seconds": self.engine.stats.busy_seconds,
+                "spec_draft_tokens": self.engine.stats.spec_draft_tokens,
+                "spec_accepted_tokens": self.engine.stats.spec_accepted_tokens,
+                "drafter": dict(getattr(self.engine.drafter, "stats", {}) or {}),
                 "pool": self.pool, "registered": self.registration.registered if self.registration else None,
                 "kv_store": self._store_stats()}
 

@@ -40,6 +40,11 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-price", type=float, default=None, help="$ per hour per prefill replica")
     p.add_argument("--decode-price", type=float, default=None, help="$ per hour per decode replica")
     p.add_argument("--device", default=None, help="what replicas run on, for /v1/pools and prices (cpu, H200, ...)")
+    p.add_argument("--spec", default=None, choices=["ngram"], help="speculative decoding by prompt lookup")
+    p.add_argument("--draft-model", default=None, help="speculative decoding with this draft model on CPU workers")
+    p.add_argument("--draft-workers", type=int, default=1, help="draft worker replicas (with --draft-model)")
+    p.add_argument("--draft-cpus", type=float, default=1.0, help="CPUs per draft worker")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.set_defaults(func=run)
 
 
@@ -69,7 +74,11 @@ def config_from_args(args: argparse.Namespace):
                        prefill={**pool, "replicas": args.prefill, "price_per_hour": args.prefill_price},
                        decode={**pool, "replicas": args.decode, "price_per_hour": args.decode_price},
                        kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key(), router=args.router,
-                       registry=args.registry, registry_ttl_s=args.registry_ttl)
+                       registry=args.registry, registry_ttl_s=args.registry_ttl,
+                       spec="draft" if args.draft_model else (args.spec or "none"),
+                       num_speculative_tokens=args.num_speculative_tokens,
+                       draft={"model": args.draft_model, "replicas": args.draft_workers,
+                              "num_cpus": args.draft_cpus} if args.draft_model else None)
 
 
 def banner(config, host: str, port: int) -> str:
@@ -93,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.ray_address is None:
         need = config.frontend_num_cpus + config.decode.num_cpus * config.decode.replicas + (
-            config.prefill.num_cpus * config.prefill.replicas if config.mode == "disaggregated" else 0)
+            config.prefill.num_cpus * config.prefill.replicas if config.mode == "disaggregated" else 0) + (
+            config.draft.num_cpus * config.draft.replicas if config.draft else 0)
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
                  _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False)
     else:

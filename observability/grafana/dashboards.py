@@ -78,6 +78,12 @@ def serving() -> dict:
             "percentunit", "Finished requests that met their class's TTFT and TPOT targets"),
         _panel("Preemptions", [(f"sum by (pool) (rate(ridgeline_preemptions_total{{{M}}}[{RATE}]))", "{{pool}}")],
                "short"),
+        _panel("Speculative decoding", [
+            (f"sum by (pool) (rate(ridgeline_spec_accepted_tokens_total{{{M}}}[{RATE}])) / sum by (pool) "
+             f"(rate(ridgeline_spec_draft_tokens_total{{{M}}}[{RATE}]))", "acceptance {{pool}}"),
+            (f"sum by (pool) (rate(ridgeline_spec_accepted_tokens_total{{{M}}}[{RATE}])) / sum by (pool) "
+             f"(rate(ridgeline_spec_verifications_total{{{M}}}[{RATE}]))", "mean accepted length {{pool}}")],
+            "short", "Drafted tokens accepted, and accepted per verification (tokens a step gains)"),
     ])
 
 

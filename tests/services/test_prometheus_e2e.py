@@ -108,7 +108,7 @@ def _load(url: str, seconds: float) -> None:
 
 def test_every_dashboard_and_rule_expression_returns_data(deploy, llama, prometheus):
     tiers = {**POOL, "kv_dram_blocks": 64}
-    url = deploy("obs", **app_config(llama, prefill=tiers, decode=tiers, admission=True))
+    url = deploy("obs", **app_config(llama, prefill=tiers, decode=tiers, admission=True, spec="ngram"))
     target = url.removeprefix("http://").split("/")[0]
     prom = prometheus(target, "/obs/metrics")
     _load(url, seconds=6)

@@ -1,0 +1,133 @@
+"""Draft workers: a small draft model on CPUs proposes tokens that the decode GPU verifies (speculative
+decoding; engine/spec_verify.py keeps the output distribution exact).
+
+`DraftWorker` is a Ray Serve deployment holding the draft model in an engine on CPU (torch threads = its
+CPUs; its prefix cache keeps each request's context, so a proposal computes only the new tokens) and
+answers batches of (context, k) with k greedy tokens each. `RemoteDrafter` is the decode worker's engine-
+side drafter: it never blocks a step — each step it hands the decoding requests' contexts to a background
+thread that asks the pool, and uses the proposals that have come back and still fit the request (the
+request may have moved on by the accepted tokens: the part of a proposal it already produced is dropped).
+A proposal older than the deadline, a slow call or a dead draft worker just means no drafts for a while.
+"""
+
+import logging
+import threading
+import time
+
+import torch
+
+from engine.drafter import Drafter
+from engine.llm import LLM
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from observability.metrics import DRAFT_LATENCY
+
+logger = logging.getLogger("ridgeline.draft")
+
+
+class DraftWorker:
+    def __init__(self, model: str, engine_options: dict | None = None, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        options = {"device": "cpu", "enable_prefix_caching": True, **(engine_options or {})}
+        self.llm = LLM(model, **options)
+        self.proposals = 0
+
+    async def info(self) -> dict:
+        engine = self.llm.engine
+        return {"vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len}
+
+    async def propose(self, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
+        """jobs: (token ids so far, how many to draft) -> greedy continuations."""
+        k = max((n for _, n in jobs), default=0)
+        live = [i for i, (tokens, n) in enumerate(jobs) if n > 0 and len(tokens) + n < self.llm.engine.max_model_len]
+        out: list[list[int]] = [[] for _ in jobs]
+        if not live or k == 0:
+            return out
+        params = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+        results = self.llm.generate([jobs[i][0] for i in live], params)
+        for i, result in zip(live, results, strict=True):
+            out[i] = result.outputs[0].token_ids[:jobs[i][1]]
+        self.proposals += len(live)
+        return out
+
+
+class RemoteDrafter(Drafter):
+    name = "draft_model"
+
+    def __init__(self, handle, deadline_s: float = 0.5, retry_after_s: float = 5.0, labels: dict | None = None):
+        """handle: a Serve handle to the DraftWorker deployment (one call per step's batch)."""
+        self.handle, self.deadline_s, self.retry_after_s = handle, deadline_s, retry_after_s
+        self.labels = labels or {}
+        self._lock = threading.Condition()
+        self._pending: dict[str, tuple[list[int], int]] | None = None  # the latest batch not sent yet
+        self._ready: dict[str, tuple[int, list[int], float]] = {}  # request -> (context length, drafts, when)
+        self._down_until = 0.0
+        self.stats = {"calls": 0, "failures": 0, "late": 0, "stale": 0, "used": 0}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="ridgeline-drafter", daemon=True)
+        self._thread.start()
+
+    def propose(self, request: Request, num_tokens: int) -> list[int]:
+        return self.propose_batch([request], [num_tokens])[0]
+
+    def propose_batch(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for req, k in zip(requests, num_tokens, strict=True):
+                out.append(self._usable(req, k, now))
+            if now >= self._down_until:
+                self._pending = {r.request_id: (r.token_ids(0, r.num_tokens), k)
+                                 for r, k in zip(requests, num_tokens, strict=True) if k > 0}
+                self._lock.notify()
+        return out
+
+    def _usable(self, req: Request, k: int, now: float) -> list[int]:
+        entry = self._ready.pop(req.request_id, None)
+        if entry is None or k <= 0:
+            return []
+        length, drafts, when = entry
+        if now - when > self.deadline_s:
+            self.stats["late"] += 1
+            return []
+        moved = req.num_tokens - length  # tokens the request produced since this context was sent
+        if moved < 0 or req.token_ids(length, req.num_tokens) != drafts[:moved]:
+            self.stats["stale"] += 1
+            return []
+        self.stats["used"] += 1
+        return drafts[moved:moved + k]
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._pending is None and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                batch, self._pending = self._pending, None
+            ids = list(batch)
+            start = time.monotonic()
+            try:
+                drafts = self.handle.propose.remote([batch[i] for i in ids]).result(timeout_s=self.deadline_s)
+            except Exception as e:  # noqa: BLE001 - slow or dead draft workers: decode goes on without drafts
+                self.stats["failures"] += 1
+                logger.warning("draft call failed (%s): no drafts for %.0f s", type(e).__name__, self.retry_after_s)
+                with self._lock:
+                    self._down_until = time.monotonic() + self.retry_after_s
+                continue
+            took = time.monotonic() - start
+            self.stats["calls"] += 1
+            if self.labels:
+                DRAFT_LATENCY.labels(**self.labels).observe(took)
+            done = time.monotonic()
+            with self._lock:
+                for request_id, proposal in zip(ids, drafts, strict=True):
+                    if proposal:
+                        self._ready[request_id] = (len(batch[request_id][0]), proposal, done)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=5)

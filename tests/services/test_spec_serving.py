@@ -1,0 +1,68 @@
+"""Speculative decoding served on Ray: prompt lookup inside the decode workers, and a draft model on CPU
+draft workers; greedy answers equal the plain ones, drafts are accepted, and a killed draft worker never
+stalls decode."""
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+import ray
+from ray_helpers import MODEL, app_config, pool_stats
+
+pytestmark = pytest.mark.ray
+PROMPTS = [[7, 8, 9, 10] * 6, [100 + i % 13 for i in range(40)], [(31 * i) % 300 + 5 for i in range(30)]]
+
+
+def _greedy(url: str, max_tokens: int = 24) -> list[list[int]]:
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            rs = await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}) for p in PROMPTS))
+        for r in rs:
+            assert r.status_code == 200, r.text
+        return [r.json()["choices"][0]["token_ids"] for r in rs]
+
+    return asyncio.run(main())
+
+
+def _spec_stats(app: str) -> tuple[int, int]:
+    stats = pool_stats(app, "DecodeWorker", 1)
+    return (sum(s["spec_draft_tokens"] for s in stats.values()), sum(s["spec_accepted_tokens"] for s in stats.values()))
+
+
+def _reference(llama: str, max_tokens: int) -> list[list[int]]:
+    """The engine without speculation (the serving path's parity with it is tested elsewhere)."""
+    from engine import LLM, SamplingParams
+
+    outs = LLM(llama, num_blocks=256).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                        ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
+    ngram = deploy("ngram", **app_config(llama, mode="aggregated", spec="ngram"))
+    assert _greedy(ngram) == _reference(llama, 24)
+    drafted, accepted = _spec_stats("ngram")
+    assert drafted > 0 and accepted > 0
+    # the draft model is the target itself here (same tokenizer, tiny): its greedy drafts are all right
+    draft = deploy("draftspec", **app_config(llama, spec="draft", num_speculative_tokens=3,
+                                             draft={"model": llama, "num_cpus": 0.25, "deadline_s": 5.0,
+                                                    "engine": {"num_blocks": 256}}))
+    assert _greedy(draft, 48) == _reference(llama, 48)
+    drafted, accepted = _spec_stats("draftspec")
+    assert drafted > 0 and accepted / drafted > 0.9
+
+
+def test_a_killed_draft_worker_never_stalls_decode(deploy, llama):
+    url = deploy("draftkill", **app_config(llama, mode="aggregated", spec="draft",
+                                           draft={"model": llama, "num_cpus": 0.25, "deadline_s": 2.0,
+                                                  "engine": {"num_blocks": 256}}))
+    before = _greedy(url)
+    prefix = "SERVE_REPLICA::draftkill#DraftWorker#"
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+    pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    assert _greedy(url) == before  # answered, unchanged, while the draft pool is gone
