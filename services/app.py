@@ -119,6 +119,7 @@ class DraftConfig(BaseModel):
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per draft worker (its torch threads)")
     engine: dict = Field(default_factory=dict)
     deadline_s: float = Field(default=0.5, gt=0, description="proposals older than this are not used")
+    ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
 
 class ServeConfig(BaseModel):
@@ -318,7 +319,8 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
         decode_engine |= {"num_speculative_tokens": config.num_speculative_tokens}
         d = config.draft
         drafts = serve.deployment(DraftWorker, name="DraftWorker", num_replicas=d.replicas, max_ongoing_requests=64,
-                                  ray_actor_options=_actor_options(d.num_cpus, env=config.env)).bind(
+                                  ray_actor_options=_actor_options(d.num_cpus, env=config.env,
+                                                                   resources=d.ray_resources)).bind(
             d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
         spec = {"draft": drafts, "deadline_s": d.deadline_s}
     decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router, config.env).bind(

@@ -27,6 +27,7 @@ VALUE_SETS = {
     "no-monitoring": ["--set", "monitoring.serviceMonitor.enabled=false", "--set", "monitoring.prometheusRules.enabled=false",
                       "--set", "monitoring.grafanaDashboards.enabled=false"],
     "aggregated-embedded": ["--set", "mode=aggregated", "--set", "registry.etcd.mode=embedded"],
+    "ngram": ["--set", "speculative.method=ngram"],
 }
 
 
@@ -80,7 +81,12 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
     assert app["import_path"] == "services.app:app_builder"
     config = ServeConfig.model_validate(app["args"])  # the same model `ridgeline serve` builds
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    assert set(groups) == set(config.pools())
+    assert set(groups) == set(config.pools()) | ({"draft"} if config.spec == "draft" else set())
+    if config.spec == "draft":  # the CPU draft group offers what the draft workers ask for
+        draft = groups["draft"]
+        assert yaml.safe_load(yaml.safe_load(draft["rayStartParams"]["resources"])) == {"ridgeline_draft": 1}
+        assert config.draft.ray_resources == {"ridgeline_draft": 1.0} and draft["replicas"] == config.draft.replicas
+        assert "nvidia.com/gpu" not in draft["template"]["spec"]["containers"][0]["resources"]["limits"]
     for name, (pool, _, _) in config.pools().items():
         group = groups[name]
         assert group["replicas"] == pool.replicas
@@ -98,6 +104,9 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
     if values == "multi-node":
         assert config.env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector")
         assert config.prefill.replicas == 2 and config.decode.replicas == 4 and config.prices()["decode"] == 4.5
+        assert config.spec == "draft" and config.draft.replicas == 4
+    if values == "ngram":
+        assert config.spec == "ngram" and "draft" not in groups
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,6 +119,8 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
     (["--set", "pools.decode.weightDtype=int3"], "weightDtype"),
     (["--set", "pools.decode.kvMemory.ssd.type=pvc", "--set", "pools.decode.kvMemory.dramBlocks=4"], "claimName"),
     (["--set", "colour=blue"], "colour"),
+    (["--set", "speculative.method=medusa"], "speculative"),
+    (["--set", "speculative.draft.cpu=0"], "cpu"),
 ])
 def test_bad_values_fail_with_a_message_naming_them(helm, args, message):
     r = render(helm, *args)

@@ -125,3 +125,14 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
     assert config.decode.engine_options() == {"scheduling_policy": "priority", "dtype": "float32"}
     with pytest.raises(ValueError, match="registry: got 'zookeeper://x'"):
         config_for_argv(["serve", "--model", llama, "--registry", "zookeeper://x"])
+
+
+def test_speculation_flags(llama):
+    assert config_for_argv(["serve", "--model", llama, "--spec", "ngram"]).spec == "ngram"
+    config = config_for_argv(["serve", "--model", llama, "--draft-model", llama, "--draft-workers", "2",
+                              "--num-speculative-tokens", "6"])
+    assert (config.spec, config.draft.replicas, config.num_speculative_tokens) == ("draft", 2, 6)
+    from services.app import ServeConfig
+
+    with pytest.raises(ValueError, match="draft"):
+        ServeConfig(model=llama, spec="draft")

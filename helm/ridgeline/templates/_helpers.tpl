@@ -103,6 +103,17 @@ applications:
       slo_default: {{ .Values.sloDefault }}
       slo_classes:
         {{- toYaml .Values.sloClasses | nindent 8 }}
+      spec: {{ .Values.speculative.method }}
+      num_speculative_tokens: {{ .Values.speculative.numTokens }}
+      {{- if eq .Values.speculative.method "draft" }}
+      {{- $d := .Values.speculative.draft }}
+      draft:
+        model: {{ $d.model | quote }}
+        replicas: {{ $d.replicas }}
+        num_cpus: {{ $d.cpu }}
+        deadline_s: {{ $d.deadlineSeconds }}
+        ray_resources: {"ridgeline_draft": 1}
+      {{- end }}
       {{- if .Values.tracing.otlpEndpoint }}
       env:
         OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.tracing.otlpEndpoint | quote }}
