@@ -12,7 +12,7 @@ from engine.kv_cache import layer_views
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
-from engine.spec_verify import verify
+from engine.spec_verify import verify, verify_greedy
 
 
 @dataclass
@@ -134,12 +134,19 @@ class ModelRunner:
             out = self.sampler(logits[rows], [inputs.sample_requests[i] for i in plain])
             for j, i in enumerate(plain):
                 results[i] = Sampled(inputs.sample_requests[i], [out.token_ids[j]], [out.logprobs[j]])
+        best = logits.argmax(dim=-1).tolist()  # one device->host copy for every greedy request's rows
         for i, k in enumerate(inputs.num_drafts):
             if k == 0:
                 continue
             request = inputs.sample_requests[i]
-            rows = logits[int(starts[i]):int(starts[i + 1])]
-            tokens, accepted = verify(rows, list(request.spec_token_ids[:k]), request)
-            logprobs = self.sampler.logprobs_of(rows[:len(tokens)], request.params, tokens)
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            drafts = list(request.spec_token_ids[:k])
+            if request.params.greedy:
+                tokens, accepted = verify_greedy(best[lo:hi], drafts)
+            else:
+                tokens, accepted = verify(logits[lo:hi], drafts, request)
+            logprobs = [None] * len(tokens)
+            if request.params.logprobs is not None:
+                logprobs = self.sampler.logprobs_of(logits[lo:lo + len(tokens)], request.params, tokens)
             results[i] = Sampled(request, tokens, logprobs, k, accepted)
         return results

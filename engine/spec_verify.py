@@ -27,16 +27,20 @@ def target_probs(logits: torch.Tensor, request: Request) -> torch.Tensor:
     return x.softmax(dim=-1)
 
 
+def verify_greedy(best: list[int], drafts: list[int]) -> tuple[list[int], int]:
+    """best: the argmax at the last real token and each draft ([k + 1]) -> (emitted tokens, accepted)."""
+    accepted = 0
+    while accepted < len(drafts) and best[accepted] == drafts[accepted]:
+        accepted += 1
+    return drafts[:accepted] + [best[accepted]], accepted
+
+
 def verify(logits: torch.Tensor, drafts: list[int], request: Request) -> tuple[list[int], int]:
     """logits [k + 1, V] fp32 for k drafts -> (emitted tokens: the accepted drafts and one more, number of
     drafts accepted)."""
     k = len(drafts)
     if request.params.greedy:
-        best = logits.argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < k and best[accepted] == drafts[accepted]:
-            accepted += 1
-        return drafts[:accepted] + [best[accepted]], accepted
+        return verify_greedy(logits.argmax(dim=-1).tolist(), drafts)
     probs = target_probs(logits, request).float().cpu()
     gen = request.generator
     uniforms = torch.rand(k, generator=gen) if gen is not None else torch.rand(k)

@@ -1,0 +1,119 @@
+"""What verifying k drafted tokens costs against a plain decode step — the curve the speculative-decoding
+policy rests on (a step that verifies k drafts must cost less than the 1 + E[accepted] steps it replaces).
+
+    python -m benchmarks.spec_verify_cost                 # H200: Llama-3-8B shape, random bf16 weights
+    python -m benchmarks.spec_verify_cost --cpu           # this CPU: the tiny model
+
+For batch B (all requests decoding at `--context` tokens) and k = 0..8, the wall time of LLMEngine.step()
+with k random drafts per request (acceptance does not change the cost of the pass). k = 0 is timed twice:
+as served (CUDA-graph replay on the GPU) and eager, since verification steps run eager. Ratios to both.
+On the GPU the copy bandwidth and matmul rate are measured in the same run, and the bytes floor of a
+plain decode step (weights + KV read) is reported beside it.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.results_io import write_result
+from engine import LLMEngine, SamplingParams
+
+STEPS = 12
+
+
+def _engine(model: str, gpu: bool, batch_max: int, eager: bool) -> LLMEngine:
+    options = dict(max_num_seqs=batch_max, max_num_batched_tokens=16384, enable_prefix_caching=False,
+                   enforce_eager=eager)
+    if gpu:
+        options |= dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, kv_cache_memory_bytes=40 * 2**30)
+    else:
+        options |= dict(num_blocks=2048, max_model_len=512)
+    return LLMEngine.from_pretrained(model, **options)
+
+
+def _sync(gpu: bool) -> None:
+    if gpu:
+        torch.cuda.synchronize()
+
+
+def measure(engine: LLMEngine, batch: int, context: int, ks: list[int], gpu: bool, vocab: int) -> dict[int, float]:
+    """Median step ms for each k, the batch decoding at about `context` tokens."""
+    gen = torch.Generator().manual_seed(batch)
+    params = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len - context - 1, ignore_eos=True)
+    ids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, torch.randint(10, vocab - 10, (context,), generator=gen).tolist(), params,
+                           stream=False)
+    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                          for r in engine.scheduler.running):
+        engine.step()
+    out = {}
+    for k in ks:
+        times = []
+        for i in range(STEPS + 2):
+            for req in engine.scheduler.running:  # k drafts each (random: mostly rejected, same work)
+                req.spec_token_ids = torch.randint(10, vocab - 10, (k,), generator=gen).tolist() if k else []
+            _sync(gpu)
+            t0 = time.perf_counter()
+            engine.step()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out[k] = statistics.median(times) * 1e3
+    for rid in ids:
+        engine.abort_request(rid)
+    engine.step()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--ks", nargs="+", type=int, default=list(range(0, 9)))
+    parser.add_argument("--context", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    gpu = not args.cpu and torch.cuda.is_available()
+    extra = {}
+    if gpu:
+        from benchmarks.gpu_engine import write_model_dir
+        from benchmarks.gpu_floor import copy_bandwidth_GBps, matmul_TFLOPs
+
+        model = str(write_model_dir(Path(tempfile.mkdtemp())))
+        extra = {"copy_bandwidth_GBps": round(copy_bandwidth_GBps(), 1), "matmul_TFLOPs": round(matmul_TFLOPs(), 1),
+                 "model": "Llama-3-8B shape, random bf16 weights"}
+        context = args.context or 2048
+    else:
+        from engine.tiny_model import default_model_path
+
+        model, context = str(default_model_path()), args.context or 256
+        extra = {"model": "tiny llama (tests' default model)", "threads": torch.get_num_threads()}
+    served = _engine(model, gpu, max(args.batches), eager=False)
+    vocab = served.model_config.vocab_size
+    eager = _engine(model, gpu, max(args.batches), eager=True) if gpu else served
+    rows = []
+    for batch in args.batches:
+        plain_served = measure(served, batch, context, [0], gpu, vocab)[0]
+        times = measure(eager, batch, context, args.ks, gpu, vocab)
+        for k, ms in times.items():
+            rows.append({"batch": batch, "k": k, "step_ms": round(ms, 3),
+                         "ratio_to_plain_served": round(ms / plain_served, 3),
+                         "ratio_to_plain_eager": round(ms / times[0], 3), "plain_served_ms": round(plain_served, 3)})
+            print(rows[-1], flush=True)
+    if gpu:
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in served.model.named_parameters()
+                           if "embed_tokens" not in n)
+        extra["weight_bytes"] = weight_bytes
+        extra["floor_ms_plain_b1"] = round(weight_bytes / (extra["copy_bandwidth_GBps"] * 1e9) * 1e3, 3)
+    name = "spec_verify_cost_gpu" if gpu else "spec_verify_cost_cpu"
+    path = write_result(name, {"context": context, "steps_per_point": STEPS, **extra, "rows": rows},
+                        Path(args.out) if args.out else None)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
