@@ -23,6 +23,7 @@ from benchmarks.results_io import write_result
 from engine import LLMEngine, SamplingParams
 
 STEPS = 12
+WARMUP = 6  # steps before timing each point: Triton compiles kernels for each new query shape
 
 
 def _engine(model: str, gpu: bool, batch_max: int, eager: bool) -> LLMEngine:
@@ -54,13 +55,13 @@ def measure(engine: LLMEngine, batch: int, context: int, ks: list[int], gpu: boo
     out = {}
     for k in ks:
         times = []
-        for i in range(STEPS + 2):
+        for i in range(STEPS + WARMUP):
             for req in engine.scheduler.running:  # k drafts each (random: mostly rejected, same work)
                 req.spec_token_ids = torch.randint(10, vocab - 10, (k,), generator=gen).tolist() if k else []
             _sync(gpu)
             t0 = time.perf_counter()
             engine.step()
-            if i >= 2:
+            if i >= WARMUP:
                 times.append(time.perf_counter() - t0)
         out[k] = statistics.median(times) * 1e3
     for rid in ids:
