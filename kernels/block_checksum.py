@@ -2,6 +2,8 @@
 mod 2**64. One read of the blocks (no int64 copy of them, unlike the torch reference); partial sums per
 tile are added in torch. Modular arithmetic is associative, so the kernel equals the reference exactly."""
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,7 @@ def block_checksum(words: torch.Tensor, block_ids: torch.Tensor, tile: int = 819
     n, W = block_ids.numel(), words.shape[1]
     num_tiles = triton.cdiv(W, tile)
     partial = torch.empty((n, num_tiles), dtype=torch.int64, device=words.device)
-    if n:
-        _block_checksum_kernel[(n, num_tiles)](words, block_ids, partial, W, num_tiles, TILE=tile)
+    if n:  # Triton launches on the current device: make it the words' (a process may see several GPUs)
+        with torch.cuda.device(words.device) if words.is_cuda else contextlib.nullcontext():
+            _block_checksum_kernel[(n, num_tiles)](words, block_ids, partial, W, num_tiles, TILE=tile)
     return partial.sum(dim=1)
