@@ -36,6 +36,7 @@ class EngineStats:
     spec_verifications: int = 0  # (request, step) pairs that verified drafts
     spec_draft_tokens: int = 0  # drafted tokens verified
     spec_accepted_tokens: int = 0  # ... and accepted
+    sample_events: int = 0  # (request, step) pairs that produced tokens: generated = events + accepted drafts
     requests_by_priority: dict = field(default_factory=dict)  # priority -> requests added
 
 
@@ -358,6 +359,7 @@ class LLMEngine:
     def _append_sampled(self, s) -> None:
         """The step's new tokens for one request; accepted drafts' KV (written this step) becomes valid."""
         req = s.request
+        self.stats.sample_events += 1
         if s.num_drafts:
             self.stats.spec_verifications += 1
             self.stats.spec_draft_tokens += s.num_drafts

@@ -119,6 +119,8 @@ class DraftConfig(BaseModel):
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per draft worker (its torch threads)")
     engine: dict = Field(default_factory=dict)
     deadline_s: float = Field(default=0.5, gt=0, description="proposals older than this are not used")
+    price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per draft worker (default: "
+                                         "the placeholder CPU rate)")
     ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
 
@@ -238,6 +240,11 @@ class OpenAIIngress:
             model_name=self.config.model_name)
         view = self._follow_registry()
         configured = {name: pool.describe(name, role, router) for name, (pool, role, router) in self.config.pools().items()}
+        if (d := self.config.draft) is not None:  # CPU draft workers: listed with their price (not per request)
+            configured["draft"] = {"name": "draft", "role": "draft", "device": "cpu", "replicas": d.replicas,
+                                   "num_cpus": d.num_cpus, "model": d.model, "price_per_hour": d.price_per_hour
+                                   if d.price_per_hour is not None else default_price_per_hour(0, d.num_cpus),
+                                   "price_is_default": d.price_per_hour is None}
 
         async def pools() -> list[dict]:
             """Each pool as the registry has it (the configuration here until it does) and its live workers."""

@@ -34,6 +34,8 @@ def test_greedy_outputs_are_identical_with_drafts_and_fewer_steps(llama):
     assert [_tokens(llm.generate([p], GREEDY))[0] for p in prompts] == reference  # alone
     stats = llm.engine.stats
     assert stats.spec_accepted_tokens > 0 and stats.spec_draft_tokens >= stats.spec_accepted_tokens
+    # accepted-length accounting: every token streamed came from a step's sample or an accepted draft
+    assert stats.generated_tokens == stats.sample_events + stats.spec_accepted_tokens == 2 * len(prompts) * 40
     assert llm.engine.block_manager.num_free_blocks == 128
     alone = LLM(llama, num_blocks=128)
     steps = LLM(llama, num_blocks=128, speculative_method="ngram")

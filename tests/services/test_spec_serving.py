@@ -54,6 +54,8 @@ def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
     assert _greedy(draft, 48) == _reference(llama, 48)
     drafted, accepted = _spec_stats("draftspec")
     assert drafted > 0 and accepted / drafted > 0.9
+    pools = {p["name"]: p for p in httpx.get(f"{draft}/v1/pools", timeout=30).json()["data"]}
+    assert pools["draft"]["role"] == "draft" and pools["draft"]["device"] == "cpu" and pools["draft"]["price_per_hour"] > 0
 
 
 def test_a_killed_draft_worker_never_stalls_decode(deploy, llama):
