@@ -65,6 +65,22 @@ class _LoadTrackingRouter(RequestRouter):
             **attributes})
         span.end()
 
+    def _loads(self, replicas: list[RunningReplica]) -> list[ReplicaLoad]:
+        """Each replica's load, counting this router's choices of the last _RECENT_S seconds: a burst is chosen
+        before any of it is sent (Serve calls on_send_request later), and must not all pile onto one replica."""
+        now = time.monotonic()
+        recent = [(t, rid) for t, rid in self.__dict__.get("_recent_choices", []) if now - t < _RECENT_S]
+        self.__dict__["_recent_choices"] = recent
+        loads = []
+        for replica in replicas:
+            load = self._load(replica)
+            chosen = sum(1 for _, rid in recent if rid == load.replica_id)
+            loads.append(dataclasses.replace(load, ongoing=max(load.ongoing, chosen)))
+        return loads
+
+    def _chose(self, replica_id: str) -> None:
+        self.__dict__.setdefault("_recent_choices", []).append((time.monotonic(), replica_id))
+
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
         total = stats.get("kv_total_blocks") or 1
@@ -81,7 +97,9 @@ class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         candidate_replicas = self._registered(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        order = self.policy.rank([self._load(r) for r in candidate_replicas])
+        order = self.policy.rank(self._loads(candidate_replicas))
+        if order:
+            self._chose(order[0])
         self._traced(pending_request, self.policy.name, order)
         return [[by_id[replica_id]] for replica_id in order]  # one rank each: try the best first
 
@@ -173,16 +191,9 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hashes = self._block_hashes(candidate_replicas, pending_request)
         policy = self._kv["policy"]
-        now = time.monotonic()
-        recent = self._kv["recent"] = [(t, rid) for t, rid in self._kv.get("recent", []) if now - t < _RECENT_S]
-        loads = []
-        for replica in candidate_replicas:  # choices made but not sent yet count as load (a burst is
-            load = self._load(replica)      # chosen before any of it is sent)
-            chosen = sum(1 for _, rid in recent if rid == load.replica_id)
-            loads.append(dataclasses.replace(load, ongoing=max(load.ongoing, chosen)))
-        order = policy.rank(loads, hashes)
+        order = policy.rank(self._loads(candidate_replicas), hashes)
         if order:
-            recent.append((now, order[0]))
+            self._chose(order[0])
         matched = 0
         if hashes and order:  # the decision, as metrics: how much of the prompt the chosen replica holds
             match = self._kv["index"].match(hashes, [order[0]])[order[0]]
