@@ -72,9 +72,10 @@ def ray_serve():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def deploy(ray_serve):
-    """deploy(name, **ServeConfig fields) -> base URL of the app, served under /name; deleted at the end."""
+    """deploy(name, **ServeConfig fields) -> base URL of the app, served under /name; deleted when the test
+    module ends (apps left running would load this 2-core machine for the rest of the suite)."""
     from ray import serve
 
     from services.app import ServeConfig, build_app
