@@ -1,0 +1,203 @@
+"""Train the reference model pair here: a Llama-architecture target (~17M parameters) and draft (~2.4M)
+sharing one byte-level BPE tokenizer, on text every machine with Python has — the standard library's source.
+Files are split by a hash of their path (1 in 20 held out); everything is seeded.
+
+    python -m benchmarks.train_reference --out models                 # on the H200: minutes
+    python -m benchmarks.train_reference --out /tmp/ref --smoke       # on a CPU: seconds, tiny everything
+
+Writes <out>/ridgeline-ref-target and <out>/ridgeline-ref-draft in HF format (config.json, safetensors shards
+of at most 16 MB, tokenizer.json, tokenizer_config.json with a chat template, generation_config.json) and a
+model card, README.md, with the data, steps, losses, held-out perplexities and draft/target agreement.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from engine.tiny_model import CHATML, SPECIAL_TOKENS
+
+TARGET = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+              num_key_value_heads=2, head_dim=64)
+DRAFT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=64)
+SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=16)
+
+
+def corpus(limit_bytes: int | None = None) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts): the stdlib's .py files, sorted, split by a hash of the relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, held, total = [], [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        rel = str(path.relative_to(root))
+        (held if int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 20 == 0 else train).append(text)
+        total += len(text)
+        if limit_bytes and total >= limit_bytes:
+            break
+    while sum(map(len, held)) < 20_000 and len(train) > 1:  # a small (smoke) corpus still evaluates on something
+        held.append(train.pop())
+    return train, held
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    return tok
+
+
+def token_stream(tok, texts: list[str]) -> torch.Tensor:
+    """All texts as one int64 stream, each file ended by </s> (id 1)."""
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(1)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def build(spec: dict, vocab: int, seed: int, max_len: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max_len, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, **spec)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def batches(stream: torch.Tensor, seq: int, batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=gen)
+        yield torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+
+
+def train(model, stream: torch.Tensor, steps: int, seq: int, batch: int, lr: float, device: str, seed: int) -> list:
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    log = []
+    for step, chunk in zip(range(steps), batches(stream, seq, batch, seed), strict=False):
+        chunk = chunk.to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % max(steps // 20, 1) == 0 or step == steps - 1:
+            log.append((step, round(loss.item(), 4)))
+            print(f"step {step} loss {loss.item():.3f}", flush=True)
+    return log
+
+
+@torch.no_grad()
+def evaluate(model, stream: torch.Tensor, seq: int, device: str, max_tokens: int) -> float:
+    """Held-out perplexity over consecutive windows (up to max_tokens tokens)."""
+    model.eval()
+    n = min(len(stream) - 1, max_tokens) // seq * seq
+    x = stream[:n + 1]
+    total, count = 0.0, 0
+    for s in range(0, n, seq * 16):
+        rows = torch.stack([x[i:i + seq + 1] for i in range(s, min(s + seq * 16, n), seq)]).to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(input_ids=rows[:, :-1]).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total, count = total + nll.item(), count + rows[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def agreement(target, draft, stream: torch.Tensor, seq: int, device: str, max_tokens: int) -> float:
+    """How often the draft's greedy next token equals the target's on held-out text."""
+    n = min(len(stream) - 1, max_tokens) // seq * seq
+    rows = stream[:n].reshape(-1, seq)[:64].to(device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        a = target(input_ids=rows).logits.argmax(-1)
+        b = draft(input_ids=rows).logits.argmax(-1)
+    return (a == b).float().mean().item()
+
+
+def save(model, tok, out: Path, max_len: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu", dtype=torch.bfloat16).save_pretrained(out, max_shard_size="16MB", safe_serialization=True)
+    model.generation_config.eos_token_id = [1, 3]
+    model.generation_config.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny data, models and steps (CPU, seconds)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    steps = args.steps or (20 if args.smoke else 3000)
+    vocab = args.vocab or (512 if args.smoke else 8192)
+    seq, batch = (64, 8) if args.smoke else (args.seq, args.batch)
+    t0 = time.perf_counter()
+    train_texts, held_texts = corpus(limit_bytes=400_000 if args.smoke else None)
+    tok = train_tokenizer(train_texts, vocab)
+    train_ids, held_ids = token_stream(tok, train_texts), token_stream(tok, held_texts)
+    print(f"corpus: {len(train_texts)} train files ({len(train_ids)} tokens), {len(held_texts)} held out "
+          f"({len(held_ids)} tokens), tokenizer in {time.perf_counter() - t0:.1f} s", flush=True)
+    max_len = 1024
+    card = {"data": "the Python standard library's .py files (sorted; 1 in 20 held out by a hash of the path)",
+            "python": sysconfig.get_python_version(), "train_tokens": len(train_ids), "heldout_tokens": len(held_ids),
+            "vocab_size": tok.get_vocab_size(), "steps": steps, "seq_len": seq, "batch": batch, "seed": args.seed,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "uniform_perplexity": tok.get_vocab_size(), "models": {}}
+    models = {}
+    for name, spec, lr in (("target", SMOKE if args.smoke else TARGET, 2e-3),
+                           ("draft", SMOKE if args.smoke else DRAFT, 3e-3)):
+        model = build(spec, tok.get_vocab_size(), args.seed, max_len)
+        params = sum(p.numel() for p in model.parameters())
+        start = time.perf_counter()
+        log = train(model, train_ids, steps, seq, batch, lr, device, args.seed)
+        ppl = evaluate(model, held_ids, seq, device, max_tokens=200_000)
+        card["models"][name] = {"parameters": params, "config": spec, "lr": lr, "loss_log": log,
+                                "heldout_perplexity": round(ppl, 3), "train_seconds": round(time.perf_counter() - start, 1)}
+        print(f"{name}: {params / 1e6:.2f}M parameters, held-out perplexity {ppl:.2f}", flush=True)
+        models[name] = model
+    card["greedy_agreement_draft_vs_target"] = round(agreement(models["target"], models["draft"], held_ids, seq,
+                                                               device, 200_000), 4)
+    out = Path(args.out)
+    for name, model in models.items():
+        save(model, tok, out / f"ridgeline-ref-{name}", max_len)
+    command = "python -m benchmarks.train_reference --out " + str(out) + (" --smoke" if args.smoke else "")
+    (out / "model_card.json").write_text(json.dumps({**card, "command": command}, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in card.items() if k != "models"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
