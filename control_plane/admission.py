@@ -31,7 +31,6 @@ class Overloaded(Exception):
 class Ticket:
     slo: SLOClass
     prompt_tokens: int
-    admitted_at: float
     id: int = field(default=0)
 
 
@@ -80,10 +79,9 @@ class AdmissionController:
         if predicted is not None and predicted > target_s:
             self.rejected[slo.name] = self.rejected.get(slo.name, 0) + 1
             raise Overloaded(slo, predicted, max(1, math.ceil(predicted - target_s)))
-        now = self.clock()
-        ticket = Ticket(slo, prompt_tokens, now, next(self._ids))
+        ticket = Ticket(slo, prompt_tokens, next(self._ids))
         if not self._pending:
-            self._busy_since = now
+            self._busy_since = self.clock()
         self._pending[ticket.id] = ticket
         return ticket
 

@@ -21,6 +21,11 @@ logger = logging.getLogger("ridgeline.registry")
 
 _BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next try after `failures` failures in a row."""
+    return _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+
 # app name -> the view of its registry kept by this process's frontend; the request routers running in the
 # same process read it to skip replicas whose registration lapsed
 VIEWS: dict[str, "RegistryView"] = {}
@@ -33,22 +38,10 @@ class _LoopThread:
         self._name = name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.main()), name=self._name, daemon=True)
         self._thread.start()
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._task = self._loop.create_task(self.main())
-            self._loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._loop.close()
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; False when stopping."""
@@ -101,7 +94,7 @@ class Registration(_LoopThread):
                     self.errors += 1
                     if failures == 0:
                         logger.warning("registry: %s: %s (retrying)", self.key, e)
-                    wait = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+                    wait = _backoff(failures)
                     failures += 1
                 if not await self.sleep(wait):
                     break
@@ -123,14 +116,12 @@ class Registration(_LoopThread):
 
 
 class RegistryView(_LoopThread):
-    def __init__(self, connect: Callable[[], Registry], prefix: str, resync_s: float = 5.0,
-                 on_change: Callable[[WatchEvent], None] | None = None):
+    def __init__(self, connect: Callable[[], Registry], prefix: str, resync_s: float = 5.0):
         super().__init__(f"ridgeline-registry-view{prefix.replace('/', '-')}")
-        self.connect, self.prefix, self.resync_s, self.on_change = connect, prefix, resync_s, on_change
+        self.connect, self.prefix, self.resync_s = connect, prefix, resync_s
         self._items: dict[str, dict] = {}
         self._lock = threading.Lock()
         self.connected = False
-        self.synced_at: float | None = None  # time.monotonic() of the last successful list
         self.errors = 0
 
     def items(self) -> dict[str, dict]:
@@ -142,24 +133,12 @@ class RegistryView(_LoopThread):
         start = self.prefix + sub
         return {k[len(start):]: v for k, v in self.items().items() if k.startswith(start)}
 
-    def _set(self, items: dict[str, dict]) -> None:
-        with self._lock:
-            old, self._items = self._items, dict(items)
-        if self.on_change is not None:
-            for key in old.keys() - items.keys():
-                self.on_change(WatchEvent("delete", key, None, 0))
-            for key, value in items.items():
-                if old.get(key) != value:
-                    self.on_change(WatchEvent("put", key, value, 0))
-
     def _apply(self, event: WatchEvent) -> None:
         with self._lock:
             if event.kind == "put":
                 self._items[event.key] = event.value
             else:
                 self._items.pop(event.key, None)
-        if self.on_change is not None:
-            self.on_change(event)
 
     async def main(self) -> None:
         registry = self.connect()
@@ -168,15 +147,16 @@ class RegistryView(_LoopThread):
             while not self.stopping:
                 try:
                     items, revision = await registry.get_prefix(self.prefix)
-                    self._set(items)
-                    self.connected, self.synced_at, failures = True, time.monotonic(), 0
+                    with self._lock:
+                        self._items = dict(items)
+                    self.connected, failures = True, 0
                     await self._follow(registry, revision + 1)
                 except Exception as e:  # noqa: BLE001 - keep the last known state, list again soon
                     self.errors += 1
                     if self.connected:
                         logger.warning("registry view %s: %s (keeping the last known state)", self.prefix, e)
                     self.connected = False
-                    if not await self.sleep(_BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]):
+                    if not await self.sleep(_backoff(failures)):
                         break
                     failures += 1
         finally:

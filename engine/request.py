@@ -84,10 +84,8 @@ class Request:
     def token_ids_with_spec(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output + the drafted tokens after them."""
         n = self.num_tokens
-        if end <= n:
-            return self.token_ids(start, end)
-        return self.token_ids(start, n) + self.spec_token_ids[max(start - n, 0):end - n] if start < n else \
-            self.spec_token_ids[start - n:end - n]
+        real = self.token_ids(start, min(end, n)) if start < n else []
+        return real + self.spec_token_ids[max(start - n, 0):max(end - n, 0)]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole list."""

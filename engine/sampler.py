@@ -28,6 +28,15 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def filter_rows(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """Each row's top-k / top-p / min-p (its SamplingParams) applied to tempered logits [R, V]."""
+    V, device = logits.shape[-1], logits.device
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    return apply_filters(logits, top_k, top_p, min_p)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits [S, V] fp32, one row per request."""
@@ -40,11 +49,7 @@ class Sampler:
             temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
             x = logits[rows] / temps[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-                top_k = torch.tensor([params[i].top_k if params[i].top_k > 0 else V for i in random_rows],
-                                     device=logits.device)
-                top_p = torch.tensor([params[i].top_p for i in random_rows], device=logits.device)
-                min_p = torch.tensor([params[i].min_p for i in random_rows], device=logits.device)
-                x = apply_filters(x, top_k, top_p, min_p)
+                x = filter_rows(x, [params[i] for i in random_rows])
             probs = x.softmax(dim=-1)
             # exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) samples from p; a request's
             # own generator makes its draws independent of what else is in the batch

@@ -13,7 +13,7 @@ top-p and min-p applied. Draws use the request's own generator when it has a see
 import torch
 
 from engine.request import Request
-from engine.sampler import apply_filters
+from engine.sampler import filter_rows
 
 
 def target_probs(logits: torch.Tensor, request: Request) -> torch.Tensor:
@@ -21,9 +21,7 @@ def target_probs(logits: torch.Tensor, request: Request) -> torch.Tensor:
     p = request.params
     x = logits / p.temperature
     if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
-        R, V = x.shape
-        full = lambda v: torch.full((R,), v, device=x.device)  # noqa: E731
-        x = apply_filters(x, full(p.top_k if p.top_k > 0 else V), full(p.top_p), full(p.min_p))
+        x = filter_rows(x, [p] * x.shape[0])
     return x.softmax(dim=-1)
 
 

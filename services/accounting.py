@@ -3,8 +3,6 @@
 pool and SLO class — so tokens per dollar is a PromQL ratio, and the usage of the response carries
 `cost_usd`."""
 
-from collections.abc import AsyncIterator
-
 from control_plane.cost import PriceList
 from engine.outputs import ComputeUsage, RequestOutput
 from observability.metrics import COMPUTE_SECONDS, COMPUTE_TOKENS, COST_DOLLARS
@@ -35,9 +33,3 @@ class RequestAccount:
             usd = max(self.prices.charge(pool, new).usd, 0.0)
             self.usd += usd
             COST_DOLLARS.labels(*labels).inc(usd)
-
-    async def follow(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """The same outputs, each one accounted as it passes."""
-        async for out in stream:
-            self.update(out)
-            yield out
