@@ -57,7 +57,8 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         # two host buffers, two copies to the device:
         # int64 [ids | positions | slots | sample rows], int32 [query_start_loc | seq_lens | block tables]
-        num_drafts = [max(n - (r.num_tokens - r.num_computed_tokens), 0) for r, n in sched.scheduled]
+        num_drafts = [r.spec_token_ids and max(n - (r.num_tokens - r.num_computed_tokens), 0) or 0
+                      for r, n in sched.scheduled]
         longs = np.empty(3 * T + B + sum(num_drafts), dtype=np.int64)
         ints = np.zeros(2 * B + 1 + B * width, dtype=np.int32)
         ids, positions, slots = longs[:T], longs[T:2 * T], longs[2 * T:3 * T]
@@ -79,7 +80,10 @@ class ModelRunner:
             query_start[i + 1] = t
             seq_lens[i] = end
             if end == request.num_tokens + k:  # caught up: these rows' logits give the next token(s)
-                longs[3 * T + rows:3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
+                if k:
+                    longs[3 * T + rows:3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
+                else:
+                    longs[3 * T + rows] = t - 1
                 rows += k + 1
                 sample_requests.append(request)
                 sampled_drafts.append(k)
