@@ -119,9 +119,17 @@ class DraftConfig(BaseModel):
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per draft worker (its torch threads)")
     engine: dict = Field(default_factory=dict)
     deadline_s: float = Field(default=0.5, gt=0, description="proposals older than this are not used")
+    wait_s: float = Field(default=0.0, ge=0, description="how long a decode step waits for its own drafts (0: "
+                          "pipelined, never waits; at most deadline_s)")
     price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per draft worker (default: "
                                          "the placeholder CPU rate)")
     ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
+
+    @model_validator(mode="after")
+    def _wait_within_deadline(self):
+        if self.wait_s > self.deadline_s:
+            raise ValueError(f"wait_s: got {self.wait_s}; allowed at most deadline_s ({self.deadline_s})")
+        return self
 
 
 class ServeConfig(BaseModel):
@@ -329,7 +337,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
                                   ray_actor_options=_actor_options(d.num_cpus, env=config.env,
                                                                    resources=d.ray_resources)).bind(
             d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
-        spec = {"draft": drafts, "deadline_s": d.deadline_s}
+        spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s}
     decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router, config.env).bind(
         config.model, decode_engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
         fault_corrupt_pulls=config.fault_corrupt_pulls, spec=spec, **worker_options("decode"))

@@ -26,13 +26,14 @@ class DecodeWorker(EngineWorker):
                  pull_attempts: int = 3, pull_timeout_s: float = 30.0, fault_corrupt_pulls: int = 0,
                  spec: dict | None = None, **worker_options):
         """worker_options: EngineWorker's (kv_tiers, pool_name, registry). spec: {"draft": a handle to the
-        DraftWorker pool, "deadline_s": ...} drafts with a remote draft model (ngram drafting is an engine
-        option)."""
+        DraftWorker pool, "deadline_s": ..., "wait_s": ...} drafts with a remote draft model (ngram drafting is
+        an engine option)."""
         super().__init__(model, engine_options, kv_transport, **worker_options)
         if spec is not None:
             from services.draft import RemoteDrafter
 
             self.engine.attach_drafter(RemoteDrafter(spec["draft"], deadline_s=spec.get("deadline_s", 0.5),
+                                                     wait_s=spec.get("wait_s", 0.0),
                                                      labels=self.metric_labels))
         if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
             from services.transport.faults import CorruptingTransport

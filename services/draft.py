@@ -4,10 +4,13 @@ decoding; engine/spec_verify.py keeps the output distribution exact).
 `DraftWorker` is a Ray Serve deployment holding the draft model in an engine on CPU (torch threads = its
 CPUs; its prefix cache keeps each request's context, so a proposal computes only the new tokens) and
 answers batches of (context, k) with k greedy tokens each. `RemoteDrafter` is the decode worker's engine-
-side drafter: it never blocks a step — each step it hands the decoding requests' contexts to a background
-thread that asks the pool, and uses the proposals that have come back and still fit the request (the
-request may have moved on by the accepted tokens: the part of a proposal it already produced is dropped).
-A proposal older than the deadline, a slow call or a dead draft worker just means no drafts for a while.
+side drafter: each step it hands the decoding requests' contexts to a background thread that asks the pool,
+and uses the proposals that have come back and still fit the request (the request may have moved on by the
+accepted tokens: the part of a proposal it already produced is dropped). With `wait_s` = 0 (pipelined) a
+step never waits: drafts computed while the GPU stepped are used if still on the request's path. With
+`wait_s` > 0 a step waits up to that long for the proposals of its own contexts (vLLM-style synchronous
+drafting, every step drafted while the pool keeps up). A proposal older than the deadline, a slow call or a
+dead draft worker just means no drafts for a while.
 """
 
 import logging
@@ -55,14 +58,18 @@ class DraftWorker:
 class RemoteDrafter(Drafter):
     name = "draft_model"
 
-    def __init__(self, handle, deadline_s: float = 0.5, retry_after_s: float = 5.0, labels: dict | None = None):
+    def __init__(self, handle, deadline_s: float = 0.5, wait_s: float = 0.0, retry_after_s: float = 5.0,
+                 labels: dict | None = None):
         """handle: a Serve handle to the DraftWorker deployment (one call per step's batch)."""
-        self.handle, self.deadline_s, self.retry_after_s = handle, deadline_s, retry_after_s
+        if wait_s < 0 or wait_s > deadline_s:
+            raise ValueError(f"wait_s: got {wait_s}; allowed 0 <= wait_s <= deadline_s ({deadline_s})")
+        self.handle, self.deadline_s, self.wait_s, self.retry_after_s = handle, deadline_s, wait_s, retry_after_s
         self.labels = labels or {}
         self._lock = threading.Condition()
         self._pending: dict[str, tuple[list[int], int]] | None = None  # the latest batch not sent yet
         self._ready: dict[str, tuple[int, list[int], float]] = {}  # request -> (context length, drafts, when)
         self._down_until = 0.0
+        self._sent = self._done = 0  # batches handed to the loop / calls it has finished (or failed)
         self.stats = {"calls": 0, "failures": 0, "late": 0, "stale": 0, "used": 0}
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="ridgeline-drafter", daemon=True)
@@ -72,16 +79,18 @@ class RemoteDrafter(Drafter):
         return self.propose_batch([request], [num_tokens])[0]
 
     def propose_batch(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
-        now = time.monotonic()
-        out = []
         with self._lock:
-            for req, k in zip(requests, num_tokens, strict=True):
-                out.append(self._usable(req, k, now))
-            if now >= self._down_until:
-                self._pending = {r.request_id: (r.token_ids(0, r.num_tokens), k)
-                                 for r, k in zip(requests, num_tokens, strict=True) if k > 0}
-                self._lock.notify()
-        return out
+            jobs = {r.request_id: (r.token_ids(0, r.num_tokens), k)
+                    for r, k in zip(requests, num_tokens, strict=True) if k > 0}
+            if jobs and time.monotonic() >= self._down_until:
+                self._pending = jobs
+                self._sent += 1
+                self._lock.notify_all()
+                if self.wait_s > 0:
+                    sent = self._sent
+                    self._lock.wait_for(lambda: self._done >= sent, timeout=self.wait_s)
+            now = time.monotonic()
+            return [self._usable(req, k, now) for req, k in zip(requests, num_tokens, strict=True)]
 
     def _usable(self, req: Request, k: int, now: float) -> list[int]:
         entry = self._ready.pop(req.request_id, None)
@@ -105,7 +114,7 @@ class RemoteDrafter(Drafter):
                     self._lock.wait()
                 if self._stop:
                     return
-                batch, self._pending = self._pending, None
+                batch, self._pending, seq = self._pending, None, self._sent
             ids = list(batch)
             start = time.monotonic()
             try:
@@ -115,6 +124,8 @@ class RemoteDrafter(Drafter):
                 logger.warning("draft call failed (%s): no drafts for %.0f s", type(e).__name__, self.retry_after_s)
                 with self._lock:
                     self._down_until = time.monotonic() + self.retry_after_s
+                    self._done = self._sent
+                    self._lock.notify_all()
                 continue
             took = time.monotonic() - start
             self.stats["calls"] += 1
@@ -125,6 +136,8 @@ class RemoteDrafter(Drafter):
                 for request_id, proposal in zip(ids, drafts, strict=True):
                     if proposal:
                         self._ready[request_id] = (len(batch[request_id][0]), proposal, done)
+                self._done = seq
+                self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:

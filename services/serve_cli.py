@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--draft-model", default=None, help="speculative decoding with this draft model on CPU workers")
     p.add_argument("--draft-workers", type=int, default=1, help="draft worker replicas (with --draft-model)")
     p.add_argument("--draft-cpus", type=float, default=1.0, help="CPUs per draft worker")
+    p.add_argument("--draft-wait", type=float, default=0.0,
+                   help="seconds a decode step waits for its drafts (0: pipelined, never waits)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.set_defaults(func=run)
 
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
                        spec="draft" if args.draft_model else (args.spec or "none"),
                        num_speculative_tokens=args.num_speculative_tokens,
                        draft={"model": args.draft_model, "replicas": args.draft_workers,
-                              "num_cpus": args.draft_cpus} if args.draft_model else None)
+                              "num_cpus": args.draft_cpus, "wait_s": args.draft_wait} if args.draft_model else None)
 
 
 def banner(config, host: str, port: int) -> str:

@@ -130,9 +130,12 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
 def test_speculation_flags(llama):
     assert config_for_argv(["serve", "--model", llama, "--spec", "ngram"]).spec == "ngram"
     config = config_for_argv(["serve", "--model", llama, "--draft-model", llama, "--draft-workers", "2",
-                              "--num-speculative-tokens", "6"])
+                              "--num-speculative-tokens", "6", "--draft-wait", "0.25"])
     assert (config.spec, config.draft.replicas, config.num_speculative_tokens) == ("draft", 2, 6)
+    assert config.draft.wait_s == 0.25
     from services.app import ServeConfig
 
     with pytest.raises(ValueError, match="draft"):
         ServeConfig(model=llama, spec="draft")
+    with pytest.raises(ValueError, match="wait_s"):
+        ServeConfig(model=llama, spec="draft", draft={"model": llama, "deadline_s": 0.5, "wait_s": 1.0})

@@ -47,10 +47,11 @@ def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
     assert _greedy(ngram) == _reference(llama, 24)
     drafted, accepted = _spec_stats("ngram")
     assert drafted > 0 and accepted > 0
-    # the draft model is the target itself here (same tokenizer, tiny): its greedy drafts are all right
+    # the draft model is the target itself here (same tokenizer, tiny): its greedy drafts are all right; steps
+    # wait for their drafts, so every step is drafted however slow this machine's draft calls are
     draft = deploy("draftspec", **app_config(llama, spec="draft", num_speculative_tokens=3,
                                              draft={"model": llama, "num_cpus": 0.25, "deadline_s": 5.0,
-                                                    "engine": {"num_blocks": 256}}))
+                                                    "wait_s": 5.0, "engine": {"num_blocks": 256}}))
     assert _greedy(draft, 48) == _reference(llama, 48)
     drafted, accepted = _spec_stats("draftspec")
     assert drafted > 0 and accepted / drafted > 0.9
@@ -58,12 +59,14 @@ def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
     assert pools["draft"]["role"] == "draft" and pools["draft"]["device"] == "cpu" and pools["draft"]["price_per_hour"] > 0
 
 
-def test_a_killed_draft_worker_never_stalls_decode(deploy, llama):
-    url = deploy("draftkill", **app_config(llama, mode="aggregated", spec="draft",
-                                           draft={"model": llama, "num_cpus": 0.25, "deadline_s": 2.0,
-                                                  "engine": {"num_blocks": 256}}))
+@pytest.mark.parametrize("wait_s", [0.0, 1.0], ids=["pipelined", "waiting"])
+def test_a_killed_draft_worker_never_stalls_decode(deploy, llama, wait_s):
+    app = f"draftkill{int(wait_s)}"
+    url = deploy(app, **app_config(llama, mode="aggregated", spec="draft",
+                                   draft={"model": llama, "num_cpus": 0.25, "deadline_s": 2.0, "wait_s": wait_s,
+                                          "engine": {"num_blocks": 256}}))
     before = _greedy(url)
-    prefix = "SERVE_REPLICA::draftkill#DraftWorker#"
+    prefix = f"SERVE_REPLICA::{app}#DraftWorker#"
     name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
     pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
     os.kill(pid, signal.SIGKILL)
