@@ -1,13 +1,13 @@
-"""Train the reference model pair here: a Llama-architecture target (~17M parameters) and draft (~2.4M)
+"""Train the reference model pair here: a Llama-architecture target (15.7M parameters) and draft (2.5M)
 sharing one byte-level BPE tokenizer, on text every machine with Python has — the standard library's source.
-Files are split by a hash of their path (1 in 20 held out); everything is seeded.
+Files are split by a hash of their path (1 in 20 held out, 1 in 20 validation); everything is seeded.
 
     python -m benchmarks.train_reference --out models                 # on the H200: minutes
     python -m benchmarks.train_reference --out /tmp/ref --smoke       # on a CPU: seconds, tiny everything
 
 Writes <out>/ridgeline-ref-target and <out>/ridgeline-ref-draft in HF format (config.json, safetensors shards
-of at most 16 MB, tokenizer.json, tokenizer_config.json with a chat template, generation_config.json) and a
-model card, README.md, with the data, steps, losses, held-out perplexities and draft/target agreement.
+of at most 16 MB, tokenizer.json, tokenizer_config.json with a chat template, generation_config.json) and
+<out>/model_card.json with the data, step budgets, losses, held-out perplexities and draft/target agreement.
 """
 
 import argparse
@@ -30,10 +30,18 @@ SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atte
              num_key_value_heads=1, head_dim=16)
 
 
-def corpus(limit_bytes: int | None = None) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts): the stdlib's .py files, sorted, split by a hash of the relative path."""
+def split_of(rel_path: str) -> str:
+    """held-out (1 file in 20), validation (1 in 20: picks checkpoints) or train, by a hash of the path, so a
+    file keeps its split across Python versions."""
+    bucket = int(hashlib.sha256(rel_path.encode()).hexdigest(), 16) % 20
+    return {0: "heldout", 1: "valid"}.get(bucket, "train")
+
+
+def corpus(limit_bytes: int | None = None) -> dict[str, list[str]]:
+    """{train, valid, heldout: texts}: the stdlib's .py files, sorted, split by split_of."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    train, held, total = [], [], 0
+    parts: dict[str, list[str]] = {"train": [], "valid": [], "heldout": []}
+    total = 0
     for path in sorted(root.rglob("*.py")):
         if "site-packages" in path.parts:
             continue
@@ -41,14 +49,14 @@ def corpus(limit_bytes: int | None = None) -> tuple[list[str], list[str]]:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        rel = str(path.relative_to(root))
-        (held if int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 20 == 0 else train).append(text)
+        parts[split_of(str(path.relative_to(root)))].append(text)
         total += len(text)
         if limit_bytes and total >= limit_bytes:
             break
-    while sum(map(len, held)) < 20_000 and len(train) > 1:  # a small (smoke) corpus still evaluates on something
-        held.append(train.pop())
-    return train, held
+    for name in ("heldout", "valid"):  # a small (smoke) corpus still evaluates on something
+        while sum(map(len, parts[name])) < 20_000 and len(parts["train"]) > 1:
+            parts[name].append(parts["train"].pop())
+    return parts
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -91,9 +99,10 @@ def batches(stream: torch.Tensor, seq: int, batch: int, seed: int):
 
 
 def train(model, stream: torch.Tensor, steps: int, seq: int, batch: int, lr: float, device: str, seed: int,
-          valid: torch.Tensor | None = None) -> list:
-    """AdamW with warm-up and cosine decay; with `valid`, the weights of the best validation perplexity
-    (checked 20 times) are kept: a 16M model overfits the stdlib's few million tokens within a few epochs."""
+          valid: torch.Tensor | None = None) -> tuple[list, float]:
+    """AdamW with warm-up and cosine decay over `steps`; with `valid`, the weights of the best validation
+    perplexity (checked 20 times) are kept: a 16M model overfits the stdlib's few million tokens within a few
+    epochs. Returns (log of [step, loss, valid ppl], the best valid ppl)."""
     model.to(device).train()
     best = (math.inf, None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -123,7 +132,7 @@ def train(model, stream: torch.Tensor, steps: int, seq: int, batch: int, lr: flo
                   flush=True)
     if best[1] is not None:
         model.load_state_dict(best[1])
-    return log
+    return log, best[0]
 
 
 @torch.no_grad()
@@ -169,49 +178,59 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny data, models and steps (CPU, seconds)")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", default=None,
+                        help="step budgets, comma-separated: each model is trained once per budget (cosine "
+                             "schedule over it) and the best on the validation files is kept")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    steps = args.steps or (20 if args.smoke else 3000)
+    budgets = [int(b) for b in (args.steps or ("20" if args.smoke else "800,1500,3000")).split(",")]
     vocab = args.vocab or (512 if args.smoke else 8192)
     seq, batch = (64, 8) if args.smoke else (args.seq, args.batch)
     t0 = time.perf_counter()
-    train_texts, held_texts = corpus(limit_bytes=400_000 if args.smoke else None)
-    tok = train_tokenizer(train_texts, vocab)
-    train_ids, held_ids = token_stream(tok, train_texts), token_stream(tok, held_texts)
-    cut = len(train_ids) * 19 // 20  # the last 5% of the training stream picks the checkpoint
-    train_ids, valid_ids = train_ids[:cut], train_ids[cut:]
-    print(f"corpus: {len(train_texts)} train files ({len(train_ids)} tokens), {len(held_texts)} held out "
-          f"({len(held_ids)} tokens), tokenizer in {time.perf_counter() - t0:.1f} s", flush=True)
+    texts = corpus(limit_bytes=400_000 if args.smoke else None)
+    tok = train_tokenizer(texts["train"], vocab)
+    ids = {name: token_stream(tok, part) for name, part in texts.items()}
+    print("corpus: " + ", ".join(f"{n} {len(texts[n])} files {len(ids[n])} tokens" for n in ids)
+          + f"; tokenizer in {time.perf_counter() - t0:.1f} s", flush=True)
     max_len = 1024
-    card = {"data": "the Python standard library's .py files (sorted; 1 in 20 held out by a hash of the path; the "
-                    "last 5% of the training stream is the validation slice that picks each model's checkpoint)",
-            "python": sysconfig.get_python_version(), "train_tokens": len(train_ids), "heldout_tokens": len(held_ids),
-            "vocab_size": tok.get_vocab_size(), "steps": steps, "seq_len": seq, "batch": batch, "seed": args.seed,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    card = {"data": "the Python standard library's .py files (sorted; by a hash of the path 1 in 20 held out, 1 in "
+                    "20 validation, which picks each model's step budget and checkpoint, the rest train)",
+            "python": sysconfig.get_python_version(), "train_tokens": len(ids["train"]),
+            "valid_tokens": len(ids["valid"]), "heldout_tokens": len(ids["heldout"]),
+            "vocab_size": tok.get_vocab_size(), "step_budgets": budgets, "seq_len": seq, "batch": batch,
+            "seed": args.seed, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "uniform_perplexity": tok.get_vocab_size(), "models": {}}
     models = {}
     for name, spec, lr in (("target", SMOKE if args.smoke else TARGET, 2e-3),
                            ("draft", SMOKE if args.smoke else DRAFT, 3e-3)):
-        model = build(spec, tok.get_vocab_size(), args.seed, max_len)
+        runs, best = {}, None
+        for steps in budgets:
+            model = build(spec, tok.get_vocab_size(), args.seed, max_len)
+            start = time.perf_counter()
+            log, valid_ppl = train(model, ids["train"], steps, seq, batch, lr, device, args.seed, valid=ids["valid"])
+            runs[steps] = {"best_valid_perplexity": round(valid_ppl, 3), "log_step_loss_validppl": log,
+                           "train_seconds": round(time.perf_counter() - start, 1)}
+            print(f"{name} {steps} steps: best valid perplexity {valid_ppl:.2f}", flush=True)
+            if best is None or valid_ppl < best[0]:
+                best = (valid_ppl, steps, model)
+        _, steps, model = best
         params = sum(p.numel() for p in model.parameters())
-        start = time.perf_counter()
-        log = train(model, train_ids, steps, seq, batch, lr, device, args.seed, valid=valid_ids)
-        ppl = evaluate(model, held_ids, seq, device, max_tokens=200_000)
-        card["models"][name] = {"parameters": params, "config": spec, "lr": lr, "log_step_loss_validppl": log,
-                                "heldout_perplexity": round(ppl, 3), "train_seconds": round(time.perf_counter() - start, 1)}
-        print(f"{name}: {params / 1e6:.2f}M parameters, held-out perplexity {ppl:.2f}", flush=True)
+        ppl = evaluate(model, ids["heldout"], seq, device, max_tokens=200_000)
+        card["models"][name] = {"parameters": params, "config": spec, "lr": lr, "chosen_steps": steps,
+                                "heldout_perplexity": round(ppl, 3), "runs": runs}
+        print(f"{name}: {params / 1e6:.2f}M parameters, {steps} steps, held-out perplexity {ppl:.2f}", flush=True)
         models[name] = model
-    card["greedy_agreement_draft_vs_target"] = round(agreement(models["target"], models["draft"], held_ids, seq,
-                                                               device, 200_000), 4)
+    card["greedy_agreement_draft_vs_target"] = round(agreement(models["target"], models["draft"], ids["heldout"],
+                                                               seq, device, 200_000), 4)
     out = Path(args.out)
     for name, model in models.items():
         save(model, tok, out / f"ridgeline-ref-{name}", max_len)
-    command = "python -m benchmarks.train_reference --out " + str(out) + (" --smoke" if args.smoke else "")
+    command = ("python -m benchmarks.train_reference --out " + str(out)
+               + (" --smoke" if args.smoke else f" --steps {','.join(map(str, budgets))}"))
     (out / "model_card.json").write_text(json.dumps({**card, "command": command}, indent=2) + "\n")
     print(json.dumps({k: v for k, v in card.items() if k != "models"}, indent=2))
 

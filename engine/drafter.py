@@ -57,4 +57,4 @@ class NgramDrafter(Drafter):
 def make_drafter(method: str, **options) -> Drafter:
     if method == "ngram":
         return NgramDrafter(**options)
-    raise ValueError(f"speculative_method: got {method!r}, allowed ngram (draft models run in draft workers)")
+    raise ValueError(f"speculative_method: got {method!r}, allowed ngram or draft_model (with speculative_model)")

@@ -116,6 +116,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = self._max_model_len()
         cache = config.cache
+        self.drafter = self._make_drafter()  # before the KV pool: a draft model's memory comes out of its budget
         num_blocks = num_blocks_for(cache, self.model_config, self.dtype, self.device)
         self.kv_pool = allocate_kv_pool(num_blocks, self.model_config, cache.block_size, self.dtype,
                                         self.device)
@@ -136,15 +137,30 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.stats = EngineStats()
-        self.drafter = None
-        if config.speculative_method is not None:
-            if config.num_speculative_tokens < 1:
-                raise ValueError(f"num_speculative_tokens: got {config.num_speculative_tokens}, allowed >= 1")
-            self.drafter = make_drafter(config.speculative_method, ngram_min=config.spec_ngram_min,
-                                        ngram_max=config.spec_ngram_max)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, _Parent] = {}
         self._aborted: list[_Parent] = []
+
+    def _make_drafter(self):
+        config = self.config
+        method = config.speculative_method or ("draft_model" if config.speculative_model else None)
+        if method is None:
+            return None
+        if config.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens: got {config.num_speculative_tokens}, allowed >= 1")
+        if method == "draft_model":
+            if not config.speculative_model:
+                raise ValueError("speculative_model: needed by speculative_method draft_model (a draft checkpoint)")
+            from engine.draft_model import DraftModelDrafter
+
+            block_size, seqs = config.cache.block_size, config.scheduler.max_num_seqs
+            return DraftModelDrafter(config.speculative_model, vocab_size=self.model_config.vocab_size,
+                                     device=str(self.device), max_num_seqs=seqs, block_size=block_size,
+                                     num_blocks=DraftModelDrafter.blocks_for(self.max_model_len, seqs, block_size),
+                                     enforce_eager=config.enforce_eager, seed=config.seed)
+        if config.speculative_model:
+            raise ValueError(f"speculative_model: only with speculative_method draft_model, not {method!r}")
+        return make_drafter(method, ngram_min=config.spec_ngram_min, ngram_max=config.spec_ngram_max)
 
     def attach_drafter(self, drafter) -> None:
         """Speculative decoding with `drafter` (engine/drafter.py:Drafter), e.g. a remote draft-model pool."""

@@ -19,10 +19,9 @@ import time
 
 import torch
 
+from engine.draft_model import DraftModelDrafter
 from engine.drafter import Drafter
-from engine.llm import LLM
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from observability.metrics import DRAFT_LATENCY
 
 logger = logging.getLogger("ridgeline.draft")
@@ -32,27 +31,15 @@ class DraftWorker:
     def __init__(self, model: str, engine_options: dict | None = None, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        options = {"device": "cpu", "enable_prefix_caching": True, **(engine_options or {})}
-        self.llm = LLM(model, **options)
-        self.proposals = 0
+        self.drafter = DraftModelDrafter(model, **{"device": "cpu", **(engine_options or {})})
 
     async def info(self) -> dict:
-        engine = self.llm.engine
+        engine = self.drafter.llm.engine
         return {"vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len}
 
     async def propose(self, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
         """jobs: (token ids so far, how many to draft) -> greedy continuations."""
-        k = max((n for _, n in jobs), default=0)
-        live = [i for i, (tokens, n) in enumerate(jobs) if n > 0 and len(tokens) + n < self.llm.engine.max_model_len]
-        out: list[list[int]] = [[] for _ in jobs]
-        if not live or k == 0:
-            return out
-        params = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
-        results = self.llm.generate([jobs[i][0] for i in live], params)
-        for i, result in zip(live, results, strict=True):
-            out[i] = result.outputs[0].token_ids[:jobs[i][1]]
-        self.proposals += len(live)
-        return out
+        return self.drafter.propose_tokens(jobs)
 
 
 class RemoteDrafter(Drafter):

@@ -117,8 +117,35 @@ def test_ngram_drafter_proposes_what_followed_the_latest_match():
         make_drafter("eagle")
 
 
+def test_a_draft_model_in_process_never_changes_outputs(tiny_model, llama):
+    prompts = _prompts()
+    reference = _tokens(LLM(llama, num_blocks=128).generate(prompts, GREEDY))
+    # the target drafting for itself: its greedy drafts are the answer (up to float ties between batch shapes)
+    same = LLM(llama, num_blocks=128, speculative_model=llama, num_speculative_tokens=3)
+    assert _tokens(same.generate(prompts, GREEDY)) == reference
+    stats = same.engine.stats
+    assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens / stats.spec_draft_tokens > 0.9
+    assert stats.spec_verifications > 0.9 * stats.steps - 2 * len(prompts)  # every decode step was drafted
+    # another model (other weights, same tokenizer): many drafts fail, outputs stay the target's
+    other = LLM(llama, num_blocks=128, speculative_model=tiny_model("llama", seed=1), num_speculative_tokens=3)
+    assert _tokens(other.generate(prompts, GREEDY)) == reference
+    stats = other.engine.stats
+    assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens < stats.spec_draft_tokens
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, ignore_eos=True, seed=3)
+    sampled = _tokens(other.generate(prompts, params))
+    assert all(len(t) == 20 for t in sampled)
+    for llm in (same, other):
+        assert llm.engine.block_manager.num_free_blocks == 128
+        draft = llm.engine.drafter.llm.engine
+        assert not draft.has_unfinished_requests() and draft.device == llm.engine.device
+
+
 def test_bad_speculative_config_is_named(llama):
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLM(llama, num_blocks=16, speculative_method="ngram", num_speculative_tokens=0)
     with pytest.raises(ValueError, match="speculative_method"):
         LLM(llama, num_blocks=16, speculative_method="medusa")
+    with pytest.raises(ValueError, match="speculative_model"):
+        LLM(llama, num_blocks=16, speculative_method="draft_model")
+    with pytest.raises(ValueError, match="speculative_model"):
+        LLM(llama, num_blocks=16, speculative_method="ngram", speculative_model=llama)

@@ -1,0 +1,55 @@
+"""A draft model for speculative decoding: a small checkpoint with the target's tokenizer, run by its own
+engine (paged KV, prefix cache), proposing each request's next k tokens greedily.
+
+In the target's process (`LLM(target, speculative_model=draft)`) it runs on the target's device before each
+verify step; on CPU draft workers (services/draft.py) it answers the decode pools' batches. The prefix
+cache keeps each request's context, so a proposal computes only the tokens that arrived since the last one
+(plus the last partial block) and then k draft decode steps."""
+
+import math
+
+from engine.drafter import Drafter
+from engine.llm import LLM
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft_model"
+
+    def __init__(self, model: str, vocab_size: int | None = None, **engine_options):
+        """engine_options: the draft engine's (device, dtype, num_blocks, max_num_seqs, ...); prefix caching
+        is on unless turned off. vocab_size: the target's, which the draft's must equal."""
+        self.llm = LLM(model, **{"enable_prefix_caching": True, **engine_options})
+        engine = self.llm.engine
+        if vocab_size is not None and engine.model_config.vocab_size != vocab_size:
+            raise ValueError(f"speculative_model: {model} has vocab_size {engine.model_config.vocab_size}, the "
+                             f"target {vocab_size}; allowed: a draft with the target's tokenizer")
+        self.max_model_len = engine.max_model_len
+        self.proposals = 0
+
+    @staticmethod
+    def blocks_for(max_model_len: int, max_num_seqs: int, block_size: int) -> int:
+        """KV blocks that hold a full context for every sequence of a batch."""
+        return math.ceil(max_model_len / block_size) * max_num_seqs
+
+    def propose(self, request: Request, num_tokens: int) -> list[int]:
+        return self.propose_batch([request], [num_tokens])[0]
+
+    def propose_batch(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        return self.propose_tokens([(r.token_ids(0, r.num_tokens), k) for r, k in zip(requests, num_tokens,
+                                                                                       strict=True)])
+
+    def propose_tokens(self, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
+        """jobs: (token ids so far, how many to draft) -> greedy continuations (none past the draft's length)."""
+        live = [i for i, (tokens, n) in enumerate(jobs) if n > 0 and len(tokens) + n < self.max_model_len]
+        out: list[list[int]] = [[] for _ in jobs]
+        if not live:
+            return out
+        k = max(jobs[i][1] for i in live)
+        params = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
+        results = self.llm.generate([jobs[i][0] for i in live], params)
+        for i, result in zip(live, results, strict=True):
+            out[i] = result.outputs[0].token_ids[:jobs[i][1]]
+        self.proposals += len(live)
+        return out
