@@ -122,7 +122,7 @@ def train(model, stream: torch.Tensor, steps: int, seq: int, batch: int, lr: flo
         if step % max(steps // 20, 1) == 0 or step == steps - 1:
             entry = [step, round(loss.item(), 4)]
             if valid is not None:
-                ppl = evaluate(model, valid, seq, device, max_tokens=100_000)
+                ppl = evaluate(model, valid, seq, device, max_tokens=100_000 if device == "cuda" else 50_000)
                 model.train()
                 entry.append(round(ppl, 3))
                 if ppl < best[0]:
@@ -185,8 +185,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     budgets = [int(b) for b in (args.steps or ("20" if args.smoke else "800,1500,3000")).split(",")]
     vocab = args.vocab or (512 if args.smoke else 8192)
     seq, batch = (64, 8) if args.smoke else (args.seq, args.batch)
@@ -205,8 +206,9 @@ def main() -> None:
             "seed": args.seed, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "uniform_perplexity": tok.get_vocab_size(), "models": {}}
     models = {}
-    for name, spec, lr in (("target", SMOKE if args.smoke else TARGET, 2e-3),
-                           ("draft", SMOKE if args.smoke else DRAFT, 3e-3)):
+    scale = math.sqrt(batch / 64)  # the learning rates were tuned at batch 64
+    for name, spec, lr in (("target", SMOKE if args.smoke else TARGET, 2e-3 * scale),
+                           ("draft", SMOKE if args.smoke else DRAFT, 3e-3 * scale)):
         runs, best = {}, None
         for steps in budgets:
             model = build(spec, tok.get_vocab_size(), args.seed, max_len)
@@ -230,7 +232,8 @@ def main() -> None:
     for name, model in models.items():
         save(model, tok, out / f"ridgeline-ref-{name}", max_len)
     command = ("python -m benchmarks.train_reference --out " + str(out)
-               + (" --smoke" if args.smoke else f" --steps {','.join(map(str, budgets))}"))
+               + (" --smoke" if args.smoke else f" --steps {','.join(map(str, budgets))} --batch {batch} "
+                                                   f"--device {device}"))
     (out / "model_card.json").write_text(json.dumps({**card, "command": command}, indent=2) + "\n")
     print(json.dumps({k: v for k, v in card.items() if k != "models"}, indent=2))
 
