@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import git_commit
 from engine.tiny_model import CHATML, SPECIAL_TOKENS
 
 TARGET = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
@@ -188,6 +189,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there is one)")
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    commit = git_commit()  # now: the tree may move while this trains
     budgets = [int(b) for b in (args.steps or ("20" if args.smoke else "800,1500,3000")).split(",")]
     vocab = args.vocab or (512 if args.smoke else 8192)
     seq, batch = (64, 8) if args.smoke else (args.seq, args.batch)
@@ -198,7 +200,7 @@ def main() -> None:
     print("corpus: " + ", ".join(f"{n} {len(texts[n])} files {len(ids[n])} tokens" for n in ids)
           + f"; tokenizer in {time.perf_counter() - t0:.1f} s", flush=True)
     max_len = 1024
-    card = {"data": "the Python standard library's .py files (sorted; by a hash of the path 1 in 20 held out, 1 in "
+    card = {"commit": commit, "data": "the Python standard library's .py files (sorted; by a hash of the path 1 in 20 held out, 1 in "
                     "20 validation, which picks each model's step budget and checkpoint, the rest train)",
             "python": sysconfig.get_python_version(), "train_tokens": len(ids["train"]),
             "valid_tokens": len(ids["valid"]), "heldout_tokens": len(ids["heldout"]),
