@@ -17,10 +17,12 @@ COPY services ./services
 COPY control_plane ./control_plane
 COPY observability ./observability
 COPY benchmarks ./benchmarks
+COPY models ./models
 RUN pip install --no-cache-dir . "nixl-cu12==1.5.1" \
     && python -c "import engine, kernels, services, control_plane, observability, nixl"
 
 ENV HF_HUB_OFFLINE=1 \
+    RIDGELINE_MODEL=/opt/ridgeline/models/ridgeline-ref-target \
     PYTHONUNBUFFERED=1
 USER ray
 WORKDIR /home/ray

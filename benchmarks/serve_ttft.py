@@ -51,10 +51,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from engine.tiny_model import default_model_path
+    from engine.tiny_model import cached_tiny_model
     from services.app import ServeConfig, build_app
 
-    model = args.model or str(default_model_path())
+    model = args.model or str(cached_tiny_model())
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8199})
     pool = {"num_cpus": 0.5, "engine": {"num_blocks": 256}}

@@ -110,9 +110,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.model is None:
-        from engine.tiny_model import default_model_path
+        from engine.tiny_model import cached_tiny_model
 
-        args.model = str(default_model_path())
+        args.model = str(cached_tiny_model())
     lengths = {"interactive": (32, 16), "batch": (96, 160)}
     schedule = arrivals(args.seed, args.duration, {"batch": args.batch_rate, "interactive": args.interactive_rate})
     configs = {name: run_config(args.model, schedule, args.duration, with_classes, lengths, args.max_num_seqs)

@@ -89,10 +89,10 @@ def main() -> None:
                  "model": "Llama-3-8B shape, random bf16 weights"}
         context = args.context or 2048
     else:
-        from engine.tiny_model import default_model_path
+        from engine.tiny_model import cached_tiny_model
 
-        model, context = str(default_model_path()), args.context or 256
-        extra = {"model": "tiny llama (tests' default model)", "threads": torch.get_num_threads()}
+        model, context = str(cached_tiny_model()), args.context or 256
+        extra = {"model": "tiny random llama (cached_tiny_model)", "threads": torch.get_num_threads()}
     served = _engine(model, gpu, max(args.batches), eager=False)
     vocab = served.model_config.vocab_size
     eager = _engine(model, gpu, max(args.batches), eager=True) if gpu else served

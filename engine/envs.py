@@ -3,11 +3,23 @@
 import os
 from pathlib import Path
 
+REFERENCE_MODELS = Path(__file__).resolve().parents[1] / "models"
+
 
 def cache_dir() -> Path:
-    """Where generated artefacts (the default tiny model) live: $RIDGELINE_CACHE_DIR or ~/.cache/ridgeline."""
+    """Where generated artefacts (the cached tiny model) live: $RIDGELINE_CACHE_DIR or ~/.cache/ridgeline."""
     root = os.environ.get("RIDGELINE_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "ridgeline"
+
+
+def default_model_path() -> Path:
+    """The model `ridgeline serve` / `generate` / `LLM()` use when none is named: $RIDGELINE_MODEL, else the
+    reference target trained here (models/ridgeline-ref-target, see models/README.md)."""
+    path = Path(os.environ.get("RIDGELINE_MODEL") or REFERENCE_MODELS / "ridgeline-ref-target")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model: none named and the default {path} holds no config.json (name one with "
+                         f"--model or RIDGELINE_MODEL)")
+    return path
 
 
 def default_device() -> str | None:

@@ -28,7 +28,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_options):
         if model is None:
-            from engine.tiny_model import default_model_path
+            from engine.envs import default_model_path
 
             model = str(default_model_path())
         self.engine = LLMEngine.from_pretrained(model, **engine_options)

@@ -1,4 +1,4 @@
-"""Tiny random HF checkpoints for tests, benchmarks and the default model (`ridgeline make-tiny-model`).
+"""Tiny random HF checkpoints for tests and serving benchmarks (`ridgeline make-tiny-model`).
 
 The tokenizer is a byte-level BPE trained here on a fixed corpus; the weights come from `transformers`
 building the architecture from a config with a fixed seed, so our engine can be compared with it.
@@ -89,8 +89,9 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, dty
     return out
 
 
-def default_model_path() -> Path:
-    """The default model: a deterministic tiny Llama made on first use in the cache directory."""
+def cached_tiny_model() -> Path:
+    """A deterministic tiny random Llama made on first use in the cache directory (benchmarks of the serving
+    machinery, where the model's text does not matter)."""
     path = envs.cache_dir() / "models" / "tiny-llama-v1"
     if not (path / "config.json").exists():
         tmp = path.with_name(path.name + ".tmp")

@@ -7,7 +7,10 @@ import sys
 def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, **({"device": args.device} if args.device else {}))
+    options = {"device": args.device} if args.device else {}
+    if args.speculative_model:
+        options |= {"speculative_model": args.speculative_model, "num_speculative_tokens": args.num_speculative_tokens}
+    llm = LLM(args.model, dtype=args.dtype, **options)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, n=args.n,
                             stop=args.stop or None, ignore_eos=args.ignore_eos)
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline with the engine (no Ray)")
-    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: a tiny model)")
+    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: the reference model in models/, or $RIDGELINE_MODEL)")
     gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -51,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default=None)
+    gen.add_argument("--speculative-model", default=None,
+                     help="speculative decoding with this draft model (same tokenizer), on the same device")
+    gen.add_argument("--num-speculative-tokens", type=int, default=4)
     gen.set_defaults(func=_generate)
 
     from services.serve_cli import add_parser as add_serve_parser

@@ -10,7 +10,7 @@ from engine import envs
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API with prefill and decode pools on Ray Serve")
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: a tiny model)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the reference model in models/, or $RIDGELINE_MODEL)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: dir name)")
     p.add_argument("--prefill", type=int, default=1, help="prefill replicas")
     p.add_argument("--decode", type=int, default=1, help="decode replicas")
@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace):
 
     model = args.model
     if model is None:
-        from engine.tiny_model import default_model_path
+        from engine.envs import default_model_path
 
         model = str(default_model_path())
     engine = {}
