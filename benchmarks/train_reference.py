@@ -175,6 +175,38 @@ def save(model, tok, out: Path, max_len: int) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}, indent=2) + "\n")
 
 
+def model_card_markdown(card: dict) -> str:
+    """The model card as a README beside the checkpoints (the numbers come from model_card.json)."""
+    rows = []
+    for name, m in card["models"].items():
+        c = m["config"]
+        shape = (f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, MLP {c['intermediate_size']}, "
+                 f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads of {c['head_dim']}")
+        valid = {steps: run["best_valid_perplexity"] for steps, run in m["runs"].items()}
+        rows.append(f"| `ridgeline-ref-{name}` | {m['parameters'] / 1e6:.2f}M | {shape} | {m['chosen_steps']} "
+                    f"(valid ppl by budget: {valid}) | {m['heldout_perplexity']} |")
+    return f"""# Ridgeline reference models
+
+A Llama-architecture target and draft trained here with one byte-level BPE tokenizer
+(vocabulary {card['vocab_size']}, ChatML special tokens) on {card['data']}.
+Python {card['python']}'s standard library: {card['train_tokens']:,} training tokens, {card['valid_tokens']:,}
+validation, {card['heldout_tokens']:,} held out. Context {card['seq_len']} tokens in training (the checkpoints
+declare 1024), batch {card['batch']}, AdamW (betas 0.9/0.95, weight decay 0.1), warm-up then cosine decay,
+seed {card['seed']}, trained on {card['device']} at commit {card['commit']}. Weights are bf16 safetensors.
+
+| model | parameters | shape | steps chosen | held-out perplexity |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+A uniform model's perplexity is {card['uniform_perplexity']}. The draft's greedy next token equals the
+target's on {card['greedy_agreement_draft_vs_target']:.1%} of held-out positions (teacher-forced).
+
+Reproduce: `{card['command']}` (the loss and validation curves are in `model_card.json`).
+They write Python-flavoured text; they are a yardstick for speculative decoding, quantization and
+uncertainty work, not an assistant. The training text is the Python standard library (PSF License).
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -236,7 +268,9 @@ def main() -> None:
     command = ("python -m benchmarks.train_reference --out " + str(out)
                + (" --smoke" if args.smoke else f" --steps {','.join(map(str, budgets))} --batch {batch} "
                                                    f"--device {device}"))
-    (out / "model_card.json").write_text(json.dumps({**card, "command": command}, indent=2) + "\n")
+    card["command"] = command
+    (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "README.md").write_text(model_card_markdown(card))
     print(json.dumps({k: v for k, v in card.items() if k != "models"}, indent=2))
 
 
