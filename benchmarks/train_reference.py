@@ -92,6 +92,11 @@ def build(spec: dict, vocab: int, seed: int, max_len: int):
     return LlamaForCausalLM(config)
 
 
+def _bf16(device: str) -> bool:
+    """bf16 autocast: on GPUs, and on CPUs with native bf16 matmuls (AVX512-BF16/AMX: 2.5x fp32 here)."""
+    return device == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def batches(stream: torch.Tensor, seq: int, batch: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     while True:
@@ -110,10 +115,10 @@ def train(model, stream: torch.Tensor, steps: int, seq: int, batch: int, lr: flo
     warm = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
-    log = []
+    log, start = [], time.perf_counter()
     for step, chunk in zip(range(steps), batches(stream, seq, batch, seed), strict=False):
         chunk = chunk.to(device)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=_bf16(device)):
             loss = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,8 +134,8 @@ def train(model, stream: torch.Tensor, steps: int, seq: int, batch: int, lr: flo
                 if ppl < best[0]:
                     best = (ppl, {k: v.detach().clone() for k, v in model.state_dict().items()})
             log.append(entry)
-            print(f"step {step} loss {loss.item():.3f}" + (f" valid ppl {entry[2]:.2f}" if valid is not None else ""),
-                  flush=True)
+            print(f"step {step} loss {loss.item():.3f}" + (f" valid ppl {entry[2]:.2f}" if valid is not None else "")
+                  + f" ({time.perf_counter() - start:.0f} s)", flush=True)
     if best[1] is not None:
         model.load_state_dict(best[1])
     return log, best[0]
@@ -145,7 +150,7 @@ def evaluate(model, stream: torch.Tensor, seq: int, device: str, max_tokens: int
     total, count = 0.0, 0
     for s in range(0, n, seq * 16):
         rows = torch.stack([x[i:i + seq + 1] for i in range(s, min(s + seq * 16, n), seq)]).to(device)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=_bf16(device)):
             logits = model(input_ids=rows[:, :-1]).logits.float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
                                                 reduction="sum")
@@ -158,7 +163,7 @@ def agreement(target, draft, stream: torch.Tensor, seq: int, device: str, max_to
     """How often the draft's greedy next token equals the target's on held-out text."""
     n = min(len(stream) - 1, max_tokens) // seq * seq
     rows = stream[:n].reshape(-1, seq)[:64].to(device)
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=_bf16(device)):
         a = target(input_ids=rows).logits.argmax(-1)
         b = draft(input_ids=rows).logits.argmax(-1)
     return (a == b).float().mean().item()
