@@ -77,7 +77,10 @@ class RemoteDrafter(Drafter):
                     sent = self._sent
                     self._lock.wait_for(lambda: self._done >= sent, timeout=self.wait_s)
             now = time.monotonic()
-            return [self._usable(req, k, now) for req, k in zip(requests, num_tokens, strict=True)]
+            out = [self._usable(req, k, now) for req, k in zip(requests, num_tokens, strict=True)]
+            # proposals past their deadline are never used: drop them (also those of finished requests)
+            self._ready = {rid: e for rid, e in self._ready.items() if now - e[2] <= self.deadline_s}
+            return out
 
     def _usable(self, req: Request, k: int, now: float) -> list[int]:
         entry = self._ready.pop(req.request_id, None)
@@ -129,5 +132,5 @@ class RemoteDrafter(Drafter):
     def close(self) -> None:
         with self._lock:
             self._stop = True
-            self._lock.notify()
+            self._lock.notify_all()
         self._thread.join(timeout=5)
