@@ -60,11 +60,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", default="2,4,6", help="draft lengths (num_speculative_tokens), comma-separated")
+    parser.add_argument("--dtype", default="auto", help="the engines' dtype (auto: the checkpoints' bf16)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     prompts = heldout_prompts(args.target, args.prompts, args.prompt_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    common = dict(num_blocks=4096, max_num_seqs=max(64, len(prompts)))
+    common = dict(num_blocks=4096, max_num_seqs=max(64, len(prompts)), dtype=args.dtype)
     plain = LLM(args.target, **common)
     run(plain, prompts[:2], params, batched=True)  # warm-up: kernels compiled, graphs captured
     runs = {}
@@ -92,11 +93,13 @@ def main() -> None:
                 "target_steps": stats["steps"]}
             print(mode, name, runs[mode][name], flush=True)
             del llm
-    payload = {"target": Path(args.target).name, "draft": Path(args.draft).name, "prompts": len(prompts),
+    payload = {"target": Path(args.target).name, "draft": Path(args.draft).name, "dtype": args.dtype,
+               "prompts": len(prompts),
                "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "runs": runs,
                "note": "greedy; prompts are held-out stdlib files' first tokens; verify steps run eager, plain "
                        "decode steps replay CUDA graphs on the GPU; the draft model runs on the same device"}
-    print(write_result("spec_acceptance" + ("_gpu" if torch.cuda.is_available() else "_cpu"), payload,
+    suffix = ("_gpu" if torch.cuda.is_available() else "_cpu") + ("" if args.dtype == "auto" else f"_{args.dtype}")
+    print(write_result("spec_acceptance" + suffix, payload,
                        Path(args.out) if args.out else None))
 
 
