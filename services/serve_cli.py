@@ -93,6 +93,10 @@ def banner(config, host: str, port: int) -> str:
             f"    -d '{{\"model\": \"{config.model_name}\", \"prompt\": \"The quick brown fox\", \"max_tokens\": 16}}'")
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     if args.ray_address is None:  # before Ray is imported: it reads some of them at import
         os.environ.update(envs.local_cluster_env())  # inherited by the workers Ray starts here
@@ -110,13 +114,14 @@ def run(args: argparse.Namespace) -> int:
                  _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False)
     else:
         ray.init(address=args.ray_address, log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(config), name="ridgeline", route_prefix="/")
-    print(banner(config, args.host, args.port), flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops it like Ctrl-C
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(config), name="ridgeline", route_prefix="/")
+        print(banner(config, args.host, args.port), flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:  # also while the app was still deploying: everything started is stopped
+        pass
     print("shutting down", flush=True)
     serve.shutdown()
     from services.kv_memory.service import shutdown_services

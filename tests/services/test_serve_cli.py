@@ -66,6 +66,27 @@ def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
             proc.wait(timeout=10)
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_the_app_deploys_stops_cleanly(llama, etcd):
+    """Interrupted once its first worker registered — usually before the banner: everything stops, exit 0."""
+    proc = subprocess.Popen([RIDGELINE, "serve", "--model", llama, "--port", str(_free_port()), "--num-blocks",
+                             "64", "--worker-cpus", "0.25", "--registry", etcd.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline"))):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0 and "shutting down" in out
+        assert asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline"))) == {}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 async def _etcd_keys(url: str, prefix: str) -> dict:
     registry = open_registry(url)
     try:
