@@ -245,7 +245,7 @@ def main() -> None:
             "seed": args.seed, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "uniform_perplexity": tok.get_vocab_size(), "models": {}}
     models = {}
-    scale = math.sqrt(batch / 64)  # the learning rates were tuned at batch 64
+    scale = 1.0 if args.smoke else math.sqrt(batch / 64)  # the learning rates were tuned at batch 64
     for name, spec, lr in (("target", SMOKE if args.smoke else TARGET, 2e-3 * scale),
                            ("draft", SMOKE if args.smoke else DRAFT, 3e-3 * scale)):
         runs, best = {}, None
