@@ -10,6 +10,7 @@ import math
 
 from engine.drafter import Drafter
 from engine.llm import LLM
+from engine.outputs import ComputeUsage
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -42,14 +43,19 @@ class DraftModelDrafter(Drafter):
 
     def propose_tokens(self, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
         """jobs: (token ids so far, how many to draft) -> greedy continuations (none past the draft's length)."""
+        return self.propose_with_usage(jobs)[0]
+
+    def propose_with_usage(self, jobs: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[ComputeUsage]]:
+        """The continuations and the draft engine's time spent on each (its steps split over their tokens)."""
         live = [i for i, (tokens, n) in enumerate(jobs) if n > 0 and len(tokens) + n < self.max_model_len]
         out: list[list[int]] = [[] for _ in jobs]
+        usage = [ComputeUsage() for _ in jobs]
         if not live:
-            return out
+            return out, usage
         k = max(jobs[i][1] for i in live)
         params = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
         results = self.llm.generate([jobs[i][0] for i in live], params)
         for i, result in zip(live, results, strict=True):
-            out[i] = result.outputs[0].token_ids[:jobs[i][1]]
+            out[i], usage[i] = result.outputs[0].token_ids[:jobs[i][1]], result.compute
         self.proposals += len(live)
-        return out
+        return out, usage

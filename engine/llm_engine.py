@@ -100,6 +100,7 @@ class _Parent:
                              finished=all(r.is_finished for r in self.children),
                              num_cached_tokens=max(first.num_cached_tokens, 0),
                              compute=sum((r.compute for r in self.children), ComputeUsage()),
+                             draft_compute=sum((r.draft_compute for r in self.children), ComputeUsage()),
                              queued=(first.arrival_wall, first.scheduled_wall) if first.scheduled_wall else None)
 
 

@@ -51,6 +51,7 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     compute: ComputeUsage = field(default_factory=ComputeUsage)  # engine time spent on it, cumulative
+    draft_compute: ComputeUsage = field(default_factory=ComputeUsage)  # a remote draft pool's, cumulative
     # wall-clock (arrival, first scheduled) at the engine, once scheduled: queue time and traces
     queued: tuple[float, float] | None = None
     # pool name -> compute, when several engines served it (the Ray pools); empty from a single engine

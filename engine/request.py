@@ -52,6 +52,7 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until scheduled
         self.num_preemptions = 0
         self.compute = ComputeUsage()  # its share of the engine steps it was in
+        self.draft_compute = ComputeUsage()  # a remote draft pool's time on its drafts (services/draft.py)
         self.spec_token_ids: list[int] = []  # drafted next tokens the next step verifies (speculative decoding)
         self.spec_len = 0  # how many to draft next (adapted to its acceptance; 0: not yet started)
         self.block_hashes: list[bytes] = []

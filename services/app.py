@@ -125,6 +125,10 @@ class DraftConfig(BaseModel):
                                          "the placeholder CPU rate)")
     ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
+    @property
+    def resolved_price(self) -> float:
+        return self.price_per_hour if self.price_per_hour is not None else default_price_per_hour(0, self.num_cpus)
+
     @model_validator(mode="after")
     def _wait_within_deadline(self):
         if self.wait_s > self.deadline_s:
@@ -192,7 +196,10 @@ class ServeConfig(BaseModel):
         return pools
 
     def prices(self) -> dict[str, float]:
-        return {name: pool.resolved_price for name, (pool, _, _) in self.pools().items()}
+        prices = {name: pool.resolved_price for name, (pool, _, _) in self.pools().items()}
+        if self.draft is not None:
+            prices["draft"] = self.draft.resolved_price
+        return prices
 
     def slo_table(self) -> SLOTable:
         try:
@@ -248,10 +255,9 @@ class OpenAIIngress:
             model_name=self.config.model_name)
         view = self._follow_registry()
         configured = {name: pool.describe(name, role, router) for name, (pool, role, router) in self.config.pools().items()}
-        if (d := self.config.draft) is not None:  # CPU draft workers: listed with their price (not per request)
+        if (d := self.config.draft) is not None:  # CPU draft workers, charged per request for their drafts
             configured["draft"] = {"name": "draft", "role": "draft", "device": "cpu", "replicas": d.replicas,
-                                   "num_cpus": d.num_cpus, "model": d.model, "price_per_hour": d.price_per_hour
-                                   if d.price_per_hour is not None else default_price_per_hour(0, d.num_cpus),
+                                   "num_cpus": d.num_cpus, "model": d.model, "price_per_hour": d.resolved_price,
                                    "price_is_default": d.price_per_hour is None}
 
         async def pools() -> list[dict]:
@@ -337,7 +343,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
                                   ray_actor_options=_actor_options(d.num_cpus, env=config.env,
                                                                    resources=d.ray_resources)).bind(
             d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
-        spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s}
+        spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s, "pool": "draft"}
     decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router, config.env).bind(
         config.model, decode_engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
         fault_corrupt_pulls=config.fault_corrupt_pulls, spec=spec, **worker_options("decode"))

@@ -21,6 +21,7 @@ import torch
 
 from engine.draft_model import DraftModelDrafter
 from engine.drafter import Drafter
+from engine.outputs import ComputeUsage
 from engine.request import Request
 from observability.metrics import DRAFT_LATENCY
 
@@ -37,9 +38,10 @@ class DraftWorker:
         engine = self.drafter.llm.engine
         return {"vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len}
 
-    async def propose(self, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
-        """jobs: (token ids so far, how many to draft) -> greedy continuations."""
-        return self.drafter.propose_tokens(jobs)
+    async def propose(self, jobs: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[ComputeUsage]]:
+        """jobs: (token ids so far, how many to draft) -> greedy continuations, and this worker's engine time on
+        each (charged to the requests at the draft pool's price)."""
+        return self.drafter.propose_with_usage(jobs)
 
 
 class RemoteDrafter(Drafter):
@@ -55,6 +57,8 @@ class RemoteDrafter(Drafter):
         self._lock = threading.Condition()
         self._pending: dict[str, tuple[list[int], int]] | None = None  # the latest batch not sent yet
         self._ready: dict[str, tuple[int, list[int], float]] = {}  # request -> (context length, drafts, when)
+        # draft workers' time per request not yet on the request: (usage, when last charged)
+        self._charges: dict[str, tuple[ComputeUsage, float]] = {}
         self._down_until = 0.0
         self._sent = self._done = 0  # batches handed to the loop / calls it has finished (or failed)
         self.stats = {"calls": 0, "failures": 0, "late": 0, "stale": 0, "used": 0}
@@ -78,6 +82,11 @@ class RemoteDrafter(Drafter):
                     self._lock.wait_for(lambda: self._done >= sent, timeout=self.wait_s)
             now = time.monotonic()
             out = [self._usable(req, k, now) for req, k in zip(requests, num_tokens, strict=True)]
+            for req in requests:  # the engine's thread owns the requests: charges move onto them here
+                if (charge := self._charges.pop(req.request_id, None)) is not None:
+                    req.draft_compute = req.draft_compute + charge[0]
+            # a request that finished before its last call came back is not charged for that call
+            self._charges = {rid: c for rid, c in self._charges.items() if now - c[1] <= 60.0}
             # proposals past their deadline are never used: drop them (also those of finished requests)
             self._ready = {rid: e for rid, e in self._ready.items() if now - e[2] <= self.deadline_s}
             return out
@@ -108,7 +117,7 @@ class RemoteDrafter(Drafter):
             ids = list(batch)
             start = time.monotonic()
             try:
-                drafts = self.handle.propose.remote([batch[i] for i in ids]).result(timeout_s=self.deadline_s)
+                drafts, usage = self.handle.propose.remote([batch[i] for i in ids]).result(timeout_s=self.deadline_s)
             except Exception as e:  # noqa: BLE001 - slow or dead draft workers: decode goes on without drafts
                 self.stats["failures"] += 1
                 logger.warning("draft call failed (%s): no drafts for %.0f s", type(e).__name__, self.retry_after_s)
@@ -123,9 +132,10 @@ class RemoteDrafter(Drafter):
                 DRAFT_LATENCY.labels(**self.labels).observe(took)
             done = time.monotonic()
             with self._lock:
-                for request_id, proposal in zip(ids, drafts, strict=True):
+                for request_id, proposal, spent in zip(ids, drafts, usage, strict=True):
                     if proposal:
                         self._ready[request_id] = (len(batch[request_id][0]), proposal, done)
+                    self._charges[request_id] = (self._charges.get(request_id, (ComputeUsage(), 0.0))[0] + spent, done)
                 self._done = seq
                 self._lock.notify_all()
 

@@ -47,6 +47,8 @@ class Delta:
     worker: str = ""  # the replica that produced it
     pool: str = ""  # ... and its pool
     compute: ComputeUsage = field(default_factory=ComputeUsage)  # engine time spent since the last delta
+    draft_pool: str = ""  # the draft pool that proposed its drafts, if any
+    draft_compute: ComputeUsage = field(default_factory=ComputeUsage)  # ... and its time since the last delta
 
 
 @dataclass
@@ -60,11 +62,11 @@ class PrefillResult:
 class DeltaTracker:
     """Worker side: turns the engine's cumulative outputs for one sequence into deltas."""
 
-    def __init__(self, num_resumed_tokens: int, worker: str, pool: str = ""):
+    def __init__(self, num_resumed_tokens: int, worker: str, pool: str = "", draft_pool: str = ""):
         self.sent_tokens = num_resumed_tokens
         self.text: str | None = None  # None: the first delta sends the whole text
-        self.worker, self.pool = worker, pool
-        self.sent_compute = ComputeUsage()
+        self.worker, self.pool, self.draft_pool = worker, pool, draft_pool
+        self.sent_compute = self.sent_draft = ComputeUsage()
 
     def delta(self, out: RequestOutput) -> Delta:
         c = out.outputs[0]
@@ -72,8 +74,9 @@ class DeltaTracker:
         new = slice(self.sent_tokens, None)
         delta = Delta(c.token_ids[new], c.logprobs[new] if c.logprobs is not None else None, start,
                       c.text[start:], c.finish_reason, c.stop_reason, out.num_cached_tokens, self.worker,
-                      self.pool, out.compute - self.sent_compute)
+                      self.pool, out.compute - self.sent_compute, self.draft_pool, out.draft_compute - self.sent_draft)
         self.sent_tokens, self.text, self.sent_compute = len(c.token_ids), c.text, out.compute
+        self.sent_draft = out.draft_compute
         return delta
 
 
@@ -92,6 +95,9 @@ class SequenceState:
 
     def apply(self, delta: Delta) -> None:
         self.compute_by_pool[delta.pool] = self.compute_by_pool.get(delta.pool, ComputeUsage()) + delta.compute
+        if delta.draft_pool:
+            self.compute_by_pool[delta.draft_pool] = (self.compute_by_pool.get(delta.draft_pool, ComputeUsage())
+                                                      + delta.draft_compute)
         self.token_ids += delta.token_ids
         if self.logprobs is not None and delta.logprobs is not None:
             self.logprobs += delta.logprobs

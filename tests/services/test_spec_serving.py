@@ -4,6 +4,7 @@ stalls decode."""
 
 import asyncio
 import os
+import re
 import signal
 
 import httpx
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.ray
 PROMPTS = [[7, 8, 9, 10] * 6, [100 + i % 13 for i in range(40)], [(31 * i) % 300 + 5 for i in range(30)]]
 
 
-def _greedy(url: str, max_tokens: int = 24) -> list[list[int]]:
+def _greedy(url: str, max_tokens: int = 24, costs: list | None = None) -> list[list[int]]:
     async def main():
         async with httpx.AsyncClient(timeout=120) as client:
             rs = await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
@@ -23,6 +24,8 @@ def _greedy(url: str, max_tokens: int = 24) -> list[list[int]]:
                 "return_token_ids": True}) for p in PROMPTS))
         for r in rs:
             assert r.status_code == 200, r.text
+        if costs is not None:
+            costs.extend(r.json()["usage"]["cost_usd"] for r in rs)
         return [r.json()["choices"][0]["token_ids"] for r in rs]
 
     return asyncio.run(main())
@@ -52,9 +55,16 @@ def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
     draft = deploy("draftspec", **app_config(llama, spec="draft", num_speculative_tokens=3,
                                              draft={"model": llama, "num_cpus": 0.25, "deadline_s": 5.0,
                                                     "wait_s": 5.0, "engine": {"num_blocks": 256}}))
-    assert _greedy(draft, 48) == _reference(llama, 48)
+    costs: list[float] = []
+    assert _greedy(draft, 48, costs) == _reference(llama, 48)
     drafted, accepted = _spec_stats("draftspec")
     assert drafted > 0 and accepted / drafted > 0.9
+    # the draft pool's engine time is charged to the requests at its price, beside the decode pool's
+    metrics = httpx.get(f"{draft}/metrics", timeout=30).text
+    dollars = {pool: float(v) for pool, v in re.findall(
+        r'ridgeline_cost_dollars_total\{model="tiny-llama",pool="(\w+)",slo_class="standard"\} (\S+)', metrics)}
+    assert dollars.get("draft", 0) > 0 and dollars.get("decode", 0) > 0
+    assert sum(costs) == pytest.approx(sum(dollars.values()), rel=1e-6)
     pools = {p["name"]: p for p in httpx.get(f"{draft}/v1/pools", timeout=30).json()["data"]}
     assert pools["draft"]["role"] == "draft" and pools["draft"]["device"] == "cpu" and pools["draft"]["price_per_hour"] > 0
 
