@@ -27,7 +27,6 @@ class DraftModelDrafter(Drafter):
             raise ValueError(f"speculative_model: {model} has vocab_size {engine.model_config.vocab_size}, the "
                              f"target {vocab_size}; allowed: a draft with the target's tokenizer")
         self.max_model_len = engine.max_model_len
-        self.proposals = 0
 
     @staticmethod
     def blocks_for(max_model_len: int, max_num_seqs: int, block_size: int) -> int:
@@ -38,15 +37,12 @@ class DraftModelDrafter(Drafter):
         return self.propose_batch([request], [num_tokens])[0]
 
     def propose_batch(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
-        return self.propose_tokens([(r.token_ids(0, r.num_tokens), k) for r, k in zip(requests, num_tokens,
-                                                                                       strict=True)])
-
-    def propose_tokens(self, jobs: list[tuple[list[int], int]]) -> list[list[int]]:
-        """jobs: (token ids so far, how many to draft) -> greedy continuations (none past the draft's length)."""
+        jobs = [(r.token_ids(0, r.num_tokens), k) for r, k in zip(requests, num_tokens, strict=True)]
         return self.propose_with_usage(jobs)[0]
 
     def propose_with_usage(self, jobs: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[ComputeUsage]]:
-        """The continuations and the draft engine's time spent on each (its steps split over their tokens)."""
+        """jobs: (token ids so far, how many to draft) -> greedy continuations (none past the draft's length)
+        and the draft engine's time spent on each (its steps split over their tokens)."""
         live = [i for i, (tokens, n) in enumerate(jobs) if n > 0 and len(tokens) + n < self.max_model_len]
         out: list[list[int]] = [[] for _ in jobs]
         usage = [ComputeUsage() for _ in jobs]
@@ -57,5 +53,4 @@ class DraftModelDrafter(Drafter):
         results = self.llm.generate([jobs[i][0] for i in live], params)
         for i, result in zip(live, results, strict=True):
             out[i], usage[i] = result.outputs[0].token_ids[:jobs[i][1]], result.compute
-        self.proposals += len(live)
         return out, usage

@@ -49,7 +49,7 @@ class PoolConfig(BaseModel):
     device: str | None = Field(default=None, description="what a replica runs on: cpu, or the GPU type "
                                "(H200, A100-80GB, ...); default cpu without GPUs, gpu with")
     price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per replica; default: "
-                                         "control_plane/cost.py's placeholder rates for its GPUs and CPUs")
+                                         "control_plane/cost.py's default list rates for its GPUs and CPUs")
     weight_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="auto: the checkpoint's dtype")
     kv_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -122,7 +122,7 @@ class DraftConfig(BaseModel):
     wait_s: float = Field(default=0.0, ge=0, description="how long a decode step waits for its own drafts (0: "
                           "pipelined, never waits; at most deadline_s)")
     price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per draft worker (default: "
-                                         "the placeholder CPU rate)")
+                                         "control_plane/cost.py's default vCPU rate)")
     ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
 
     @property

@@ -26,10 +26,10 @@ class DecodeWorker(EngineWorker):
                  pull_attempts: int = 3, pull_timeout_s: float = 30.0, fault_corrupt_pulls: int = 0,
                  spec: dict | None = None, **worker_options):
         """worker_options: EngineWorker's (kv_tiers, pool_name, registry). spec: {"draft": a handle to the
-        DraftWorker pool, "deadline_s": ..., "wait_s": ..., "pool": its name} drafts with a remote draft model (ngram drafting is
-        an engine option)."""
+        DraftWorker pool, "deadline_s": ..., "wait_s": ..., "pool": its name} drafts with a remote draft
+        model (ngram drafting is an engine option)."""
         super().__init__(model, engine_options, kv_transport, **worker_options)
-        self.draft_pool = spec.get("pool", "draft") if spec is not None else ""
+        self.draft_pool = spec["pool"] if spec is not None else ""
         if spec is not None:
             from services.draft import RemoteDrafter
 

@@ -26,6 +26,7 @@ from engine.request import Request
 from observability.metrics import DRAFT_LATENCY
 
 logger = logging.getLogger("ridgeline.draft")
+CHARGE_TTL_S = 60.0  # a charge no step picked up in this long belongs to a request that has finished
 
 
 class DraftWorker:
@@ -86,7 +87,7 @@ class RemoteDrafter(Drafter):
                 if (charge := self._charges.pop(req.request_id, None)) is not None:
                     req.draft_compute = req.draft_compute + charge[0]
             # a request that finished before its last call came back is not charged for that call
-            self._charges = {rid: c for rid, c in self._charges.items() if now - c[1] <= 60.0}
+            self._charges = {rid: c for rid, c in self._charges.items() if now - c[1] <= CHARGE_TTL_S}
             # proposals past their deadline are never used: drop them (also those of finished requests)
             self._ready = {rid: e for rid, e in self._ready.items() if now - e[2] <= self.deadline_s}
             return out
