@@ -1,12 +1,22 @@
 """Admission control: a request whose class's TTFT target cannot be met is rejected now (HTTP 429 with
-Retry-After) instead of queueing without end.
+Retry-After) instead of queueing without end, and under pressure the lower classes are shed first.
 
 The prediction is Little's law on prompt tokens: a new request waits for the prompt tokens queued ahead of
 it (admitted, no first token yet) — only those of its own class or a higher one, since the engines schedule
-by priority and preempt lower classes — divided by the rate the pools have been getting through prompt
-tokens while work was queued. That rate is measured, not configured: it already reflects the replicas,
-the hardware, prefix-cache hits and the decode work sharing the steps. With no measurement yet (a cold or
-idle server) everything is admitted. No torch, no Ray.
+by priority and preempt lower classes — divided by the rate the pools get through prompt tokens while work
+is queued. That rate is measured, not configured: prompt tokens drained over the busy time of the last
+`window_s` (busy: at least one admitted request waiting). It recovers by itself:
+- the window forgets: one request that waited through a worker restart weighs on the estimate for
+  `window_s` at most, and with no drain in the window the estimate is stale and everything is admitted
+  until a new one is measured;
+- a floor: the estimate never falls below `capacity_floor` of the best rate measured over at least
+  `capacity_busy_s` of busy time (that best decays with `capacity_half_life_s`);
+- a probe: a request with nothing of its class or a higher one ahead of it is always admitted (refusing it
+  would not make anyone's first token come sooner), and its first token is a fresh measurement.
+
+Shedding keeps class order: a class is refused when its own prediction misses its target, and also while
+any higher class's queue would take more than `shed_at` of that class's target — so batch goes before
+standard, and standard before interactive. No torch, no Ray.
 """
 
 import itertools
@@ -19,11 +29,11 @@ from control_plane.slo import SLOClass
 
 
 class Overloaded(Exception):
-    """The request would miss its TTFT target: come back after `retry_after_s`."""
+    """The request would miss its TTFT target, or is shed for a higher class: come back after
+    `retry_after_s`."""
 
-    def __init__(self, slo: SLOClass, predicted_s: float, retry_after_s: int):
-        super().__init__(f"overloaded: class {slo.name!r} would wait about {predicted_s:.1f} s for its first "
-                         f"token, its target is {slo.ttft_ms / 1000:g} s; retry after {retry_after_s} s")
+    def __init__(self, message: str, slo: SLOClass, predicted_s: float, retry_after_s: int):
+        super().__init__(message)
         self.slo, self.predicted_s, self.retry_after_s = slo, predicted_s, retry_after_s
 
 
@@ -35,15 +45,25 @@ class Ticket:
 
 
 class AdmissionController:
-    def __init__(self, window_s: float = 10.0, min_busy_s: float = 1.0, clock=time.monotonic):
-        """window_s: how far back the drain rate looks; min_busy_s: queued time needed before a rate counts."""
-        if window_s <= 0 or min_busy_s <= 0 or min_busy_s > window_s:
+    def __init__(self, window_s: float = 10.0, min_busy_s: float = 0.2, capacity_floor: float = 0.25,
+                 capacity_busy_s: float = 2.0, capacity_half_life_s: float = 300.0, shed_at: float = 0.5,
+                 clock=time.monotonic):
+        """window_s: how far back the drain rate looks; min_busy_s: busy time needed before a rate counts;
+        capacity_*: the floor (see the module doc); shed_at: the share of a higher class's target its queue
+        may take before lower classes are refused."""
+        if not 0 < min_busy_s <= window_s:
             raise ValueError(f"window_s, min_busy_s: got {window_s}, {min_busy_s}; allowed 0 < min_busy_s <= window_s")
+        if not 0 <= capacity_floor <= 1 or not 0 < shed_at <= 1:
+            raise ValueError(f"capacity_floor, shed_at: got {capacity_floor}, {shed_at}; allowed [0, 1] and (0, 1]")
+        if capacity_busy_s <= 0 or capacity_half_life_s <= 0:
+            raise ValueError("capacity_busy_s, capacity_half_life_s: must be > 0")
         self.window_s, self.min_busy_s, self.clock = window_s, min_busy_s, clock
+        self.capacity_floor, self.capacity_busy_s = capacity_floor, capacity_busy_s
+        self.capacity_half_life_s, self.shed_at = capacity_half_life_s, shed_at
         self._pending: dict[int, Ticket] = {}
-        self._drained: deque[tuple[float, int]] = deque()  # (time of first token, prompt tokens)
-        self._busy_since: float | None = None  # since when something has been queued without a pause
-        self._last_rate: float | None = None  # prompt tokens per second, the last good measurement
+        self._samples: deque[tuple[float, float, int]] = deque()  # (when, busy seconds before it, tokens)
+        self._mark: float | None = None  # busy since then and not yet in a sample; None while idle
+        self._capacity: tuple[float, float] | None = None  # (best rate, when measured)
         self._ids = itertools.count(1)
         self.rejected: dict[str, int] = {}
 
@@ -52,51 +72,85 @@ class AdmissionController:
         return len(self._pending)
 
     def rate(self) -> float | None:
-        """Prompt tokens per second drained while work was queued (None until measured)."""
+        """Prompt tokens per second while work was queued, floored by the decayed capacity; None while stale."""
         now = self.clock()
-        while self._drained and now - self._drained[0][0] > self.window_s:
-            self._drained.popleft()
-        if self._busy_since is not None:
-            start = max(self._busy_since, now - self.window_s)
-            tokens = sum(n for t, n in self._drained if t >= start)
-            if now - start >= self.min_busy_s and tokens:
-                self._last_rate = tokens / (now - start)
-        return self._last_rate
+        while self._samples and now - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+        sampled_busy = sum(b for _, b, _ in self._samples)
+        busy = sampled_busy + (now - self._mark if self._mark is not None else 0.0)
+        if busy < self.min_busy_s:
+            return None  # stale or too little evidence: admit, and measure
+        measured = sum(n for _, _, n in self._samples) / busy
+        if sampled_busy >= self.capacity_busy_s and measured > self._decayed_capacity(now):
+            self._capacity = (measured, now)
+        return max(measured, self.capacity_floor * self._decayed_capacity(now))
+
+    def _decayed_capacity(self, now: float) -> float:
+        if self._capacity is None:
+            return 0.0
+        best, at = self._capacity
+        return best * 0.5 ** ((now - at) / self.capacity_half_life_s)
 
     def predict_ttft_s(self, slo: SLOClass, prompt_tokens: int) -> float | None:
         rate = self.rate()
-        if rate is None:
-            return None
-        ahead = sum(t.prompt_tokens for t in self._pending.values() if t.slo.priority <= slo.priority)
-        return (ahead + prompt_tokens) / rate
+        return None if rate is None else self._wait_s(self._ahead(slo) + prompt_tokens, rate)
+
+    def _ahead(self, slo: SLOClass) -> int:
+        return sum(t.prompt_tokens for t in self._pending.values() if t.slo.priority <= slo.priority)
+
+    @staticmethod
+    def _wait_s(tokens: int, rate: float) -> float:
+        return tokens / rate if rate > 0 else math.inf
 
     def admit(self, slo: SLOClass, prompt_tokens: int) -> Ticket:
-        """A ticket to hand back with `first_token` or `cancel`; raises Overloaded when the target would be missed."""
+        """A ticket to hand back with `first_token` or `cancel`; raises Overloaded when the request would
+        miss its target or is shed for a higher class."""
         if prompt_tokens < 1:
             raise ValueError(f"prompt_tokens: got {prompt_tokens}, allowed >= 1")
-        predicted = self.predict_ttft_s(slo, prompt_tokens)
-        target_s = slo.ttft_ms / 1000
-        if predicted is not None and predicted > target_s:
-            self.rejected[slo.name] = self.rejected.get(slo.name, 0) + 1
-            raise Overloaded(slo, predicted, max(1, math.ceil(predicted - target_s)))
+        rate = self.rate()
+        if rate is not None:
+            self._check(slo, prompt_tokens, rate)
         ticket = Ticket(slo, prompt_tokens, next(self._ids))
         if not self._pending:
-            self._busy_since = self.clock()
+            self._mark = self.clock()
         self._pending[ticket.id] = ticket
         return ticket
+
+    def _check(self, slo: SLOClass, prompt_tokens: int, rate: float) -> None:
+        ahead = self._ahead(slo)
+        if ahead == 0:
+            return  # the probe: nothing of its class or above waits, so refusing it helps nobody
+        predicted = self._wait_s(ahead + prompt_tokens, rate)
+        target_s = slo.ttft_ms / 1000
+        if predicted > target_s:
+            self._reject(f"overloaded: class {slo.name!r} would wait about {predicted:.1f} s for its first token, "
+                         f"its target is {target_s:g} s", slo, predicted, predicted - target_s)
+        higher = {t.slo.name: t.slo for t in self._pending.values() if t.slo.priority < slo.priority}
+        for cls in sorted(higher.values(), key=lambda c: c.priority):
+            queued_s = self._wait_s(self._ahead(cls), rate)
+            if queued_s > self.shed_at * cls.ttft_ms / 1000:
+                self._reject(f"overloaded: class {slo.name!r} is shed while {cls.name!r} requests wait (about "
+                             f"{queued_s:.1f} s queued against a {cls.ttft_ms / 1000:g} s target)",
+                             slo, predicted, queued_s)
+
+    def _reject(self, message: str, slo: SLOClass, predicted_s: float, retry_s: float) -> None:
+        self.rejected[slo.name] = self.rejected.get(slo.name, 0) + 1
+        retry_after = max(1, math.ceil(min(retry_s, 3600.0)))
+        raise Overloaded(f"{message}; retry after {retry_after} s", slo, predicted_s, retry_after)
 
     def first_token(self, ticket: Ticket) -> None:
         """The request got its first token: its prompt tokens drained. Idempotent."""
         if self._pending.pop(ticket.id, None) is not None:
-            self._drained.append((self.clock(), ticket.prompt_tokens))
-            self._settle()
+            self._sample(ticket.prompt_tokens)
 
     def cancel(self, ticket: Ticket) -> None:
         """The request ended before its first token (error, disconnect). Idempotent."""
         if self._pending.pop(ticket.id, None) is not None:
-            self._settle()
+            self._sample(0)
 
-    def _settle(self) -> None:
-        if not self._pending:
-            self.rate()  # keep the measurement of the busy period that just ended
-            self._busy_since = None
+    def _sample(self, tokens: int) -> None:
+        """Close the busy time since the last mark into a sample; busy goes on while anything is pending."""
+        now = self.clock()
+        busy = now - self._mark if self._mark is not None else 0.0
+        self._samples.append((now, busy, tokens))
+        self._mark = now if self._pending else None

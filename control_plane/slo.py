@@ -3,6 +3,7 @@ lower runs first and may preempt higher), how far down its KV may go (lowest tie
 preempted. A request names its class with the `x-slo-class` header, or with the body field `priority`
 (the class with that priority); neither means `standard`. No torch, no Ray."""
 
+import math
 from dataclasses import dataclass
 
 TIERS = ("hbm", "dram", "ssd")
@@ -57,6 +58,13 @@ class SLOTable:
         if by_header is not None and by_priority is not None and by_header is not by_priority:
             raise ValueError(f"priority: {priority} is class {by_priority.name}, but x-slo-class says {by_header.name}")
         return by_header or by_priority or self.default
+
+    def inflight_limit(self, slo: SLOClass, max_inflight: int) -> int:
+        """How many requests may be in flight when one of `slo` arrives: the whole cap for the highest
+        class, a quarter less for each class below it (at least a quarter), so a flood of a lower class
+        leaves room for the higher ones."""
+        rank = sorted(self.by_priority).index(slo.priority)
+        return math.ceil(max_inflight * max(0.25, 1.0 - 0.25 * rank))
 
     def lowest_tiers(self) -> dict[int, str]:
         """priority -> lowest KV tier allowed (services/kv_memory/tier_policy.py takes it)."""

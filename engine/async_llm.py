@@ -4,12 +4,19 @@ Only the engine thread touches the engine: other threads submit commands (add, a
 thread drains before every step, so an abort takes effect at the next step however busy the engine is.
 Each request's outputs go to the asyncio queue of the loop that asked for it. A consumer that stops
 listening (client disconnect, cancellation) aborts its request, so its blocks are freed at once.
+
+The loop never dies silently: a command whose submitter gave up is skipped, anything that escapes a step
+fails every waiting request and is kept as `error`, and `check_health()` (the replica's health check)
+raises for a dead loop and for one that has work but has not come round for `stall_timeout_s`.
 """
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
@@ -17,13 +24,23 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
+logger = logging.getLogger("ridgeline.engine")
+
 
 class EngineDeadError(RuntimeError):
     """The step loop failed; requests in flight receive this instead of hanging."""
 
 
+class EngineStalledError(EngineDeadError):
+    """The step loop has work but has not come round for too long (a hung step)."""
+
+
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, stall_timeout_s: float = 120.0):
+        """stall_timeout_s: how long one turn of the loop (commands + a step) may take while work waits
+        before `check_health` calls the engine stalled."""
+        if stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s: got {stall_timeout_s}, allowed > 0")
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
@@ -32,13 +49,15 @@ class AsyncLLM:
         self._idle_wait_s = idle_wait_s
         self._stopped = False
         self._error: BaseException | None = None
+        self.stall_timeout_s = stall_timeout_s
+        self._heartbeat = time.monotonic()  # the start of the loop's latest turn
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ridgeline-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, model: str, **engine_options) -> "AsyncLLM":
-        return cls(LLMEngine.from_pretrained(model, **engine_options))
+    def from_pretrained(cls, model: str, stall_timeout_s: float = 120.0, **engine_options) -> "AsyncLLM":
+        return cls(LLMEngine.from_pretrained(model, **engine_options), stall_timeout_s=stall_timeout_s)
 
     @property
     def max_model_len(self) -> int:
@@ -61,9 +80,9 @@ class AsyncLLM:
             self.engine.add_request(request_id, prompt, params, stream=True, **request_options)
             self._streams[request_id] = (loop, outputs)
 
-        await asyncio.wrap_future(self._submit(add))
         finished = False
-        try:
+        try:  # a cancellation while the add is queued or running still aborts what it added
+            await asyncio.wrap_future(self._submit(add))
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
@@ -76,9 +95,23 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
-    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
-        """Run fn(engine) on the engine thread between steps; its result or exception comes back."""
-        return await asyncio.wrap_future(self.submit(fn))
+    async def call(self, fn: Callable[[LLMEngine], object],
+                   undo: Callable[[LLMEngine, object], object] | None = None) -> object:
+        """Run fn(engine) on the engine thread between steps; its result or exception comes back.
+        `undo(engine, result)` reverts what fn did when the caller is cancelled after fn ran (or while
+        it runs): a reservation or a lease nobody will use is given back at once."""
+        done = self.submit(fn)
+        if undo is None:
+            return await asyncio.wrap_future(done)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(done))
+        except asyncio.CancelledError:
+            def revert(f: Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.submit(lambda engine: undo(engine, f.result()))
+
+            done.add_done_callback(revert)
+            raise
 
     def submit(self, fn: Callable[[LLMEngine], object]) -> Future:
         """Thread-safe: fn(engine) runs on the engine thread before its next step."""
@@ -88,6 +121,18 @@ class AsyncLLM:
     def error(self) -> BaseException | None:
         """Why the step loop died, or None while it runs."""
         return self._error
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError if the step loop died, EngineStalledError if it has had work and not come
+        round for stall_timeout_s; returns otherwise (Ray Serve replaces a replica whose check raises)."""
+        if self._error is not None:
+            raise EngineDeadError(f"engine step loop failed: {self._error!r}")
+        if not self._thread.is_alive() and not self._stopped:
+            raise EngineDeadError("engine step loop exited")
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > self.stall_timeout_s and (self._streams or not self._commands.empty()):
+            raise EngineStalledError(f"engine step loop stalled: no turn for {stalled:.0f} s with work waiting "
+                                     f"(limit {self.stall_timeout_s:g} s)")
 
     def abort(self, request_id: str) -> None:
         """Takes effect before the engine's next step; returns at once."""
@@ -112,6 +157,8 @@ class AsyncLLM:
             return done
         self._commands.put((command, done))
         self._wakeup.set()
+        if self._error is not None:  # the loop died between the check and the put: nobody will drain it
+            self._fail_pending()
         return done
 
     def _drain_commands(self) -> None:
@@ -120,25 +167,29 @@ class AsyncLLM:
                 command, done = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if not done.set_running_or_notify_cancel():
+                continue  # its submitter gave up before it ran: nobody wants its effect
             try:
-                done.set_result(command())
+                result = command()
             except Exception as e:  # noqa: BLE001 - the submitter decides (ValueError -> HTTP 400)
                 done.set_exception(e)
+            else:
+                done.set_result(result)
 
     def _run(self) -> None:
-        while not self._stopped:
-            self._drain_commands()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait(self._idle_wait_s)
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
-                self._fail_all(e)
-                return
-            for out in outputs:
-                self._deliver(out)
+        try:
+            while not self._stopped:
+                self._heartbeat = time.monotonic()
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(self._idle_wait_s)
+                    self._wakeup.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it, and health too
+            logger.exception("engine step loop failed")
+            self._fail_all(e)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -153,18 +204,22 @@ class AsyncLLM:
             if self._streams.pop(out.request_id, None) is not None:
                 self.engine.abort_request(out.request_id)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: BaseException) -> None:
         self._error = error
         dead = EngineDeadError(f"engine step loop failed: {error!r}")
-        for loop, outputs in self._streams.values():
-            loop.call_soon_threadsafe(outputs.put_nowait, dead)
+        for loop, outputs in list(self._streams.values()):
+            with contextlib.suppress(RuntimeError):  # that consumer's event loop is closed
+                loop.call_soon_threadsafe(outputs.put_nowait, dead)
         self._streams.clear()
-        self._drain_commands_with(dead)
+        self._fail_pending()
 
-    def _drain_commands_with(self, error: Exception) -> None:
+    def _fail_pending(self) -> None:
+        """Fail every queued command (thread-safe: each future is settled once)."""
+        dead = EngineDeadError(f"engine step loop failed: {self._error!r}")
         while True:
             try:
                 _, done = self._commands.get_nowait()
             except queue.Empty:
                 return
-            done.set_exception(error)
+            if done.set_running_or_notify_cancel():
+                done.set_exception(dead)

@@ -39,6 +39,8 @@ def api_key() -> str | None:
 
 def local_cluster_env() -> dict[str, str]:
     """Defaults for a Ray cluster started on this machine by `ridgeline serve`, unless the user set them:
-    UCX (NIXL's transport) on loopback, Ray on 127.0.0.1."""
-    wanted = {"UCX_NET_DEVICES": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    UCX (NIXL's transport) on loopback, Ray on 127.0.0.1, and Serve's HTTP proxy behind the request body
+    and header limits of services/http_limits.py (Serve's documented proxy callback)."""
+    wanted = {"UCX_NET_DEVICES": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+              "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "services.http_limits:proxy_middlewares"}
     return {k: v for k, v in wanted.items() if k not in os.environ}

@@ -61,7 +61,7 @@ class Request:
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + seed_offset)
+            self.generator = torch.Generator().manual_seed((params.seed + seed_offset) % 2**64)
 
     def resume(self, output_token_ids: list[int], vocab_size: int) -> None:
         """Continue a request whose first outputs another worker produced: seeded draws stay in step."""

@@ -31,7 +31,7 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def filter_rows(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Each row's top-k / top-p / min-p (its SamplingParams) applied to tempered logits [R, V]."""
     V, device = logits.shape[-1], logits.device
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)
+    top_k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], device=device)  # any int fits
     top_p = torch.tensor([p.top_p for p in params], device=device)
     min_p = torch.tensor([p.min_p for p in params], device=device)
     return apply_filters(logits, top_k, top_p, min_p)

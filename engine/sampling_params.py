@@ -1,15 +1,24 @@
 """Per-request sampling parameters, validated at construction (OpenAI / vLLM semantics)."""
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's _SAMPLING_EPS)
+MIN_SAMPLING_TEMPERATURE = 1e-2  # lower ones overflow the tempered logits; raised to this (vLLM's _MAX_TEMP)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM's API takes it
+
+logger = logging.getLogger("ridgeline.sampling")
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature 0 is greedy. top_k <= 0 disables top-k; top_p 1.0 and min_p 0.0 disable theirs.
+    temperature 0 (or under 1e-5) is greedy; one in [1e-5, 1e-2) is raised to 1e-2, as vLLM does, since
+    smaller ones overflow the tempered logits. top_k <= 0 disables top-k (a top_k above the vocabulary keeps
+    it all); top_p 1.0 and min_p 0.0 disable theirs. seed is an int64.
     max_tokens None means "until the model's context is full". `stop` strings are not included in the
     returned text; `stop_token_ids` and EOS end the sequence (the token is kept in `token_ids`).
     `logprobs=k` returns the sampled token's log-probability and the top-k alternatives per position.
@@ -34,6 +43,12 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        elif self.temperature < MIN_SAMPLING_TEMPERATURE:
+            logger.warning("temperature %g is below %g, which overflows the tempered logits; using %g",
+                           self.temperature, MIN_SAMPLING_TEMPERATURE, MIN_SAMPLING_TEMPERATURE)
+            self.temperature = MIN_SAMPLING_TEMPERATURE
 
     def _validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -41,20 +56,24 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "an integer >= 1")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise bad("temperature", ">= 0 (0 means greedy)")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) \
+                or not 0.0 <= self.temperature < math.inf:  # also rejects NaN
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
+        if not isinstance(self.top_p, int | float) or math.isnan(self.top_p):
+            raise bad("top_p", "in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise bad("top_k", "-1 or 0 (disabled) or an integer >= 1")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not isinstance(self.min_p, int | float) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 or None")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise bad("seed", f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -1,5 +1,6 @@
 """Tokenizer from `tokenizer.json`, chat template from `tokenizer_config.json` rendered with jinja2."""
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -7,6 +8,9 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+# a longer text is tokenized without holding the GIL (seconds for megabytes: other threads must run)
+_GIL_FREE_ABOVE_CHARS = 16_384
 
 
 def _token_text(value) -> str | None:
@@ -42,7 +46,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters of text one token stands for: the longest vocabulary entry (a
+        byte-level or metaspace entry is never shorter than its text), times 4 where a normalizer may shrink
+        the text first. A text longer than max_model_len times this cannot fit the context."""
+        longest = max((len(entry) for entry in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return longest * (1 if self._tok.normalizer is None else 4)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _GIL_FREE_ABOVE_CHARS:  # encode_batch releases the GIL while it works; encode may not
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -13,8 +13,10 @@ SCRAPE_FAILURES = Counter("ridgeline_metrics_scrape_failures_total", "Worker met
                           "answer a frontend scrape in time", ["replica"])
 
 
-def _fetch(url: str, timeout_s: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - URLs from our own registry
+def _fetch(url: str, timeout_s: float, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as r:  # noqa: S310 - URLs from our own registry
         return r.read().decode()
 
 
@@ -48,10 +50,11 @@ def merge(texts: dict[str | None, str]) -> bytes:
     return generate_latest(registry)
 
 
-async def app_metrics(workers: dict[str, str], timeout_s: float = 2.0) -> bytes:
-    """workers: replica -> its metrics URL. The frontend's registry plus each worker's ridgeline_* families."""
+async def app_metrics(workers: dict[str, str], timeout_s: float = 2.0, token: str | None = None) -> bytes:
+    """workers: replica -> its metrics URL (token: the bearer token they require, the app's API key). The
+    frontend's registry plus each worker's ridgeline_* families."""
     replicas = list(workers)
-    results = await asyncio.gather(*(asyncio.to_thread(_fetch, workers[r], timeout_s) for r in replicas),
+    results = await asyncio.gather(*(asyncio.to_thread(_fetch, workers[r], timeout_s, token) for r in replicas),
                                    return_exceptions=True)
     texts: dict[str | None, str] = {}
     for replica, result in zip(replicas, results, strict=True):

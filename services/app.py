@@ -3,6 +3,7 @@ prefill pool. Each pool is a deployment with its own replicas or autoscaling, re
 requests reach replicas through the least-loaded router."""
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Literal
 
@@ -19,11 +20,14 @@ from engine.tokenizer import Tokenizer
 from observability import tracing
 from observability.aggregate import app_metrics
 from observability.metrics import POOL_PRICE, POOL_REPLICAS
+from services import ray_hardening
 from services.decode import DecodeWorker
 from services.draft import DraftWorker
 from services.frontend import build_frontend
 from services.pd_client import DisaggregatedClient
 from services.prefill import PrefillWorker
+
+ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
 
 
 class PoolConfig(BaseModel):
@@ -50,6 +54,9 @@ class PoolConfig(BaseModel):
                                "(H200, A100-80GB, ...); default cpu without GPUs, gpu with")
     price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per replica; default: "
                                          "control_plane/cost.py's default list rates for its GPUs and CPUs")
+    worker_cls: str | None = Field(default=None, description="module:Class of the replicas' worker, a subclass "
+                                   "of the pool's role (PrefillWorker, DecodeWorker) — like vLLM's --worker-cls, "
+                                   "for extensions and fault injection; default: the role's own class")
     weight_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="auto: the checkpoint's dtype")
     kv_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -151,6 +158,8 @@ class ServeConfig(BaseModel):
     frontend_num_cpus: float = Field(default=0.5, ge=0)
     max_migrations: int = Field(default=3, ge=0)
     fault_corrupt_pulls: int = Field(default=0, ge=0, description="tests only: corrupt the first N KV pulls")
+    expose_worker_addresses: bool = Field(default=False, description="/v1/pools shows each worker's pid, host, "
+                                          "node IP and metrics URL (hidden by default: API clients need none)")
     slo_classes: list[dict] = Field(
         default_factory=lambda: [dataclasses.asdict(c) for c in DEFAULT_SLO_TABLE.by_name.values()],
         description="SLO classes (control_plane/slo.py): name, priority, ttft_ms, tpot_ms, lowest_tier, preemptible")
@@ -269,9 +278,11 @@ class OpenAIIngress:
                 live = sorted((w for key, w in workers.items() if key.startswith(name + "/")),
                               key=lambda w: w.get("replica", ""))
                 out.append({**registered.get(name, described), "registered": name in registered,
-                            "workers": [{k: v for k, v in w.items() if k != "transport"} | {
+                            "workers": [{k: v for k, v in w.items() if k not in hidden} | {
                                 "transport": w.get("transport", {}).get("name")} for w in live]})
             return out
+
+        hidden = {"transport"} | (set() if self.config.expose_worker_addresses else _WORKER_ADDRESSES)
 
         model = self.config.model_name
         prices = self.config.prices()
@@ -282,9 +293,11 @@ class OpenAIIngress:
             for name, price in prices.items():
                 POOL_PRICE.labels(model, name).set(price)
                 POOL_REPLICAS.labels(model, name).set(sum(1 for w in workers if w.get("pool") == name))
-            return await app_metrics({w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")})
+            return await app_metrics({w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")},
+                                     token=api_key)
 
-        return build_frontend(self.client, model, api_key=self.config.api_key or envs.api_key(),
+        api_key = self.config.api_key or envs.api_key()
+        return build_frontend(self.client, model, api_key=api_key,
                               slo_table=self.config.slo_table(), max_inflight=self.config.max_inflight,
                               prices=prices, admission=AdmissionController() if self.config.admission else None,
                               pools=pools, app_metrics=metrics)
@@ -293,6 +306,9 @@ class OpenAIIngress:
         for part in getattr(self, "_membership", []):
             part.stop()
 
+
+# what a worker registers that only an operator needs (/v1/pools hides it unless expose_worker_addresses)
+_WORKER_ADDRESSES = {"pid", "host", "node_ip", "metrics_url"}
 
 _ROUTERS = {"kv_aware": "services.routing:KVAwareRequestRouter",
             "least_loaded": "services.routing:LeastLoadedRequestRouter"}
@@ -321,6 +337,20 @@ def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded", 
                             graceful_shutdown_timeout_s=5, **scale)
 
 
+def worker_class(pool: PoolConfig, role_class: type) -> type:
+    """The pool's worker_cls (module:Class, a subclass of role_class), or role_class itself."""
+    if pool.worker_cls is None:
+        return role_class
+    module, _, name = pool.worker_cls.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"worker_cls: cannot import {pool.worker_cls!r} ({e}); allowed module:Class") from None
+    if not (isinstance(cls, type) and issubclass(cls, role_class)):
+        raise ValueError(f"worker_cls: {pool.worker_cls!r} is not a subclass of {role_class.__name__}")
+    return cls
+
+
 def build_app(config: ServeConfig | dict) -> serve.Application:
     config = ServeConfig.model_validate(config) if isinstance(config, dict) else config
     pools = config.pools()
@@ -329,7 +359,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
     def worker_options(name: str) -> dict:
         pool = pools[name][0]
         return {"kv_tiers": config.kv_tiers(pool), "pool_name": name, "registry": registry,
-                "model_name": config.model_name}
+                "model_name": config.model_name, "metrics_token": config.api_key or envs.api_key()}
 
     decode_pool, _, decode_router = pools["decode"]
     decode_engine = decode_pool.engine_options()
@@ -344,13 +374,15 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
                                                                    resources=d.ray_resources)).bind(
             d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
         spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s, "pool": "draft"}
-    decode = _pool(DecodeWorker, "DecodeWorker", decode_pool, decode_router, config.env).bind(
+    decode = _pool(worker_class(decode_pool, DecodeWorker), "DecodeWorker", decode_pool, decode_router,
+                   config.env).bind(
         config.model, decode_engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
         fault_corrupt_pulls=config.fault_corrupt_pulls, spec=spec, **worker_options("decode"))
     prefill = None
     if "prefill" in pools:
         prefill_pool, _, prefill_router = pools["prefill"]
-        prefill = _pool(PrefillWorker, "PrefillWorker", prefill_pool, prefill_router, config.env).bind(
+        prefill = _pool(worker_class(prefill_pool, PrefillWorker), "PrefillWorker", prefill_pool, prefill_router,
+                        config.env).bind(
             config.model, prefill_pool.engine_options(), config.kv_transport, kv_lease_s=config.kv_lease_s,
             **worker_options("prefill"))
     # the frontend takes every request the proxy gets (its own max_inflight answers 503 beyond that), so its

@@ -92,8 +92,13 @@ class DecodeWorker(EngineWorker):
         """KV tokens now in this worker's blocks for the request: the handle's, or 0 to recompute. Blocks
         this worker already caches (a shared prefix, an earlier turn) are reused, not pulled."""
         request_id, handle = req.request_id, req.kv_handle
-        reserved = await self.llm.call(lambda e: e.reserve_kv(request_id, handle.num_tokens,
-                                                              req.prompt_token_ids, req.cache_salt))
+        try:  # cancelled meanwhile: the reservation is freed and the owner told to free its blocks
+            reserved = await self.llm.call(lambda e: e.reserve_kv(request_id, handle.num_tokens,
+                                                                  req.prompt_token_ids, req.cache_salt),
+                                           undo=lambda e, _: e.free_reserved(request_id))
+        except asyncio.CancelledError:
+            self.transport.release(handle)
+            raise
         if reserved is None:  # memory is short: the scheduler will make room and recompute
             self.transport.release(handle)
             self.counters["kv_recomputes"] += 1

@@ -24,6 +24,9 @@ from engine.drafter import Drafter
 from engine.outputs import ComputeUsage
 from engine.request import Request
 from observability.metrics import DRAFT_LATENCY
+from services import ray_hardening
+
+ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
 
 logger = logging.getLogger("ridgeline.draft")
 CHARGE_TTL_S = 60.0  # a charge no step picked up in this long belongs to a request that has finished

@@ -7,13 +7,16 @@ import socket
 import uuid
 
 from opentelemetry import trace
-from prometheus_client import start_http_server
 
-from engine.async_llm import AsyncLLM, EngineDeadError
+from engine.async_llm import AsyncLLM
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
+from observability.metrics_server import start_metrics_server
 from observability.worker_metrics import register_worker, unregister_worker
+from services import ray_hardening
 from services.transport import make_transport
+
+ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
 
 
 def replica_name() -> str:
@@ -49,11 +52,13 @@ class EngineWorker:
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
                  kv_tiers: dict | None = None, pool_name: str | None = None, registry: dict | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, metrics_token: str | None = None):
         """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
         keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
-        "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease."""
+        "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease.
+        metrics_token: the bearer token this replica's metrics endpoint requires (the app's API key)."""
+        self.metrics_token = metrics_token
         tracing.configure(f"ridgeline-{self.role}")  # records spans only when OTEL_* names an exporter
         self.name = replica_name()
         self.pool = pool_name or self.role
@@ -94,8 +99,8 @@ class EngineWorker:
         from services.kv_memory.tier_policy import TierPolicy
         from services.kv_memory.tiered_store import build_store
 
-        if tiers.get("ssd_dir"):  # one slab per replica: replicas never share a directory
-            tiers["ssd_dir"] = os.path.join(tiers["ssd_dir"], f"{self.role}-{self.name}")
+        if tiers.get("ssd_dir"):  # a slot per replica (ssd_dir/<pool>-<rank>), found again after a restart
+            tiers["ssd_claim"] = self.pool
         policy = TierPolicy({int(k): v for k, v in (tiers.pop("policy", None) or {}).items()})
         return build_store(pool[0].numel() * pool.element_size(), policy=policy, **tiers)
 
@@ -113,7 +118,7 @@ class EngineWorker:
                  "kv_blocks": engine.block_manager.num_blocks, "kv_dtype": str(engine.dtype),
                  "kv_fingerprint": engine.fingerprint, "max_model_len": engine.max_model_len}
         # this replica's metrics endpoint: the frontend's /metrics gathers it (observability/aggregate.py)
-        self.metrics_server, _ = start_http_server(0, addr=value["node_ip"])
+        self.metrics_server = start_metrics_server(value["node_ip"], self.metrics_token)
         value["metrics_url"] = f"http://{value['node_ip']}:{self.metrics_server.server_port}/metrics"
         app = registry.get("app") or _app_name()
         self.registration = Registration(connector(registry["url"]), keys.worker(app, self.pool, self.name), value,
@@ -223,8 +228,8 @@ class EngineWorker:
                 "block_size": self.engine.block_manager.block_size}
 
     def check_health(self) -> None:
-        if self.llm.error is not None:
-            raise EngineDeadError(f"engine step loop failed: {self.llm.error!r}")
+        """Ray Serve's health check: raises for a dead or stalled engine loop, so the replica is replaced."""
+        self.llm.check_health()
 
     def __del__(self):  # Ray Serve calls it when the replica shuts down; safe to call twice
         if getattr(self, "_metrics_token", None) is not None:

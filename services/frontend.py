@@ -2,8 +2,10 @@
 deployments drive the same app in the serving work).
 
 Every error a client can cause returns an OpenAI error body: 400 bad input, 401 missing or wrong API key,
-404 unknown model, 413 oversized body, 429 + Retry-After when the request's SLO class cannot meet its TTFT
-target (control_plane/admission.py), 503 + Retry-After when too many requests are in flight.
+404 unknown model, 408/413 a body too slow or too large (services/http_limits.py), 429 + Retry-After when the
+request's SLO class cannot meet its TTFT target (control_plane/admission.py), 503 + Retry-After when too many
+requests are in flight or no engine can serve. A server-side failure is a 500 or 503 whose body names the
+request id and nothing internal; the traceback goes to the log under that id (also the `x-request-id` header).
 A client that disconnects aborts its request. Usage carries `cost_usd` when every pool that served the
 request has a price (services/accounting.py).
 """
@@ -11,12 +13,15 @@ request has a price (services/accounting.py).
 import asyncio
 import hmac
 import json
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -28,14 +33,15 @@ from engine.outputs import RequestOutput
 from observability import tracing
 from observability.metrics import ADMISSION_REJECTED
 from services.accounting import RequestAccount
-from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from services.http_limits import MAX_BODY_BYTES, BodyLimit
+from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, now
 from services.request_metrics import RequestRecord, count_outcome, outcome_of
 from services.worker_protocol import WorkerLostError
 
+logger = logging.getLogger("ridgeline.frontend")
+
 # the engine (or every worker that could continue a request) is gone: the client may retry later
 UNAVAILABLE = (EngineDeadError, WorkerLostError)
-
-MAX_BODY_BYTES = 4 * 2**20
 
 
 class HTTPError(Exception):
@@ -50,11 +56,24 @@ class HTTPError(Exception):
         message = str(error)
         return cls(400, message, param=message.split(":")[0])
 
+    @classmethod
+    def unavailable(cls, http: Request, error: BaseException) -> "HTTPError":
+        """503 for a dead engine or lost workers: the cause goes to the log, not to the client."""
+        rid = http.state.request_id
+        logger.warning("request %s: no engine could serve it: %r", rid, error)
+        return cls(503, f"no engine could serve this request right now; retry later (request id {rid})",
+                   type_="server_error", code="service_unavailable", headers={"Retry-After": "5"})
+
+
+def internal_error_body(request_id: str) -> dict:
+    return error_body(f"internal server error (request id {request_id}); the server log has the cause",
+                      "server_error", code="internal_error")
+
 
 def _validation_message(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
     param = ".".join(str(p) for p in first["loc"])
-    return f"{param}: {first['msg']}", param
+    return f"{param}: {first['msg'].removeprefix('Value error, ')}", param
 
 
 async def _parse(request: Request, model_cls: type[BaseModel]) -> BaseModel:
@@ -65,11 +84,36 @@ async def _parse(request: Request, model_cls: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HTTPError(400, "request body: JSON nested too deeply") from None
+    if (where := _lone_surrogate(data)) is not None:
+        raise HTTPError(400, f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text",
+                        param=where)
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         message, param = _validation_message(e)
         raise HTTPError(400, message, param=param) from None
+
+
+def _lone_surrogate(data, path: str = "") -> str | None:
+    """The path of the first string (key or value) holding a lone surrogate, or None. Iterative: the depth
+    is already bounded by the JSON parser."""
+    stack = [(path, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{where}.{key}" if where else str(key), key))
+                stack.append((f"{where}.{key}" if where else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}", item) for i, item in enumerate(value))
+    return None
 
 
 def _token_text(tokenizer, token: int) -> str:
@@ -92,18 +136,29 @@ class Frontend:
         if model != self.model_name:
             raise HTTPError(404, f"model: {model!r} does not exist; this server serves {self.model_name!r}",
                             param="model", code="model_not_found")
-        if self.llm.num_unfinished() >= self.max_inflight:
-            raise HTTPError(503, "server busy: too many requests in flight", type_="server_error",
-                            headers={"Retry-After": "1"})
 
     def slo_class(self, http: Request, priority: int | None):
-        """The request's SLO class (control_plane/slo.py): header x-slo-class, else body priority."""
+        """The request's SLO class (control_plane/slo.py): header x-slo-class, else body priority. 503 when
+        the in-flight requests already fill what the class may use of max_inflight (SLOTable.inflight_limit)."""
         try:
             slo = self.slo_table.resolve(http.headers.get("x-slo-class"), priority)
-            http.state.slo_name = slo.name
-            return slo
         except ValueError as e:
             raise HTTPError(400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class") from None
+        http.state.slo_name = slo.name
+        limit = self.slo_table.inflight_limit(slo, self.max_inflight)
+        if self.llm.num_unfinished() >= limit:
+            raise HTTPError(503, f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
+                            "to", type_="server_error", code="server_busy", headers={"Retry-After": "1"})
+        return slo
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt, off the event loop (a 4 MB prompt takes seconds). A text longer than
+        the context could hold even in the tokenizer's longest tokens is refused before any work."""
+        limit = self.llm.max_model_len * self.llm.tokenizer.max_chars_per_token
+        if len(text) > limit:
+            raise HTTPError(400, f"prompt: {len(text)} characters cannot fit this model's context of "
+                            f"{self.llm.max_model_len} tokens (at most {limit} characters)", param="prompt")
+        return await asyncio.to_thread(self.llm.tokenizer.encode, text, add_special_tokens)
 
     def _admit(self, slo: SLOClass, prompt_ids: list[int]) -> Ticket | None:
         if self.admission is None:
@@ -132,7 +187,7 @@ class Frontend:
         response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
         if not prompt:
             raise HTTPError(400, "prompt: must not be empty", param="prompt")
-        prompt_ids = self.llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         ticket = self._admit(slo, prompt_ids)
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
         span = self._span(http, operation, request_id, params)
@@ -150,7 +205,7 @@ class Frontend:
             if isinstance(e, ValueError):
                 raise HTTPError.bad_request(e) from None
             if isinstance(e, UNAVAILABLE):
-                raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
+                raise HTTPError.unavailable(http, e) from None
             raise
         if ticket is not None:
             self.admission.first_token(ticket)
@@ -178,7 +233,11 @@ class Frontend:
                 except UNAVAILABLE as e:
                     record.finish(None, "error")
                     http.state.counted = True
-                    raise HTTPError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
+                    raise HTTPError.unavailable(http, e) from None
+                except Exception:
+                    record.finish(None, "error")
+                    http.state.counted = True
+                    raise
                 record.finish(out, outcome_of(out))
                 return out
             if await http.is_disconnected():
@@ -220,7 +279,8 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _guarded(events: AsyncIterator[str], record: RequestRecord | None = None) -> AsyncIterator[str]:
+async def _guarded(events: AsyncIterator[str], record: RequestRecord | None = None,
+                   request_id: str = "") -> AsyncIterator[str]:
     """A failure after the stream started becomes an error event and the stream ends; it never hangs.
     A stream that ends any other way than finishing (the client left) counts as aborted."""
     outcome = "aborted"
@@ -229,7 +289,14 @@ async def _guarded(events: AsyncIterator[str], record: RequestRecord | None = No
             yield event
     except UNAVAILABLE as e:
         outcome = "error"
-        yield _sse(error_body(str(e), "server_error", code="service_unavailable"))
+        logger.warning("request %s: stream ended, no engine could continue it: %r", request_id, e)
+        yield _sse(error_body(f"no engine could continue this request; retry later (request id {request_id})",
+                              "server_error", code="service_unavailable"))
+        yield _sse("[DONE]")
+    except Exception:
+        outcome = "error"
+        logger.exception("request %s: stream failed", request_id)
+        yield _sse(internal_error_body(request_id))
         yield _sse("[DONE]")
     finally:
         if record is not None:
@@ -296,19 +363,31 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
     rejects what would miss its class's TTFT target; `pools()` lists the pools for /v1/pools;
     `app_metrics()` renders /metrics for the whole app (default: this process's registry)."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit)  # outermost: nothing reads a body past the limit
     front = Frontend(llm, model_name, max_inflight, slo_table, PriceList(prices or {}), default_pool, admission)
     tokenizer = llm.tokenizer
 
+    def _count_unserved(request: Request, outcome: str) -> None:
+        if not getattr(request.state, "counted", False):  # ended before it was served
+            request.state.counted = True
+            count_outcome(model_name, getattr(request.state, "slo_name", "none"), outcome)
+
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
-        if not getattr(request.state, "counted", False):  # ended before it was served
-            outcome = "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid"
-            count_outcome(model_name, getattr(request.state, "slo_name", "none"), outcome)
+        _count_unserved(request, "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid")
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "unknown")
+        logger.error("request %s failed", rid, exc_info=exc)
+        _count_unserved(request, "error")
+        return JSONResponse(internal_error_body(rid), status_code=500, headers={"x-request-id": rid})
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         request.state.received, request.state.received_ns = time.perf_counter(), time.time_ns()
+        request.state.request_id = rid = uuid.uuid4().hex
         path, root = request.scope["path"], request.scope.get("root_path", "")
         if api_key is not None and path.removeprefix(root) != "/health":  # root: a mounted prefix
             header = request.headers.get("authorization", "")
@@ -316,11 +395,9 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             if not hmac.compare_digest(token.encode(), api_key.encode()):
                 return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer <key>)",
                                                "authentication_error", code="invalid_api_key"), status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"request body: {length} bytes, at most {MAX_BODY_BYTES}"),
-                                status_code=413)
-        return await call_next(request)
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        return response
 
     @app.get("/health")
     async def health():
@@ -350,7 +427,7 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
         except ValueError as e:
             raise HTTPError.bad_request(e) from None
         slo = front.slo_class(http, req.priority)
-        rid, created = new_id("cmpl"), now()
+        rid, created = f"cmpl-{http.state.request_id}", now()
         flight = await front.start(http, rid, req.prompt, params, req.cache_salt, slo)
         first, stream, account = flight.first, flight.stream, flight.account
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
@@ -377,7 +454,8 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 yield _sse({**base, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(_guarded(events(), flight.record), media_type="text/event-stream")
+        return StreamingResponse(_guarded(events(), flight.record, http.state.request_id),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
@@ -388,11 +466,13 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             params = req.sampling_params(default_max_tokens=None, logprobs=top if req.logprobs else None)
             if req.max_completion_tokens:
                 params.max_tokens = req.max_completion_tokens
-            prompt = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages])
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
         except ValueError as e:
             raise HTTPError.bad_request(e) from None
+        text = await asyncio.to_thread(_render_chat, tokenizer, messages)
+        prompt = await front.tokenize(text, add_special_tokens=False)  # the template wrote them
         slo = front.slo_class(http, req.priority)
-        rid, created = new_id("chatcmpl"), now()
+        rid, created = f"chatcmpl-{http.state.request_id}", now()
         flight = await front.start(http, rid, prompt, params, req.cache_salt, slo, operation="chat")
         first, stream, account = flight.first, flight.stream, flight.account
         base = {"id": rid, "created": created, "model": model_name}
@@ -423,9 +503,18 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 yield _sse({**chunk, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(_guarded(events(), flight.record), media_type="text/event-stream")
+        return StreamingResponse(_guarded(events(), flight.record, http.state.request_id),
+                                 media_type="text/event-stream")
 
     return app
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat prompt's text; a template that refuses the conversation is the client's 400."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except (ValueError, TemplateError) as e:
+        raise HTTPError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
 
 
 def _hold(params) -> int:

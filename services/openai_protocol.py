@@ -4,9 +4,9 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -31,7 +31,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     top_k: int = Field(default=0, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     ignore_eos: bool = False
@@ -61,6 +61,15 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self) -> "ChatMessage":
+        """Only an assistant turn may leave its content null (OpenAI: when it made tool calls)."""
+        if self.content is None:
+            if self.role != "assistant":
+                raise ValueError(f"content: required for a {self.role!r} message (null only for 'assistant')")
+            self.content = ""
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):

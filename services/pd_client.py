@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import ray.exceptions
 
+from engine.async_llm import EngineDeadError
 from engine.llm_engine import check_prompt_ids
 from engine.outputs import ComputeUsage, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -23,8 +24,14 @@ from services.worker_protocol import Delta, SequenceState, WorkerLostError, Work
 
 logger = logging.getLogger("ridgeline.frontend")
 
-# what a replica dying looks like to its caller
-WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# what a replica dying looks like to its caller; a replica whose engine loop died is as good as dead (Ray
+# raises the worker's EngineDeadError as an instance of it), and Serve replaces it
+WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, EngineDeadError)
+
+
+def _wrap_int64(seed: int) -> int:
+    """seed + i as an int64: the same generator state as the engine's (seed + i) mod 2**64."""
+    return (seed + 2**63) % 2**64 - 2**63
 
 
 def _unwrap(error: ValueError) -> ValueError:
@@ -62,7 +69,7 @@ class DisaggregatedClient:
         sequences = []
         for i in range(params.n):
             sub_params = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
+                params, n=1, seed=None if params.seed is None else _wrap_int64(params.seed + i))
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             sequences.append(self._sequence(WorkerRequest(sub_id, prompt_ids, sub_params, cache_salt=cache_salt,
                                                           priority=priority, preemptible=preemptible,

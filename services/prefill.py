@@ -2,12 +2,17 @@
 decode worker that will pull it (released by the puller's notification, reclaimed when the lease runs out)."""
 
 import dataclasses
+import logging
 import threading
+from concurrent.futures import TimeoutError as FutureTimeout
 
+from engine.async_llm import EngineDeadError
 from observability import tracing
 from services.engine_worker import EngineWorker
 from services.transport.leases import LeaseTable
 from services.worker_protocol import DeltaTracker, PrefillResult, WorkerRequest
+
+logger = logging.getLogger("ridgeline.prefill")
 
 
 class PrefillWorker(EngineWorker):
@@ -37,23 +42,30 @@ class PrefillWorker(EngineWorker):
 
     async def _prefill(self, req: WorkerRequest, span) -> PrefillResult:
         first_only = dataclasses.replace(req.params, max_tokens=1)
-        last = None
-        async for out in self.llm.generate(req.request_id, req.prompt_token_ids, first_only, hold_kv=True,
-                                           cache_salt=req.cache_salt, priority=req.priority,
-                                           preemptible=req.preemptible):
-            last = out
-        self.observe_queue_time(last.queued, req.slo_class, span)
-        span.set_attribute("ridgeline.cached_tokens", last.num_cached_tokens)
-        delta = DeltaTracker(0, self.name, self.pool).delta(last)
-        num_tokens = len(req.prompt_token_ids) + 1
-        wanted_one = req.params.max_tokens == 1 or num_tokens >= self.engine.max_model_len
-        if delta.finish_reason != "length" or wanted_one:  # finished for real: nothing to hand over
-            await self.llm.call(lambda e: e.release_kv(req.request_id))
-            return PrefillResult(delta, None)
-        delta.finish_reason = None  # only our max_tokens=1 stopped it
-        handle = await self.llm.call(lambda e: self._hand_out(e, req.request_id, len(req.prompt_token_ids)))
-        self.counters["kv_handles"] += 1
-        return PrefillResult(delta, handle)
+        last, handed_out = None, False
+        try:
+            async for out in self.llm.generate(req.request_id, req.prompt_token_ids, first_only, hold_kv=True,
+                                               cache_salt=req.cache_salt, priority=req.priority,
+                                               preemptible=req.preemptible):
+                last = out
+            self.observe_queue_time(last.queued, req.slo_class, span)
+            span.set_attribute("ridgeline.cached_tokens", last.num_cached_tokens)
+            delta = DeltaTracker(0, self.name, self.pool).delta(last)
+            num_tokens = len(req.prompt_token_ids) + 1
+            wanted_one = req.params.max_tokens == 1 or num_tokens >= self.engine.max_model_len
+            if delta.finish_reason != "length" or wanted_one:  # finished for real: nothing to hand over
+                return PrefillResult(delta, None)
+            delta.finish_reason = None  # only our max_tokens=1 stopped it
+            handle = await self.llm.call(lambda e: self._hand_out(e, req.request_id, len(req.prompt_token_ids)),
+                                         undo=self._take_back)
+            handed_out = True
+            self.counters["kv_handles"] += 1
+            return PrefillResult(delta, handle)
+        finally:
+            if not handed_out:  # finished, failed or cancelled (at any await): the held KV goes back; a
+                # command that runs even though this task was cancelled, and a no-op for a running request
+                # (the stream's abort frees that one)
+                self.llm.submit(lambda e: e.release_kv(req.request_id))
 
     def _hand_out(self, engine, request_id: str, num_tokens: int):
         """On the engine thread, in one command (each command is a hop that delays the first token): a
@@ -70,6 +82,13 @@ class PrefillWorker(EngineWorker):
             engine.release_kv(request_id)
         return handle
 
+    def _take_back(self, engine, handle) -> None:
+        """On the engine thread: a handle whose caller went away before it got it is freed now, not when
+        its lease runs out."""
+        if (lease := self.leases.end(handle.handle_id)) is not None:
+            engine.release_kv(lease.request_id)
+            self.counters["kv_leases_released"] += 1
+
     def _reap(self, engine) -> None:
         """On the engine thread: free blocks whose handle was released or whose lease ran out."""
         for handle_id in self.transport.take_released():
@@ -81,12 +100,24 @@ class PrefillWorker(EngineWorker):
             self.counters["kv_leases_reclaimed"] += 1
 
     def _reap_loop(self, period_s: float) -> None:
+        """Runs for the replica's life: a slow engine turn or a failed reap is logged and tried again; only
+        a dead engine ends it (and check_health then fails for the engine)."""
         while not self._stop.wait(period_s):
             done = self.llm.submit(self._reap)
             try:
-                done.result(timeout=10)
-            except Exception:  # noqa: BLE001 - a dead engine: nothing left to free
+                done.result(timeout=30)
+            except EngineDeadError:
                 return
+            except FutureTimeout:
+                done.cancel()  # still queued: the next turn submits a fresh one
+                logger.warning("lease reaper: the engine did not run it within 30 s; trying again")
+            except Exception:  # noqa: BLE001 - logged; the next period tries again
+                logger.exception("lease reaper: a reap failed")
+
+    def check_health(self) -> None:
+        super().check_health()
+        if not self._reaper.is_alive() and not self._stop.is_set():
+            raise RuntimeError("the KV lease reaper thread stopped: handed-out KV would never be freed")
 
     def snapshot(self) -> dict:
         return {**super().snapshot(), "held_leases": len(self.leases)}

@@ -1,11 +1,15 @@
 """`ridgeline serve`: start (or join) Ray, deploy the app, print how to reach it, run until interrupted."""
 
 import argparse
+import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 from engine import envs
+
+logger = logging.getLogger("ridgeline.serve")
 
 
 def add_parser(sub) -> None:
@@ -17,7 +21,12 @@ def add_parser(sub) -> None:
     p.add_argument("--aggregated", action="store_true", help="one pool does prefill and decode")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` ($RIDGELINE_API_KEY)")
+    p.add_argument("--api-key-file", default=None, help="require `Authorization: Bearer KEY`, KEY read from this "
+                   "file (or set $RIDGELINE_API_KEY)")
+    p.add_argument("--api-key", default=None, help="the key itself (visible to every user in `ps`: prefer "
+                   "--api-key-file or $RIDGELINE_API_KEY)")
+    p.add_argument("--expose-worker-addresses", action="store_true",
+                   help="/v1/pools shows workers' pids, hosts and addresses (operators' debugging)")
     p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "ray"])
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: memory budget)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -75,12 +84,32 @@ def config_from_args(args: argparse.Namespace):
                        mode="aggregated" if args.aggregated else "disaggregated",
                        prefill={**pool, "replicas": args.prefill, "price_per_hour": args.prefill_price},
                        decode={**pool, "replicas": args.decode, "price_per_hour": args.decode_price},
-                       kv_transport=args.kv_transport, api_key=args.api_key or envs.api_key(), router=args.router,
+                       kv_transport=args.kv_transport, api_key=api_key_of(args), router=args.router,
+                       expose_worker_addresses=args.expose_worker_addresses,
                        registry=args.registry, registry_ttl_s=args.registry_ttl,
                        spec="draft" if args.draft_model else (args.spec or "none"),
                        num_speculative_tokens=args.num_speculative_tokens,
                        draft={"model": args.draft_model, "replicas": args.draft_workers,
                               "num_cpus": args.draft_cpus, "wait_s": args.draft_wait} if args.draft_model else None)
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key-file, else --api-key (with a warning: it shows in `ps`), else $RIDGELINE_API_KEY."""
+    if args.api_key_file is not None and args.api_key is not None:
+        raise ValueError("api key: give --api-key-file or --api-key, not both")
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: cannot read {args.api_key_file} ({e.strerror})") from None
+        if not key:
+            raise ValueError(f"--api-key-file: {args.api_key_file} is empty")
+        return key
+    if args.api_key is not None:
+        logger.warning("--api-key shows the key to every user of this machine (ps, /proc); use --api-key-file "
+                       "or RIDGELINE_API_KEY")
+        return args.api_key
+    return envs.api_key()
 
 
 def banner(config, host: str, port: int) -> str:

@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU; it must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from engine.envs import local_cluster_env  # noqa: E402 - after TRITON_INTERPRET: engine imports triton
+
+# Ray on 127.0.0.1 only, NIXL over loopback, Serve's proxy behind the body limits: what `ridgeline serve` sets.
+# Before any test module imports ray: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import, and with it unset
+# binds every interface.
+os.environ.update(local_cluster_env())
+
 ON_GPU = torch.cuda.is_available()
 
 
@@ -56,8 +63,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_serve():
     """A local Ray cluster on 127.0.0.1 with Serve's HTTP proxy on a free port; yields the base URL."""
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL between worker processes over loopback
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Ray workers import test helper modules (actors defined in tests) from here
     helpers = str(Path(__file__).parent / "services")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (helpers, os.environ.get("PYTHONPATH")) if p)

@@ -24,4 +24,4 @@ def test_make_tiny_model_then_generate_prints_text(tmp_path):
 def test_generate_reports_bad_input_without_a_traceback(llama):
     gen = run("generate", "--model", llama, "--prompt", "hi", "--temperature", "-1")
     assert gen.returncode == 2
-    assert gen.stderr.strip() == "error: temperature: got -1.0, allowed >= 0 (0 means greedy)"
+    assert gen.stderr.strip() == "error: temperature: got -1.0, allowed a finite number >= 0 (0 means greedy)"

@@ -2,10 +2,16 @@
 
 Crash safety is by ordering: a block's bytes are written and synced before the index record naming them
 is appended and synced, and a slot's old entry is deleted (synced) before the slot is overwritten. Every
-index record carries its own CRC32 and the block's CRC32, so after a crash a torn record ends the replay
+index record carries its own CRC32 and the block's checksum, so after a crash a torn record ends the replay
 and a torn or damaged block is found on read, dropped, and never served.
+
+Content is bound to its key: the block checksum covers the block hash and the bytes, and each slot starts
+with a header naming the hash it holds. An index that points a hash at another block's slot (damaged,
+stale or rewritten with valid CRCs) fails the check on read, and the block is dropped and recomputed. The
+directory is created 0700 and locked by the tier that opens it: one process per directory.
 """
 
+import fcntl
 import json
 import os
 import struct
@@ -14,9 +20,34 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
-_RECORD = struct.Struct("<4sB16sII")  # magic, op, block hash, slot, block crc32; then the record's crc32
+_RECORD = struct.Struct("<4sB16sII")  # magic, op, block hash, slot, block checksum; then the record's crc32
 _MAGIC, _PUT, _DELETE = b"RLKV", 1, 2
 _RECORD_BYTES = _RECORD.size + 4
+_SLOT_HEADER = struct.Struct("<4s16sI8x")  # magic, the block hash the slot holds, its checksum
+_SLOT_MAGIC = b"RLKB"
+_FORMAT = 2  # 1: unbound CRC32 of the bytes, no slot headers
+
+
+class DirectoryInUse(ValueError):
+    """Another SsdTier (this process or another) holds the directory."""
+
+
+def block_checksum(block_hash: bytes, data) -> int:
+    """CRC32 of the block hash followed by the bytes: a block read under another key does not verify."""
+    return zlib.crc32(data, zlib.crc32(block_hash))
+
+
+def open_claimed(root: str | os.PathLike, prefix: str, capacity_blocks: int, block_bytes: int,
+                 sync: bool = True, max_slots: int = 4096) -> "SsdTier":
+    """The tier in the first of root/prefix-0, root/prefix-1, ... that no live tier holds: a replica that
+    restarts (the old process is gone, so is its lock) finds its own blocks again, and replicas of one pool
+    never share a directory."""
+    for rank in range(max_slots):
+        try:
+            return SsdTier(Path(root) / f"{prefix}-{rank}", capacity_blocks, block_bytes, sync)
+        except DirectoryInUse:
+            continue
+    raise ValueError(f"ssd directory: all {max_slots} slots {prefix}-N under {root} are in use")
 
 
 class SsdTier:
@@ -33,19 +64,23 @@ class SsdTier:
             raise ValueError(f"block_bytes: got {block_bytes}, allowed >= 1")
         self.dir = Path(directory)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".write-test"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise ValueError(f"ssd directory: {self.dir} is not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise DirectoryInUse(f"ssd directory: {self.dir} is held by another tier") from None
         self.capacity_blocks, self.block_bytes, self.sync = capacity_blocks, block_bytes, sync
+        self.slot_bytes = _SLOT_HEADER.size + block_bytes
         self._check_meta()
         self.corrupt_blocks = 0  # damaged blocks found on read (dropped, never served)
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # hash -> (slot, crc), LRU first
         self._slab = os.open(self.dir / "slab.bin", os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self._slab, capacity_blocks * block_bytes)
+        os.ftruncate(self._slab, capacity_blocks * self.slot_bytes)
         self._replay()
         self._log = open(self.dir / "index.log", "ab")  # noqa: SIM115 - held open for appends
         used = {slot for slot, _ in self._entries.values()}
@@ -53,7 +88,7 @@ class SsdTier:
 
     def _check_meta(self) -> None:
         meta_path = self.dir / "meta.json"
-        meta = {"capacity_blocks": self.capacity_blocks, "block_bytes": self.block_bytes, "format": 1}
+        meta = {"capacity_blocks": self.capacity_blocks, "block_bytes": self.block_bytes, "format": _FORMAT}
         if meta_path.exists():
             found = json.loads(meta_path.read_text())
             if found != meta:
@@ -136,10 +171,11 @@ class SsdTier:
                 self._append(_DELETE, evicted, slot, 0)  # durable before the slot is overwritten
                 self._free.append(slot)
             slot = self._free.pop()
-            os.pwrite(self._slab, data, slot * self.block_bytes)
+            crc = block_checksum(block_hash, data)
+            header = _SLOT_HEADER.pack(_SLOT_MAGIC, block_hash, crc)
+            os.pwritev(self._slab, [header, data], slot * self.slot_bytes)
             if self.sync:
                 os.fdatasync(self._slab)  # the bytes are on disk before the index names them
-            crc = zlib.crc32(data)
             self._append(_PUT, block_hash, slot, crc)
             self._entries[block_hash] = (slot, crc)
             if self._records > 4 * self.capacity_blocks + 64:
@@ -152,13 +188,19 @@ class SsdTier:
             if entry is None:
                 return None
             slot, crc = entry
-            data = os.pread(self._slab, self.block_bytes, slot * self.block_bytes)
-            if len(data) != self.block_bytes or zlib.crc32(data) != crc:
+            header, data = bytearray(_SLOT_HEADER.size), bytearray(self.block_bytes)
+            got = os.preadv(self._slab, [header, data], slot * self.slot_bytes)
+            if not self._verified(got, header, block_hash, data, crc):
                 self.corrupt_blocks += 1
                 self._drop(block_hash, slot)
                 return None
             self._entries.move_to_end(block_hash)
-            return data
+            return bytes(data)
+
+    def _verified(self, got: int, header, block_hash: bytes, data, crc: int) -> bool:
+        """The slot was read whole, names this hash, and its bytes match the key's checksum."""
+        return (got == self.slot_bytes and _SLOT_HEADER.unpack(header) == (_SLOT_MAGIC, block_hash, crc)
+                and block_checksum(block_hash, data) == crc)
 
     def read_into(self, block_hash: bytes, out) -> bool:
         """Read a block straight into `out` (a writable buffer of block_bytes, e.g. a pinned DRAM slot)
@@ -172,8 +214,9 @@ class SsdTier:
         view = memoryview(out).cast("B")
         if len(view) != self.block_bytes:
             raise ValueError(f"out: need {self.block_bytes} bytes, got {len(view)}")
-        got = os.preadv(self._slab, [view], slot * self.block_bytes)
-        good = got == self.block_bytes and zlib.crc32(view) == crc
+        header = bytearray(_SLOT_HEADER.size)
+        got = os.preadv(self._slab, [header, view], slot * self.slot_bytes)
+        good = self._verified(got, header, block_hash, view, crc)
         with self._lock:
             if self._entries.get(block_hash) != entry:
                 return False  # evicted and its slot reused while we read: a miss, not damage
@@ -200,3 +243,4 @@ class SsdTier:
         with self._lock:
             self._log.close()
             os.close(self._slab)
+            os.close(self._lock_fd)  # releases the directory

@@ -17,7 +17,7 @@ import torch
 
 from engine.kv_offload import KVStore
 from services.kv_memory.dram_tier import DramFull, DramTier
-from services.kv_memory.ssd_tier import SsdTier
+from services.kv_memory.ssd_tier import SsdTier, open_claimed
 from services.kv_memory.tier_policy import TierPolicy
 from services.transport.block_copy import copy_blocks
 
@@ -384,9 +384,13 @@ class TieredKVStore(KVStore):
 
 
 def build_store(block_bytes: int, dram_blocks: int, ssd_dir: str | None = None, ssd_blocks: int = 0,
-                policy: TierPolicy | None = None, **dram_options) -> TieredKVStore:
-    """The tiers below HBM: DRAM, and SSD when a directory is given."""
+                policy: TierPolicy | None = None, ssd_claim: str | None = None, **dram_options) -> TieredKVStore:
+    """The tiers below HBM: DRAM, and SSD when a directory is given (ssd_claim: the first free slot
+    ssd_dir/<ssd_claim>-N, so a restarted replica finds its blocks again; else ssd_dir itself)."""
     if ssd_dir is not None and ssd_blocks < 1:
         raise ValueError(f"kv_ssd_blocks: got {ssd_blocks}, allowed >= 1 with kv_ssd_dir")
-    ssd = SsdTier(ssd_dir, ssd_blocks, block_bytes) if ssd_dir is not None else None
+    ssd = None
+    if ssd_dir is not None:
+        ssd = open_claimed(ssd_dir, ssd_claim, ssd_blocks, block_bytes) if ssd_claim is not None \
+            else SsdTier(ssd_dir, ssd_blocks, block_bytes)
     return TieredKVStore(DramTier(dram_blocks, block_bytes, **dram_options), ssd, policy)

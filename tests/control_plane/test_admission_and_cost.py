@@ -31,9 +31,11 @@ def test_cold_server_admits_everything_and_measures_the_drain_rate():
     with pytest.raises(Overloaded) as e:
         ac.admit(STANDARD, 100)
     assert e.value.retry_after_s == 2 and e.value.predicted_s == pytest.approx(30_100 / 10_000)
-    assert ac.admit(INTERACTIVE, 100) is not None
-    assert ac.admit(BATCH, 100) is not None  # batch's target (60 s) still holds
-    assert ac.rejected == {"standard": 1}
+    assert ac.admit(INTERACTIVE, 100) is not None  # nothing of its class or above waits: the probe
+    # batch's own target (60 s) would hold, but it is shed while standard's queue is past half its target
+    with pytest.raises(Overloaded, match="shed while 'standard'"):
+        ac.admit(BATCH, 100)
+    assert ac.rejected == {"standard": 1, "batch": 1}
 
 
 def test_queue_ahead_counts_only_equal_or_higher_classes():
@@ -51,6 +53,68 @@ def test_queue_ahead_counts_only_equal_or_higher_classes():
     with pytest.raises(Overloaded):  # interactive's own queue (target 0.5 s) is what limits it
         for _ in range(3):
             ac.admit(INTERACTIVE, 100)
+
+
+def test_one_slow_request_does_not_wedge_admission():
+    """A request that waited through a worker restart (11 s for 100 tokens) makes the measured rate tiny;
+    refused requests measure nothing, so the estimate must expire by itself."""
+    clock = Clock()
+    ac = AdmissionController(window_s=10, min_busy_s=0.2, clock=clock)
+    slow = ac.admit(STANDARD, 100)
+    clock.t += 11.0
+    ac.first_token(slow)
+    assert ac.rate() == pytest.approx(100 / 11)
+    waiting = ac.admit(INTERACTIVE, 100)  # the probe: nothing ahead of it
+    with pytest.raises(Overloaded):
+        ac.admit(INTERACTIVE, 100)  # 200 tokens at 9 tokens/s: 22 s against 0.5 s
+    clock.t += 0.05
+    ac.first_token(waiting)
+    clock.t += 10.0  # the slow sample leaves the window: stale, so admitted and measured afresh
+    assert ac.rate() is None
+    tickets = [ac.admit(INTERACTIVE, 100) for _ in range(3)]
+    for t in tickets:
+        clock.t += 0.1
+        ac.first_token(t)
+    assert ac.rate() == pytest.approx(1000)
+
+
+def test_the_measured_capacity_floors_the_estimate():
+    clock = Clock()
+    ac = AdmissionController(window_s=10, min_busy_s=0.2, capacity_busy_s=2.0, capacity_floor=0.25, clock=clock)
+    tickets = [ac.admit(BATCH, 1000) for _ in range(30)]
+    for t in tickets:  # 1000 tokens every 0.1 s for 3 s: a capacity of 10 000 tokens/s
+        clock.t += 0.1
+        ac.first_token(t)
+    assert ac.rate() == pytest.approx(10_000)
+    clock.t += 20.0
+    stalled = ac.admit(STANDARD, 100)
+    clock.t += 30.0  # a stall: 30 s busy, nothing drained
+    assert ac.rate() == pytest.approx(0.25 * 10_000 * 0.5 ** (50 / 300))
+    ac.first_token(stalled)
+    ac.admit(INTERACTIVE, 100)
+    assert ac.admit(INTERACTIVE, 100) is not None  # at the floor, 200 tokens wait well under 0.5 s
+
+
+def test_shedding_goes_batch_then_standard_then_interactive():
+    clock = Clock()
+    ac = AdmissionController(window_s=10, min_busy_s=0.2, shed_at=0.5, clock=clock)
+    first = ac.admit(STANDARD, 1000)
+    clock.t += 1.0
+    ac.first_token(first)  # 1000 tokens/s
+    ac.admit(INTERACTIVE, 100)
+    ac.admit(INTERACTIVE, 200)  # 0.3 s of interactive work queued: more than half its 0.5 s target
+    with pytest.raises(Overloaded, match="shed while 'interactive'"):
+        ac.admit(BATCH, 10)
+    with pytest.raises(Overloaded, match="shed while 'interactive'"):
+        ac.admit(STANDARD, 10)
+    assert ac.admit(INTERACTIVE, 100) is not None  # 0.4 s: its own target still holds
+    assert ac.rejected == {"batch": 1, "standard": 1}
+
+
+def test_inflight_cap_reserves_room_for_higher_classes():
+    limits = {c.name: DEFAULT_SLO_TABLE.inflight_limit(c, 256) for c in (INTERACTIVE, STANDARD, BATCH)}
+    assert limits == {"interactive": 256, "standard": 192, "batch": 128}
+    assert DEFAULT_SLO_TABLE.inflight_limit(BATCH, 1) == 1
 
 
 def test_tickets_leave_the_queue_once_and_bad_arguments_are_named():

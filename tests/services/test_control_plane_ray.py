@@ -83,7 +83,8 @@ def test_pools_endpoint_and_the_dollars_of_a_run_add_up(deploy, llama):
         assert (pool["role"], pool["device"], pool["price_per_hour"]) == (name, "cpu", prices[name])
         assert pool["weight_dtype"] == "auto" and pool["kv_dtype"] == "auto" and pool["replicas"] == 1
         worker = pool["workers"][0]
-        assert worker["pool"] == name and worker["pid"] > 0 and worker["transport"] in ("nixl", "ray")
+        assert worker["pool"] == name and worker["transport"] in ("nixl", "ray")
+        assert not {"pid", "host", "node_ip", "metrics_url"} & set(worker)  # only with expose_worker_addresses
 
     busy = {d: next(iter(pool_stats("cost", d, 1).values()))["busy_seconds"] for d in ("PrefillWorker", "DecodeWorker")}
     answers = _complete(url, 8)
@@ -105,7 +106,7 @@ def test_pools_endpoint_and_the_dollars_of_a_run_add_up(deploy, llama):
 def test_etcd_registry_a_killed_worker_leaves_and_an_etcd_restart_does_not_stop_serving(deploy, llama, etcd):
     app = "etcdapp"
     url = deploy(app, **app_config(llama, mode="aggregated", decode={**POOL, "replicas": 2}, registry=etcd.url,
-                                   registry_ttl_s=2.0))
+                                   registry_ttl_s=2.0, expose_worker_addresses=True))  # the pid to kill
     workers_prefix = keys.workers(app)
     _wait(lambda: len(_etcd_keys(etcd.url, workers_prefix)) == 2, 30, "both workers in etcd")
     assert keys.pool(app, "decode") in _etcd_keys(etcd.url, keys.app(app))

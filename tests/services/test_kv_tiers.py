@@ -62,7 +62,7 @@ def test_torn_slab_write_is_detected_and_never_served(tmp_path):
     for i in range(3):
         tier.put(h(i), block(i).numpy().tobytes())
     tier.close()
-    os.truncate(tmp_path / "slab.bin", 2 * BLOCK + 100)  # the third block was torn mid-write
+    os.truncate(tmp_path / "slab.bin", 2 * tier.slot_bytes + 100)  # the third block was torn mid-write
     again = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
     assert again.get(h(2)) is None and again.corrupt_blocks == 1
     assert h(2) not in again and again.get(h(0)) == block(0).numpy().tobytes()
@@ -406,7 +406,7 @@ def test_ssd_promotion_reads_in_parallel_and_stops_at_a_damaged_block(tmp_path):
     for i in range(6):
         store.ssd.put(h(i), block(i).numpy().tobytes())
     fd = os.open(tmp_path / "slab.bin", os.O_RDWR)
-    os.pwrite(fd, b"\x00\x01", 3 * BLOCK + 17)  # block 3 (slot 3) damaged
+    os.pwrite(fd, b"\x00\x01", 3 * store.ssd.slot_bytes + 64)  # block 3 (slot 3) damaged
     os.close(fd)
     slots = store.acquire([h(i) for i in range(6)])
     assert len(slots) == 3 and [torch.equal(store.dram.pool[s], block(i)) for i, s in enumerate(slots)] == [True] * 3
@@ -509,3 +509,56 @@ def test_staging_files_of_dead_workers_are_swept(tmp_path):
     assert shm.sweep_dead_staging(str(tmp_path)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"ridgeline-stage-{os.getpid()}-abcd", "ridgeline-kv-memory-x"])
+
+
+def _rewrite_index(directory, records) -> None:
+    """Write index.log as a forger would: every record well-formed with a valid record CRC."""
+    import struct
+    import zlib
+
+    with open(directory / "index.log", "wb") as f:
+        for block_hash, slot, checksum in records:
+            body = struct.pack("<4sB16sII", b"RLKV", 1, block_hash, slot, checksum)
+            f.write(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def test_a_forged_index_that_swaps_slots_is_detected_not_served(tmp_path):
+    """Swapping two entries' slots (record CRCs valid, each block's own checksum moved with its slot) used
+    to serve block 2's bytes for block 1: 11 of 12 wrong under HTTP 200."""
+    from services.kv_memory.ssd_tier import block_checksum
+
+    tier = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    tier.put(h(1), block(1).numpy().tobytes())
+    tier.put(h(2), block(2).numpy().tobytes())
+    (slot1, crc1), (slot2, crc2) = tier._entries[h(1)], tier._entries[h(2)]
+    tier.close()
+    _rewrite_index(tmp_path, [(h(1), slot2, crc2), (h(2), slot1, crc1)])
+    forged = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    assert forged.get(h(1)) is None and forged.get(h(2)) is None and forged.corrupt_blocks == 2
+    forged.close()
+    # a forger who also recomputes each checksum over (hash, bytes) still meets the slots' own headers
+    data1, data2 = block(1).numpy().tobytes(), block(2).numpy().tobytes()
+    _rewrite_index(tmp_path, [(h(1), slot2, block_checksum(h(1), data2)), (h(2), slot1, block_checksum(h(2), data1))])
+    forged = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
+    out = torch.empty(BLOCK, dtype=torch.uint8)
+    assert not forged.read_into(h(1), out.numpy()) and forged.get(h(2)) is None and forged.corrupt_blocks == 2
+    forged.close()
+
+
+def test_one_tier_per_directory_and_a_restarted_replica_finds_its_slot(tmp_path):
+    from services.kv_memory.ssd_tier import DirectoryInUse
+    from services.kv_memory.tiered_store import build_store
+
+    first = build_store(BLOCK, 2, str(tmp_path), 8, ssd_claim="decode", pin=False)
+    second = build_store(BLOCK, 2, str(tmp_path), 8, ssd_claim="decode", pin=False)
+    assert (first.ssd.dir.name, second.ssd.dir.name) == ("decode-0", "decode-1")
+    with pytest.raises(DirectoryInUse):
+        SsdTier(first.ssd.dir, capacity_blocks=8, block_bytes=BLOCK)
+    first.ssd.put(h(5), block(5).numpy().tobytes())
+    first.close()  # the replica stops (a crash releases the lock too: it dies with the process)
+    restarted = build_store(BLOCK, 2, str(tmp_path), 8, ssd_claim="decode", pin=False)
+    assert restarted.ssd.dir.name == "decode-0"
+    assert restarted.ssd.get(h(5)) == block(5).numpy().tobytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode-0", "decode-1"]  # nothing piles up
+    restarted.close()
+    second.close()
