@@ -3,9 +3,10 @@ deployments drive the same app in the serving work).
 
 Every error a client can cause returns an OpenAI error body: 400 bad input, 401 missing or wrong API key,
 404 unknown model, 408/413 a body too slow or too large (services/http_limits.py), 429 + Retry-After when the
-request's SLO class cannot meet its TTFT target (control_plane/admission.py), 503 + Retry-After when too many
-requests are in flight or no engine can serve. A server-side failure is a 500 or 503 whose body names the
-request id and nothing internal; the traceback goes to the log under that id (also the `x-request-id` header).
+request's SLO class cannot meet its TTFT target (control_plane/admission.py) or the requests in flight fill
+what its class may use (SLOTable.inflight_limit), 503 + Retry-After when no engine can serve. A server-side
+failure is a 500 or 503 whose body names the request id and nothing internal; the traceback goes to the log
+under that id (also the `x-request-id` header).
 A client that disconnects aborts its request. Usage carries `cost_usd` when every pool that served the
 request has a price (services/accounting.py).
 """
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control_plane.admission import AdmissionController, Overloaded, Ticket
 from control_plane.cost import PriceList
@@ -131,6 +133,7 @@ class Frontend:
         self.prices = prices or PriceList({})
         self.default_pool = default_pool
         self.admission = admission
+        self.inflight = 0  # requests between their slot and their end (this frontend's own count: no await)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -145,11 +148,20 @@ class Frontend:
         except ValueError as e:
             raise HTTPError(400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class") from None
         http.state.slo_name = slo.name
-        limit = self.slo_table.inflight_limit(slo, self.max_inflight)
-        if self.llm.num_unfinished() >= limit:
-            raise HTTPError(503, f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
-                            "to", type_="server_error", code="server_busy", headers={"Retry-After": "1"})
         return slo
+
+    def _take_slot(self, slo: SLOClass) -> None:
+        """Count a request in flight, or refuse it (429: overload is the client's to retry) when the requests
+        in flight fill what its class may use of max_inflight (SLOTable.inflight_limit)."""
+        limit = self.slo_table.inflight_limit(slo, self.max_inflight)
+        if self.inflight >= limit:
+            raise HTTPError(429, f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
+                            "to; retry after 1 s", type_="rate_limit_error", code="server_busy",
+                            headers={"Retry-After": "1"})
+        self.inflight += 1
+
+    def _free_slot(self) -> None:
+        self.inflight -= 1
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text prompt, off the event loop (a 4 MB prompt takes seconds). A text longer than
@@ -187,11 +199,16 @@ class Frontend:
         response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
         if not prompt:
             raise HTTPError(400, "prompt: must not be empty", param="prompt")
-        prompt_ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        ticket = self._admit(slo, prompt_ids)
+        self._take_slot(slo)
+        try:
+            prompt_ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            ticket = self._admit(slo, prompt_ids)
+        except BaseException:
+            self._free_slot()
+            raise
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
         span = self._span(http, operation, request_id, params)
-        record = RequestRecord(self.model_name, slo, http.state.received, span)
+        record = RequestRecord(self.model_name, slo, http.state.received, span, on_finish=self._free_slot)
         stream = self.llm.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
                                    priority=slo.priority, preemptible=slo.preemptible, slo_class=slo.name,
                                    trace_context=tracing.inject(span))
@@ -376,6 +393,14 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
     async def _http_error(request: Request, exc: HTTPError):
         _count_unserved(request, "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid")
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _route_error(request: Request, exc: StarletteHTTPException):
+        """Unknown paths and methods answer in OpenAI's error shape too."""
+        _count_unserved(request, "invalid")
+        body = error_body(f"{request.method} {request.url.path}: {exc.detail}", code="not_found"
+                          if exc.status_code == 404 else None)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):

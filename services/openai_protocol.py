@@ -2,7 +2,7 @@
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,8 +40,23 @@ class SamplingFields(BaseModel):
     priority: int | None = None  # the SLO class by its priority (control_plane/slo.py); or header x-slo-class
     return_token_ids: bool = False  # vLLM's extension: prompt and completion token ids in the response
     user: str | None = None
+    # bounded as OpenAI and vLLM bound them; until the sampler applies them, anything but the neutral value
+    # is refused rather than ignored
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+
+    def _refuse_unapplied(self) -> None:
+        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+        for name, value in neutral.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"{name}: not supported yet (only {value:g}); it would be silently ignored")
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported yet; it would be silently ignored")
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+        self._refuse_unapplied()
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
             raise ValueError("stop: at most 4 sequences")

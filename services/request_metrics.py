@@ -4,6 +4,7 @@ request met its SLO class's targets; and the end of the request's trace span (ob
 with its GenAI usage attributes. Times run from the moment the frontend received the request."""
 
 import time
+from collections.abc import Callable
 
 from control_plane.slo import SLOClass
 from engine.outputs import RequestOutput
@@ -27,9 +28,12 @@ def count_outcome(model: str, slo_class: str, outcome: str) -> None:
 
 
 class RequestRecord:
-    def __init__(self, model: str, slo: SLOClass, received: float, span=None):
-        """received: time.perf_counter() when the frontend got the request; span: its trace span, ended here."""
+    def __init__(self, model: str, slo: SLOClass, received: float, span=None,
+                 on_finish: Callable[[], None] | None = None):
+        """received: time.perf_counter() when the frontend got the request; span: its trace span, ended here;
+        on_finish: called once when the request ends, however it ends."""
         self.model, self.slo, self.received, self.span = model, slo, received, span
+        self.on_finish = on_finish
         self.labels = (model, slo.name)
         self.first_token_at: float | None = None
         self.last_at = received
@@ -57,6 +61,8 @@ class RequestRecord:
         if self.done:
             return
         self.done = True
+        if self.on_finish is not None:
+            self.on_finish()
         REQUESTS_IN_FLIGHT.labels(self.model).dec()
         REQUESTS.labels(*self.labels, outcome).inc()
         if self.span is not None:

@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "ridgeline"
 K8S_VERSION = "1.30.0"
-CORE_KINDS = {"Service", "ConfigMap", "StatefulSet"}
+CORE_KINDS = {"Service", "ConfigMap", "StatefulSet", "NetworkPolicy"}
 
 VALUE_SETS = {
     "default": [],
@@ -69,6 +69,25 @@ def test_lint_and_render(helm, values):
     monitoring = {"ServiceMonitor", "PrometheusRule"} & set(kinds)
     assert monitoring == (set() if values == "no-monitoring" else {"ServiceMonitor", "PrometheusRule"})
     assert (kinds.count("ConfigMap") == 3) == (values != "no-monitoring")
+    assert kinds.count("NetworkPolicy") == 1
+
+
+def test_ray_pods_accept_only_each_other_and_the_api_port_and_the_proxy_has_limits(helm):
+    """Ray's ports run whatever reaches them: only the release's Ray pods may; the API port stays open."""
+    objects = docs(render(helm, "--set", "networkPolicy.apiFrom[0].namespaceSelector.matchLabels.team=ml").stdout)
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy")
+    ray_labels = policy["spec"]["podSelector"]["matchLabels"]
+    assert ray_labels["ridgeline.io/ray-pod"] == "true" and policy["spec"]["policyTypes"] == ["Ingress"]
+    peers, api = policy["spec"]["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": ray_labels}}]}
+    assert api["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert api["from"] == [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]
+    service = next(o for o in objects if o["kind"] == "RayService")
+    for group in [service["spec"]["rayClusterConfig"]["headGroupSpec"],
+                  *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "services.http_limits:proxy_middlewares"
+    assert "NetworkPolicy" not in [o["kind"] for o in docs(render(helm, "--set", "networkPolicy.enabled=false").stdout)]
 
 
 @pytest.mark.parametrize("values", sorted(VALUE_SETS))

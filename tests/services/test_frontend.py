@@ -158,7 +158,7 @@ def test_api_key_guards_everything_but_health(async_llm):
     assert missing.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_too_many_requests_in_flight_get_503_with_retry_after(llama):
+def test_too_many_requests_in_flight_get_429_with_retry_after(llama):
     llm = AsyncLLM.from_pretrained(llama, num_blocks=64)
     app = build_frontend(llm, MODEL, max_inflight=0)  # every request is one too many
 
@@ -170,7 +170,8 @@ def test_too_many_requests_in_flight_get_503_with_retry_after(llama):
         r = asyncio.run(main())
     finally:
         llm.shutdown()
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "server_busy"
 
 
 def test_failure_after_the_stream_started_becomes_an_error_event():

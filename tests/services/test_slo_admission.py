@@ -103,3 +103,40 @@ def test_cost_usd_in_usage_adds_up_to_engine_time_times_price(llama):
     assert 'ridgeline_cost_dollars_total{model="tiny-llama",pool="engine",slo_class="standard"}' in metrics
     assert 'ridgeline_compute_tokens_total{kind="prefill",model="tiny-llama",pool="engine",slo_class="standard"}' \
         in metrics
+
+
+def test_overload_by_class_sheds_batch_first_and_interactive_keeps_its_target(llama):
+    """A flood of batch requests fills what batch may use of the in-flight cap and is refused (429) from
+    there, leaving room in which every interactive and standard request is served, interactive within its
+    TTFT target. Before, the cap shed every class alike and batch was never refused by admission."""
+    table = SLOTable([SLOClass("interactive", 0, ttft_ms=1500, tpot_ms=200, preemptible=False),
+                      SLOClass("standard", 1, ttft_ms=10_000, tpot_ms=500),
+                      SLOClass("batch", 2, ttft_ms=60_000, tpot_ms=1000)])
+    llm = AsyncLLM.from_pretrained(llama, num_blocks=256, max_model_len=512, max_num_seqs=2,
+                                   scheduling_policy="priority")
+    app = build_frontend(llm, MODEL, slo_table=table, admission=AdmissionController(), max_inflight=16)
+
+    async def flood(url: str):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            batch = [asyncio.create_task(_ttft(client, "batch", [7 + i % 50] * 96, 64)) for i in range(30)]
+            await asyncio.sleep(0.3)  # the batch flood is in
+            others = []
+            for i in range(6):
+                others.append(asyncio.create_task(_ttft(client, "interactive", [300 + i] * 24, 4)))
+                others.append(asyncio.create_task(_ttft(client, "standard", [200 + i] * 24, 4)))
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*batch), await asyncio.gather(*others)
+
+    try:
+        with http_server(app) as url:
+            batch, others = asyncio.run(flood(url))
+        wait_idle(llm, 256, timeout=120)
+    finally:
+        llm.shutdown()
+    interactive, standard = others[0::2], others[1::2]
+    batch_status = [status for status, _, _ in batch]
+    assert set(batch_status) == {200, 429} and batch_status.count(200) <= 8  # half of 16 in flight
+    assert [status for status, _, _ in interactive] == [200] * 6
+    assert [status for status, _, _ in standard] == [200] * 6
+    ttfts = sorted(t for _, t, _ in interactive)
+    assert statistics.median(ttfts) < 1.5, ttfts  # its target held while batch was refused

@@ -131,6 +131,9 @@ applications:
 {{- define "ridgeline.env" -}}
 - name: HF_HUB_OFFLINE
   value: "1"
+# Serve's HTTP proxy behind Ridgeline's request body and header limits (services/http_limits.py)
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: services.http_limits:proxy_middlewares
 {{- range $k, $v := .Values.nixl.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
