@@ -15,12 +15,16 @@ is queued. That rate is measured, not configured: prompt tokens drained over the
   would not make anyone's first token come sooner), and its first token is a fresh measurement.
 
 Shedding keeps class order: a class is refused when its own prediction misses its target, and also while
-any higher class's queue would take more than `shed_at` of that class's target — so batch goes before
-standard, and standard before interactive. No torch, no Ray.
+any higher class is under pressure — its queue would take, or its requests of the last `observe_s` took
+(median time to first token), more than `shed_at` of its target — so batch goes before standard, and
+standard before interactive. The observed times catch what the prompt queue cannot show: a machine whose
+prefill competes with decode (one host, CPUs) gets slower for every class at once. A class's own observed
+median past its target refuses it too while anything of it waits. No torch, no Ray.
 """
 
 import itertools
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,15 +46,17 @@ class Ticket:
     slo: SLOClass
     prompt_tokens: int
     id: int = field(default=0)
+    admitted_at: float = 0.0
 
 
 class AdmissionController:
     def __init__(self, window_s: float = 10.0, min_busy_s: float = 0.2, capacity_floor: float = 0.25,
                  capacity_busy_s: float = 2.0, capacity_half_life_s: float = 300.0, shed_at: float = 0.5,
-                 clock=time.monotonic):
+                 observe_s: float = 5.0, clock=time.monotonic):
         """window_s: how far back the drain rate looks; min_busy_s: busy time needed before a rate counts;
         capacity_*: the floor (see the module doc); shed_at: the share of a higher class's target its queue
-        may take before lower classes are refused."""
+        or its observed first-token times may take before lower classes are refused; observe_s: how far
+        back those observations count."""
         if not 0 < min_busy_s <= window_s:
             raise ValueError(f"window_s, min_busy_s: got {window_s}, {min_busy_s}; allowed 0 < min_busy_s <= window_s")
         if not 0 <= capacity_floor <= 1 or not 0 < shed_at <= 1:
@@ -60,6 +66,11 @@ class AdmissionController:
         self.window_s, self.min_busy_s, self.clock = window_s, min_busy_s, clock
         self.capacity_floor, self.capacity_busy_s = capacity_floor, capacity_busy_s
         self.capacity_half_life_s, self.shed_at = capacity_half_life_s, shed_at
+        if observe_s <= 0:
+            raise ValueError(f"observe_s: got {observe_s}, allowed > 0")
+        self.observe_s = observe_s
+        self._observed: dict[str, deque[tuple[float, float]]] = {}  # class -> (when, time to first token)
+        self._classes: dict[str, SLOClass] = {}  # every class seen
         self._pending: dict[int, Ticket] = {}
         self._samples: deque[tuple[float, float, int]] = deque()  # (when, busy seconds before it, tokens)
         self._mark: float | None = None  # busy since then and not yet in a sample; None while idle
@@ -107,31 +118,51 @@ class AdmissionController:
         miss its target or is shed for a higher class."""
         if prompt_tokens < 1:
             raise ValueError(f"prompt_tokens: got {prompt_tokens}, allowed >= 1")
-        rate = self.rate()
-        if rate is not None:
-            self._check(slo, prompt_tokens, rate)
-        ticket = Ticket(slo, prompt_tokens, next(self._ids))
+        self._classes.setdefault(slo.name, slo)
+        self._check(slo, prompt_tokens, self.rate())
+        now = self.clock()
+        ticket = Ticket(slo, prompt_tokens, next(self._ids), admitted_at=now)
         if not self._pending:
-            self._mark = self.clock()
+            self._mark = now
         self._pending[ticket.id] = ticket
         return ticket
 
-    def _check(self, slo: SLOClass, prompt_tokens: int, rate: float) -> None:
+    def _check(self, slo: SLOClass, prompt_tokens: int, rate: float | None) -> None:
+        for cls in sorted(self._classes.values(), key=lambda c: c.priority):
+            if cls.priority >= slo.priority:
+                break
+            queued_s = self._wait_s(self._ahead(cls), rate) if rate is not None else 0.0
+            pressure_s = max(queued_s, self.observed_ttft_s(cls) or 0.0)
+            if pressure_s > self.shed_at * cls.ttft_ms / 1000:
+                self._reject(f"overloaded: class {slo.name!r} is shed while {cls.name!r} requests wait about "
+                             f"{pressure_s:.1f} s for a first token against a {cls.ttft_ms / 1000:g} s target",
+                             slo, pressure_s, pressure_s)
         ahead = self._ahead(slo)
         if ahead == 0:
             return  # the probe: nothing of its class or above waits, so refusing it helps nobody
-        predicted = self._wait_s(ahead + prompt_tokens, rate)
+        predicted = max(self._wait_s(ahead + prompt_tokens, rate) if rate is not None else 0.0,
+                        self.observed_ttft_s(slo) or 0.0)
         target_s = slo.ttft_ms / 1000
         if predicted > target_s:
             self._reject(f"overloaded: class {slo.name!r} would wait about {predicted:.1f} s for its first token, "
                          f"its target is {target_s:g} s", slo, predicted, predicted - target_s)
-        higher = {t.slo.name: t.slo for t in self._pending.values() if t.slo.priority < slo.priority}
-        for cls in sorted(higher.values(), key=lambda c: c.priority):
-            queued_s = self._wait_s(self._ahead(cls), rate)
-            if queued_s > self.shed_at * cls.ttft_ms / 1000:
-                self._reject(f"overloaded: class {slo.name!r} is shed while {cls.name!r} requests wait (about "
-                             f"{queued_s:.1f} s queued against a {cls.ttft_ms / 1000:g} s target)",
-                             slo, predicted, queued_s)
+
+    def most_overdue(self) -> Ticket | None:
+        """The waiting request furthest past its class's TTFT target (by its share of the target), if any is
+        past it: a late first token known before it comes."""
+        now = self.clock()
+        late = [t for t in self._pending.values() if now - t.admitted_at > t.slo.ttft_ms / 1000]
+        return max(late, key=lambda t: (now - t.admitted_at) / t.slo.ttft_ms, default=None)
+
+    def observed_ttft_s(self, slo: SLOClass) -> float | None:
+        """The median time from admission to first token of the class's requests of the last observe_s."""
+        samples = self._observed.get(slo.name)
+        if not samples:
+            return None
+        now = self.clock()
+        while samples and now - samples[0][0] > self.observe_s:
+            samples.popleft()
+        return statistics.median(t for _, t in samples) if samples else None
 
     def _reject(self, message: str, slo: SLOClass, predicted_s: float, retry_s: float) -> None:
         self.rejected[slo.name] = self.rejected.get(slo.name, 0) + 1
@@ -142,6 +173,8 @@ class AdmissionController:
         """The request got its first token: its prompt tokens drained. Idempotent."""
         if self._pending.pop(ticket.id, None) is not None:
             self._sample(ticket.prompt_tokens)
+            now = self.clock()
+            self._observed.setdefault(ticket.slo.name, deque()).append((now, now - ticket.admitted_at))
 
     def cancel(self, ticket: Ticket) -> None:
         """The request ended before its first token (error, disconnect). Idempotent."""

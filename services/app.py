@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from control_plane.admission import AdmissionController
+from control_plane.concurrency_limit import ConcurrencyLimit
 from control_plane.cost import default_price_per_hour
 from control_plane.registry import parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
@@ -182,7 +183,8 @@ class ServeConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="environment variables of every replica "
                                 "(e.g. OTEL_EXPORTER_OTLP_ENDPOINT to export traces)")
     admission: bool = Field(default=True, description="reject with 429 + Retry-After what would miss its SLO "
-                            "class's TTFT target (control_plane/admission.py)")
+                            "class's TTFT target (control_plane/admission.py), and find the in-flight cap under "
+                            "max_inflight from first-token times (control_plane/concurrency_limit.py)")
 
     @property
     def model_name(self) -> str:
@@ -300,6 +302,7 @@ class OpenAIIngress:
         return build_frontend(self.client, model, api_key=api_key,
                               slo_table=self.config.slo_table(), max_inflight=self.config.max_inflight,
                               prices=prices, admission=AdmissionController() if self.config.admission else None,
+                              concurrency=ConcurrencyLimit(self.config.max_inflight) if self.config.admission else None,
                               pools=pools, app_metrics=metrics)
 
     def __del__(self):

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control_plane.admission import AdmissionController, Overloaded, Ticket
+from control_plane.concurrency_limit import ConcurrencyLimit
 from control_plane.cost import PriceList
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.async_llm import AsyncLLM, EngineDeadError
@@ -125,7 +126,7 @@ def _token_text(tokenizer, token: int) -> str:
 class Frontend:
     def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int, slo_table: SLOTable = DEFAULT_SLO_TABLE,
                  prices: PriceList | None = None, default_pool: str = "engine",
-                 admission: AdmissionController | None = None):
+                 admission: AdmissionController | None = None, concurrency: ConcurrencyLimit | None = None):
         self.slo_table = slo_table
         self.llm = llm
         self.model_name = model_name
@@ -134,6 +135,7 @@ class Frontend:
         self.default_pool = default_pool
         self.admission = admission
         self.inflight = 0  # requests between their slot and their end (this frontend's own count: no await)
+        self.concurrency = concurrency  # the cap found under load (control_plane/concurrency_limit.py)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -150,15 +152,21 @@ class Frontend:
         http.state.slo_name = slo.name
         return slo
 
-    def _take_slot(self, slo: SLOClass) -> None:
+    def _take_slot(self, slo: SLOClass) -> tuple[float, int]:
         """Count a request in flight, or refuse it (429: overload is the client's to retry) when the requests
-        in flight fill what its class may use of max_inflight (SLOTable.inflight_limit)."""
-        limit = self.slo_table.inflight_limit(slo, self.max_inflight)
+        in flight fill what its class may use (SLOTable.inflight_limit) of the cap: the adaptive limit when
+        there is one, never above max_inflight. Returns (when, how many were in flight before it)."""
+        if self.concurrency is not None and self.admission is not None \
+                and (late := self.admission.most_overdue()) is not None:  # already late: no need to wait for it
+            self.concurrency.observe(time.monotonic() - late.admitted_at, late.slo.ttft_ms / 1000, late.admitted_at, 0)
+        cap = self.max_inflight if self.concurrency is None else min(self.max_inflight, self.concurrency.value)
+        limit = self.slo_table.inflight_limit(slo, cap)
         if self.inflight >= limit:
             raise HTTPError(429, f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
                             "to; retry after 1 s", type_="rate_limit_error", code="server_busy",
                             headers={"Retry-After": "1"})
         self.inflight += 1
+        return time.monotonic(), self.inflight - 1
 
     def _free_slot(self) -> None:
         self.inflight -= 1
@@ -199,7 +207,7 @@ class Frontend:
         response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
         if not prompt:
             raise HTTPError(400, "prompt: must not be empty", param="prompt")
-        self._take_slot(slo)
+        taken_at, inflight_before = self._take_slot(slo)
         try:
             prompt_ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
             ticket = self._admit(slo, prompt_ids)
@@ -226,6 +234,8 @@ class Frontend:
             raise
         if ticket is not None:
             self.admission.first_token(ticket)
+        if self.concurrency is not None:
+            self.concurrency.observe(time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before)
         account.update(first)
         record.output(first)
         return Flight(first, _observed(stream, account, record), account, record)
@@ -371,17 +381,19 @@ def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]
 def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256,
                    slo_table: SLOTable = DEFAULT_SLO_TABLE, prices: dict[str, float] | None = None,
                    default_pool: str = "engine", admission: AdmissionController | None = None,
+                   concurrency: ConcurrencyLimit | None = None,
                    pools: Callable[[], Awaitable[list[dict]]] | None = None,
                    app_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
     """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /v1/pools, /health, /metrics.
 
     `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient.
     `prices`: $/hour per replica by pool (outputs that name no pool are `default_pool`'s); `admission`
-    rejects what would miss its class's TTFT target; `pools()` lists the pools for /v1/pools;
+    rejects what would miss its class's TTFT target; `concurrency` adapts the in-flight cap under max_inflight; `pools()` lists the pools for /v1/pools;
     `app_metrics()` renders /metrics for the whole app (default: this process's registry)."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit)  # outermost: nothing reads a body past the limit
-    front = Frontend(llm, model_name, max_inflight, slo_table, PriceList(prices or {}), default_pool, admission)
+    front = Frontend(llm, model_name, max_inflight, slo_table, PriceList(prices or {}), default_pool, admission,
+                     concurrency)
     tokenizer = llm.tokenizer
 
     def _count_unserved(request: Request, outcome: str) -> None:

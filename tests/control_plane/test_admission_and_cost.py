@@ -111,6 +111,39 @@ def test_shedding_goes_batch_then_standard_then_interactive():
     assert ac.rejected == {"batch": 1, "standard": 1}
 
 
+def test_slow_first_tokens_of_a_higher_class_shed_the_lower_ones():
+    """On a machine where prefill competes with decode the prompt queue looks short while every first token
+    is late: what interactive requests took is the signal."""
+    clock = Clock()
+    ac = AdmissionController(window_s=10, min_busy_s=0.2, shed_at=0.5, observe_s=5, clock=clock)
+    for _ in range(3):
+        t = ac.admit(INTERACTIVE, 50)  # nothing ahead each time: the queue never builds
+        clock.t += 0.4  # but each first token takes 0.4 s: past half the 0.5 s target
+        ac.first_token(t)
+    assert ac.observed_ttft_s(INTERACTIVE) == pytest.approx(0.4)
+    for cls in (STANDARD, BATCH):
+        with pytest.raises(Overloaded, match="shed while 'interactive'"):
+            ac.admit(cls, 10)
+    fast = ac.admit(INTERACTIVE, 50)
+    clock.t += 0.05
+    ac.first_token(fast)
+    clock.t += 6.0  # the slow observations age out: lower classes come back
+    assert ac.observed_ttft_s(INTERACTIVE) is None or ac.observed_ttft_s(INTERACTIVE) < 0.25
+    assert ac.admit(BATCH, 10) is not None
+
+
+def test_the_most_overdue_waiting_request_is_known_before_its_first_token():
+    clock = Clock()
+    ac = AdmissionController(clock=clock)
+    batch, interactive = ac.admit(BATCH, 10), ac.admit(INTERACTIVE, 10)
+    clock.t += 0.4
+    assert ac.most_overdue() is None
+    clock.t += 0.2  # interactive is 0.6 s into a 0.5 s target; batch far from its 60 s
+    assert ac.most_overdue() is interactive
+    ac.first_token(interactive)
+    assert ac.most_overdue() is None and batch in ac._pending.values()
+
+
 def test_inflight_cap_reserves_room_for_higher_classes():
     limits = {c.name: DEFAULT_SLO_TABLE.inflight_limit(c, 256) for c in (INTERACTIVE, STANDARD, BATCH)}
     assert limits == {"interactive": 256, "standard": 192, "batch": 128}
