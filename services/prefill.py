@@ -19,12 +19,15 @@ class PrefillWorker(EngineWorker):
     role = "prefill"
 
     def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 kv_lease_s: float = 30.0, lease_poll_s: float = 0.02, **worker_options):
-        """worker_options: EngineWorker's (kv_tiers, pool_name, registry)."""
+                 kv_lease_s: float = 30.0, lease_poll_s: float = 0.02, reap_timeout_s: float = 30.0,
+                 **worker_options):
+        """worker_options: EngineWorker's (kv_tiers, pool_name, registry). reap_timeout_s: how long the lease
+        reaper waits for the engine thread to run a reap before it tries again."""
         super().__init__(model, engine_options, kv_transport, **worker_options)
         self.leases = LeaseTable(kv_lease_s)  # touched only on the engine thread
+        self.reap_timeouts = 0
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, args=(lease_poll_s,), daemon=True,
+        self._reaper = threading.Thread(target=self._reap_loop, args=(lease_poll_s, reap_timeout_s), daemon=True,
                                         name="ridgeline-lease-reaper")
         self._reaper.start()
 
@@ -99,18 +102,19 @@ class PrefillWorker(EngineWorker):
             engine.release_kv(lease.request_id)
             self.counters["kv_leases_reclaimed"] += 1
 
-    def _reap_loop(self, period_s: float) -> None:
+    def _reap_loop(self, period_s: float, timeout_s: float) -> None:
         """Runs for the replica's life: a slow engine turn or a failed reap is logged and tried again; only
         a dead engine ends it (and check_health then fails for the engine)."""
         while not self._stop.wait(period_s):
             done = self.llm.submit(self._reap)
             try:
-                done.result(timeout=30)
+                done.result(timeout=timeout_s)
             except EngineDeadError:
                 return
             except FutureTimeout:
                 done.cancel()  # still queued: the next turn submits a fresh one
-                logger.warning("lease reaper: the engine did not run it within 30 s; trying again")
+                self.reap_timeouts += 1
+                logger.warning("lease reaper: the engine did not run it within %g s; trying again", timeout_s)
             except Exception:  # noqa: BLE001 - logged; the next period tries again
                 logger.exception("lease reaper: a reap failed")
 

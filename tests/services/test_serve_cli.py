@@ -103,6 +103,22 @@ def test_banner_names_the_key_only_when_one_is_set(llama):
     assert '-H "Authorization: Bearer $RIDGELINE_API_KEY"' in banner(keyed, "127.0.0.1", 8000)
 
 
+def test_the_api_key_comes_from_a_file_or_the_environment_and_the_flag_warns(llama, tmp_path, monkeypatch, caplog):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert config_for_argv(["serve", "--model", llama, "--api-key-file", str(key_file)]).api_key == "s3cret"
+    monkeypatch.setenv("RIDGELINE_API_KEY", "from-env")
+    assert config_for_argv(["serve", "--model", llama]).api_key == "from-env"
+    with caplog.at_level("WARNING", logger="ridgeline.serve"):
+        assert config_for_argv(["serve", "--model", llama, "--api-key", "k"]).api_key == "k"
+    assert "ps" in caplog.text
+    key_file.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        config_for_argv(["serve", "--model", llama, "--api-key-file", str(key_file)])
+    with pytest.raises(ValueError, match="not both"):
+        config_for_argv(["serve", "--model", llama, "--api-key-file", str(key_file), "--api-key", "k"])
+
+
 def test_pool_autoscaling_config_reaches_the_deployment():
     scaled = _pool(DecodeWorker, "DecodeWorker", PoolConfig(
         autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}))
