@@ -438,6 +438,16 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
 
     @app.get("/health")
     async def health():
+        """200 while the engine serves; 503 when an in-process engine's loop died or stalled (the Ray pools'
+        replicas answer Serve's own health checks, which replace them)."""
+        check = getattr(llm, "check_health", None)
+        if check is not None:
+            try:
+                check()
+            except EngineDeadError as e:
+                logger.error("health check failed: %r", e)
+                return JSONResponse(error_body("the engine is not serving", "server_error",
+                                               code="engine_dead"), status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -302,3 +302,25 @@ def test_a_connection_trickling_its_headers_is_closed(tmp_path):
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_health_answers_503_once_the_in_process_engine_died(llama):
+    llm = AsyncLLM.from_pretrained(llama, num_blocks=32)
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    async def main():
+        transport = httpx.ASGITransport(app=build_frontend(llm, MODEL))
+        async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+            before = await client.get("/health")
+            llm.engine.step = broken_step
+            failed = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            return before, failed, await client.get("/health")
+
+    try:
+        before, failed, after = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert before.status_code == 200 and failed.status_code == 503 and after.status_code == 503
+    assert "device lost" not in failed.text + after.text
