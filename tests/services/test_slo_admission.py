@@ -107,8 +107,9 @@ def test_cost_usd_in_usage_adds_up_to_engine_time_times_price(llama):
 
 def test_overload_by_class_sheds_batch_first_and_interactive_keeps_its_target(llama):
     """A flood of batch requests fills what batch may use of the in-flight cap and is refused (429) from
-    there, leaving room in which every interactive and standard request is served, interactive within its
-    TTFT target. Before, the cap shed every class alike and batch was never refused by admission."""
+    there, leaving room in which every interactive request is served within its TTFT target, and standard
+    is shed no more than batch. Before, the cap shed every class alike and batch was never refused by
+    admission."""
     table = SLOTable([SLOClass("interactive", 0, ttft_ms=1500, tpot_ms=200, preemptible=False),
                       SLOClass("standard", 1, ttft_ms=10_000, tpot_ms=500),
                       SLOClass("batch", 2, ttft_ms=60_000, tpot_ms=1000)])
@@ -137,6 +138,8 @@ def test_overload_by_class_sheds_batch_first_and_interactive_keeps_its_target(ll
     batch_status = [status for status, _, _ in batch]
     assert set(batch_status) == {200, 429} and batch_status.count(200) <= 8  # half of 16 in flight
     assert [status for status, _, _ in interactive] == [200] * 6
-    assert [status for status, _, _ in standard] == [200] * 6
+    standard_status = [status for status, _, _ in standard]  # shed too when interactive runs late here
+    assert set(standard_status) <= {200, 429}
+    assert standard_status.count(429) / 6 <= batch_status.count(429) / 30  # but never before batch
     ttfts = sorted(t for _, t, _ in interactive)
     assert statistics.median(ttfts) < 1.5, ttfts  # its target held while batch was refused
