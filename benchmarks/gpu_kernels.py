@@ -22,7 +22,7 @@ from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.prefill_attention import prefill_attention
 
 HQ, HKV, D, BS = 32, 8, 128, 16
-SCALE = D ** -0.5
+SCALE = D**-0.5
 
 
 def bench(fn) -> float:
@@ -99,13 +99,23 @@ def decode_row(batch: int, ctx: int, copy_bw: float, sms: int, configs: list[dic
     sdpa_ms = bench(sdpa)
     flex_ms = flex_decode_time(q, k, v, batch, ctx) if with_flex else None
     gbps = kv_bytes / (t * 1e-3) / 1e9
-    return {"kernel": "decode_attention", "batch": batch, "context": ctx, "num_kv_splits": split_count(cfg),
-            "config": cfg,
-            "time_us": round(t * 1e3, 2), "default_config_time_us": round(t_default * 1e3, 2),
-            "kv_bytes": kv_bytes, "achieved_GBps": round(gbps, 1), "fraction_of_copy": round(gbps / copy_bw, 3),
-            "sdpa_time_us": round(sdpa_ms * 1e3, 2), "time_ratio_vs_sdpa": round(t / sdpa_ms, 3),
-            "sdpa_fraction_of_copy": round(kv_bytes / (sdpa_ms * 1e-3) / 1e9 / copy_bw, 3),
-            "flex_time_us": round(flex_ms * 1e3, 2) if flex_ms else None, "rel_err_vs_sdpa": round(err, 5)}
+    return {
+        "kernel": "decode_attention",
+        "batch": batch,
+        "context": ctx,
+        "num_kv_splits": split_count(cfg),
+        "config": cfg,
+        "time_us": round(t * 1e3, 2),
+        "default_config_time_us": round(t_default * 1e3, 2),
+        "kv_bytes": kv_bytes,
+        "achieved_GBps": round(gbps, 1),
+        "fraction_of_copy": round(gbps / copy_bw, 3),
+        "sdpa_time_us": round(sdpa_ms * 1e3, 2),
+        "time_ratio_vs_sdpa": round(t / sdpa_ms, 3),
+        "sdpa_fraction_of_copy": round(kv_bytes / (sdpa_ms * 1e-3) / 1e9 / copy_bw, 3),
+        "flex_time_us": round(flex_ms * 1e3, 2) if flex_ms else None,
+        "rel_err_vs_sdpa": round(err, 5),
+    }
 
 
 def prefill_row(n: int, matmul_rate: float, configs: list[dict]) -> dict:
@@ -130,11 +140,19 @@ def prefill_row(n: int, matmul_rate: float, configs: list[dict]) -> dict:
     sdpa_ms = bench(sdpa)
     flops = 4 * HQ * D * n * n / 2  # QK^T and PV, causal half
     tflops = flops / (t * 1e-3) / 1e12
-    return {"kernel": "prefill_attention", "tokens": n, "config": cfg, "time_us": round(t * 1e3, 1),
-            "default_config_time_us": round(t_default * 1e3, 1), "TFLOPs": round(tflops, 1),
-            "fraction_of_matmul": round(tflops / matmul_rate, 3), "sdpa_time_us": round(sdpa_ms * 1e3, 1),
-            "sdpa_TFLOPs": round(flops / (sdpa_ms * 1e-3) / 1e12, 1), "time_ratio_vs_sdpa": round(t / sdpa_ms, 3),
-            "rel_err_vs_sdpa": round(err, 5)}
+    return {
+        "kernel": "prefill_attention",
+        "tokens": n,
+        "config": cfg,
+        "time_us": round(t * 1e3, 1),
+        "default_config_time_us": round(t_default * 1e3, 1),
+        "TFLOPs": round(tflops, 1),
+        "fraction_of_matmul": round(tflops / matmul_rate, 3),
+        "sdpa_time_us": round(sdpa_ms * 1e3, 1),
+        "sdpa_TFLOPs": round(flops / (sdpa_ms * 1e-3) / 1e12, 1),
+        "time_ratio_vs_sdpa": round(t / sdpa_ms, 3),
+        "rel_err_vs_sdpa": round(err, 5),
+    }
 
 
 def run_rows(make_row, cases) -> list[dict]:
@@ -157,25 +175,51 @@ def main() -> None:
     copy_bw, mm = copy_bandwidth_GBps(), matmul_TFLOPs()
     print(f"copy {copy_bw:.0f} GB/s, matmul {mm:.0f} TFLOP/s", flush=True)
     sms = torch.cuda.get_device_properties().multi_processor_count
-    base = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
-            dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=32, num_warps=4, num_stages=3)]
-    decode_cfgs = [dict(base[0], waves=4)] + ([] if args.quick else [
-        dict(c, waves=w) for w in (2, 4, 8) for c in base if dict(c, waves=w) != dict(base[0], waves=4)])
-    prefill_cfgs = [dict(block_m=64, block_n=64, num_warps=4, num_stages=2)] + ([] if args.quick else [
-        dict(block_m=128, block_n=64, num_warps=8, num_stages=3), dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
-        dict(block_m=128, block_n=128, num_warps=8, num_stages=2), dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-        dict(block_m=128, block_n=32, num_warps=4, num_stages=4)])
+    base = [
+        dict(block_n=64, num_warps=4, num_stages=2),
+        dict(block_n=64, num_warps=4, num_stages=3),
+        dict(block_n=128, num_warps=4, num_stages=2),
+        dict(block_n=32, num_warps=4, num_stages=3),
+    ]
+    decode_cfgs = [dict(base[0], waves=4)] + (
+        []
+        if args.quick
+        else [dict(c, waves=w) for w in (2, 4, 8) for c in base if dict(c, waves=w) != dict(base[0], waves=4)]
+    )
+    prefill_cfgs = [dict(block_m=64, block_n=64, num_warps=4, num_stages=2)] + (
+        []
+        if args.quick
+        else [
+            dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+            dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
+            dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
+            dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+            dict(block_m=128, block_n=32, num_warps=4, num_stages=4),
+        ]
+    )
     # FlexAttention compiles per shape: try it on one row (it failed to compile on torch 2.11 here)
-    cases = [(b, c, copy_bw, sms, decode_cfgs, (b, c) == (16, 8192) and args.flex)
-             for b in (1, 16, 64, 256) for c in (256, 2048, 8192, 32768)]
+    cases = [
+        (b, c, copy_bw, sms, decode_cfgs, (b, c) == (16, 8192) and args.flex)
+        for b in (1, 16, 64, 256)
+        for c in (256, 2048, 8192, 32768)
+    ]
     rows = run_rows(decode_row, [case for case in cases if case[0] * case[1] * 2 * HKV * D * 2 <= 40e9])
     rows += run_rows(prefill_row, [(n, mm, prefill_cfgs) for n in (2048, 4096, 8192, 16384)])
     from pathlib import Path
 
-    path = write_result("gpu_kernels", {"copy_bandwidth_GBps": round(copy_bw, 1), "matmul_TFLOPs": round(mm, 1),
-                                        "dtype": "bfloat16", "block_size": BS, "torch": torch.__version__,
-                                        "triton": triton.__version__, "rows": rows},
-                        Path(args.out) if args.out else None)
+    path = write_result(
+        "gpu_kernels",
+        {
+            "copy_bandwidth_GBps": round(copy_bw, 1),
+            "matmul_TFLOPs": round(mm, 1),
+            "dtype": "bfloat16",
+            "block_size": BS,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "rows": rows,
+        },
+        Path(args.out) if args.out else None,
+    )
     print(f"wrote {path}")
 
 

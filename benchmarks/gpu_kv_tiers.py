@@ -59,11 +59,14 @@ def floors() -> dict:
     dev = torch.empty(n, dtype=torch.uint8, device="cuda")
     pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     pageable = torch.empty(n, dtype=torch.uint8)
-    return {"h2d_pinned_gbps": n / _timed(lambda: dev.copy_(pinned, non_blocking=True)) / 1e9,
-            "d2h_pinned_gbps": n / _timed(lambda: pinned.copy_(dev, non_blocking=True)) / 1e9,
-            "h2d_pageable_gbps": n / _timed(lambda: dev.copy_(pageable)) / 1e9,
-            "device_copy_gbps": copy_bandwidth_GBps(1.0), "matmul_tflops": matmul_TFLOPs(),
-            "copy_bytes": n}
+    return {
+        "h2d_pinned_gbps": n / _timed(lambda: dev.copy_(pinned, non_blocking=True)) / 1e9,
+        "d2h_pinned_gbps": n / _timed(lambda: pinned.copy_(dev, non_blocking=True)) / 1e9,
+        "h2d_pageable_gbps": n / _timed(lambda: dev.copy_(pageable)) / 1e9,
+        "device_copy_gbps": copy_bandwidth_GBps(1.0),
+        "matmul_tflops": matmul_TFLOPs(),
+        "copy_bytes": n,
+    }
 
 
 def _pattern(pool: torch.Tensor, start: int = 0) -> None:
@@ -103,8 +106,15 @@ def block_moves(ssd_dir: str) -> dict:
         dst = scattered[:n]
         s = _timed(lambda n=n, dst=dst: store.load(hashes[:n], hbm, dst))
         ok = torch.equal(hbm[dst], hbm[:n])
-        rows.append({"path": "dram_to_hbm", "blocks": n, "seconds": s, "gbps": n * BLOCK_BYTES / s / 1e9,
-                     "correct": ok})
+        rows.append(
+            {
+                "path": "dram_to_hbm",
+                "blocks": n,
+                "seconds": s,
+                "gbps": n * BLOCK_BYTES / s / 1e9,
+                "correct": ok,
+            }
+        )
     for n in SIZES:  # write-through: one batch per step, async on a side stream, committed when landed
         wt = TieredKVStore(DramTier(n, BLOCK_BYTES, pin=True))
         side = torch.cuda.Stream()
@@ -114,12 +124,25 @@ def block_moves(ssd_dir: str) -> dict:
         wt.flush()
         s = time.perf_counter() - t0
         ok = all(taken) and torch.equal(wt.dram.pool[wt.dram._slots[hashes[n - 1]]].cuda(), hbm[n - 1])
-        rows.append({"path": "hbm_to_dram_write_through", "blocks": n, "seconds": s,
-                     "gbps": n * BLOCK_BYTES / s / 1e9, "correct": ok})
+        rows.append(
+            {
+                "path": "hbm_to_dram_write_through",
+                "blocks": n,
+                "seconds": s,
+                "gbps": n * BLOCK_BYTES / s / 1e9,
+                "correct": ok,
+            }
+        )
         wt.close()
-    rows.append({"path": "hbm_to_dram_offload_at_eviction", "blocks": n_max, "seconds": offload_s,
-                 "gbps": n_max * BLOCK_BYTES / offload_s / 1e9, "correct": torch.equal(
-                     dram.pool[dram._slots[hashes[5]]].cuda(), hbm[5])})
+    rows.append(
+        {
+            "path": "hbm_to_dram_offload_at_eviction",
+            "blocks": n_max,
+            "seconds": offload_s,
+            "gbps": n_max * BLOCK_BYTES / offload_s / 1e9,
+            "correct": torch.equal(dram.pool[dram._slots[hashes[5]]].cuda(), hbm[5]),
+        }
+    )
 
     ctx = mp.get_context("spawn")
     ready, done = ctx.Event(), ctx.Event()
@@ -136,8 +159,15 @@ def block_moves(ssd_dir: str) -> dict:
             hbm[dst] = 0
             torch.cuda.synchronize()  # the side stream does not wait for the default one
             s = _timed(lambda n=n, dst=dst: copy_blocks(mapped, list(range(n)), hbm, dst, side))
-            rows.append({"path": "shm_other_process_to_hbm", "blocks": n, "seconds": s,
-                         "gbps": n * BLOCK_BYTES / s / 1e9, "correct": torch.equal(hbm[dst], hbm[:n])})
+            rows.append(
+                {
+                    "path": "shm_other_process_to_hbm",
+                    "blocks": n,
+                    "seconds": s,
+                    "gbps": n * BLOCK_BYTES / s / 1e9,
+                    "correct": torch.equal(hbm[dst], hbm[:n]),
+                }
+            )
         shm.unpin(mapped)  # the owner removes the file
         done.set()
         owner.join(60)
@@ -150,7 +180,9 @@ def block_moves(ssd_dir: str) -> dict:
     for i, h in enumerate(hashes):
         ssd.put(h, host[i].numpy())
     ssd_write_s = time.perf_counter() - t0
-    ssd_store = TieredKVStore(DramTier(256, BLOCK_BYTES, pin=True), ssd)  # smaller than the reads: SSD serves them
+    ssd_store = TieredKVStore(
+        DramTier(256, BLOCK_BYTES, pin=True), ssd
+    )  # smaller than the reads: SSD serves them
     for n in (16, 128, n_max):
         fd = os.open(os.path.join(ssd_dir, "bw", "slab.bin"), os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -164,8 +196,15 @@ def block_moves(ssd_dir: str) -> dict:
         got = ssd_store.load(hashes[:n], hbm, dst)
         torch.cuda.synchronize()
         s = time.perf_counter() - t0
-        rows.append({"path": "ssd_to_hbm", "blocks": n, "seconds": s, "gbps": n * BLOCK_BYTES / s / 1e9,
-                     "correct": got == n and torch.equal(hbm[dst], hbm[:n])})
+        rows.append(
+            {
+                "path": "ssd_to_hbm",
+                "blocks": n,
+                "seconds": s,
+                "gbps": n * BLOCK_BYTES / s / 1e9,
+                "correct": got == n and torch.equal(hbm[dst], hbm[:n]),
+            }
+        )
     plain = os.path.join(ssd_dir, "plain.bin")
     with open(plain, "wb") as f:
         t0 = time.perf_counter()
@@ -183,8 +222,13 @@ def block_moves(ssd_dir: str) -> dict:
     plain_parallel_s = _parallel_read(plain, n_max * BLOCK_BYTES)
     ssd_store.close()
     total = n_max * BLOCK_BYTES
-    return {"rows": rows, "ssd_put_gbps": total / ssd_write_s / 1e9, "plain_write_fsync_gbps": total / plain_write_s / 1e9,
-            "plain_read_gbps": total / plain_read_s / 1e9, "plain_read_8_threads_gbps": total / plain_parallel_s / 1e9}
+    return {
+        "rows": rows,
+        "ssd_put_gbps": total / ssd_write_s / 1e9,
+        "plain_write_fsync_gbps": total / plain_write_s / 1e9,
+        "plain_read_gbps": total / plain_read_s / 1e9,
+        "plain_read_8_threads_gbps": total / plain_parallel_s / 1e9,
+    }
 
 
 def _parallel_read(path: str, size: int, threads: int = 8) -> float:
@@ -197,14 +241,18 @@ def _parallel_read(path: str, size: int, threads: int = 8) -> float:
     offsets = range(0, size, BLOCK_BYTES)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda off: os.preadv(fd, [buf[off:off + BLOCK_BYTES]], off), offsets))
+        list(pool.map(lambda off: os.preadv(fd, [buf[off : off + BLOCK_BYTES]], off), offsets))
     seconds = time.perf_counter() - t0
     os.close(fd)
     return seconds
 
 
-def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
-         tiers: tuple[str, ...] = ("recompute", "dram", "ssd_forced", "ssd_auto")) -> list[dict]:
+def ttft(
+    model_dir: Path,
+    prompt_lens: list[int],
+    ssd_dir: str,
+    tiers: tuple[str, ...] = ("recompute", "dram", "ssd_forced", "ssd_auto"),
+) -> list[dict]:
     from engine import LLMEngine, SamplingParams
     from engine.block_hash import hash_extra, update_block_hashes
     from engine.request import Request
@@ -212,10 +260,18 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
     longest = max(prompt_lens)
     num_blocks = longest // 16 + 4
     if (num_blocks - 1) * 16 >= LLAMA3_8B["max_position_embeddings"]:
-        raise ValueError(f"prompt-lens: at most {LLAMA3_8B['max_position_embeddings'] - 80} (the filler must fit)")
-    engine = LLMEngine.from_pretrained(str(model_dir), load_format="dummy", dtype="bfloat16",
-                                       max_model_len=LLAMA3_8B["max_position_embeddings"], num_blocks=num_blocks,
-                                       max_num_batched_tokens=8192, max_num_seqs=8)
+        raise ValueError(
+            f"prompt-lens: at most {LLAMA3_8B['max_position_embeddings'] - 80} (the filler must fit)"
+        )
+    engine = LLMEngine.from_pretrained(
+        str(model_dir),
+        load_format="dummy",
+        dtype="bfloat16",
+        max_model_len=LLAMA3_8B["max_position_embeddings"],
+        num_blocks=num_blocks,
+        max_num_batched_tokens=8192,
+        max_num_seqs=8,
+    )
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     filler = [(11 * i) % 120000 + 5 for i in range((num_blocks - 1) * 16)]  # takes the whole pool
 
@@ -233,15 +289,27 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
             s0 = time.perf_counter()
             tokens0 = engine.stats.scheduled_tokens
             outs += engine.step()
-            steps.append((round((s0 - t0) * 1e3, 2), round((time.perf_counter() - s0) * 1e3, 2),
-                          engine.stats.scheduled_tokens - tokens0, engine.scheduler.num_loading))
+            steps.append(
+                (
+                    round((s0 - t0) * 1e3, 2),
+                    round((time.perf_counter() - s0) * 1e3, 2),
+                    engine.stats.scheduled_tokens - tokens0,
+                    engine.scheduler.num_loading,
+                )
+            )
         torch.cuda.synchronize()
-        return time.perf_counter() - t0, outs[-1].outputs[0].token_ids, engine.stats.prompt_tokens_computed - before
+        return (
+            time.perf_counter() - t0,
+            outs[-1].outputs[0].token_ids,
+            engine.stats.prompt_tokens_computed - before,
+        )
 
     block_bytes = engine.kv_pool[0].numel() * engine.kv_pool.element_size()
 
     def engine_hashes(prompt: list[int]) -> list[bytes]:
-        probe = Request("probe", prompt, one, hash_extra=hash_extra(engine.fingerprint, str(engine.dtype), None))
+        probe = Request(
+            "probe", prompt, one, hash_extra=hash_extra(engine.fingerprint, str(engine.dtype), None)
+        )
         update_block_hashes(probe, engine.block_manager.block_size)
         return probe.block_hashes
 
@@ -255,9 +323,15 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
             if tier == "dram":
                 store = TieredKVStore(DramTier(2 * num_blocks, block_bytes, pin=True))
             elif tier.startswith("ssd"):
-                store = TieredKVStore(DramTier(64, block_bytes, pin=True),  # the prompt's blocks end up on SSD
-                                      SsdTier(os.path.join(ssd_dir, f"ttft-{prompt_len}-{tier}"), 2 * num_blocks,
-                                              block_bytes, sync=False))
+                store = TieredKVStore(
+                    DramTier(64, block_bytes, pin=True),  # the prompt's blocks end up on SSD
+                    SsdTier(
+                        os.path.join(ssd_dir, f"ttft-{prompt_len}-{tier}"),
+                        2 * num_blocks,
+                        block_bytes,
+                        sync=False,
+                    ),
+                )
             if store is not None:
                 engine.attach_kv_store(store)
             times, loads, tokens, computed = [], [], None, None
@@ -275,25 +349,35 @@ def ttft(model_dir: Path, prompt_lens: list[int], ssd_dir: str,
                 loaded_before = store.stats["load_seconds"] if store is not None else 0.0
                 if store is not None:  # what the engine's choice sees
                     off = engine.offloader
-                    decision = {"prefill_tokens_per_s": off.prefill_tokens_per_s,
-                                "load_cost_first_blocks_s": store.load_costs(engine_hashes(prompt)[:2]),
-                                "tier_bandwidth": dict(store.bandwidth)}
+                    decision = {
+                        "prefill_tokens_per_s": off.prefill_tokens_per_s,
+                        "load_cost_first_blocks_s": store.load_costs(engine_hashes(prompt)[:2]),
+                        "tier_bandwidth": dict(store.bandwidth),
+                    }
                 s, tokens, computed = run(prompt)
                 if tier == "ssd_auto" and i == 0:
                     continue
                 times.append(s)
                 loads.append(store.stats["load_seconds"] - loaded_before if store is not None else 0.0)
             reference = reference or tokens
-            rows.append({"prompt_len": prompt_len, "tier": tier, "ttft_s": statistics.median(times),
-                         "ttft_all_s": times, "store_load_s": statistics.median(loads),
-                         "last_decision_inputs": decision if store is not None else None,
-                         "last_run_steps_ms_tokens_loading": [x for x in steps if x[2] or x[1] > 0.5][:20],
-                         "prompt_tokens_computed": computed,
-                         "same_first_token_as_recompute": tokens == reference,
-                         "blocks_computed_because_slower_to_load":
-                             engine.offloader.stats.skipped_slower_than_compute if store is not None else 0,
-                         "tier_bandwidth_bytes_per_s": dict(store.bandwidth) if store is not None else None,
-                         "kv_bytes": (prompt_len // 16) * block_bytes})
+            rows.append(
+                {
+                    "prompt_len": prompt_len,
+                    "tier": tier,
+                    "ttft_s": statistics.median(times),
+                    "ttft_all_s": times,
+                    "store_load_s": statistics.median(loads),
+                    "last_decision_inputs": decision if store is not None else None,
+                    "last_run_steps_ms_tokens_loading": [x for x in steps if x[2] or x[1] > 0.5][:20],
+                    "prompt_tokens_computed": computed,
+                    "same_first_token_as_recompute": tokens == reference,
+                    "blocks_computed_because_slower_to_load": engine.offloader.stats.skipped_slower_than_compute
+                    if store is not None
+                    else 0,
+                    "tier_bandwidth_bytes_per_s": dict(store.bandwidth) if store is not None else None,
+                    "kv_bytes": (prompt_len // 16) * block_bytes,
+                }
+            )
             if store is not None:
                 engine.detach_kv_store()
                 store.close()

@@ -73,7 +73,9 @@ def torch_copy_gbps(num_bytes: int, src: str, dst: str, repeats: int = 5) -> flo
     return num_bytes / statistics.median(times) / 1e9
 
 
-def bench_path(name: str, sizes: list[int], repeats: int, busy: bool, isolate: str | None = None) -> list[dict]:
+def bench_path(
+    name: str, sizes: list[int], repeats: int, busy: bool, isolate: str | None = None
+) -> list[dict]:
     """isolate: the physical GPU the owner alone sees (CUDA_VISIBLE_DEVICES), as Ray gives each replica its
     own; this process is then started seeing only the puller's GPU, and both use cuda:0."""
     from services.transport.checksum import block_checksums
@@ -91,14 +93,19 @@ def bench_path(name: str, sizes: list[int], repeats: int, busy: bool, isolate: s
     proc = ctx.Process(target=_owner, args=(there, n_max, owner_dev, busy), daemon=True)
     proc.start()
     if isolate is not None:
-        os.environ.pop("CUDA_VISIBLE_DEVICES") if saved is None else os.environ.update(CUDA_VISIBLE_DEVICES=saved)
+        os.environ.pop("CUDA_VISIBLE_DEVICES") if saved is None else os.environ.update(
+            CUDA_VISIBLE_DEVICES=saved
+        )
     puller = NixlTransport(busy_progress=busy, use_cuda_ipc=ipc)
     puller.register(_pool(n_max, puller_dev).zero_())
     expected = _pool(n_max, puller_dev)
     block_bytes = expected[0].numel() * 2
     # one process cannot see both GPUs when isolated: the floor comes from the run that can
-    floor = None if isolate is not None and owner_dev == puller_dev != "cpu" else \
-        torch_copy_gbps(n_max * block_bytes, owner_dev, puller_dev)
+    floor = (
+        None
+        if isolate is not None and owner_dev == puller_dev != "cpu"
+        else torch_copy_gbps(n_max * block_bytes, owner_dev, puller_dev)
+    )
     rows = []
     try:
         for n in sizes:
@@ -120,12 +127,22 @@ def bench_path(name: str, sizes: list[int], repeats: int, busy: bool, isolate: s
                 puller.release(handle)
             read, verify = statistics.median(reads[1:]), statistics.median(verifies[1:])
             num_bytes = n * block_bytes
-            rows.append({"path": name + (f" (owner sees only GPU {isolate})" if isolate is not None else ""),
-                         "busy_progress": busy, "taken": puller.path_for(handle.source), "blocks": n,
-                         "bytes": num_bytes, "read_s": read, "verify_s": verify, "read_gbps": num_bytes / read / 1e9,
-                         "torch_copy_gbps": floor,
-                         "fraction_of_torch_copy": num_bytes / read / 1e9 / floor if floor else None,
-                         "checksums_match": ok, "bytes_equal": torch.equal(puller.pool[dst], expected[ids])})
+            rows.append(
+                {
+                    "path": name + (f" (owner sees only GPU {isolate})" if isolate is not None else ""),
+                    "busy_progress": busy,
+                    "taken": puller.path_for(handle.source),
+                    "blocks": n,
+                    "bytes": num_bytes,
+                    "read_s": read,
+                    "verify_s": verify,
+                    "read_gbps": num_bytes / read / 1e9,
+                    "torch_copy_gbps": floor,
+                    "fraction_of_torch_copy": num_bytes / read / 1e9 / floor if floor else None,
+                    "checksums_match": ok,
+                    "bytes_equal": torch.equal(puller.pool[dst], expected[ids]),
+                }
+            )
             print({k: round(v, 5) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     finally:
         here.send(None)
@@ -139,10 +156,19 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 128, 1024])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
-    parser.add_argument("--busy-paths", nargs="*", default=["gpu->gpu cuda_ipc"], choices=list(PATHS),
-                        help="paths measured again with NIXL's spinning progress thread on both sides")
-    parser.add_argument("--isolate", default=None, help="the owner sees only this physical GPU (start this "
-                        "process with CUDA_VISIBLE_DEVICES set to the puller's)")
+    parser.add_argument(
+        "--busy-paths",
+        nargs="*",
+        default=["gpu->gpu cuda_ipc"],
+        choices=list(PATHS),
+        help="paths measured again with NIXL's spinning progress thread on both sides",
+    )
+    parser.add_argument(
+        "--isolate",
+        default=None,
+        help="the owner sees only this physical GPU (start this "
+        "process with CUDA_VISIBLE_DEVICES set to the puller's)",
+    )
     parser.add_argument("--name", default="kv_transfer_gpu")
     args = parser.parse_args()
     rows = []
@@ -152,15 +178,22 @@ def main() -> None:
         rows += bench_path(name, args.blocks, args.repeats, busy=True, isolate=args.isolate)
     out = Path(os.environ["OUT"]) if "OUT" in os.environ else None
     two = any(":" in PATHS[p][0] + PATHS[p][1] for p in args.paths)
-    path = write_result(args.name, {
-        "layout": list(LAYOUT), "dtype": "bfloat16", "gpus": torch.cuda.device_count(),
-        "processes": ("owner on GPU0, puller on GPU1" if two else "owner and puller on the same GPU")
-        + (f"; each process sees only its own GPU (owner: {args.isolate})" if args.isolate else ""),
-        "rows": rows, "note": "read = the transport's data movement into the puller's pool (CUDA IPC copies "
-        "or a NIXL READ); busy_progress = NIXL's own spinning progress thread instead of Ridgeline's 1 ms "
-        "poll; verify = per-block checksums of the pulled blocks; torch_copy_gbps = a torch copy "
-        "of the same bytes in one process between the same kinds of memory (host memory pinned)"},
-        out_dir=out)
+    path = write_result(
+        args.name,
+        {
+            "layout": list(LAYOUT),
+            "dtype": "bfloat16",
+            "gpus": torch.cuda.device_count(),
+            "processes": ("owner on GPU0, puller on GPU1" if two else "owner and puller on the same GPU")
+            + (f"; each process sees only its own GPU (owner: {args.isolate})" if args.isolate else ""),
+            "rows": rows,
+            "note": "read = the transport's data movement into the puller's pool (CUDA IPC copies "
+            "or a NIXL READ); busy_progress = NIXL's own spinning progress thread instead of Ridgeline's 1 ms "
+            "poll; verify = per-block checksums of the pulled blocks; torch_copy_gbps = a torch copy "
+            "of the same bytes in one process between the same kinds of memory (host memory pinned)",
+        },
+        out_dir=out,
+    )
     print(path)
 
 

@@ -112,12 +112,25 @@ def bench_backend(backend: str, sizes: list[int], shape: tuple, repeats: int) ->
                 handles.append(handle_s)
             read, verify, made = (statistics.median(x[1:]) for x in (reads, verifies, handles))
             num_bytes = handle.num_bytes
-            rows.append({"backend": backend, "blocks": n, "bytes": num_bytes, "handle_s": made,
-                         "read_s": read, "verify_s": verify, "pull_s": read + verify,
-                         "read_gbps": num_bytes / read / 1e9, "pull_gbps": num_bytes / (read + verify) / 1e9})
-            print(f"{backend:5s} {n:4d} blocks {num_bytes / 2**20:7.1f} MiB  read {read * 1e3:8.2f} ms "
-                  f"({rows[-1]['read_gbps']:6.2f} GB/s)  verify {verify * 1e3:7.2f} ms  "
-                  f"handle {made * 1e3:7.2f} ms", flush=True)
+            rows.append(
+                {
+                    "backend": backend,
+                    "blocks": n,
+                    "bytes": num_bytes,
+                    "handle_s": made,
+                    "read_s": read,
+                    "verify_s": verify,
+                    "pull_s": read + verify,
+                    "read_gbps": num_bytes / read / 1e9,
+                    "pull_gbps": num_bytes / (read + verify) / 1e9,
+                }
+            )
+            print(
+                f"{backend:5s} {n:4d} blocks {num_bytes / 2**20:7.1f} MiB  read {read * 1e3:8.2f} ms "
+                f"({rows[-1]['read_gbps']:6.2f} GB/s)  verify {verify * 1e3:7.2f} ms  "
+                f"handle {made * 1e3:7.2f} ms",
+                flush=True,
+            )
     finally:
         stop()
         puller.close()
@@ -139,20 +152,33 @@ def main() -> None:
         if backend == "ray":
             import ray
 
-            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                     object_store_memory=4 * 2**30)
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                object_store_memory=4 * 2**30,
+            )
         rows += bench_backend(backend, args.blocks, LAYOUT, args.repeats)
     for row in rows:
         row["read_vs_memcpy"] = (row["bytes"] / floor / 1e9) / row["read_s"]  # 1.0 = memcpy speed
         row["handoff_s"] = row["handle_s"] + row["pull_s"]  # owner's handle + read + verify
         row["handoff_gbps"] = row["bytes"] / row["handoff_s"] / 1e9
-    path = write_result("kv_handoff_cpu", {
-        "block_layout": list(LAYOUT), "block_dtype": "bfloat16", "block_bytes": block_bytes,
-        "memcpy_gbps": floor, "ucx_net_devices": os.environ.get("UCX_NET_DEVICES"), "rows": rows,
-        "note": "read = transfer into the puller's pool; verify = per-block checksums of the pulled blocks; "
-                "handle = owner side (checksums, and for ray the copy into the object store); "
-                "handoff = handle + read + verify, what a request waits for; "
-                "read_vs_memcpy = memcpy time of the same bytes / read time"})
+    path = write_result(
+        "kv_handoff_cpu",
+        {
+            "block_layout": list(LAYOUT),
+            "block_dtype": "bfloat16",
+            "block_bytes": block_bytes,
+            "memcpy_gbps": floor,
+            "ucx_net_devices": os.environ.get("UCX_NET_DEVICES"),
+            "rows": rows,
+            "note": "read = transfer into the puller's pool; verify = per-block checksums of the pulled blocks; "
+            "handle = owner side (checksums, and for ray the copy into the object store); "
+            "handoff = handle + read + verify, what a request waits for; "
+            "read_vs_memcpy = memcpy time of the same bytes / read time",
+        },
+    )
     print(path)
 
 

@@ -82,8 +82,13 @@ def bandwidth(num_blocks: int, ssd_dir: str) -> dict:
         ssd.put(h, d)
     ssd_write = time.perf_counter() - t0
     os.posix_fadvise(os.open(os.path.join(ssd_dir, "slab.bin"), os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
-    ssd_read = _timed(lambda: [pool[i].copy_(torch.frombuffer(bytearray(ssd.get(h)), dtype=torch.uint8))
-                               for i, h in enumerate(hashes)], repeats=1)
+    ssd_read = _timed(
+        lambda: [
+            pool[i].copy_(torch.frombuffer(bytearray(ssd.get(h)), dtype=torch.uint8))
+            for i, h in enumerate(hashes)
+        ],
+        repeats=1,
+    )
     path = os.path.join(ssd_dir, "plain.bin")
     with open(path, "wb") as f:  # the floor for the SSD: one large write + fsync, one large read
         t0 = time.perf_counter()
@@ -97,14 +102,25 @@ def bandwidth(num_blocks: int, ssd_dir: str) -> dict:
         plain_read = time.perf_counter() - t0
     ssd.close()
     gbps = lambda s: total / s / 1e9  # noqa: E731
-    return {"device": device, "blocks": num_blocks, "bytes": total,
-            "pool_to_host_copy_gbps": gbps(plain_down), "dram_put_gbps": gbps(down),
-            "write_through_gbps": gbps(write_through), "write_through_vs_copy": plain_down / write_through,
-            "dram_load_to_pool_gbps": gbps(up), "dram_load_vs_copy": plain_down / up,
-            "dram_put_vs_copy": plain_down / down, "ssd_put_gbps": gbps(ssd_write), "ssd_get_to_pool_gbps": gbps(ssd_read),
-            "plain_file_write_fsync_gbps": gbps(plain_write), "plain_file_read_gbps": gbps(plain_read),
-            "ssd_put_vs_plain_write": plain_write / ssd_write, "ssd_get_vs_plain_read": plain_read / ssd_read,
-            "note": "ssd reads may hit the page cache (fadvise DONTNEED is advisory)"}
+    return {
+        "device": device,
+        "blocks": num_blocks,
+        "bytes": total,
+        "pool_to_host_copy_gbps": gbps(plain_down),
+        "dram_put_gbps": gbps(down),
+        "write_through_gbps": gbps(write_through),
+        "write_through_vs_copy": plain_down / write_through,
+        "dram_load_to_pool_gbps": gbps(up),
+        "dram_load_vs_copy": plain_down / up,
+        "dram_put_vs_copy": plain_down / down,
+        "ssd_put_gbps": gbps(ssd_write),
+        "ssd_get_to_pool_gbps": gbps(ssd_read),
+        "plain_file_write_fsync_gbps": gbps(plain_write),
+        "plain_file_read_gbps": gbps(plain_read),
+        "ssd_put_vs_plain_write": plain_write / ssd_write,
+        "ssd_get_vs_plain_read": plain_read / ssd_read,
+        "note": "ssd reads may hit the page cache (fadvise DONTNEED is advisory)",
+    }
 
 
 def ttft(path: str, prompt_len: int, ssd_dir: str) -> dict:
@@ -118,9 +134,14 @@ def ttft(path: str, prompt_len: int, ssd_dir: str) -> dict:
         if tier != "recompute":
             llm0 = LLM(path, num_blocks=1)
             block_bytes = llm0.engine.kv_pool[0].numel() * llm0.engine.kv_pool.element_size()
-            dram = DramTier(4 * num_blocks if tier == "dram" else 8, block_bytes)  # "dram" holds prompt and filler
-            ssd = SsdTier(os.path.join(ssd_dir, f"ttft-{prompt_len}"), 4 * num_blocks, block_bytes) \
-                if tier == "ssd" else None
+            dram = DramTier(
+                4 * num_blocks if tier == "dram" else 8, block_bytes
+            )  # "dram" holds prompt and filler
+            ssd = (
+                SsdTier(os.path.join(ssd_dir, f"ttft-{prompt_len}"), 4 * num_blocks, block_bytes)
+                if tier == "ssd"
+                else None
+            )
             store = TieredKVStore(dram, ssd)
         llm = LLM(path, num_blocks=num_blocks, kv_store=store)
         times = []
@@ -159,21 +180,33 @@ def service_ttft(path: str, prompt_len: int) -> dict:
     try:
         worker = ray.remote(num_cpus=0)(_ServiceWorker)
         for path_name, use_shm in (("shm", True), ("nixl", False)):
-            tiers = {"dram_blocks": 8 * engine["num_blocks"], "service": True, "staging_blocks": 256, "use_shm": use_shm}
+            tiers = {
+                "dram_blocks": 8 * engine["num_blocks"],
+                "service": True,
+                "staging_blocks": 256,
+                "use_shm": use_shm,
+            }
             a, b = worker.remote(path, engine, tiers), worker.remote(path, engine, tiers)
             times, recompute, computed = [], [], None
             for i in range(3):
                 ray.get(b.run.remote(filler), timeout=600)  # b's pool holds the filler, not the prompt
-                ray.get(a.run.remote([(t + 1 + i) % 380 for t in prompt]), timeout=600)  # a fresh prompt each round
+                ray.get(
+                    a.run.remote([(t + 1 + i) % 380 for t in prompt]), timeout=600
+                )  # a fresh prompt each round
                 ray.get(a.run.remote(filler), timeout=600)  # a evicts it into the service
                 ray.get(a.flush.remote(), timeout=600)
                 s, computed = ray.get(b.run.remote([(t + 1 + i) % 380 for t in prompt]), timeout=600)
                 times.append(s)
-                recompute.append(ray.get(b.run.remote([(t + 150 + i) % 380 for t in prompt]), timeout=600)[0])  # never seen
-            out[path_name] = {"ttft_s": statistics.median(times), "prompt_tokens_computed": computed,
-                              "recompute_ttft_s": statistics.median(recompute),
-                              "vs_recompute": statistics.median(times) / statistics.median(recompute),
-                              "worker_b": ray.get(b.stats.remote())}
+                recompute.append(
+                    ray.get(b.run.remote([(t + 150 + i) % 380 for t in prompt]), timeout=600)[0]
+                )  # never seen
+            out[path_name] = {
+                "ttft_s": statistics.median(times),
+                "prompt_tokens_computed": computed,
+                "recompute_ttft_s": statistics.median(recompute),
+                "vs_recompute": statistics.median(times) / statistics.median(recompute),
+                "worker_b": ray.get(b.stats.remote()),
+            }
             for w in (a, b):
                 ray.get(w.close.remote(), timeout=60)
                 ray.kill(w)
@@ -229,9 +262,19 @@ def main() -> None:
         print(service, flush=True)
     out = os.environ.get("OUT")
     name = "kv_tiers_gpu" if torch.cuda.is_available() else "kv_tiers_cpu"
-    print(write_result(name, {"bandwidth": bw, "ttft_long_prefix": first, "ttft_from_node_service": service,
-                              "prompt_len": args.prompt_len, "model": "small (512 hidden, 6 layers)"},
-                       out_dir=__import__("pathlib").Path(out) if out else None))
+    print(
+        write_result(
+            name,
+            {
+                "bandwidth": bw,
+                "ttft_long_prefix": first,
+                "ttft_from_node_service": service,
+                "prompt_len": args.prompt_len,
+                "model": "small (512 hidden, 6 layers)",
+            },
+            out_dir=__import__("pathlib").Path(out) if out else None,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,15 @@ def git_commit() -> str:
     if override := envs.commit_override():
         return override
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, cwd=RESULTS.parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=RESULTS.parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=RESULTS.parent
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS.parent,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -43,8 +48,13 @@ def device_name() -> str:
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "commit": git_commit(), "device": device_name(),
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
+    record = {
+        "benchmark": name,
+        "commit": git_commit(),
+        "device": device_name(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **payload,
+    }
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -23,9 +23,13 @@ from control_plane.admission import AdmissionController
 from control_plane.slo import SLOClass, SLOTable
 
 MODEL = "tiny-llama"
-TABLE = SLOTable([SLOClass("interactive", 0, ttft_ms=500, tpot_ms=200, preemptible=False),
-                  SLOClass("standard", 1, ttft_ms=2000, tpot_ms=500),
-                  SLOClass("batch", 2, ttft_ms=1000, tpot_ms=1000)])
+TABLE = SLOTable(
+    [
+        SLOClass("interactive", 0, ttft_ms=500, tpot_ms=200, preemptible=False),
+        SLOClass("standard", 1, ttft_ms=2000, tpot_ms=500),
+        SLOClass("batch", 2, ttft_ms=1000, tpot_ms=1000),
+    ]
+)
 
 
 def arrivals(seed: int, duration_s: float, rates: dict[str, float]) -> list[tuple[float, str]]:
@@ -40,11 +44,14 @@ def arrivals(seed: int, duration_s: float, rates: dict[str, float]) -> list[tupl
     return sorted(out)
 
 
-async def one(client: httpx.AsyncClient, cls: str, header: str | None, prompt: list[int], max_tokens: int) -> dict:
+async def one(
+    client: httpx.AsyncClient, cls: str, header: str | None, prompt: list[int], max_tokens: int
+) -> dict:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
-    async with client.stream("POST", "/v1/completions", json=body,
-                             headers={"x-slo-class": header} if header else {}) as r:
+    async with client.stream(
+        "POST", "/v1/completions", json=body, headers={"x-slo-class": header} if header else {}
+    ) as r:
         if r.status_code != 200:
             await r.aread()
             return {"class": cls, "status": r.status_code, "ttft_s": None}
@@ -62,7 +69,9 @@ async def drive(url: str, schedule: list[tuple[float, str]], with_classes: bool,
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
             prompt_len, max_tokens = lengths[cls]
             prompt = [(37 * i + t) % 300 + 5 for t in range(prompt_len)]
-            tasks.append(asyncio.create_task(one(client, cls, cls if with_classes else None, prompt, max_tokens)))
+            tasks.append(
+                asyncio.create_task(one(client, cls, cls if with_classes else None, prompt, max_tokens))
+            )
         return await asyncio.gather(*tasks)
 
 
@@ -74,21 +83,38 @@ def summarize(results: list[dict], duration_s: float) -> dict:
         target = TABLE.by_name[cls].ttft_ms / 1000
         met = sum(1 for t in ok if t <= target)
         q = statistics.quantiles(ok, n=100) if len(ok) >= 2 else ok * 99
-        out[cls] = {"sent": len(rs), "completed": len(ok), "rejected_429": sum(r["status"] == 429 for r in rs),
-                    "ttft_target_s": target, "ttft_p50_s": q[49] if ok else None, "ttft_p90_s": q[89] if ok else None,
-                    "ttft_p99_s": q[98] if ok else None, "met_target": met, "met_target_share": met / len(rs),
-                    "goodput_rps": met / duration_s}
+        out[cls] = {
+            "sent": len(rs),
+            "completed": len(ok),
+            "rejected_429": sum(r["status"] == 429 for r in rs),
+            "ttft_target_s": target,
+            "ttft_p50_s": q[49] if ok else None,
+            "ttft_p90_s": q[89] if ok else None,
+            "ttft_p99_s": q[98] if ok else None,
+            "met_target": met,
+            "met_target_share": met / len(rs),
+            "goodput_rps": met / duration_s,
+        }
     return out
 
 
-def run_config(model: str, schedule, duration_s: float, with_classes: bool, lengths: dict, max_num_seqs: int) -> dict:
+def run_config(
+    model: str, schedule, duration_s: float, with_classes: bool, lengths: dict, max_num_seqs: int
+) -> dict:
     from engine.async_llm import AsyncLLM
     from services.frontend import build_frontend
     from services.local_http import serve_in_thread
 
-    llm = AsyncLLM.from_pretrained(model, num_blocks=512, max_model_len=512, max_num_seqs=max_num_seqs,
-                                   scheduling_policy="priority" if with_classes else "fcfs")
-    app = build_frontend(llm, MODEL, slo_table=TABLE, admission=AdmissionController() if with_classes else None)
+    llm = AsyncLLM.from_pretrained(
+        model,
+        num_blocks=512,
+        max_model_len=512,
+        max_num_seqs=max_num_seqs,
+        scheduling_policy="priority" if with_classes else "fcfs",
+    )
+    app = build_frontend(
+        llm, MODEL, slo_table=TABLE, admission=AdmissionController() if with_classes else None
+    )
     try:
         with serve_in_thread(app) as url:
             start = time.perf_counter()
@@ -96,8 +122,11 @@ def run_config(model: str, schedule, duration_s: float, with_classes: bool, leng
             wall = time.perf_counter() - start
     finally:
         llm.shutdown()
-    return {"wall_s": wall, "preemptions": llm.engine.scheduler.num_preemptions,
-            "by_class": summarize(results, duration_s)}
+    return {
+        "wall_s": wall,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+        "by_class": summarize(results, duration_s),
+    }
 
 
 def main() -> None:
@@ -114,19 +143,31 @@ def main() -> None:
 
         args.model = str(cached_tiny_model())
     lengths = {"interactive": (32, 16), "batch": (96, 160)}
-    schedule = arrivals(args.seed, args.duration, {"batch": args.batch_rate, "interactive": args.interactive_rate})
-    configs = {name: run_config(args.model, schedule, args.duration, with_classes, lengths, args.max_num_seqs)
-               for name, with_classes in (("no_classes", False), ("slo_classes", True))}
+    schedule = arrivals(
+        args.seed, args.duration, {"batch": args.batch_rate, "interactive": args.interactive_rate}
+    )
+    configs = {
+        name: run_config(args.model, schedule, args.duration, with_classes, lengths, args.max_num_seqs)
+        for name, with_classes in (("no_classes", False), ("slo_classes", True))
+    }
     for name, c in configs.items():
         for cls, s in c["by_class"].items():
-            print(f"{name:12s} {cls:12s} sent {s['sent']:3d} done {s['completed']:3d} 429 {s['rejected_429']:3d} "
-                  f"TTFT p50 {s['ttft_p50_s'] or 0:.3f} s p99 {s['ttft_p99_s'] or 0:.3f} s "
-                  f"met {s['met_target_share']:.0%} goodput {s['goodput_rps']:.2f}/s")
-    path = write_result("slo_overload_cpu", {
-        "what": "interactive + long batch requests, Poisson, over HTTP on 127.0.0.1 (in-process engine, tiny "
-                "model); the same arrivals with and without SLO classes (priority + preemption + admission)",
-        "args": vars(args), "lengths": lengths, "slo_classes": {n: c.__dict__ for n, c in TABLE.by_name.items()},
-        "configs": configs})
+            print(
+                f"{name:12s} {cls:12s} sent {s['sent']:3d} done {s['completed']:3d} 429 {s['rejected_429']:3d} "
+                f"TTFT p50 {s['ttft_p50_s'] or 0:.3f} s p99 {s['ttft_p99_s'] or 0:.3f} s "
+                f"met {s['met_target_share']:.0%} goodput {s['goodput_rps']:.2f}/s"
+            )
+    path = write_result(
+        "slo_overload_cpu",
+        {
+            "what": "interactive + long batch requests, Poisson, over HTTP on 127.0.0.1 (in-process engine, tiny "
+            "model); the same arrivals with and without SLO classes (priority + preemption + admission)",
+            "args": vars(args),
+            "lengths": lengths,
+            "slo_classes": {n: c.__dict__ for n, c in TABLE.by_name.items()},
+            "configs": configs,
+        },
+    )
     print(path)
 
 

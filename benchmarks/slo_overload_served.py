@@ -38,12 +38,24 @@ def start_app(model: str, port: int, slo_classes: list[dict]) -> str:
 
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeConfig(model=model, slo_classes=slo_classes)), name="ridgeline", route_prefix="/")
+    serve.run(
+        build_app(ServeConfig(model=model, slo_classes=slo_classes)), name="ridgeline", route_prefix="/"
+    )
     return f"http://127.0.0.1:{port}"
 
 
-def drive(url: str, model: str, rate: float | None, users: int | None, duration_s: float, seed: int,
-          mix: dict | None, input_len: str, output_len: str, timeout_s: float):
+def drive(
+    url: str,
+    model: str,
+    rate: float | None,
+    users: int | None,
+    duration_s: float,
+    seed: int,
+    mix: dict | None,
+    input_len: str,
+    output_len: str,
+    timeout_s: float,
+):
     from benchmarks.loadgen.runner import Load, Run, Target, run_load
     from benchmarks.loadgen.workloads import random_workload
 
@@ -75,21 +87,35 @@ def summarize(run, targets_s: dict[str, float]) -> dict:
         target = targets_s[cls]
         settled = sorted(r.ttft_s for r in ok if r.ttft_s is not None and r.start >= SETTLE_S)
         by_class[cls] = {
-            "sent": len(rs), "status": status, "shed_429": status.get("http_429", 0),
+            "sent": len(rs),
+            "status": status,
+            "shed_429": status.get("http_429", 0),
             "shed_fraction": status.get("http_429", 0) / len(rs),
-            "ttft_target_s": target, "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
-            "ttft_within_target_share_of_served": (sum(t <= target for t in ttfts) / len(ttfts)) if ttfts else None,
-            f"after_{SETTLE_S:g}s": {"served": len(settled), "ttft_p50_s": _quantile(settled, 0.5),
-                                     "ttft_p99_s": _quantile(settled, 0.99)}}
+            "ttft_target_s": target,
+            "ttft_p50_s": _quantile(ttfts, 0.5),
+            "ttft_p99_s": _quantile(ttfts, 0.99),
+            "ttft_within_target_share_of_served": (sum(t <= target for t in ttfts) / len(ttfts))
+            if ttfts
+            else None,
+            f"after_{SETTLE_S:g}s": {
+                "served": len(settled),
+                "ttft_p50_s": _quantile(settled, 0.5),
+                "ttft_p99_s": _quantile(settled, 0.99),
+            },
+        }
     errors_5xx = sum(n for c in by_class.values() for k, n in c["status"].items() if k.startswith("http_5"))
     return {"requests": len(run.results), "wall_s": run.wall_s, "http_5xx": errors_5xx, "by_class": by_class}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None, help="default: the reference target (what `ridgeline serve` serves)")
+    parser.add_argument(
+        "--model", default=None, help="default: the reference target (what `ridgeline serve` serves)"
+    )
     parser.add_argument("--port", type=int, default=8017)
-    parser.add_argument("--users", type=int, default=4, help="closed-loop users measuring the sustainable rate")
+    parser.add_argument(
+        "--users", type=int, default=4, help="closed-loop users measuring the sustainable rate"
+    )
     parser.add_argument("--capacity-duration", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--multipliers", default="5,10")
@@ -97,50 +123,100 @@ def main() -> None:
     parser.add_argument("--output-len", default="uniform:8:32")
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ttft-ms", default=None, help="class=ms,... TTFT targets replacing the default table's "
-                        "(e.g. interactive=1500,standard=5000 for a machine whose idle TTFT is near 0.5 s)")
+    parser.add_argument(
+        "--ttft-ms",
+        default=None,
+        help="class=ms,... TTFT targets replacing the default table's "
+        "(e.g. interactive=1500,standard=5000 for a machine whose idle TTFT is near 0.5 s)",
+    )
     parser.add_argument("--name", default="slo_overload_served_cpu", help="results file name")
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     from control_plane.slo import DEFAULT_SLO_TABLE
 
     classes = [dataclasses.asdict(c) for c in DEFAULT_SLO_TABLE.by_name.values()]
-    for item in (args.ttft_ms.split(",") if args.ttft_ms else []):
+    for item in args.ttft_ms.split(",") if args.ttft_ms else []:
         name, ms = item.split("=")
         next(c for c in classes if c["name"] == name)["ttft_ms"] = float(ms)
     url = start_app(model, args.port, classes)
     targets = {c["name"]: c["ttft_ms"] / 1000 for c in classes}
     served = os.path.basename(os.path.normpath(model))
-    drive(url, served, None, args.users, 5.0, args.seed + 99, None, args.input_len, args.output_len, args.timeout)
-    idle = drive(url, served, None, 1, 10.0, args.seed + 98, None, args.input_len, args.output_len, args.timeout)
+    drive(
+        url,
+        served,
+        None,
+        args.users,
+        5.0,
+        args.seed + 99,
+        None,
+        args.input_len,
+        args.output_len,
+        args.timeout,
+    )
+    idle = drive(
+        url, served, None, 1, 10.0, args.seed + 98, None, args.input_len, args.output_len, args.timeout
+    )
     idle_ttft = sorted(r.ttft_s for r in idle.results if r.ok and r.ttft_s is not None)
     print(f"one request at a time: TTFT p50 {_quantile(idle_ttft, 0.5):.3f} s")
-    capacity_run = drive(url, served, None, args.users, args.capacity_duration, args.seed, None, args.input_len,
-                         args.output_len, args.timeout)
+    capacity_run = drive(
+        url,
+        served,
+        None,
+        args.users,
+        args.capacity_duration,
+        args.seed,
+        None,
+        args.input_len,
+        args.output_len,
+        args.timeout,
+    )
     done = [r for r in capacity_run.results if r.ok]
     sustainable = len(done) / capacity_run.wall_s
-    print(f"sustainable: {sustainable:.2f} req/s ({len(done)} in {capacity_run.wall_s:.1f} s, {args.users} users)")
+    print(
+        f"sustainable: {sustainable:.2f} req/s ({len(done)} in {capacity_run.wall_s:.1f} s, {args.users} users)"
+    )
     runs = {}
     for m in (float(x) for x in args.multipliers.split(",")):
         time.sleep(5.0)  # what the last run left in flight drains
-        run = drive(url, served, m * sustainable, None, args.duration, args.seed + int(m), MIX, args.input_len,
-                    args.output_len, args.timeout)
+        run = drive(
+            url,
+            served,
+            m * sustainable,
+            None,
+            args.duration,
+            args.seed + int(m),
+            MIX,
+            args.input_len,
+            args.output_len,
+            args.timeout,
+        )
         runs[f"{m:g}x"] = {"offered_rps": m * sustainable, **summarize(run, targets)}
         s = runs[f"{m:g}x"]
         print(f"{m:g}x ({m * sustainable:.1f} req/s): {s['requests']} requests, 5xx {s['http_5xx']}")
         for cls, c in s["by_class"].items():
             p50, p99 = c["ttft_p50_s"], c["ttft_p99_s"]
             late = c[f"after_{SETTLE_S:g}s"]
-            print(f"  {cls:12s} sent {c['sent']:4d} {c['status']} shed {c['shed_fraction']:.0%} TTFT p50 "
-                  f"{p50 if p50 is None else round(p50, 3)} p99 {p99 if p99 is None else round(p99, 3)} s "
-                  f"(target {c['ttft_target_s']:g} s); after {SETTLE_S:g} s: p50 {late['ttft_p50_s']} "
-                  f"p99 {late['ttft_p99_s']}")
-    path = write_result(args.name, {
-        "what": "ridgeline serve's default app (1 prefill + 1 decode, admission, default SLO classes) on local "
-                "Ray, 127.0.0.1; sustainable rate from a closed loop, then Poisson at multiples of it with a "
-                "class mix; ridgeline bench's load generator in the same process",
-        "args": vars(args), "model": model, "mix": MIX, "slo_targets_s": targets,
-        "idle_ttft_p50_s": _quantile(idle_ttft, 0.5), "sustainable_rps": sustainable, "runs": runs})
+            print(
+                f"  {cls:12s} sent {c['sent']:4d} {c['status']} shed {c['shed_fraction']:.0%} TTFT p50 "
+                f"{p50 if p50 is None else round(p50, 3)} p99 {p99 if p99 is None else round(p99, 3)} s "
+                f"(target {c['ttft_target_s']:g} s); after {SETTLE_S:g} s: p50 {late['ttft_p50_s']} "
+                f"p99 {late['ttft_p99_s']}"
+            )
+    path = write_result(
+        args.name,
+        {
+            "what": "ridgeline serve's default app (1 prefill + 1 decode, admission, default SLO classes) on local "
+            "Ray, 127.0.0.1; sustainable rate from a closed loop, then Poisson at multiples of it with a "
+            "class mix; ridgeline bench's load generator in the same process",
+            "args": vars(args),
+            "model": model,
+            "mix": MIX,
+            "slo_targets_s": targets,
+            "idle_ttft_p50_s": _quantile(idle_ttft, 0.5),
+            "sustainable_rps": sustainable,
+            "runs": runs,
+        },
+    )
     print(path)
     from ray import serve
 

@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--k", default="2,4,6", help="draft lengths (num_speculative_tokens), comma-separated")
+    parser.add_argument(
+        "--k", default="2,4,6", help="draft lengths (num_speculative_tokens), comma-separated"
+    )
     parser.add_argument("--dtype", default="auto", help="the engines' dtype (auto: the checkpoints' bf16)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
@@ -72,35 +74,54 @@ def main() -> None:
     for mode in ("batched", "sequential"):
         reference, seconds = run(plain, prompts, params, batched=mode == "batched")
         runs[mode] = {"plain": {"seconds": round(seconds, 3)}}
-        configs = [(f"draft_model_k{k}", dict(speculative_model=args.draft, num_speculative_tokens=k))
-                   for k in map(int, args.k.split(","))]
+        configs = [
+            (f"draft_model_k{k}", dict(speculative_model=args.draft, num_speculative_tokens=k))
+            for k in map(int, args.k.split(","))
+        ]
         configs.append(("ngram_k4", dict(speculative_method="ngram", num_speculative_tokens=4)))
         for name, options in configs:
             llm = LLM(args.target, **common, **options)
             run(llm, prompts[:2], params, batched=True)
             before = vars(llm.engine.stats).copy()
             got, seconds = run(llm, prompts, params, batched=mode == "batched")
-            stats = {key: value - before.get(key, 0) for key, value in vars(llm.engine.stats).items()
-                     if isinstance(value, int | float)}
-            drafted, accepted, verifies = (stats["spec_draft_tokens"], stats["spec_accepted_tokens"],
-                                           stats["spec_verifications"])
+            stats = {
+                key: value - before.get(key, 0)
+                for key, value in vars(llm.engine.stats).items()
+                if isinstance(value, int | float)
+            }
+            drafted, accepted, verifies = (
+                stats["spec_draft_tokens"],
+                stats["spec_accepted_tokens"],
+                stats["spec_verifications"],
+            )
             runs[mode][name] = {
-                "seconds": round(seconds, 3), "speedup_vs_plain": round(runs[mode]["plain"]["seconds"] / seconds, 3),
+                "seconds": round(seconds, 3),
+                "speedup_vs_plain": round(runs[mode]["plain"]["seconds"] / seconds, 3),
                 "identical_to_plain": sum(a == b for a, b in zip(got, reference, strict=True)),
-                "drafted": drafted, "accepted": accepted, "verify_steps": verifies,
+                "drafted": drafted,
+                "accepted": accepted,
+                "verify_steps": verifies,
                 "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
                 "mean_accepted_length": round(accepted / verifies, 3) if verifies else None,
-                "target_steps": stats["steps"]}
+                "target_steps": stats["steps"],
+            }
             print(mode, name, runs[mode][name], flush=True)
             del llm
-    payload = {"target": Path(args.target).name, "draft": Path(args.draft).name, "dtype": args.dtype,
-               "prompts": len(prompts),
-               "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "runs": runs,
-               "note": "greedy; prompts are held-out stdlib files' first tokens; verify steps run eager, plain "
-                       "decode steps replay CUDA graphs on the GPU; the draft model runs on the same device"}
-    suffix = ("_gpu" if torch.cuda.is_available() else "_cpu") + ("" if args.dtype == "auto" else f"_{args.dtype}")
-    print(write_result("spec_acceptance" + suffix, payload,
-                       Path(args.out) if args.out else None))
+    payload = {
+        "target": Path(args.target).name,
+        "draft": Path(args.draft).name,
+        "dtype": args.dtype,
+        "prompts": len(prompts),
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "runs": runs,
+        "note": "greedy; prompts are held-out stdlib files' first tokens; verify steps run eager, plain "
+        "decode steps replay CUDA graphs on the GPU; the draft model runs on the same device",
+    }
+    suffix = ("_gpu" if torch.cuda.is_available() else "_cpu") + (
+        "" if args.dtype == "auto" else f"_{args.dtype}"
+    )
+    print(write_result("spec_acceptance" + suffix, payload, Path(args.out) if args.out else None))
 
 
 if __name__ == "__main__":

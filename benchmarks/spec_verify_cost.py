@@ -27,10 +27,13 @@ WARMUP = 6  # steps before timing each point: Triton compiles kernels for each n
 
 
 def _engine(model: str, gpu: bool, batch_max: int, eager: bool) -> LLMEngine:
-    options = dict(max_num_seqs=batch_max, max_num_batched_tokens=16384, enable_prefix_caching=False,
-                   enforce_eager=eager)
+    options = dict(
+        max_num_seqs=batch_max, max_num_batched_tokens=16384, enable_prefix_caching=False, enforce_eager=eager
+    )
     if gpu:
-        options |= dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, kv_cache_memory_bytes=40 * 2**30)
+        options |= dict(
+            load_format="dummy", dtype="bfloat16", max_model_len=4096, kv_cache_memory_bytes=40 * 2**30
+        )
     else:
         options |= dict(num_blocks=2048, max_model_len=512)
     return LLMEngine.from_pretrained(model, **options)
@@ -41,16 +44,20 @@ def _sync(gpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-def measure(engine: LLMEngine, batch: int, context: int, ks: list[int], gpu: bool, vocab: int) -> dict[int, float]:
+def measure(
+    engine: LLMEngine, batch: int, context: int, ks: list[int], gpu: bool, vocab: int
+) -> dict[int, float]:
     """Median step ms for each k, the batch decoding at about `context` tokens."""
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len - context - 1, ignore_eos=True)
     ids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in ids:
-        engine.add_request(rid, torch.randint(10, vocab - 10, (context,), generator=gen).tolist(), params,
-                           stream=False)
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                          for r in engine.scheduler.running):
+        engine.add_request(
+            rid, torch.randint(10, vocab - 10, (context,), generator=gen).tolist(), params, stream=False
+        )
+    while engine.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running
+    ):
         engine.step()
     out = {}
     for k in ks:
@@ -85,8 +92,11 @@ def main() -> None:
         from benchmarks.gpu_floor import copy_bandwidth_GBps, matmul_TFLOPs
 
         model = str(write_model_dir(Path(tempfile.mkdtemp())))
-        extra = {"copy_bandwidth_GBps": round(copy_bandwidth_GBps(), 1), "matmul_TFLOPs": round(matmul_TFLOPs(), 1),
-                 "model": "Llama-3-8B shape, random bf16 weights"}
+        extra = {
+            "copy_bandwidth_GBps": round(copy_bandwidth_GBps(), 1),
+            "matmul_TFLOPs": round(matmul_TFLOPs(), 1),
+            "model": "Llama-3-8B shape, random bf16 weights",
+        }
         context = args.context or 2048
     else:
         from engine.tiny_model import cached_tiny_model
@@ -101,18 +111,31 @@ def main() -> None:
         plain_served = measure(served, batch, context, [0], gpu, vocab)[0]
         times = measure(eager, batch, context, args.ks, gpu, vocab)
         for k, ms in times.items():
-            rows.append({"batch": batch, "k": k, "step_ms": round(ms, 3),
-                         "ratio_to_plain_served": round(ms / plain_served, 3),
-                         "ratio_to_plain_eager": round(ms / times[0], 3), "plain_served_ms": round(plain_served, 3)})
+            rows.append(
+                {
+                    "batch": batch,
+                    "k": k,
+                    "step_ms": round(ms, 3),
+                    "ratio_to_plain_served": round(ms / plain_served, 3),
+                    "ratio_to_plain_eager": round(ms / times[0], 3),
+                    "plain_served_ms": round(plain_served, 3),
+                }
+            )
             print(rows[-1], flush=True)
     if gpu:
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in served.model.named_parameters()
-                           if "embed_tokens" not in n)
+        weight_bytes = sum(
+            p.numel() * p.element_size()
+            for n, p in served.model.named_parameters()
+            if "embed_tokens" not in n
+        )
         extra["weight_bytes"] = weight_bytes
         extra["floor_ms_plain_b1"] = round(weight_bytes / (extra["copy_bandwidth_GBps"] * 1e9) * 1e3, 3)
     name = "spec_verify_cost_gpu" if gpu else "spec_verify_cost_cpu"
-    path = write_result(name, {"context": context, "steps_per_point": STEPS, **extra, "rows": rows},
-                        Path(args.out) if args.out else None)
+    path = write_result(
+        name,
+        {"context": context, "steps_per_point": STEPS, **extra, "rows": rows},
+        Path(args.out) if args.out else None,
+    )
     print(path)
 
 

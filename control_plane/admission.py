@@ -50,17 +50,29 @@ class Ticket:
 
 
 class AdmissionController:
-    def __init__(self, window_s: float = 10.0, min_busy_s: float = 0.2, capacity_floor: float = 0.25,
-                 capacity_busy_s: float = 2.0, capacity_half_life_s: float = 300.0, shed_at: float = 0.5,
-                 observe_s: float = 5.0, clock=time.monotonic):
+    def __init__(
+        self,
+        window_s: float = 10.0,
+        min_busy_s: float = 0.2,
+        capacity_floor: float = 0.25,
+        capacity_busy_s: float = 2.0,
+        capacity_half_life_s: float = 300.0,
+        shed_at: float = 0.5,
+        observe_s: float = 5.0,
+        clock=time.monotonic,
+    ):
         """window_s: how far back the drain rate looks; min_busy_s: busy time needed before a rate counts;
         capacity_*: the floor (see the module doc); shed_at: the share of a higher class's target its queue
         or its observed first-token times may take before lower classes are refused; observe_s: how far
         back those observations count."""
         if not 0 < min_busy_s <= window_s:
-            raise ValueError(f"window_s, min_busy_s: got {window_s}, {min_busy_s}; allowed 0 < min_busy_s <= window_s")
+            raise ValueError(
+                f"window_s, min_busy_s: got {window_s}, {min_busy_s}; allowed 0 < min_busy_s <= window_s"
+            )
         if not 0 <= capacity_floor <= 1 or not 0 < shed_at <= 1:
-            raise ValueError(f"capacity_floor, shed_at: got {capacity_floor}, {shed_at}; allowed [0, 1] and (0, 1]")
+            raise ValueError(
+                f"capacity_floor, shed_at: got {capacity_floor}, {shed_at}; allowed [0, 1] and (0, 1]"
+            )
         if capacity_busy_s <= 0 or capacity_half_life_s <= 0:
             raise ValueError("capacity_busy_s, capacity_half_life_s: must be > 0")
         self.window_s, self.min_busy_s, self.clock = window_s, min_busy_s, clock
@@ -134,18 +146,29 @@ class AdmissionController:
             queued_s = self._wait_s(self._ahead(cls), rate) if rate is not None else 0.0
             pressure_s = max(queued_s, self.observed_ttft_s(cls) or 0.0)
             if pressure_s > self.shed_at * cls.ttft_ms / 1000:
-                self._reject(f"overloaded: class {slo.name!r} is shed while {cls.name!r} requests wait about "
-                             f"{pressure_s:.1f} s for a first token against a {cls.ttft_ms / 1000:g} s target",
-                             slo, pressure_s, pressure_s)
+                self._reject(
+                    f"overloaded: class {slo.name!r} is shed while {cls.name!r} requests wait about "
+                    f"{pressure_s:.1f} s for a first token against a {cls.ttft_ms / 1000:g} s target",
+                    slo,
+                    pressure_s,
+                    pressure_s,
+                )
         ahead = self._ahead(slo)
         if ahead == 0:
             return  # the probe: nothing of its class or above waits, so refusing it helps nobody
-        predicted = max(self._wait_s(ahead + prompt_tokens, rate) if rate is not None else 0.0,
-                        self.observed_ttft_s(slo) or 0.0)
+        predicted = max(
+            self._wait_s(ahead + prompt_tokens, rate) if rate is not None else 0.0,
+            self.observed_ttft_s(slo) or 0.0,
+        )
         target_s = slo.ttft_ms / 1000
         if predicted > target_s:
-            self._reject(f"overloaded: class {slo.name!r} would wait about {predicted:.1f} s for its first token, "
-                         f"its target is {target_s:g} s", slo, predicted, predicted - target_s)
+            self._reject(
+                f"overloaded: class {slo.name!r} would wait about {predicted:.1f} s for its first token, "
+                f"its target is {target_s:g} s",
+                slo,
+                predicted,
+                predicted - target_s,
+            )
 
     def most_overdue(self) -> Ticket | None:
         """The waiting request furthest past its class's TTFT target (by its share of the target), if any is

@@ -22,8 +22,14 @@ import time
 
 
 class ConcurrencyLimit:
-    def __init__(self, max_limit: int, initial: int | None = None, min_limit: int = 2, backoff: float = 0.75,
-                 clock=time.monotonic):
+    def __init__(
+        self,
+        max_limit: int,
+        initial: int | None = None,
+        min_limit: int = 2,
+        backoff: float = 0.75,
+        clock=time.monotonic,
+    ):
         if max_limit < 1 or not 1 <= min_limit <= max_limit:
             raise ValueError(f"max_limit, min_limit: got {max_limit}, {min_limit}; allowed 1 <= min <= max")
         if not 0 < backoff < 1:

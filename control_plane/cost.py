@@ -44,5 +44,6 @@ class PriceList:
         if pool not in self.prices:
             raise ValueError(f"pool: {pool!r} has no price, known {sorted(self.prices)}")
         seconds = usage.prefill_seconds + usage.decode_seconds
-        return PoolCharge(pool, seconds * self.prices[pool] / 3600.0, seconds, usage.prefill_tokens,
-                          usage.decode_tokens)
+        return PoolCharge(
+            pool, seconds * self.prices[pool] / 3600.0, seconds, usage.prefill_tokens, usage.decode_tokens
+        )

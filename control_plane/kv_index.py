@@ -41,8 +41,9 @@ class KVIndex:
         attributes. kind is "stored" or "removed"."""
         with self._lock:
             for event in events:
-                kind, tier, hashes = (event if isinstance(event, tuple)
-                                      else (event.kind, event.tier, event.block_hashes))
+                kind, tier, hashes = (
+                    event if isinstance(event, tuple) else (event.kind, event.tier, event.block_hashes)
+                )
                 if tier not in TIERS:
                     raise ValueError(f"tier: got {tier!r}, allowed {', '.join(TIERS)}")
                 bit = 1 << TIERS.index(tier)

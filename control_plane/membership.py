@@ -26,6 +26,7 @@ def _backoff(failures: int) -> float:
     """Seconds before the next try after `failures` failures in a row."""
     return _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
 
+
 # app name -> the view of its registry kept by this process's frontend; the request routers running in the
 # same process read it to skip replicas whose registration lapsed
 VIEWS: dict[str, "RegistryView"] = {}
@@ -63,8 +64,14 @@ class _LoopThread:
 
 
 class Registration(_LoopThread):
-    def __init__(self, connect: Callable[[], Registry], key: str, value: dict, ttl_s: float = 10.0,
-                 on_registered: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        connect: Callable[[], Registry],
+        key: str,
+        value: dict,
+        ttl_s: float = 10.0,
+        on_registered: Callable[[], None] | None = None,
+    ):
         """connect() makes the registry client (called on this thread's loop). on_registered runs (on this
         thread) after each (re-)registration: a re-registered worker's readers start over from a snapshot."""
         if ttl_s <= 0:
@@ -131,7 +138,7 @@ class RegistryView(_LoopThread):
     def under(self, sub: str) -> dict[str, dict]:
         """Entries whose key starts with prefix + sub, keyed by the rest of the key."""
         start = self.prefix + sub
-        return {k[len(start):]: v for k, v in self.items().items() if k.startswith(start)}
+        return {k[len(start) :]: v for k, v in self.items().items() if k.startswith(start)}
 
     def _apply(self, event: WatchEvent) -> None:
         with self._lock:

@@ -9,8 +9,12 @@ import aetcd.exceptions
 
 from control_plane.registry import Registry, RegistryUnavailable, WatchEvent, decode, encode
 
-_UNAVAILABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError,
-                aetcd.exceptions.RevisionCompactedError, aetcd.exceptions.InternalError)
+_UNAVAILABLE = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.RevisionCompactedError,
+    aetcd.exceptions.InternalError,
+)
 
 
 class EtcdRegistry(Registry):

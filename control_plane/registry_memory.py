@@ -88,7 +88,9 @@ class MemoryRegistry(Registry):
             await self._notify()
         return {k: v for k, (v, _) in self._data.items() if k.startswith(prefix)}, self.revision
 
-    async def events_since(self, prefix: str, start_revision: int, timeout_s: float) -> tuple[list[WatchEvent], int]:
+    async def events_since(
+        self, prefix: str, start_revision: int, timeout_s: float
+    ) -> tuple[list[WatchEvent], int]:
         """Events under `prefix` with revision >= start_revision, waiting up to `timeout_s` for one; and the
         revision to continue from. RegistryUnavailable when that history is no longer kept."""
         cond = self._condition()

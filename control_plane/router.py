@@ -43,7 +43,9 @@ class TierCosts:
     def __post_init__(self) -> None:
         for tier in ("hbm", "dram", "ssd"):
             if not 0.0 <= getattr(self, tier) <= 1.0:
-                raise ValueError(f"tier_costs.{tier}: got {getattr(self, tier)}, allowed 0..1 (of computing a block)")
+                raise ValueError(
+                    f"tier_costs.{tier}: got {getattr(self, tier)}, allowed 0..1 (of computing a block)"
+                )
 
 
 class KVAwarePolicy:
@@ -73,7 +75,11 @@ class KVAwarePolicy:
         costs = self.costs(loads, block_hashes or [])
 
         def key(load: ReplicaLoad):
-            return costs[load.replica_id], max(load.ongoing, load.running + load.waiting), \
-                -load.kv_free_fraction, load.replica_id
+            return (
+                costs[load.replica_id],
+                max(load.ongoing, load.running + load.waiting),
+                -load.kv_free_fraction,
+                load.replica_id,
+            )
 
         return [load.replica_id for load in sorted(loads, key=key)]

@@ -26,7 +26,9 @@ class SLOClass:
         if self.ttft_ms <= 0 or self.tpot_ms <= 0:
             raise ValueError(f"slo class {self.name}: ttft_ms and tpot_ms must be > 0")
         if self.lowest_tier not in TIERS:
-            raise ValueError(f"slo class {self.name}: lowest_tier {self.lowest_tier!r}, allowed {', '.join(TIERS)}")
+            raise ValueError(
+                f"slo class {self.name}: lowest_tier {self.lowest_tier!r}, allowed {', '.join(TIERS)}"
+            )
 
 
 class SLOTable:
@@ -34,7 +36,9 @@ class SLOTable:
         names = [c.name for c in classes]
         priorities = [c.priority for c in classes]
         if len(set(names)) != len(names) or len(set(priorities)) != len(priorities):
-            raise ValueError(f"slo classes: names and priorities must be unique, got {list(zip(names, priorities, strict=True))}")
+            raise ValueError(
+                f"slo classes: names and priorities must be unique, got {list(zip(names, priorities, strict=True))}"
+            )
         self.by_name = {c.name: c for c in classes}
         self.by_priority = {c.priority: c for c in classes}
         if default not in self.by_name:
@@ -56,7 +60,9 @@ class SLOTable:
                 allowed = ", ".join(f"{p} ({c.name})" for p, c in sorted(self.by_priority.items()))
                 raise ValueError(f"priority: got {priority}, allowed {allowed}")
         if by_header is not None and by_priority is not None and by_header is not by_priority:
-            raise ValueError(f"priority: {priority} is class {by_priority.name}, but x-slo-class says {by_header.name}")
+            raise ValueError(
+                f"priority: {priority} is class {by_priority.name}, but x-slo-class says {by_header.name}"
+            )
         return by_header or by_priority or self.default
 
     def inflight_limit(self, slo: SLOClass, max_inflight: int) -> int:
@@ -71,8 +77,10 @@ class SLOTable:
         return {c.priority: c.lowest_tier for c in self.by_name.values()}
 
 
-DEFAULT_SLO_TABLE = SLOTable([
-    SLOClass("interactive", priority=0, ttft_ms=500, tpot_ms=50, lowest_tier="ssd", preemptible=False),
-    SLOClass("standard", priority=1, ttft_ms=2000, tpot_ms=100, lowest_tier="ssd"),
-    SLOClass("batch", priority=2, ttft_ms=60_000, tpot_ms=1000, lowest_tier="ssd"),
-])
+DEFAULT_SLO_TABLE = SLOTable(
+    [
+        SLOClass("interactive", priority=0, ttft_ms=500, tpot_ms=50, lowest_tier="ssd", preemptible=False),
+        SLOClass("standard", priority=1, ttft_ms=2000, tpot_ms=100, lowest_tier="ssd"),
+        SLOClass("batch", priority=2, ttft_ms=60_000, tpot_ms=1000, lowest_tier="ssd"),
+    ]
+)

@@ -66,9 +66,15 @@ class AsyncLLM:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       slo_class: str | None = None, trace_context: dict | None = None,
-                       **request_options) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        slo_class: str | None = None,
+        trace_context: dict | None = None,
+        **request_options,
+    ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request until it finishes. Bad input raises ValueError at once.
         `slo_class` and `trace_context` are the serving layer's (the engine schedules by `priority` and opens
         no spans); they are accepted so that this and the Ray pools' client take the same call."""
@@ -95,8 +101,9 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
-    async def call(self, fn: Callable[[LLMEngine], object],
-                   undo: Callable[[LLMEngine, object], object] | None = None) -> object:
+    async def call(
+        self, fn: Callable[[LLMEngine], object], undo: Callable[[LLMEngine, object], object] | None = None
+    ) -> object:
         """Run fn(engine) on the engine thread between steps; its result or exception comes back.
         `undo(engine, result)` reverts what fn did when the caller is cancelled after fn ran (or while
         it runs): a reservation or a lease nobody will use is given back at once."""
@@ -106,6 +113,7 @@ class AsyncLLM:
         try:
             return await asyncio.shield(asyncio.wrap_future(done))
         except asyncio.CancelledError:
+
             def revert(f: Future) -> None:
                 if not f.cancelled() and f.exception() is None:
                     self.submit(lambda engine: undo(engine, f.result()))
@@ -131,11 +139,14 @@ class AsyncLLM:
             raise EngineDeadError("engine step loop exited")
         stalled = time.monotonic() - self._heartbeat
         if stalled > self.stall_timeout_s and (self._streams or not self._commands.empty()):
-            raise EngineStalledError(f"engine step loop stalled: no turn for {stalled:.0f} s with work waiting "
-                                     f"(limit {self.stall_timeout_s:g} s)")
+            raise EngineStalledError(
+                f"engine step loop stalled: no turn for {stalled:.0f} s with work waiting "
+                f"(limit {self.stall_timeout_s:g} s)"
+            )
 
     def abort(self, request_id: str) -> None:
         """Takes effect before the engine's next step; returns at once."""
+
         def drop() -> None:
             if self._streams.pop(request_id, None) is not None:
                 self.engine.abort_request(request_id)

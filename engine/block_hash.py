@@ -42,6 +42,6 @@ def prompt_block_hashes(token_ids: list[int], block_size: int, extra: bytes) -> 
     hashes: list[bytes] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start:start + block_size], extra)
+        parent = hash_block(parent, token_ids[start : start + block_size], extra)
         hashes.append(parent)
     return hashes

@@ -68,8 +68,9 @@ class BlockManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: list[Block] = ()) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[Block] = ()
+    ) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed (and hit) tokens.
 
         Returns False, changing nothing, when the free blocks do not suffice.
@@ -94,7 +95,7 @@ class BlockManager:
             self.req_num_cached_blocks[request.request_id] = len(blocks)
         for _ in range(max(num_new_blocks, 0)):
             blocks.append(self._pop_free())
-        ids.extend(b.block_id for b in blocks[len(ids):])
+        ids.extend(b.block_id for b in blocks[len(ids) :])
         return True
 
     def allocate_blocks(self, request_id: str, num_blocks: int, hits: list[Block] = ()) -> list[int] | None:

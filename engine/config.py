@@ -52,7 +52,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     # speculative decoding: a drafter (engine/drafter.py) proposes up to num_speculative_tokens per decode step
     speculative_method: str | None = None  # None: off (or draft_model when speculative_model is set); "ngram"
-    speculative_model: str | None = None  # a draft checkpoint with the target's tokenizer, run on the same device
+    speculative_model: str | None = (
+        None  # a draft checkpoint with the target's tokenizer, run on the same device
+    )
     num_speculative_tokens: int = 4
     spec_ngram_min: int = 1
     spec_ngram_max: int = 4

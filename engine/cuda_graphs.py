@@ -17,8 +17,16 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CUDAGraphRunner:
-    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend,
-                 block_size: int, max_num_seqs: int, max_model_len: int, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        backend: AttentionBackend,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        device: torch.device,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -39,10 +47,17 @@ class CUDAGraphRunner:
 
     def _forward(self, bs: int) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
-            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
-            max_seq_len=self.max_model_len, query_start_loc_cpu=[], seq_lens_cpu=[], block_size=self.block_size,
-            num_kv_splits=num_kv_splits(bs, self.model.config.num_kv_heads, self.max_model_len, self.num_sms))
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            query_start_loc_cpu=[],
+            seq_lens_cpu=[],
+            block_size=self.block_size,
+            num_kv_splits=num_kv_splits(bs, self.model.config.num_kv_heads, self.max_model_len, self.num_sms),
+        )
         cos, sin = self.model.rotary.cos_sin(self.positions[:bs])
         ctx = ForwardContext(meta, self.kv_caches, self.backend, cos, sin)
         return self.model.compute_logits(self.model(self.input_ids[:bs], ctx))  # [bs, vocab]

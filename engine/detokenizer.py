@@ -24,12 +24,12 @@ class IncrementalDetokenizer:
         """
         end = self.request.num_tokens - int(skip_last)
         window = self.request.token_ids(self.prefix_offset, end)  # only the tokens still to be read
-        prefix = self.tokenizer.decode(window[:self.read_offset - self.prefix_offset])
+        prefix = self.tokenizer.decode(window[: self.read_offset - self.prefix_offset])
         full = self.tokenizer.decode(window)
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return None  # an incomplete UTF-8 sequence: wait for more bytes
         before = len(self.output_text)
-        self.output_text += full[len(prefix):]
+        self.output_text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, end
         return self._check_stop(before)
 

@@ -24,8 +24,10 @@ class DraftModelDrafter(Drafter):
         self.llm = LLM(model, **{"enable_prefix_caching": True, **engine_options})
         engine = self.llm.engine
         if vocab_size is not None and engine.model_config.vocab_size != vocab_size:
-            raise ValueError(f"speculative_model: {model} has vocab_size {engine.model_config.vocab_size}, the "
-                             f"target {vocab_size}; allowed: a draft with the target's tokenizer")
+            raise ValueError(
+                f"speculative_model: {model} has vocab_size {engine.model_config.vocab_size}, the "
+                f"target {vocab_size}; allowed: a draft with the target's tokenizer"
+            )
         self.max_model_len = engine.max_model_len
 
     @staticmethod
@@ -40,7 +42,9 @@ class DraftModelDrafter(Drafter):
         jobs = [(r.token_ids(0, r.num_tokens), k) for r, k in zip(requests, num_tokens, strict=True)]
         return self.propose_with_usage(jobs)[0]
 
-    def propose_with_usage(self, jobs: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[ComputeUsage]]:
+    def propose_with_usage(
+        self, jobs: list[tuple[list[int], int]]
+    ) -> tuple[list[list[int]], list[ComputeUsage]]:
         """jobs: (token ids so far, how many to draft) -> greedy continuations (none past the draft's length)
         and the draft engine's time spent on each (its steps split over their tokens)."""
         live = [i for i, (tokens, n) in enumerate(jobs) if n > 0 and len(tokens) + n < self.max_model_len]
@@ -52,5 +56,5 @@ class DraftModelDrafter(Drafter):
         params = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
         results = self.llm.generate([jobs[i][0] for i in live], params)
         for i, result in zip(live, results, strict=True):
-            out[i], usage[i] = result.outputs[0].token_ids[:jobs[i][1]], result.compute
+            out[i], usage[i] = result.outputs[0].token_ids[: jobs[i][1]], result.compute
         return out, usage

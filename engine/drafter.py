@@ -50,11 +50,13 @@ class NgramDrafter(Drafter):
             hits = np.flatnonzero((windows == tail).all(axis=1))
             if hits.size:
                 follow = int(hits[-1]) + n
-                return tokens[follow:follow + num_tokens].tolist()
+                return tokens[follow : follow + num_tokens].tolist()
         return []
 
 
 def make_drafter(method: str, **options) -> Drafter:
     if method == "ngram":
         return NgramDrafter(**options)
-    raise ValueError(f"speculative_method: got {method!r}, allowed ngram or draft_model (with speculative_model)")
+    raise ValueError(
+        f"speculative_method: got {method!r}, allowed ngram or draft_model (with speculative_model)"
+    )

@@ -17,8 +17,10 @@ def default_model_path() -> Path:
     reference target trained here (models/ridgeline-ref-target, see models/README.md)."""
     path = Path(os.environ.get("RIDGELINE_MODEL") or REFERENCE_MODELS / "ridgeline-ref-target")
     if not (path / "config.json").is_file():
-        raise ValueError(f"model: none named and the default {path} holds no config.json (name one with "
-                         f"--model or RIDGELINE_MODEL)")
+        raise ValueError(
+            f"model: none named and the default {path} holds no config.json (name one with "
+            f"--model or RIDGELINE_MODEL)"
+        )
     return path
 
 
@@ -41,6 +43,9 @@ def local_cluster_env() -> dict[str, str]:
     """Defaults for a Ray cluster started on this machine by `ridgeline serve`, unless the user set them:
     UCX (NIXL's transport) on loopback, Ray on 127.0.0.1, and Serve's HTTP proxy behind the request body
     and header limits of services/http_limits.py (Serve's documented proxy callback)."""
-    wanted = {"UCX_NET_DEVICES": "lo", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-              "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "services.http_limits:proxy_middlewares"}
+    wanted = {
+        "UCX_NET_DEVICES": "lo",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "services.http_limits:proxy_middlewares",
+    }
     return {k: v for k, v in wanted.items() if k not in os.environ}

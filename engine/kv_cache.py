@@ -29,13 +29,16 @@ def num_blocks_for(cache: CacheConfig, cfg: ModelConfig, dtype: torch.dtype, dev
             budget = CPU_DEFAULT_BUDGET
     num = budget // bytes_per_block(cfg, cache.block_size, dtype)
     if num < 1:
-        raise ValueError(f"kv_cache_memory_bytes: budget {budget} B holds no KV block of "
-                         f"{bytes_per_block(cfg, cache.block_size, dtype)} B")
+        raise ValueError(
+            f"kv_cache_memory_bytes: budget {budget} B holds no KV block of "
+            f"{bytes_per_block(cfg, cache.block_size, dtype)} B"
+        )
     return num
 
 
-def allocate_kv_pool(num_blocks: int, cfg: ModelConfig, block_size: int, dtype: torch.dtype,
-                     device: torch.device) -> torch.Tensor:
+def allocate_kv_pool(
+    num_blocks: int, cfg: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
     # zeroed, not empty: a masked read of an unwritten slot (batched CPU decode pads to the longest
     # sequence) must meet finite values, since NaN * 0 is still NaN

@@ -57,8 +57,14 @@ class KVStore(ABC):
         """Fill pool[block_ids[i]] with block i for the leading run of blocks the store can deliver
         intact; returns how many. Runs on the offloader's loader thread, not the engine's."""
 
-    def offload(self, block_hashes: list[bytes], priorities: list[int], pool: torch.Tensor, block_ids: list[int],
-                stream: "torch.cuda.Stream | None" = None) -> list[bool]:
+    def offload(
+        self,
+        block_hashes: list[bytes],
+        priorities: list[int],
+        pool: torch.Tensor,
+        block_ids: list[int],
+        stream: "torch.cuda.Stream | None" = None,
+    ) -> list[bool]:
         """Start copying pool[block_ids[i]] into the store; returns which blocks it took (or already
         holds). With a GPU pool the copies may stay in flight on `stream`: the store must not serve the
         bytes before they landed, and the engine orders any overwrite of the blocks after them."""
@@ -184,7 +190,9 @@ class KVOffloader:
         for block_id, block_hash in zip(ids, hashes, strict=True):
             self._written[block_id] = (block_hash, job)
         if self._offloader is None:
-            self._offloader = threading.Thread(target=self._offload_loop, daemon=True, name="ridgeline-kv-offload")
+            self._offloader = threading.Thread(
+                target=self._offload_loop, daemon=True, name="ridgeline-kv-offload"
+            )
             self._offloader.start()
         self._offloads.put(job)
 
@@ -199,7 +207,9 @@ class KVOffloader:
         while (job := self._offloads.get()) is not None:
             try:
                 self._stream.wait_event(job.ready)
-                job.taken = self.store.offload(job.hashes, job.priorities, self.pool, job.block_ids, self._stream)
+                job.taken = self.store.offload(
+                    job.hashes, job.priorities, self.pool, job.block_ids, self._stream
+                )
                 job.copied = torch.cuda.Event()
                 job.copied.record(self._stream)
                 self.stats.offloaded_blocks += sum(job.taken)
@@ -224,14 +234,17 @@ class KVOffloader:
         self.store.put(block_hash, self._raw(block_id), priority)  # not taken earlier: copy it now
         self.stats.offloaded_blocks += 1
 
-    def start_load(self, request: Request, first: int, block_ids: list[int], max_blocks: int,
-                   block_size: int = 16) -> int | None:
+    def start_load(
+        self, request: Request, first: int, block_ids: list[int], max_blocks: int, block_size: int = 16
+    ) -> int | None:
         """Plan filling the request's blocks first.. from HBM copies and the store. Returns the number of
         blocks ready now (all came from HBM or none is held anywhere), or None when a store load was
         started: its result comes from `take_finished`."""
         hashes = request.block_hashes
         end = min(first + max_blocks, len(hashes), len(block_ids))
-        sources = [self.hbm_lookup(hashes[i]) if self.hbm_lookup is not None else None for i in range(first, end)]
+        sources = [
+            self.hbm_lookup(hashes[i]) if self.hbm_lookup is not None else None for i in range(first, end)
+        ]
         store_index = [first + k for k, src in enumerate(sources) if src is None]
         held = self.store.lookup([hashes[i] for i in store_index]) if store_index else 0
         worth = self._worth_loading([hashes[i] for i in store_index[:held]], block_size) if held else 0

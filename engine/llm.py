@@ -35,8 +35,14 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None,
-                 *, priority: list[int] | None = None, cache_salt: str | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list | None = None,
+        *,
+        priority: list[int] | None = None,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
@@ -46,7 +52,9 @@ class LLM:
         try:
             for prompt, p, prio in zip(prompts, params, priority, strict=True):
                 ids.append(f"offline-{next(self._ids)}")
-                self.engine.add_request(ids[-1], prompt, p, priority=prio, cache_salt=cache_salt, stream=False)
+                self.engine.add_request(
+                    ids[-1], prompt, p, priority=prio, cache_salt=cache_salt, stream=False
+                )
         except ValueError:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -54,8 +62,9 @@ class LLM:
             raise
         return self._run(ids)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             **kwargs) -> list[RequestOutput]:
+    def chat(
+        self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, **kwargs
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, sampling_params, **kwargs)

@@ -47,8 +47,10 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int)
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
         raise ValueError(f"prompt: token ids must be integers in [0, {vocab_size})")
     if len(prompt_ids) >= max_model_len:
-        raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the context holds {max_model_len} "
-                         f"(max_model_len) including at least one generated token")
+        raise ValueError(
+            f"prompt: {len(prompt_ids)} tokens, but the context holds {max_model_len} "
+            f"(max_model_len) including at least one generated token"
+        )
 
 
 def engine_config(model: str, **kwargs) -> EngineConfig:
@@ -63,8 +65,12 @@ def engine_config(model: str, **kwargs) -> EngineConfig:
         if group is None or key in ("model", "cache", "scheduler", "policy"):
             raise ValueError(f"{key}: not an engine option")
         groups[group][name] = value
-    return EngineConfig(model=model, cache=CacheConfig(**groups["cache"]),
-                        scheduler=SchedulerConfig(**groups["scheduler"]), **groups["engine"])
+    return EngineConfig(
+        model=model,
+        cache=CacheConfig(**groups["cache"]),
+        scheduler=SchedulerConfig(**groups["scheduler"]),
+        **groups["engine"],
+    )
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,9 @@ class KVReservation:
 class _Parent:
     """A user request: n sequences sharing one prompt."""
 
-    def __init__(self, request_id: str, prompt: str | None, children: list[Request], tokenizer: Tokenizer,
-                 stream: bool):
+    def __init__(
+        self, request_id: str, prompt: str | None, children: list[Request], tokenizer: Tokenizer, stream: bool
+    ):
         self.request_id = request_id
         self.stream = stream  # outputs every step; otherwise only when finished
         self.prompt = prompt
@@ -89,27 +96,38 @@ class _Parent:
         for i, req in enumerate(self.children):
             detok = self.detokenizers[req.request_id]
             want = req.params.logprobs is not None
-            outs.append(CompletionOutput(
-                index=i, text=detok.output_text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=req.cumulative_logprob if want else None,
-                logprobs=list(req.logprobs) if want else None,
-                finish_reason=req.status.value if req.is_finished else None,
-                stop_reason=req.stop_reason))
+            outs.append(
+                CompletionOutput(
+                    index=i,
+                    text=detok.output_text,
+                    token_ids=list(req.output_token_ids),
+                    cumulative_logprob=req.cumulative_logprob if want else None,
+                    logprobs=list(req.logprobs) if want else None,
+                    finish_reason=req.status.value if req.is_finished else None,
+                    stop_reason=req.stop_reason,
+                )
+            )
         first = self.children[0]
-        return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, outs,
-                             finished=all(r.is_finished for r in self.children),
-                             num_cached_tokens=max(first.num_cached_tokens, 0),
-                             compute=sum((r.compute for r in self.children), ComputeUsage()),
-                             draft_compute=sum((r.draft_compute for r in self.children), ComputeUsage()),
-                             queued=(first.arrival_wall, first.scheduled_wall) if first.scheduled_wall else None)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            first.prompt_token_ids,
+            outs,
+            finished=all(r.is_finished for r in self.children),
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+            compute=sum((r.compute for r in self.children), ComputeUsage()),
+            draft_compute=sum((r.draft_compute for r in self.children), ComputeUsage()),
+            queued=(first.arrival_wall, first.scheduled_wall) if first.scheduled_wall else None,
+        )
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, kv_store: KVStore | None = None):
         """`kv_store`: a tier below HBM (engine/kv_offload.py) that keeps evicted prefix blocks."""
         self.config = config
-        self.device = torch.device(config.device or envs.default_device()
-                                   or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(
+            config.device or envs.default_device() or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         torch.manual_seed(config.seed)
         loaded = load_model(config.model, config.dtype, self.device, config.load_format)
         self.model, self.model_config, self.dtype = loaded.model, loaded.config, loaded.dtype
@@ -117,10 +135,13 @@ class LLMEngine:
         self.tokenizer = Tokenizer(config.model)
         self.max_model_len = self._max_model_len()
         cache = config.cache
-        self.drafter = self._make_drafter()  # before the KV pool: a draft model's memory comes out of its budget
+        self.drafter = (
+            self._make_drafter()
+        )  # before the KV pool: a draft model's memory comes out of its budget
         num_blocks = num_blocks_for(cache, self.model_config, self.dtype, self.device)
-        self.kv_pool = allocate_kv_pool(num_blocks, self.model_config, cache.block_size, self.dtype,
-                                        self.device)
+        self.kv_pool = allocate_kv_pool(
+            num_blocks, self.model_config, cache.block_size, self.dtype, self.device
+        )
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.kv_events = KVEventLog()  # drained by the worker that owns this engine
         self.block_manager.events = self.kv_events
@@ -131,12 +152,20 @@ class LLMEngine:
         backend = get_backend(config.attention_backend or default_backend(self.device.type))
         graphs = None
         if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
-            graphs = CUDAGraphRunner(self.model, layer_views(self.kv_pool), backend, cache.block_size,
-                                     config.scheduler.max_num_seqs, self.max_model_len, self.device)
+            graphs = CUDAGraphRunner(
+                self.model,
+                layer_views(self.kv_pool),
+                backend,
+                cache.block_size,
+                config.scheduler.max_num_seqs,
+                self.max_model_len,
+                self.device,
+            )
             graphs.capture()
         self.runner = ModelRunner(self.model, self.kv_pool, backend, self.block_manager, self.device, graphs)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
         self.stats = EngineStats()
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, _Parent] = {}
@@ -151,14 +180,22 @@ class LLMEngine:
             raise ValueError(f"num_speculative_tokens: got {config.num_speculative_tokens}, allowed >= 1")
         if method == "draft_model":
             if not config.speculative_model:
-                raise ValueError("speculative_model: needed by speculative_method draft_model (a draft checkpoint)")
+                raise ValueError(
+                    "speculative_model: needed by speculative_method draft_model (a draft checkpoint)"
+                )
             from engine.draft_model import DraftModelDrafter
 
             block_size, seqs = config.cache.block_size, config.scheduler.max_num_seqs
-            return DraftModelDrafter(config.speculative_model, vocab_size=self.model_config.vocab_size,
-                                     device=str(self.device), max_num_seqs=seqs, block_size=block_size,
-                                     num_blocks=DraftModelDrafter.blocks_for(self.max_model_len, seqs, block_size),
-                                     enforce_eager=config.enforce_eager, seed=config.seed)
+            return DraftModelDrafter(
+                config.speculative_model,
+                vocab_size=self.model_config.vocab_size,
+                device=str(self.device),
+                max_num_seqs=seqs,
+                block_size=block_size,
+                num_blocks=DraftModelDrafter.blocks_for(self.max_model_len, seqs, block_size),
+                enforce_eager=config.enforce_eager,
+                seed=config.seed,
+            )
         if config.speculative_model:
             raise ValueError(f"speculative_model: only with speculative_method draft_model, not {method!r}")
         return make_drafter(method, ngram_min=config.spec_ngram_min, ngram_max=config.spec_ngram_max)
@@ -166,7 +203,9 @@ class LLMEngine:
     def attach_drafter(self, drafter) -> None:
         """Speculative decoding with `drafter` (engine/drafter.py:Drafter), e.g. a remote draft-model pool."""
         if self.config.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens: got {self.config.num_speculative_tokens}, allowed >= 1")
+            raise ValueError(
+                f"num_speculative_tokens: got {self.config.num_speculative_tokens}, allowed >= 1"
+            )
         if self.drafter is not None:
             self.drafter.close()
         self.drafter = drafter
@@ -178,8 +217,9 @@ class LLMEngine:
         self.detach_kv_store()
         cached = self.block_manager.cached
         store.events = self.kv_events  # lower tiers report into the same log
-        self.offloader = KVOffloader(store, self.kv_pool,
-                                     lambda h: cached[h].block_id if h in cached else None)
+        self.offloader = KVOffloader(
+            store, self.kv_pool, lambda h: cached[h].block_id if h in cached else None
+        )
         self.block_manager.on_evict = self.offloader.on_evict
         self.block_manager.on_cached = self.offloader.on_cached
         self.scheduler.offloader = self.offloader
@@ -210,11 +250,21 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    *, priority: int = 0, preemptible: bool = True, cache_salt: str | None = None,
-                    arrival_time: float | None = None, stream: bool = True,
-                    output_token_ids: list[int] | None = None, kv_computed_tokens: int = 0,
-                    hold_kv: bool = False) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        preemptible: bool = True,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+        stream: bool = True,
+        output_token_ids: list[int] | None = None,
+        kv_computed_tokens: int = 0,
+        hold_kv: bool = False,
+    ) -> None:
         """Queue a request. `stream=False`: step() reports it only when finished, and its text is decoded
         once at the end unless stop strings need it earlier (what LLM.generate uses).
 
@@ -240,9 +290,18 @@ class LLMEngine:
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(child_id, prompt_ids, params, eos_token_ids=self.eos_token_ids, priority=priority,
-                          preemptible=preemptible, hash_extra=extra, arrival_time=arrival_time,
-                          seed_offset=i, hold_kv=hold_kv)
+            req = Request(
+                child_id,
+                prompt_ids,
+                params,
+                eos_token_ids=self.eos_token_ids,
+                priority=priority,
+                preemptible=preemptible,
+                hash_extra=extra,
+                arrival_time=arrival_time,
+                seed_offset=i,
+                hold_kv=hold_kv,
+            )
             if resumed:
                 req.resume(resumed, self.model_config.vocab_size)
             if kv_computed_tokens:
@@ -265,13 +324,20 @@ class LLMEngine:
             raise ValueError(f"kv_computed_tokens: got {kv_tokens}, allowed 1..{num_tokens - 1}")
         have = len(self.block_manager.block_ids(request_id)) * self.block_manager.block_size
         if kv_tokens > have:
-            raise ValueError(f"kv_computed_tokens: {kv_tokens} tokens but only {have} slots reserved "
-                             f"for {request_id!r} (reserve_kv first)")
+            raise ValueError(
+                f"kv_computed_tokens: {kv_tokens} tokens but only {have} slots reserved "
+                f"for {request_id!r} (reserve_kv first)"
+            )
 
     # -- KV handoff between workers ---------------------------------------------------------------
 
-    def reserve_kv(self, request_id: str, num_tokens: int, token_ids: list[int] | None = None,
-                   cache_salt: str | None = None) -> KVReservation | None:
+    def reserve_kv(
+        self,
+        request_id: str,
+        num_tokens: int,
+        token_ids: list[int] | None = None,
+        cache_salt: str | None = None,
+    ) -> KVReservation | None:
         """Blocks for `num_tokens` tokens of KV that another worker will write; None when memory is short.
 
         Given the tokens, full blocks already in this engine's prefix cache are reused: only the blocks
@@ -283,12 +349,17 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         hits = []
         if token_ids is not None:
-            probe = Request(request_id, token_ids[:num_tokens], SamplingParams(),
-                            hash_extra=hash_extra(self.fingerprint, str(self.dtype), cache_salt))
+            probe = Request(
+                request_id,
+                token_ids[:num_tokens],
+                SamplingParams(),
+                hash_extra=hash_extra(self.fingerprint, str(self.dtype), cache_salt),
+            )
             update_block_hashes(probe, self.block_manager.block_size)
             hits = self.block_manager.cached_prefix(probe.block_hashes)
         block_ids = self.block_manager.allocate_blocks(
-            request_id, -(-num_tokens // self.block_manager.block_size), hits)
+            request_id, -(-num_tokens // self.block_manager.block_size), hits
+        )
         return None if block_ids is None else KVReservation(block_ids, len(hits))
 
     def free_reserved(self, request_id: str) -> None:
@@ -309,8 +380,10 @@ class LLMEngine:
         max_len = min(self.max_model_len, len(prompt_ids) + (params.max_tokens or self.max_model_len))
         need = -(-max_len // self.block_manager.block_size)
         if need > self.block_manager.num_blocks:
-            raise ValueError(f"prompt: with max_tokens it needs {need} KV blocks, the pool has "
-                             f"{self.block_manager.num_blocks}")
+            raise ValueError(
+                f"prompt: with max_tokens it needs {need} KV blocks, the pool has "
+                f"{self.block_manager.num_blocks}"
+            )
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.get(request_id)
@@ -444,8 +517,9 @@ class LLMEngine:
             req.stop_reason = token if token in params.stop_token_ids else None
         elif (parent.stream or params.stop) and (stop := detok.update(skip_last=False)) is not None:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-        elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) \
-                or req.num_tokens >= self.max_model_len:
+        elif (
+            params.max_tokens is not None and req.num_output_tokens >= params.max_tokens
+        ) or req.num_tokens >= self.max_model_len:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             if not isinstance(req.stop_reason, str):  # a stop string already cut the final text

@@ -58,7 +58,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         param.data.uniform_(-1e-3, 1e-3, generator=gen)
 
 
-def load_model(model_dir: str | Path, dtype: str, device: torch.device, load_format: str = "auto") -> LoadedModel:
+def load_model(
+    model_dir: str | Path, dtype: str, device: torch.device, load_format: str = "auto"
+) -> LoadedModel:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model: {str(model_dir)!r} is not a directory")

@@ -37,8 +37,15 @@ class Sampled:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_pool: torch.Tensor, backend: AttentionBackend,
-                 block_manager: BlockManager, device: torch.device, graphs: CUDAGraphRunner | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_pool: torch.Tensor,
+        backend: AttentionBackend,
+        block_manager: BlockManager,
+        device: torch.device,
+        graphs: CUDAGraphRunner | None = None,
+    ):
         self.model = model
         self.kv_pool = kv_pool
         self.kv_caches = layer_views(kv_pool)
@@ -57,13 +64,15 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         # two host buffers, two copies to the device:
         # int64 [ids | positions | slots | sample rows], int32 [query_start_loc | seq_lens | block tables]
-        num_drafts = [r.spec_token_ids and max(n - (r.num_tokens - r.num_computed_tokens), 0) or 0
-                      for r, n in sched.scheduled]
+        num_drafts = [
+            r.spec_token_ids and max(n - (r.num_tokens - r.num_computed_tokens), 0) or 0
+            for r, n in sched.scheduled
+        ]
         longs = np.empty(3 * T + B + sum(num_drafts), dtype=np.int64)
         ints = np.zeros(2 * B + 1 + B * width, dtype=np.int32)
-        ids, positions, slots = longs[:T], longs[T:2 * T], longs[2 * T:3 * T]
-        query_start, seq_lens = ints[:B + 1], ints[B + 1:2 * B + 1]
-        block_tables = ints[2 * B + 1:].reshape(B, width)
+        ids, positions, slots = longs[:T], longs[T : 2 * T], longs[2 * T : 3 * T]
+        query_start, seq_lens = ints[: B + 1], ints[B + 1 : 2 * B + 1]
+        block_tables = ints[2 * B + 1 :].reshape(B, width)
         sample_requests: list[Request] = []
         sampled_drafts: list[int] = []
         rows = 0
@@ -72,16 +81,16 @@ class ModelRunner:
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             pos = np.arange(start, end)
             k = num_drafts[i]
-            ids[t:t + n] = request.token_ids_with_spec(start, end) if k else request.token_ids(start, end)
-            positions[t:t + n] = pos
-            block_tables[i, :len(table)] = table
-            slots[t:t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            ids[t : t + n] = request.token_ids_with_spec(start, end) if k else request.token_ids(start, end)
+            positions[t : t + n] = pos
+            block_tables[i, : len(table)] = table
+            slots[t : t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
             t += n
             query_start[i + 1] = t
             seq_lens[i] = end
             if end == request.num_tokens + k:  # caught up: these rows' logits give the next token(s)
                 if k:
-                    longs[3 * T + rows:3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
+                    longs[3 * T + rows : 3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
                 else:
                     longs[3 * T + rows] = t - 1
                 rows += k + 1
@@ -90,10 +99,10 @@ class ModelRunner:
         longs_dev = torch.from_numpy(longs).to(self.device)
         ints_dev = torch.from_numpy(ints).to(self.device)
         attn = AttentionMetadata(
-            slot_mapping=longs_dev[2 * T:3 * T],
-            query_start_loc=ints_dev[:B + 1],
-            seq_lens=ints_dev[B + 1:2 * B + 1],
-            block_tables=ints_dev[2 * B + 1:].view(B, width),
+            slot_mapping=longs_dev[2 * T : 3 * T],
+            query_start_loc=ints_dev[: B + 1],
+            seq_lens=ints_dev[B + 1 : 2 * B + 1],
+            block_tables=ints_dev[2 * B + 1 :].view(B, width),
             max_query_len=max(n for _, n in sched.scheduled),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start.tolist(),
@@ -101,8 +110,14 @@ class ModelRunner:
             block_size=bs,
         )
         self.backend.plan(attn, self.model.config.num_kv_heads)
-        return StepInputs(longs_dev[:T], longs_dev[T:2 * T], attn, longs_dev[3 * T:3 * T + rows], sample_requests,
-                          sampled_drafts)
+        return StepInputs(
+            longs_dev[:T],
+            longs_dev[T : 2 * T],
+            attn,
+            longs_dev[3 * T : 3 * T + rows],
+            sample_requests,
+            sampled_drafts,
+        )
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -124,8 +139,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         if not any(inputs.num_drafts):
             out = self.sampler(logits, inputs.sample_requests)
-            return [Sampled(r, [t], [lp]) for r, t, lp in
-                    zip(inputs.sample_requests, out.token_ids, out.logprobs, strict=True)]
+            return [
+                Sampled(r, [t], [lp])
+                for r, t, lp in zip(inputs.sample_requests, out.token_ids, out.logprobs, strict=True)
+            ]
         return self._verify(logits, inputs)
 
     def _verify(self, logits: torch.Tensor, inputs: StepInputs) -> list[Sampled]:
@@ -151,6 +168,6 @@ class ModelRunner:
                 tokens, accepted = verify(logits[lo:hi], drafts, request)
             logprobs = [None] * len(tokens)
             if request.params.logprobs is not None:
-                logprobs = self.sampler.logprobs_of(logits[lo:lo + len(tokens)], request.params, tokens)
+                logprobs = self.sampler.logprobs_of(logits[lo : lo + len(tokens)], request.params, tokens)
             results[i] = Sampled(request, tokens, logprobs, k, accepted)
         return results

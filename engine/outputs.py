@@ -34,12 +34,20 @@ class ComputeUsage:
         return self.prefill_seconds + self.decode_seconds
 
     def __add__(self, other: "ComputeUsage") -> "ComputeUsage":
-        return ComputeUsage(self.prefill_seconds + other.prefill_seconds, self.decode_seconds + other.decode_seconds,
-                            self.prefill_tokens + other.prefill_tokens, self.decode_tokens + other.decode_tokens)
+        return ComputeUsage(
+            self.prefill_seconds + other.prefill_seconds,
+            self.decode_seconds + other.decode_seconds,
+            self.prefill_tokens + other.prefill_tokens,
+            self.decode_tokens + other.decode_tokens,
+        )
 
     def __sub__(self, other: "ComputeUsage") -> "ComputeUsage":
-        return ComputeUsage(self.prefill_seconds - other.prefill_seconds, self.decode_seconds - other.decode_seconds,
-                            self.prefill_tokens - other.prefill_tokens, self.decode_tokens - other.decode_tokens)
+        return ComputeUsage(
+            self.prefill_seconds - other.prefill_seconds,
+            self.decode_seconds - other.decode_seconds,
+            self.prefill_tokens - other.prefill_tokens,
+            self.decode_tokens - other.decode_tokens,
+        )
 
 
 @dataclass

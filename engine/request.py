@@ -20,8 +20,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
 
 
 class Request:
@@ -31,10 +34,20 @@ class Request:
     block manager use it for prefix caching.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                 eos_token_ids: frozenset[int] = frozenset(), priority: int = 0,
-                 hash_extra: bytes = b"", arrival_time: float | None = None, seed_offset: int = 0,
-                 hold_kv: bool = False, preemptible: bool = True):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        eos_token_ids: frozenset[int] = frozenset(),
+        priority: int = 0,
+        hash_extra: bytes = b"",
+        arrival_time: float | None = None,
+        seed_offset: int = 0,
+        hold_kv: bool = False,
+        preemptible: bool = True,
+    ):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -53,7 +66,9 @@ class Request:
         self.num_preemptions = 0
         self.compute = ComputeUsage()  # its share of the engine steps it was in
         self.draft_compute = ComputeUsage()  # a remote draft pool's time on its drafts (services/draft.py)
-        self.spec_token_ids: list[int] = []  # drafted next tokens the next step verifies (speculative decoding)
+        self.spec_token_ids: list[
+            int
+        ] = []  # drafted next tokens the next step verifies (speculative decoding)
         self.spec_len = 0  # how many to draft next (adapted to its acceptance; 0: not yet started)
         self.block_hashes: list[bytes] = []
         self.stop_reason: int | str | None = None
@@ -86,7 +101,7 @@ class Request:
         """Tokens [start, end) of prompt + output + the drafted tokens after them."""
         n = self.num_tokens
         real = self.token_ids(start, min(end, n)) if start < n else []
-        return real + self.spec_token_ids[max(start - n, 0):max(end - n, 0)]
+        return real + self.spec_token_ids[max(start - n, 0) : max(end - n, 0)]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole list."""
@@ -94,13 +109,15 @@ class Request:
         if end <= p:
             return self.prompt_token_ids[start:end]
         if start >= p:
-            return self.output_token_ids[start - p:end - p]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     @property
     def is_finished(self) -> bool:
         return self.status.finished
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, status={self.status.value})")
+        return (
+            f"Request({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.value})"
+        )

@@ -14,8 +14,9 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]
 
 
-def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
+def apply_filters(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """logits [S, V] (temperature applied); top_k [S] (V = off), top_p [S], min_p [S] -> filtered logits."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V]
     ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
@@ -31,7 +32,9 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def filter_rows(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Each row's top-k / top-p / min-p (its SamplingParams) applied to tempered logits [R, V]."""
     V, device = logits.shape[-1], logits.device
-    top_k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], device=device)  # any int fits
+    top_k = torch.tensor(
+        [min(p.top_k, V) if p.top_k > 0 else V for p in params], device=device
+    )  # any int fits
     top_p = torch.tensor([p.top_p for p in params], device=device)
     min_p = torch.tensor([p.min_p for p in params], device=device)
     return apply_filters(logits, top_k, top_p, min_p)
@@ -61,7 +64,9 @@ class Sampler:
         token_list = token_ids.tolist()
         return SamplerOutput(token_list, self._logprobs(logits, params, token_list))
 
-    def logprobs_of(self, logits: torch.Tensor, params, token_ids: list[int]) -> list[dict[int, float] | None]:
+    def logprobs_of(
+        self, logits: torch.Tensor, params, token_ids: list[int]
+    ) -> list[dict[int, float] | None]:
         """Logprobs of one request's tokens, one per row of `logits` (verified drafts)."""
         return self._logprobs(logits, [params] * len(token_ids), token_ids)
 

@@ -46,8 +46,12 @@ class SamplingParams:
         if self.temperature < GREEDY_BELOW:
             self.temperature = 0.0
         elif self.temperature < MIN_SAMPLING_TEMPERATURE:
-            logger.warning("temperature %g is below %g, which overflows the tempered logits; using %g",
-                           self.temperature, MIN_SAMPLING_TEMPERATURE, MIN_SAMPLING_TEMPERATURE)
+            logger.warning(
+                "temperature %g is below %g, which overflows the tempered logits; using %g",
+                self.temperature,
+                MIN_SAMPLING_TEMPERATURE,
+                MIN_SAMPLING_TEMPERATURE,
+            )
             self.temperature = MIN_SAMPLING_TEMPERATURE
 
     def _validate(self) -> None:
@@ -56,8 +60,11 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "an integer >= 1")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) \
-                or not 0.0 <= self.temperature < math.inf:  # also rejects NaN
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not 0.0 <= self.temperature < math.inf
+        ):  # also rejects NaN
             raise bad("temperature", "a finite number >= 0 (0 means greedy)")
         if not isinstance(self.top_p, int | float) or math.isnan(self.top_p):
             raise bad("top_p", "in (0, 1]")
@@ -71,8 +78,11 @@ class SamplingParams:
             raise bad("max_tokens", "an integer >= 1 or None")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
             raise bad("seed", f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "non-empty strings")

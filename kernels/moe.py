@@ -25,8 +25,14 @@ def topk_softmax_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool)
     return weights, ids
 
 
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor,
-                  top_k: int, renormalize: bool) -> torch.Tensor:
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate | up), w2 [E, H, I] -> [T, H]: a loop over the experts hit."""
     weights, ids = topk_softmax_ref(router_logits, top_k, renormalize)
     weights = weights.to(x.dtype)
@@ -40,8 +46,16 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_l
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr, E_PAD: tl.constexpr,
-                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr):
+def _topk_softmax_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    stride_l,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_PAD)
     logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -70,8 +84,16 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     weights = torch.empty((T, top_k), dtype=torch.float32, device=router_logits.device)
     ids = torch.empty((T, top_k), dtype=torch.int64, device=router_logits.device)
     if T:
-        _topk_softmax_kernel[(T,)](router_logits, weights, ids, router_logits.stride(0), E=E,
-                                   E_PAD=triton.next_power_of_2(E), TOP_K=top_k, RENORMALIZE=renormalize)
+        _topk_softmax_kernel[(T,)](
+            router_logits,
+            weights,
+            ids,
+            router_logits.stride(0),
+            E=E,
+            E_PAD=triton.next_power_of_2(E),
+            TOP_K=top_k,
+            RENORMALIZE=renormalize,
+        )
     return weights, ids
 
 
@@ -85,7 +107,8 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
     order = torch.argsort(flat, stable=True)  # rows grouped by expert
     # scatter_add, not bincount: bincount reads the maximum back to the host, which graph capture forbids
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
+        0, flat, torch.ones_like(flat)
+    )
     padded = (counts + block_m - 1) // block_m * block_m
     padded_start = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts, 0) - counts
@@ -100,11 +123,27 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 @triton.jit
-def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, sorted_rows_ptr, tile_expert_ptr, row_weights_ptr,
-                           num_rows, N, K, stride_am, stride_we, stride_wn, stride_om,
-                           A_ROW_DIV: tl.constexpr, MUL_WEIGHTS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PRECISION: tl.constexpr):
+def _grouped_matmul_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    sorted_rows_ptr,
+    tile_expert_ptr,
+    row_weights_ptr,
+    num_rows,
+    N,
+    K,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_om,
+    A_ROW_DIV: tl.constexpr,
+    MUL_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
@@ -119,14 +158,18 @@ def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, sorted_rows_ptr, tile_expert_p
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
         w = tl.load(w_base + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [K, N]
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if MUL_WEIGHTS:
         acc = acc * tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * stride_om + n[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & n_ok[None, :],
+    )
 
 
 def _grouped_matmul(a, w, sorted_rows, tile_expert, num_rows, a_row_div, row_weights, block_m):
@@ -135,21 +178,46 @@ def _grouped_matmul(a, w, sorted_rows, tile_expert, num_rows, a_row_div, row_wei
     block_n, block_k = 64, 64 if K >= 64 else max(16, triton.next_power_of_2(K))
     grid = (tile_expert.numel(), triton.cdiv(N, block_n))
     _grouped_matmul_kernel[grid](
-        a, w, out, sorted_rows, tile_expert, row_weights if row_weights is not None else a,
-        num_rows, N, K, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        A_ROW_DIV=a_row_div, MUL_WEIGHTS=row_weights is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype))
+        a,
+        w,
+        out,
+        sorted_rows,
+        tile_expert,
+        row_weights if row_weights is not None else a,
+        num_rows,
+        N,
+        K,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        A_ROW_DIV=a_row_div,
+        MUL_WEIGHTS=row_weights is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        PRECISION=dot_precision(a.dtype),
+    )
     return out
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor,
-              top_k: int, renormalize: bool, block_m: int = 16) -> torch.Tensor:
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    block_m: int = 16,
+) -> torch.Tensor:
     """Same contract as fused_moe_ref: x [T, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [T, E]."""
     T, H = x.shape
     E, two_i, H2 = w13.shape
     if H2 != H or w2.shape != (E, H, two_i // 2) or router_logits.shape != (T, E):
-        raise ValueError(f"shapes: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
-                         f"router_logits {tuple(router_logits.shape)} do not agree")
+        raise ValueError(
+            f"shapes: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
+            f"router_logits {tuple(router_logits.shape)} do not agree"
+        )
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("x, w13, w2: last dim must be contiguous")
     if T == 0:

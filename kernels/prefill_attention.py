@@ -36,10 +36,33 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_head, start, stop, hi,
-                  scale_log2, sliding_window, stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
-                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _attend_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    cache_ptr,
+    block_tables_ptr,
+    seq,
+    kv_head,
+    start,
+    stop,
+    hi,
+    scale_log2,
+    sliding_window,
+    stride_cb,
+    stride_ckv,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """Online softmax over key tiles [start, stop). Unmasked tiles lie wholly below every row's diagonal."""
     d = tl.arange(0, D_PAD)
     for start_n in range(start, stop, BLOCK_N):
@@ -76,13 +99,33 @@ def _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_
 
 @triton.jit
 def _prefill_attention_kernel(
-        q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-        scale_log2, num_seqs, sliding_window,
-        stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_cb, stride_ckv, stride_cs, stride_ch, stride_bt,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr):
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    num_seqs,
+    sliding_window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_ckv,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -119,32 +162,90 @@ def _prefill_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_head, lo, mid,
-                                  hi, scale_log2, sliding_window, stride_cb, stride_ckv, stride_cs, stride_ch,
-                                  stride_bt, BLOCK_SIZE, HEAD_DIM, D_PAD, BLOCK_N, PRECISION, False)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, q_pos, cache_ptr, block_tables_ptr, seq, kv_head, mid, hi,
-                                  hi, scale_log2, sliding_window, stride_cb, stride_ckv, stride_cs, stride_ch,
-                                  stride_bt, BLOCK_SIZE, HEAD_DIM, D_PAD, BLOCK_N, PRECISION, True)
+    acc, l_i, m_i = _attend_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        cache_ptr,
+        block_tables_ptr,
+        seq,
+        kv_head,
+        lo,
+        mid,
+        hi,
+        scale_log2,
+        sliding_window,
+        stride_cb,
+        stride_ckv,
+        stride_cs,
+        stride_ch,
+        stride_bt,
+        BLOCK_SIZE,
+        HEAD_DIM,
+        D_PAD,
+        BLOCK_N,
+        PRECISION,
+        False,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        cache_ptr,
+        block_tables_ptr,
+        seq,
+        kv_head,
+        mid,
+        hi,
+        hi,
+        scale_log2,
+        sliding_window,
+        stride_cb,
+        stride_ckv,
+        stride_cs,
+        stride_ch,
+        stride_bt,
+        BLOCK_SIZE,
+        HEAD_DIM,
+        D_PAD,
+        BLOCK_N,
+        PRECISION,
+        True,
+    )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (q_begin + q_tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, num_seqs: int) -> None:
+def check_paged_inputs(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int
+) -> None:
     if q.dim() != 3 or q.stride(2) != 1:
-        raise ValueError(f"q: expected [tokens, heads, head_dim] with contiguous head_dim, got {tuple(q.shape)}")
-    if kv_cache.dim() != 5 or kv_cache.shape[1] != 2 or kv_cache.shape[4] != q.shape[2] \
-            or kv_cache.stride(4) != 1:
-        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)}, expected [blocks, 2, block_size, "
-                         f"kv_heads, {q.shape[2]}] with contiguous head_dim")
+        raise ValueError(
+            f"q: expected [tokens, heads, head_dim] with contiguous head_dim, got {tuple(q.shape)}"
+        )
+    if (
+        kv_cache.dim() != 5
+        or kv_cache.shape[1] != 2
+        or kv_cache.shape[4] != q.shape[2]
+        or kv_cache.stride(4) != 1
+    ):
+        raise ValueError(
+            f"kv_cache: shape {tuple(kv_cache.shape)}, expected [blocks, 2, block_size, "
+            f"kv_heads, {q.shape[2]}] with contiguous head_dim"
+        )
     if q.shape[1] % kv_cache.shape[3]:
         raise ValueError(f"heads: {q.shape[1]} query heads is not a multiple of {kv_cache.shape[3]} KV heads")
     if q.dtype != kv_cache.dtype:
         raise ValueError(f"dtypes: q {q.dtype} and kv_cache {kv_cache.dtype} must match")
     if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables: expected [>= {num_seqs}, max_blocks] row-major, "
-                         f"got {tuple(block_tables.shape)}")
+        raise ValueError(
+            f"block_tables: expected [>= {num_seqs}, max_blocks] row-major, got {tuple(block_tables.shape)}"
+        )
     if seq_lens.shape[0] < num_seqs:
         raise ValueError(f"seq_lens: expected >= {num_seqs} entries, got {seq_lens.shape[0]}")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
@@ -152,11 +253,21 @@ def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
             raise ValueError(f"{name}: expected int32, got {t.dtype}")
 
 
-def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                      scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
-                      block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2
-                      ) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
     """q [T, heads, D] (queries are each sequence's last tokens) -> out [T, heads, D].
 
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (context after this step),
@@ -177,11 +288,33 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         return out
     grid = (T // block_q + num_seqs, kv_cache.shape[3])
     _prefill_attention_kernel[grid](
-        q, kv_cache, out, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        q,
+        kv_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale * LOG2E,
+        num_seqs,
+        sliding_window or 0,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        BLOCK_SIZE=kv_cache.shape[2],
+        HEAD_DIM=D,
+        D_PAD=triton.next_power_of_2(D),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out

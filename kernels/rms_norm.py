@@ -17,8 +17,21 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_r, stride_o,
-                     stride_ro, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    eps,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -39,8 +52,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if weight.shape != (N,):
         raise ValueError(f"weight: shape {tuple(weight.shape)}, expected ({N},)")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual: {tuple(residual.shape)} {residual.dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
+        raise ValueError(
+            f"residual: {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+        )
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         raise ValueError("x: the normalised dimension must be contiguous")
@@ -49,8 +63,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty_like(x2) if residual is not None else out
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out, res_out, eps, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
-            N=N, BLOCK=triton.next_power_of_2(N), HAS_RESIDUAL=residual is not None,
-            num_warps=4 if N <= 2048 else 8)
+            x2,
+            r2,
+            weight,
+            out,
+            res_out,
+            eps,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            N=N,
+            BLOCK=triton.next_power_of_2(N),
+            HAS_RESIDUAL=residual is not None,
+            num_warps=4 if N <= 2048 else 8,
+        )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))

@@ -15,9 +15,22 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                   QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr, H_PAD: tl.constexpr,
-                   HALF_PAD: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    QH: tl.constexpr,
+    KH: tl.constexpr,
+    HALF: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
     j_ok = j < HALF
@@ -42,12 +55,30 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     T, QH, D = q.shape
     if k.shape[0] != T or k.shape[2] != D or D % 2:
         raise ValueError(f"k: shape {tuple(k.shape)} must be [{T}, kv_heads, {D}] with even head_dim")
-    if cos.shape != (T, D) or sin.shape != (T, D) or cos.dtype != torch.float32 or cos.stride() != sin.stride():
+    if (
+        cos.shape != (T, D)
+        or sin.shape != (T, D)
+        or cos.dtype != torch.float32
+        or cos.stride() != sin.stride()
+    ):
         raise ValueError(f"cos/sin: expected [{T}, {D}] fp32 with equal strides")
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1:
         raise ValueError("q, k, cos, sin: head_dim must be contiguous")
     if T:
-        _rotary_kernel[(T,)](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-                             QH=QH, KH=k.shape[1], HALF=D // 2, H_PAD=triton.next_power_of_2(max(QH, k.shape[1])),
-                             HALF_PAD=triton.next_power_of_2(D // 2))
+        _rotary_kernel[(T,)](
+            q,
+            k,
+            cos,
+            sin,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            QH=QH,
+            KH=k.shape[1],
+            HALF=D // 2,
+            H_PAD=triton.next_power_of_2(max(QH, k.shape[1])),
+            HALF_PAD=triton.next_power_of_2(D // 2),
+        )
     return q, k

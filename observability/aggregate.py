@@ -9,8 +9,11 @@ import urllib.request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-SCRAPE_FAILURES = Counter("ridgeline_metrics_scrape_failures_total", "Worker metrics endpoints that did not "
-                          "answer a frontend scrape in time", ["replica"])
+SCRAPE_FAILURES = Counter(
+    "ridgeline_metrics_scrape_failures_total",
+    "Worker metrics endpoints that did not answer a frontend scrape in time",
+    ["replica"],
+)
 
 
 def _fetch(url: str, timeout_s: float, token: str | None = None) -> str:
@@ -54,8 +57,9 @@ async def app_metrics(workers: dict[str, str], timeout_s: float = 2.0, token: st
     """workers: replica -> its metrics URL (token: the bearer token they require, the app's API key). The
     frontend's registry plus each worker's ridgeline_* families."""
     replicas = list(workers)
-    results = await asyncio.gather(*(asyncio.to_thread(_fetch, workers[r], timeout_s, token) for r in replicas),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(asyncio.to_thread(_fetch, workers[r], timeout_s, token) for r in replicas), return_exceptions=True
+    )
     texts: dict[str | None, str] = {}
     for replica, result in zip(replicas, results, strict=True):
         if isinstance(result, BaseException):

@@ -26,62 +26,119 @@ WORKER = ["model", "pool", "role"]
 
 # -- the frontend: what clients see --------------------------------------------------------------------
 REQUESTS = Counter(
-    "ridgeline_requests_total", "Requests answered, by outcome: stop or length (finished), aborted (client "
+    "ridgeline_requests_total",
+    "Requests answered, by outcome: stop or length (finished), aborted (client "
     "went away), rejected (429, admission), invalid (4xx), error (5xx or a stream that failed)",
-    [*FRONTEND, "outcome"])
+    [*FRONTEND, "outcome"],
+)
 REQUESTS_IN_FLIGHT = Gauge("ridgeline_requests_in_flight", "Requests the frontend is serving now", ["model"])
-TTFT = Histogram("ridgeline_time_to_first_token_seconds", "Request arrival to its first token",
-                 FRONTEND, buckets=_LATENCY_S)
-TPOT = Histogram("ridgeline_time_per_output_token_seconds", "Per request: (end-to-end - TTFT) / (tokens - 1)",
-                 FRONTEND, buckets=_TOKEN_S)
-ITL = Histogram("ridgeline_inter_token_latency_seconds", "Time between consecutive token arrivals of a stream",
-                FRONTEND, buckets=_TOKEN_S)
-E2E = Histogram("ridgeline_e2e_request_latency_seconds", "Request arrival to its last token",
-                FRONTEND, buckets=_LATENCY_S)
+TTFT = Histogram(
+    "ridgeline_time_to_first_token_seconds",
+    "Request arrival to its first token",
+    FRONTEND,
+    buckets=_LATENCY_S,
+)
+TPOT = Histogram(
+    "ridgeline_time_per_output_token_seconds",
+    "Per request: (end-to-end - TTFT) / (tokens - 1)",
+    FRONTEND,
+    buckets=_TOKEN_S,
+)
+ITL = Histogram(
+    "ridgeline_inter_token_latency_seconds",
+    "Time between consecutive token arrivals of a stream",
+    FRONTEND,
+    buckets=_TOKEN_S,
+)
+E2E = Histogram(
+    "ridgeline_e2e_request_latency_seconds", "Request arrival to its last token", FRONTEND, buckets=_LATENCY_S
+)
 PROMPT_TOKENS = Counter("ridgeline_prompt_tokens_total", "Prompt tokens of finished requests", FRONTEND)
-GENERATION_TOKENS = Counter("ridgeline_generation_tokens_total", "Tokens generated for finished requests",
-                            FRONTEND)
-SLO_MET = Counter("ridgeline_slo_met_requests_total", "Finished requests that met both their class's TTFT "
-                  "and TPOT targets", FRONTEND)
+GENERATION_TOKENS = Counter(
+    "ridgeline_generation_tokens_total", "Tokens generated for finished requests", FRONTEND
+)
+SLO_MET = Counter(
+    "ridgeline_slo_met_requests_total",
+    "Finished requests that met both their class's TTFT and TPOT targets",
+    FRONTEND,
+)
 ADMISSION_REJECTED = Counter(
-    "ridgeline_admission_rejected_total", "Requests rejected with 429 because their class's TTFT target "
-    "could not be met (control_plane/admission.py)", FRONTEND)
+    "ridgeline_admission_rejected_total",
+    "Requests rejected with 429 because their class's TTFT target "
+    "could not be met (control_plane/admission.py)",
+    FRONTEND,
+)
 COST_DOLLARS = Counter(
-    "ridgeline_cost_dollars_total", "Dollars of engine time spent on requests (step time x the pool's "
-    "price, split over the step's tokens)", ["model", "pool", "slo_class"])
+    "ridgeline_cost_dollars_total",
+    "Dollars of engine time spent on requests (step time x the pool's price, split over the step's tokens)",
+    ["model", "pool", "slo_class"],
+)
 COMPUTE_TOKENS = Counter(
-    "ridgeline_compute_tokens_total", "Tokens the engines computed for requests, prompt (prefill) and "
-    "generated-position (decode) apart", ["model", "pool", "slo_class", "kind"])
+    "ridgeline_compute_tokens_total",
+    "Tokens the engines computed for requests, prompt (prefill) and generated-position (decode) apart",
+    ["model", "pool", "slo_class", "kind"],
+)
 COMPUTE_SECONDS = Counter(
-    "ridgeline_compute_seconds_total", "Engine step seconds spent on requests", ["model", "pool", "slo_class"])
+    "ridgeline_compute_seconds_total", "Engine step seconds spent on requests", ["model", "pool", "slo_class"]
+)
 POOL_PRICE = Gauge("ridgeline_pool_price_dollars_per_hour", "A pool's price per replica", ["model", "pool"])
-POOL_REPLICAS = Gauge("ridgeline_pool_live_replicas", "A pool's replicas registered and alive now "
-                      "(the registry)", ["model", "pool"])
+POOL_REPLICAS = Gauge(
+    "ridgeline_pool_live_replicas",
+    "A pool's replicas registered and alive now (the registry)",
+    ["model", "pool"],
+)
 REQUEST_MIGRATIONS = Counter(
     "ridgeline_request_migrations_total",
-    "Sequences resumed on another decode replica after theirs died (tokens already streamed kept)", ["model"])
-WORKERS_LOST = Counter("ridgeline_worker_lost_total", "Calls that met a dead worker replica", ["model", "role"])
+    "Sequences resumed on another decode replica after theirs died (tokens already streamed kept)",
+    ["model"],
+)
+WORKERS_LOST = Counter(
+    "ridgeline_worker_lost_total", "Calls that met a dead worker replica", ["model", "role"]
+)
 ROUTER_DECISIONS = Counter(
-    "ridgeline_router_decisions_total", "Replica choices for prompts, by policy and by the fastest tier that "
-    "held the chosen replica's cached prefix (none: it computes the whole prompt)", ["policy", "tier"])
+    "ridgeline_router_decisions_total",
+    "Replica choices for prompts, by policy and by the fastest tier that "
+    "held the chosen replica's cached prefix (none: it computes the whole prompt)",
+    ["policy", "tier"],
+)
 ROUTER_MATCHED_BLOCKS = Counter(
-    "ridgeline_router_matched_blocks_total", "Prompt blocks the chosen replica already held, by tier",
-    ["policy", "tier"])
+    "ridgeline_router_matched_blocks_total",
+    "Prompt blocks the chosen replica already held, by tier",
+    ["policy", "tier"],
+)
 ROUTER_PROMPT_BLOCKS = Counter(
-    "ridgeline_router_prompt_blocks_total", "Full prompt blocks routed (the denominator of the hit rate)",
-    ["policy"])
+    "ridgeline_router_prompt_blocks_total",
+    "Full prompt blocks routed (the denominator of the hit rate)",
+    ["policy"],
+)
 
 # -- the workers: what engines do (observability/worker_metrics.py reads engine state at scrape time) ----
-QUEUE_TIME = Histogram("ridgeline_request_queue_time_seconds", "Arrival at a worker's engine to its first "
-                       "scheduled step", [*WORKER, "slo_class"], buckets=_LATENCY_S)
-KV_TRANSFER_BYTES = Counter("ridgeline_kv_transfer_bytes_total", "KV bytes pulled from another worker",
-                            [*WORKER, "transport"])
-KV_TRANSFER_SECONDS = Histogram("ridgeline_kv_transfer_seconds", "One verified KV pull (a request's blocks)",
-                                [*WORKER, "transport"], buckets=_TRANSFER_S)
-KV_TRANSFER_FAILURES = Counter("ridgeline_kv_transfer_failures_total", "KV pulls that failed or did not "
-                               "verify (retried, then recomputed)", [*WORKER, "transport"])
-DRAFT_LATENCY = Histogram("ridgeline_spec_draft_latency_seconds", "One call to the draft workers for a decode "
-                          "step's batch of proposals", WORKER, buckets=_TRANSFER_S)
+QUEUE_TIME = Histogram(
+    "ridgeline_request_queue_time_seconds",
+    "Arrival at a worker's engine to its first scheduled step",
+    [*WORKER, "slo_class"],
+    buckets=_LATENCY_S,
+)
+KV_TRANSFER_BYTES = Counter(
+    "ridgeline_kv_transfer_bytes_total", "KV bytes pulled from another worker", [*WORKER, "transport"]
+)
+KV_TRANSFER_SECONDS = Histogram(
+    "ridgeline_kv_transfer_seconds",
+    "One verified KV pull (a request's blocks)",
+    [*WORKER, "transport"],
+    buckets=_TRANSFER_S,
+)
+KV_TRANSFER_FAILURES = Counter(
+    "ridgeline_kv_transfer_failures_total",
+    "KV pulls that failed or did not verify (retried, then recomputed)",
+    [*WORKER, "transport"],
+)
+DRAFT_LATENCY = Histogram(
+    "ridgeline_spec_draft_latency_seconds",
+    "One call to the draft workers for a decode step's batch of proposals",
+    WORKER,
+    buckets=_TRANSFER_S,
+)
 # engine state, exported by a collector in each worker (names listed here so this module stays the index):
 #   ridgeline_num_requests_running, ridgeline_num_requests_waiting, ridgeline_preemptions_total,
 #   ridgeline_engine_busy_seconds_total, ridgeline_engine_steps_total,
@@ -101,10 +158,10 @@ ENGINE_COUNTERS = {
     "ridgeline_engine_steps": "Engine steps that computed tokens",
     "ridgeline_kv_lookup_blocks": "Full prompt blocks looked up in the KV cache at admission",
     "ridgeline_kv_hit_blocks": "Prompt blocks found in a tier instead of computed (hbm: prefix cache; "
-                               "dram/ssd: loaded from the tier)",
+    "dram/ssd: loaded from the tier)",
     "ridgeline_kv_moved_bytes": "KV bytes moved between HBM and a lower tier (direction: offload, load)",
     "ridgeline_spec_draft_tokens": "Drafted tokens verified (speculative decoding proposals)",
     "ridgeline_spec_accepted_tokens": "Drafted tokens accepted",
     "ridgeline_spec_verifications": "Verifications (a request's drafts checked in one step); accepted / "
-                                    "verifications is the mean accepted length",
+    "verifications is the mean accepted length",
 }

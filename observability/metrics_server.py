@@ -35,7 +35,12 @@ def _authorized(app, token: str):
 def start_metrics_server(addr: str, token: str | None = None) -> WSGIServer:
     """Serves on addr, a free port (server.server_port); stop with shutdown() and server_close()."""
     app = make_wsgi_app()
-    server = make_server(addr, 0, app if token is None else _authorized(app, token), _ThreadingServer,
-                         handler_class=_QuietHandler)
+    server = make_server(
+        addr,
+        0,
+        app if token is None else _authorized(app, token),
+        _ThreadingServer,
+        handler_class=_QuietHandler,
+    )
     threading.Thread(target=server.serve_forever, daemon=True, name="ridgeline-metrics").start()
     return server

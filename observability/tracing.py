@@ -32,8 +32,11 @@ def _wanted() -> bool:
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or env.get("OTEL_TRACES_EXPORTER", "").lower() == "otlp")
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_TRACES_EXPORTER", "").lower() == "otlp"
+    )
 
 
 def configure(service_name: str, exporter=None) -> bool:

@@ -21,8 +21,13 @@ class _EngineCollector:
     def collect(self):
         with _lock:
             sources = list(_sources.values())
-        gauges = {name: GaugeMetricFamily(name, doc, labels=_labels(name)) for name, doc in ENGINE_GAUGES.items()}
-        counters = {name: CounterMetricFamily(name, doc, labels=_labels(name)) for name, doc in ENGINE_COUNTERS.items()}
+        gauges = {
+            name: GaugeMetricFamily(name, doc, labels=_labels(name)) for name, doc in ENGINE_GAUGES.items()
+        }
+        counters = {
+            name: CounterMetricFamily(name, doc, labels=_labels(name))
+            for name, doc in ENGINE_COUNTERS.items()
+        }
         for labels, read in sources:
             try:
                 s = read()
@@ -52,8 +57,12 @@ class _EngineCollector:
 
 
 def _labels(name: str) -> list[str]:
-    extra = {"ridgeline_kv_capacity_blocks": ["tier"], "ridgeline_kv_used_blocks": ["tier"],
-             "ridgeline_kv_hit_blocks": ["tier"], "ridgeline_kv_moved_bytes": ["tier", "direction"]}
+    extra = {
+        "ridgeline_kv_capacity_blocks": ["tier"],
+        "ridgeline_kv_used_blocks": ["tier"],
+        "ridgeline_kv_hit_blocks": ["tier"],
+        "ridgeline_kv_moved_bytes": ["tier", "direction"],
+    }
     return ["model", "pool", "role", *extra.get(name, [])]
 
 

@@ -46,23 +46,41 @@ class PoolConfig(BaseModel):
     kv_ssd_dir: str | None = Field(default=None, description="SSD KV tier directory (one per replica)")
     kv_ssd_blocks: int = Field(default=0, ge=0)
     kv_memory: Literal["replica", "node"] = Field(
-        default="replica", description="replica: tiers inside each replica; node: one KV memory service per "
-        "node shared by its replicas (sizes are the service's), surviving replica restarts")
+        default="replica",
+        description="replica: tiers inside each replica; node: one KV memory service per "
+        "node shared by its replicas (sizes are the service's), surviving replica restarts",
+    )
     kv_staging_blocks: int = Field(default=64, ge=1, description="node mode: host blocks staged for offload")
-    ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each replica "
-                                            "needs (the Helm chart pins pools to their worker groups with them)")
-    device: str | None = Field(default=None, description="what a replica runs on: cpu, or the GPU type "
-                               "(H200, A100-80GB, ...); default cpu without GPUs, gpu with")
-    price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per replica; default: "
-                                         "control_plane/cost.py's default list rates for its GPUs and CPUs")
-    worker_cls: str | None = Field(default=None, description="module:Class of the replicas' worker, a subclass "
-                                   "of the pool's role (PrefillWorker, DecodeWorker) — like vLLM's --worker-cls, "
-                                   "for extensions and fault injection; default: the role's own class")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each replica "
+        "needs (the Helm chart pins pools to their worker groups with them)",
+    )
+    device: str | None = Field(
+        default=None,
+        description="what a replica runs on: cpu, or the GPU type "
+        "(H200, A100-80GB, ...); default cpu without GPUs, gpu with",
+    )
+    price_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        description="$ per hour per replica; default: "
+        "control_plane/cost.py's default list rates for its GPUs and CPUs",
+    )
+    worker_cls: str | None = Field(
+        default=None,
+        description="module:Class of the replicas' worker, a subclass "
+        "of the pool's role (PrefillWorker, DecodeWorker) — like vLLM's --worker-cls, "
+        "for extensions and fault injection; default: the role's own class",
+    )
     weight_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="auto: the checkpoint's dtype")
+        default="auto", description="auto: the checkpoint's dtype"
+    )
     kv_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="KV cache dtype; today the weight dtype (auto) — quantized KV comes with "
-        "per-pool quantization")
+        default="auto",
+        description="KV cache dtype; today the weight dtype (auto) — quantized KV comes with "
+        "per-pool quantization",
+    )
 
     @model_validator(mode="after")
     def _check_device_and_dtypes(self) -> "PoolConfig":
@@ -77,8 +95,10 @@ class PoolConfig(BaseModel):
             raise ValueError(f"weight_dtype: {self.weight_dtype} but engine.dtype is {engine_dtype}; set one")
         weights = self.weight_dtype if self.weight_dtype != "auto" else engine_dtype
         if self.kv_dtype != "auto" and self.kv_dtype != weights:
-            raise ValueError(f"kv_dtype: got {self.kv_dtype}, allowed auto or the weight dtype ({weights}): "
-                             "the KV cache is stored in the weight dtype today")
+            raise ValueError(
+                f"kv_dtype: got {self.kv_dtype}, allowed auto or the weight dtype ({weights}): "
+                "the KV cache is stored in the weight dtype today"
+            )
         return self
 
     @property
@@ -100,19 +120,36 @@ class PoolConfig(BaseModel):
 
     def describe(self, name: str, role: str, router: str) -> dict:
         """The pool as the registry stores it and /v1/pools shows it."""
-        return {"name": name, "role": role, "device": self.resolved_device, "replicas": self.replicas,
-                "autoscaling": self.autoscaling, "num_gpus": self.num_gpus, "num_cpus": self.num_cpus,
-                "price_per_hour": self.resolved_price, "price_is_default": self.price_per_hour is None,
-                "weight_dtype": self.weight_dtype if self.weight_dtype != "auto" else self.engine.get("dtype", "auto"),
-                "kv_dtype": self.kv_dtype, "router": router, "kv_memory": self.kv_memory,
-                "kv_dram_blocks": self.kv_dram_blocks, "kv_ssd_blocks": self.kv_ssd_blocks}
+        return {
+            "name": name,
+            "role": role,
+            "device": self.resolved_device,
+            "replicas": self.replicas,
+            "autoscaling": self.autoscaling,
+            "num_gpus": self.num_gpus,
+            "num_cpus": self.num_cpus,
+            "price_per_hour": self.resolved_price,
+            "price_is_default": self.price_per_hour is None,
+            "weight_dtype": self.weight_dtype
+            if self.weight_dtype != "auto"
+            else self.engine.get("dtype", "auto"),
+            "kv_dtype": self.kv_dtype,
+            "router": router,
+            "kv_memory": self.kv_memory,
+            "kv_dram_blocks": self.kv_dram_blocks,
+            "kv_ssd_blocks": self.kv_ssd_blocks,
+        }
 
     def kv_tiers(self) -> dict | None:
         if not self.kv_dram_blocks:
             if self.kv_ssd_dir:
                 raise ValueError("kv_ssd_dir: needs kv_dram_blocks >= 1 (SSD sits below DRAM)")
             return None
-        tiers = {"dram_blocks": self.kv_dram_blocks, "ssd_dir": self.kv_ssd_dir, "ssd_blocks": self.kv_ssd_blocks}
+        tiers = {
+            "dram_blocks": self.kv_dram_blocks,
+            "ssd_dir": self.kv_ssd_dir,
+            "ssd_blocks": self.kv_ssd_blocks,
+        }
         if self.kv_memory == "node":
             tiers |= {"service": True, "staging_blocks": self.kv_staging_blocks}
         return tiers
@@ -127,15 +164,28 @@ class DraftConfig(BaseModel):
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per draft worker (its torch threads)")
     engine: dict = Field(default_factory=dict)
     deadline_s: float = Field(default=0.5, gt=0, description="proposals older than this are not used")
-    wait_s: float = Field(default=0.0, ge=0, description="how long a decode step waits for its own drafts (0: "
-                          "pipelined, never waits; at most deadline_s)")
-    price_per_hour: float | None = Field(default=None, ge=0, description="$ per hour per draft worker (default: "
-                                         "control_plane/cost.py's default vCPU rate)")
-    ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
+    wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long a decode step waits for its own drafts (0: "
+        "pipelined, never waits; at most deadline_s)",
+    )
+    price_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        description="$ per hour per draft worker (default: control_plane/cost.py's default vCPU rate)",
+    )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker"
+    )
 
     @property
     def resolved_price(self) -> float:
-        return self.price_per_hour if self.price_per_hour is not None else default_price_per_hour(0, self.num_cpus)
+        return (
+            self.price_per_hour
+            if self.price_per_hour is not None
+            else default_price_per_hour(0, self.num_cpus)
+        )
 
     @model_validator(mode="after")
     def _wait_within_deadline(self):
@@ -159,32 +209,52 @@ class ServeConfig(BaseModel):
     frontend_num_cpus: float = Field(default=0.5, ge=0)
     max_migrations: int = Field(default=3, ge=0)
     fault_corrupt_pulls: int = Field(default=0, ge=0, description="tests only: corrupt the first N KV pulls")
-    expose_worker_addresses: bool = Field(default=False, description="/v1/pools shows each worker's pid, host, "
-                                          "node IP and metrics URL (hidden by default: API clients need none)")
+    expose_worker_addresses: bool = Field(
+        default=False,
+        description="/v1/pools shows each worker's pid, host, "
+        "node IP and metrics URL (hidden by default: API clients need none)",
+    )
     slo_classes: list[dict] = Field(
         default_factory=lambda: [dataclasses.asdict(c) for c in DEFAULT_SLO_TABLE.by_name.values()],
-        description="SLO classes (control_plane/slo.py): name, priority, ttft_ms, tpot_ms, lowest_tier, preemptible")
+        description="SLO classes (control_plane/slo.py): name, priority, ttft_ms, tpot_ms, lowest_tier, preemptible",
+    )
     slo_default: str = "standard"
     router: Literal["kv_aware", "least_loaded"] = Field(
-        default="kv_aware", description="how the pool that computes prompts (prefill; decode when aggregated) "
+        default="kv_aware",
+        description="how the pool that computes prompts (prefill; decode when aggregated) "
         "picks a replica: where the prompt's KV already is (kv_aware) or by load only; the decode pool of a "
-        "disaggregated app always goes by load and free KV")
+        "disaggregated app always goes by load and free KV",
+    )
 
     app_name: str | None = Field(default=None, description="registry namespace (default: the Serve app name)")
-    registry: str = Field(default="embedded", description="where workers and pools register: embedded (a Ray "
-                          "actor) or etcd://HOST:PORT")
-    registry_ttl_s: float = Field(default=10.0, gt=0, description="a worker that stops heartbeating leaves "
-                                  "the registry (and the router's choices) after this long")
+    registry: str = Field(
+        default="embedded",
+        description="where workers and pools register: embedded (a Ray actor) or etcd://HOST:PORT",
+    )
+    registry_ttl_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a worker that stops heartbeating leaves "
+        "the registry (and the router's choices) after this long",
+    )
     spec: Literal["none", "ngram", "draft"] = Field(
-        default="none", description="speculative decoding on the decode pool: prompt lookup (ngram) or a draft "
-        "model on CPU draft workers (draft)")
+        default="none",
+        description="speculative decoding on the decode pool: prompt lookup (ngram) or a draft "
+        "model on CPU draft workers (draft)",
+    )
     num_speculative_tokens: int = Field(default=4, ge=1, le=16)
     draft: DraftConfig | None = None
-    env: dict[str, str] = Field(default_factory=dict, description="environment variables of every replica "
-                                "(e.g. OTEL_EXPORTER_OTLP_ENDPOINT to export traces)")
-    admission: bool = Field(default=True, description="reject with 429 + Retry-After what would miss its SLO "
-                            "class's TTFT target (control_plane/admission.py), and find the in-flight cap under "
-                            "max_inflight from first-token times (control_plane/concurrency_limit.py)")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables of every replica "
+        "(e.g. OTEL_EXPORTER_OTLP_ENDPOINT to export traces)",
+    )
+    admission: bool = Field(
+        default=True,
+        description="reject with 429 + Retry-After what would miss its SLO "
+        "class's TTFT target (control_plane/admission.py), and find the in-flight cap under "
+        "max_inflight from first-token times (control_plane/concurrency_limit.py)",
+    )
 
     @property
     def model_name(self) -> str:
@@ -195,13 +265,17 @@ class ServeConfig(BaseModel):
         self.slo_table()  # ValueError (naming the class and field) for a bad table
         parse_url(self.registry)  # ValueError naming `registry`
         if (self.spec == "draft") != (self.draft is not None):
-            raise ValueError("draft: spec 'draft' needs a draft pool (draft.model), and a draft pool needs spec 'draft'")
+            raise ValueError(
+                "draft: spec 'draft' needs a draft pool (draft.model), and a draft pool needs spec 'draft'"
+            )
         return self
 
     def pools(self) -> dict[str, tuple[PoolConfig, str, str]]:
         """name -> (config, role, router) of the pools this app runs."""
         decode_router = self.router if self.mode == "aggregated" else "least_loaded"
-        pools = {"decode": (self.decode, "decode" if self.mode == "disaggregated" else "aggregated", decode_router)}
+        pools = {
+            "decode": (self.decode, "decode" if self.mode == "disaggregated" else "aggregated", decode_router)
+        }
         if self.mode == "disaggregated":
             pools = {"prefill": (self.prefill, "prefill", self.router), **pools}
         return pools
@@ -247,8 +321,14 @@ class OpenAIIngress:
 
         connect = connector(self.config.registry)
         for name, (pool, role, router) in self.config.pools().items():
-            self._membership.append(Registration(connect, keys.pool(self.app_name, name), pool.describe(name, role, router),
-                                                 ttl_s=self.config.registry_ttl_s))
+            self._membership.append(
+                Registration(
+                    connect,
+                    keys.pool(self.app_name, name),
+                    pool.describe(name, role, router),
+                    ttl_s=self.config.registry_ttl_s,
+                )
+            )
         view = RegistryView(connect, keys.app(self.app_name), resync_s=5.0)
         self._membership.append(view)
         for part in self._membership:
@@ -261,15 +341,30 @@ class OpenAIIngress:
         if self.prefill is not None:
             infos.append(await self.prefill.info.remote())
         self.client = DisaggregatedClient(
-            Tokenizer(self.config.model), min(i["max_model_len"] for i in infos), infos[0]["vocab_size"],
-            self.decode, self.prefill, max_migrations=self.config.max_migrations,
-            model_name=self.config.model_name)
+            Tokenizer(self.config.model),
+            min(i["max_model_len"] for i in infos),
+            infos[0]["vocab_size"],
+            self.decode,
+            self.prefill,
+            max_migrations=self.config.max_migrations,
+            model_name=self.config.model_name,
+        )
         view = self._follow_registry()
-        configured = {name: pool.describe(name, role, router) for name, (pool, role, router) in self.config.pools().items()}
+        configured = {
+            name: pool.describe(name, role, router)
+            for name, (pool, role, router) in self.config.pools().items()
+        }
         if (d := self.config.draft) is not None:  # CPU draft workers, charged per request for their drafts
-            configured["draft"] = {"name": "draft", "role": "draft", "device": "cpu", "replicas": d.replicas,
-                                   "num_cpus": d.num_cpus, "model": d.model, "price_per_hour": d.resolved_price,
-                                   "price_is_default": d.price_per_hour is None}
+            configured["draft"] = {
+                "name": "draft",
+                "role": "draft",
+                "device": "cpu",
+                "replicas": d.replicas,
+                "num_cpus": d.num_cpus,
+                "model": d.model,
+                "price_per_hour": d.resolved_price,
+                "price_is_default": d.price_per_hour is None,
+            }
 
         async def pools() -> list[dict]:
             """Each pool as the registry has it (the configuration here until it does) and its live workers."""
@@ -277,11 +372,21 @@ class OpenAIIngress:
             workers = view.under("workers/")
             out = []
             for name, described in configured.items():
-                live = sorted((w for key, w in workers.items() if key.startswith(name + "/")),
-                              key=lambda w: w.get("replica", ""))
-                out.append({**registered.get(name, described), "registered": name in registered,
-                            "workers": [{k: v for k, v in w.items() if k not in hidden} | {
-                                "transport": w.get("transport", {}).get("name")} for w in live]})
+                live = sorted(
+                    (w for key, w in workers.items() if key.startswith(name + "/")),
+                    key=lambda w: w.get("replica", ""),
+                )
+                out.append(
+                    {
+                        **registered.get(name, described),
+                        "registered": name in registered,
+                        "workers": [
+                            {k: v for k, v in w.items() if k not in hidden}
+                            | {"transport": w.get("transport", {}).get("name")}
+                            for w in live
+                        ],
+                    }
+                )
             return out
 
         hidden = {"transport"} | (set() if self.config.expose_worker_addresses else _WORKER_ADDRESSES)
@@ -295,15 +400,23 @@ class OpenAIIngress:
             for name, price in prices.items():
                 POOL_PRICE.labels(model, name).set(price)
                 POOL_REPLICAS.labels(model, name).set(sum(1 for w in workers if w.get("pool") == name))
-            return await app_metrics({w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")},
-                                     token=api_key)
+            return await app_metrics(
+                {w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")}, token=api_key
+            )
 
         api_key = self.config.api_key or envs.api_key()
-        return build_frontend(self.client, model, api_key=api_key,
-                              slo_table=self.config.slo_table(), max_inflight=self.config.max_inflight,
-                              prices=prices, admission=AdmissionController() if self.config.admission else None,
-                              concurrency=ConcurrencyLimit(self.config.max_inflight) if self.config.admission else None,
-                              pools=pools, app_metrics=metrics)
+        return build_frontend(
+            self.client,
+            model,
+            api_key=api_key,
+            slo_table=self.config.slo_table(),
+            max_inflight=self.config.max_inflight,
+            prices=prices,
+            admission=AdmissionController() if self.config.admission else None,
+            concurrency=ConcurrencyLimit(self.config.max_inflight) if self.config.admission else None,
+            pools=pools,
+            app_metrics=metrics,
+        )
 
     def __del__(self):
         for part in getattr(self, "_membership", []):
@@ -313,17 +426,26 @@ class OpenAIIngress:
 # what a worker registers that only an operator needs (/v1/pools hides it unless expose_worker_addresses)
 _WORKER_ADDRESSES = {"pid", "host", "node_ip", "metrics_url"}
 
-_ROUTERS = {"kv_aware": "services.routing:KVAwareRequestRouter",
-            "least_loaded": "services.routing:LeastLoadedRequestRouter"}
+_ROUTERS = {
+    "kv_aware": "services.routing:KVAwareRequestRouter",
+    "least_loaded": "services.routing:LeastLoadedRequestRouter",
+}
 
 
 def _router_config(router: str) -> RequestRouterConfig:
-    return RequestRouterConfig(request_router_class=_ROUTERS[router],
-                               request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5)
+    return RequestRouterConfig(
+        request_router_class=_ROUTERS[router],
+        request_routing_stats_period_s=0.5,
+        request_routing_stats_timeout_s=5,
+    )
 
 
-def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] | None = None,
-                   resources: dict[str, float] | None = None) -> dict:
+def _actor_options(
+    num_cpus: float,
+    num_gpus: float = 0.0,
+    env: dict[str, str] | None = None,
+    resources: dict[str, float] | None = None,
+) -> dict:
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if resources:
         options["resources"] = dict(resources)
@@ -334,10 +456,16 @@ def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] |
 
 def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded", env: dict | None = None):
     scale = {"autoscaling_config": pool.autoscaling} if pool.autoscaling else {"num_replicas": pool.replicas}
-    return serve.deployment(cls, name=name, max_ongoing_requests=pool.max_ongoing_requests,
-                            ray_actor_options=_actor_options(pool.num_cpus, pool.num_gpus, env, pool.ray_resources),
-                            request_router_config=_router_config(router), health_check_period_s=2,
-                            graceful_shutdown_timeout_s=5, **scale)
+    return serve.deployment(
+        cls,
+        name=name,
+        max_ongoing_requests=pool.max_ongoing_requests,
+        ray_actor_options=_actor_options(pool.num_cpus, pool.num_gpus, env, pool.ray_resources),
+        request_router_config=_router_config(router),
+        health_check_period_s=2,
+        graceful_shutdown_timeout_s=5,
+        **scale,
+    )
 
 
 def worker_class(pool: PoolConfig, role_class: type) -> type:
@@ -348,7 +476,9 @@ def worker_class(pool: PoolConfig, role_class: type) -> type:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"worker_cls: cannot import {pool.worker_cls!r} ({e}); allowed module:Class") from None
+        raise ValueError(
+            f"worker_cls: cannot import {pool.worker_cls!r} ({e}); allowed module:Class"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, role_class)):
         raise ValueError(f"worker_cls: {pool.worker_cls!r} is not a subclass of {role_class.__name__}")
     return cls
@@ -361,39 +491,70 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
 
     def worker_options(name: str) -> dict:
         pool = pools[name][0]
-        return {"kv_tiers": config.kv_tiers(pool), "pool_name": name, "registry": registry,
-                "model_name": config.model_name, "metrics_token": config.api_key or envs.api_key()}
+        return {
+            "kv_tiers": config.kv_tiers(pool),
+            "pool_name": name,
+            "registry": registry,
+            "model_name": config.model_name,
+            "metrics_token": config.api_key or envs.api_key(),
+        }
 
     decode_pool, _, decode_router = pools["decode"]
     decode_engine = decode_pool.engine_options()
     spec = None
     if config.spec == "ngram":
-        decode_engine |= {"speculative_method": "ngram", "num_speculative_tokens": config.num_speculative_tokens}
+        decode_engine |= {
+            "speculative_method": "ngram",
+            "num_speculative_tokens": config.num_speculative_tokens,
+        }
     elif config.spec == "draft":
         decode_engine |= {"num_speculative_tokens": config.num_speculative_tokens}
         d = config.draft
-        drafts = serve.deployment(DraftWorker, name="DraftWorker", num_replicas=d.replicas, max_ongoing_requests=64,
-                                  ray_actor_options=_actor_options(d.num_cpus, env=config.env,
-                                                                   resources=d.ray_resources)).bind(
-            d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
+        drafts = serve.deployment(
+            DraftWorker,
+            name="DraftWorker",
+            num_replicas=d.replicas,
+            max_ongoing_requests=64,
+            ray_actor_options=_actor_options(d.num_cpus, env=config.env, resources=d.ray_resources),
+        ).bind(d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
         spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s, "pool": "draft"}
-    decode = _pool(worker_class(decode_pool, DecodeWorker), "DecodeWorker", decode_pool, decode_router,
-                   config.env).bind(
-        config.model, decode_engine, config.kv_transport, pull_timeout_s=config.kv_pull_timeout_s,
-        fault_corrupt_pulls=config.fault_corrupt_pulls, spec=spec, **worker_options("decode"))
+    decode = _pool(
+        worker_class(decode_pool, DecodeWorker), "DecodeWorker", decode_pool, decode_router, config.env
+    ).bind(
+        config.model,
+        decode_engine,
+        config.kv_transport,
+        pull_timeout_s=config.kv_pull_timeout_s,
+        fault_corrupt_pulls=config.fault_corrupt_pulls,
+        spec=spec,
+        **worker_options("decode"),
+    )
     prefill = None
     if "prefill" in pools:
         prefill_pool, _, prefill_router = pools["prefill"]
-        prefill = _pool(worker_class(prefill_pool, PrefillWorker), "PrefillWorker", prefill_pool, prefill_router,
-                        config.env).bind(
-            config.model, prefill_pool.engine_options(), config.kv_transport, kv_lease_s=config.kv_lease_s,
-            **worker_options("prefill"))
+        prefill = _pool(
+            worker_class(prefill_pool, PrefillWorker),
+            "PrefillWorker",
+            prefill_pool,
+            prefill_router,
+            config.env,
+        ).bind(
+            config.model,
+            prefill_pool.engine_options(),
+            config.kv_transport,
+            kv_lease_s=config.kv_lease_s,
+            **worker_options("prefill"),
+        )
     # the frontend takes every request the proxy gets (its own max_inflight answers 503 beyond that), so its
     # admission control and metrics see the whole queue; Serve's default (5 ongoing) would hold the rest in
     # the proxy, invisible
-    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", num_replicas=1,
-                               max_ongoing_requests=config.max_inflight + 16,
-                               ray_actor_options=_actor_options(config.frontend_num_cpus, env=config.env))
+    ingress = serve.deployment(
+        OpenAIIngress,
+        name="OpenAIIngress",
+        num_replicas=1,
+        max_ongoing_requests=config.max_inflight + 16,
+        ray_actor_options=_actor_options(config.frontend_num_cpus, env=config.env),
+    )
     return ingress.bind(config.model_dump(), decode, prefill)
 
 

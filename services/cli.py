@@ -9,11 +9,21 @@ def _generate(args: argparse.Namespace) -> int:
 
     options = {"device": args.device} if args.device else {}
     if args.speculative_model:
-        options |= {"speculative_model": args.speculative_model, "num_speculative_tokens": args.num_speculative_tokens}
+        options |= {
+            "speculative_model": args.speculative_model,
+            "num_speculative_tokens": args.num_speculative_tokens,
+        }
     llm = LLM(args.model, dtype=args.dtype, **options)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, n=args.n,
-                            stop=args.stop or None, ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        n=args.n,
+        stop=args.stop or None,
+        ignore_eos=args.ignore_eos,
+    )
     prompts = args.prompt or ["Hello"]
     if args.chat:
         outputs = [llm.chat([{"role": "user", "content": p}], params)[0] for p in prompts]
@@ -21,8 +31,10 @@ def _generate(args: argparse.Namespace) -> int:
         outputs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outputs, strict=True):
         for completion in out.outputs:
-            print(f"{prompt!r} -> {completion.text!r}  "
-                  f"[{len(completion.token_ids)} tokens, {completion.finish_reason}]")
+            print(
+                f"{prompt!r} -> {completion.text!r}  "
+                f"[{len(completion.token_ids)} tokens, {completion.finish_reason}]"
+            )
     return 0
 
 
@@ -41,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline with the engine (no Ray)")
-    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: the reference model in models/, or $RIDGELINE_MODEL)")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="HF checkpoint directory (default: the reference model in models/, or $RIDGELINE_MODEL)",
+    )
     gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -54,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default=None)
-    gen.add_argument("--speculative-model", default=None,
-                     help="speculative decoding with this draft model (same tokenizer), on the same device")
+    gen.add_argument(
+        "--speculative-model",
+        default=None,
+        help="speculative decoding with this draft model (same tokenizer), on the same device",
+    )
     gen.add_argument("--num-speculative-tokens", type=int, default=4)
     gen.set_defaults(func=_generate)
 
@@ -63,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    sub.add_parser("bench", help="load an OpenAI-compatible server: latency, goodput, tokens per dollar "
-                   "(ridgeline bench --help)", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="load an OpenAI-compatible server: latency, goodput, tokens per dollar (ridgeline bench --help)",
+        add_help=False,
+    )
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random HF checkpoint")
     tiny.add_argument("out_dir")

@@ -22,9 +22,17 @@ logger = logging.getLogger("ridgeline.decode")
 class DecodeWorker(EngineWorker):
     role = "decode"
 
-    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 pull_attempts: int = 3, pull_timeout_s: float = 30.0, fault_corrupt_pulls: int = 0,
-                 spec: dict | None = None, **worker_options):
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict | None = None,
+        kv_transport: str = "auto",
+        pull_attempts: int = 3,
+        pull_timeout_s: float = 30.0,
+        fault_corrupt_pulls: int = 0,
+        spec: dict | None = None,
+        **worker_options,
+    ):
         """worker_options: EngineWorker's (kv_tiers, pool_name, registry). spec: {"draft": a handle to the
         DraftWorker pool, "deadline_s": ..., "wait_s": ..., "pool": its name} drafts with a remote draft
         model (ngram drafting is an engine option)."""
@@ -33,9 +41,14 @@ class DecodeWorker(EngineWorker):
         if spec is not None:
             from services.draft import RemoteDrafter
 
-            self.engine.attach_drafter(RemoteDrafter(spec["draft"], deadline_s=spec.get("deadline_s", 0.5),
-                                                     wait_s=spec.get("wait_s", 0.0),
-                                                     labels=self.metric_labels))
+            self.engine.attach_drafter(
+                RemoteDrafter(
+                    spec["draft"],
+                    deadline_s=spec.get("deadline_s", 0.5),
+                    wait_s=spec.get("wait_s", 0.0),
+                    labels=self.metric_labels,
+                )
+            )
         if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
             from services.transport.faults import CorruptingTransport
 
@@ -60,9 +73,14 @@ class DecodeWorker(EngineWorker):
     async def _generate(self, req: WorkerRequest, span) -> AsyncIterator[Delta]:
         computed = 0
         if req.kv_handle is not None:
-            transfer = tracing.tracer().start_span("kv_transfer", context=trace.set_span_in_context(span),
-                                                   attributes={"ridgeline.transport": self.transport.name,
-                                                               "ridgeline.blocks": len(req.kv_handle.block_ids)})
+            transfer = tracing.tracer().start_span(
+                "kv_transfer",
+                context=trace.set_span_in_context(span),
+                attributes={
+                    "ridgeline.transport": self.transport.name,
+                    "ridgeline.blocks": len(req.kv_handle.block_ids),
+                },
+            )
             try:
                 computed = await self._pull(req)
             finally:
@@ -71,10 +89,16 @@ class DecodeWorker(EngineWorker):
         tracker = DeltaTracker(len(req.output_token_ids), self.name, self.pool, self.draft_pool)
         queued = None
         try:
-            async for out in self.llm.generate(req.request_id, req.prompt_token_ids, req.params,
-                                               output_token_ids=req.output_token_ids,
-                                               kv_computed_tokens=computed, cache_salt=req.cache_salt,
-                                               priority=req.priority, preemptible=req.preemptible):
+            async for out in self.llm.generate(
+                req.request_id,
+                req.prompt_token_ids,
+                req.params,
+                output_token_ids=req.output_token_ids,
+                kv_computed_tokens=computed,
+                cache_salt=req.cache_salt,
+                priority=req.priority,
+                preemptible=req.preemptible,
+            ):
                 if queued is None and out.queued is not None:
                     queued = out.queued
                     self.observe_queue_time(queued, req.slo_class, span)
@@ -93,9 +117,10 @@ class DecodeWorker(EngineWorker):
         this worker already caches (a shared prefix, an earlier turn) are reused, not pulled."""
         request_id, handle = req.request_id, req.kv_handle
         try:  # cancelled meanwhile: the reservation is freed and the owner told to free its blocks
-            reserved = await self.llm.call(lambda e: e.reserve_kv(request_id, handle.num_tokens,
-                                                                  req.prompt_token_ids, req.cache_salt),
-                                           undo=lambda e, _: e.free_reserved(request_id))
+            reserved = await self.llm.call(
+                lambda e: e.reserve_kv(request_id, handle.num_tokens, req.prompt_token_ids, req.cache_salt),
+                undo=lambda e, _: e.free_reserved(request_id),
+            )
         except asyncio.CancelledError:
             self.transport.release(handle)
             raise
@@ -111,7 +136,9 @@ class DecodeWorker(EngineWorker):
             start = time.perf_counter()
             try:
                 if rest.block_ids:
-                    await _uncancellable(asyncio.to_thread(self.transport.pull, rest, into, self.pull_timeout_s))
+                    await _uncancellable(
+                        asyncio.to_thread(self.transport.pull, rest, into, self.pull_timeout_s)
+                    )
             except TransferError as e:
                 self.counters["kv_pull_failures"] += 1
                 KV_TRANSFER_FAILURES.labels(**labels).inc()

@@ -51,12 +51,23 @@ class DraftWorker:
 class RemoteDrafter(Drafter):
     name = "draft_model"
 
-    def __init__(self, handle, deadline_s: float = 0.5, wait_s: float = 0.0, retry_after_s: float = 5.0,
-                 labels: dict | None = None):
+    def __init__(
+        self,
+        handle,
+        deadline_s: float = 0.5,
+        wait_s: float = 0.0,
+        retry_after_s: float = 5.0,
+        labels: dict | None = None,
+    ):
         """handle: a Serve handle to the DraftWorker deployment (one call per step's batch)."""
         if wait_s < 0 or wait_s > deadline_s:
             raise ValueError(f"wait_s: got {wait_s}; allowed 0 <= wait_s <= deadline_s ({deadline_s})")
-        self.handle, self.deadline_s, self.wait_s, self.retry_after_s = handle, deadline_s, wait_s, retry_after_s
+        self.handle, self.deadline_s, self.wait_s, self.retry_after_s = (
+            handle,
+            deadline_s,
+            wait_s,
+            retry_after_s,
+        )
         self.labels = labels or {}
         self._lock = threading.Condition()
         self._pending: dict[str, tuple[list[int], int]] | None = None  # the latest batch not sent yet
@@ -75,8 +86,11 @@ class RemoteDrafter(Drafter):
 
     def propose_batch(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
         with self._lock:
-            jobs = {r.request_id: (r.token_ids(0, r.num_tokens), k)
-                    for r, k in zip(requests, num_tokens, strict=True) if k > 0}
+            jobs = {
+                r.request_id: (r.token_ids(0, r.num_tokens), k)
+                for r, k in zip(requests, num_tokens, strict=True)
+                if k > 0
+            }
             if jobs and time.monotonic() >= self._down_until:
                 self._pending = jobs
                 self._sent += 1
@@ -108,7 +122,7 @@ class RemoteDrafter(Drafter):
             self.stats["stale"] += 1
             return []
         self.stats["used"] += 1
-        return drafts[moved:moved + k]
+        return drafts[moved : moved + k]
 
     def _loop(self) -> None:
         while True:
@@ -121,10 +135,14 @@ class RemoteDrafter(Drafter):
             ids = list(batch)
             start = time.monotonic()
             try:
-                drafts, usage = self.handle.propose.remote([batch[i] for i in ids]).result(timeout_s=self.deadline_s)
+                drafts, usage = self.handle.propose.remote([batch[i] for i in ids]).result(
+                    timeout_s=self.deadline_s
+                )
             except Exception as e:  # noqa: BLE001 - slow or dead draft workers: decode goes on without drafts
                 self.stats["failures"] += 1
-                logger.warning("draft call failed (%s): no drafts for %.0f s", type(e).__name__, self.retry_after_s)
+                logger.warning(
+                    "draft call failed (%s): no drafts for %.0f s", type(e).__name__, self.retry_after_s
+                )
                 with self._lock:
                     self._down_until = time.monotonic() + self.retry_after_s
                     self._done = self._sent
@@ -139,7 +157,10 @@ class RemoteDrafter(Drafter):
                 for request_id, proposal, spent in zip(ids, drafts, usage, strict=True):
                     if proposal:
                         self._ready[request_id] = (len(batch[request_id][0]), proposal, done)
-                    self._charges[request_id] = (self._charges.get(request_id, (ComputeUsage(), 0.0))[0] + spent, done)
+                    self._charges[request_id] = (
+                        self._charges.get(request_id, (ComputeUsage(), 0.0))[0] + spent,
+                        done,
+                    )
                 self._done = seq
                 self._lock.notify_all()
 

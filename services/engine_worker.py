@@ -50,9 +50,17 @@ def _node_ip() -> str:
 class EngineWorker:
     role = "worker"
 
-    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 kv_tiers: dict | None = None, pool_name: str | None = None, registry: dict | None = None,
-                 model_name: str | None = None, metrics_token: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict | None = None,
+        kv_transport: str = "auto",
+        kv_tiers: dict | None = None,
+        pool_name: str | None = None,
+        registry: dict | None = None,
+        model_name: str | None = None,
+        metrics_token: str | None = None,
+    ):
         """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
         keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
@@ -82,9 +90,17 @@ class EngineWorker:
             metric.labels(**self.metric_labels, transport=self.transport.name)
         if registry is not None:
             self._register(registry)
-        self.counters = {"requests": 0, "kv_pulls": 0, "kv_pull_bytes": 0, "kv_pull_failures": 0,
-                         "kv_recomputes": 0, "kv_blocks_reused": 0, "kv_handles": 0, "kv_leases_released": 0,
-                         "kv_leases_reclaimed": 0}
+        self.counters = {
+            "requests": 0,
+            "kv_pulls": 0,
+            "kv_pull_bytes": 0,
+            "kv_pull_failures": 0,
+            "kv_recomputes": 0,
+            "kv_blocks_reused": 0,
+            "kv_handles": 0,
+            "kv_leases_released": 0,
+            "kv_leases_reclaimed": 0,
+        }
 
     def _build_kv_store(self, tiers: dict, kv_transport: str):
         pool = self.engine.kv_pool
@@ -94,8 +110,14 @@ class EngineWorker:
 
             staging, use_shm = tiers.pop("staging_blocks", 64), tiers.pop("use_shm", True)
             service = connect(self.transport.layout, kv_transport=kv_transport, **tiers)
-            return KVMemoryClient(service, self.transport.layout, self.transport, staging_blocks=staging,
-                                  kv_transport=kv_transport, use_shm=use_shm)
+            return KVMemoryClient(
+                service,
+                self.transport.layout,
+                self.transport,
+                staging_blocks=staging,
+                kv_transport=kv_transport,
+                use_shm=use_shm,
+            )
         from services.kv_memory.tier_policy import TierPolicy
         from services.kv_memory.tiered_store import build_store
 
@@ -112,17 +134,32 @@ class EngineWorker:
         from services.registry_actor import connector
 
         engine = self.engine
-        value = {"pool": self.pool, "role": self.role, "replica": self.name, "pid": os.getpid(),
-                 "host": socket.gethostname(), "node_ip": _node_ip(), "device": str(engine.device),
-                 "transport": self.transport.describe(), "block_size": engine.block_manager.block_size,
-                 "kv_blocks": engine.block_manager.num_blocks, "kv_dtype": str(engine.dtype),
-                 "kv_fingerprint": engine.fingerprint, "max_model_len": engine.max_model_len}
+        value = {
+            "pool": self.pool,
+            "role": self.role,
+            "replica": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_ip": _node_ip(),
+            "device": str(engine.device),
+            "transport": self.transport.describe(),
+            "block_size": engine.block_manager.block_size,
+            "kv_blocks": engine.block_manager.num_blocks,
+            "kv_dtype": str(engine.dtype),
+            "kv_fingerprint": engine.fingerprint,
+            "max_model_len": engine.max_model_len,
+        }
         # this replica's metrics endpoint: the frontend's /metrics gathers it (observability/aggregate.py)
         self.metrics_server = start_metrics_server(value["node_ip"], self.metrics_token)
         value["metrics_url"] = f"http://{value['node_ip']}:{self.metrics_server.server_port}/metrics"
         app = registry.get("app") or _app_name()
-        self.registration = Registration(connector(registry["url"]), keys.worker(app, self.pool, self.name), value,
-                                         ttl_s=registry.get("ttl_s", 10.0), on_registered=self.kv_feed.force_snapshot)
+        self.registration = Registration(
+            connector(registry["url"]),
+            keys.worker(app, self.pool, self.name),
+            value,
+            ttl_s=registry.get("ttl_s", 10.0),
+            on_registered=self.kv_feed.force_snapshot,
+        )
         self.registration.start()
 
     def _metrics_read(self) -> dict:
@@ -145,13 +182,20 @@ class EngineWorker:
             moved[("dram", "load")] = offloader.stats.loaded_blocks * block_bytes
             moved[("ssd", "offload")] = stats.get("demoted", 0) * block_bytes
             moved[("ssd", "load")] = stats.get("ssd_hits", 0) * block_bytes
-        return {"running": len(sched.running), "waiting": len(sched.waiting) + sched.num_loading,
-                "preemptions": sched.num_preemptions, "busy_seconds": engine.stats.busy_seconds,
-                "steps": engine.stats.steps, "kv_blocks": kv_blocks, "lookup_blocks": sched.prefix_lookup_blocks,
-                "spec_draft_tokens": engine.stats.spec_draft_tokens,
-                "spec_accepted_tokens": engine.stats.spec_accepted_tokens,
-                "spec_verifications": engine.stats.spec_verifications,
-                "hit_blocks": hit_blocks, "moved_bytes": moved}
+        return {
+            "running": len(sched.running),
+            "waiting": len(sched.waiting) + sched.num_loading,
+            "preemptions": sched.num_preemptions,
+            "busy_seconds": engine.stats.busy_seconds,
+            "steps": engine.stats.steps,
+            "kv_blocks": kv_blocks,
+            "lookup_blocks": sched.prefix_lookup_blocks,
+            "spec_draft_tokens": engine.stats.spec_draft_tokens,
+            "spec_accepted_tokens": engine.stats.spec_accepted_tokens,
+            "spec_verifications": engine.stats.spec_verifications,
+            "hit_blocks": hit_blocks,
+            "moved_bytes": moved,
+        }
 
     def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:
         """The queue-time metric, and a `queue` child span (arrival to first scheduled step) of `span`."""
@@ -160,34 +204,53 @@ class EngineWorker:
         QUEUE_TIME.labels(**self.metric_labels, slo_class=slo_class).observe(max(queued[1] - queued[0], 0.0))
         if span is not None and span.is_recording():
             start, end = int(queued[0] * 1e9), int(queued[1] * 1e9)
-            tracing.tracer().start_span("queue", context=trace.set_span_in_context(span),
-                                        start_time=start).end(end_time=max(end, start))
+            tracing.tracer().start_span(
+                "queue", context=trace.set_span_in_context(span), start_time=start
+            ).end(end_time=max(end, start))
 
     def request_span(self, name: str, req):
         """This worker's SERVER span for a request, a child of the caller's span carried in the request."""
         return tracing.tracer().start_span(
-            name, context=tracing.extract(req.trace_context), kind=tracing.SpanKind.SERVER,
-            attributes={"ridgeline.replica": self.name, "ridgeline.pool": self.pool, "ridgeline.role": self.role,
-                        "ridgeline.request_id": req.request_id, "ridgeline.slo_class": req.slo_class,
-                        "gen_ai.usage.input_tokens": len(req.prompt_token_ids)})
+            name,
+            context=tracing.extract(req.trace_context),
+            kind=tracing.SpanKind.SERVER,
+            attributes={
+                "ridgeline.replica": self.name,
+                "ridgeline.pool": self.pool,
+                "ridgeline.role": self.role,
+                "ridgeline.request_id": req.request_id,
+                "ridgeline.slo_class": req.slo_class,
+                "gen_ai.usage.input_tokens": len(req.prompt_token_ids),
+            },
+        )
 
     def snapshot(self) -> dict:
         """Load, KV occupancy and counters of this replica."""
         sched, blocks = self.engine.scheduler, self.engine.block_manager
         offload = self.engine.offloader.stats if self.engine.offloader else None
-        return {"role": self.role, "replica": self.name, "pid": os.getpid(), "transport": self.transport.name,
-                "unfinished": self.llm.num_unfinished(), "running": len(sched.running),
-                "waiting": len(sched.waiting), "kv_free_blocks": blocks.num_free_blocks,
-                "kv_total_blocks": blocks.num_blocks, **self.counters,
-                "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {})),
-                "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
-                "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0,
-                "kv_loading": sched.num_loading, "busy_seconds": self.engine.stats.busy_seconds,
-                "spec_draft_tokens": self.engine.stats.spec_draft_tokens,
-                "spec_accepted_tokens": self.engine.stats.spec_accepted_tokens,
-                "drafter": dict(getattr(self.engine.drafter, "stats", {}) or {}),
-                "pool": self.pool, "registered": self.registration.registered if self.registration else None,
-                "kv_store": self._store_stats()}
+        return {
+            "role": self.role,
+            "replica": self.name,
+            "pid": os.getpid(),
+            "transport": self.transport.name,
+            "unfinished": self.llm.num_unfinished(),
+            "running": len(sched.running),
+            "waiting": len(sched.waiting),
+            "kv_free_blocks": blocks.num_free_blocks,
+            "kv_total_blocks": blocks.num_blocks,
+            **self.counters,
+            "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {})),
+            "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
+            "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0,
+            "kv_loading": sched.num_loading,
+            "busy_seconds": self.engine.stats.busy_seconds,
+            "spec_draft_tokens": self.engine.stats.spec_draft_tokens,
+            "spec_accepted_tokens": self.engine.stats.spec_accepted_tokens,
+            "drafter": dict(getattr(self.engine.drafter, "stats", {}) or {}),
+            "pool": self.pool,
+            "registered": self.registration.registered if self.registration else None,
+            "kv_store": self._store_stats(),
+        }
 
     def _store_stats(self) -> dict:
         store = self.kv_store
@@ -212,8 +275,13 @@ class EngineWorker:
         """Ray Serve collects this every stats period for the request router (services/routing.py): load,
         and the KV events since the last reports (for the KV-aware router's index)."""
         engine = self.engine
-        return {**self.snapshot(), "kv_feed": self.kv_feed.report(), "block_size": engine.block_manager.block_size,
-                "kv_fingerprint": engine.fingerprint, "kv_dtype": str(engine.dtype)}
+        return {
+            **self.snapshot(),
+            "kv_feed": self.kv_feed.report(),
+            "block_size": engine.block_manager.block_size,
+            "kv_fingerprint": engine.fingerprint,
+            "kv_dtype": str(engine.dtype),
+        }
 
     async def stats(self) -> dict:
         return self.snapshot()
@@ -224,8 +292,11 @@ class EngineWorker:
         return self.kv_feed.report()
 
     async def info(self) -> dict:
-        return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.model_config.vocab_size,
-                "block_size": self.engine.block_manager.block_size}
+        return {
+            "max_model_len": self.engine.max_model_len,
+            "vocab_size": self.engine.model_config.vocab_size,
+            "block_size": self.engine.block_manager.block_size,
+        }
 
     def check_health(self) -> None:
         """Ray Serve's health check: raises for a dead or stalled engine loop, so the replica is replaced."""

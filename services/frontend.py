@@ -48,8 +48,15 @@ UNAVAILABLE = (EngineDeadError, WorkerLostError)
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
@@ -64,13 +71,21 @@ class HTTPError(Exception):
         """503 for a dead engine or lost workers: the cause goes to the log, not to the client."""
         rid = http.state.request_id
         logger.warning("request %s: no engine could serve it: %r", rid, error)
-        return cls(503, f"no engine could serve this request right now; retry later (request id {rid})",
-                   type_="server_error", code="service_unavailable", headers={"Retry-After": "5"})
+        return cls(
+            503,
+            f"no engine could serve this request right now; retry later (request id {rid})",
+            type_="server_error",
+            code="service_unavailable",
+            headers={"Retry-After": "5"},
+        )
 
 
 def internal_error_body(request_id: str) -> dict:
-    return error_body(f"internal server error (request id {request_id}); the server log has the cause",
-                      "server_error", code="internal_error")
+    return error_body(
+        f"internal server error (request id {request_id}); the server log has the cause",
+        "server_error",
+        code="internal_error",
+    )
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str]:
@@ -90,8 +105,9 @@ async def _parse(request: Request, model_cls: type[BaseModel]) -> BaseModel:
     except RecursionError:
         raise HTTPError(400, "request body: JSON nested too deeply") from None
     if (where := _lone_surrogate(data)) is not None:
-        raise HTTPError(400, f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text",
-                        param=where)
+        raise HTTPError(
+            400, f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text", param=where
+        )
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
@@ -124,9 +140,17 @@ def _token_text(tokenizer, token: int) -> str:
 
 
 class Frontend:
-    def __init__(self, llm: AsyncLLM, model_name: str, max_inflight: int, slo_table: SLOTable = DEFAULT_SLO_TABLE,
-                 prices: PriceList | None = None, default_pool: str = "engine",
-                 admission: AdmissionController | None = None, concurrency: ConcurrencyLimit | None = None):
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        model_name: str,
+        max_inflight: int,
+        slo_table: SLOTable = DEFAULT_SLO_TABLE,
+        prices: PriceList | None = None,
+        default_pool: str = "engine",
+        admission: AdmissionController | None = None,
+        concurrency: ConcurrencyLimit | None = None,
+    ):
         self.slo_table = slo_table
         self.llm = llm
         self.model_name = model_name
@@ -139,8 +163,12 @@ class Frontend:
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise HTTPError(404, f"model: {model!r} does not exist; this server serves {self.model_name!r}",
-                            param="model", code="model_not_found")
+            raise HTTPError(
+                404,
+                f"model: {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def slo_class(self, http: Request, priority: int | None):
         """The request's SLO class (control_plane/slo.py): header x-slo-class, else body priority. 503 when
@@ -148,7 +176,9 @@ class Frontend:
         try:
             slo = self.slo_table.resolve(http.headers.get("x-slo-class"), priority)
         except ValueError as e:
-            raise HTTPError(400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class") from None
+            raise HTTPError(
+                400, str(e), param="priority" if str(e).startswith("priority") else "x-slo-class"
+            ) from None
         http.state.slo_name = slo.name
         return slo
 
@@ -156,15 +186,27 @@ class Frontend:
         """Count a request in flight, or refuse it (429: overload is the client's to retry) when the requests
         in flight fill what its class may use (SLOTable.inflight_limit) of the cap: the adaptive limit when
         there is one, never above max_inflight. Returns (when, how many were in flight before it)."""
-        if self.concurrency is not None and self.admission is not None \
-                and (late := self.admission.most_overdue()) is not None:  # already late: no need to wait for it
-            self.concurrency.observe(time.monotonic() - late.admitted_at, late.slo.ttft_ms / 1000, late.admitted_at, 0)
-        cap = self.max_inflight if self.concurrency is None else min(self.max_inflight, self.concurrency.value)
+        if (
+            self.concurrency is not None
+            and self.admission is not None
+            and (late := self.admission.most_overdue()) is not None
+        ):  # already late: no need to wait for it
+            self.concurrency.observe(
+                time.monotonic() - late.admitted_at, late.slo.ttft_ms / 1000, late.admitted_at, 0
+            )
+        cap = (
+            self.max_inflight if self.concurrency is None else min(self.max_inflight, self.concurrency.value)
+        )
         limit = self.slo_table.inflight_limit(slo, cap)
         if self.inflight >= limit:
-            raise HTTPError(429, f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
-                            "to; retry after 1 s", type_="rate_limit_error", code="server_busy",
-                            headers={"Retry-After": "1"})
+            raise HTTPError(
+                429,
+                f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
+                "to; retry after 1 s",
+                type_="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
         self.inflight += 1
         return time.monotonic(), self.inflight - 1
 
@@ -176,8 +218,12 @@ class Frontend:
         the context could hold even in the tokenizer's longest tokens is refused before any work."""
         limit = self.llm.max_model_len * self.llm.tokenizer.max_chars_per_token
         if len(text) > limit:
-            raise HTTPError(400, f"prompt: {len(text)} characters cannot fit this model's context of "
-                            f"{self.llm.max_model_len} tokens (at most {limit} characters)", param="prompt")
+            raise HTTPError(
+                400,
+                f"prompt: {len(text)} characters cannot fit this model's context of "
+                f"{self.llm.max_model_len} tokens (at most {limit} characters)",
+                param="prompt",
+            )
         return await asyncio.to_thread(self.llm.tokenizer.encode, text, add_special_tokens)
 
     def _admit(self, slo: SLOClass, prompt_ids: list[int]) -> Ticket | None:
@@ -187,22 +233,44 @@ class Frontend:
             return self.admission.admit(slo, len(prompt_ids))
         except Overloaded as e:
             ADMISSION_REJECTED.labels(self.model_name, slo.name).inc()
-            raise HTTPError(429, str(e), type_="rate_limit_error", code="slo_overloaded",
-                            headers={"Retry-After": str(e.retry_after_s)}) from None
+            raise HTTPError(
+                429,
+                str(e),
+                type_="rate_limit_error",
+                code="slo_overloaded",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
 
     def _span(self, http: Request, operation: str, request_id: str, params):
         """The request's SERVER span, a child of the client's traceparent when it sent one."""
         return tracing.tracer().start_span(
-            f"{operation} {self.model_name}", context=tracing.extract(http.headers), kind=tracing.SpanKind.SERVER,
-            start_time=http.state.received_ns, attributes={
-                "gen_ai.operation.name": operation, "gen_ai.provider.name": "ridgeline",
-                "gen_ai.request.model": self.model_name, "gen_ai.response.id": request_id,
-                "gen_ai.request.max_tokens": params.max_tokens or 0, "gen_ai.request.temperature": params.temperature,
-                "gen_ai.request.top_p": params.top_p, "gen_ai.request.choice.count": params.n,
-                "ridgeline.slo_class": http.state.slo_name})
+            f"{operation} {self.model_name}",
+            context=tracing.extract(http.headers),
+            kind=tracing.SpanKind.SERVER,
+            start_time=http.state.received_ns,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": "ridgeline",
+                "gen_ai.request.model": self.model_name,
+                "gen_ai.response.id": request_id,
+                "gen_ai.request.max_tokens": params.max_tokens or 0,
+                "gen_ai.request.temperature": params.temperature,
+                "gen_ai.request.top_p": params.top_p,
+                "gen_ai.request.choice.count": params.n,
+                "ridgeline.slo_class": http.state.slo_name,
+            },
+        )
 
-    async def start(self, http: Request, request_id: str, prompt, params, cache_salt, slo: SLOClass,
-                    operation: str = "text_completion") -> "Flight":
+    async def start(
+        self,
+        http: Request,
+        request_id: str,
+        prompt,
+        params,
+        cache_salt,
+        slo: SLOClass,
+        operation: str = "text_completion",
+    ) -> "Flight":
         """The first output of a request: bad input and admission surface here, before any byte of the
         response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
         if not prompt:
@@ -217,9 +285,16 @@ class Frontend:
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
         span = self._span(http, operation, request_id, params)
         record = RequestRecord(self.model_name, slo, http.state.received, span, on_finish=self._free_slot)
-        stream = self.llm.generate(request_id, prompt_ids, params, cache_salt=cache_salt,
-                                   priority=slo.priority, preemptible=slo.preemptible, slo_class=slo.name,
-                                   trace_context=tracing.inject(span))
+        stream = self.llm.generate(
+            request_id,
+            prompt_ids,
+            params,
+            cache_salt=cache_salt,
+            priority=slo.priority,
+            preemptible=slo.preemptible,
+            slo_class=slo.name,
+            trace_context=tracing.inject(span),
+        )
         try:
             first = await anext(stream)
         except BaseException as e:
@@ -235,7 +310,9 @@ class Frontend:
         if ticket is not None:
             self.admission.first_token(ticket)
         if self.concurrency is not None:
-            self.concurrency.observe(time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before)
+            self.concurrency.observe(
+                time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before
+            )
         account.update(first)
         record.output(first)
         return Flight(first, _observed(stream, account, record), account, record)
@@ -275,8 +352,11 @@ class Frontend:
 
     def usage(self, out: RequestOutput, account: RequestAccount) -> dict:
         completion = sum(len(c.token_ids) for c in out.outputs)
-        usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
-                 "total_tokens": len(out.prompt_token_ids) + completion}
+        usage = {
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": completion,
+            "total_tokens": len(out.prompt_token_ids) + completion,
+        }
         if out.num_cached_tokens:
             usage["prompt_tokens_details"] = {"cached_tokens": out.num_cached_tokens}
         if account.priced:
@@ -294,8 +374,9 @@ class Flight:
     record: RequestRecord
 
 
-async def _observed(stream: AsyncIterator[RequestOutput], account: RequestAccount,
-                    record: RequestRecord) -> AsyncIterator[RequestOutput]:
+async def _observed(
+    stream: AsyncIterator[RequestOutput], account: RequestAccount, record: RequestRecord
+) -> AsyncIterator[RequestOutput]:
     async for out in stream:
         account.update(out)
         record.output(out)
@@ -306,8 +387,9 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _guarded(events: AsyncIterator[str], record: RequestRecord | None = None,
-                   request_id: str = "") -> AsyncIterator[str]:
+async def _guarded(
+    events: AsyncIterator[str], record: RequestRecord | None = None, request_id: str = ""
+) -> AsyncIterator[str]:
     """A failure after the stream started becomes an error event and the stream ends; it never hangs.
     A stream that ends any other way than finishing (the client left) counts as aborted."""
     outcome = "aborted"
@@ -317,8 +399,13 @@ async def _guarded(events: AsyncIterator[str], record: RequestRecord | None = No
     except UNAVAILABLE as e:
         outcome = "error"
         logger.warning("request %s: stream ended, no engine could continue it: %r", request_id, e)
-        yield _sse(error_body(f"no engine could continue this request; retry later (request id {request_id})",
-                              "server_error", code="service_unavailable"))
+        yield _sse(
+            error_body(
+                f"no engine could continue this request; retry later (request id {request_id})",
+                "server_error",
+                code="service_unavailable",
+            )
+        )
         yield _sse("[DONE]")
     except Exception:
         outcome = "error"
@@ -348,9 +435,9 @@ async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
             if c.index in done:
                 continue
             upto = len(c.text) if c.finished else max(len(c.text) - hold, sent_text.get(c.index, 0))
-            text = c.text[sent_text.get(c.index, 0):upto]
-            tokens = c.token_ids[sent_tokens.get(c.index, 0):]
-            logprobs = c.logprobs[sent_tokens.get(c.index, 0):] if c.logprobs is not None else None
+            text = c.text[sent_text.get(c.index, 0) : upto]
+            tokens = c.token_ids[sent_tokens.get(c.index, 0) :]
+            logprobs = c.logprobs[sent_tokens.get(c.index, 0) :] if c.logprobs is not None else None
             if not text and not tokens and not c.finished:
                 continue
             sent_text[c.index], sent_tokens[c.index] = upto, len(c.token_ids)
@@ -359,31 +446,50 @@ async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
             yield c.index, text, tokens, logprobs, c.finish_reason, out
 
 
-def _completion_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]] | None) -> dict | None:
+def _completion_logprobs(
+    tokenizer, tokens: list[int], logprobs: list[dict[int, float]] | None
+) -> dict | None:
     if logprobs is None:
         return None
     texts = [_token_text(tokenizer, t) for t in tokens]
-    return {"tokens": texts, "token_logprobs": [lp[t] for t, lp in zip(tokens, logprobs, strict=True)],
-            "top_logprobs": [{_token_text(tokenizer, k): v for k, v in lp.items()} for lp in logprobs]}
+    return {
+        "tokens": texts,
+        "token_logprobs": [lp[t] for t, lp in zip(tokens, logprobs, strict=True)],
+        "top_logprobs": [{_token_text(tokenizer, k): v for k, v in lp.items()} for lp in logprobs],
+    }
 
 
-def _chat_logprobs(tokenizer, tokens: list[int], logprobs: list[dict[int, float]] | None, top: int) -> dict | None:
+def _chat_logprobs(
+    tokenizer, tokens: list[int], logprobs: list[dict[int, float]] | None, top: int
+) -> dict | None:
     if logprobs is None:
         return None
     content = []
     for t, lp in zip(tokens, logprobs, strict=True):
         alternatives = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
-        content.append({"token": _token_text(tokenizer, t), "logprob": lp[t],
-                        "top_logprobs": [{"token": _token_text(tokenizer, k), "logprob": v} for k, v in alternatives]})
+        content.append(
+            {
+                "token": _token_text(tokenizer, t),
+                "logprob": lp[t],
+                "top_logprobs": [{"token": _token_text(tokenizer, k), "logprob": v} for k, v in alternatives],
+            }
+        )
     return {"content": content}
 
 
-def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, max_inflight: int = 256,
-                   slo_table: SLOTable = DEFAULT_SLO_TABLE, prices: dict[str, float] | None = None,
-                   default_pool: str = "engine", admission: AdmissionController | None = None,
-                   concurrency: ConcurrencyLimit | None = None,
-                   pools: Callable[[], Awaitable[list[dict]]] | None = None,
-                   app_metrics: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
+def build_frontend(
+    llm: AsyncLLM,
+    model_name: str,
+    api_key: str | None = None,
+    max_inflight: int = 256,
+    slo_table: SLOTable = DEFAULT_SLO_TABLE,
+    prices: dict[str, float] | None = None,
+    default_pool: str = "engine",
+    admission: AdmissionController | None = None,
+    concurrency: ConcurrencyLimit | None = None,
+    pools: Callable[[], Awaitable[list[dict]]] | None = None,
+    app_metrics: Callable[[], Awaitable[bytes]] | None = None,
+) -> FastAPI:
     """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /v1/pools, /health, /metrics.
 
     `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient.
@@ -392,8 +498,16 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
     `app_metrics()` renders /metrics for the whole app (default: this process's registry)."""
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit)  # outermost: nothing reads a body past the limit
-    front = Frontend(llm, model_name, max_inflight, slo_table, PriceList(prices or {}), default_pool, admission,
-                     concurrency)
+    front = Frontend(
+        llm,
+        model_name,
+        max_inflight,
+        slo_table,
+        PriceList(prices or {}),
+        default_pool,
+        admission,
+        concurrency,
+    )
     tokenizer = llm.tokenizer
 
     def _count_unserved(request: Request, outcome: str) -> None:
@@ -403,15 +517,19 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
-        _count_unserved(request, "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid")
+        _count_unserved(
+            request, "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid"
+        )
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _route_error(request: Request, exc: StarletteHTTPException):
         """Unknown paths and methods answer in OpenAI's error shape too."""
         _count_unserved(request, "invalid")
-        body = error_body(f"{request.method} {request.url.path}: {exc.detail}", code="not_found"
-                          if exc.status_code == 404 else None)
+        body = error_body(
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code="not_found" if exc.status_code == 404 else None,
+        )
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -430,8 +548,14 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             header = request.headers.get("authorization", "")
             token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer <key>)",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
+                return JSONResponse(
+                    error_body(
+                        "missing or wrong API key (Authorization: Bearer <key>)",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    ),
+                    status_code=401,
+                )
         response = await call_next(request)
         response.headers["x-request-id"] = rid
         return response
@@ -446,8 +570,10 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
                 check()
             except EngineDeadError as e:
                 logger.error("health check failed: %r", e)
-                return JSONResponse(error_body("the engine is not serving", "server_error",
-                                               code="engine_dead"), status_code=503)
+                return JSONResponse(
+                    error_body("the engine is not serving", "server_error", code="engine_dead"),
+                    status_code=503,
+                )
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -457,8 +583,18 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
-                                            "owned_by": "ridgeline", "max_model_len": llm.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": now(),
+                    "owned_by": "ridgeline",
+                    "max_model_len": llm.max_model_len,
+                }
+            ],
+        }
 
     @app.get("/v1/pools")
     async def list_pools():
@@ -482,10 +618,17 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             out = await front.final(http, flight)
             if out is None:
                 return Response(status_code=499)
-            choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                        "logprobs": _completion_logprobs(tokenizer, c.token_ids, c.logprobs),
-                        **({"token_ids": c.token_ids} if req.return_token_ids else {})} for c in out.outputs]
+            choices = [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "logprobs": _completion_logprobs(tokenizer, c.token_ids, c.logprobs),
+                    **({"token_ids": c.token_ids} if req.return_token_ids else {}),
+                }
+                for c in out.outputs
+            ]
             extra = {"prompt_token_ids": out.prompt_token_ids} if req.return_token_ids else {}
             return {**base, "choices": choices, "usage": front.usage(out, account), **extra}
 
@@ -493,16 +636,21 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             last = first
             async for index, text, tokens, logprobs, finish, out in _deltas(first, stream, _hold(params)):
                 last = out
-                choice = {"index": index, "text": text, "finish_reason": finish,
-                          "logprobs": _completion_logprobs(tokenizer, tokens, logprobs)}
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "finish_reason": finish,
+                    "logprobs": _completion_logprobs(tokenizer, tokens, logprobs),
+                }
                 yield _sse({**base, "choices": [choice]})
             flight.record.finish(last, outcome_of(last))
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({**base, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(_guarded(events(), flight.record, http.state.request_id),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _guarded(events(), flight.record, http.state.request_id), media_type="text/event-stream"
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
@@ -527,31 +675,55 @@ def build_frontend(llm: AsyncLLM, model_name: str, api_key: str | None = None, m
             out = await front.final(http, flight)
             if out is None:
                 return Response(status_code=499)
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                        "logprobs": _chat_logprobs(tokenizer, c.token_ids, c.logprobs, top),
-                        **({"token_ids": c.token_ids} if req.return_token_ids else {})} for c in out.outputs]
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "logprobs": _chat_logprobs(tokenizer, c.token_ids, c.logprobs, top),
+                    **({"token_ids": c.token_ids} if req.return_token_ids else {}),
+                }
+                for c in out.outputs
+            ]
             extra = {"prompt_token_ids": out.prompt_token_ids} if req.return_token_ids else {}
-            return {**base, "object": "chat.completion", "choices": choices, "usage": front.usage(out, account), **extra}
+            return {
+                **base,
+                "object": "chat.completion",
+                "choices": choices,
+                "usage": front.usage(out, account),
+                **extra,
+            }
 
         async def events():
             chunk = {**base, "object": "chat.completion.chunk"}
             for i in range(params.n):
-                yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **chunk,
+                        "choices": [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        ],
+                    }
+                )
             last = first
             async for index, text, tokens, logprobs, finish, out in _deltas(first, stream, _hold(params)):
                 last = out
-                choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish,
-                          "logprobs": _chat_logprobs(tokenizer, tokens, logprobs, top)}
+                choice = {
+                    "index": index,
+                    "delta": {"content": text} if text else {},
+                    "finish_reason": finish,
+                    "logprobs": _chat_logprobs(tokenizer, tokens, logprobs, top),
+                }
                 yield _sse({**chunk, "choices": [choice]})
             flight.record.finish(last, outcome_of(last))
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({**chunk, "choices": [], "usage": front.usage(last, account)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(_guarded(events(), flight.record, http.state.request_id),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _guarded(events(), flight.record, http.state.request_id), media_type="text/event-stream"
+        )
 
     return app
 
@@ -561,7 +733,9 @@ def _render_chat(tokenizer, messages: list[dict]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False)
     except (ValueError, TemplateError) as e:
-        raise HTTPError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+        raise HTTPError(
+            400, f"messages: the model's chat template refused them: {e}", param="messages"
+        ) from None
 
 
 def _hold(params) -> int:

@@ -22,14 +22,23 @@ logger = logging.getLogger("ridgeline.http")
 
 
 def _error(message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    ).encode()
 
 
 async def _respond(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -37,7 +46,9 @@ class BodyLimit:
     """Reads an HTTP request's body (at most max_body_bytes, within read_timeout_s) before the app runs, then
     replays it; the app's later receive() calls (disconnect detection) go to the connection."""
 
-    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = BODY_READ_TIMEOUT_S):
+    def __init__(
+        self, app, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = BODY_READ_TIMEOUT_S
+    ):
         self.app, self.max_body_bytes, self.read_timeout_s = app, max_body_bytes, read_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
@@ -46,18 +57,27 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _respond(send, 413, _error(f"request body: {int(declared)} bytes, at most {self.max_body_bytes}",
-                                             "body_too_large"))
+            await _respond(
+                send,
+                413,
+                _error(
+                    f"request body: {int(declared)} bytes, at most {self.max_body_bytes}", "body_too_large"
+                ),
+            )
             return
         try:
             messages = await asyncio.wait_for(self._read(receive), self.read_timeout_s)
         except TimeoutError:
-            await _respond(send, 408, _error(f"request body: not received within {self.read_timeout_s:g} s",
-                                             "body_timeout"))
+            await _respond(
+                send,
+                408,
+                _error(f"request body: not received within {self.read_timeout_s:g} s", "body_timeout"),
+            )
             return
         if messages is None:
-            await _respond(send, 413, _error(f"request body: more than {self.max_body_bytes} bytes",
-                                             "body_too_large"))
+            await _respond(
+                send, 413, _error(f"request body: more than {self.max_body_bytes} bytes", "body_too_large")
+            )
             return
         await self.app(scope, _replay(messages, receive), send)
 

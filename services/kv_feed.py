@@ -25,7 +25,7 @@ class KVEventFeed:
         events = [(e.kind, e.tier, list(e.block_hashes)) for e in self.log.drain()]
         if events or self.log.dropped:
             self.seq += 1
-            self._batches = (self._batches + [(self.seq, events)])[-self.keep:]
+            self._batches = (self._batches + [(self.seq, events)])[-self.keep :]
         out = {"seq": self.seq, "batches": list(self._batches)}
         if self._reports % self.snapshot_every == 0 or self.log.dropped or self._force:
             self._force = False

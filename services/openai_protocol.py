@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from engine.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -60,10 +61,19 @@ class SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
             raise ValueError("stop: at most 4 sequences")
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, seed=self.seed, max_tokens=self.max_tokens or default_max_tokens,
-                              stop=stop, stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-                              logprobs=logprobs)
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            max_tokens=self.max_tokens or default_max_tokens,
+            stop=stop,
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
 
 
 class CompletionRequest(SamplingFields):

@@ -41,8 +41,17 @@ def _unwrap(error: ValueError) -> ValueError:
 
 
 class DisaggregatedClient:
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, decode, prefill=None,
-                 max_migrations: int = 3, retry_backoff_s: float = 0.5, model_name: str = ""):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        vocab_size: int,
+        decode,
+        prefill=None,
+        max_migrations: int = 3,
+        retry_backoff_s: float = 0.5,
+        model_name: str = "",
+    ):
         """decode, prefill: Ray Serve deployment handles; prefill None means aggregated mode."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -59,22 +68,45 @@ class DisaggregatedClient:
     def num_unfinished(self) -> int:
         return self._inflight
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       cache_salt: str | None = None, priority: int = 0, preemptible: bool = True,
-                       slo_class: str = "standard", trace_context: dict | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        priority: int = 0,
+        preemptible: bool = True,
+        slo_class: str = "standard",
+        trace_context: dict | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
         states = [SequenceState(i, params.logprobs is not None) for i in range(params.n)]
         sequences = []
         for i in range(params.n):
-            sub_params = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else _wrap_int64(params.seed + i))
+            sub_params = (
+                params
+                if params.n == 1
+                else dataclasses.replace(
+                    params, n=1, seed=None if params.seed is None else _wrap_int64(params.seed + i)
+                )
+            )
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            sequences.append(self._sequence(WorkerRequest(sub_id, prompt_ids, sub_params, cache_salt=cache_salt,
-                                                          priority=priority, preemptible=preemptible,
-                                                          slo_class=slo_class,
-                                                          trace_context=dict(trace_context or {}))))
+            sequences.append(
+                self._sequence(
+                    WorkerRequest(
+                        sub_id,
+                        prompt_ids,
+                        sub_params,
+                        cache_salt=cache_salt,
+                        priority=priority,
+                        preemptible=preemptible,
+                        slo_class=slo_class,
+                        trace_context=dict(trace_context or {}),
+                    )
+                )
+            )
         text = prompt if isinstance(prompt, str) else None
         self._inflight += 1
         try:
@@ -84,17 +116,27 @@ class DisaggregatedClient:
                 for s in states:
                     for pool, usage in s.compute_by_pool.items():
                         by_pool[pool] = by_pool.get(pool, ComputeUsage()) + usage
-                yield RequestOutput(request_id, text, prompt_ids, [s.output() for s in states],
-                                    finished=all(s.finished for s in states),
-                                    num_cached_tokens=max(s.num_cached_tokens for s in states),
-                                    compute=sum(by_pool.values(), ComputeUsage()), compute_by_pool=by_pool)
+                yield RequestOutput(
+                    request_id,
+                    text,
+                    prompt_ids,
+                    [s.output() for s in states],
+                    finished=all(s.finished for s in states),
+                    num_cached_tokens=max(s.num_cached_tokens for s in states),
+                    compute=sum(by_pool.values(), ComputeUsage()),
+                    compute_by_pool=by_pool,
+                )
         finally:
             self._inflight -= 1
 
     def _call_span(self, name: str, req: WorkerRequest, parent: dict):
         """A CLIENT span for one call to a pool; the request carries it to the router and the worker."""
-        span = tracing.tracer().start_span(name, context=tracing.extract(parent), kind=tracing.SpanKind.CLIENT,
-                                           attributes={"ridgeline.request_id": req.request_id})
+        span = tracing.tracer().start_span(
+            name,
+            context=tracing.extract(parent),
+            kind=tracing.SpanKind.CLIENT,
+            attributes={"ridgeline.request_id": req.request_id},
+        )
         req.trace_context = tracing.inject(span)
         return span
 
@@ -145,16 +187,23 @@ class DisaggregatedClient:
                     yield delta
                     if finished:
                         return
-                raise WorkerLostError(f"decode stream for {req.request_id} ended before the sequence finished")
+                raise WorkerLostError(
+                    f"decode stream for {req.request_id} ended before the sequence finished"
+                )
             except ValueError as e:
                 raise _unwrap(e) from None
             except WORKER_LOST as e:
                 WORKERS_LOST.labels(self.model_name, "decode").inc()
                 if attempt == self.max_migrations:
-                    raise WorkerLostError(f"request {req.request_id}: no decode worker could finish it "
-                                          f"after {attempt + 1} attempts: {e}") from None
-                logger.warning("decode worker lost for %s after %d tokens; migrating", req.request_id,
-                               len(req.output_token_ids))
+                    raise WorkerLostError(
+                        f"request {req.request_id}: no decode worker could finish it "
+                        f"after {attempt + 1} attempts: {e}"
+                    ) from None
+                logger.warning(
+                    "decode worker lost for %s after %d tokens; migrating",
+                    req.request_id,
+                    len(req.output_token_ids),
+                )
                 REQUEST_MIGRATIONS.labels(self.model_name).inc()
                 span.add_event("decode worker lost: migrating", {"tokens_kept": len(req.output_token_ids)})
                 req.kv_handle = None  # the resumed request recomputes prompt + tokens so far

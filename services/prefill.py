@@ -18,17 +18,28 @@ logger = logging.getLogger("ridgeline.prefill")
 class PrefillWorker(EngineWorker):
     role = "prefill"
 
-    def __init__(self, model: str, engine_options: dict | None = None, kv_transport: str = "auto",
-                 kv_lease_s: float = 30.0, lease_poll_s: float = 0.02, reap_timeout_s: float = 30.0,
-                 **worker_options):
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict | None = None,
+        kv_transport: str = "auto",
+        kv_lease_s: float = 30.0,
+        lease_poll_s: float = 0.02,
+        reap_timeout_s: float = 30.0,
+        **worker_options,
+    ):
         """worker_options: EngineWorker's (kv_tiers, pool_name, registry). reap_timeout_s: how long the lease
         reaper waits for the engine thread to run a reap before it tries again."""
         super().__init__(model, engine_options, kv_transport, **worker_options)
         self.leases = LeaseTable(kv_lease_s)  # touched only on the engine thread
         self.reap_timeouts = 0
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, args=(lease_poll_s, reap_timeout_s), daemon=True,
-                                        name="ridgeline-lease-reaper")
+        self._reaper = threading.Thread(
+            target=self._reap_loop,
+            args=(lease_poll_s, reap_timeout_s),
+            daemon=True,
+            name="ridgeline-lease-reaper",
+        )
         self._reaper.start()
 
     async def prefill(self, req: WorkerRequest) -> PrefillResult:
@@ -47,9 +58,15 @@ class PrefillWorker(EngineWorker):
         first_only = dataclasses.replace(req.params, max_tokens=1)
         last, handed_out = None, False
         try:
-            async for out in self.llm.generate(req.request_id, req.prompt_token_ids, first_only, hold_kv=True,
-                                               cache_salt=req.cache_salt, priority=req.priority,
-                                               preemptible=req.preemptible):
+            async for out in self.llm.generate(
+                req.request_id,
+                req.prompt_token_ids,
+                first_only,
+                hold_kv=True,
+                cache_salt=req.cache_salt,
+                priority=req.priority,
+                preemptible=req.preemptible,
+            ):
                 last = out
             self.observe_queue_time(last.queued, req.slo_class, span)
             span.set_attribute("ridgeline.cached_tokens", last.num_cached_tokens)
@@ -59,8 +76,9 @@ class PrefillWorker(EngineWorker):
             if delta.finish_reason != "length" or wanted_one:  # finished for real: nothing to hand over
                 return PrefillResult(delta, None)
             delta.finish_reason = None  # only our max_tokens=1 stopped it
-            handle = await self.llm.call(lambda e: self._hand_out(e, req.request_id, len(req.prompt_token_ids)),
-                                         undo=self._take_back)
+            handle = await self.llm.call(
+                lambda e: self._hand_out(e, req.request_id, len(req.prompt_token_ids)), undo=self._take_back
+            )
             handed_out = True
             self.counters["kv_handles"] += 1
             return PrefillResult(delta, handle)

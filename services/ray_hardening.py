@@ -25,12 +25,18 @@ def _no_port(server, address: str) -> None:
 def install() -> None:
     """Idempotent. RuntimeError when this Ray could not be checked or would send requests over gRPC."""
     if ray.__version__ != CHECKED_RAY_VERSION:
-        raise RuntimeError(f"ray {ray.__version__}: Ridgeline closes Serve's inter-deployment gRPC port as "
-                           f"checked with ray {CHECKED_RAY_VERSION}; install that version")
+        raise RuntimeError(
+            f"ray {ray.__version__}: Ridgeline closes Serve's inter-deployment gRPC port as "
+            f"checked with ray {CHECKED_RAY_VERSION}; install that version"
+        )
     if serve_constants.RAY_SERVE_USE_GRPC_BY_DEFAULT or serve_constants.RAY_SERVE_PROXY_USE_GRPC:
-        raise RuntimeError("RAY_SERVE_USE_GRPC_BY_DEFAULT / RAY_SERVE_PROXY_USE_GRPC: Ridgeline keeps Serve's "
-                           "inter-deployment gRPC closed (it unpickles unauthenticated input); unset them")
+        raise RuntimeError(
+            "RAY_SERVE_USE_GRPC_BY_DEFAULT / RAY_SERVE_PROXY_USE_GRPC: Ridgeline keeps Serve's "
+            "inter-deployment gRPC closed (it unpickles unauthenticated input); unset them"
+        )
     if not hasattr(serve_replica, "add_port_to_grpc_server"):
-        raise RuntimeError("ray.serve._private.replica.add_port_to_grpc_server is gone: the inter-deployment "
-                           "gRPC port cannot be closed in this Ray")
+        raise RuntimeError(
+            "ray.serve._private.replica.add_port_to_grpc_server is gone: the inter-deployment "
+            "gRPC port cannot be closed in this Ray"
+        )
     serve_replica.add_port_to_grpc_server = _no_port

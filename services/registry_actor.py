@@ -30,8 +30,9 @@ class RegistryActor:
 
 
 def _actor():
-    return RegistryActor.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote()
+    return RegistryActor.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
 
 
 class ActorRegistry(Registry):

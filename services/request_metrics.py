@@ -28,8 +28,14 @@ def count_outcome(model: str, slo_class: str, outcome: str) -> None:
 
 
 class RequestRecord:
-    def __init__(self, model: str, slo: SLOClass, received: float, span=None,
-                 on_finish: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        model: str,
+        slo: SLOClass,
+        received: float,
+        span=None,
+        on_finish: Callable[[], None] | None = None,
+    ):
         """received: time.perf_counter() when the frontend got the request; span: its trace span, ended here;
         on_finish: called once when the request ends, however it ends."""
         self.model, self.slo, self.received, self.span = model, slo, received, span
@@ -80,7 +86,6 @@ class RequestRecord:
             TPOT.labels(*self.labels).observe(tpot)
         if ttft * 1000 <= self.slo.ttft_ms and (tpot is None or tpot * 1000 <= self.slo.tpot_ms):
             SLO_MET.labels(*self.labels).inc()
-
 
     def _end_span(self, out: RequestOutput | None, outcome: str) -> None:
         span = self.span

@@ -54,15 +54,24 @@ class _LoadTrackingRouter(RequestRouter):
         kept = [r for r in candidates if r.replica_id.unique_id in live or r.replica_id.unique_id not in ever]
         return kept or candidates
 
-    def _traced(self, pending_request: PendingRequest | None, policy: str, order: list[str], **attributes) -> None:
+    def _traced(
+        self, pending_request: PendingRequest | None, policy: str, order: list[str], **attributes
+    ) -> None:
         """A `route` span in the request's trace (observability/tracing.py), when it carries one."""
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
         if not isinstance(request, WorkerRequest) or not request.trace_context or not tracing.enabled():
             return
-        span = tracing.tracer().start_span("route", context=tracing.extract(request.trace_context), attributes={
-            "ridgeline.router.policy": policy, "ridgeline.router.deployment": self._deployment_id.name,
-            "ridgeline.router.chosen": order[0] if order else "", "ridgeline.router.candidates": len(order),
-            **attributes})
+        span = tracing.tracer().start_span(
+            "route",
+            context=tracing.extract(request.trace_context),
+            attributes={
+                "ridgeline.router.policy": policy,
+                "ridgeline.router.deployment": self._deployment_id.name,
+                "ridgeline.router.chosen": order[0] if order else "",
+                "ridgeline.router.candidates": len(order),
+                **attributes,
+            },
+        )
         span.end()
 
     def _loads(self, replicas: list[RunningReplica]) -> list[ReplicaLoad]:
@@ -84,8 +93,13 @@ class _LoadTrackingRouter(RequestRouter):
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
         total = stats.get("kv_total_blocks") or 1
-        return ReplicaLoad(replica.replica_id.unique_id, self._inflight[replica.replica_id.unique_id],
-                           stats.get("running", 0), stats.get("waiting", 0), stats.get("kv_free_blocks", total) / total)
+        return ReplicaLoad(
+            replica.replica_id.unique_id,
+            self._inflight[replica.replica_id.unique_id],
+            stats.get("running", 0),
+            stats.get("waiting", 0),
+            stats.get("kv_free_blocks", total) / total,
+        )
 
 
 class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
@@ -93,8 +107,9 @@ class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
 
     policy = LeastLoadedPolicy()
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         candidate_replicas = self._registered(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         order = self.policy.rank(self._loads(candidate_replicas))
@@ -128,8 +143,12 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         state = self.__dict__.get("_kv_state")
         if state is None:
             index = KVIndex()
-            state = self.__dict__["_kv_state"] = {"index": index, "policy": KVAwarePolicy(index), "seen": {},
-                                                  "last_seen": {}}
+            state = self.__dict__["_kv_state"] = {
+                "index": index,
+                "policy": KVAwarePolicy(index),
+                "seen": {},
+                "last_seen": {},
+            }
         return state
 
     def _sync(self, replicas: list[RunningReplica]) -> None:
@@ -176,7 +195,9 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
                 last = batch_seq
             seen[rid] = last
 
-    def _block_hashes(self, replicas: list[RunningReplica], pending_request: PendingRequest | None) -> list[bytes]:
+    def _block_hashes(
+        self, replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[bytes]:
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
         stats = next((r.routing_stats for r in replicas if r.routing_stats), None)
         if not isinstance(request, WorkerRequest) or not stats or "kv_fingerprint" not in stats:
@@ -184,8 +205,9 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         extra = hash_extra(stats["kv_fingerprint"], stats["kv_dtype"], request.cache_salt)
         return prompt_block_hashes(request.prompt_token_ids, stats["block_size"], extra)
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         candidate_replicas = self._registered(candidate_replicas)
         self._sync(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -199,13 +221,19 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             match = self._kv["index"].match(hashes, [order[0]])[order[0]]
             counts = {"hbm": match.hbm, "dram": match.dram, "ssd": match.ssd}
             matched = sum(counts.values())
-            metrics.ROUTER_DECISIONS.labels(policy.name, next((t for t, n in counts.items() if n), "none")).inc()
+            metrics.ROUTER_DECISIONS.labels(
+                policy.name, next((t for t, n in counts.items() if n), "none")
+            ).inc()
             for tier, n in counts.items():
                 metrics.ROUTER_MATCHED_BLOCKS.labels(policy.name, tier).inc(n)
             metrics.ROUTER_PROMPT_BLOCKS.labels(policy.name).inc(len(hashes))
             # the chosen replica will hold these blocks in a moment: count on it before its events say so
             # (so a burst sharing a prefix follows the first request); the next snapshot corrects a miss
             self._kv["index"].apply(order[0], [("stored", "hbm", hashes)])
-        self._traced(pending_request, policy.name, order, **{"ridgeline.router.prompt_blocks": len(hashes),
-                                                            "ridgeline.router.matched_blocks": matched})
+        self._traced(
+            pending_request,
+            policy.name,
+            order,
+            **{"ridgeline.router.prompt_blocks": len(hashes), "ridgeline.router.matched_blocks": matched},
+        )
         return [[by_id[replica_id]] for replica_id in order]

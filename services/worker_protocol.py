@@ -72,9 +72,20 @@ class DeltaTracker:
         c = out.outputs[0]
         start = len(self.text) if self.text is not None and c.text.startswith(self.text) else 0
         new = slice(self.sent_tokens, None)
-        delta = Delta(c.token_ids[new], c.logprobs[new] if c.logprobs is not None else None, start,
-                      c.text[start:], c.finish_reason, c.stop_reason, out.num_cached_tokens, self.worker,
-                      self.pool, out.compute - self.sent_compute, self.draft_pool, out.draft_compute - self.sent_draft)
+        delta = Delta(
+            c.token_ids[new],
+            c.logprobs[new] if c.logprobs is not None else None,
+            start,
+            c.text[start:],
+            c.finish_reason,
+            c.stop_reason,
+            out.num_cached_tokens,
+            self.worker,
+            self.pool,
+            out.compute - self.sent_compute,
+            self.draft_pool,
+            out.draft_compute - self.sent_draft,
+        )
         self.sent_tokens, self.text, self.sent_compute = len(c.token_ids), c.text, out.compute
         self.sent_draft = out.draft_compute
         return delta
@@ -94,14 +105,17 @@ class SequenceState:
         self.compute_by_pool: dict[str, ComputeUsage] = {}
 
     def apply(self, delta: Delta) -> None:
-        self.compute_by_pool[delta.pool] = self.compute_by_pool.get(delta.pool, ComputeUsage()) + delta.compute
+        self.compute_by_pool[delta.pool] = (
+            self.compute_by_pool.get(delta.pool, ComputeUsage()) + delta.compute
+        )
         if delta.draft_pool:
-            self.compute_by_pool[delta.draft_pool] = (self.compute_by_pool.get(delta.draft_pool, ComputeUsage())
-                                                      + delta.draft_compute)
+            self.compute_by_pool[delta.draft_pool] = (
+                self.compute_by_pool.get(delta.draft_pool, ComputeUsage()) + delta.draft_compute
+            )
         self.token_ids += delta.token_ids
         if self.logprobs is not None and delta.logprobs is not None:
             self.logprobs += delta.logprobs
-        self.text = self.text[:delta.text_start] + delta.text
+        self.text = self.text[: delta.text_start] + delta.text
         self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
 
@@ -110,8 +124,17 @@ class SequenceState:
         return self.finish_reason is not None
 
     def output(self) -> CompletionOutput:
-        cumulative = sum(lp[t] for t, lp in zip(self.token_ids, self.logprobs, strict=False)) \
-            if self.logprobs is not None else None
-        return CompletionOutput(self.index, self.text, list(self.token_ids), cumulative,
-                                list(self.logprobs) if self.logprobs is not None else None,
-                                self.finish_reason, self.stop_reason)
+        cumulative = (
+            sum(lp[t] for t, lp in zip(self.token_ids, self.logprobs, strict=False))
+            if self.logprobs is not None
+            else None
+        )
+        return CompletionOutput(
+            self.index,
+            self.text,
+            list(self.token_ids),
+            cumulative,
+            list(self.logprobs) if self.logprobs is not None else None,
+            self.finish_reason,
+            self.stop_reason,
+        )

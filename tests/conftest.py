@@ -115,10 +115,26 @@ class EtcdServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
         self.proc = subprocess.Popen(
-            ["etcd", "--name", "test", "--data-dir", str(self.data_dir), "--listen-client-urls", client,
-             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"test={peer}"],
-            stdout=subprocess.DEVNULL, stderr=open(self.data_dir.parent / "etcd.log", "ab"))  # noqa: SIM115
+            [
+                "etcd",
+                "--name",
+                "test",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"test={peer}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.data_dir.parent / "etcd.log", "ab"),  # noqa: SIM115 - the child holds it
+        )
         deadline = time.monotonic() + 30
         import socket
 

@@ -15,8 +15,16 @@ def test_make_tiny_model_then_generate_prints_text(tmp_path):
     made = run("make-tiny-model", str(tmp_path / "m"), "--arch", "mixtral")
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "m" / "config.json").exists()
-    gen = run("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello there", "--max-tokens", "8",
-              "--ignore-eos")
+    gen = run(
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("'Hello there' -> '") and "[8 tokens, length]" in gen.stdout
 

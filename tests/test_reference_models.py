@@ -47,10 +47,15 @@ def test_committed_checkpoint_is_complete_and_loads_with_matching_logits(name):
     hf = _hf(path)
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
-        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
-    out = ours.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
-                                                 logprobs=10))[0].outputs[0]
+        greedy = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :].tolist()
+    out = ours.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=10)
+    )[0].outputs[0]
     top = want.topk(10)
     assert set(out.logprobs[0]) == set(top.indices.tolist())
     for token, logprob in zip(top.indices.tolist(), top.values.tolist(), strict=True):
@@ -61,17 +66,41 @@ def test_committed_checkpoint_is_complete_and_loads_with_matching_logits(name):
 def test_generate_defaults_to_the_reference_target_and_drafts_with_the_reference_draft():
     assert default_model_path() == PAIR["target"]
     prompt = "def read_config(path):\n    "
-    plain = subprocess.run([RIDGELINE, "generate", "--prompt", prompt, "--max-tokens", "24", "--ignore-eos"],
-                           capture_output=True, text=True, timeout=300)
+    plain = subprocess.run(
+        [RIDGELINE, "generate", "--prompt", prompt, "--max-tokens", "24", "--ignore-eos"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.startswith(repr(prompt)) and "[24 tokens, length]" in plain.stdout
-    spec = subprocess.run([RIDGELINE, "generate", "--prompt", prompt, "--max-tokens", "24", "--ignore-eos",
-                           "--speculative-model", str(PAIR["draft"]), "--num-speculative-tokens", "3"],
-                          capture_output=True, text=True, timeout=300)
+    spec = subprocess.run(
+        [
+            RIDGELINE,
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--speculative-model",
+            str(PAIR["draft"]),
+            "--num-speculative-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout  # greedy: drafting never changes the text
-    missing = subprocess.run([RIDGELINE, "generate", "--prompt", "x"], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "RIDGELINE_MODEL": "/nonexistent/model"})
+    missing = subprocess.run(
+        [RIDGELINE, "generate", "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RIDGELINE_MODEL": "/nonexistent/model"},
+    )
     assert missing.returncode == 2 and "RIDGELINE_MODEL" in missing.stderr
 
 
@@ -83,8 +112,10 @@ def test_heldout_perplexity_agrees_with_the_model_card():
 
     tok = Tokenizer.from_file(str(PAIR["target"] / "tokenizer.json"))
     stream = token_stream(tok, corpus()["heldout"][:12])
-    ppl = {name: evaluate(_hf(path), stream, seq=256, device="cpu", max_tokens=16_384)
-           for name, path in PAIR.items()}
+    ppl = {
+        name: evaluate(_hf(path), stream, seq=256, device="cpu", max_tokens=16_384)
+        for name, path in PAIR.items()
+    }
     assert ppl["target"] < ppl["draft"] < CARD["uniform_perplexity"] / 20
     for name, value in ppl.items():
         card = CARD["models"][name]["heldout_perplexity"]

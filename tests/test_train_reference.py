@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_smoke_training_writes_checkpoints_both_engines_load(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "benchmarks.train_reference", "--out", str(tmp_path), "--smoke"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_reference", "--out", str(tmp_path), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     card = json.loads((tmp_path / "model_card.json").read_text())
     for name in ("target", "draft"):
@@ -26,8 +31,12 @@ def test_smoke_training_writes_checkpoints_both_engines_load(tmp_path):
     from engine import LLM, SamplingParams
 
     path = tmp_path / "ridgeline-ref-target"
-    assert {p.name for p in path.iterdir()} >= {"config.json", "tokenizer.json", "tokenizer_config.json",
-                                                "generation_config.json"}
+    assert {p.name for p in path.iterdir()} >= {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    }
     ours = LLM(str(path), num_blocks=64, dtype="float32")
     prompt = ours.engine.tokenizer.encode("def main(argv):\n    return")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -37,4 +46,6 @@ def test_smoke_training_writes_checkpoints_both_engines_load(tmp_path):
     assert out.token_ids[0] == int(want.argmax())  # the same next token from the same weights
     got = out.logprobs[0][out.token_ids[0]]
     assert abs(got - float(want.log_softmax(-1).max())) < 1e-3
-    assert ours.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+    assert (
+        ours.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+    )

@@ -29,6 +29,8 @@ def gaps(process: str, rate: float, seed: int = 0, burstiness: float = 1.0) -> I
             yield rng.gammavariate(shape, 1.0 / (rate * shape))
 
 
-def arrival_times(process: str, rate: float, count: int, seed: int = 0, burstiness: float = 1.0) -> list[float]:
+def arrival_times(
+    process: str, rate: float, count: int, seed: int = 0, burstiness: float = 1.0
+) -> list[float]:
     """`count` arrival offsets in seconds from the start."""
     return list(itertools.accumulate(itertools.islice(gaps(process, rate, seed, burstiness), count)))

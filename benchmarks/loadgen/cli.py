@@ -1,9 +1,9 @@
 """`ridgeline bench`: load a server, print the summary, write JSON, CSV and plots.
 
-    ridgeline bench --url http://127.0.0.1:8000 --workload rag --rate 4 --duration 60
-    ridgeline bench --url ... --rates 1,2,4,8 --duration 30          # a sweep: throughput/goodput vs rate
-    ridgeline bench --url ... --concurrency 16 --requests 500          # closed loop
-    ridgeline bench compare A.json B.json                              # ratios B / A
+ridgeline bench --url http://127.0.0.1:8000 --workload rag --rate 4 --duration 60
+ridgeline bench --url ... --rates 1,2,4,8 --duration 30          # a sweep: throughput/goodput vs rate
+ridgeline bench --url ... --concurrency 16 --requests 500          # closed loop
+ridgeline bench compare A.json B.json                              # ratios B / A
 """
 
 import argparse
@@ -23,14 +23,19 @@ from benchmarks.loadgen.stats import summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ridgeline bench", description="Load an OpenAI-compatible server "
-                                "(Ridgeline, vLLM, SGLang) and report latency, goodput and tokens per dollar.")
+    p = argparse.ArgumentParser(
+        prog="ridgeline bench",
+        description="Load an OpenAI-compatible server "
+        "(Ridgeline, vLLM, SGLang) and report latency, goodput and tokens per dollar.",
+    )
     p.add_argument("--url", required=True, help="the server's base URL (http://HOST:PORT, without /v1)")
     p.add_argument("--model", default=None, help="model name (default: the server's first in /v1/models)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--workload", default="random", choices=workloads.WORKLOADS)
     p.add_argument("--dataset", default=None, help="sharegpt: a ShareGPT JSON file; trace: a JSONL trace")
-    p.add_argument("--input-len", default="256", help="random: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MED:S")
+    p.add_argument(
+        "--input-len", default="256", help="random: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MED:S"
+    )
     p.add_argument("--output-len", default="128", help="as --input-len")
     p.add_argument("--doc-len", default="512", help="rag: document length (words)")
     p.add_argument("--question-len", default="32", help="rag: question length (words)")
@@ -40,17 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="open loop: requests (conversations) per second")
     p.add_argument("--rates", default=None, help="a sweep: comma-separated rates, one run each")
     p.add_argument("--arrivals", default="poisson", choices=["poisson", "gamma", "constant"])
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma: coefficient of variation of the gaps")
-    p.add_argument("--concurrency", type=int, default=None, help="closed loop users (with --rate: an in-flight cap)")
+    p.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma: coefficient of variation of the gaps"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="closed loop users (with --rate: an in-flight cap)"
+    )
     p.add_argument("--requests", type=int, default=None, help="stop after this many requests (conversations)")
     p.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds at the start left out of the numbers")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo-mix", default=None, help="SLO classes sent as x-slo-class: interactive=0.2,batch=0.8")
+    p.add_argument(
+        "--slo-mix", default=None, help="SLO classes sent as x-slo-class: interactive=0.2,batch=0.8"
+    )
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: a request's TTFT objective")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: a request's TPOT objective")
-    p.add_argument("--price-per-hour", type=float, default=None,
-                   help="$ per hour of the server, for tokens per dollar when it reports no cost_usd")
+    p.add_argument(
+        "--price-per-hour",
+        type=float,
+        default=None,
+        help="$ per hour of the server, for tokens per dollar when it reports no cost_usd",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-ignore-eos", action="store_true", help="let outputs stop at EOS (lengths then vary)")
     p.add_argument("--out", default=None, help="output directory (default: bench-results/<time>)")
@@ -76,9 +91,13 @@ def _specs(args, seed: int):
     if args.workload == "random":
         return workloads.random_workload(n, seed, args.input_len, args.output_len, mix)
     if args.workload == "rag":
-        return workloads.rag_workload(n, seed, args.doc_len, args.question_len, args.output_len, args.hit_ratio, mix)
+        return workloads.rag_workload(
+            n, seed, args.doc_len, args.question_len, args.output_len, args.hit_ratio, mix
+        )
     if args.workload == "chat":
-        return workloads.chat_workload(n, seed, args.turns, args.input_len, args.output_len, args.system_len, mix)
+        return workloads.chat_workload(
+            n, seed, args.turns, args.input_len, args.output_len, args.system_len, mix
+        )
     if not args.dataset:
         raise ValueError(f"dataset: --workload {args.workload} needs --dataset PATH")
     if args.workload == "sharegpt":
@@ -94,20 +113,47 @@ def _model(url: str, api_key: str | None) -> str:
 
 
 def _one(args, target: Target, rate: float | None, out: Path, name: str, console: Console) -> dict:
-    load = Load(rate=rate, arrivals=args.arrivals, burstiness=args.burstiness, concurrency=args.concurrency,
-                requests=args.requests, duration_s=args.duration, warmup_s=args.warmup, seed=args.seed)
+    load = Load(
+        rate=rate,
+        arrivals=args.arrivals,
+        burstiness=args.burstiness,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        seed=args.seed,
+    )
     if args.workload == "trace" and rate is None and args.concurrency is None:
         load.rate = 1.0  # the trace's own timestamps set the arrivals; the rate is unused
     load.check()
     run = Run()
-    config = {"url": args.url, "model": target.model, "workload": args.workload, "rate": rate,
-              "arrivals": args.arrivals, "burstiness": args.burstiness, "concurrency": args.concurrency,
-              "requests": args.requests, "duration_s": args.duration, "warmup_s": args.warmup, "seed": args.seed,
-              "slo_mix": args.slo_mix, "input_len": args.input_len, "output_len": args.output_len,
-              "hit_ratio": args.hit_ratio if args.workload == "rag" else None,
-              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), console=console, disable=args.no_progress) as progress:
+    config = {
+        "url": args.url,
+        "model": target.model,
+        "workload": args.workload,
+        "rate": rate,
+        "arrivals": args.arrivals,
+        "burstiness": args.burstiness,
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "seed": args.seed,
+        "slo_mix": args.slo_mix,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "hit_ratio": args.hit_ratio if args.workload == "rag" else None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with Progress(
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=args.no_progress,
+    ) as progress:
         task = progress.add_task(name, total=args.requests, status="")
         errors = 0
 
@@ -121,15 +167,25 @@ def _one(args, target: Target, rate: float | None, out: Path, name: str, console
         except KeyboardInterrupt:
             run.interrupted = True
     measured = run.measured(args.warmup)
-    summary = summarize(measured, run.window_s(args.warmup), slo_ttft_s=_s(args.slo_ttft_ms),
-                        slo_tpot_s=_s(args.slo_tpot_ms), price_per_hour=args.price_per_hour)
+    summary = summarize(
+        measured,
+        run.window_s(args.warmup),
+        slo_ttft_s=_s(args.slo_ttft_ms),
+        slo_tpot_s=_s(args.slo_tpot_ms),
+        price_per_hour=args.price_per_hour,
+    )
     summary["interrupted"] = run.interrupted
     summary["warmup_requests"] = len(run.results) - len(measured)
     report.write_json(out / f"{name}.json", config, summary, run.results)
     report.write_csv(out / f"{name}.csv", run.results)
-    report.plot_latency_cdfs(out / f"{name}_latency_cdf.png", measured, f"{args.workload} @ {rate or 'closed loop'}")
-    report.print_summary(summary, f"{name}: {args.workload}, " + (f"{rate} req/s" if rate else
-                                                                  f"{args.concurrency} users"), console)
+    report.plot_latency_cdfs(
+        out / f"{name}_latency_cdf.png", measured, f"{args.workload} @ {rate or 'closed loop'}"
+    )
+    report.print_summary(
+        summary,
+        f"{name}: {args.workload}, " + (f"{rate} req/s" if rate else f"{args.concurrency} users"),
+        console,
+    )
     if run.interrupted:
         raise KeyboardInterrupt
     return summary
@@ -146,8 +202,13 @@ def run(argv: list[str]) -> int:
         raise ValueError("rate, rates: give one")
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    target = Target(args.url, args.model or _model(args.url, args.api_key), args.api_key, args.timeout,
-                    not args.no_ignore_eos)
+    target = Target(
+        args.url,
+        args.model or _model(args.url, args.api_key),
+        args.api_key,
+        args.timeout,
+        not args.no_ignore_eos,
+    )
     try:
         if args.rates is None:
             _one(args, target, args.rate, out, "result", console)
@@ -156,8 +217,9 @@ def run(argv: list[str]) -> int:
             points = []
             for rate in rates:
                 points.append((rate, _one(args, target, rate, out, f"rate_{rate:g}", console)))
-            (out / "sweep.json").write_text(json.dumps({"rates": rates, "summaries": [s for _, s in points]},
-                                                       indent=2) + "\n")
+            (out / "sweep.json").write_text(
+                json.dumps({"rates": rates, "summaries": [s for _, s in points]}, indent=2) + "\n"
+            )
             report.plot_sweep(out / "sweep.png", points, f"{args.workload} sweep, {target.model}")
     except KeyboardInterrupt:
         console.print(f"interrupted: partial results in {out}")

@@ -28,7 +28,12 @@ class RequestResult:
 
     @property
     def tpot_s(self) -> float | None:
-        if self.ttft_s is None or self.e2e_s is None or not self.completion_tokens or self.completion_tokens < 2:
+        if (
+            self.ttft_s is None
+            or self.e2e_s is None
+            or not self.completion_tokens
+            or self.completion_tokens < 2
+        ):
             return None
         return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
 
@@ -40,13 +45,28 @@ def _content(chunk: dict) -> str:
     return out
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, *, prompt: str | None = None,
-               messages: list[dict] | None = None, max_tokens: int, slo_class: str | None = None,
-               api_key: str | None = None, timeout_s: float = 600.0, ignore_eos: bool = True,
-               run_start: float = 0.0) -> RequestResult:
+async def send(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: list[dict] | None = None,
+    max_tokens: int,
+    slo_class: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    ignore_eos: bool = True,
+    run_start: float = 0.0,
+) -> RequestResult:
     chat = messages is not None
-    body = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-            "temperature": 0.0}
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+    }
     body |= {"messages": messages} if chat else {"prompt": prompt}
     if ignore_eos:
         body["ignore_eos"] = True  # vLLM, SGLang and Ridgeline honour it: outputs run to max_tokens
@@ -58,9 +78,16 @@ async def send(client: httpx.AsyncClient, url: str, model: str, *, prompt: str |
     result = RequestResult(ok=False, start=start - run_start, slo_class=slo_class)
     last = None
     try:
-        async with asyncio.timeout(timeout_s), client.stream(
-                "POST", url.rstrip("/") + path, json=body, headers=headers,
-                timeout=httpx.Timeout(timeout_s, connect=10.0)) as r:
+        async with (
+            asyncio.timeout(timeout_s),
+            client.stream(
+                "POST",
+                url.rstrip("/") + path,
+                json=body,
+                headers=headers,
+                timeout=httpx.Timeout(timeout_s, connect=10.0),
+            ) as r,
+        ):
             if r.status_code != 200:
                 await r.aread()
                 result.error, result.error_detail = f"http_{r.status_code}", r.text[:300]

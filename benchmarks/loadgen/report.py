@@ -24,13 +24,17 @@ def table(summary: dict, title: str) -> Table:
         if d:
             t.add_row(f"{name} (ms)", *(f"{d[k] * 1000:.1f}" for k in ("mean", "p50", "p90", "p99")))
     good = summary["goodput"]
-    rows = [("requests completed / failed", f"{summary['completed']} / {summary['failed']}"),
-            ("errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or "none"),
-            ("request throughput (req/s)", f"{summary['request_throughput']:.2f}"),
-            ("output tokens/s", f"{summary['output_token_throughput']:.1f}"),
-            ("total tokens/s", f"{summary['total_token_throughput']:.1f}"),
-            (f"goodput (req/s, TTFT<={good['ttft_slo_s']} s, TPOT<={good['tpot_slo_s']} s)",
-             f"{good['request_throughput']:.2f}")]
+    rows = [
+        ("requests completed / failed", f"{summary['completed']} / {summary['failed']}"),
+        ("errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or "none"),
+        ("request throughput (req/s)", f"{summary['request_throughput']:.2f}"),
+        ("output tokens/s", f"{summary['output_token_throughput']:.1f}"),
+        ("total tokens/s", f"{summary['total_token_throughput']:.1f}"),
+        (
+            f"goodput (req/s, TTFT<={good['ttft_slo_s']} s, TPOT<={good['tpot_slo_s']} s)",
+            f"{good['request_throughput']:.2f}",
+        ),
+    ]
     cost = summary["cost"]
     if cost["tokens_per_dollar"]:
         rows.append((f"tokens per dollar ({cost['source']})", f"{cost['tokens_per_dollar']:,.0f}"))
@@ -44,14 +48,34 @@ def print_summary(summary: dict, title: str, console: Console | None = None) -> 
 
 
 def write_json(path: Path, config: dict, summary: dict, results: list[RequestResult], **extra) -> None:
-    path.write_text(json.dumps({"config": config, "summary": summary, **extra,
-                                "requests": [{k: v for k, v in asdict(r).items() if k != "text"} for r in results]},
-                               indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "config": config,
+                "summary": summary,
+                **extra,
+                "requests": [{k: v for k, v in asdict(r).items() if k != "text"} for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def write_csv(path: Path, results: list[RequestResult]) -> None:
-    fields = ["start", "slo_class", "ok", "error", "ttft_s", "tpot_s", "e2e_s", "prompt_tokens",
-              "completion_tokens", "cached_tokens", "cost_usd"]
+    fields = [
+        "start",
+        "slo_class",
+        "ok",
+        "error",
+        "ttft_s",
+        "tpot_s",
+        "e2e_s",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "cost_usd",
+    ]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(fields)
@@ -72,8 +96,12 @@ def plot_latency_cdfs(path: Path, results: list[RequestResult], title: str) -> N
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ok = [r for r in results if r.ok]
-    series = {"ttft_s": [r.ttft_s for r in ok], "tpot_s": [r.tpot_s for r in ok if r.tpot_s],
-              "itl_s": [g for r in ok for g in r.itl_s], "e2e_s": [r.e2e_s for r in ok]}
+    series = {
+        "ttft_s": [r.ttft_s for r in ok],
+        "tpot_s": [r.tpot_s for r in ok if r.tpot_s],
+        "itl_s": [g for r in ok for g in r.itl_s],
+        "e2e_s": [r.e2e_s for r in ok],
+    }
     for ax, (key, name) in zip(axes, LATENCIES, strict=True):
         values = sorted(v * 1000 for v in series[key])
         if values:
@@ -99,7 +127,12 @@ def plot_sweep(path: Path, points: list[tuple[float, dict]], title: str) -> None
     left.legend()
     left.grid(alpha=0.3)
     for q in ("p50", "p90", "p99"):
-        right.plot(rates, [(s["ttft_s"] or {}).get(q, float("nan")) * 1000 for _, s in points], "o-", label=f"TTFT {q}")
+        right.plot(
+            rates,
+            [(s["ttft_s"] or {}).get(q, float("nan")) * 1000 for _, s in points],
+            "o-",
+            label=f"TTFT {q}",
+        )
     right.set_xlabel("offered rate (req/s)")
     right.set_ylabel("ms")
     right.set_yscale("log")

@@ -77,23 +77,42 @@ def _units(specs: Iterator[RequestSpec]) -> Iterator[list[RequestSpec]]:
     while pending is not None:
         unit = [pending]
         pending = next(specs, None)
-        while pending is not None and unit[0].conversation is not None and pending.conversation == unit[0].conversation:
+        while (
+            pending is not None
+            and unit[0].conversation is not None
+            and pending.conversation == unit[0].conversation
+        ):
             unit.append(pending)
             pending = next(specs, None)
         yield unit
 
 
-async def _serve_unit(client: httpx.AsyncClient, target: Target, unit: list[RequestSpec], run: Run,
-                      on_result: Callable[[RequestResult], None]) -> None:
+async def _serve_unit(
+    client: httpx.AsyncClient,
+    target: Target,
+    unit: list[RequestSpec],
+    run: Run,
+    on_result: Callable[[RequestResult], None],
+) -> None:
     history: list[dict] = []
     for spec in unit:
         messages = None
         if spec.messages is not None:
             history = history + spec.messages
             messages = history
-        result = await send(client, target.url, target.model, prompt=spec.prompt, messages=messages,
-                            max_tokens=spec.max_tokens, slo_class=spec.slo_class, api_key=target.api_key,
-                            timeout_s=target.timeout_s, ignore_eos=target.ignore_eos, run_start=run.started)
+        result = await send(
+            client,
+            target.url,
+            target.model,
+            prompt=spec.prompt,
+            messages=messages,
+            max_tokens=spec.max_tokens,
+            slo_class=spec.slo_class,
+            api_key=target.api_key,
+            timeout_s=target.timeout_s,
+            ignore_eos=target.ignore_eos,
+            run_start=run.started,
+        )
         run.results.append(result)
         on_result(result)
         if not result.ok:
@@ -102,8 +121,13 @@ async def _serve_unit(client: httpx.AsyncClient, target: Target, unit: list[Requ
             history = history + [{"role": "assistant", "content": result.text}]
 
 
-async def run_load(target: Target, load: Load, specs: Iterator[RequestSpec], run: Run,
-                   on_result: Callable[[RequestResult], None] = lambda r: None) -> Run:
+async def run_load(
+    target: Target,
+    load: Load,
+    specs: Iterator[RequestSpec],
+    run: Run,
+    on_result: Callable[[RequestResult], None] = lambda r: None,
+) -> Run:
     """Fill `run` (which the caller keeps: after Ctrl-C it holds what finished)."""
     load.check()
     units = _units(specs)
@@ -129,7 +153,10 @@ async def run_load(target: Target, load: Load, specs: Iterator[RequestSpec], run
                 tasks = {asyncio.create_task(user()) for _ in range(load.concurrency)}
             else:
                 cap = asyncio.Semaphore(load.concurrency) if load.concurrency else None
-                gaps, next_at = arrivals.gaps(load.arrivals, load.rate, load.seed, load.burstiness), run.started
+                gaps, next_at = (
+                    arrivals.gaps(load.arrivals, load.rate, load.seed, load.burstiness),
+                    run.started,
+                )
 
                 async def capped(unit: list[RequestSpec]) -> None:
                     if cap is None:

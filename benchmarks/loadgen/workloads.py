@@ -20,7 +20,72 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WORKLOADS = ("random", "rag", "chat", "sharegpt", "trace")
-_WORDS = ["the", "of", "and", "to", "in", "is", "for", "on", "that", "with", "as", "by", "at", "from", "it", "this", "be", "are", "or", "an", "was", "which", "not", "have", "has", "data", "model", "system", "time", "value", "result", "order", "number", "point", "state", "process", "service", "memory", "cache", "block", "token", "request", "server", "worker", "cluster", "network", "signal", "energy", "river", "mountain", "city", "market", "policy", "history", "science", "music", "garden", "window", "letter", "question", "answer", "reason", "method", "theory"]
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "this",
+    "be",
+    "are",
+    "or",
+    "an",
+    "was",
+    "which",
+    "not",
+    "have",
+    "has",
+    "data",
+    "model",
+    "system",
+    "time",
+    "value",
+    "result",
+    "order",
+    "number",
+    "point",
+    "state",
+    "process",
+    "service",
+    "memory",
+    "cache",
+    "block",
+    "token",
+    "request",
+    "server",
+    "worker",
+    "cluster",
+    "network",
+    "signal",
+    "energy",
+    "river",
+    "mountain",
+    "city",
+    "market",
+    "policy",
+    "history",
+    "science",
+    "music",
+    "garden",
+    "window",
+    "letter",
+    "question",
+    "answer",
+    "reason",
+    "method",
+    "theory",
+]
 
 
 @dataclass
@@ -52,8 +117,9 @@ class Length:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"length: got {spec!r}, allowed N, uniform:LO:HI, normal:MEAN:STD, "
-                             "lognormal:MEDIAN:SIGMA") from None
+            raise ValueError(
+                f"length: got {spec!r}, allowed N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEDIAN:SIGMA"
+            ) from None
         if min(self.args) <= 0 and self.kind != "normal" or (self.kind == "normal" and self.args[0] <= 0):
             raise ValueError(f"length: {spec!r} must be positive")
 
@@ -81,20 +147,33 @@ def _indices(n: int | None) -> Iterator[int]:
     return itertools.count() if n is None else iter(range(n))
 
 
-def random_workload(n: int | None, seed: int, input_len: str = "256", output_len: str = "128",
-                    slo_mix: dict | None = None) -> Iterator[RequestSpec]:
+def random_workload(
+    n: int | None, seed: int, input_len: str = "256", output_len: str = "128", slo_mix: dict | None = None
+) -> Iterator[RequestSpec]:
     rng, ins, outs = random.Random(seed), Length(input_len), Length(output_len)
     for _ in _indices(n):
         yield RequestSpec(_text(rng, ins.draw(rng)), outs.draw(rng), _class(slo_mix, rng))
 
 
-def rag_workload(n: int | None, seed: int, doc_len: str = "512", question_len: str = "32", output_len: str = "64",
-                 hit_ratio: float = 0.7, slo_mix: dict | None = None) -> Iterator[RequestSpec]:
+def rag_workload(
+    n: int | None,
+    seed: int,
+    doc_len: str = "512",
+    question_len: str = "32",
+    output_len: str = "64",
+    hit_ratio: float = 0.7,
+    slo_mix: dict | None = None,
+) -> Iterator[RequestSpec]:
     """Each request: a document then a question. With probability `hit_ratio` the document is one already
     used (so its KV can be reused), else a new one."""
     if not 0 <= hit_ratio <= 1:
         raise ValueError(f"hit_ratio: got {hit_ratio}, allowed 0..1")
-    rng, docs_len, q_len, outs = random.Random(seed), Length(doc_len), Length(question_len), Length(output_len)
+    rng, docs_len, q_len, outs = (
+        random.Random(seed),
+        Length(doc_len),
+        Length(question_len),
+        Length(output_len),
+    )
     docs: list[str] = []
     for _ in _indices(n):
         reused = bool(docs) and rng.random() < hit_ratio
@@ -105,8 +184,15 @@ def rag_workload(n: int | None, seed: int, doc_len: str = "512", question_len: s
         yield RequestSpec(prompt, outs.draw(rng), _class(slo_mix, rng), meta={"reused_document": reused})
 
 
-def chat_workload(n: int | None, seed: int, turns: int = 4, user_len: str = "48", output_len: str = "48",
-                  system_len: int = 64, slo_mix: dict | None = None) -> Iterator[RequestSpec]:
+def chat_workload(
+    n: int | None,
+    seed: int,
+    turns: int = 4,
+    user_len: str = "48",
+    output_len: str = "48",
+    system_len: int = 64,
+    slo_mix: dict | None = None,
+) -> Iterator[RequestSpec]:
     """n requests as ceil(n / turns) conversations of `turns` turns; a turn's messages are completed with the
     earlier answers by the runner (RequestSpec.messages holds the system prompt and this turn's user text)."""
     if turns < 1:
@@ -119,12 +205,19 @@ def chat_workload(n: int | None, seed: int, turns: int = 4, user_len: str = "48"
             cls = _class(slo_mix, rng)  # one class per conversation
         system = {"role": "system", "content": f"Conversation {conversation}. " + _text(rng, system_len)}
         user = {"role": "user", "content": _text(rng, users.draw(rng))}
-        yield RequestSpec(None, outs.draw(rng), cls, messages=[system, user] if turn == 0 else [user],
-                          conversation=conversation, turn=turn)
+        yield RequestSpec(
+            None,
+            outs.draw(rng),
+            cls,
+            messages=[system, user] if turn == 0 else [user],
+            conversation=conversation,
+            turn=turn,
+        )
 
 
-def sharegpt_workload(path: str, n: int | None, seed: int, slo_mix: dict | None = None,
-                      max_output: int = 1024) -> Iterator[RequestSpec]:
+def sharegpt_workload(
+    path: str, n: int | None, seed: int, slo_mix: dict | None = None, max_output: int = 1024
+) -> Iterator[RequestSpec]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, list):
         raise ValueError(f"dataset: {path} is not a ShareGPT list of conversations")
@@ -142,7 +235,9 @@ def sharegpt_workload(path: str, n: int | None, seed: int, slo_mix: dict | None 
         yield RequestSpec(*rng.choice(pairs), _class(slo_mix, rng))
 
 
-def trace_workload(path: str, seed: int, slo_mix: dict | None = None, n: int | None = None) -> Iterator[RequestSpec]:
+def trace_workload(
+    path: str, seed: int, slo_mix: dict | None = None, n: int | None = None
+) -> Iterator[RequestSpec]:
     rows = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -151,7 +246,9 @@ def trace_workload(path: str, seed: int, slo_mix: dict | None = None, n: int | N
             row = json.loads(line)
             rows.append((float(row["timestamp"]), int(row["input_length"]), int(row["output_length"])))
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"trace: {path}:{lineno}: want {{timestamp, input_length, output_length}}") from None
+            raise ValueError(
+                f"trace: {path}:{lineno}: want {{timestamp, input_length, output_length}}"
+            ) from None
     if not rows:
         raise ValueError(f"trace: {path} is empty")
     rows.sort()

@@ -45,13 +45,20 @@ class AttentionBackend(ABC):
         """Fill backend-specific fields of this step's metadata, once per step."""
 
     @abstractmethod
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
+    def write_kv(
+        self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
         """k, v [T, kv_heads, head_dim] -> kv_cache at meta.slot_mapping."""
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-               sliding_window: int | None) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         """q [T, heads, head_dim] -> out [T, heads, head_dim]."""
 
 

@@ -11,8 +11,9 @@ from engine.attention.backend import AttentionBackend, AttentionMetadata
 from kernels.attention_ref import kv_write_ref, paged_attention_ref
 
 
-def batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                   sliding_window: int | None) -> torch.Tensor:
+def batched_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, sliding_window: int | None
+) -> torch.Tensor:
     """q [B, heads, D], one query per sequence -> [B, heads, D]."""
     B, H, D = q.shape
     num_kv_heads, bs = kv_cache.shape[3], meta.block_size
@@ -26,8 +27,9 @@ def batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetad
     mask = pos < lens
     if sliding_window:
         mask &= pos >= lens - sliding_window
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale,
-                                         enable_gqa=num_kv_heads != H)  # [B, H, 1, D]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=num_kv_heads != H
+    )  # [B, H, 1, D]
     return out[:, :, 0]
 
 
@@ -40,5 +42,6 @@ class TorchAttentionBackend(AttentionBackend):
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
         if meta.max_query_len == 1 and meta.num_seqs > 1:
             return batched_decode(q, kv_cache, meta, scale, sliding_window)
-        return paged_attention_ref(q, kv_cache, meta.block_tables, meta.seq_lens_cpu, meta.query_start_loc_cpu,
-                                   scale, sliding_window)
+        return paged_attention_ref(
+            q, kv_cache, meta.block_tables, meta.seq_lens_cpu, meta.query_start_loc_cpu, scale, sliding_window
+        )

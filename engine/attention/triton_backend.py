@@ -12,7 +12,9 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self):
-        self.num_sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 1
+        self.num_sms = (
+            torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else 1
+        )
 
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
@@ -23,7 +25,16 @@ class TritonAttentionBackend(AttentionBackend):
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
         if meta.max_query_len == 1:
-            return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.num_kv_splits,
-                                    sliding_window)
-        return prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                 meta.max_query_len, scale, sliding_window)
+            return decode_attention(
+                q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.num_kv_splits, sliding_window
+            )
+        return prefill_attention(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            scale,
+            sliding_window,
+        )

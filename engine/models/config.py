@@ -80,17 +80,24 @@ def _moe(hf: dict, num_layers: int) -> MoEConfig | None:
     if not num_experts:
         return None
     if hf.get("model_type") == "mixtral":
-        return MoEConfig(num_experts=num_experts, top_k=hf["num_experts_per_tok"],
-                         intermediate_size=hf["intermediate_size"], renormalize=True,
-                         sparse_layers=tuple(range(num_layers)))
+        return MoEConfig(
+            num_experts=num_experts,
+            top_k=hf["num_experts_per_tok"],
+            intermediate_size=hf["intermediate_size"],
+            renormalize=True,
+            sparse_layers=tuple(range(num_layers)),
+        )
     step = hf.get("decoder_sparse_step", 1) or 1
     dense = set(hf.get("mlp_only_layers") or [])
     sparse = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
-    return MoEConfig(num_experts=num_experts, top_k=hf["num_experts_per_tok"],
-                     intermediate_size=hf["moe_intermediate_size"],
-                     renormalize=bool(hf.get("norm_topk_prob", False)),
-                     shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
-                     sparse_layers=sparse)
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=hf["num_experts_per_tok"],
+        intermediate_size=hf["moe_intermediate_size"],
+        renormalize=bool(hf.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+        sparse_layers=sparse,
+    )
 
 
 def model_config_from_hf(hf: dict, architecture: str, generation_config: dict | None = None) -> ModelConfig:
@@ -113,8 +120,11 @@ def model_config_from_hf(hf: dict, architecture: str, generation_config: dict | 
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bool(hf.get("attention_bias", False) or hf.get("qkv_bias", False)
-                      or hf.get("model_type") in ("qwen2", "qwen2_moe")),
+        qkv_bias=bool(
+            hf.get("attention_bias", False)
+            or hf.get("qkv_bias", False)
+            or hf.get("model_type") in ("qwen2", "qwen2_moe")
+        ),
         qk_norm=hf.get("model_type") in ("qwen3", "qwen3_moe"),
         sliding_windows=_sliding_windows(hf, num_layers),
         dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),

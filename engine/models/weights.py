@@ -11,7 +11,9 @@ from torch import nn
 
 # HF name -> (our name, which part of our parameter). Parts: ("rows", k, n) = the k-th of n equal row blocks
 # along dim 0 (or by explicit offsets for q/k/v); ("expert", e, k, n) = expert e, then as "rows".
-_EXPERT = re.compile(r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
+)
 _QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
 
@@ -73,8 +75,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             raise ValueError(f"checkpoint: weight {name!r} has no place in {cfg.architecture}") from None
         dest = param.data[index] if index else param.data
         if dest.shape != tensor.shape:
-            raise ValueError(f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(dest.shape)}")
+            raise ValueError(
+                f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+            )
         dest.copy_(tensor)
         key = names[id(param)]
         filled[key] = filled.get(key, 0) + dest.numel()

@@ -34,9 +34,17 @@ logger = logging.getLogger(__name__)
 
 
 class KVMemoryClient(KVStore):
-    def __init__(self, service, layout: KVLayout, pull_transport: KVTransport, staging_blocks: int = 64,
-                 kv_transport: str = "auto", use_shm: bool = True, timeout_s: float = 10.0,
-                 batch_blocks: int = 32):
+    def __init__(
+        self,
+        service,
+        layout: KVLayout,
+        pull_transport: KVTransport,
+        staging_blocks: int = 64,
+        kv_transport: str = "auto",
+        use_shm: bool = True,
+        timeout_s: float = 10.0,
+        batch_blocks: int = 32,
+    ):
         """`service`: a Ray actor handle of KVMemoryService. `pull_transport`: the worker's transport,
         registered on its KV pool (loads land there)."""
         import ray
@@ -58,10 +66,16 @@ class KVMemoryClient(KVStore):
         use_shm = use_shm and bool(info["shm"]) and info["shm"]["host"] == host_id()
         if use_shm and shm.fits(staging_blocks * block_bytes):
             raw = shm.create(staging_path, staging_blocks, block_bytes, pin=torch.cuda.is_available())
-            self.staging_shm = {"path": staging_path, "host": host_id(), "capacity_blocks": staging_blocks,
-                                "block_bytes": block_bytes}
+            self.staging_shm = {
+                "path": staging_path,
+                "host": host_id(),
+                "capacity_blocks": staging_blocks,
+                "block_bytes": block_bytes,
+            }
         else:
-            raw = torch.zeros((staging_blocks, block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            raw = torch.zeros(
+                (staging_blocks, block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
+            )
         self.staging = raw
         self.staging_typed = raw.view(getattr(torch, layout.dtype)).view(staging_blocks, *layout.block_shape)
         self.staging_transport = None
@@ -75,11 +89,22 @@ class KVMemoryClient(KVStore):
         self._staging_lock = threading.Lock()
         self._acquired: dict[tuple, list[KVHandle]] = {}  # the blocks' hashes -> handles awaiting their load
         self._acquired_lock = threading.Lock()
-        self.stats = {"staged": 0, "staging_full": 0, "ingested": 0, "ingest_failures": 0, "lookups": 0,
-                      "lookup_failures": 0, "loaded_blocks": 0, "load_failures": 0, "load_seconds": 0.0,
-                      "loads_by_path": {"shm": 0, "transport": 0}}
+        self.stats = {
+            "staged": 0,
+            "staging_full": 0,
+            "ingested": 0,
+            "ingest_failures": 0,
+            "lookups": 0,
+            "lookup_failures": 0,
+            "loaded_blocks": 0,
+            "load_failures": 0,
+            "load_seconds": 0.0,
+            "loads_by_path": {"shm": 0, "transport": 0},
+        }
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, daemon=True, name="ridgeline-kv-offload-sender")
+        self._sender = threading.Thread(
+            target=self._send_loop, daemon=True, name="ridgeline-kv-offload-sender"
+        )
         self._sender.start()
 
     # -- offload -----------------------------------------------------------------------------------
@@ -95,11 +120,19 @@ class KVMemoryClient(KVStore):
     def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
         slots = self._take_staging(1)
         if slots:
-            self.staging[slots[0]].copy_(data.reshape(-1))  # GPU -> pinned host: one DMA, done when it returns
+            self.staging[slots[0]].copy_(
+                data.reshape(-1)
+            )  # GPU -> pinned host: one DMA, done when it returns
             self._queue.put((None, [(block_hash, slots[0], priority)]))
 
-    def offload(self, block_hashes: list[bytes], priorities: list[int], pool: torch.Tensor, block_ids: list[int],
-                stream: torch.cuda.Stream | None = None) -> list[bool]:
+    def offload(
+        self,
+        block_hashes: list[bytes],
+        priorities: list[int],
+        pool: torch.Tensor,
+        block_ids: list[int],
+        stream: torch.cuda.Stream | None = None,
+    ) -> list[bool]:
         slots = self._take_staging(len(block_ids))
         if not slots:
             return [False] * len(block_ids)
@@ -129,7 +162,7 @@ class KVMemoryClient(KVStore):
             if item is None:
                 self._queue.put(None)
             for start in range(0, len(batch), self.batch_blocks):
-                self._send(batch[start:start + self.batch_blocks])
+                self._send(batch[start : start + self.batch_blocks])
 
     def _send(self, batch: list[tuple[bytes, int, int]]) -> None:
         hashes, slots, priorities = (list(x) for x in zip(*batch, strict=True))
@@ -139,8 +172,10 @@ class KVMemoryClient(KVStore):
                 handle = KVHandle(uuid.uuid4().hex, "shm", slots, 0, self.layout, checksums, "crc32")
             else:
                 handle = self.staging_transport.handle(slots, 0)
-            got = self._ray.get(self.service.ingest.remote(hashes, priorities, handle, self.staging_shm),
-                                timeout=self.timeout_s)
+            got = self._ray.get(
+                self.service.ingest.remote(hashes, priorities, handle, self.staging_shm),
+                timeout=self.timeout_s,
+            )
             self.stats["ingested"] += got
         except Exception as e:  # noqa: BLE001 - a lost offload only costs a recompute later
             self.stats["ingest_failures"] += 1
@@ -190,7 +225,7 @@ class KVMemoryClient(KVStore):
         want = min(len(block_hashes), len(block_ids))
         while handle is not None:
             n = min(len(handle.block_ids), want - done)
-            ok = self._copy(handle, n, pool, block_ids[done:done + n])
+            ok = self._copy(handle, n, pool, block_ids[done : done + n])
             self._release(handle, wait=done + n < want)  # before asking for more: free those slots
             if not ok:
                 break
@@ -198,7 +233,9 @@ class KVMemoryClient(KVStore):
             if done >= want:
                 break
             try:  # the service's DRAM could pin only part of the run: ask for the rest
-                handle = self._ray.get(self.service.acquire.remote(block_hashes[done:want]), timeout=self.timeout_s)
+                handle = self._ray.get(
+                    self.service.acquire.remote(block_hashes[done:want]), timeout=self.timeout_s
+                )
             except Exception as e:  # noqa: BLE001
                 logger.warning("KV memory service acquire failed: %r", e)
                 handle = None

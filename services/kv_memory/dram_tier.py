@@ -32,17 +32,26 @@ class DramTier:
     `pool` is [capacity, block_bytes] uint8; `typed` views it as [capacity, *block_shape] of `dtype`.
     """
 
-    def __init__(self, capacity_blocks: int, block_bytes: int, pin: bool | None = None, *,
-                 block_shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.uint8,
-                 shm_path: str | None = None):
+    def __init__(
+        self,
+        capacity_blocks: int,
+        block_bytes: int,
+        pin: bool | None = None,
+        *,
+        block_shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype = torch.uint8,
+        shm_path: str | None = None,
+    ):
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks: got {capacity_blocks}, allowed >= 1")
         if block_bytes < 1:
             raise ValueError(f"block_bytes: got {block_bytes}, allowed >= 1")
         total = capacity_blocks * block_bytes
         if total > physical_memory_bytes():
-            raise ValueError(f"capacity_blocks: {capacity_blocks} blocks of {block_bytes} B need {total} B, "
-                             f"more than this machine's {physical_memory_bytes()} B of memory")
+            raise ValueError(
+                f"capacity_blocks: {capacity_blocks} blocks of {block_bytes} B need {total} B, "
+                f"more than this machine's {physical_memory_bytes()} B of memory"
+            )
         block_shape = tuple(block_shape or (block_bytes // torch.empty((), dtype=dtype).element_size(),))
         if torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size() != block_bytes:
             raise ValueError(f"block_shape: {block_shape} of {dtype} is not {block_bytes} bytes")
@@ -160,7 +169,9 @@ class DramTier:
             self._reserved.add(slot)
             return slot, evicted
 
-    def commit(self, block_hash: bytes, slot: int, checksum: int | None = None, keep_pinned: bool = False) -> bool:
+    def commit(
+        self, block_hash: bytes, slot: int, checksum: int | None = None, keep_pinned: bool = False
+    ) -> bool:
         """Make a reserved slot findable under block_hash. False (slot freed) if the hash arrived
         meanwhile through another slot."""
         with self._lock:

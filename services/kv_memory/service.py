@@ -40,9 +40,19 @@ def service_name(node_id: str, layout: KVLayout) -> str:
 
 
 class KVMemoryService:
-    def __init__(self, name: str, block_shape: tuple[int, ...], dtype: str, dram_blocks: int,
-                 ssd_dir: str | None = None, ssd_blocks: int = 0, kv_transport: str = "auto",
-                 use_shm: bool = True, lease_ttl_s: float = 30.0, policy: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        block_shape: tuple[int, ...],
+        dtype: str,
+        dram_blocks: int,
+        ssd_dir: str | None = None,
+        ssd_blocks: int = 0,
+        kv_transport: str = "auto",
+        use_shm: bool = True,
+        lease_ttl_s: float = 30.0,
+        policy: dict | None = None,
+    ):
         """`policy`: {priority: lowest tier} (services/kv_memory/tier_policy.py)."""
         self.name, self.incarnation = name, os.urandom(6).hex()
         self.layout = KVLayout(tuple(block_shape), dtype)
@@ -54,30 +64,63 @@ class KVMemoryService:
         shm.sweep_dead_staging()  # and killed workers' staging files
         if use_shm and shm.fits(dram_blocks * block_bytes):
             shm_path = os.path.join(shm.SHM_DIR, f"ridgeline-{name}-{self.incarnation}")
-        self.store = build_store(block_bytes, dram_blocks, ssd_dir, ssd_blocks,
-                                 TierPolicy({int(k): v for k, v in (policy or {}).items()}),
-                                 block_shape=self.layout.block_shape, dtype=getattr(torch, dtype),
-                                 shm_path=shm_path)
+        self.store = build_store(
+            block_bytes,
+            dram_blocks,
+            ssd_dir,
+            ssd_blocks,
+            TierPolicy({int(k): v for k, v in (policy or {}).items()}),
+            block_shape=self.layout.block_shape,
+            dtype=getattr(torch, dtype),
+            shm_path=shm_path,
+        )
         self.events = KVEventLog()
         self.store.events = self.events
         self.transport = make_transport(kv_transport)
         self.transport.register(self.store.dram.typed)
-        self.shm = None if shm_path is None else {"path": shm_path, "host": host_id(), "incarnation": self.incarnation,
-                                                  "capacity_blocks": dram_blocks, "block_bytes": block_bytes}
-        self.counters = {"acquires": 0, "acquired_blocks": 0, "bytes_out": 0, "releases": 0, "leases_reclaimed": 0,
-                         "ingests": 0, "ingested_blocks": 0, "bytes_in": 0, "ingest_failures": 0,
-                         "ingest_by_path": {"shm": 0, "transport": 0}}
+        self.shm = (
+            None
+            if shm_path is None
+            else {
+                "path": shm_path,
+                "host": host_id(),
+                "incarnation": self.incarnation,
+                "capacity_blocks": dram_blocks,
+                "block_bytes": block_bytes,
+            }
+        )
+        self.counters = {
+            "acquires": 0,
+            "acquired_blocks": 0,
+            "bytes_out": 0,
+            "releases": 0,
+            "leases_reclaimed": 0,
+            "ingests": 0,
+            "ingested_blocks": 0,
+            "bytes_in": 0,
+            "ingest_failures": 0,
+            "ingest_by_path": {"shm": 0, "transport": 0},
+        }
         self._leases = LeaseTable(lease_ttl_s)
         self._pinned: dict[str, list[int]] = {}  # handle id -> DRAM slots it pins
         self._lock = threading.Lock()
         self._staging_maps: dict[str, torch.Tensor] = {}  # writers' shared-memory staging pools
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="ridgeline-kv-memory-reaper")
+        self._reaper = threading.Thread(
+            target=self._reap_loop, daemon=True, name="ridgeline-kv-memory-reaper"
+        )
         self._reaper.start()
 
     def info(self) -> dict:
-        return {"name": self.name, "incarnation": self.incarnation, "pid": os.getpid(), "layout": self.layout,
-                "transport": self.transport.name, "shm": self.shm, "policy": dict(self.store.policy.lowest_tier)}
+        return {
+            "name": self.name,
+            "incarnation": self.incarnation,
+            "pid": os.getpid(),
+            "layout": self.layout,
+            "transport": self.transport.name,
+            "shm": self.shm,
+            "policy": dict(self.store.policy.lowest_tier),
+        }
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -101,7 +144,7 @@ class KVMemoryService:
             raise
         handle.source["shm"] = self.shm
         # the whole run held in any tier: DRAM may have had room to pin only part of it
-        handle.source["held"] = len(slots) + self.store.lookup(block_hashes[len(slots):])
+        handle.source["held"] = len(slots) + self.store.lookup(block_hashes[len(slots) :])
         with self._lock:
             if self.transport.holds_source_blocks or self.shm is not None:
                 self._pinned[handle.handle_id] = slots
@@ -138,8 +181,9 @@ class KVMemoryService:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def ingest(self, block_hashes: list[bytes], priorities: list[int], handle: KVHandle,
-               staging: dict | None = None) -> int:
+    def ingest(
+        self, block_hashes: list[bytes], priorities: list[int], handle: KVHandle, staging: dict | None = None
+    ) -> int:
         """Take in a writer's blocks (handle.block_ids[i] holds block_hashes[i]); returns how many were
         stored. Blocks already held, or whose class may not live in DRAM, are skipped. `staging`: the
         writer's shared-memory staging pool (path, host) — copied directly when on this host."""
@@ -160,8 +204,14 @@ class KVMemoryService:
         self.counters["bytes_in"] += stored * self.layout.block_bytes
         return stored
 
-    def _fill(self, plan: list[tuple[int, int]], block_hashes: list[bytes], priorities: list[int],
-              handle: KVHandle, staging: dict | None) -> bool:
+    def _fill(
+        self,
+        plan: list[tuple[int, int]],
+        block_hashes: list[bytes],
+        priorities: list[int],
+        handle: KVHandle,
+        staging: dict | None,
+    ) -> bool:
         """Move the planned blocks into their reserved slots and commit them; on failure free the slots."""
         indices, slots = [i for i, _ in plan], [slot for _, slot in plan]
         try:
@@ -207,10 +257,19 @@ class KVMemoryService:
 
     def stats(self) -> dict:
         with self._lock:
-            counters = {**self.counters, "ingest_by_path": dict(self.counters["ingest_by_path"]),
-                        "leased_handles": len(self._pinned)}
-        return {"name": self.name, "incarnation": self.incarnation, "pid": os.getpid(), **counters,
-                **self.store.occupancy(), **{f"tier_{k}": v for k, v in self.store.stats.items()}}
+            counters = {
+                **self.counters,
+                "ingest_by_path": dict(self.counters["ingest_by_path"]),
+                "leased_handles": len(self._pinned),
+            }
+        return {
+            "name": self.name,
+            "incarnation": self.incarnation,
+            "pid": os.getpid(),
+            **counters,
+            **self.store.occupancy(),
+            **{f"tier_{k}": v for k, v in self.store.stats.items()},
+        }
 
     def kv_events(self) -> list:
         """Blocks stored/removed per tier since the last call (for the router's index)."""
@@ -226,13 +285,23 @@ class KVMemoryService:
         self.store.close()
 
     def __del__(self):
-        if not getattr(self, "_stop", threading.Event()).is_set() and getattr(self, "store", None) is not None:
+        if (
+            not getattr(self, "_stop", threading.Event()).is_set()
+            and getattr(self, "store", None) is not None
+        ):
             with contextlib.suppress(Exception):
                 self.close()
 
 
-def connect(layout: KVLayout, dram_blocks: int, ssd_dir: str | None = None, ssd_blocks: int = 0,
-            kv_transport: str = "auto", use_shm: bool = True, policy: dict | None = None):
+def connect(
+    layout: KVLayout,
+    dram_blocks: int,
+    ssd_dir: str | None = None,
+    ssd_blocks: int = 0,
+    kv_transport: str = "auto",
+    use_shm: bool = True,
+    policy: dict | None = None,
+):
     """The KV memory service of this node for this block layout, started if it is not running yet (a
     detached actor pinned to the node; Ray restarts it if it dies, and it reopens its SSD tier)."""
     import ray
@@ -243,18 +312,37 @@ def connect(layout: KVLayout, dram_blocks: int, ssd_dir: str | None = None, ssd_
     if ssd_dir is not None:
         ssd_dir = os.path.join(ssd_dir, name)
     actor = ray.remote(KVMemoryService).options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
-        max_concurrency=16, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-    return actor.remote(name, layout.block_shape, layout.dtype, dram_blocks, ssd_dir, ssd_blocks, kv_transport,
-                        use_shm, policy=policy)
+        name=name,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        max_concurrency=16,
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    )
+    return actor.remote(
+        name,
+        layout.block_shape,
+        layout.dtype,
+        dram_blocks,
+        ssd_dir,
+        ssd_blocks,
+        kv_transport,
+        use_shm,
+        policy=policy,
+    )
 
 
 def shutdown_services(timeout_s: float = 30.0) -> int:
     """Stop every KV memory service of this Ray cluster (they are detached: nothing else stops them)."""
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a.get("namespace") == NAMESPACE and a["name"].startswith("kv-memory-")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and a["name"].startswith("kv-memory-")
+    ]
     for name in names:
         with contextlib.suppress(Exception):
             actor = ray.get_actor(name, namespace=NAMESPACE)

@@ -32,8 +32,10 @@ def create(path: str, capacity_blocks: int, block_bytes: int, pin: bool) -> torc
     """A zeroed [capacity, block_bytes] pool in a new file at path (an old file there is replaced)."""
     num_bytes = capacity_blocks * block_bytes
     if not fits(num_bytes, os.path.dirname(path) or "."):
-        raise ValueError(f"shm: {num_bytes} B do not fit in {os.path.dirname(path)} "
-                         f"(raise the container's /dev/shm size or use a smaller kv DRAM tier)")
+        raise ValueError(
+            f"shm: {num_bytes} B do not fit in {os.path.dirname(path)} "
+            f"(raise the container's /dev/shm size or use a smaller kv DRAM tier)"
+        )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -49,8 +51,9 @@ def create(path: str, capacity_blocks: int, block_bytes: int, pin: bool) -> torc
 def open_pool(path: str, capacity_blocks: int, block_bytes: int) -> torch.Tensor:
     """Map another process's pool (same host); page-locked when CUDA is present."""
     if os.path.getsize(path) != capacity_blocks * block_bytes:
-        raise RuntimeError(f"shm pool {path}: size {os.path.getsize(path)} is not "
-                           f"{capacity_blocks} x {block_bytes}")
+        raise RuntimeError(
+            f"shm pool {path}: size {os.path.getsize(path)} is not {capacity_blocks} x {block_bytes}"
+        )
     return _map(path, capacity_blocks * block_bytes, pin=True).view(capacity_blocks, block_bytes)
 
 

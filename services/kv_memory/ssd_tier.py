@@ -37,8 +37,14 @@ def block_checksum(block_hash: bytes, data) -> int:
     return zlib.crc32(data, zlib.crc32(block_hash))
 
 
-def open_claimed(root: str | os.PathLike, prefix: str, capacity_blocks: int, block_bytes: int,
-                 sync: bool = True, max_slots: int = 4096) -> "SsdTier":
+def open_claimed(
+    root: str | os.PathLike,
+    prefix: str,
+    capacity_blocks: int,
+    block_bytes: int,
+    sync: bool = True,
+    max_slots: int = 4096,
+) -> "SsdTier":
     """The tier in the first of root/prefix-0, root/prefix-1, ... that no live tier holds: a replica that
     restarts (the old process is gone, so is its lock) finds its own blocks again, and replicas of one pool
     never share a directory."""
@@ -57,7 +63,9 @@ class SsdTier:
     a restart once `put` returned. Thread-safe; LRU eviction within the tier.
     """
 
-    def __init__(self, directory: str | os.PathLike, capacity_blocks: int, block_bytes: int, sync: bool = True):
+    def __init__(
+        self, directory: str | os.PathLike, capacity_blocks: int, block_bytes: int, sync: bool = True
+    ):
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks: got {capacity_blocks}, allowed >= 1")
         if block_bytes < 1:
@@ -92,8 +100,10 @@ class SsdTier:
         if meta_path.exists():
             found = json.loads(meta_path.read_text())
             if found != meta:
-                raise ValueError(f"ssd directory: {self.dir} holds a tier with {found}, not {meta}; "
-                                 f"use another directory or remove it")
+                raise ValueError(
+                    f"ssd directory: {self.dir} holds a tier with {found}, not {meta}; "
+                    f"use another directory or remove it"
+                )
         else:
             meta_path.write_text(json.dumps(meta))
 
@@ -104,7 +114,7 @@ class SsdTier:
         self._records = 0
         by_slot: dict[int, bytes] = {}
         for start in range(0, len(data) - _RECORD_BYTES + 1, _RECORD_BYTES):
-            body = data[start:start + _RECORD.size]
+            body = data[start : start + _RECORD.size]
             (crc,) = struct.unpack_from("<I", data, start + _RECORD.size)
             magic, op, block_hash, slot, block_crc = _RECORD.unpack(body)
             if magic != _MAGIC or zlib.crc32(body) != crc or slot >= self.capacity_blocks:
@@ -199,8 +209,11 @@ class SsdTier:
 
     def _verified(self, got: int, header, block_hash: bytes, data, crc: int) -> bool:
         """The slot was read whole, names this hash, and its bytes match the key's checksum."""
-        return (got == self.slot_bytes and _SLOT_HEADER.unpack(header) == (_SLOT_MAGIC, block_hash, crc)
-                and block_checksum(block_hash, data) == crc)
+        return (
+            got == self.slot_bytes
+            and _SLOT_HEADER.unpack(header) == (_SLOT_MAGIC, block_hash, crc)
+            and block_checksum(block_hash, data) == crc
+        )
 
     def read_into(self, block_hash: bytes, out) -> bool:
         """Read a block straight into `out` (a writable buffer of block_bytes, e.g. a pinned DRAM slot)

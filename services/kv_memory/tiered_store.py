@@ -34,8 +34,17 @@ class TieredKVStore(KVStore):
     def __init__(self, dram: DramTier, ssd: SsdTier | None = None, policy: TierPolicy | None = None):
         self.dram, self.ssd = dram, ssd
         self.policy = policy or TierPolicy()
-        self.stats = {"dram_hits": 0, "ssd_hits": 0, "misses": 0, "demoted": 0, "dropped": 0,
-                      "stored_blocks": 0, "loaded_blocks": 0, "loads": 0, "load_seconds": 0.0}
+        self.stats = {
+            "dram_hits": 0,
+            "ssd_hits": 0,
+            "misses": 0,
+            "demoted": 0,
+            "dropped": 0,
+            "stored_blocks": 0,
+            "loaded_blocks": 0,
+            "loads": 0,
+            "load_seconds": 0.0,
+        }
         # bytes/s each tier delivered to readers so far (moving averages; None until measured)
         self.bandwidth: dict[str, float | None] = {"dram": None, "ssd": None}
         self._priority: dict[bytes, int] = {}  # of blocks in DRAM: decides whether they may go to SSD
@@ -56,11 +65,18 @@ class TieredKVStore(KVStore):
 
     def occupancy(self) -> dict:
         """Blocks held and capacity per tier."""
-        out = {"dram_blocks": len(self.dram), "dram_capacity_blocks": self.dram.capacity_blocks,
-               "dram_pinned_blocks": self.dram.num_pinned, "block_bytes": self.dram.block_bytes}
+        out = {
+            "dram_blocks": len(self.dram),
+            "dram_capacity_blocks": self.dram.capacity_blocks,
+            "dram_pinned_blocks": self.dram.num_pinned,
+            "block_bytes": self.dram.block_bytes,
+        }
         if self.ssd is not None:
-            out |= {"ssd_blocks": len(self.ssd), "ssd_capacity_blocks": self.ssd.capacity_blocks,
-                    "ssd_corrupt_blocks": self.ssd.corrupt_blocks}
+            out |= {
+                "ssd_blocks": len(self.ssd),
+                "ssd_capacity_blocks": self.ssd.capacity_blocks,
+                "ssd_corrupt_blocks": self.ssd.corrupt_blocks,
+            }
         return out
 
     # -- writes ------------------------------------------------------------------------------------
@@ -87,7 +103,9 @@ class TieredKVStore(KVStore):
 
     def _may_demote(self, block_hash: bytes) -> bool:
         """Called by the DRAM tier for each block it evicts (its lock held): write it to SSD in place?"""
-        return self.policy.allows(self._priority.get(block_hash, 0), "ssd") and len(self._pending) < _MAX_PENDING
+        return (
+            self.policy.allows(self._priority.get(block_hash, 0), "ssd") and len(self._pending) < _MAX_PENDING
+        )
 
     def _demote(self, evicted: list[tuple]) -> None:
         """Blocks DRAM evicted go to SSD (written from their slot) if allowed there, else they are dropped."""
@@ -99,8 +117,11 @@ class TieredKVStore(KVStore):
                 if old_hash in self._pending:  # promoted and evicted again before it reached SSD
                     if slot is not None:
                         self.dram.release_demoted(slot)
-                elif old_data is not None and self.ssd is not None and (
-                        slot is not None or self.policy.allows(old_priority, "ssd")):
+                elif (
+                    old_data is not None
+                    and self.ssd is not None
+                    and (slot is not None or self.policy.allows(old_priority, "ssd"))
+                ):
                     self._pending[old_hash] = (old_data, slot)
                     demote.append(old_hash)
                 else:
@@ -128,8 +149,14 @@ class TieredKVStore(KVStore):
                 out.append((i, slot))
         return out, len(block_hashes)
 
-    def offload(self, block_hashes: list[bytes], priorities: list[int], pool: torch.Tensor, block_ids: list[int],
-                stream: torch.cuda.Stream | None = None) -> list[bool]:
+    def offload(
+        self,
+        block_hashes: list[bytes],
+        priorities: list[int],
+        pool: torch.Tensor,
+        block_ids: list[int],
+        stream: torch.cuda.Stream | None = None,
+    ) -> list[bool]:
         """Copy blocks of an engine pool into reserved DRAM slots in one batch; from a GPU the copies stay
         in flight on `stream` and a committer thread makes the slots findable once they landed."""
         plan, _ = self.reserve(block_hashes, priorities)
@@ -137,7 +164,9 @@ class TieredKVStore(KVStore):
         if not plan:
             return taken
         slots = [slot for _, slot in plan]
-        copy_blocks(pool, [block_ids[i] for i, _ in plan], self.dram.pool, slots, stream, wait=not pool.is_cuda)
+        copy_blocks(
+            pool, [block_ids[i] for i, _ in plan], self.dram.pool, slots, stream, wait=not pool.is_cuda
+        )
         commits = [(block_hashes[i], slot, priorities[i]) for i, slot in plan]
         for i, _ in plan:
             taken[i] = True
@@ -153,7 +182,9 @@ class TieredKVStore(KVStore):
     def _committer_queue(self) -> queue.SimpleQueue:
         if self._committer is None:
             self._commits: queue.SimpleQueue = queue.SimpleQueue()
-            self._committer = threading.Thread(target=self._commit_loop, daemon=True, name="ridgeline-kv-commit")
+            self._committer = threading.Thread(
+                target=self._commit_loop, daemon=True, name="ridgeline-kv-commit"
+            )
             self._committer.start()
         return self._commits
 
@@ -193,13 +224,17 @@ class TieredKVStore(KVStore):
         for _ in range(n + 1):  # each round pins at least one block or ends the run
             if len(slots) >= n:
                 break
-            got = self.dram.acquire(block_hashes[len(slots):])
+            got = self.dram.acquire(block_hashes[len(slots) :])
             self.stats["dram_hits"] += len(got)
             slots += got
             start = len(slots)
             end = start
-            while end < n and end - start < _PROMOTE_BATCH and block_hashes[end] not in self.dram \
-                    and self._below(block_hashes[end]):
+            while (
+                end < n
+                and end - start < _PROMOTE_BATCH
+                and block_hashes[end] not in self.dram
+                and self._below(block_hashes[end])
+            ):
                 end += 1
             if end == start:
                 if start < n:
@@ -262,9 +297,13 @@ class TieredKVStore(KVStore):
                     self.stats["misses"] += 1
                 leading = False
                 continue
-            if self.dram.commit(block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy()), keep_pinned=leading):
+            if self.dram.commit(
+                block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy()), keep_pinned=leading
+            ):
                 with self._lock:
-                    self._priority[block_hash] = _PROMOTED  # it came from below, so the policy allows it there
+                    self._priority[block_hash] = (
+                        _PROMOTED  # it came from below, so the policy allows it there
+                    )
                     self._event("stored", "dram", block_hash)
                 self.stats["ssd_hits"] += 1
                 if leading:
@@ -288,7 +327,9 @@ class TieredKVStore(KVStore):
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._read_pool is None:
-            self._read_pool = ThreadPoolExecutor(max_workers=_SSD_READERS, thread_name_prefix="ridgeline-ssd-read")
+            self._read_pool = ThreadPoolExecutor(
+                max_workers=_SSD_READERS, thread_name_prefix="ridgeline-ssd-read"
+            )
         return self._read_pool
 
     def release(self, slots: list[int]) -> None:
@@ -301,14 +342,15 @@ class TieredKVStore(KVStore):
         n, done = min(len(block_hashes), len(block_ids)), 0
         stream = None
         if pool.is_cuda:
-            stream = self._streams.get(pool.device) or self._streams.setdefault(pool.device,
-                                                                                torch.cuda.Stream(pool.device))
+            stream = self._streams.get(pool.device) or self._streams.setdefault(
+                pool.device, torch.cuda.Stream(pool.device)
+            )
         while done < n:
             slots = self.acquire(block_hashes[done:n])
             if slots:
                 copy_start = time.perf_counter()
                 try:
-                    copy_blocks(self.dram.pool, slots, pool, block_ids[done:done + len(slots)], stream)
+                    copy_blocks(self.dram.pool, slots, pool, block_ids[done : done + len(slots)], stream)
                 finally:
                     self.release(slots)
                 self._observe("dram", len(slots) * self.dram.block_bytes, time.perf_counter() - copy_start)
@@ -362,8 +404,11 @@ class TieredKVStore(KVStore):
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
-                if not self._pending and (self._committer is None or self._commits.empty()) \
-                        and not self.dram.num_reserved:
+                if (
+                    not self._pending
+                    and (self._committer is None or self._commits.empty())
+                    and not self.dram.num_reserved
+                ):
                     return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"SSD writer did not drain in {timeout_s} s")
@@ -383,14 +428,24 @@ class TieredKVStore(KVStore):
         self.dram.close()
 
 
-def build_store(block_bytes: int, dram_blocks: int, ssd_dir: str | None = None, ssd_blocks: int = 0,
-                policy: TierPolicy | None = None, ssd_claim: str | None = None, **dram_options) -> TieredKVStore:
+def build_store(
+    block_bytes: int,
+    dram_blocks: int,
+    ssd_dir: str | None = None,
+    ssd_blocks: int = 0,
+    policy: TierPolicy | None = None,
+    ssd_claim: str | None = None,
+    **dram_options,
+) -> TieredKVStore:
     """The tiers below HBM: DRAM, and SSD when a directory is given (ssd_claim: the first free slot
     ssd_dir/<ssd_claim>-N, so a restarted replica finds its blocks again; else ssd_dir itself)."""
     if ssd_dir is not None and ssd_blocks < 1:
         raise ValueError(f"kv_ssd_blocks: got {ssd_blocks}, allowed >= 1 with kv_ssd_dir")
     ssd = None
     if ssd_dir is not None:
-        ssd = open_claimed(ssd_dir, ssd_claim, ssd_blocks, block_bytes) if ssd_claim is not None \
+        ssd = (
+            open_claimed(ssd_dir, ssd_claim, ssd_blocks, block_bytes)
+            if ssd_claim is not None
             else SsdTier(ssd_dir, ssd_blocks, block_bytes)
+        )
     return TieredKVStore(DramTier(dram_blocks, block_bytes, **dram_options), ssd, policy)

@@ -53,15 +53,20 @@ class KVHandle:
     checksum_algorithm: str
     source: dict = field(default_factory=dict)  # backend-specific: NIXL agent + addresses, or a Ray ref
     offset: int = 0  # index of block_ids[0] among the blocks the owner exported
-    positions: list[int] | None = None  # index of each block among those exported (None: offset, offset+1, ..)
+    positions: list[int] | None = (
+        None  # index of each block among those exported (None: offset, offset+1, ..)
+    )
 
     @property
     def num_bytes(self) -> int:
         return len(self.block_ids) * self.layout.block_bytes
 
     def exported_positions(self) -> list[int]:
-        return self.positions if self.positions is not None else \
-            list(range(self.offset, self.offset + len(self.block_ids)))
+        return (
+            self.positions
+            if self.positions is not None
+            else list(range(self.offset, self.offset + len(self.block_ids)))
+        )
 
     def tail(self, skip: int) -> "KVHandle":
         """The same claim without its first `skip` blocks (the puller already holds them)."""
@@ -71,10 +76,13 @@ class KVHandle:
         """The same claim on some of its blocks, in the given order."""
         indices = list(indices)
         positions = self.exported_positions()
-        return dataclasses.replace(self, block_ids=[self.block_ids[i] for i in indices],
-                                   checksums=[self.checksums[i] for i in indices],
-                                   offset=positions[indices[0]] if indices else self.offset,
-                                   positions=[positions[i] for i in indices])
+        return dataclasses.replace(
+            self,
+            block_ids=[self.block_ids[i] for i in indices],
+            checksums=[self.checksums[i] for i in indices],
+            offset=positions[indices[0]] if indices else self.offset,
+            positions=[positions[i] for i in indices],
+        )
 
 
 class KVTransport(ABC):
@@ -96,7 +104,10 @@ class KVTransport(ABC):
 
     def describe(self) -> dict:
         """What the registry publishes about this endpoint (NIXL adds its agent name and metadata)."""
-        return {"name": self.name, "block_bytes": self.layout.block_bytes if hasattr(self, "layout") else None}
+        return {
+            "name": self.name,
+            "block_bytes": self.layout.block_bytes if hasattr(self, "layout") else None,
+        }
 
     def handle(self, block_ids: list[int], num_tokens: int, checksums: list[int] | None = None) -> KVHandle:
         """Thread-safe while the blocks are held (nobody writes them): may run off the engine thread.
@@ -106,22 +117,34 @@ class KVTransport(ABC):
             checksums = block_checksums(self.pool, block_ids, algorithm)
         elif algorithm != "crc32" or len(checksums) != len(block_ids):
             raise ValueError("checksums: known checksums must be one CRC32 per block of a host pool")
-        return KVHandle(uuid.uuid4().hex, self.name, list(block_ids), num_tokens, self.layout, checksums,
-                        algorithm, self._export(block_ids))
+        return KVHandle(
+            uuid.uuid4().hex,
+            self.name,
+            list(block_ids),
+            num_tokens,
+            self.layout,
+            checksums,
+            algorithm,
+            self._export(block_ids),
+        )
 
     def pull(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float = 30.0) -> None:
         """Fill into_block_ids with the handle's blocks and verify them; TransferError on any mismatch."""
         if handle.layout != self.layout:
             raise TransferError(f"layout mismatch: remote {handle.layout}, local {self.layout}")
         if len(into_block_ids) != len(handle.block_ids) or len(handle.checksums) != len(handle.block_ids):
-            raise TransferError(f"length mismatch: {len(handle.block_ids)} blocks offered, "
-                                f"{len(handle.checksums)} checksums, {len(into_block_ids)} to fill")
+            raise TransferError(
+                f"length mismatch: {len(handle.block_ids)} blocks offered, "
+                f"{len(handle.checksums)} checksums, {len(into_block_ids)} to fill"
+            )
         self._read(handle, list(into_block_ids), timeout_s)
         got = block_checksums(self.pool, into_block_ids, handle.checksum_algorithm)
         bad = [i for i, (a, b) in enumerate(zip(got, handle.checksums, strict=True)) if a != b]
         if bad:
-            raise TransferError(f"checksum mismatch in {len(bad)} of {len(got)} blocks (first: block "
-                                f"{handle.block_ids[bad[0]]} of handle {handle.handle_id})")
+            raise TransferError(
+                f"checksum mismatch in {len(bad)} of {len(got)} blocks (first: block "
+                f"{handle.block_ids[bad[0]]} of handle {handle.handle_id})"
+            )
 
     @abstractmethod
     def release(self, handle: KVHandle) -> None:

@@ -15,8 +15,14 @@ def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tensor, dst_ids: list[int],
-                stream: torch.cuda.Stream | None = None, wait: bool = True) -> None:
+def copy_blocks(
+    src_pool: torch.Tensor,
+    src_ids: list[int],
+    dst_pool: torch.Tensor,
+    dst_ids: list[int],
+    stream: torch.cuda.Stream | None = None,
+    wait: bool = True,
+) -> None:
     """dst_pool[dst_ids] = src_pool[src_ids] (both [num_blocks, ...] with equal bytes per block), and wait
     for the copies. `stream`: where GPU copies go (default: the GPU's current stream); the caller orders it
     after any GPU work the copy depends on. `wait=False` leaves GPU copies in flight on it (the caller
@@ -27,11 +33,11 @@ def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tens
     gpu = dst.device if dst.is_cuda else src.device if src.is_cuda else None
     if gpu is None:
         for s, d, n in runs(src_ids, dst_ids):
-            dst[d:d + n].copy_(src[s:s + n])
+            dst[d : d + n].copy_(src[s : s + n])
         return
     stream = stream or torch.cuda.current_stream(gpu)
     with torch.cuda.device(gpu), torch.cuda.stream(stream):
         for s, d, n in runs(src_ids, dst_ids):
-            dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+            dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
     if wait:
         stream.synchronize()

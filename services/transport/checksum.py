@@ -45,6 +45,6 @@ def _wsum64(pool: torch.Tensor, block_ids: list[int]) -> list[int]:
     work = torch.device("cuda") if torch.cuda.is_available() else pool.device
     out: list[int] = []
     for start in range(0, len(block_ids), _CHUNK):  # chunks bound the reference's int64 scratch memory
-        rows = words.index_select(0, torch.tensor(block_ids[start:start + _CHUNK])).to(work)
+        rows = words.index_select(0, torch.tensor(block_ids[start : start + _CHUNK])).to(work)
         out += block_checksum_ref(rows, torch.arange(len(rows), device=work)).tolist()
     return out

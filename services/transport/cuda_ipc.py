@@ -34,6 +34,8 @@ def open_pool(export: dict) -> torch.Tensor:
     return export["rebuild"](*export["args"])
 
 
-def copy_blocks(src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tensor, dst_ids: list[int]) -> None:
+def copy_blocks(
+    src_pool: torch.Tensor, src_ids: list[int], dst_pool: torch.Tensor, dst_ids: list[int]
+) -> None:
     """dst_pool[dst_ids] = src_pool[src_ids] on the destination GPU, then wait for the copies."""
     block_copy.copy_blocks(src_pool, src_ids, dst_pool, dst_ids)

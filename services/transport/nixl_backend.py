@@ -30,8 +30,13 @@ class NixlTransport(KVTransport):
     name = "nixl"
     holds_source_blocks = True
 
-    def __init__(self, agent_name: str | None = None, busy_progress: bool = False, poll_s: float = 0.001,
-                 use_cuda_ipc: bool = True):
+    def __init__(
+        self,
+        agent_name: str | None = None,
+        busy_progress: bool = False,
+        poll_s: float = 0.001,
+        use_cuda_ipc: bool = True,
+    ):
         """`busy_progress`: NIXL's own progress thread, which spins a core without pause (lowest latency,
         for GPU servers with cores to spare). Default: a thread that drives UCX progress every `poll_s`
         (the owner side of a UCX TCP read needs progress to serve it) for a few % of a core.
@@ -40,8 +45,11 @@ class NixlTransport(KVTransport):
 
         self.agent_name = agent_name or f"ridgeline-{uuid.uuid4().hex[:12]}"
         # STRICT: the agent locks itself; pulls run on worker threads beside the progress thread
-        config = nixl_agent_config(enable_prog_thread=busy_progress, backends=["UCX"],
-                                   sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        config = nixl_agent_config(
+            enable_prog_thread=busy_progress,
+            backends=["UCX"],
+            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+        )
         self.agent = nixl_agent(self.agent_name, config)
         self._peers: dict[str, object] = {}  # remote agent name -> its prepared block descriptor list
         self._peers_lock = threading.Lock()
@@ -52,8 +60,9 @@ class NixlTransport(KVTransport):
         self._stop = threading.Event()
         self._progress = None
         if not busy_progress:
-            self._progress = threading.Thread(target=self._progress_loop, args=(poll_s,), daemon=True,
-                                              name="ridgeline-nixl-progress")
+            self._progress = threading.Thread(
+                target=self._progress_loop, args=(poll_s,), daemon=True, name="ridgeline-nixl-progress"
+            )
             self._progress.start()
 
     def _progress_loop(self, poll_s: float) -> None:
@@ -63,7 +72,7 @@ class NixlTransport(KVTransport):
     def _collect_notifs(self) -> None:
         notifs = self.agent.get_new_notifs()  # also progresses the UCX workers
         for messages in notifs.values():
-            self._released += [m[len(_RELEASE):].decode() for m in messages if m.startswith(_RELEASE)]
+            self._released += [m[len(_RELEASE) :].decode() for m in messages if m.startswith(_RELEASE)]
 
     def register(self, pool: torch.Tensor) -> None:
         super().register(pool)
@@ -77,13 +86,22 @@ class NixlTransport(KVTransport):
 
     def describe(self) -> dict:
         metadata = getattr(self, "_metadata", None)
-        return {**super().describe(), "agent": self.agent_name,
-                "metadata": base64.b64encode(metadata).decode() if metadata else None}
+        return {
+            **super().describe(),
+            "agent": self.agent_name,
+            "metadata": base64.b64encode(metadata).decode() if metadata else None,
+        }
 
     def _export(self, block_ids: list[int]) -> dict:
-        return {"agent": self.agent_name, "metadata": self._metadata, "base": self.pool.data_ptr(),
-                "num_blocks": self.pool.shape[0], "device_id": self.device_id, "mem_type": self.mem_type,
-                "cuda_ipc": self._ipc_export}
+        return {
+            "agent": self.agent_name,
+            "metadata": self._metadata,
+            "base": self.pool.data_ptr(),
+            "num_blocks": self.pool.shape[0],
+            "device_id": self.device_id,
+            "mem_type": self.mem_type,
+            "cuda_ipc": self._ipc_export,
+        }
 
     def path_for(self, source: dict) -> str:
         """`cuda_ipc` for a GPU pool on this host that this process could map, else `nixl`."""
@@ -112,7 +130,9 @@ class NixlTransport(KVTransport):
         added = self.agent.add_remote_agent(source["metadata"])
         if (added.decode() if isinstance(added, bytes) else added) != name:
             raise TransferError(f"NIXL metadata does not belong to agent {name!r}")
-        descs = _block_descs(source["base"], source["num_blocks"], self.layout.block_bytes, source["device_id"])
+        descs = _block_descs(
+            source["base"], source["num_blocks"], self.layout.block_bytes, source["device_id"]
+        )
         self._peers[name] = self.agent.prep_xfer_dlist(name, descs, source["mem_type"])
         return self._peers[name]
 
@@ -120,7 +140,9 @@ class NixlTransport(KVTransport):
         path = self.path_for(handle.source)
         self.pulls_by_path[path] += 1
         if path == "cuda_ipc":
-            cuda_ipc.copy_blocks(self._ipc_pools[handle.source["agent"]], handle.block_ids, self.pool, into_block_ids)
+            cuda_ipc.copy_blocks(
+                self._ipc_pools[handle.source["agent"]], handle.block_ids, self.pool, into_block_ids
+            )
             return
         try:
             remote = self._peer(handle.source)
@@ -129,24 +151,30 @@ class NixlTransport(KVTransport):
             raise
         except Exception as e:  # noqa: BLE001 - NIXL raises its own status errors
             self._forget(handle.source["agent"])
-            raise TransferError(f"NIXL could not set up the read from {handle.source['agent']}: {e}",
-                                retryable=False) from e
+            raise TransferError(
+                f"NIXL could not set up the read from {handle.source['agent']}: {e}", retryable=False
+            ) from e
         try:
             state = self.agent.transfer(xfer)
             deadline = time.monotonic() + timeout_s
             while state == "PROC":
                 if time.monotonic() > deadline:
-                    raise TransferError(f"NIXL read of {len(into_block_ids)} blocks timed out after {timeout_s}s",
-                                        retryable=False)
+                    raise TransferError(
+                        f"NIXL read of {len(into_block_ids)} blocks timed out after {timeout_s}s",
+                        retryable=False,
+                    )
                 time.sleep(0.0002)
                 state = self.agent.check_xfer_state(xfer)
             if state != "DONE":
-                raise TransferError(f"NIXL read from {handle.source['agent']} ended in state {state}",
-                                    retryable=False)
+                raise TransferError(
+                    f"NIXL read from {handle.source['agent']} ended in state {state}", retryable=False
+                )
         except TransferError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise TransferError(f"NIXL read from {handle.source['agent']} failed: {e}", retryable=False) from e
+            raise TransferError(
+                f"NIXL read from {handle.source['agent']} failed: {e}", retryable=False
+            ) from e
         finally:
             self.agent.release_xfer_handle(xfer)
 

@@ -23,14 +23,25 @@ class RayTransport(KVTransport):
         try:
             data: np.ndarray = ray.get(handle.source["ref"], timeout=timeout_s)
         except Exception as e:  # noqa: BLE001 - owner died, object lost, timeout: all mean no KV
-            raise TransferError(f"Ray object for handle {handle.handle_id} unavailable: {e!r}",
-                                retryable=False) from e
-        rows = data.reshape(-1, handle.layout.block_bytes) if data.size % handle.layout.block_bytes == 0 else None
+            raise TransferError(
+                f"Ray object for handle {handle.handle_id} unavailable: {e!r}", retryable=False
+            ) from e
+        rows = (
+            data.reshape(-1, handle.layout.block_bytes)
+            if data.size % handle.layout.block_bytes == 0
+            else None
+        )
         positions = handle.exported_positions()  # a tail or selection reads part of the object
         if rows is None or (positions and max(positions) >= rows.shape[0]):
             raise TransferError(f"length mismatch: {data.nbytes} bytes received for blocks {positions}")
-        contiguous = positions == list(range(positions[0], positions[0] + len(positions))) if positions else True
-        data = rows[positions[0]:positions[0] + len(positions)] if positions and contiguous else rows[positions]
+        contiguous = (
+            positions == list(range(positions[0], positions[0] + len(positions))) if positions else True
+        )
+        data = (
+            rows[positions[0] : positions[0] + len(positions)]
+            if positions and contiguous
+            else rows[positions]
+        )
         if data.nbytes != handle.num_bytes:
             raise TransferError(f"length mismatch: {data.nbytes} bytes received, {handle.num_bytes} expected")
         with warnings.catch_warnings():  # the object store's buffer is read-only; we only read it

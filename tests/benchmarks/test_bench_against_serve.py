@@ -29,9 +29,26 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(llama):
     port = _free_port()
-    proc = subprocess.Popen([RIDGELINE, "serve", "--model", llama, "--port", str(port), "--num-blocks", "256",
-                             "--max-model-len", "512", "--worker-cpus", "0.25"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            RIDGELINE,
+            "serve",
+            "--model",
+            llama,
+            "--port",
+            str(port),
+            "--num-blocks",
+            "256",
+            "--max-model-len",
+            "512",
+            "--worker-cpus",
+            "0.25",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while "Ridgeline is serving" not in proc.stdout.readline():
@@ -47,19 +64,43 @@ def served(llama):
 
 
 def bench(url: str, out: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([RIDGELINE, "bench", "--url", url, "--out", str(out), "--no-progress", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [RIDGELINE, "bench", "--url", url, "--out", str(out), "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _hbm_hits(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(float(v) for v in re.findall(r'ridgeline_kv_hit_blocks_total\{[^}]*tier="hbm"[^}]*\} (\S+)', text))
+    return sum(
+        float(v) for v in re.findall(r'ridgeline_kv_hit_blocks_total\{[^}]*tier="hbm"[^}]*\} (\S+)', text)
+    )
 
 
 def test_a_rag_run_reports_sane_metrics_writes_its_files_and_reuses_prefixes(served, tmp_path):
     hits_before = _hbm_hits(served)
-    r = bench(served, tmp_path, "--workload", "rag", "--rate", "4", "--requests", "12", "--doc-len", "30",
-              "--question-len", "5", "--output-len", "8", "--hit-ratio", "0.8", "--slo-ttft-ms", "5000")
+    r = bench(
+        served,
+        tmp_path,
+        "--workload",
+        "rag",
+        "--rate",
+        "4",
+        "--requests",
+        "12",
+        "--doc-len",
+        "30",
+        "--question-len",
+        "5",
+        "--output-len",
+        "8",
+        "--hit-ratio",
+        "0.8",
+        "--slo-ttft-ms",
+        "5000",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "TTFT (ms)" in r.stdout and "tokens per dollar (server cost_usd)" in r.stdout
     data = json.loads((tmp_path / "result.json").read_text())
@@ -82,8 +123,24 @@ def test_a_rag_run_reports_sane_metrics_writes_its_files_and_reuses_prefixes(ser
 
 
 def test_chat_conversations_carry_their_history(served, tmp_path):
-    r = bench(served, tmp_path, "--workload", "chat", "--turns", "3", "--requests", "2", "--concurrency", "2",
-              "--input-len", "4", "--output-len", "5", "--system-len", "8")
+    r = bench(
+        served,
+        tmp_path,
+        "--workload",
+        "chat",
+        "--turns",
+        "3",
+        "--requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--input-len",
+        "4",
+        "--output-len",
+        "5",
+        "--system-len",
+        "8",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads((tmp_path / "result.json").read_text())
     assert data["summary"]["completed"] == 6, data["summary"]["errors"]
@@ -98,20 +155,52 @@ def test_errors_and_timeouts_are_counted_not_crashes(served, tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "long" / "result.json").read_text())["summary"]
     assert s["errors"] == {"http_400": 3} and s["completed"] == 0  # prompts longer than max_model_len
-    r = bench(served, tmp_path / "slow", "--requests", "2", "--concurrency", "2", "--input-len", "10",
-              "--output-len", "400", "--timeout", "0.3")
+    r = bench(
+        served,
+        tmp_path / "slow",
+        "--requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--input-len",
+        "10",
+        "--output-len",
+        "400",
+        "--timeout",
+        "0.3",
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "slow" / "result.json").read_text())["summary"]
     assert s["errors"] == {"timeout": 2}
     r = bench("http://127.0.0.1:9", tmp_path / "nobody", "--model", "m", "--requests", "2", "--rate", "10")
-    assert r.returncode == 0 and json.loads((tmp_path / "nobody" / "result.json").read_text())["summary"]["errors"] \
-        == {"connection": 2}
+    assert r.returncode == 0 and json.loads((tmp_path / "nobody" / "result.json").read_text())["summary"][
+        "errors"
+    ] == {"connection": 2}
 
 
 def test_ctrl_c_writes_partial_results(served, tmp_path):
-    proc = subprocess.Popen([RIDGELINE, "bench", "--url", served, "--out", str(tmp_path), "--no-progress",
-                             "--rate", "4", "--duration", "120", "--input-len", "10", "--output-len", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            RIDGELINE,
+            "bench",
+            "--url",
+            served,
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--rate",
+            "4",
+            "--duration",
+            "120",
+            "--input-len",
+            "10",
+            "--output-len",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -122,13 +211,29 @@ def test_ctrl_c_writes_partial_results(served, tmp_path):
 
 
 def test_a_sweep_and_compare(served, tmp_path):
-    r = bench(served, tmp_path, "--rates", "2,6", "--requests", "6", "--input-len", "10", "--output-len", "6",
-              "--slo-mix", "interactive=1,batch=1")
+    r = bench(
+        served,
+        tmp_path,
+        "--rates",
+        "2,6",
+        "--requests",
+        "6",
+        "--input-len",
+        "10",
+        "--output-len",
+        "6",
+        "--slo-mix",
+        "interactive=1,batch=1",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["rates"] == [2.0, 6.0] and all(s["completed"] == 6 for s in sweep["summaries"])
     assert set(sweep["summaries"][0]["by_slo_class"]) <= {"interactive", "batch"}
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
-    c = subprocess.run([RIDGELINE, "bench", "compare", str(tmp_path / "rate_2.json"), str(tmp_path / "rate_6.json")],
-                       capture_output=True, text=True, timeout=60)
+    c = subprocess.run(
+        [RIDGELINE, "bench", "compare", str(tmp_path / "rate_2.json"), str(tmp_path / "rate_6.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert c.returncode == 0 and "B / A" in c.stdout and "request_throughput" in c.stdout

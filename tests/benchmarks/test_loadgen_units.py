@@ -18,8 +18,10 @@ def _cv(xs: list[float]) -> float:
     return statistics.pstdev(xs) / statistics.fmean(xs)
 
 
-@pytest.mark.parametrize("process, burstiness, cv", [("poisson", 1.0, 1.0), ("gamma", 2.0, 2.0),
-                                                      ("gamma", 0.5, 0.5), ("constant", 1.0, 0.0)])
+@pytest.mark.parametrize(
+    "process, burstiness, cv",
+    [("poisson", 1.0, 1.0), ("gamma", 2.0, 2.0), ("gamma", 0.5, 0.5), ("constant", 1.0, 0.0)],
+)
 def test_arrival_processes_have_the_right_rate_and_dispersion(process, burstiness, cv):
     rate = 5.0
     times = arrival_times(process, rate, N, seed=3, burstiness=burstiness)
@@ -37,7 +39,11 @@ def test_arrival_processes_have_the_right_rate_and_dispersion(process, burstines
 
 
 def test_bad_arrival_arguments_are_named():
-    for kwargs, field in (({"process": "pareto"}, "arrivals"), ({"rate": 0}, "rate"), ({"burstiness": -1}, "burstiness")):
+    for kwargs, field in (
+        ({"process": "pareto"}, "arrivals"),
+        ({"rate": 0}, "rate"),
+        ({"burstiness": -1}, "burstiness"),
+    ):
         with pytest.raises(ValueError, match=field):
             next(gaps(**{"process": "gamma", "rate": 1.0, **kwargs}))
 
@@ -48,7 +54,9 @@ def test_rag_reuses_documents_at_the_hit_ratio_and_is_reproducible():
     assert abs(reused - 0.7) < 0.03
     docs = {s.prompt.split("\nQuestion:")[0] for s in specs}
     assert len(docs) == len(specs) - sum(s.meta["reused_document"] for s in specs)
-    assert [s.prompt for s in workloads.rag_workload(20, seed=1, doc_len="40")] == [s.prompt for s in specs[:20]]
+    assert [s.prompt for s in workloads.rag_workload(20, seed=1, doc_len="40")] == [
+        s.prompt for s in specs[:20]
+    ]
     with pytest.raises(ValueError, match="hit_ratio"):
         next(workloads.rag_workload(1, seed=1, hit_ratio=1.5))
 
@@ -72,13 +80,25 @@ def test_lengths_and_files(tmp_path):
         with pytest.raises(ValueError, match="length"):
             workloads.Length(bad)
     share = tmp_path / "sharegpt.json"
-    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hello there"},
-                                                    {"from": "gpt", "value": "one two three"}]}]))
+    share.write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": [
+                        {"from": "human", "value": "hello there"},
+                        {"from": "gpt", "value": "one two three"},
+                    ]
+                }
+            ]
+        )
+    )
     spec = next(workloads.sharegpt_workload(str(share), 1, 0))
     assert (spec.prompt, spec.max_tokens) == ("hello there", 3)
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"timestamp": 10.5, "input_length": 5, "output_length": 7}\n'
-                     '{"timestamp": 10.0, "input_length": 3, "output_length": 2}\n')
+    trace.write_text(
+        '{"timestamp": 10.5, "input_length": 5, "output_length": 7}\n'
+        '{"timestamp": 10.0, "input_length": 3, "output_length": 2}\n'
+    )
     specs = list(workloads.trace_workload(str(trace), 0))
     assert [(s.arrival, s.max_tokens, len(s.prompt.split())) for s in specs] == [(0.0, 2, 3), (0.5, 7, 5)]
     trace.write_text('{"timestamp": 1}\n')
@@ -87,16 +107,36 @@ def test_lengths_and_files(tmp_path):
 
 
 def test_summary_goodput_cost_and_errors():
-    ok = [RequestResult(True, 0.0, "interactive", ttft_s=0.1 * i, e2e_s=0.1 * i + 1.0, itl_s=[0.1] * 9,
-                        prompt_tokens=100, completion_tokens=11, cost_usd=0.001) for i in range(1, 11)]
-    failed = [RequestResult(False, 0.0, "batch", error="http_429"), RequestResult(False, 0.0, None, error="timeout")]
+    ok = [
+        RequestResult(
+            True,
+            0.0,
+            "interactive",
+            ttft_s=0.1 * i,
+            e2e_s=0.1 * i + 1.0,
+            itl_s=[0.1] * 9,
+            prompt_tokens=100,
+            completion_tokens=11,
+            cost_usd=0.001,
+        )
+        for i in range(1, 11)
+    ]
+    failed = [
+        RequestResult(False, 0.0, "batch", error="http_429"),
+        RequestResult(False, 0.0, None, error="timeout"),
+    ]
     s = summarize(ok + failed, 10.0, slo_ttft_s=0.5, slo_tpot_s=0.2)
     assert s["completed"] == 10 and s["errors"] == {"http_429": 1, "timeout": 1}
     assert s["goodput"]["requests"] == 5 and s["goodput"]["request_throughput"] == 0.5  # TTFT 0.1 .. 0.5 s
     assert s["ttft_s"]["p50"] == pytest.approx(0.55) and s["tpot_s"]["mean"] == pytest.approx(0.1)
-    assert s["cost"]["dollars"] == pytest.approx(0.01) and s["cost"]["tokens_per_dollar"] == pytest.approx(1110 / 0.01)
+    assert s["cost"]["dollars"] == pytest.approx(0.01) and s["cost"]["tokens_per_dollar"] == pytest.approx(
+        1110 / 0.01
+    )
     assert s["by_slo_class"]["batch"]["errors"] == {"http_429": 1}
-    without = summarize([RequestResult(True, 0.0, ttft_s=0.1, e2e_s=0.2, completion_tokens=3, prompt_tokens=5)],
-                        3600.0, price_per_hour=2.0)
+    without = summarize(
+        [RequestResult(True, 0.0, ttft_s=0.1, e2e_s=0.2, completion_tokens=3, prompt_tokens=5)],
+        3600.0,
+        price_per_hour=2.0,
+    )
     assert without["cost"]["dollars"] == pytest.approx(2.0) and without["cost"]["tokens_per_dollar"] == 4.0
     assert percentiles([]) is None and percentiles([1.0, 2.0, 3.0, 4.0])["p50"] == 2.5

@@ -80,7 +80,9 @@ def test_one_slow_request_does_not_wedge_admission():
 
 def test_the_measured_capacity_floors_the_estimate():
     clock = Clock()
-    ac = AdmissionController(window_s=10, min_busy_s=0.2, capacity_busy_s=2.0, capacity_floor=0.25, clock=clock)
+    ac = AdmissionController(
+        window_s=10, min_busy_s=0.2, capacity_busy_s=2.0, capacity_floor=0.25, clock=clock
+    )
     tickets = [ac.admit(BATCH, 1000) for _ in range(30)]
     for t in tickets:  # 1000 tokens every 0.1 s for 3 s: a capacity of 10 000 tokens/s
         clock.t += 0.1

@@ -16,7 +16,10 @@ def test_index_follows_events_per_tier_and_source():
     index.apply("w1", [("stored", "hbm", [h(1), h(2), h(3)])])
     index.apply("w2", [("stored", "hbm", [h(1)]), ("stored", "dram", [h(2)])])
     assert index.match([h(1), h(2), h(3)], ["w1", "w2", "w3"]) == {
-        "w1": PrefixMatch(hbm=3), "w2": PrefixMatch(hbm=1, dram=1), "w3": PrefixMatch()}
+        "w1": PrefixMatch(hbm=3),
+        "w2": PrefixMatch(hbm=1, dram=1),
+        "w3": PrefixMatch(),
+    }
     index.apply("w1", [("removed", "hbm", [h(2)]), ("stored", "ssd", [h(2)])])  # moved down, not gone
     assert index.match([h(1), h(2), h(3)], ["w1"])["w1"] == PrefixMatch(hbm=2, ssd=1)
     index.apply("w1", [("removed", "ssd", [h(2)])])  # the run stops at the first block nobody holds
@@ -59,7 +62,11 @@ def test_kv_aware_policy_weighs_cached_tiers_against_queue():
     policy = KVAwarePolicy(index, TierCosts(dram=0.1, ssd=0.5), queue_weight=0.4)
     idle = [ReplicaLoad("cold"), ReplicaLoad("warm"), ReplicaLoad("hot")]
     assert policy.rank(idle, blocks) == ["hot", "warm", "cold"]
-    busy = [ReplicaLoad("cold"), ReplicaLoad("warm"), ReplicaLoad("hot", ongoing=3)]  # 3 x 0.4 x 10 = 12 blocks
+    busy = [
+        ReplicaLoad("cold"),
+        ReplicaLoad("warm"),
+        ReplicaLoad("hot", ongoing=3),
+    ]  # 3 x 0.4 x 10 = 12 blocks
     assert policy.rank(busy, blocks) == ["warm", "cold", "hot"]
     assert LeastLoadedPolicy().rank(busy, blocks) == ["cold", "warm", "hot"]
 
@@ -79,7 +86,9 @@ class _Worker:
     def add(self, request_id: str, prompt: list[int]) -> None:
         from engine import SamplingParams
 
-        self.engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        self.engine.add_request(
+            request_id, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        )
         self.running.append(request_id)
         self.prompt_tokens += len(prompt)
 
@@ -105,7 +114,7 @@ def _shared_prefix_hit_rate(model: str, policy_name: str) -> float:
     systems = [[(17 * s + 3 * t) % 300 + 5 for t in range(48)] for s in range(4)]
     requests = [systems[(i * 7) % 4] + [(11 * i + t) % 300 + 5 for t in range(9)] for i in range(24)]
     for start in range(0, len(requests), 3):
-        for i, prompt in enumerate(requests[start:start + 3], start=start):
+        for i, prompt in enumerate(requests[start : start + 3], start=start):
             probe = Request("probe", prompt, SamplingParams(), hash_extra=extra)  # what the frontend computes
             update_block_hashes(probe, 16)
             loads = [ReplicaLoad(w.name, ongoing=len(w.running)) for w in workers.values()]

@@ -71,8 +71,14 @@ def test_leases_keys_and_watches_follow_one_contract(make_registry):
             await asyncio.sleep(0.05)
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        assert events == [("put", "kept"), ("put", "lapses"), ("put", "plain"), ("delete", "lapses"),
-                          ("delete", "kept"), ("delete", "plain")]
+        assert events == [
+            ("put", "kept"),
+            ("put", "lapses"),
+            ("put", "plain"),
+            ("delete", "lapses"),
+            ("delete", "kept"),
+            ("delete", "plain"),
+        ]
         await reg.close()
 
     asyncio.run(main())
@@ -95,8 +101,14 @@ def test_memory_registry_names_bad_leases_and_lost_history():
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("url, message", [("etcd://", "registry"), ("redis://127.0.0.1:6379", "allowed 'embedded'"),
-                                          ("etcd://127.0.0.1:99999", "port")])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("etcd://", "registry"),
+        ("redis://127.0.0.1:6379", "allowed 'embedded'"),
+        ("etcd://127.0.0.1:99999", "port"),
+    ],
+)
 def test_bad_registry_urls_are_named(url, message):
     with pytest.raises(ValueError, match=message):
         parse_url(url)
@@ -120,8 +132,13 @@ def test_a_killed_process_leaves_the_registry_within_its_ttl(etcd):
     prefix = keys.workers("killtest")
     view = RegistryView(lambda: open_registry(etcd.url), prefix, resync_s=2)
     view.start()
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER, etcd.url, keys.worker("killtest", "decode", "w1")],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, etcd.url, keys.worker("killtest", "decode", "w1")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert proc.stdout.readline().strip() == "registered"
         wait_until(lambda: "decode/w1" in view.under(""), 5, "the view sees the worker")
@@ -137,8 +154,13 @@ def test_a_killed_process_leaves_the_registry_within_its_ttl(etcd):
 def test_etcd_restart_keeps_the_last_state_and_workers_register_again(etcd):
     prefix = keys.app("restart")
     calls = []
-    reg = Registration(lambda: open_registry(etcd.url), keys.worker("restart", "decode", "w1"), {"role": "decode"},
-                       ttl_s=2, on_registered=lambda: calls.append(time.monotonic()))
+    reg = Registration(
+        lambda: open_registry(etcd.url),
+        keys.worker("restart", "decode", "w1"),
+        {"role": "decode"},
+        ttl_s=2,
+        on_registered=lambda: calls.append(time.monotonic()),
+    )
     view = RegistryView(lambda: open_registry(etcd.url), prefix, resync_s=2)
     reg.start()
     view.start()
@@ -150,8 +172,11 @@ def test_etcd_restart_keeps_the_last_state_and_workers_register_again(etcd):
         time.sleep(3)  # longer than the TTL: the last known state is all there is
         assert "workers/decode/w1" in view.under("")
         etcd.start(wipe=True)  # came back empty: every registration must be made again
-        wait_until(lambda: view.connected and view.under("").get("workers/decode/w1", before) != before, 10,
-                   "re-registered under a new lease")
+        wait_until(
+            lambda: view.connected and view.under("").get("workers/decode/w1", before) != before,
+            10,
+            "re-registered under a new lease",
+        )
         assert reg.registrations == len(calls) >= 2 and reg.errors >= 1
     finally:
         reg.stop()

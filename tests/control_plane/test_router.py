@@ -15,6 +15,9 @@ def test_replica_report_counts_when_fresher_than_the_router():
 
 
 def test_ties_go_to_more_free_kv_then_replica_id():
-    loads = [ReplicaLoad("z", ongoing=1, kv_free_fraction=0.5), ReplicaLoad("y", ongoing=1, kv_free_fraction=0.9),
-             ReplicaLoad("x", ongoing=1, kv_free_fraction=0.5)]
+    loads = [
+        ReplicaLoad("z", ongoing=1, kv_free_fraction=0.5),
+        ReplicaLoad("y", ongoing=1, kv_free_fraction=0.9),
+        ReplicaLoad("x", ongoing=1, kv_free_fraction=0.5),
+    ]
     assert LeastLoadedPolicy().rank(loads) == ["y", "x", "z"]

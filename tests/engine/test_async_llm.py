@@ -52,8 +52,11 @@ def test_abandoned_stream_is_aborted_and_frees_its_blocks(async_llm):
     asyncio.run(main())
     engine = async_llm.engine
     for _ in range(500):  # the abort lands before the engine's next step, which then forgets the request
-        if async_llm.num_unfinished() == 0 and not engine.has_unfinished_requests() \
-                and engine.block_manager.num_free_blocks == free:
+        if (
+            async_llm.num_unfinished() == 0
+            and not engine.has_unfinished_requests()
+            and engine.block_manager.num_free_blocks == free
+        ):
             break
         time.sleep(0.01)
     assert async_llm.num_unfinished() == 0
@@ -112,8 +115,11 @@ def test_requests_cancelled_at_any_moment_never_stop_the_loop(async_llm):
 
     asyncio.run(main())
     for _ in range(500):
-        if async_llm.num_unfinished() == 0 and not engine.has_unfinished_requests() \
-                and engine.block_manager.num_free_blocks == free:
+        if (
+            async_llm.num_unfinished() == 0
+            and not engine.has_unfinished_requests()
+            and engine.block_manager.num_free_blocks == free
+        ):
             break
         time.sleep(0.01)
     async_llm.check_health()  # alive, not stalled
@@ -127,8 +133,12 @@ def test_an_undo_reverts_a_command_whose_caller_was_cancelled(async_llm):
     free = engine.block_manager.num_free_blocks
 
     async def main():
-        call = asyncio.create_task(async_llm.call(lambda e: e.reserve_kv("reserved-then-cancelled", 64),
-                                                  undo=lambda e, _: e.free_reserved("reserved-then-cancelled")))
+        call = asyncio.create_task(
+            async_llm.call(
+                lambda e: e.reserve_kv("reserved-then-cancelled", 64),
+                undo=lambda e, _: e.free_reserved("reserved-then-cancelled"),
+            )
+        )
         await asyncio.sleep(0)  # submitted; cancelled before or while it runs
         call.cancel()
         await asyncio.gather(call, return_exceptions=True)

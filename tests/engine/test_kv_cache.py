@@ -20,7 +20,10 @@ def test_a_block_across_all_layers_is_one_contiguous_region(llama):
     pool = LLM(llama, num_blocks=8).engine.kv_pool
     assert pool.is_contiguous()
     block = pool[3]
-    assert block.is_contiguous() and block.data_ptr() == pool.data_ptr() + 3 * pool.stride(0) * pool.element_size()
+    assert (
+        block.is_contiguous()
+        and block.data_ptr() == pool.data_ptr() + 3 * pool.stride(0) * pool.element_size()
+    )
     views = layer_views(pool)
     views[1][3, 0, 5] = 7.0  # layer 1, block 3, K, slot 5
     assert pool[3, 1, 0, 5].eq(7.0).all()

@@ -28,21 +28,29 @@ def handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], 
     assert len(src) == len(dst) == -(-len(prompt) // prefill.block_manager.block_size)
     decode.kv_pool[dst[skip:]] = prefill.kv_pool[src[skip:]]  # cached blocks already hold this KV
     prefill.release_kv(rid)
-    decode.add_request(rid, prompt, params, output_token_ids=first.outputs[0].token_ids,
-                       kv_computed_tokens=len(prompt))
+    decode.add_request(
+        rid, prompt, params, output_token_ids=first.outputs[0].token_ids, kv_computed_tokens=len(prompt)
+    )
     (out,) = run(decode)
     return out
 
 
 @pytest.fixture
 def engines(llama):
-    return (LLMEngine.from_pretrained(llama, num_blocks=64, enable_prefix_caching=False),
-            LLMEngine.from_pretrained(llama, num_blocks=64, enable_prefix_caching=False))
+    return (
+        LLMEngine.from_pretrained(llama, num_blocks=64, enable_prefix_caching=False),
+        LLMEngine.from_pretrained(llama, num_blocks=64, enable_prefix_caching=False),
+    )
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-                                    SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=12,
-                                                   ignore_eos=True)], ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=12, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
 def test_handoff_equals_one_engine(llama, engines, params):
     prefill, decode = engines
     want = [o.outputs[0] for o in LLM(llama, num_blocks=64).generate(PROMPTS, params)]
@@ -58,7 +66,9 @@ def test_decode_computes_only_new_tokens(engines):
     prefill, decode = engines
     handoff(prefill, decode, "r", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert decode.stats.prompt_tokens_computed == 0
-    assert decode.stats.scheduled_tokens == 3  # the first token (from prefill) and two more; the 4th is sampled
+    assert (
+        decode.stats.scheduled_tokens == 3
+    )  # the first token (from prefill) and two more; the 4th is sampled
 
 
 def test_held_blocks_stay_until_released(engines):

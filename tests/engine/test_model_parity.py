@@ -19,7 +19,7 @@ def _our_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Tenso
     inputs = engine.runner.prepare(sched)
     logits = engine.model.compute_logits(engine.runner.forward(inputs))
     qs = inputs.attn.query_start_loc_cpu
-    return [logits[qs[i]:qs[i + 1]] for i in range(len(prompts))]
+    return [logits[qs[i] : qs[i + 1]] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -28,8 +28,9 @@ def test_logits_match_transformers(tiny_model, arch):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     engine = LLMEngine.from_pretrained(path, num_blocks=64)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, engine.model_config.vocab_size, (n,), generator=gen).tolist()
-               for n in (1, 7, 16, 45)]  # one token, odd, exactly one block, past the sliding window
+    prompts = [
+        torch.randint(0, engine.model_config.vocab_size, (n,), generator=gen).tolist() for n in (1, 7, 16, 45)
+    ]  # one token, odd, exactly one block, past the sliding window
     ours = _our_logits(engine, prompts)
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
@@ -42,8 +43,9 @@ def test_logits_match_with_chunks_and_cached_context(tiny_model):
     path = tiny_model("qwen3")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     engine = LLMEngine.from_pretrained(path, num_blocks=64, max_num_batched_tokens=13)
-    prompt = torch.randint(0, engine.model_config.vocab_size, (37,),
-                           generator=torch.Generator().manual_seed(2)).tolist()
+    prompt = torch.randint(
+        0, engine.model_config.vocab_size, (37,), generator=torch.Generator().manual_seed(2)
+    ).tolist()
     pieces = []
     forward = engine.runner.forward
 

@@ -74,8 +74,13 @@ def test_decode_and_prefill_share_a_step(llama):
 
 
 def test_priority_policy_serves_lower_value_first_and_preempts_for_it(llama):
-    llm = LLM(llama, num_blocks=6, scheduling_policy="priority", enable_prefix_caching=False,
-              max_num_batched_tokens=256)
+    llm = LLM(
+        llama,
+        num_blocks=6,
+        scheduling_policy="priority",
+        enable_prefix_caching=False,
+        max_num_batched_tokens=256,
+    )
     engine = llm.engine
     long_params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     engine.add_request("background", _prompts()[2], long_params, priority=10)
@@ -110,8 +115,9 @@ def test_a_higher_class_takes_a_full_batch_slot_from_a_preemptible_lower_one(lla
     outs = {}
     while engine.has_unfinished_requests():
         outs |= {o.request_id: o for o in engine.step() if o.finished}
-    want = {o.request_id: o for o in LLM(llama, num_blocks=64).generate(
-        [_prompts()[0]], params)}  # the preempted request's tokens are unchanged by the recompute
+    want = {
+        o.request_id: o for o in LLM(llama, num_blocks=64).generate([_prompts()[0]], params)
+    }  # the preempted request's tokens are unchanged by the recompute
     assert outs["batch-a"].outputs[0].token_ids == next(iter(want.values())).outputs[0].token_ids
     assert engine.block_manager.num_free_blocks == 64
 

@@ -46,14 +46,18 @@ def test_greedy_outputs_are_identical_with_drafts_and_fewer_steps(llama):
 
 def test_drafts_respect_stop_tokens_max_tokens_and_preemption(llama):
     prompts = _prompts()
-    for params in (SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
-                   SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=[371, 116])):
+    for params in (
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=[371, 116]),
+    ):
         want = _tokens(LLM(llama, num_blocks=128).generate(prompts, params))
         got = _tokens(LLM(llama, num_blocks=128, speculative_method="ngram").generate(prompts, params))
         assert got == want
     # a pool too small for the batch: preemption (and dropped drafts) never change tokens or leak blocks
     small = LLM(llama, num_blocks=12, enable_prefix_caching=False, speculative_method="ngram")
-    assert _tokens(small.generate(prompts, GREEDY)) == _tokens(LLM(llama, num_blocks=128).generate(prompts, GREEDY))
+    assert _tokens(small.generate(prompts, GREEDY)) == _tokens(
+        LLM(llama, num_blocks=128).generate(prompts, GREEDY)
+    )
     assert small.engine.scheduler.num_preemptions > 0 and small.engine.block_manager.num_free_blocks == 12
 
 
@@ -65,7 +69,9 @@ def test_sampled_requests_with_drafts_finish_with_their_budget(llama):
         c = out.outputs[0]
         assert len(c.token_ids) == 30 and len(c.logprobs) == 30
         assert all(t in lp for t, lp in zip(c.token_ids, c.logprobs, strict=True))
-    again = LLM(llama, num_blocks=128, speculative_method="ngram", num_speculative_tokens=3).generate(_prompts(), params)
+    again = LLM(llama, num_blocks=128, speculative_method="ngram", num_speculative_tokens=3).generate(
+        _prompts(), params
+    )
     assert _tokens(again) == _tokens(outs)  # seeded: reproducible
 
 
@@ -127,7 +133,9 @@ def test_a_draft_model_in_process_never_changes_outputs(tiny_model, llama):
     assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens / stats.spec_draft_tokens > 0.9
     assert stats.spec_verifications > 0.9 * stats.steps - 2 * len(prompts)  # every decode step was drafted
     # another model (other weights, same tokenizer): many drafts fail, outputs stay the target's
-    other = LLM(llama, num_blocks=128, speculative_model=tiny_model("llama", seed=1), num_speculative_tokens=3)
+    other = LLM(
+        llama, num_blocks=128, speculative_model=tiny_model("llama", seed=1), num_speculative_tokens=3
+    )
     assert _tokens(other.generate(prompts, GREEDY)) == reference
     stats = other.engine.stats
     assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens < stats.spec_draft_tokens

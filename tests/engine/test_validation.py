@@ -13,18 +13,21 @@ def llm(llama):
     return LLM(llama, num_blocks=64, max_model_len=128)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(temperature=-0.5), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-3), "top_k"),
-    (dict(min_p=2.0), "min_p"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(n=0), "n"),
-    (dict(logprobs=50), "logprobs"),
-    (dict(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(n=0), "n"),
+        (dict(logprobs=50), "logprobs"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
         SamplingParams(**kwargs)

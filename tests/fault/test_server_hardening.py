@@ -29,12 +29,24 @@ ENGINE = {"num_blocks": 256, "max_model_len": 512}
 @pytest.fixture(scope="module")
 def url(deploy, llama):
     pool = {**POOL, "engine": ENGINE}
-    return deploy(APP, **app_config(llama, prefill=pool, decode=pool, api_key=KEY, kv_lease_s=2.0,
-                                    expose_worker_addresses=True, admission=True))
+    return deploy(
+        APP,
+        **app_config(
+            llama,
+            prefill=pool,
+            decode=pool,
+            api_key=KEY,
+            kv_lease_s=2.0,
+            expose_worker_addresses=True,
+            admission=True,
+        ),
+    )
 
 
 def _post(url: str, body: dict, timeout: float = 60, **kwargs) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", json={"model": MODEL, **body}, headers=AUTH, timeout=timeout, **kwargs)
+    return httpx.post(
+        f"{url}/v1/completions", json={"model": MODEL, **body}, headers=AUTH, timeout=timeout, **kwargs
+    )
 
 
 def _workers(url: str) -> dict[str, dict]:
@@ -69,7 +81,7 @@ def _ip(hex_addr: str) -> str:
     raw = bytes.fromhex(hex_addr)
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
     return socket.inet_ntop(socket.AF_INET6, words)
 
 
@@ -106,7 +118,11 @@ def _listeners_of(pids: set[int]) -> list[tuple[int, str, str, int]]:
 
 
 def _loopback(address: str) -> bool:
-    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1") or address.startswith("::ffff:127.")
+    return (
+        address.startswith("127.")
+        or address in ("::1", "::ffff:127.0.0.1")
+        or address.startswith("::ffff:127.")
+    )
 
 
 def test_no_listener_off_loopback_and_no_open_grpc_door(url, tmp_path):
@@ -132,8 +148,11 @@ def test_no_listener_off_loopback_and_no_open_grpc_door(url, tmp_path):
     assert replica_ports, "no Serve replica holds a listening socket: nothing was probed"
     for port in sorted(replica_ports):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest",
-                                       request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            call = channel.unary_unary(
+                "/ray.serve.ASGIService/HandleRequest",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
             with contextlib.suppress(grpc.RpcError):  # refused or unimplemented: what every port must answer
                 call(request, timeout=3)
     assert not marker.exists(), "an unauthenticated gRPC pickle ran code in a replica"
@@ -144,7 +163,9 @@ def _proxy_rss_kb() -> tuple[int, int]:
         try:
             if b"ProxyActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 status = Path(f"/proc/{pid}/status").read_text()
-                return pid, int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+                return pid, int(
+                    next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]
+                )
         except OSError:
             continue
     raise AssertionError("Serve's proxy process not found")
@@ -155,8 +176,10 @@ def test_a_chunked_oversize_body_is_cut_in_serves_proxy(url, ray_serve):
     pid, before = _proxy_rss_kb()
     host, port = ray_serve.removeprefix("http://").split(":")
     chunk = b"x" * 2**20
-    head = (f"POST /{APP}/v1/completions HTTP/1.1\r\nHost: r\r\nAuthorization: Bearer {KEY}\r\n"
-            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    head = (
+        f"POST /{APP}/v1/completions HTTP/1.1\r\nHost: r\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     reply = b""
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall(head)
@@ -181,7 +204,10 @@ def test_worker_metrics_need_the_key_and_pools_hide_addresses_unless_asked(url, 
     assert workers and all(w.get("metrics_url") for w in workers)
     for w in workers:
         assert httpx.get(w["metrics_url"], timeout=10).status_code == 401
-        assert httpx.get(w["metrics_url"], headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+        assert (
+            httpx.get(w["metrics_url"], headers={"Authorization": "Bearer wrong"}, timeout=10).status_code
+            == 401
+        )
         scraped = httpx.get(w["metrics_url"], headers=AUTH, timeout=10)
         assert scraped.status_code == 200 and "ridgeline_" in scraped.text
     merged = httpx.get(f"{url}/metrics", headers=AUTH, timeout=30).text  # the frontend still gathers them
@@ -194,14 +220,25 @@ def test_a_cancel_storm_leaves_no_lease_block_or_hung_request(url):
 
     async def storm():
         async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
-            long = [asyncio.create_task(client.post(f"{url}/v1/completions", json={
-                "model": MODEL, "prompt": [20 + i] * 200, "max_tokens": 48, "ignore_eos": True}))
-                for i in range(4)]
+            long = [
+                asyncio.create_task(
+                    client.post(
+                        f"{url}/v1/completions",
+                        json={"model": MODEL, "prompt": [20 + i] * 200, "max_tokens": 48, "ignore_eos": True},
+                    )
+                )
+                for i in range(4)
+            ]
             abandoned = []
             for i in range(40):
                 body = {"model": MODEL, "prompt": [30 + i] * 120, "max_tokens": 32, "stream": i % 2 == 0}
-                abandoned.append(asyncio.create_task(asyncio.wait_for(
-                    client.post(f"{url}/v1/completions", json=body), timeout=0.02 + 0.01 * (i % 39))))
+                abandoned.append(
+                    asyncio.create_task(
+                        asyncio.wait_for(
+                            client.post(f"{url}/v1/completions", json=body), timeout=0.02 + 0.01 * (i % 39)
+                        )
+                    )
+                )
                 await asyncio.sleep(0.01)
             await asyncio.gather(*abandoned, return_exceptions=True)
             return await asyncio.gather(*long)
@@ -226,8 +263,12 @@ def test_admission_recovers_after_a_prefill_worker_is_killed(url):
     while streak < 5:
         assert time.monotonic() < deadline, f"admission did not recover within 60 s: {statuses[-30:]}"
         for cls in ("interactive", "standard"):
-            r = httpx.post(f"{url}/v1/completions", headers={**AUTH, "x-slo-class": cls}, timeout=60,
-                           json={"model": MODEL, "prompt": [7] * 32, "max_tokens": 2})
+            r = httpx.post(
+                f"{url}/v1/completions",
+                headers={**AUTH, "x-slo-class": cls},
+                timeout=60,
+                json={"model": MODEL, "prompt": [7] * 32, "max_tokens": 2},
+            )
             statuses.append(r.status_code)
             streak = streak + 1 if r.status_code == 200 else 0
         time.sleep(0.2)
@@ -236,12 +277,22 @@ def test_admission_recovers_after_a_prefill_worker_is_killed(url):
 
 def test_a_dead_engine_fails_its_health_check_and_serve_replaces_it(deploy, llama):
     app = "fragile"
-    base = deploy(app, **app_config(llama, mode="aggregated", decode={
-        **POOL, "worker_cls": "fragile_workers:BreakableDecodeWorker"}))
-    assert httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
-                      timeout=60).status_code == 200
+    base = deploy(
+        app,
+        **app_config(
+            llama, mode="aggregated", decode={**POOL, "worker_cls": "fragile_workers:BreakableDecodeWorker"}
+        ),
+    )
+    assert (
+        httpx.post(
+            f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+        ).status_code
+        == 200
+    )
     broken = serve.get_deployment_handle("DecodeWorker", app_name=app).break_engine.remote().result()
-    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=120)
+    r = httpx.post(
+        f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=120
+    )
     assert r.status_code in (200, 503), r.text  # migrated to the replacement, or told to retry
     if r.status_code == 503:
         assert "injected" not in r.text and "Traceback" not in r.text
@@ -255,5 +306,7 @@ def test_a_dead_engine_fails_its_health_check_and_serve_replaces_it(deploy, llam
         if names and broken not in names:
             break
         time.sleep(0.5)
-    ok = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+    ok = httpx.post(
+        f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+    )
     assert ok.status_code == 200, ok.text

@@ -27,8 +27,18 @@ PROMPT = "A prompt long enough to fill a couple of KV blocks before the first to
 @pytest.fixture(scope="module")
 def url(deploy, llama):
     pool = {"num_cpus": 0.25, "engine": ENGINE}
-    return deploy(APP, **app_config(llama, kv_transport="nixl", kv_lease_s=2.0, kv_pull_timeout_s=3.0,
-                                    fault_corrupt_pulls=1, prefill=pool, decode={**pool, "replicas": 2}))
+    return deploy(
+        APP,
+        **app_config(
+            llama,
+            kv_transport="nixl",
+            kv_lease_s=2.0,
+            kv_pull_timeout_s=3.0,
+            fault_corrupt_pulls=1,
+            prefill=pool,
+            decode={**pool, "replicas": 2},
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,11 @@ def reference(llama):
 
 
 def greedy(reference, prompt: str, n: int) -> list[int]:
-    return reference.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0] \
-        .outputs[0].token_ids
+    return (
+        reference.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+        .outputs[0]
+        .token_ids
+    )
 
 
 def total(stats: dict[str, dict], key: str) -> int:
@@ -47,7 +60,9 @@ def total(stats: dict[str, dict], key: str) -> int:
 
 def kill_replica(deployment: str, replica: str, pid: int) -> None:
     """Kill the replica's actor process, as a node failure would, and wait until the process is gone."""
-    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#{deployment}#{replica}", namespace="serve"), no_restart=True)
+    ray.kill(
+        ray.get_actor(f"SERVE_REPLICA::{APP}#{deployment}#{replica}", namespace="serve"), no_restart=True
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # ray.kill returns before the process has exited
         try:
@@ -71,9 +86,18 @@ def wait_replicas(deployment: str, count: int, timeout: float = 90.0) -> None:
 
 
 def test_corrupted_transfer_is_detected_and_retried(url, reference):
-    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
-        "return_token_ids": True})
+    r = httpx.post(
+        f"{url}/v1/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": 16,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
     assert r.json()["choices"][0]["token_ids"] == greedy(reference, PROMPT, 16)
     decode = pool_stats(APP, "DecodeWorker", 2)
     assert total(decode, "kv_pull_failures") == 1  # the first pull landed corrupted and was caught
@@ -86,7 +110,9 @@ def test_prefill_killed_after_handing_out_kv_decode_recomputes(url, reference):
     stats = pool_stats(APP, "DecodeWorker", 2)
     before, failures = total(stats, "kv_recomputes"), total(stats, "kv_pull_failures")
     prompt_ids = reference.tokenizer.encode(PROMPT)
-    req = WorkerRequest("killed-prefill", prompt_ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    req = WorkerRequest(
+        "killed-prefill", prompt_ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
     first = prefill.prefill.remote(req).result(timeout_s=30)
     assert first.kv_handle is not None
     (owner,) = pool_stats(APP, "PrefillWorker", 1).values()
@@ -106,11 +132,16 @@ def test_prefill_killed_after_handing_out_kv_decode_recomputes(url, reference):
 def test_abandoned_handle_is_reclaimed_by_its_lease(url, reference):
     wait_replicas("PrefillWorker", 1)
     prefill = serve.get_deployment_handle("PrefillWorker", app_name=APP)
-    req = WorkerRequest("abandoned", reference.tokenizer.encode(PROMPT),
-                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    req = WorkerRequest(
+        "abandoned",
+        reference.tokenizer.encode(PROMPT),
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+    )
     first = prefill.prefill.remote(req).result(timeout_s=30)
     (held,) = pool_stats(APP, "PrefillWorker", 1).values()
-    assert held["held_leases"] == 1 and held["kv_free_blocks"] == held["kv_total_blocks"] - len(first.kv_handle.block_ids)
+    assert held["held_leases"] == 1 and held["kv_free_blocks"] == held["kv_total_blocks"] - len(
+        first.kv_handle.block_ids
+    )
     stats = wait_pools_idle(APP, POOLS, timeout=20)  # nobody pulls: the 2 s lease must free the blocks
     assert total(stats["PrefillWorker"], "kv_leases_reclaimed") == 1
 
@@ -118,14 +149,23 @@ def test_abandoned_handle_is_reclaimed_by_its_lease(url, reference):
 def test_decode_killed_mid_stream_requests_migrate(url, reference):
     wait_replicas("PrefillWorker", 1)
     prompts = [f"{PROMPT} {i}" for i in range(8)]
-    want = [o.outputs[0].token_ids for o in reference.generate(
-        prompts, SamplingParams(temperature=0, max_tokens=440, ignore_eos=True))]
+    want = [
+        o.outputs[0].token_ids
+        for o in reference.generate(prompts, SamplingParams(temperature=0, max_tokens=440, ignore_eos=True))
+    ]
     started = [threading.Event() for _ in prompts]
     results: list[dict] = [{} for _ in prompts]
 
     def stream(i: int) -> None:
-        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 440, "temperature": 0, "ignore_eos": True,
-                "stream": True, "return_token_ids": True}
+        body = {
+            "model": MODEL,
+            "prompt": prompts[i],
+            "max_tokens": 440,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
         text, errors, chunks = "", [], 0
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -161,7 +201,10 @@ def test_decode_killed_mid_stream_requests_migrate(url, reference):
         assert res["errors"] == []
         assert res["text"] == reference.tokenizer.decode(want[i]), f"stream {i} differs from the reference"
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    migrated = [float(line.split()[-1]) for line in metrics.splitlines()
-                if line.startswith("ridgeline_request_migrations_total")]
+    migrated = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("ridgeline_request_migrations_total")
+    ]
     assert migrated and migrated[0] >= 1
     wait_replicas("DecodeWorker", 2)

@@ -16,14 +16,25 @@ class PagedProblem:
     query_start_list: list[int]
 
 
-def make_problem(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, dtype: torch.dtype, device: str = "cpu", num_layers: int = 2,
-                 seed: int | None = None) -> PagedProblem:
+def make_problem(
+    seq_lens: list[int],
+    query_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    num_layers: int = 2,
+    seed: int | None = None,
+) -> PagedProblem:
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
     pool = torch.randn((num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), generator=gen)
-    kv_cache = pool.to(device=device, dtype=dtype)[:, num_layers - 1]  # a strided layer view, as in the engine
+    kv_cache = pool.to(device=device, dtype=dtype)[
+        :, num_layers - 1
+    ]  # a strided layer view, as in the engine
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     width = max(blocks_per_seq)
     tables = torch.zeros((len(seq_lens), width), dtype=torch.int32)
@@ -33,8 +44,15 @@ def make_problem(seq_lens: list[int], query_lens: list[int], num_heads: int, num
     for n in query_lens:
         starts.append(starts[-1] + n)
     q = torch.randn((starts[-1], num_heads, head_dim), generator=gen).to(device=device, dtype=dtype)
-    return PagedProblem(q, kv_cache, tables.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                        torch.tensor(starts, dtype=torch.int32, device=device), seq_lens, starts)
+    return PagedProblem(
+        q,
+        kv_cache,
+        tables.to(device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens,
+        starts,
+    )
 
 
 def poisoned_like(x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ def _check(out, want, dtype):
 
 
 def _reference(p, scale, window=None):
-    return paged_attention_ref(p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens_list,
-                               p.query_start_list, scale, window)
+    return paged_attention_ref(
+        p.q.float(), p.kv_cache.float(), p.block_tables, p.seq_lens_list, p.query_start_list, scale, window
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -33,9 +34,17 @@ def test_prefill_attention_with_cached_prefixes(dtype, num_heads, num_kv_heads):
     # a context that is not a multiple of the block size
     seq_lens, query_lens = [37, 50, 9, 1, 23], [37, 13, 1, 1, 5]
     p = make_problem(seq_lens, query_lens, num_heads, num_kv_heads, 32, 8, dtype, DEVICE)
-    scale = 32 ** -0.5
-    out = prefill_attention(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.query_start_loc, max(query_lens),
-                            scale, out=poisoned_like(p.q))
+    scale = 32**-0.5
+    out = prefill_attention(
+        p.q,
+        p.kv_cache,
+        p.block_tables,
+        p.seq_lens,
+        p.query_start_loc,
+        max(query_lens),
+        scale,
+        out=poisoned_like(p.q),
+    )
     _check(out, _reference(p, scale), dtype)
 
 
@@ -43,9 +52,18 @@ def test_prefill_attention_with_cached_prefixes(dtype, num_heads, num_kv_heads):
 def test_prefill_attention_sliding_window_and_odd_head_dim(head_dim):
     seq_lens, query_lens = [45, 30], [45, 7]
     p = make_problem(seq_lens, query_lens, 4, 2, head_dim, 16, torch.float32, DEVICE)
-    scale = head_dim ** -0.5
-    out = prefill_attention(p.q, p.kv_cache, p.block_tables, p.seq_lens, p.query_start_loc, 45, scale,
-                            sliding_window=10, out=poisoned_like(p.q))
+    scale = head_dim**-0.5
+    out = prefill_attention(
+        p.q,
+        p.kv_cache,
+        p.block_tables,
+        p.seq_lens,
+        p.query_start_loc,
+        45,
+        scale,
+        sliding_window=10,
+        out=poisoned_like(p.q),
+    )
     _check(out, _reference(p, scale, 10), torch.float32)
 
 
@@ -55,16 +73,26 @@ def test_prefill_attention_sliding_window_and_odd_head_dim(head_dim):
 def test_decode_attention(dtype, num_heads, num_kv_heads, num_splits):
     seq_lens = [1, 17, 64, 100]
     p = make_problem(seq_lens, [1] * 4, num_heads, num_kv_heads, 32, 16, dtype, DEVICE)
-    scale = 32 ** -0.5
-    out = decode_attention(p.q, p.kv_cache, p.block_tables, p.seq_lens, scale, num_splits,
-                           out=poisoned_like(p.q), block_n=16)
+    scale = 32**-0.5
+    out = decode_attention(
+        p.q, p.kv_cache, p.block_tables, p.seq_lens, scale, num_splits, out=poisoned_like(p.q), block_n=16
+    )
     _check(out, _reference(p, scale), dtype)
 
 
 def test_decode_attention_sliding_window_with_more_splits_than_keys():
     p = make_problem([5, 70], [1, 1], 4, 2, 32, 16, torch.float32, DEVICE)
-    out = decode_attention(p.q, p.kv_cache, p.block_tables, p.seq_lens, 0.2, 8, sliding_window=20,
-                           out=poisoned_like(p.q), block_n=16)
+    out = decode_attention(
+        p.q,
+        p.kv_cache,
+        p.block_tables,
+        p.seq_lens,
+        0.2,
+        8,
+        sliding_window=20,
+        out=poisoned_like(p.q),
+        block_n=16,
+    )
     _check(out, _reference(p, 0.2, 20), torch.float32)
 
 
@@ -98,4 +126,6 @@ def test_wrappers_reject_bad_shapes():
     with pytest.raises(ValueError, match="block_tables: expected int32"):
         decode_attention(p.q[:1], p.kv_cache, p.block_tables.long(), p.seq_lens, 1.0, 1)
     with pytest.raises(ValueError, match="kv_cache"):
-        kv_write(p.q[:, :2], p.q[:, :2], p.kv_cache[..., :8], torch.zeros(8, dtype=torch.int64, device=DEVICE))
+        kv_write(
+            p.q[:, :2], p.q[:, :2], p.kv_cache[..., :8], torch.zeros(8, dtype=torch.int64, device=DEVICE)
+        )

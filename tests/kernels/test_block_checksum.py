@@ -11,7 +11,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("W, tile", [(64, 16), (1000, 256), (4096, 4096)])
 def test_kernel_equals_reference(W, tile):
     gen = torch.Generator().manual_seed(W)
-    words = torch.randint(-2**31, 2**31 - 1, (9, W), generator=gen, dtype=torch.int32).to(DEVICE)
+    words = torch.randint(-(2**31), 2**31 - 1, (9, W), generator=gen, dtype=torch.int32).to(DEVICE)
     ids = torch.tensor([8, 0, 3, 3], device=DEVICE)
     assert torch.equal(block_checksum(words, ids, tile=tile), block_checksum_ref(words, ids))
 

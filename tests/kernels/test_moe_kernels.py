@@ -32,15 +32,18 @@ def test_moe_align_groups_rows_by_expert_in_padded_tiles():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens, hidden, inter, experts, top_k, renormalize", [
-    (1, 64, 32, 4, 2, True),  # one token
-    (19, 64, 48, 8, 2, True),  # Mixtral-style, odd token count
-    (33, 96, 32, 16, 4, False),  # Qwen-MoE-style, no renormalisation, hidden not a power of two
-])
+@pytest.mark.parametrize(
+    "tokens, hidden, inter, experts, top_k, renormalize",
+    [
+        (1, 64, 32, 4, 2, True),  # one token
+        (19, 64, 48, 8, 2, True),  # Mixtral-style, odd token count
+        (33, 96, 32, 16, 4, False),  # Qwen-MoE-style, no renormalisation, hidden not a power of two
+    ],
+)
 def test_fused_moe_matches_the_reference_loop(dtype, tokens, hidden, inter, experts, top_k, renormalize):
     x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
-    w13 = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, device=DEVICE) / inter ** 0.5).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=DEVICE) / inter**0.5).to(dtype)
     logits = torch.randn(tokens, experts, device=DEVICE).to(dtype)
     out = fused_moe(x, w13, w2, logits, top_k, renormalize)
     want = fused_moe_ref(x.float(), w13.float(), w2.float(), logits.float(), top_k, renormalize)
@@ -51,5 +54,11 @@ def test_fused_moe_matches_the_reference_loop(dtype, tokens, hidden, inter, expe
 def test_fused_moe_rejects_mismatched_shapes():
     x = torch.randn(3, 64, device=DEVICE)
     with pytest.raises(ValueError, match="shapes"):
-        fused_moe(x, torch.randn(4, 64, 64, device=DEVICE), torch.randn(4, 64, 16, device=DEVICE),
-                  torch.randn(3, 4, device=DEVICE), 2, True)
+        fused_moe(
+            x,
+            torch.randn(4, 64, 64, device=DEVICE),
+            torch.randn(4, 64, 16, device=DEVICE),
+            torch.randn(3, 4, device=DEVICE),
+            2,
+            True,
+        )

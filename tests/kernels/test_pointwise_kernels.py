@@ -24,7 +24,11 @@ def _close(out, want, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, hidden", [(1, 64), (7, 100), (33, 256)])
 def test_rms_norm_with_and_without_residual(dtype, tokens, hidden):
-    x, r, w = _rand(tokens, hidden, dtype=dtype), _rand(tokens, hidden, dtype=dtype), _rand(hidden, dtype=dtype)
+    x, r, w = (
+        _rand(tokens, hidden, dtype=dtype),
+        _rand(tokens, hidden, dtype=dtype),
+        _rand(hidden, dtype=dtype),
+    )
     _close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), dtype)
     out, res = rms_norm(x, w, 1e-6, r)
     want, want_res = rms_norm_ref(x, w, 1e-6, r)
@@ -59,8 +63,8 @@ def test_rotary_on_strided_q_and_k(dtype, num_heads, num_kv_heads, head_dim):
     freqs = positions.float()[:, None] * inv_freq[None, :]
     cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
     want_q, want_k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
-    untouched_v = qkv[:, (num_heads + num_kv_heads) * head_dim:].clone()
+    untouched_v = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
     rotate_qk(q, k, cos, sin)
     _close(q, want_q, dtype)
     _close(k, want_k, dtype)
-    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], untouched_v)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], untouched_v)

@@ -11,23 +11,40 @@ from observability.grafana import dashboards
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "observability" / "prometheus"
-ALLOWED_LABELS = {"model", "pool", "role", "slo_class", "tier", "transport", "kind", "outcome", "policy",
-                  "direction", "replica"}
+ALLOWED_LABELS = {
+    "model",
+    "pool",
+    "role",
+    "slo_class",
+    "tier",
+    "transport",
+    "kind",
+    "outcome",
+    "policy",
+    "direction",
+    "replica",
+}
 UNITS = ("_seconds", "_bytes", "_blocks", "_dollars", "_dollars_per_hour", "_total", "_replicas", "_ratio")
 
 
 def test_dashboard_files_are_what_the_generator_makes():
     for name in dashboards.DASHBOARDS:
         assert (ROOT / "observability" / "grafana" / name).read_text() == dashboards.render(name), (
-            f"{name} is stale: run python -m observability.grafana.dashboards")
+            f"{name} is stale: run python -m observability.grafana.dashboards"
+        )
 
 
 def test_promtool_checks_and_unit_tests_the_rules():
-    check = subprocess.run(["promtool", "check", "rules", "rules.yml", "alerts.yml"], cwd=PROMETHEUS,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["promtool", "check", "rules", "rules.yml", "alerts.yml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    test = subprocess.run(["promtool", "test", "rules", "rules_test.yml"], cwd=PROMETHEUS, capture_output=True,
-                          text=True)
+    test = subprocess.run(
+        ["promtool", "test", "rules", "rules_test.yml"], cwd=PROMETHEUS, capture_output=True, text=True
+    )
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
 
 
@@ -42,8 +59,13 @@ def _families():
         out.append((name, "gauge", tuple(worker_metrics._labels(name))))
     for name in metrics.ENGINE_COUNTERS:
         out.append((name, "counter", tuple(worker_metrics._labels(name))))
-    out.append((observability.aggregate.SCRAPE_FAILURES._name, "counter",
-                tuple(observability.aggregate.SCRAPE_FAILURES._labelnames)))
+    out.append(
+        (
+            observability.aggregate.SCRAPE_FAILURES._name,
+            "counter",
+            tuple(observability.aggregate.SCRAPE_FAILURES._labelnames),
+        )
+    )
     return out
 
 
@@ -58,12 +80,12 @@ def test_metric_names_and_labels_follow_prometheus_conventions():
         elif kind == "histogram":
             assert name.endswith(("_seconds", "_bytes")), f"{name}: histograms carry a base unit"
         elif kind == "gauge":
-            assert name.endswith(UNITS) or name.startswith(("ridgeline_num_", "ridgeline_requests_in_flight")), name
+            assert name.endswith(UNITS) or name.startswith(
+                ("ridgeline_num_", "ridgeline_requests_in_flight")
+            ), name
         assert set(labels) <= ALLOWED_LABELS, f"{name}: labels {set(labels) - ALLOWED_LABELS}"
         assert "model" in labels or name.startswith(("ridgeline_router_", "ridgeline_metrics_")), name
         for label in labels:
             assert re.fullmatch(r"[a-z][a-z0-9_]*", label), f"{name}: label {label}"
     names = [name for name, _, _ in families]
     assert len(names) == len(set(names))
-
-

@@ -9,6 +9,7 @@ class BreakableDecodeWorker(DecodeWorker):
 
     async def break_engine(self) -> str:
         """From the next step on, the engine raises; returns this replica's name."""
+
         def broken_step():
             raise RuntimeError("injected engine fault")
 

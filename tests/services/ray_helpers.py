@@ -12,8 +12,15 @@ POOL = {"num_cpus": 0.25, "engine": ENGINE}
 def app_config(model: str, **overrides) -> dict:
     # admission control off unless a test is about it: on a loaded 2-core CI machine a burst can predict a
     # wait beyond the default class's 2 s target and be answered 429, which other tests do not expect
-    return {"model": model, "served_model_name": MODEL, "prefill": POOL, "decode": POOL,
-            "frontend_num_cpus": 0.25, "admission": False, **overrides}
+    return {
+        "model": model,
+        "served_model_name": MODEL,
+        "prefill": POOL,
+        "decode": POOL,
+        "frontend_num_cpus": 0.25,
+        "admission": False,
+        **overrides,
+    }
 
 
 def pool_stats(app: str, deployment: str, replicas: int, timeout: float = 30.0) -> dict[str, dict]:
@@ -39,8 +46,12 @@ def wait_pools_idle(app: str, deployments: dict[str, int], timeout: float = 30.0
     deadline = time.monotonic() + timeout
     while True:
         stats = {d: pool_stats(app, d, n) for d, n in deployments.items()}
-        busy = [(d, s) for d, by in stats.items() for s in by.values()
-                if s["unfinished"] or s["kv_free_blocks"] != s["kv_total_blocks"] or s.get("held_leases")]
+        busy = [
+            (d, s)
+            for d, by in stats.items()
+            for s in by.values()
+            if s["unfinished"] or s["kv_free_blocks"] != s["kv_total_blocks"] or s.get("held_leases")
+        ]
         if not busy:
             return stats
         if time.monotonic() > deadline:

@@ -32,20 +32,41 @@ def url(hostile_llm):
 
 
 def _still_serves(url: str) -> None:
-    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+    )
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("field, value", [
-    ("top_k", 2**63), ("top_k", 10**30), ("seed", 2**64), ("seed", -(2**63) - 1), ("temperature", 1e308),
-    ("temperature", float("inf")), ("top_p", float("nan")), ("min_p", -1e-300), ("n", 10**9),
-    ("max_tokens", -(10**20)), ("logprobs", 10**12), ("presence_penalty", 1e300), ("frequency_penalty", -3),
-    ("repetition_penalty", 0), ("repetition_penalty", float("inf")), ("logit_bias", {"5": 1e9}),
-    ("logit_bias", {"not-a-token": 1}), ("presence_penalty", 0.5), ("logit_bias", {"5": 10}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_k", 2**63),
+        ("top_k", 10**30),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("temperature", 1e308),
+        ("temperature", float("inf")),
+        ("top_p", float("nan")),
+        ("min_p", -1e-300),
+        ("n", 10**9),
+        ("max_tokens", -(10**20)),
+        ("logprobs", 10**12),
+        ("presence_penalty", 1e300),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", float("inf")),
+        ("logit_bias", {"5": 1e9}),
+        ("logit_bias", {"not-a-token": 1}),
+        ("presence_penalty", 0.5),
+        ("logit_bias", {"5": 10}),
+    ],
+)
 def test_numeric_extremes_are_a_400_or_served_never_a_crash(url, field, value):
     body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, field: value}, allow_nan=True)
-    r = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
     if field == "top_k" and r.status_code == 200:  # a top_k past the vocabulary keeps every token (vLLM)
         assert r.json()["choices"][0]["finish_reason"] == "length"
     else:
@@ -58,39 +79,67 @@ def test_numeric_extremes_are_a_400_or_served_never_a_crash(url, field, value):
 def test_a_huge_top_k_samples_like_no_top_k(url):
     """top_k >= 2**63 overflowed torch.tensor inside the engine's step and killed it for everyone."""
     for top_k in (2**63, 2**64 + 5):
-        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": "hi", "max_tokens": 3, "top_k": top_k, "temperature": 1.0, "seed": 7})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "prompt": "hi",
+                "max_tokens": 3,
+                "top_k": top_k,
+                "temperature": 1.0,
+                "seed": 7,
+            },
+        )
         assert r.status_code == 200, r.text
     _still_serves(url)
 
 
 def test_seeds_span_int64_and_n_above_one_wraps(url):
     for seed in (2**63 - 1, -(2**63), -1):
-        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": "hi", "max_tokens": 2, "seed": seed, "n": 2, "temperature": 1.0})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            timeout=60,
+            json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "seed": seed, "n": 2, "temperature": 1.0},
+        )
         assert r.status_code == 200, r.text
         assert len(r.json()["choices"]) == 2
 
 
 def test_a_vanishing_temperature_is_greedy_not_token_zero(url, hostile_llm):
     """temperature <= 1e-38 used to overflow the tempered logits into token 0 at every position."""
-    body = {"model": MODEL, "prompt": [5, 6, 7, 8], "max_tokens": 6, "ignore_eos": True, "return_token_ids": True}
+    body = {
+        "model": MODEL,
+        "prompt": [5, 6, 7, 8],
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     greedy = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 0}, timeout=60).json()
     for t in (1e-38, 1e-300, 5e-6):
         tiny = httpx.post(f"{url}/v1/completions", json={**body, "temperature": t}, timeout=60).json()
         assert tiny["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
-    small = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 1e-3, "seed": 1}, timeout=60).json()
+    small = httpx.post(
+        f"{url}/v1/completions", json={**body, "temperature": 1e-3, "seed": 1}, timeout=60
+    ).json()
     assert len(small["choices"][0]["token_ids"]) == 6  # raised to 1e-2 (vLLM), sampled, finite
 
 
-@pytest.mark.parametrize("path, raw, param", [
-    ("/v1/completions", '"prompt": "a\\ud800b"', "prompt"),
-    ("/v1/chat/completions", '"messages": [{"role": "user", "content": "x\\udc00"}]', "messages.0.content"),
-    ("/v1/completions", '"prompt": "ok", "stop": ["\\udfff"]', "stop.0"),
-    ("/v1/chat/completions", '"messages": [{"role": "user", "content": null}]', "messages.0"),
-    ("/v1/completions", '"prompt": ' + "[" * 6000 + "]" * 6000, None),
-    ("/v1/completions", '"prompt": "x", "user": ' + '{"a":' * 50_000 + "1" + "}" * 50_000, None),
-])
+@pytest.mark.parametrize(
+    "path, raw, param",
+    [
+        ("/v1/completions", '"prompt": "a\\ud800b"', "prompt"),
+        (
+            "/v1/chat/completions",
+            '"messages": [{"role": "user", "content": "x\\udc00"}]',
+            "messages.0.content",
+        ),
+        ("/v1/completions", '"prompt": "ok", "stop": ["\\udfff"]', "stop.0"),
+        ("/v1/chat/completions", '"messages": [{"role": "user", "content": null}]', "messages.0"),
+        ("/v1/completions", '"prompt": ' + "[" * 6000 + "]" * 6000, None),
+        ("/v1/completions", '"prompt": "x", "user": ' + '{"a":' * 50_000 + "1" + "}" * 50_000, None),
+    ],
+)
 def test_malformed_text_and_structure_get_an_openai_400(url, path, raw, param):
     body = f'{{"model": "{MODEL}", {raw}}}'.encode()
     r = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
@@ -101,8 +150,19 @@ def test_malformed_text_and_structure_get_an_openai_400(url, path, raw, param):
 
 
 def test_an_assistant_turn_may_have_null_content(url):
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"model": MODEL, "max_tokens": 2, "messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "?"}]})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "max_tokens": 2,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None},
+                {"role": "user", "content": "?"},
+            ],
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -124,8 +184,11 @@ def test_tokenizing_a_4mb_prompt_does_not_stall_health(tiny_model):
 
             def send():
                 try:
-                    httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1},
-                               timeout=120)
+                    httpx.post(
+                        f"{base}/v1/completions",
+                        json={"model": MODEL, "prompt": prompt, "max_tokens": 1},
+                        timeout=120,
+                    )
                 finally:
                     done.set()
 
@@ -173,8 +236,10 @@ def test_a_chunked_body_past_the_limit_is_cut_at_the_limit():
         port = int(base.rsplit(":", 1)[1])
         chunk = b"x" * 2**20
         chunks = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(64))  # 64 MiB offered, no length
-        head = (b"POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         reply = _raw_request(port, head, chunks)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert "http" not in seen
@@ -227,13 +292,33 @@ def test_abandoned_requests_leave_the_engine_serving(url, hostile_llm):
 
     async def storm():
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            long = [asyncio.create_task(client.post("/v1/completions", json={
-                "model": MODEL, "prompt": [9] * 100, "max_tokens": 60, "ignore_eos": True})) for _ in range(3)]
+            long = [
+                asyncio.create_task(
+                    client.post(
+                        "/v1/completions",
+                        json={"model": MODEL, "prompt": [9] * 100, "max_tokens": 60, "ignore_eos": True},
+                    )
+                )
+                for _ in range(3)
+            ]
             dropped = []
             for i in range(30):
-                dropped.append(asyncio.create_task(asyncio.wait_for(client.post("/v1/completions", json={
-                    "model": MODEL, "prompt": [11 + i] * 80, "max_tokens": 40, "stream": i % 2 == 0}),
-                    timeout=0.02 + 0.01 * (i % 10))))
+                dropped.append(
+                    asyncio.create_task(
+                        asyncio.wait_for(
+                            client.post(
+                                "/v1/completions",
+                                json={
+                                    "model": MODEL,
+                                    "prompt": [11 + i] * 80,
+                                    "max_tokens": 40,
+                                    "stream": i % 2 == 0,
+                                },
+                            ),
+                            timeout=0.02 + 0.01 * (i % 10),
+                        )
+                    )
+                )
                 await asyncio.sleep(0.005)
             await asyncio.gather(*dropped, return_exceptions=True)
             return await asyncio.gather(*long)
@@ -315,7 +400,9 @@ def test_health_answers_503_once_the_in_process_engine_died(llama):
         async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
             before = await client.get("/health")
             llm.engine.step = broken_step
-            failed = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            failed = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
+            )
             return before, failed, await client.get("/health")
 
     try:

@@ -34,8 +34,11 @@ def services(ray_serve):
 
 
 def _service():
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a.get("namespace") == NAMESPACE and a["name"].startswith("kv-memory-")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and a["name"].startswith("kv-memory-")
+    ]
     assert len(names) == 1, names
     return ray.get_actor(names[0], namespace=NAMESPACE)
 
@@ -138,8 +141,15 @@ def test_torn_ssd_write_of_a_killed_service_is_recomputed_never_served(services,
 
 def test_pins_are_released_by_readers_or_reclaimed_by_lease(ray_serve):
     layout = KVLayout((2, 2, 16, 2, 8), "bfloat16")
-    svc = KVMemoryService("kv-memory-test", layout.block_shape, layout.dtype, dram_blocks=4,
-                          kv_transport="ray", use_shm=True, lease_ttl_s=0.3)
+    svc = KVMemoryService(
+        "kv-memory-test",
+        layout.block_shape,
+        layout.dtype,
+        dram_blocks=4,
+        kv_transport="ray",
+        use_shm=True,
+        lease_ttl_s=0.3,
+    )
     try:
         hashes = [i.to_bytes(16, "little") for i in range(6)]
         data = torch.randn(6, *layout.block_shape, dtype=torch.bfloat16)
@@ -172,11 +182,24 @@ def test_bad_service_configuration_is_a_clear_error(ray_serve, tmp_path):
         KVMemoryService("kv-memory-bad", layout.block_shape, layout.dtype, dram_blocks=0, kv_transport="ray")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not writable"):
-        KVMemoryService("kv-memory-bad", layout.block_shape, layout.dtype, dram_blocks=2,
-                        ssd_dir=str(tmp_path / "file" / "sub"), ssd_blocks=4, kv_transport="ray")
+        KVMemoryService(
+            "kv-memory-bad",
+            layout.block_shape,
+            layout.dtype,
+            dram_blocks=2,
+            ssd_dir=str(tmp_path / "file" / "sub"),
+            ssd_blocks=4,
+            kv_transport="ray",
+        )
     with pytest.raises(ValueError, match="lowest_tier"):
-        KVMemoryService("kv-memory-bad", layout.block_shape, layout.dtype, dram_blocks=2, kv_transport="ray",
-                        policy={0: "tape"})
+        KVMemoryService(
+            "kv-memory-bad",
+            layout.block_shape,
+            layout.dtype,
+            dram_blocks=2,
+            kv_transport="ray",
+            policy={0: "tape"},
+        )
 
 
 def test_serve_app_with_node_kv_memory_reads_an_evicted_prefix_back(services, deploy, llama):
@@ -184,12 +207,20 @@ def test_serve_app_with_node_kv_memory_reads_an_evicted_prefix_back(services, de
     import httpx
     from ray_helpers import MODEL, POOL, app_config, pool_stats
 
-    pool = {**POOL, "engine": {"num_blocks": 8, "max_model_len": 256}, "kv_dram_blocks": 32, "kv_memory": "node"}
+    pool = {
+        **POOL,
+        "engine": {"num_blocks": 8, "max_model_len": 256},
+        "kv_dram_blocks": 32,
+        "kv_memory": "node",
+    }
     url = deploy("kvnode", **app_config(llama, mode="aggregated", decode=pool))
 
     def complete(prompt):
-        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
-            "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            timeout=120,
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        )
         assert r.status_code == 200, r.text
         return r.json()
 

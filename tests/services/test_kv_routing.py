@@ -21,7 +21,10 @@ def test_prompt_block_hashes_equal_the_engine_s():
     extra = hash_extra("model", "torch.bfloat16", "salt")
     request = Request("r", list(range(5, 75)), SamplingParams(), hash_extra=extra)
     update_block_hashes(request, 16)
-    assert prompt_block_hashes(list(range(5, 75)), 16, extra) == request.block_hashes and len(request.block_hashes) == 4
+    assert (
+        prompt_block_hashes(list(range(5, 75)), 16, extra) == request.block_hashes
+        and len(request.block_hashes) == 4
+    )
 
 
 def test_event_feed_numbers_batches_and_snapshots():
@@ -41,8 +44,10 @@ def test_event_feed_numbers_batches_and_snapshots():
 
 def _hit_rate(url: str) -> float:
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
-        r = await client.post(f"{url}/v1/completions", json={
-            "model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        r = await client.post(
+            f"{url}/v1/completions",
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        )
         assert r.status_code == 200, r.text
         return r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
@@ -50,7 +55,7 @@ def _hit_rate(url: str) -> float:
         cached = 0
         async with httpx.AsyncClient(timeout=120) as client:
             for start in range(0, len(REQUESTS), 3):  # three at a time, as concurrent users
-                cached += sum(await asyncio.gather(*(one(client, p) for p in REQUESTS[start:start + 3])))
+                cached += sum(await asyncio.gather(*(one(client, p) for p in REQUESTS[start : start + 3])))
                 time.sleep(2.0)  # routing stats (every 0.5 s) carry the new blocks to the router
         return cached
 
@@ -60,14 +65,19 @@ def _hit_rate(url: str) -> float:
 @pytest.mark.ray
 def test_kv_aware_router_over_http_hits_more_shared_prefixes_than_least_loaded(deploy, llama):
     pool = {**POOL, "replicas": 3, "engine": {"num_blocks": 48, "max_model_len": 256}}
-    urls = {router: deploy(f"route-{router}", **app_config(llama, mode="aggregated", decode=pool, router=router))
-            for router in ("least_loaded", "kv_aware")}
+    urls = {
+        router: deploy(f"route-{router}", **app_config(llama, mode="aggregated", decode=pool, router=router))
+        for router in ("least_loaded", "kv_aware")
+    }
     rates = {router: _hit_rate(url) for router, url in urls.items()}
     print("prefix hit rates", rates)
     assert rates["kv_aware"] > rates["least_loaded"], rates
     assert rates["kv_aware"] > 0.4, rates
     # the router's decisions are metrics of the frontend process (where the router runs)
     metrics = httpx.get(f"{urls['kv_aware']}/metrics", timeout=30).text
-    matched = [line for line in metrics.splitlines()
-               if line.startswith('ridgeline_router_matched_blocks_total{policy="kv_aware",tier="hbm"}')]
+    matched = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('ridgeline_router_matched_blocks_total{policy="kv_aware",tier="hbm"}')
+    ]
     assert matched and float(matched[0].split()[-1]) > 0, matched

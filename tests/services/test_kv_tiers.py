@@ -107,8 +107,11 @@ def test_log_compaction_keeps_every_live_block(tmp_path):
 @pytest.mark.parametrize("tier_kind", ["dram", "ssd"])
 def test_concurrent_readers_and_writers_lose_nothing(tmp_path, tier_kind):
     capacity = 16
-    tier = DramTier(capacity, BLOCK, pin=False) if tier_kind == "dram" else \
-        SsdTier(tmp_path, capacity, BLOCK, sync=False)
+    tier = (
+        DramTier(capacity, BLOCK, pin=False)
+        if tier_kind == "dram"
+        else SsdTier(tmp_path, capacity, BLOCK, sync=False)
+    )
     errors = []
 
     def worker(seed: int) -> None:
@@ -172,7 +175,9 @@ def _prefix_run(llama, store):
 def test_evicted_prefix_is_served_from_dram(llama):
     from services.kv_memory.tiered_store import TieredKVStore
 
-    first, again, computed, engine = _prefix_run(llama, TieredKVStore(DramTier(64, _block_bytes(llama), pin=False)))
+    first, again, computed, engine = _prefix_run(
+        llama, TieredKVStore(DramTier(64, _block_bytes(llama), pin=False))
+    )
     _, _, computed_without, _ = _prefix_run(llama, None)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert computed_without == 83 and computed == 83 - 5 * 16  # all 5 blocks came back from DRAM
@@ -182,7 +187,9 @@ def test_evicted_prefix_is_served_from_dram(llama):
 def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
     from services.kv_memory.tiered_store import TieredKVStore
 
-    store = TieredKVStore(DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama)))
+    store = TieredKVStore(
+        DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama))
+    )
     first, again, computed, _ = _prefix_run(llama, store)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert computed == 83 - 5 * 16 and store.stats["ssd_hits"] >= 4
@@ -192,7 +199,9 @@ def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
 def test_damaged_ssd_block_is_recomputed_not_served(llama, tmp_path):
     from services.kv_memory.tiered_store import TieredKVStore
 
-    store = TieredKVStore(DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama)))
+    store = TieredKVStore(
+        DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama))
+    )
     from engine import LLM, SamplingParams
 
     llm = LLM(llama, num_blocks=8, kv_store=store)
@@ -223,9 +232,11 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
     from services.decode import DecodeWorker
 
     pool = PoolConfig(engine={"num_blocks": 16}, kv_dram_blocks=8, kv_ssd_dir=str(tmp_path), kv_ssd_blocks=32)
-    classes = [{"name": "interactive", "priority": 0, "ttft_ms": 500, "tpot_ms": 50, "lowest_tier": "dram"},
-               {"name": "standard", "priority": 1, "ttft_ms": 2000, "tpot_ms": 100},
-               {"name": "batch", "priority": 2, "ttft_ms": 60000, "tpot_ms": 1000, "lowest_tier": "hbm"}]
+    classes = [
+        {"name": "interactive", "priority": 0, "ttft_ms": 500, "tpot_ms": 50, "lowest_tier": "dram"},
+        {"name": "standard", "priority": 1, "ttft_ms": 2000, "tpot_ms": 100},
+        {"name": "batch", "priority": 2, "ttft_ms": 60000, "tpot_ms": 1000, "lowest_tier": "hbm"},
+    ]
     config = ServeConfig(model=llama, decode=pool, slo_classes=classes)
     worker = DecodeWorker(llama, pool.engine, kv_transport="ray", kv_tiers=config.kv_tiers(config.decode))
     try:
@@ -238,7 +249,9 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
     finally:
         worker.llm.shutdown()
     with pytest.raises(ValueError, match="lowest_tier"):
-        ServeConfig(model=llama, slo_classes=[{**classes[0], "lowest_tier": "tape"}], slo_default="interactive")
+        ServeConfig(
+            model=llama, slo_classes=[{**classes[0], "lowest_tier": "tape"}], slo_default="interactive"
+        )
     with pytest.raises(ValueError, match="slo_classes"):
         ServeConfig(model=llama, slo_classes=[{"name": "x", "priority": 0}], slo_default="x")
     with pytest.raises(ValueError, match="slo default"):
@@ -246,8 +259,12 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
     with pytest.raises(ValueError, match="kv_ssd_dir"):
         PoolConfig(kv_ssd_dir=str(tmp_path)).kv_tiers()
     with pytest.raises(ValueError, match="kv_ssd_blocks"):
-        DecodeWorker(llama, {"num_blocks": 16}, kv_transport="ray",
-                     kv_tiers={"dram_blocks": 4, "ssd_dir": str(tmp_path / "x"), "ssd_blocks": 0})
+        DecodeWorker(
+            llama,
+            {"num_blocks": 16},
+            kv_transport="ray",
+            kv_tiers={"dram_blocks": 4, "ssd_dir": str(tmp_path / "x"), "ssd_blocks": 0},
+        )
 
 
 def test_with_hbm_full_batch_blocks_are_offloaded_before_interactive_ones(llama):
@@ -263,7 +280,9 @@ def test_with_hbm_full_batch_blocks_are_offloaded_before_interactive_ones(llama)
     engine = llm.engine
     engine.kv_events.drain()
     llm.generate([list(range(200, 328))], one)  # needs 8 blocks: 6 empty ones and 2 cached ones
-    evicted = [h for e in engine.kv_events.drain() if (e.kind, e.tier) == ("removed", "hbm") for h in e.block_hashes]
+    evicted = [
+        h for e in engine.kv_events.drain() if (e.kind, e.tier) == ("removed", "hbm") for h in e.block_hashes
+    ]
 
     def hashes(prompt):
         probe = engine.reserve_kv("probe", len(prompt), prompt)  # reports HBM hits without keeping them
@@ -311,7 +330,9 @@ def test_tier_policy_limits_how_far_down_a_class_goes(tmp_path):
 def test_kv_events_follow_blocks_across_tiers(llama, tmp_path):
     from engine import LLM, SamplingParams
 
-    store = TieredKVStore(DramTier(4, _block_bytes(llama), pin=False), SsdTier(tmp_path, 16, _block_bytes(llama)))
+    store = TieredKVStore(
+        DramTier(4, _block_bytes(llama), pin=False), SsdTier(tmp_path, 16, _block_bytes(llama))
+    )
     llm = LLM(llama, num_blocks=8, kv_store=store)
     one = SamplingParams(temperature=0, max_tokens=1)
     llm.generate([list(range(10, 58))], one)  # 3 full blocks, written through to DRAM
@@ -362,7 +383,9 @@ def test_engine_steps_other_requests_while_a_kv_load_runs_and_abort_frees_its_bl
     engine.add_request("slow", prompt, params)
     engine.step()
     assert engine.scheduler.loading["slow"].status is RequestStatus.LOADING_KV
-    engine.add_request("other", list(range(300, 310)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.add_request(
+        "other", list(range(300, 310)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    )
     finished = []
     for _ in range(50):  # the other request runs to completion while the load is stuck
         finished += [o.request_id for o in engine.step() if o.finished]
@@ -409,7 +432,10 @@ def test_ssd_promotion_reads_in_parallel_and_stops_at_a_damaged_block(tmp_path):
     os.pwrite(fd, b"\x00\x01", 3 * store.ssd.slot_bytes + 64)  # block 3 (slot 3) damaged
     os.close(fd)
     slots = store.acquire([h(i) for i in range(6)])
-    assert len(slots) == 3 and [torch.equal(store.dram.pool[s], block(i)) for i, s in enumerate(slots)] == [True] * 3
+    assert (
+        len(slots) == 3
+        and [torch.equal(store.dram.pool[s], block(i)) for i, s in enumerate(slots)] == [True] * 3
+    )
     store.release(slots)
     assert store.ssd.corrupt_blocks == 1 and h(3) not in store.ssd and h(3) not in store.dram
     assert all(h(i) in store.dram for i in (4, 5))  # read intact in the same round: kept, unpinned
@@ -450,7 +476,9 @@ def test_concurrent_readers_writers_and_pins_keep_every_block_intact(tmp_path):
                     errors.append(("pinned slot changed", start + k))
             store.release(slots)
             got = store.load(want, pool, [0, 1, 2])
-            errors.extend(("loaded", start + k) for k in range(got) if not torch.equal(pool[k], block(start + k)))
+            errors.extend(
+                ("loaded", start + k) for k in range(got) if not torch.equal(pool[k], block(start + k))
+            )
             if len(store.dram) > 12 or len(store.ssd) > 24:
                 errors.append("over capacity")
 
@@ -470,7 +498,9 @@ def test_concurrent_readers_writers_and_pins_keep_every_block_intact(tmp_path):
 def test_blocks_slower_to_load_than_to_compute_are_computed(llama, tmp_path):
     from engine import LLM, SamplingParams
 
-    store = TieredKVStore(DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama)))
+    store = TieredKVStore(
+        DramTier(1, _block_bytes(llama), pin=False), SsdTier(tmp_path, 64, _block_bytes(llama))
+    )
     llm = LLM(llama, num_blocks=8, kv_store=store)
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -501,14 +531,17 @@ def test_staging_files_of_dead_workers_are_swept(tmp_path):
 
     from services.kv_memory import shm
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     (tmp_path / f"ridgeline-stage-{dead_pid}-abcd").write_bytes(b"x")
     (tmp_path / f"ridgeline-stage-{os.getpid()}-abcd").write_bytes(b"x")  # alive: kept
     (tmp_path / "ridgeline-kv-memory-x").write_bytes(b"x")  # not a staging file: kept
     assert shm.sweep_dead_staging(str(tmp_path)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"ridgeline-stage-{os.getpid()}-abcd", "ridgeline-kv-memory-x"])
+        [f"ridgeline-stage-{os.getpid()}-abcd", "ridgeline-kv-memory-x"]
+    )
 
 
 def _rewrite_index(directory, records) -> None:
@@ -538,7 +571,9 @@ def test_a_forged_index_that_swaps_slots_is_detected_not_served(tmp_path):
     forged.close()
     # a forger who also recomputes each checksum over (hash, bytes) still meets the slots' own headers
     data1, data2 = block(1).numpy().tobytes(), block(2).numpy().tobytes()
-    _rewrite_index(tmp_path, [(h(1), slot2, block_checksum(h(1), data2)), (h(2), slot1, block_checksum(h(2), data1))])
+    _rewrite_index(
+        tmp_path, [(h(1), slot2, block_checksum(h(1), data2)), (h(2), slot1, block_checksum(h(2), data1))]
+    )
     forged = SsdTier(tmp_path, capacity_blocks=4, block_bytes=BLOCK)
     out = torch.empty(BLOCK, dtype=torch.uint8)
     assert not forged.read_into(h(1), out.numpy()) and forged.get(h(2)) is None and forged.corrupt_blocks == 2

@@ -11,8 +11,9 @@ from services.worker_protocol import WorkerRequest
 
 
 def test_the_reaper_survives_a_stalled_engine_and_frees_leases_after(llama):
-    worker = PrefillWorker(llama, {"num_blocks": 64}, kv_transport="ray", kv_lease_s=0.5, lease_poll_s=0.02,
-                           reap_timeout_s=0.1)
+    worker = PrefillWorker(
+        llama, {"num_blocks": 64}, kv_transport="ray", kv_lease_s=0.5, lease_poll_s=0.02, reap_timeout_s=0.1
+    )
     try:
         engine, release = worker.engine, threading.Event()
         step = engine.step
@@ -36,7 +37,9 @@ def test_the_reaper_survives_a_stalled_engine_and_frees_leases_after(llama):
 
         asyncio.run(hold())
         assert len(worker.leases) == 1
-        deadline = time.monotonic() + 10  # nobody pulls it: the lease runs out and the reaper frees the blocks
+        deadline = (
+            time.monotonic() + 10
+        )  # nobody pulls it: the lease runs out and the reaper frees the blocks
         while len(worker.leases) or engine.block_manager.num_free_blocks != engine.block_manager.num_blocks:
             assert time.monotonic() < deadline, "the lease was never reclaimed"
             time.sleep(0.05)

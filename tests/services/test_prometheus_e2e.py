@@ -34,7 +34,9 @@ def _expressions() -> list[tuple[str, str]]:
     for name in dashboards.DASHBOARDS:
         for panel in json.loads(dashboards.render(name))["panels"]:
             for target in panel["targets"]:
-                expr = target["expr"].replace("$__rate_interval", "1m").replace('model=~"$model"', 'model=~".+"')
+                expr = (
+                    target["expr"].replace("$__rate_interval", "1m").replace('model=~"$model"', 'model=~".+"')
+                )
                 out.append((f"{name}: {panel['title']}", expr))
     for file in ("rules.yml", "alerts.yml"):
         for group in yaml.safe_load((RULES / file).read_text())["groups"]:
@@ -43,7 +45,9 @@ def _expressions() -> list[tuple[str, str]]:
                     out.append((f"{file}: {rule['record']}", rule["record"]))
                     out.append((f"{file}: {rule['record']} (expr)", rule["expr"]))
                 else:
-                    out.append((f"{file}: {rule['alert']}", re.sub(r"\s*[<>]=?\s*[0-9.]+\s*$", "", rule["expr"])))
+                    out.append(
+                        (f"{file}: {rule['alert']}", re.sub(r"\s*[<>]=?\s*[0-9.]+\s*$", "", rule["expr"]))
+                    )
     return out
 
 
@@ -55,16 +59,31 @@ def prometheus(tmp_path):
     def start(target: str, metrics_path: str) -> str:
         for file in ("rules.yml", "alerts.yml"):  # evaluated every second here, not every 30 s
             (tmp_path / file).write_text((RULES / file).read_text().replace("interval: 30s", "interval: 1s"))
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(tmp_path / "rules.yml"), str(tmp_path / "alerts.yml")],
-                  "scrape_configs": [{"job_name": "ridgeline", "metrics_path": metrics_path,
-                                      "static_configs": [{"targets": [target]}]}]}
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(tmp_path / "rules.yml"), str(tmp_path / "alerts.yml")],
+            "scrape_configs": [
+                {
+                    "job_name": "ridgeline",
+                    "metrics_path": metrics_path,
+                    "static_configs": [{"targets": [target]}],
+                }
+            ],
+        }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = _free_port()
-        procs.append(subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "prometheus.log", "wb")))  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                [
+                    "prometheus",
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / "prometheus.log", "wb"),  # noqa: SIM115 - the child holds it
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
@@ -89,8 +108,13 @@ def _load(url: str, seconds: float) -> None:
 
     async def one(client, i):
         headers = {"x-slo-class": ("interactive", "standard", "batch")[i % 3]}
-        body = {"model": "tiny-llama", "prompt": system + [(11 * i + t) % 300 + 5 for t in range(8 + i % 5)],
-                "max_tokens": 8 + i % 6, "ignore_eos": True, "stream": i % 2 == 0}
+        body = {
+            "model": "tiny-llama",
+            "prompt": system + [(11 * i + t) % 300 + 5 for t in range(8 + i % 5)],
+            "max_tokens": 8 + i % 6,
+            "ignore_eos": True,
+            "stream": i % 2 == 0,
+        }
         if i % 10 == 9:
             body["max_tokens"] = 0  # invalid: counted as such
         r = await client.post(f"{url}/v1/completions", json=body, headers=headers)
@@ -120,6 +144,10 @@ def test_every_dashboard_and_rule_expression_returns_data(deploy, llama, prometh
         if not r["data"]["result"]:
             missing.append(f"{where}: {expr}")
     assert not missing, "no data for:\n" + "\n".join(missing)
-    scraped = httpx.get(f"{prom}/api/v1/query", params={"query": "count by (role) (ridgeline_engine_steps_total)"},
-                        timeout=30).json()["data"]["result"]
-    assert {s["metric"]["role"] for s in scraped} == {"prefill", "decode"}  # the workers came through /metrics
+    scraped = httpx.get(
+        f"{prom}/api/v1/query", params={"query": "count by (role) (ridgeline_engine_steps_total)"}, timeout=30
+    ).json()["data"]["result"]
+    assert {s["metric"]["role"] for s in scraped} == {
+        "prefill",
+        "decode",
+    }  # the workers came through /metrics

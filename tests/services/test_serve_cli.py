@@ -34,32 +34,62 @@ def _free_port() -> int:
 def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
     port = _free_port()
     env = {**os.environ, "RIDGELINE_API_KEY": "sk-cli"}
-    proc = subprocess.Popen([RIDGELINE, "serve", "--model", llama, "--port", str(port), "--num-blocks", "64",
-                             "--worker-cpus", "0.25", "--registry", etcd.url, "--prefill-price", "2.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            RIDGELINE,
+            "serve",
+            "--model",
+            llama,
+            "--port",
+            str(port),
+            "--num-blocks",
+            "64",
+            "--worker-cpus",
+            "0.25",
+            "--registry",
+            etcd.url,
+            "--prefill-price",
+            "2.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         lines, deadline = [], time.monotonic() + 180
         while not any(line.startswith("    -d ") for line in lines):
             assert time.monotonic() < deadline and proc.poll() is None, f"no banner: {lines}"
             lines.append(proc.stdout.readline().rstrip("\n"))
-        assert lines[-4] == f"Ridgeline is serving {Path(llama).name!r} (1 prefill + 1 decode replicas) " \
-                            f"at http://127.0.0.1:{port}/v1"
+        assert (
+            lines[-4] == f"Ridgeline is serving {Path(llama).name!r} (1 prefill + 1 decode replicas) "
+            f"at http://127.0.0.1:{port}/v1"
+        )
         body = shlex.split(lines[-1].strip())[1]  # the JSON after -d
         url = f"http://127.0.0.1:{port}/v1/completions"
         assert httpx.post(url, content=body, timeout=60).status_code == 401
-        r = httpx.post(url, content=body, timeout=60, headers={"Authorization": "Bearer sk-cli",
-                                                               "Content-Type": "application/json"})
+        r = httpx.post(
+            url,
+            content=body,
+            timeout=60,
+            headers={"Authorization": "Bearer sk-cli", "Content-Type": "application/json"},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
         assert r.json()["usage"]["cost_usd"] > 0
-        pools = httpx.get(f"http://127.0.0.1:{port}/v1/pools", timeout=30,
-                          headers={"Authorization": "Bearer sk-cli"}).json()["data"]
+        pools = httpx.get(
+            f"http://127.0.0.1:{port}/v1/pools", timeout=30, headers={"Authorization": "Bearer sk-cli"}
+        ).json()["data"]
         assert {p["name"]: p["price_per_hour"] for p in pools}["prefill"] == 2.5
-        registered = asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline")))  # the CLI's app is "ridgeline"
+        registered = asyncio.run(
+            _etcd_keys(etcd.url, keys.workers("ridgeline"))
+        )  # the CLI's app is "ridgeline"
         assert sorted(v["pool"] for v in registered.values()) == ["decode", "prefill"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-        assert asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline"))) == {}  # leases revoked on the way out
+        assert (
+            asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline"))) == {}
+        )  # leases revoked on the way out
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -69,9 +99,26 @@ def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
 @pytest.mark.slow
 def test_ctrl_c_while_the_app_deploys_stops_cleanly(llama, etcd):
     """Interrupted once its first worker registered — usually before the banner: everything stops, exit 0."""
-    proc = subprocess.Popen([RIDGELINE, "serve", "--model", llama, "--port", str(_free_port()), "--num-blocks",
-                             "64", "--worker-cpus", "0.25", "--registry", etcd.url], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            RIDGELINE,
+            "serve",
+            "--model",
+            llama,
+            "--port",
+            str(_free_port()),
+            "--num-blocks",
+            "64",
+            "--worker-cpus",
+            "0.25",
+            "--registry",
+            etcd.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not asyncio.run(_etcd_keys(etcd.url, keys.workers("ridgeline"))):
@@ -103,7 +150,9 @@ def test_banner_names_the_key_only_when_one_is_set(llama):
     assert '-H "Authorization: Bearer $RIDGELINE_API_KEY"' in banner(keyed, "127.0.0.1", 8000)
 
 
-def test_the_api_key_comes_from_a_file_or_the_environment_and_the_flag_warns(llama, tmp_path, monkeypatch, caplog):
+def test_the_api_key_comes_from_a_file_or_the_environment_and_the_flag_warns(
+    llama, tmp_path, monkeypatch, caplog
+):
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
     assert config_for_argv(["serve", "--model", llama, "--api-key-file", str(key_file)]).api_key == "s3cret"
@@ -120,8 +169,11 @@ def test_the_api_key_comes_from_a_file_or_the_environment_and_the_flag_warns(lla
 
 
 def test_pool_autoscaling_config_reaches_the_deployment():
-    scaled = _pool(DecodeWorker, "DecodeWorker", PoolConfig(
-        autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}))
+    scaled = _pool(
+        DecodeWorker,
+        "DecodeWorker",
+        PoolConfig(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}),
+    )
     config = scaled._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 4, 8)
     fixed = _pool(DecodeWorker, "DecodeWorker", PoolConfig(replicas=3, num_cpus=2))
@@ -137,14 +189,23 @@ def test_serve_config_rejects_bad_values(llama):
         ServeConfig(model=llama, kv_transport="smoke-signals")
 
 
-@pytest.mark.parametrize("pool, message", [
-    ({"num_gpus": 1, "device": "cpu"}, "device: 'cpu' but num_gpus is 1"),
-    ({"device": "H200"}, "device: 'H200' needs num_gpus > 0"),
-    ({"price_per_hour": -1}, "price_per_hour"),
-    ({"weight_dtype": "float16", "kv_dtype": "bfloat16"}, "kv_dtype: got bfloat16, allowed auto or the weight dtype"),
-    ({"kv_dtype": "fp8"}, "kv_dtype"),
-    ({"weight_dtype": "float16", "engine": {"dtype": "float32"}}, "weight_dtype: float16 but engine.dtype"),
-])
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        ({"num_gpus": 1, "device": "cpu"}, "device: 'cpu' but num_gpus is 1"),
+        ({"device": "H200"}, "device: 'H200' needs num_gpus > 0"),
+        ({"price_per_hour": -1}, "price_per_hour"),
+        (
+            {"weight_dtype": "float16", "kv_dtype": "bfloat16"},
+            "kv_dtype: got bfloat16, allowed auto or the weight dtype",
+        ),
+        ({"kv_dtype": "fp8"}, "kv_dtype"),
+        (
+            {"weight_dtype": "float16", "engine": {"dtype": "float32"}},
+            "weight_dtype: float16 but engine.dtype",
+        ),
+    ],
+)
 def test_bad_pool_configuration_is_named(llama, pool, message):
     from services.app import ServeConfig
 
@@ -153,8 +214,21 @@ def test_bad_pool_configuration_is_named(llama, pool, message):
 
 
 def test_pool_prices_devices_and_registry_from_the_command_line(llama):
-    config = config_for_argv(["serve", "--model", llama, "--decode-price", "1.25", "--worker-gpus", "0",
-                              "--registry", "etcd://10.1.2.3:2379", "--dtype", "float32"])
+    config = config_for_argv(
+        [
+            "serve",
+            "--model",
+            llama,
+            "--decode-price",
+            "1.25",
+            "--worker-gpus",
+            "0",
+            "--registry",
+            "etcd://10.1.2.3:2379",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert config.prices()["decode"] == 1.25 and config.prices()["prefill"] > 0  # default rate for its CPUs
     assert config.registry == "etcd://10.1.2.3:2379"
     decode = config.decode.describe("decode", "decode", "least_loaded")
@@ -166,8 +240,21 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
 
 def test_speculation_flags(llama):
     assert config_for_argv(["serve", "--model", llama, "--spec", "ngram"]).spec == "ngram"
-    config = config_for_argv(["serve", "--model", llama, "--draft-model", llama, "--draft-workers", "2",
-                              "--num-speculative-tokens", "6", "--draft-wait", "0.25"])
+    config = config_for_argv(
+        [
+            "serve",
+            "--model",
+            llama,
+            "--draft-model",
+            llama,
+            "--draft-workers",
+            "2",
+            "--num-speculative-tokens",
+            "6",
+            "--draft-wait",
+            "0.25",
+        ]
+    )
     assert (config.spec, config.draft.replicas, config.num_speculative_tokens) == ("draft", 2, 6)
     assert config.draft.wait_s == 0.25
     from services.app import ServeConfig

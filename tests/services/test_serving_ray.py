@@ -14,15 +14,21 @@ from engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.ray
 
-PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt that spans more than one KV block of sixteen "
-           "tokens, so the handoff moves several blocks"]
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "A much longer prompt that spans more than one KV block of sixteen "
+    "tokens, so the handoff moves several blocks",
+]
 KEY = "sk-test-key"
 
 
 @pytest.fixture(scope="module")
 def apps(deploy, llama):
-    return {"disaggregated": deploy("pd", **app_config(llama, kv_transport="nixl")),
-            "aggregated": deploy("agg", **app_config(llama, mode="aggregated", api_key=KEY))}
+    return {
+        "disaggregated": deploy("pd", **app_config(llama, kv_transport="nixl")),
+        "aggregated": deploy("agg", **app_config(llama, mode="aggregated", api_key=KEY)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +44,19 @@ def headers(mode: str) -> dict:
 def test_greedy_over_http_equals_llm_generate(apps, reference, mode):
     want = reference.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     for prompt, ref in zip(PROMPTS, want, strict=True):
-        r = httpx.post(f"{apps[mode]}/v1/completions", headers=headers(mode), timeout=60,
-                       json={"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0,
-                             "ignore_eos": True, "return_token_ids": True})
+        r = httpx.post(
+            f"{apps[mode]}/v1/completions",
+            headers=headers(mode),
+            timeout=60,
+            json={
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": 20,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        )
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
         assert choice["token_ids"] == ref.outputs[0].token_ids
@@ -50,8 +66,11 @@ def test_greedy_over_http_equals_llm_generate(apps, reference, mode):
 def test_seeded_sampling_with_n_equals_llm_generate(apps, reference):
     params = dict(temperature=0.8, top_k=30, seed=7, n=3, max_tokens=12, ignore_eos=True)
     want = reference.generate([PROMPTS[2]], SamplingParams(**params))[0]
-    r = httpx.post(f"{apps['disaggregated']}/v1/completions", timeout=60,
-                   json={"model": MODEL, "prompt": PROMPTS[2], "return_token_ids": True, **params})
+    r = httpx.post(
+        f"{apps['disaggregated']}/v1/completions",
+        timeout=60,
+        json={"model": MODEL, "prompt": PROMPTS[2], "return_token_ids": True, **params},
+    )
     got = sorted(r.json()["choices"], key=lambda c: c["index"])
     assert [c["token_ids"] for c in got] == [o.token_ids for o in want.outputs]
 
@@ -62,8 +81,11 @@ def test_decode_reuses_cached_prefix_blocks_instead_of_pulling(apps, reference):
     shared = "A shared system prompt that is long enough to fill several KV blocks of sixteen tokens each. "
     for turn, prompt in enumerate([shared + "First question?", shared + "Second, different question?"]):
         (before,) = pool_stats("pd", "DecodeWorker", 1).values()
-        r = httpx.post(f"{apps['disaggregated']}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            f"{apps['disaggregated']}/v1/completions",
+            timeout=60,
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        )
         want = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
         assert r.json()["choices"][0]["text"] == want.outputs[0].text
         (after,) = pool_stats("pd", "DecodeWorker", 1).values()
@@ -74,9 +96,20 @@ def test_decode_reuses_cached_prefix_blocks_instead_of_pulling(apps, reference):
 def test_streamed_tokens_equal_the_non_streamed_answer(apps, reference):
     want = reference.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     text, usage = "", None
-    with httpx.stream("POST", f"{apps['disaggregated']}/v1/completions", timeout=60,
-                      json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0,
-                            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        f"{apps['disaggregated']}/v1/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": PROMPTS[0],
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     for line in lines[:-1]:
@@ -85,36 +118,58 @@ def test_streamed_tokens_equal_the_non_streamed_answer(apps, reference):
         usage = chunk.get("usage") or usage
     assert text == want.outputs[0].text
     assert usage.pop("cost_usd") > 0  # both pools' engine time, priced (test_cost_accounting checks the sums)
-    assert usage == {"prompt_tokens": len(want.prompt_token_ids), "completion_tokens": 24,
-                     "total_tokens": len(want.prompt_token_ids) + 24}
+    assert usage == {
+        "prompt_tokens": len(want.prompt_token_ids),
+        "completion_tokens": 24,
+        "total_tokens": len(want.prompt_token_ids) + 24,
+    }
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
 def test_official_openai_client(apps, reference, mode):
     client = openai.OpenAI(base_url=f"{apps[mode]}/v1", api_key=KEY if mode == "aggregated" else "unused")
     assert [m.id for m in client.models.list().data] == [MODEL]
-    done = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    done = client.completions.create(
+        model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     want = reference.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert done.choices[0].text == want.outputs[0].text
     assert done.usage.completion_tokens == 8 and done.usage.prompt_tokens == len(want.prompt_token_ids)
 
     messages = [{"role": "user", "content": "Say something"}]
-    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
-                                          extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == chat.choices[0].message.content
+    )
     assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
 
 
 def test_32_concurrent_streams_complete_and_blocks_return(apps):
     async def one(client: httpx.AsyncClient, i: int) -> int:
-        body = {"model": MODEL, "prompt": f"{PROMPTS[i % 3]} {i}", "max_tokens": 16, "temperature": 0.7,
-                "seed": i, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL,
+            "prompt": f"{PROMPTS[i % 3]} {i}",
+            "max_tokens": 16,
+            "temperature": 0.7,
+            "seed": i,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         usage = None
         async with client.stream("POST", f"{apps['disaggregated']}/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -142,13 +197,16 @@ def test_client_disconnect_aborts_in_every_worker(apps):
     assert decode["unfinished"] == 0
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"model": "nope", "prompt": "x"}, 404, "model"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "word " * 300}, 400, "prompt"),
-    ({"model": MODEL, "prompt": [5, 100000]}, 400, "prompt"),
-    ({"model": MODEL, "messages": []}, 400, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "word " * 300}, 400, "prompt"),
+        ({"model": MODEL, "prompt": [5, 100000]}, 400, "prompt"),
+        ({"model": MODEL, "messages": []}, 400, "prompt"),
+    ],
+)
 def test_bad_requests_get_openai_errors(apps, body, status, param):
     url = f"{apps['disaggregated']}/v1/completions"
     r = httpx.post(url, json=body, timeout=30)
@@ -171,11 +229,16 @@ def test_api_key_is_required_when_set(apps):
     base = apps["aggregated"]
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
-    wrong = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
+    wrong = httpx.post(
+        f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer sk-wrong"}, timeout=30
+    )
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
-    assert httpx.post(f"{base}/v1/completions", json=body, headers=headers("aggregated"), timeout=30).status_code == 200
+    assert (
+        httpx.post(f"{base}/v1/completions", json=body, headers=headers("aggregated"), timeout=30).status_code
+        == 200
+    )
 
 
 def test_metrics_endpoint(apps):
@@ -183,5 +246,8 @@ def test_metrics_endpoint(apps):
     assert r.status_code == 200 and 'ridgeline_request_migrations_total{model="tiny-llama"}' in r.text
     # the workers' families come through the frontend, one series per replica
     for role in ("prefill", "decode"):
-        assert re.search(rf'ridgeline_engine_steps_total{{model="tiny-llama",pool="{role}",replica="\w+",'
-                         rf'role="{role}"}} \d', r.text), role
+        assert re.search(
+            rf'ridgeline_engine_steps_total{{model="tiny-llama",pool="{role}",replica="\w+",'
+            rf'role="{role}"}} \d',
+            r.text,
+        ), role

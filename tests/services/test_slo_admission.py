@@ -14,12 +14,18 @@ from control_plane.slo import SLOClass, SLOTable
 from engine.async_llm import AsyncLLM
 from services.frontend import build_frontend
 
-TABLE = SLOTable([SLOClass("interactive", 0, ttft_ms=2000, tpot_ms=200, preemptible=False),
-                  SLOClass("standard", 1, ttft_ms=5000, tpot_ms=500),
-                  SLOClass("batch", 2, ttft_ms=300, tpot_ms=1000)])
+TABLE = SLOTable(
+    [
+        SLOClass("interactive", 0, ttft_ms=2000, tpot_ms=200, preemptible=False),
+        SLOClass("standard", 1, ttft_ms=5000, tpot_ms=500),
+        SLOClass("batch", 2, ttft_ms=300, tpot_ms=1000),
+    ]
+)
 
 
-async def _ttft(client: httpx.AsyncClient, slo: str, prompt: list[int], max_tokens: int) -> tuple[int, float, str]:
+async def _ttft(
+    client: httpx.AsyncClient, slo: str, prompt: list[int], max_tokens: int
+) -> tuple[int, float, str]:
     """(status, seconds to the first token or to the rejection, Retry-After)."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
@@ -35,8 +41,9 @@ async def _ttft(client: httpx.AsyncClient, slo: str, prompt: list[int], max_toke
 
 
 def test_under_overload_interactive_keeps_its_ttft_and_batch_waits_or_gets_429(llama):
-    llm = AsyncLLM.from_pretrained(llama, num_blocks=256, max_model_len=512, max_num_seqs=2,
-                                   scheduling_policy="priority")
+    llm = AsyncLLM.from_pretrained(
+        llama, num_blocks=256, max_model_len=512, max_num_seqs=2, scheduling_policy="priority"
+    )
     admission = AdmissionController(window_s=5, min_busy_s=0.5)
     app = build_frontend(llm, MODEL, slo_table=TABLE, admission=admission)
 
@@ -61,8 +68,10 @@ def test_under_overload_interactive_keeps_its_ttft_and_batch_waits_or_gets_429(l
     rejected = [(t, retry) for status, t, retry in batch if status == 429]
     admitted = [t for status, t, _ in batch if status == 200]
     assert {status for status, _, _ in batch} <= {200, 429}
-    print(f"interactive TTFT max {max(interactive_ttft):.3f} s median {statistics.median(interactive_ttft):.3f} s; "
-          f"batch admitted {len(admitted)} (median TTFT {statistics.median(admitted):.3f} s), rejected {len(rejected)}")
+    print(
+        f"interactive TTFT max {max(interactive_ttft):.3f} s median {statistics.median(interactive_ttft):.3f} s; "
+        f"batch admitted {len(admitted)} (median TTFT {statistics.median(admitted):.3f} s), rejected {len(rejected)}"
+    )
     assert max(interactive_ttft) < TABLE.by_name["interactive"].ttft_ms / 1000  # the target held
     assert rejected and all(int(retry) >= 1 for _, retry in rejected)  # batch was told when to come back
     assert statistics.median(admitted) > statistics.median(interactive_ttft)  # and waited behind interactive
@@ -78,11 +87,28 @@ def test_cost_usd_in_usage_adds_up_to_engine_time_times_price(llama):
 
     async def run(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            plain = [client.post("/v1/completions", json={"model": MODEL, "prompt": [5 + i] * (20 + 7 * i),
-                                                          "max_tokens": 5 + i, "ignore_eos": True}) for i in range(6)]
-            streamed = client.post("/v1/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "stream": True,
-                "stream_options": {"include_usage": True}})
+            plain = [
+                client.post(
+                    "/v1/completions",
+                    json={
+                        "model": MODEL,
+                        "prompt": [5 + i] * (20 + 7 * i),
+                        "max_tokens": 5 + i,
+                        "ignore_eos": True,
+                    },
+                )
+                for i in range(6)
+            ]
+            streamed = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 6,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            )
             return await asyncio.gather(*plain, streamed)
 
     try:
@@ -101,8 +127,10 @@ def test_cost_usd_in_usage_adds_up_to_engine_time_times_price(llama):
     spent = (llm.engine.stats.busy_seconds - busy) * price / 3600
     assert abs(sum(costs) - spent) <= 1e-9 + 1e-6 * spent  # every step's time went to some request
     assert 'ridgeline_cost_dollars_total{model="tiny-llama",pool="engine",slo_class="standard"}' in metrics
-    assert 'ridgeline_compute_tokens_total{kind="prefill",model="tiny-llama",pool="engine",slo_class="standard"}' \
+    assert (
+        'ridgeline_compute_tokens_total{kind="prefill",model="tiny-llama",pool="engine",slo_class="standard"}'
         in metrics
+    )
 
 
 def test_overload_by_class_sheds_batch_first_and_interactive_keeps_its_target(llama):
@@ -110,11 +138,16 @@ def test_overload_by_class_sheds_batch_first_and_interactive_keeps_its_target(ll
     there, leaving room in which every interactive request is served within its TTFT target, and standard
     is shed no more than batch. Before, the cap shed every class alike and batch was never refused by
     admission."""
-    table = SLOTable([SLOClass("interactive", 0, ttft_ms=1500, tpot_ms=200, preemptible=False),
-                      SLOClass("standard", 1, ttft_ms=10_000, tpot_ms=500),
-                      SLOClass("batch", 2, ttft_ms=60_000, tpot_ms=1000)])
-    llm = AsyncLLM.from_pretrained(llama, num_blocks=256, max_model_len=512, max_num_seqs=2,
-                                   scheduling_policy="priority")
+    table = SLOTable(
+        [
+            SLOClass("interactive", 0, ttft_ms=1500, tpot_ms=200, preemptible=False),
+            SLOClass("standard", 1, ttft_ms=10_000, tpot_ms=500),
+            SLOClass("batch", 2, ttft_ms=60_000, tpot_ms=1000),
+        ]
+    )
+    llm = AsyncLLM.from_pretrained(
+        llama, num_blocks=256, max_model_len=512, max_num_seqs=2, scheduling_policy="priority"
+    )
     app = build_frontend(llm, MODEL, slo_table=table, admission=AdmissionController(), max_inflight=16)
 
     async def flood(url: str):
