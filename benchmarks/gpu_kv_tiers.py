@@ -254,7 +254,7 @@ def ttft(
     tiers: tuple[str, ...] = ("recompute", "dram", "ssd_forced", "ssd_auto"),
 ) -> list[dict]:
     from engine import LLMEngine, SamplingParams
-    from engine.block_hash import hash_extra, update_block_hashes
+    from engine.kv.block_hash import hash_extra, update_block_hashes
     from engine.request import Request
 
     longest = max(prompt_lens)

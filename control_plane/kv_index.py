@@ -1,5 +1,5 @@
 """The router's KV index: which worker holds which KV block, in which tier. Exact, fed by the workers' KV
-events (engine/kv_events.py: block hashes stored/removed per tier), rebuilt from a snapshot when a worker
+events (engine/kv/events.py: block hashes stored/removed per tier), rebuilt from a snapshot when a worker
 (re)registers, and forgetting a worker whose registration lapsed. No torch, no Ray.
 
 A node's KV memory service is a source of its own (its DRAM and SSD tiers); `share` makes its blocks

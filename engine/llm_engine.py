@@ -8,21 +8,21 @@ import torch
 from engine import envs
 from engine.attention import get_backend
 from engine.attention.backend import default_backend
-from engine.block_hash import hash_extra, update_block_hashes
-from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.detokenizer import IncrementalDetokenizer
-from engine.drafter import make_drafter
-from engine.kv_cache import allocate_kv_pool, layer_views, num_blocks_for
-from engine.kv_events import KVEventLog
-from engine.kv_offload import KVOffloader, KVStore
+from engine.kv.block_hash import hash_extra, update_block_hashes
+from engine.kv.block_manager import BlockManager
+from engine.kv.events import KVEventLog
+from engine.kv.offload import KVOffloader, KVStore
+from engine.kv.pool import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, ComputeUsage, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.spec.drafter import make_drafter
 from engine.tokenizer import Tokenizer
 
 
@@ -123,7 +123,7 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, kv_store: KVStore | None = None):
-        """`kv_store`: a tier below HBM (engine/kv_offload.py) that keeps evicted prefix blocks."""
+        """`kv_store`: a tier below HBM (engine/kv/offload.py) that keeps evicted prefix blocks."""
         self.config = config
         self.device = torch.device(
             config.device or envs.default_device() or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +183,7 @@ class LLMEngine:
                 raise ValueError(
                     "speculative_model: needed by speculative_method draft_model (a draft checkpoint)"
                 )
-            from engine.draft_model import DraftModelDrafter
+            from engine.spec.draft_model import DraftModelDrafter
 
             block_size, seqs = config.cache.block_size, config.scheduler.max_num_seqs
             return DraftModelDrafter(
@@ -201,7 +201,7 @@ class LLMEngine:
         return make_drafter(method, ngram_min=config.spec_ngram_min, ngram_max=config.spec_ngram_max)
 
     def attach_drafter(self, drafter) -> None:
-        """Speculative decoding with `drafter` (engine/drafter.py:Drafter), e.g. a remote draft-model pool."""
+        """Speculative decoding with `drafter` (engine/spec/drafter.py:Drafter), e.g. a remote draft-model pool."""
         if self.config.num_speculative_tokens < 1:
             raise ValueError(
                 f"num_speculative_tokens: got {self.config.num_speculative_tokens}, allowed >= 1"

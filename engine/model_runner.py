@@ -6,13 +6,13 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
-from engine.block_manager import BlockManager
 from engine.cuda_graphs import CUDAGraphRunner
-from engine.kv_cache import layer_views
+from engine.kv.block_manager import BlockManager
+from engine.kv.pool import layer_views
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
-from engine.spec_verify import verify, verify_greedy
+from engine.spec.verify import verify, verify_greedy
 
 
 @dataclass

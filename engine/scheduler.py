@@ -7,8 +7,8 @@ tokens behind, a prefix hit starts `num_computed_tokens` above zero.
 import time
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.kv.block_manager import BlockManager
 from engine.request import Request, RequestStatus
 from engine.scheduling_policy import SchedulingPolicy, make_policy
 
@@ -46,7 +46,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_lookup_blocks = 0  # full prompt blocks looked up in the prefix cache at first admission
         self.prefix_hit_blocks = 0  # ... and found there
-        self.offloader = None  # engine/kv_offload.py: loads prompt blocks held by lower KV tiers
+        self.offloader = None  # engine/kv/offload.py: loads prompt blocks held by lower KV tiers
         self.loading: dict[str, Request] = {}  # admitted, blocks allocated, waiting for a KV load
         self._abandoned: dict[str, Request] = {}  # aborted while loading: blocks freed when the load ends
 

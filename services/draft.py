@@ -1,5 +1,5 @@
 """Draft workers: a small draft model on CPUs proposes tokens that the decode GPU verifies (speculative
-decoding; engine/spec_verify.py keeps the output distribution exact).
+decoding; engine/spec/verify.py keeps the output distribution exact).
 
 `DraftWorker` is a Ray Serve deployment holding the draft model in an engine on CPU (torch threads = its
 CPUs; its prefix cache keeps each request's context, so a proposal computes only the new tokens) and
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from engine.draft_model import DraftModelDrafter
-from engine.drafter import Drafter
 from engine.outputs import ComputeUsage
 from engine.request import Request
+from engine.spec.draft_model import DraftModelDrafter
+from engine.spec.drafter import Drafter
 from observability.metrics import DRAFT_LATENCY
 from services import ray_hardening
 

@@ -3,7 +3,7 @@ routing stats (every replica reports its latest batches each stats period; each 
 has not seen). A router that fell behind the kept batches waits for the next full snapshot, which the feed
 includes every `snapshot_every` reports."""
 
-from engine.kv_events import KVEventLog
+from engine.kv.events import KVEventLog
 
 
 class KVEventFeed:

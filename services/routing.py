@@ -20,7 +20,7 @@ from ray.serve.request_router import (
 from control_plane import membership  # (a module, read at call time: see the metrics import)
 from control_plane.kv_index import KVIndex
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
-from engine.block_hash import hash_extra, prompt_block_hashes
+from engine.kv.block_hash import hash_extra, prompt_block_hashes
 from observability import metrics, tracing  # (modules: Serve pickles this class by value; metrics hold locks)
 from services.worker_protocol import WorkerRequest
 

@@ -24,7 +24,7 @@ import zlib
 
 import torch
 
-from engine.kv_offload import KVStore
+from engine.kv.offload import KVStore
 from services.kv_memory import shm
 from services.transport import KVHandle, KVLayout, KVTransport, TransferError, make_transport
 from services.transport.block_copy import copy_blocks

@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from engine.kv_events import KVEventLog
+from engine.kv.events import KVEventLog
 from services.kv_memory import shm
 from services.kv_memory.tier_policy import TierPolicy
 from services.kv_memory.tiered_store import build_store

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from engine.kv_offload import KVStore
+from engine.kv.offload import KVStore
 from services.kv_memory.dram_tier import DramFull, DramTier
 from services.kv_memory.ssd_tier import SsdTier, open_claimed
 from services.kv_memory.tier_policy import TierPolicy

@@ -96,7 +96,7 @@ class KVTransport(ABC):
     holds_source_blocks: bool
 
     def register(self, pool: torch.Tensor) -> None:
-        """pool [num_blocks, *block_shape], contiguous, block-major (engine/kv_cache.py)."""
+        """pool [num_blocks, *block_shape], contiguous, block-major (engine/kv/pool.py)."""
         if not pool.is_contiguous():
             raise ValueError("pool: must be contiguous (block-major)")
         self.pool = pool

@@ -102,7 +102,7 @@ class _Worker:
 
 def _shared_prefix_hit_rate(model: str, policy_name: str) -> float:
     """4 system prompts (3 blocks each) x 6 user turns, arriving 3 at a time, over 3 workers."""
-    from engine.block_hash import hash_extra, update_block_hashes
+    from engine.kv.block_hash import hash_extra, update_block_hashes
     from engine.request import Request
     from engine.sampling_params import SamplingParams
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine import LLM
-from engine.kv_cache import bytes_per_block, layer_views
+from engine.kv.pool import bytes_per_block, layer_views
 
 
 def test_pool_is_sized_from_the_memory_budget(llama):

@@ -3,8 +3,8 @@
 import torch
 
 from engine import LLM, SamplingParams
-from engine.block_hash import hash_block, hash_extra, update_block_hashes
-from engine.block_manager import BlockManager
+from engine.kv.block_hash import hash_block, hash_extra, update_block_hashes
+from engine.kv.block_manager import BlockManager
 from engine.request import Request
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.drafter import NgramDrafter, make_drafter
 from engine.request import Request
 from engine.sampling_params import SamplingParams as Params
-from engine.spec_verify import verify
+from engine.spec.drafter import NgramDrafter, make_drafter
+from engine.spec.verify import verify
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 # chi-square critical values at alpha = 0.001 (from the chi-square table), by degrees of freedom

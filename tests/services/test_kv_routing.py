@@ -8,7 +8,7 @@ import httpx
 import pytest
 from ray_helpers import MODEL, POOL, app_config
 
-from engine.block_hash import hash_extra, prompt_block_hashes, update_block_hashes
+from engine.kv.block_hash import hash_extra, prompt_block_hashes, update_block_hashes
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from services.kv_feed import KVEventFeed
@@ -28,7 +28,7 @@ def test_prompt_block_hashes_equal_the_engine_s():
 
 
 def test_event_feed_numbers_batches_and_snapshots():
-    from engine.kv_events import KVEventLog
+    from engine.kv.events import KVEventLog
 
     log = KVEventLog()
     held = {"hbm": [b"a"]}

@@ -297,7 +297,7 @@ def test_with_hbm_full_batch_blocks_are_offloaded_before_interactive_ones(llama)
 
 
 def test_free_queue_hands_out_empty_blocks_before_evicting():
-    from engine.free_block_queue import FreeBlockQueue
+    from engine.kv.free_block_queue import FreeBlockQueue
 
     q = FreeBlockQueue(range(0))
     q.push(1, cached=True, priority=0)

@@ -8,11 +8,11 @@ cache keeps each request's context, so a proposal computes only the tokens that 
 
 import math
 
-from engine.drafter import Drafter
 from engine.llm import LLM
 from engine.outputs import ComputeUsage
 from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.spec.drafter import Drafter
 
 
 class DraftModelDrafter(Drafter):

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from engine.free_block_queue import FreeBlockQueue
-from engine.kv_events import KVEventLog
+from engine.kv.events import KVEventLog
+from engine.kv.free_block_queue import FreeBlockQueue
 from engine.request import Request
 
 

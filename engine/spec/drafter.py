@@ -1,5 +1,5 @@
 """Drafters propose the next tokens of a request for speculative decoding; the target model verifies them
-all in one forward pass (engine/spec_verify.py). A drafter never changes what is generated, only how many
+all in one forward pass (engine/spec/verify.py). A drafter never changes what is generated, only how many
 tokens a step yields.
 
 `NgramDrafter` is prompt lookup: the longest recent n-gram (ngram_max down to ngram_min tokens) that ends
