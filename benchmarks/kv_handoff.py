@@ -30,7 +30,7 @@ class Owner:
     the Ray backend, so handle references travel the way they do in serving)."""
 
     def __init__(self, backend: str, num_blocks: int, shape: tuple):
-        from services.transport import make_transport
+        from services.transport.factory import make_transport
 
         self.transport = make_transport(backend)
         self.transport.register(_pool(num_blocks, shape))
@@ -86,8 +86,8 @@ def memcpy_gbps(num_bytes: int, repeats: int) -> float:
 
 
 def bench_backend(backend: str, sizes: list[int], shape: tuple, repeats: int) -> list[dict]:
-    from services.transport import make_transport
     from services.transport.checksum import block_checksums
+    from services.transport.factory import make_transport
 
     num_blocks = max(sizes)
     ask, stop = _start_owner(backend, num_blocks, shape)

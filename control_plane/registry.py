@@ -99,13 +99,3 @@ def parse_url(url: str) -> tuple[str, str | None, int | None]:
     except ValueError:
         raise ValueError(f"registry: port in {url!r} is not a number in 1..65535") from None
     return "etcd", parsed.hostname, port
-
-
-def open_registry(url: str) -> Registry:
-    """A client for `etcd://HOST:PORT`; the embedded registry is opened by services/registry_actor.py."""
-    kind, host, port = parse_url(url)
-    if kind != "etcd":
-        raise ValueError("registry: 'embedded' lives in a Ray actor (services.registry_actor.open_registry)")
-    from control_plane.registry_etcd import EtcdRegistry
-
-    return EtcdRegistry(host, port)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aetcd
 import aetcd.exceptions
 
-from control_plane.registry import Registry, RegistryUnavailable, WatchEvent, decode, encode
+from control_plane.registry import Registry, RegistryUnavailable, WatchEvent, decode, encode, parse_url
 
 _UNAVAILABLE = (
     aetcd.exceptions.ConnectionFailedError,
@@ -85,3 +85,11 @@ class EtcdRegistry(Registry):
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def open_registry(url: str) -> Registry:
+    """A client for `etcd://HOST:PORT`; the embedded registry is opened by services/registry_actor.py."""
+    kind, host, port = parse_url(url)
+    if kind != "etcd":
+        raise ValueError("registry: 'embedded' lives in a Ray actor (services.registry_actor.connector)")
+    return EtcdRegistry(host, port)

@@ -2,6 +2,7 @@
 
 import itertools
 
+from engine.envs import default_model_path
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -28,8 +29,6 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_options):
         if model is None:
-            from engine.envs import default_model_path
-
             model = str(default_model_path())
         self.engine = LLMEngine.from_pretrained(model, **engine_options)
         self.tokenizer = self.engine.tokenizer

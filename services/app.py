@@ -11,10 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from control_plane import membership
 from control_plane.admission import AdmissionController
 from control_plane.concurrency_limit import ConcurrencyLimit
 from control_plane.cost import default_price_per_hour
-from control_plane.registry import parse_url
+from control_plane.membership import Registration, RegistryView
+from control_plane.registry import keys, parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine import envs
 from engine.tokenizer import Tokenizer
@@ -27,6 +29,7 @@ from services.draft import DraftWorker
 from services.frontend import build_frontend
 from services.pd_client import DisaggregatedClient
 from services.prefill import PrefillWorker
+from services.registry_actor import connector
 
 ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
 
@@ -314,10 +317,6 @@ class OpenAIIngress:
         self._membership = []
 
     def _follow_registry(self):
-        from control_plane import membership
-        from control_plane.membership import Registration, RegistryView
-        from control_plane.registry import keys
-        from services.registry_actor import connector
 
         connect = connector(self.config.registry)
         for name, (pool, role, router) in self.config.pools().items():

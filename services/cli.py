@@ -2,11 +2,17 @@
 
 import argparse
 import sys
+from importlib.metadata import entry_points
+
+from engine import LLM, SamplingParams
+from engine.tiny_model import ARCHS, make_tiny_model
+from services.serve_cli import add_parser as add_serve_parser
+
+# subcommands that live outside services/ (the load generator is benchmarks/'s): pyproject's entry points
+SUBCOMMANDS = "ridgeline.subcommands"
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
-
     options = {"device": args.device} if args.device else {}
     if args.speculative_model:
         options |= {
@@ -39,16 +45,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from engine.tiny_model import make_tiny_model
-
     path = make_tiny_model(args.out_dir, args.arch, seed=args.seed, dtype=args.dtype)
     print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.tiny_model import ARCHS
-
     parser = argparse.ArgumentParser(prog="ridgeline", description="Disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--num-speculative-tokens", type=int, default=4)
     gen.set_defaults(func=_generate)
-
-    from services.serve_cli import add_parser as add_serve_parser
-
     add_serve_parser(sub)
 
     sub.add_parser(
@@ -99,10 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser (it has a `compare` form besides the flags)
-        from benchmarks.loadgen.cli import main as bench_main
-
-        return bench_main(argv[1:])
+    external = {ep.name: ep for ep in entry_points(group=SUBCOMMANDS)}
+    if argv[:1] and argv[0] in external:  # its own parser (bench has a `compare` form besides the flags)
+        return external[argv[0]].load()(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -12,8 +12,10 @@ from opentelemetry import trace
 
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+from services.draft import RemoteDrafter
 from services.engine_worker import EngineWorker
 from services.transport import KVHandle, TransferError
+from services.transport.faults import CorruptingTransport
 from services.worker_protocol import Delta, DeltaTracker, WorkerRequest
 
 logger = logging.getLogger("ridgeline.decode")
@@ -39,8 +41,6 @@ class DecodeWorker(EngineWorker):
         super().__init__(model, engine_options, kv_transport, **worker_options)
         self.draft_pool = spec["pool"] if spec is not None else ""
         if spec is not None:
-            from services.draft import RemoteDrafter
-
             self.engine.attach_drafter(
                 RemoteDrafter(
                     spec["draft"],
@@ -50,8 +50,6 @@ class DecodeWorker(EngineWorker):
                 )
             )
         if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
-            from services.transport.faults import CorruptingTransport
-
             self.transport = CorruptingTransport(self.transport, fault_corrupt_pulls)
         self.pull_attempts = pull_attempts
         self.pull_timeout_s = pull_timeout_s

@@ -8,13 +8,21 @@ import uuid
 
 from opentelemetry import trace
 
+from control_plane.membership import Registration
+from control_plane.registry import keys
 from engine.async_llm import AsyncLLM
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
 from observability.metrics_server import start_metrics_server
 from observability.worker_metrics import register_worker, unregister_worker
 from services import ray_hardening
-from services.transport import make_transport
+from services.kv_feed import KVEventFeed
+from services.kv_memory.client import KVMemoryClient
+from services.kv_memory.service import connect
+from services.kv_memory.tier_policy import TierPolicy
+from services.kv_memory.tiered_store import build_store
+from services.registry_actor import connector
+from services.transport.factory import make_transport
 
 ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
 
@@ -81,7 +89,6 @@ class EngineWorker:
         if kv_tiers and kv_tiers.get("dram_blocks"):  # before any request: the engine thread is idle
             self.kv_store = self._build_kv_store(dict(kv_tiers), kv_transport)
             self.engine.attach_kv_store(self.kv_store)
-        from services.kv_feed import KVEventFeed
 
         self.kv_feed = KVEventFeed(self.engine.kv_events, self._kv_snapshot)
         self.metric_labels = {"model": self.model_name, "pool": self.pool, "role": self.role}
@@ -105,9 +112,6 @@ class EngineWorker:
     def _build_kv_store(self, tiers: dict, kv_transport: str):
         pool = self.engine.kv_pool
         if tiers.pop("service", False):  # the node's shared KV memory service
-            from services.kv_memory.client import KVMemoryClient
-            from services.kv_memory.service import connect
-
             staging, use_shm = tiers.pop("staging_blocks", 64), tiers.pop("use_shm", True)
             service = connect(self.transport.layout, kv_transport=kv_transport, **tiers)
             return KVMemoryClient(
@@ -118,8 +122,6 @@ class EngineWorker:
                 kv_transport=kv_transport,
                 use_shm=use_shm,
             )
-        from services.kv_memory.tier_policy import TierPolicy
-        from services.kv_memory.tiered_store import build_store
 
         if tiers.get("ssd_dir"):  # a slot per replica (ssd_dir/<pool>-<rank>), found again after a restart
             tiers["ssd_claim"] = self.pool
@@ -129,9 +131,6 @@ class EngineWorker:
     def _register(self, registry: dict) -> None:
         """Put this replica in the registry under a lease kept alive by a heartbeat thread; a registration
         made again (the registry lost it) sends a full KV snapshot with the next routing stats."""
-        from control_plane.membership import Registration
-        from control_plane.registry import keys
-        from services.registry_actor import connector
 
         engine = self.engine
         value = {

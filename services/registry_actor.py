@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import ray
 import ray.exceptions
 
-from control_plane.registry import Registry, RegistryUnavailable, WatchEvent, open_registry, parse_url
+from control_plane.registry import Registry, RegistryUnavailable, WatchEvent, parse_url
+from control_plane.registry_etcd import open_registry
 from control_plane.registry_memory import MemoryRegistry
 
 ACTOR_NAME = "ridgeline-registry"

@@ -102,13 +102,12 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    # services.app imports ray, which reads its environment at import: not before run() has set it
     from services.app import ServeConfig
 
     model = args.model
     if model is None:
-        from engine.envs import default_model_path
-
-        model = str(default_model_path())
+        model = str(envs.default_model_path())
     engine = {}
     if args.num_blocks is not None:
         engine["num_blocks"] = args.num_blocks
@@ -199,10 +198,13 @@ def run(args: argparse.Namespace) -> int:
     if args.ray_address is None:  # before Ray is imported: it reads some of them at import
         os.environ.update(envs.local_cluster_env())  # inherited by the workers Ray starts here
     config = config_from_args(args)
+    # Ray reads its environment at import: what imports it comes after the update above
     import ray
     from ray import serve
 
     from services.app import build_app
+    from services.kv_memory.service import shutdown_services
+    from services.registry_actor import shutdown_registry
 
     if args.ray_address is None:
         need = (
@@ -230,11 +232,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     print("shutting down", flush=True)
     serve.shutdown()
-    from services.kv_memory.service import shutdown_services
-
     shutdown_services()
-    from services.registry_actor import shutdown_registry
-
     shutdown_registry()
     ray.shutdown()
     return 0
@@ -242,6 +240,6 @@ def run(args: argparse.Namespace) -> int:
 
 def config_for_argv(argv: list[str]):
     """The ServeConfig that `ridgeline <argv>` would deploy, without starting anything."""
-    from services.cli import build_parser
-
-    return config_from_args(build_parser().parse_args(argv))
+    parser = argparse.ArgumentParser(prog="ridgeline")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return config_from_args(parser.parse_args(argv))

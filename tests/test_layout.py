@@ -12,6 +12,7 @@ FORBIDDEN = {
     "engine": {"ray", "fastapi", "starlette", "uvicorn", "services", "control_plane", "benchmarks"},
     "control_plane": {"torch", "triton", "engine", "kernels", "services", "benchmarks"},
     "observability": {"engine", "kernels", "services", "control_plane", "benchmarks"},
+    "services": {"benchmarks"},
 }
 
 

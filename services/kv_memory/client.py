@@ -26,9 +26,10 @@ import torch
 
 from engine.kv.offload import KVStore
 from services.kv_memory import shm
-from services.transport import KVHandle, KVLayout, KVTransport, TransferError, make_transport
+from services.transport import KVHandle, KVLayout, KVTransport, TransferError
 from services.transport.block_copy import copy_blocks
 from services.transport.cuda_ipc import host_id
+from services.transport.factory import make_transport
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from collections import OrderedDict
 
 import torch
 
+from services.kv_memory import shm
+
 
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -58,8 +60,6 @@ class DramTier:
         pin = torch.cuda.is_available() if pin is None else pin
         self.block_bytes, self.capacity_blocks, self.shm_path = block_bytes, capacity_blocks, shm_path
         if shm_path is not None:
-            from services.kv_memory import shm
-
             self.pool = shm.create(shm_path, capacity_blocks, block_bytes, pin)
         else:
             # zeros, not empty: the pages are faulted in now, not on the first offloads of a busy step
@@ -234,6 +234,4 @@ class DramTier:
 
     def close(self) -> None:
         if self.shm_path is not None:
-            from services.kv_memory import shm
-
             shm.remove(self.shm_path, self.pool)

@@ -22,9 +22,10 @@ from engine.kv.events import KVEventLog
 from services.kv_memory import shm
 from services.kv_memory.tier_policy import TierPolicy
 from services.kv_memory.tiered_store import build_store
-from services.transport import KVHandle, KVLayout, TransferError, make_transport
+from services.transport import KVHandle, KVLayout, TransferError
 from services.transport.block_copy import copy_blocks
 from services.transport.cuda_ipc import host_id
+from services.transport.factory import make_transport
 from services.transport.leases import LeaseTable
 
 NAMESPACE = "ridgeline"

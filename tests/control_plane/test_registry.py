@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from control_plane.membership import Registration, RegistryView
-from control_plane.registry import RegistryUnavailable, keys, open_registry, parse_url
+from control_plane.registry import RegistryUnavailable, keys, parse_url
+from control_plane.registry_etcd import open_registry
 from control_plane.registry_memory import MemoryRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +119,7 @@ def test_bad_registry_urls_are_named(url, message):
 _WORKER = textwrap.dedent("""
     import sys, time
     from control_plane.membership import Registration
-    from control_plane.registry import open_registry
+    from control_plane.registry_etcd import open_registry
     reg = Registration(lambda: open_registry(sys.argv[1]), sys.argv[2], {"pid": 0}, ttl_s=2)
     reg.start()
     while not reg.registered:

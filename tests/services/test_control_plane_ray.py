@@ -14,7 +14,8 @@ import httpx
 import pytest
 from ray_helpers import MODEL, POOL, app_config, pool_stats, wait_pools_idle
 
-from control_plane.registry import keys, open_registry
+from control_plane.registry import keys
+from control_plane.registry_etcd import open_registry
 
 pytestmark = pytest.mark.ray
 

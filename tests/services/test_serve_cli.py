@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from control_plane.registry import keys, open_registry
+from control_plane.registry import keys
+from control_plane.registry_etcd import open_registry
 from services.app import PoolConfig, _pool
 from services.decode import DecodeWorker
 from services.serve_cli import banner, config_for_argv

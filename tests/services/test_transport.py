@@ -9,8 +9,9 @@ import ray
 import torch
 from transport_owner import BLOCK_SHAPE, owner_pool, pull, serve
 
-from services.transport import KVLayout, TransferError, make_transport
+from services.transport import KVLayout, TransferError
 from services.transport.checksum import block_checksums
+from services.transport.factory import make_transport
 from services.transport.leases import LeaseTable
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # loopback only, in this process and the owner it spawns
