@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.results_io import write_result
 from engine import LLMEngine, SamplingParams
+from engine.request import EngineRequest
 from engine.tiny_model import make_tiny_model
 
 # a small model rather than the test-sized one, so the matmuls, not Python, dominate a step
@@ -46,7 +47,7 @@ def ours(path: str, prompts: list[list[int]], gen_len: int) -> dict:
     )
     params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.add_request(EngineRequest(str(i), p, params))
     t0 = time.perf_counter()
     engine.step()  # the whole batch's prompts in one step
     t1 = time.perf_counter()

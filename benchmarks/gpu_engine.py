@@ -20,6 +20,7 @@ import torch
 from benchmarks.gpu_floor import copy_bandwidth_GBps, matmul_TFLOPs
 from benchmarks.results_io import write_result
 from engine import LLMEngine, SamplingParams
+from engine.request import EngineRequest
 from engine.tiny_model import train_tokenizer
 
 LLAMA3_8B = {
@@ -129,7 +130,9 @@ def ours(
         for rid in ids:
             # final-only outputs, as LLM.generate asks for them
             engine.add_request(
-                rid, torch.randint(10, 128000, (context,), generator=gen).tolist(), params, stream=False
+                EngineRequest(
+                    rid, torch.randint(10, 128000, (context,), generator=gen).tolist(), params, stream=False
+                )
             )
         while (
             any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)

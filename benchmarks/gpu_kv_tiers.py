@@ -255,7 +255,8 @@ def ttft(
 ) -> list[dict]:
     from engine import LLMEngine, SamplingParams
     from engine.kv.block_hash import hash_extra, update_block_hashes
-    from engine.request import Request
+    from engine.llm_engine import ready_store
+    from engine.request import EngineRequest, Request
 
     longest = max(prompt_lens)
     num_blocks = longest // 16 + 4
@@ -282,7 +283,7 @@ def ttft(
         rid = f"r{time.monotonic_ns()}"
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        engine.add_request(rid, prompt, one, stream=False)
+        engine.add_request(EngineRequest(rid, prompt, one, stream=False))
         outs = []
         steps.clear()
         while engine.has_unfinished_requests():
@@ -319,7 +320,6 @@ def ttft(
         reference = None
         for tier in tiers:
             store = None
-            engine.detach_kv_store()
             if tier == "dram":
                 store = TieredKVStore(DramTier(2 * num_blocks, block_bytes, pin=True))
             elif tier.startswith("ssd"):
@@ -332,8 +332,7 @@ def ttft(
                         sync=False,
                     ),
                 )
-            if store is not None:
-                engine.attach_kv_store(store)
+            engine.replace_kv_store(None if store is None else ready_store(store))
             times, loads, tokens, computed = [], [], None, None
             for i in range(4 if tier == "ssd_auto" else 3):  # auto: a first round measures the disk
                 run(prompt)
@@ -379,7 +378,7 @@ def ttft(
                 }
             )
             if store is not None:
-                engine.detach_kv_store()
+                engine.replace_kv_store(None)
                 store.close()
         base = next(r["ttft_s"] for r in rows if r["prompt_len"] == prompt_len and r["tier"] == "recompute")
         for r in rows:

@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.results_io import write_result
 from engine import LLMEngine, SamplingParams
+from engine.request import EngineRequest
 
 STEPS = 12
 WARMUP = 6  # steps before timing each point: Triton compiles kernels for each new query shape
@@ -53,7 +54,9 @@ def measure(
     ids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in ids:
         engine.add_request(
-            rid, torch.randint(10, vocab - 10, (context,), generator=gen).tolist(), params, stream=False
+            EngineRequest(
+                rid, torch.randint(10, vocab - 10, (context,), generator=gen).tolist(), params, stream=False
+            )
         )
     while engine.scheduler.waiting or any(
         r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("ridgeline.engine")
@@ -83,7 +84,7 @@ class AsyncLLM:
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
 
         def add() -> None:
-            self.engine.add_request(request_id, prompt, params, stream=True, **request_options)
+            self.engine.add_request(EngineRequest(request_id, prompt, params, stream=True, **request_options))
             self._streams[request_id] = (loop, outputs)
 
         finished = False

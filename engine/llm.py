@@ -5,6 +5,7 @@ import itertools
 from engine.envs import default_model_path
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -47,19 +48,18 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
         priority = priority or [0] * len(prompts)
-        ids = []
-        try:
-            for prompt, p, prio in zip(prompts, params, priority, strict=True):
-                ids.append(f"offline-{next(self._ids)}")
-                self.engine.add_request(
-                    ids[-1], prompt, p, priority=prio, cache_salt=cache_salt, stream=False
-                )
-        except ValueError:
-            for rid in ids:
-                self.engine.abort_request(rid)
-            self._drain()
-            raise
-        return self._run(ids)
+        requests = [
+            EngineRequest(
+                f"offline-{next(self._ids)}",
+                prompt,
+                p or SamplingParams(),
+                priority=prio,
+                cache_salt=cache_salt,
+                stream=False,
+            )
+            for prompt, p, prio in zip(prompts, params, priority, strict=True)
+        ]
+        return self.engine.run(requests)
 
     def chat(
         self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, **kwargs
@@ -67,15 +67,3 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, sampling_params, **kwargs)
-
-    def _run(self, ids: list[str]) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return [done[rid] for rid in ids]
-
-    def _drain(self) -> None:
-        while self.engine.has_unfinished_requests():
-            self.engine.step()

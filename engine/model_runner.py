@@ -11,7 +11,7 @@ from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
 from engine.request import Request
 from engine.sampler import Sampler
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import Sampled, SchedulerOutput
 from engine.spec.verify import verify, verify_greedy
 
 
@@ -23,17 +23,6 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] rows of the flattened batch whose logits are sampled
     sample_requests: list[Request]  # one per request sampled
     num_drafts: list[int]  # per sampled request: drafted tokens verified (its rows: 1 + that many)
-
-
-@dataclass
-class Sampled:
-    """What one request got from a step: the new tokens (one, or the accepted drafts and one more)."""
-
-    request: Request
-    token_ids: list[int]
-    logprobs: list[dict[int, float] | None]
-    num_drafts: int = 0
-    num_accepted: int = 0
 
 
 class ModelRunner:

@@ -2,6 +2,7 @@
 
 import enum
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +26,29 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
         )
+
+
+@dataclass
+class EngineRequest:
+    """A request as a caller adds it (LLMEngine.add_request); the engine makes it n sequences.
+
+    `stream=False`: outputs only when finished, text decoded once at the end unless stop strings need it
+    earlier (LLM.generate). Disaggregated serving: `output_token_ids` resumes a request whose first tokens
+    another worker produced; `kv_computed_tokens` says the blocks reserved under its id already hold that
+    many tokens' KV; `hold_kv` keeps its blocks after it finishes until the KV handoff releases them.
+    """
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0
+    preemptible: bool = True
+    cache_salt: str | None = None
+    arrival_time: float | None = None
+    stream: bool = True
+    output_token_ids: list[int] = field(default_factory=list)
+    kv_computed_tokens: int = 0
+    hold_kv: bool = False
 
 
 class Request:

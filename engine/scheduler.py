@@ -1,4 +1,5 @@
-"""The scheduler: each step gives tokens to running requests first, then admits waiting ones.
+"""The scheduler: each step gives tokens to running requests first, then admits waiting ones; after the
+step, `update_from_output` advances what was computed and appends what was sampled.
 
 One loop serves every case: a decode is a request one token behind, a chunked prefill is a request many
 tokens behind, a prefix hit starts `num_computed_tokens` above zero.
@@ -6,11 +7,15 @@ tokens behind, a prefix hit starts `num_computed_tokens` above zero.
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.config import SchedulerConfig
+from engine.kv.block_hash import update_block_hashes
 from engine.kv.block_manager import BlockManager
+from engine.kv.offload import KVOffloader, NullOffloader
 from engine.request import Request, RequestStatus
 from engine.scheduling_policy import SchedulingPolicy, make_policy
+from engine.stats import EngineStats
 
 
 @dataclass
@@ -29,6 +34,25 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass
+class Sampled:
+    """What one request got from a step: the new tokens (one, or the accepted drafts and one more)."""
+
+    request: Request
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    num_drafts: int = 0
+    num_accepted: int = 0
+
+
+class StopChecker(Protocol):
+    """Stop strings are found in the text (engine/output_processor.py), token by token."""
+
+    def stop_string(self, req: Request) -> str | None: ...
+
+    def finalize(self, req: Request, ends_here: bool) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
@@ -36,17 +60,24 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         policy: SchedulingPolicy | None = None,
+        offloader: KVOffloader | NullOffloader | None = None,
+        stats: EngineStats | None = None,
+        max_spec_len: int = 0,
     ):
+        """offloader: loads prompt blocks that lower KV tiers hold (a NullOffloader: none); stats: counters
+        the update step keeps; max_spec_len: the most drafts a request's adaptive draft length reaches."""
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.policy = policy or make_policy(config.policy)
+        self.offloader = offloader or NullOffloader()
+        self.stats = stats or EngineStats()
+        self.max_spec_len = max_spec_len
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.prefix_lookup_blocks = 0  # full prompt blocks looked up in the prefix cache at first admission
         self.prefix_hit_blocks = 0  # ... and found there
-        self.offloader = None  # engine/kv/offload.py: loads prompt blocks held by lower KV tiers
         self.loading: dict[str, Request] = {}  # admitted, blocks allocated, waiting for a KV load
         self._abandoned: dict[str, Request] = {}  # aborted while loading: blocks freed when the load ends
 
@@ -62,7 +93,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        if self.offloader is not None and self.num_loading:
+        if self.num_loading:
             self._finish_loads()
         scheduled: dict[str, int] = {}  # request_id -> tokens, insertion-ordered
         budget = self.config.max_num_batched_tokens
@@ -134,7 +165,7 @@ class Scheduler:
             self.waiting.pop(0)
             if request.scheduled_wall is None:
                 request.scheduled_wall = time.time()
-            if self.offloader is not None and not handed_over:
+            if not handed_over:
                 loaded = self._load_lower_tiers(request, len(hits), num_new)
                 if loaded is None:  # a load runs; the request joins `running` when it is done
                     request.num_computed_tokens = num_hit_tokens
@@ -164,7 +195,9 @@ class Scheduler:
         if max_blocks <= 0:
             return 0
         block_ids = self.block_manager.block_ids(request.request_id)
-        ready = self.offloader.start_load(request, first_block, block_ids, max_blocks, bs)
+        ready = self.offloader.start_load(
+            request, first_block, block_ids, max_blocks, bs, self.block_manager.cached_block_id
+        )
         return None if ready is None else ready * bs
 
     def _finish_loads(self) -> None:
@@ -205,3 +238,80 @@ class Scheduler:
             return
         if not (request.hold_kv and status != RequestStatus.FINISHED_ABORTED):
             self.block_manager.free(request)
+
+    # -- after the step ---------------------------------------------------------------------------
+
+    def update_from_output(
+        self, sched: SchedulerOutput, sampled: list[Sampled], stops: StopChecker
+    ) -> list[tuple[Request, int, int]]:
+        """Advance what the step computed, then append what it sampled (accepting verified drafts and
+        finishing requests at a stop token, a stop string, max_tokens or the context's end). Returns
+        (request, prompt tokens, decode tokens) computed: what the step's time is charged by."""
+        split = self._advance(sched)
+        for s in sampled:
+            self._append_sampled(s, stops)
+        return split
+
+    def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int]]:
+        self.stats.steps += 1
+        split = []
+        for req, n in sched.scheduled:
+            prompt = min(n, max(req.num_prompt_tokens - req.num_computed_tokens, 0))
+            split.append((req, prompt, n - prompt))
+            self.stats.prompt_tokens_computed += prompt
+            self.stats.scheduled_tokens += n
+            # drafted positions count once verified (_append_sampled): only real tokens are computed here
+            req.num_computed_tokens += min(n, req.num_tokens - req.num_computed_tokens)
+            self.block_manager.cache_full_blocks(req)
+        return split
+
+    def _append_sampled(self, s: Sampled, stops: StopChecker) -> None:
+        """One request's new tokens; accepted drafts' KV (written this step) becomes valid."""
+        req = s.request
+        self.stats.sample_events += 1
+        if s.num_drafts:
+            self._adapt_draft_length(req, s.num_drafts, s.num_accepted)
+        for i, (token, logprobs) in enumerate(zip(s.token_ids, s.logprobs, strict=True)):
+            self._append_token(req, token, logprobs, stops)
+            if req.is_finished:
+                return
+            if i < s.num_accepted:  # this token was a draft: its KV is in place
+                req.num_computed_tokens += 1
+        if s.num_accepted:
+            self.block_manager.cache_full_blocks(req)
+
+    def _adapt_draft_length(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        """Longer after a full acceptance, shorter when most drafts fail."""
+        self.stats.spec_verifications += 1
+        self.stats.spec_draft_tokens += num_drafts
+        self.stats.spec_accepted_tokens += num_accepted
+        req.spec_token_ids = []
+        if num_accepted == num_drafts:
+            req.spec_len = min(req.spec_len + 1, self.max_spec_len)
+        elif 2 * num_accepted < num_drafts:
+            req.spec_len = max(req.spec_len - 1, 1)
+
+    def _append_token(
+        self, req: Request, token: int, logprobs: dict[int, float] | None, stops: StopChecker
+    ) -> None:
+        params = req.params
+        req.output_token_ids.append(token)
+        self.stats.generated_tokens += 1
+        update_block_hashes(req, self.block_manager.block_size)
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+            req.cumulative_logprob += logprobs[token]
+        ends_here = token in params.stop_token_ids or (token in req.eos_token_ids and not params.ignore_eos)
+        status = None
+        if ends_here:
+            status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token if token in params.stop_token_ids else None
+        elif (stop := stops.stop_string(req)) is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        elif (
+            params.max_tokens is not None and req.num_output_tokens >= params.max_tokens
+        ) or req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            stops.finalize(req, ends_here)
+            self.finish(req, status)

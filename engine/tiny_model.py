@@ -7,7 +7,7 @@ building the architecture from a config with a fixed seed, so our engine can be 
 import json
 from pathlib import Path
 
-from engine import envs
+from engine.envs import cache_dir
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
@@ -142,7 +142,7 @@ def make_tiny_model(
 def cached_tiny_model() -> Path:
     """A deterministic tiny random Llama made on first use in the cache directory (benchmarks of the serving
     machinery, where the model's text does not matter)."""
-    path = envs.cache_dir() / "models" / "tiny-llama-v1"
+    path = cache_dir() / "models" / "tiny-llama-v1"
     if not (path / "config.json").exists():
         tmp = path.with_name(path.name + ".tmp")
         make_tiny_model(tmp, "llama", seed=0)

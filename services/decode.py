@@ -13,7 +13,7 @@ from opentelemetry import trace
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from services.draft import RemoteDrafter
-from services.engine_worker import EngineWorker
+from services.engine_worker import EngineWorker, worker_labels
 from services.transport import KVHandle, TransferError
 from services.transport.faults import CorruptingTransport
 from services.worker_protocol import Delta, DeltaTracker, WorkerRequest
@@ -38,17 +38,17 @@ class DecodeWorker(EngineWorker):
         """worker_options: EngineWorker's (kv_tiers, pool_name, registry). spec: {"draft": a handle to the
         DraftWorker pool, "deadline_s": ..., "wait_s": ..., "pool": its name} drafts with a remote draft
         model (ngram drafting is an engine option)."""
-        super().__init__(model, engine_options, kv_transport, **worker_options)
-        self.draft_pool = spec["pool"] if spec is not None else ""
+        drafter = None
         if spec is not None:
-            self.engine.attach_drafter(
-                RemoteDrafter(
-                    spec["draft"],
-                    deadline_s=spec.get("deadline_s", 0.5),
-                    wait_s=spec.get("wait_s", 0.0),
-                    labels=self.metric_labels,
-                )
+            labels = worker_labels(model, self.role, worker_options)
+            drafter = RemoteDrafter(
+                spec["draft"],
+                deadline_s=spec.get("deadline_s", 0.5),
+                wait_s=spec.get("wait_s", 0.0),
+                labels=labels,
             )
+        super().__init__(model, engine_options, kv_transport, drafter=drafter, **worker_options)
+        self.draft_pool = spec["pool"] if spec is not None else ""
         if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
             self.transport = CorruptingTransport(self.transport, fault_corrupt_pulls)
         self.pull_attempts = pull_attempts
@@ -103,7 +103,7 @@ class DecodeWorker(EngineWorker):
                 yield tracker.delta(out)
         except BaseException:
             if computed:  # a rejected add leaves the pulled blocks unadopted
-                await asyncio.shield(self.llm.call(lambda e: e.free_reserved(req.request_id)))
+                await asyncio.shield(self.llm.call(lambda e: e.kv_handoff.free_reserved(req.request_id)))
             raise
 
     async def release(self, handle: KVHandle) -> None:
@@ -116,8 +116,10 @@ class DecodeWorker(EngineWorker):
         request_id, handle = req.request_id, req.kv_handle
         try:  # cancelled meanwhile: the reservation is freed and the owner told to free its blocks
             reserved = await self.llm.call(
-                lambda e: e.reserve_kv(request_id, handle.num_tokens, req.prompt_token_ids, req.cache_salt),
-                undo=lambda e, _: e.free_reserved(request_id),
+                lambda e: e.kv_handoff.reserve(
+                    request_id, handle.num_tokens, req.prompt_token_ids, req.cache_salt
+                ),
+                undo=lambda e, _: e.kv_handoff.free_reserved(request_id),
             )
         except asyncio.CancelledError:
             self.transport.release(handle)
@@ -160,7 +162,7 @@ class DecodeWorker(EngineWorker):
 
     async def _give_up(self, request_id: str, handle: KVHandle) -> None:
         self.transport.release(handle)
-        await self.llm.call(lambda e: e.free_reserved(request_id))
+        await self.llm.call(lambda e: e.kv_handoff.free_reserved(request_id))
 
 
 async def _uncancellable(coro) -> None:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from engine.llm_engine import LLMEngine
 from engine.outputs import ComputeUsage
 from engine.request import Request
 from engine.spec.draft_model import DraftModelDrafter
@@ -36,10 +37,13 @@ class DraftWorker:
     def __init__(self, model: str, engine_options: dict | None = None, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.drafter = DraftModelDrafter(model, **{"device": "cpu", **(engine_options or {})})
+        draft = LLMEngine.from_pretrained(
+            model, **{"device": "cpu", "enable_prefix_caching": True, **(engine_options or {})}
+        )
+        self.drafter = DraftModelDrafter(draft)
 
     async def info(self) -> dict:
-        engine = self.drafter.llm.engine
+        engine = self.drafter.engine
         return {"vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len}
 
     async def propose(self, jobs: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[ComputeUsage]]:

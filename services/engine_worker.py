@@ -2,6 +2,7 @@
 pool, the load report the router reads, and health. Plain classes: build_app() makes them Ray Serve
 deployments; tests may drive them directly."""
 
+import functools
 import os
 import socket
 import uuid
@@ -11,6 +12,7 @@ from opentelemetry import trace
 from control_plane.membership import Registration
 from control_plane.registry import keys
 from engine.async_llm import AsyncLLM
+from engine.spec.drafter import Drafter
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
 from observability.metrics_server import start_metrics_server
@@ -55,6 +57,12 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+def worker_labels(model: str, role: str, worker_options: dict) -> dict[str, str]:
+    """A worker's metric labels: its model's served name, its pool (default: its role), its role."""
+    model_name = worker_options.get("model_name") or os.path.basename(os.path.normpath(model))
+    return {"model": model_name, "pool": worker_options.get("pool_name") or role, "role": role}
+
+
 class EngineWorker:
     role = "worker"
 
@@ -68,30 +76,35 @@ class EngineWorker:
         registry: dict | None = None,
         model_name: str | None = None,
         metrics_token: str | None = None,
+        drafter: Drafter | None = None,
     ):
         """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
         keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
         "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease.
-        metrics_token: the bearer token this replica's metrics endpoint requires (the app's API key)."""
+        metrics_token: the bearer token this replica's metrics endpoint requires (the app's API key).
+        drafter: speculative decoding's proposer for this replica's engine (a remote draft pool)."""
         self.metrics_token = metrics_token
         tracing.configure(f"ridgeline-{self.role}")  # records spans only when OTEL_* names an exporter
         self.name = replica_name()
-        self.pool = pool_name or self.role
-        self.model_name = model_name or os.path.basename(os.path.normpath(model))
+        self.metric_labels = worker_labels(
+            model, self.role, {"pool_name": pool_name, "model_name": model_name}
+        )
+        self.pool, self.model_name = self.metric_labels["pool"], self.metric_labels["model"]
         self.registration = None
         self.metrics_server = None
-        self.llm = AsyncLLM.from_pretrained(model, **(engine_options or {}))
-        self.engine = self.llm.engine
         self.transport = make_transport(kv_transport)
-        self.transport.register(self.engine.kv_pool)
-        self.kv_store = None
-        if kv_tiers and kv_tiers.get("dram_blocks"):  # before any request: the engine thread is idle
-            self.kv_store = self._build_kv_store(dict(kv_tiers), kv_transport)
-            self.engine.attach_kv_store(self.kv_store)
+        tiers = dict(kv_tiers) if kv_tiers and kv_tiers.get("dram_blocks") else None
+        factory = functools.partial(self._kv_store_for, tiers, kv_transport) if tiers else None
+        self.llm = AsyncLLM.from_pretrained(
+            model, kv_store_factory=factory, drafter=drafter, **(engine_options or {})
+        )
+        self.engine = self.llm.engine
+        if factory is None:  # else the factory registered it, before building the tiers on it
+            self.transport.register(self.engine.kv_pool)
+        self.kv_store = self.engine.offloader.store  # None without tiers
 
         self.kv_feed = KVEventFeed(self.engine.kv_events, self._kv_snapshot)
-        self.metric_labels = {"model": self.model_name, "pool": self.pool, "role": self.role}
         self._metrics_token = register_worker(self.metric_labels, self._metrics_read)
         for metric in (KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES):  # known series start at 0, not absent
             metric.labels(**self.metric_labels, transport=self.transport.name)
@@ -109,8 +122,14 @@ class EngineWorker:
             "kv_leases_reclaimed": 0,
         }
 
-    def _build_kv_store(self, tiers: dict, kv_transport: str):
-        pool = self.engine.kv_pool
+    def _kv_store_for(self, tiers: dict, kv_transport: str, pool, events):
+        """The engine's kv_store_factory: the tiers below HBM for its pool, reporting into its event log."""
+        self.transport.register(pool)
+        store = self._build_kv_store(tiers, kv_transport, pool)
+        store.events = events
+        return store
+
+    def _build_kv_store(self, tiers: dict, kv_transport: str, pool):
         if tiers.pop("service", False):  # the node's shared KV memory service
             staging, use_shm = tiers.pop("staging_blocks", 64), tiers.pop("use_shm", True)
             service = connect(self.transport.layout, kv_transport=kv_transport, **tiers)
@@ -168,7 +187,7 @@ class EngineWorker:
         hit_blocks = {"hbm": sched.prefix_hit_blocks}
         moved: dict[tuple[str, str], int] = {}
         store, offloader = self.kv_store, engine.offloader
-        if store is not None and offloader is not None:
+        if store is not None:
             block_bytes = engine.kv_pool[0].numel() * engine.kv_pool.element_size()
             occupancy = store.occupancy() if hasattr(store, "occupancy") else {}
             for tier in ("dram", "ssd"):
@@ -315,8 +334,7 @@ class EngineWorker:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.shutdown()
-            if llm.engine.offloader is not None:
-                llm.engine.offloader.close()
+            llm.engine.offloader.close()
         store, self.kv_store = getattr(self, "kv_store", None), None
         if store is not None:
             store.close()

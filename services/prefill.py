@@ -86,38 +86,38 @@ class PrefillWorker(EngineWorker):
             if not handed_out:  # finished, failed or cancelled (at any await): the held KV goes back; a
                 # command that runs even though this task was cancelled, and a no-op for a running request
                 # (the stream's abort frees that one)
-                self.llm.submit(lambda e: e.release_kv(req.request_id))
+                self.llm.submit(lambda e: e.kv_handoff.release(req.request_id))
 
     def _hand_out(self, engine, request_id: str, num_tokens: int):
         """On the engine thread, in one command (each command is a hop that delays the first token): a
         handle to the held blocks, leased, or freed at once when the transport copied them out. Its
         checksums are a Triton kernel on GPU pools (~0.2 ms per 256 MiB) and CRC32 on host pools."""
         try:
-            handle = self.transport.handle(engine.held_kv(request_id), num_tokens)
+            handle = self.transport.handle(engine.kv_handoff.held(request_id), num_tokens)
         except BaseException:
-            engine.release_kv(request_id)
+            engine.kv_handoff.release(request_id)
             raise
         if self.transport.holds_source_blocks:
             self.leases.grant(handle.handle_id, request_id)
         else:
-            engine.release_kv(request_id)
+            engine.kv_handoff.release(request_id)
         return handle
 
     def _take_back(self, engine, handle) -> None:
         """On the engine thread: a handle whose caller went away before it got it is freed now, not when
         its lease runs out."""
         if (lease := self.leases.end(handle.handle_id)) is not None:
-            engine.release_kv(lease.request_id)
+            engine.kv_handoff.release(lease.request_id)
             self.counters["kv_leases_released"] += 1
 
     def _reap(self, engine) -> None:
         """On the engine thread: free blocks whose handle was released or whose lease ran out."""
         for handle_id in self.transport.take_released():
             if (lease := self.leases.end(handle_id)) is not None:
-                engine.release_kv(lease.request_id)
+                engine.kv_handoff.release(lease.request_id)
                 self.counters["kv_leases_released"] += 1
         for lease in self.leases.expired():
-            engine.release_kv(lease.request_id)
+            engine.kv_handoff.release(lease.request_id)
             self.counters["kv_leases_reclaimed"] += 1
 
     def _reap_loop(self, period_s: float, timeout_s: float) -> None:

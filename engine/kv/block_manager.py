@@ -1,6 +1,7 @@
 """Paged KV block allocation with reference counts and chained-hash prefix caching."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine.kv.events import KVEventLog
 from engine.kv.free_block_queue import FreeBlockQueue
@@ -14,6 +15,22 @@ class Block:
     block_hash: bytes | None = None  # set once the block is full and its KV computed
 
 
+class BlockListener(Protocol):
+    def on_cached(self, block_id: int, block_hash: bytes, priority: int) -> None: ...
+
+    def on_evict(self, block_id: int, block_hash: bytes, priority: int) -> None: ...
+
+
+class _Unheard:
+    """Nobody listens: blocks are cached and reused in HBM alone."""
+
+    def on_cached(self, block_id: int, block_hash: bytes, priority: int) -> None:
+        """No tier below."""
+
+    def on_evict(self, block_id: int, block_hash: bytes, priority: int) -> None:
+        """No tier below."""
+
+
 class BlockManager:
     """Owns the block ids of one KV pool.
 
@@ -22,7 +39,16 @@ class BlockManager:
     handed out again (LRU reuse). Only full, computed blocks are hashed; a block is shared read-only.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        events: KVEventLog | None = None,
+        listener: BlockListener | None = None,
+    ):
+        """events: where stored / removed hashes are recorded (bounded; a worker drains it); listener: told
+        when a block is cached or about to be reused (a KV offloader copies it down)."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks: got {num_blocks}, allowed >= 1")
         self.block_size = block_size
@@ -34,9 +60,13 @@ class BlockManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
-        self.on_evict = None  # callable(block_id, block_hash, priority), before an evicted block is reused
-        self.on_cached = None  # callable(block_id, block_hash, priority), when a computed block gets its hash
-        self.events: KVEventLog | None = None  # hashes stored in / removed from this pool
+        self.events = events or KVEventLog()
+        self.listener = listener or _Unheard()
+
+    def cached_block_id(self, block_hash: bytes) -> int | None:
+        """The block that holds this hash in the prefix cache, if any."""
+        block = self.cached.get(block_hash)
+        return None if block is None else block.block_id
 
     @property
     def num_free_blocks(self) -> int:
@@ -133,10 +163,8 @@ class BlockManager:
         if block.block_hash is not None:  # evict: its content is about to be overwritten
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
-                if self.events is not None:
-                    self.events.record("removed", "hbm", block.block_hash)
-                if self.on_evict is not None:
-                    self.on_evict(block.block_id, block.block_hash, priority or 0)
+                self.events.record("removed", "hbm", block.block_hash)
+                self.listener.on_evict(block.block_id, block.block_hash, priority or 0)
             block.block_hash = None
         block.ref_cnt = 1
         return block
@@ -153,10 +181,8 @@ class BlockManager:
             if block.block_hash is None and block_hash not in self.cached:
                 block.block_hash = block_hash
                 self.cached[block_hash] = block
-                if self.events is not None:
-                    self.events.record("stored", "hbm", block_hash)
-                if self.on_cached is not None:
-                    self.on_cached(block.block_id, block_hash, request.priority)
+                self.events.record("stored", "hbm", block_hash)
+                self.listener.on_cached(block.block_id, block_hash, request.priority)
         self.req_num_cached_blocks[request.request_id] = max(start, num_full)
 
     def free(self, request: Request) -> None:
@@ -176,9 +202,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         for block_hash, block in self.cached.items():
-            if self.on_evict is not None:  # a copy down may still read the block: order reuse after it
-                self.on_evict(block.block_id, block_hash, 0)
+            self.listener.on_evict(block.block_id, block_hash, 0)  # a copy down may still read it
             block.block_hash = None
-            if self.events is not None:
-                self.events.record("removed", "hbm", block_hash)
+            self.events.record("removed", "hbm", block_hash)
         self.cached.clear()

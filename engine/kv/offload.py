@@ -116,12 +116,9 @@ class _Load:
 
 
 class KVOffloader:
-    def __init__(self, store: KVStore, pool: torch.Tensor, hbm_lookup=None):
-        """hbm_lookup(block_hash) -> block id or None: blocks still cached in this pool past the prefix hit
-        (the prefix hit stops at the first miss) are copied from there rather than loaded or recomputed."""
+    def __init__(self, store: KVStore, pool: torch.Tensor):
         self.store = store
         self.pool = pool  # [num_blocks, *block_shape]
-        self.hbm_lookup = hbm_lookup
         self.stats = OffloadStats()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._finished: list[tuple[Request, int]] = []
@@ -235,16 +232,22 @@ class KVOffloader:
         self.stats.offloaded_blocks += 1
 
     def start_load(
-        self, request: Request, first: int, block_ids: list[int], max_blocks: int, block_size: int = 16
+        self,
+        request: Request,
+        first: int,
+        block_ids: list[int],
+        max_blocks: int,
+        block_size: int = 16,
+        hbm_lookup=lambda block_hash: None,
     ) -> int | None:
         """Plan filling the request's blocks first.. from HBM copies and the store. Returns the number of
         blocks ready now (all came from HBM or none is held anywhere), or None when a store load was
-        started: its result comes from `take_finished`."""
+        started: its result comes from `take_finished`. hbm_lookup(block_hash) -> block id or None: blocks
+        still cached in this pool past the prefix hit (which stops at the first miss) are copied from there
+        rather than loaded or recomputed."""
         hashes = request.block_hashes
         end = min(first + max_blocks, len(hashes), len(block_ids))
-        sources = [
-            self.hbm_lookup(hashes[i]) if self.hbm_lookup is not None else None for i in range(first, end)
-        ]
+        sources = [hbm_lookup(hashes[i]) for i in range(first, end)]
         store_index = [first + k for k, src in enumerate(sources) if src is None]
         held = self.store.lookup([hashes[i] for i in store_index]) if store_index else 0
         worth = self._worth_loading([hashes[i] for i in store_index[:held]], block_size) if held else 0
@@ -308,3 +311,48 @@ class KVOffloader:
             self._jobs.put(None)
             self._loader.join(timeout=30)
             self._loader = None
+
+
+class NullOffloader:
+    """No tier below HBM: nothing is written down, nothing is loaded (what an engine without a KVStore has,
+    so that nothing asks whether there is one)."""
+
+    store = None
+
+    def __init__(self):
+        self.stats = OffloadStats()
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Nothing to compare loading against."""
+
+    def write_through(self) -> None:
+        """Nothing to write."""
+
+    def on_cached(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        """Nothing to keep."""
+
+    def on_evict(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        """Nothing to keep."""
+
+    def start_load(
+        self,
+        request,
+        first: int,
+        block_ids: list[int],
+        max_blocks: int,
+        block_size: int = 16,
+        hbm_lookup=None,
+    ) -> int:
+        return 0  # no block of the prompt is held below HBM
+
+    def take_finished(self) -> list[tuple[Request, int]]:
+        return []
+
+    def wait(self, timeout_s: float) -> None:
+        """Never called: no load is ever in flight."""
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Nothing in flight."""
+
+    def close(self) -> None:
+        """Holds nothing."""

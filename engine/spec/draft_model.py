@@ -6,11 +6,11 @@ verify step; on CPU draft workers (services/draft.py) it answers the decode pool
 cache keeps each request's context, so a proposal computes only the tokens that arrived since the last one
 (plus the last partial block) and then k draft decode steps."""
 
+import itertools
 import math
 
-from engine.llm import LLM
 from engine.outputs import ComputeUsage
-from engine.request import Request
+from engine.request import EngineRequest, Request
 from engine.sampling_params import SamplingParams
 from engine.spec.drafter import Drafter
 
@@ -18,17 +18,17 @@ from engine.spec.drafter import Drafter
 class DraftModelDrafter(Drafter):
     name = "draft_model"
 
-    def __init__(self, model: str, vocab_size: int | None = None, **engine_options):
-        """engine_options: the draft engine's (device, dtype, num_blocks, max_num_seqs, ...); prefix caching
-        is on unless turned off. vocab_size: the target's, which the draft's must equal."""
-        self.llm = LLM(model, **{"enable_prefix_caching": True, **engine_options})
-        engine = self.llm.engine
+    def __init__(self, engine, vocab_size: int | None = None):
+        """engine: the draft checkpoint's LLMEngine (prefix caching on), built by the caller (the target's
+        engine, or a draft worker). vocab_size: the target's, which the draft's must equal."""
         if vocab_size is not None and engine.model_config.vocab_size != vocab_size:
             raise ValueError(
-                f"speculative_model: {model} has vocab_size {engine.model_config.vocab_size}, the "
-                f"target {vocab_size}; allowed: a draft with the target's tokenizer"
+                f"speculative_model: {engine.config.model} has vocab_size {engine.model_config.vocab_size}, "
+                f"the target {vocab_size}; allowed: a draft with the target's tokenizer"
             )
+        self.engine = engine
         self.max_model_len = engine.max_model_len
+        self._ids = itertools.count()
 
     @staticmethod
     def blocks_for(max_model_len: int, max_num_seqs: int, block_size: int) -> int:
@@ -54,7 +54,9 @@ class DraftModelDrafter(Drafter):
             return out, usage
         k = max(jobs[i][1] for i in live)
         params = SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True)
-        results = self.llm.generate([jobs[i][0] for i in live], params)
+        results = self.engine.run(
+            [EngineRequest(f"draft-{next(self._ids)}", jobs[i][0], params, stream=False) for i in live]
+        )
         for i, result in zip(live, results, strict=True):
             out[i], usage[i] = result.outputs[0].token_ids[: jobs[i][1]], result.compute
         return out, usage

@@ -25,8 +25,44 @@ class Drafter(ABC):
         """Drafts for a step's decoding requests (a remote drafter batches them); must not block for long."""
         return [self.propose(r, k) if k > 0 else [] for r, k in zip(requests, num_tokens, strict=True)]
 
+    def draft_for_step(
+        self, running: list[Request], k_max: int, max_batch_tokens: int, max_model_len: int
+    ) -> None:
+        """Drafts for the next step of every running request that is decoding (one token behind), each as
+        many as its adaptive length allows, unless the batch is past the point (`max_batch_tokens` of
+        verification) where verifying drafts costs as much as the tokens it saves."""
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        if len(decoding) * (k_max + 1) > max_batch_tokens:
+            for req in decoding:
+                req.spec_token_ids = []
+            return
+        wanted = []
+        for req in decoding:
+            if req.spec_len == 0:
+                req.spec_len = k_max
+            room = min(req.spec_len, max_model_len - req.num_tokens - 1)
+            if req.params.max_tokens is not None:  # the step emits the accepted drafts and one more
+                room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
+            wanted.append(max(room, 0))
+        for req, drafts in zip(decoding, self.propose_batch(decoding, wanted), strict=True):
+            req.spec_token_ids = drafts
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
+
+
+class NullDrafter(Drafter):
+    """No speculative decoding: nothing is drafted, and no step pays for drafting."""
+
+    name = "none"
+
+    def propose(self, request: Request, num_tokens: int) -> list[int]:
+        return []
+
+    def draft_for_step(
+        self, running: list[Request], k_max: int, max_batch_tokens: int, max_model_len: int
+    ) -> None:
+        return None
 
 
 class NgramDrafter(Drafter):

@@ -85,9 +85,10 @@ class _Worker:
 
     def add(self, request_id: str, prompt: list[int]) -> None:
         from engine import SamplingParams
+        from engine.request import EngineRequest
 
         self.engine.add_request(
-            request_id, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            EngineRequest(request_id, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         )
         self.running.append(request_id)
         self.prompt_tokens += len(prompt)

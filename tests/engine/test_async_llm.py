@@ -135,8 +135,8 @@ def test_an_undo_reverts_a_command_whose_caller_was_cancelled(async_llm):
     async def main():
         call = asyncio.create_task(
             async_llm.call(
-                lambda e: e.reserve_kv("reserved-then-cancelled", 64),
-                undo=lambda e, _: e.free_reserved("reserved-then-cancelled"),
+                lambda e: e.kv_handoff.reserve("reserved-then-cancelled", 64),
+                undo=lambda e, _: e.kv_handoff.free_reserved("reserved-then-cancelled"),
             )
         )
         await asyncio.sleep(0)  # submitted; cancelled before or while it runs

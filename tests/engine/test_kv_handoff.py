@@ -6,6 +6,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
+from engine.request import EngineRequest
 
 PROMPTS = [[5, 9, 13, 2, 7, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53], [8, 3, 99]]
 
@@ -20,16 +21,18 @@ def run(engine: LLMEngine) -> list:
 def handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], params: SamplingParams):
     """Prefill one token holding the KV, copy the blocks, resume on the decode engine."""
     first_params = SamplingParams(**{**params.__dict__, "max_tokens": 1})
-    prefill.add_request(rid, prompt, first_params, hold_kv=True)
+    prefill.add_request(EngineRequest(rid, prompt, first_params, hold_kv=True))
     (first,) = run(prefill)
-    src = prefill.held_kv(rid)
-    reserved = decode.reserve_kv(rid, len(prompt), prompt)
+    src = prefill.kv_handoff.held(rid)
+    reserved = decode.kv_handoff.reserve(rid, len(prompt), prompt)
     dst, skip = reserved.block_ids, reserved.num_cached_blocks
     assert len(src) == len(dst) == -(-len(prompt) // prefill.block_manager.block_size)
     decode.kv_pool[dst[skip:]] = prefill.kv_pool[src[skip:]]  # cached blocks already hold this KV
-    prefill.release_kv(rid)
+    prefill.kv_handoff.release(rid)
     decode.add_request(
-        rid, prompt, params, output_token_ids=first.outputs[0].token_ids, kv_computed_tokens=len(prompt)
+        EngineRequest(
+            rid, prompt, params, output_token_ids=first.outputs[0].token_ids, kv_computed_tokens=len(prompt)
+        )
     )
     (out,) = run(decode)
     return out
@@ -73,48 +76,54 @@ def test_decode_computes_only_new_tokens(engines):
 
 def test_held_blocks_stay_until_released(engines):
     prefill, _ = engines
-    prefill.add_request("r", PROMPTS[0], SamplingParams(max_tokens=1), hold_kv=True)
+    prefill.add_request(EngineRequest("r", PROMPTS[0], SamplingParams(max_tokens=1), hold_kv=True))
     run(prefill)
-    held = prefill.held_kv("r")
+    held = prefill.kv_handoff.held("r")
     assert len(held) == 2 and prefill.block_manager.num_free_blocks == 62
-    prefill.release_kv("r")
+    prefill.kv_handoff.release("r")
     assert prefill.block_manager.num_free_blocks == 64
 
 
 def test_aborted_hold_request_frees_blocks(engines):
     prefill, _ = engines
-    prefill.add_request("r", PROMPTS[0], SamplingParams(max_tokens=1), hold_kv=True)
+    prefill.add_request(EngineRequest("r", PROMPTS[0], SamplingParams(max_tokens=1), hold_kv=True))
     prefill.abort_request("r")
     run(prefill)
-    assert prefill.block_manager.num_free_blocks == 64 and prefill.held_kv("r") == []
+    assert prefill.block_manager.num_free_blocks == 64 and prefill.kv_handoff.held("r") == []
 
 
 def test_free_reserved_returns_blocks(engines):
     _, decode = engines
-    assert len(decode.reserve_kv("r", 40).block_ids) == 3
-    decode.free_reserved("r")
+    assert len(decode.kv_handoff.reserve("r", 40).block_ids) == 3
+    decode.kv_handoff.free_reserved("r")
     assert decode.block_manager.num_free_blocks == 64
 
 
 def test_reserve_fails_cleanly_when_memory_is_short(engines):
     _, decode = engines
-    assert decode.reserve_kv("big", 64 * 16 + 1) is None
+    assert decode.kv_handoff.reserve("big", 64 * 16 + 1) is None
     assert decode.block_manager.num_free_blocks == 64
 
 
 def test_bad_handoff_arguments(engines):
     _, decode = engines
     with pytest.raises(ValueError, match="kv_computed_tokens"):
-        decode.add_request("r", PROMPTS[1], SamplingParams(), output_token_ids=[4], kv_computed_tokens=3)
-    decode.reserve_kv("r2", 3)
+        decode.add_request(
+            EngineRequest("r", PROMPTS[1], SamplingParams(), output_token_ids=[4], kv_computed_tokens=3)
+        )
+    decode.kv_handoff.reserve("r2", 3)
     with pytest.raises(ValueError, match="kv_computed_tokens"):
-        decode.add_request("r2", PROMPTS[1], SamplingParams(), output_token_ids=[4], kv_computed_tokens=4)
+        decode.add_request(
+            EngineRequest("r2", PROMPTS[1], SamplingParams(), output_token_ids=[4], kv_computed_tokens=4)
+        )
     with pytest.raises(ValueError, match="n:"):
-        decode.add_request("r3", PROMPTS[1], SamplingParams(n=2), output_token_ids=[4])
+        decode.add_request(EngineRequest("r3", PROMPTS[1], SamplingParams(n=2), output_token_ids=[4]))
     with pytest.raises(ValueError, match="max_tokens"):
-        decode.add_request("r4", PROMPTS[1], SamplingParams(max_tokens=1), output_token_ids=[4])
+        decode.add_request(
+            EngineRequest("r4", PROMPTS[1], SamplingParams(max_tokens=1), output_token_ids=[4])
+        )
     with pytest.raises(ValueError, match="num_tokens"):
-        decode.reserve_kv("r5", 0)
+        decode.kv_handoff.reserve("r5", 0)
     assert torch.all(decode.kv_pool == 0)  # nothing was computed by rejected requests
 
 
@@ -125,9 +134,9 @@ def test_decode_reuses_its_cached_prefix_and_pulls_only_the_rest(llama):
     shared = list(range(40, 72))  # two full blocks
     first, second = shared + [5, 6, 7], shared + [9, 10, 11, 12, 13]
     handoff(prefill, decode, "a", first, params)
-    reserved = decode.reserve_kv("probe", len(second), second)
+    reserved = decode.kv_handoff.reserve("probe", len(second), second)
     assert reserved.num_cached_blocks == 2  # the shared blocks stayed cached after "a" finished
-    decode.free_reserved("probe")
+    decode.kv_handoff.free_reserved("probe")
     got = handoff(prefill, decode, "b", second, params).outputs[0].token_ids
     want = LLM(llama, num_blocks=64).generate([second], params)[0].outputs[0].token_ids
     assert got == want
@@ -136,7 +145,11 @@ def test_decode_reuses_its_cached_prefix_and_pulls_only_the_rest(llama):
 def test_cache_salt_keeps_tenants_apart_on_reuse(llama):
     decode = LLMEngine.from_pretrained(llama, num_blocks=64)
     prompt = list(range(40, 75))
-    decode.add_request("warm", prompt, SamplingParams(max_tokens=1), cache_salt="tenant-a")
+    decode.add_request(EngineRequest("warm", prompt, SamplingParams(max_tokens=1), cache_salt="tenant-a"))
     run(decode)
-    assert decode.reserve_kv("same", len(prompt), prompt, cache_salt="tenant-a").num_cached_blocks == 2
-    assert decode.reserve_kv("other", len(prompt), prompt, cache_salt="tenant-b").num_cached_blocks == 0
+    assert (
+        decode.kv_handoff.reserve("same", len(prompt), prompt, cache_salt="tenant-a").num_cached_blocks == 2
+    )
+    assert (
+        decode.kv_handoff.reserve("other", len(prompt), prompt, cache_salt="tenant-b").num_cached_blocks == 0
+    )

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLMEngine, SamplingParams
+from engine.request import EngineRequest
 from engine.tiny_model import ARCHS
 
 ATOL = 1e-4
@@ -13,7 +14,7 @@ ATOL = 1e-4
 def _our_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
     """Every position's logits for all prompts, scheduled together as one flattened batch."""
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=1))
+        engine.add_request(EngineRequest(str(i), p, SamplingParams(max_tokens=1)))
     sched = engine.scheduler.schedule()
     assert len(sched.scheduled) == len(prompts)
     inputs = engine.runner.prepare(sched)
@@ -55,7 +56,7 @@ def test_logits_match_with_chunks_and_cached_context(tiny_model):
         return hidden
 
     engine.runner.forward = recording_forward
-    engine.add_request("r", prompt, SamplingParams(max_tokens=1))
+    engine.add_request(EngineRequest("r", prompt, SamplingParams(max_tokens=1)))
     while engine.has_unfinished_requests():
         engine.step()
     assert [p.shape[0] for p in pieces] == [13, 13, 11]

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
+from engine.request import EngineRequest
 from engine.sampler import apply_filters
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42]]
@@ -156,7 +157,7 @@ def test_streamed_outputs_grow_to_the_final_only_output(llm):
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     final = llm.generate(PROMPTS[1], params)[0].outputs[0]
     engine = llm.engine
-    engine.add_request("streamed", PROMPTS[1], params, stream=True)
+    engine.add_request(EngineRequest("streamed", PROMPTS[1], params, stream=True))
     seen = []
     while engine.has_unfinished_requests():
         seen += [o.outputs[0] for o in engine.step()]

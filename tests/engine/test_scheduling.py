@@ -3,7 +3,7 @@
 import torch
 
 from engine import LLM, SamplingParams
-from engine.request import RequestStatus
+from engine.request import EngineRequest, RequestStatus
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -45,34 +45,6 @@ def test_preemption_under_a_tiny_pool_gives_the_same_tokens(llama):
     assert llm.engine.block_manager.num_free_blocks == 9
 
 
-def test_step_respects_token_budget_and_max_num_seqs(llama):
-    llm = LLM(llama, num_blocks=128, max_num_batched_tokens=16, max_num_seqs=3)
-    engine = llm.engine
-    seen = []
-    schedule = engine.scheduler.schedule
-
-    def recording_schedule():
-        out = schedule()
-        seen.append((out.num_scheduled_tokens, len(engine.scheduler.running)))
-        return out
-
-    engine.scheduler.schedule = recording_schedule
-    outs = llm.generate(_prompts(5), GREEDY)
-    assert all(o.finished and len(o.outputs[0].token_ids) == 24 for o in outs)
-    assert max(tokens for tokens, _ in seen) == 16
-    assert max(running for _, running in seen) == 3
-
-
-def test_decode_and_prefill_share_a_step(llama):
-    llm = LLM(llama, num_blocks=128, max_num_batched_tokens=64)
-    engine = llm.engine
-    engine.add_request("a", _prompts()[0], GREEDY)
-    engine.step()  # a is prefilled and now decodes
-    engine.add_request("b", _prompts()[3], GREEDY)
-    sched = engine.scheduler.schedule()
-    assert {r.request_id: n for r, n in sched.scheduled} == {"a": 1, "b": 50}
-
-
 def test_priority_policy_serves_lower_value_first_and_preempts_for_it(llama):
     llm = LLM(
         llama,
@@ -83,9 +55,9 @@ def test_priority_policy_serves_lower_value_first_and_preempts_for_it(llama):
     )
     engine = llm.engine
     long_params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    engine.add_request("background", _prompts()[2], long_params, priority=10)
+    engine.add_request(EngineRequest("background", _prompts()[2], long_params, priority=10))
     engine.step()
-    engine.add_request("urgent", _prompts()[3], long_params, priority=0)
+    engine.add_request(EngineRequest("urgent", _prompts()[3], long_params, priority=0))
     engine.step()  # urgent's 50 tokens need 4 blocks; background holds 3 of 6: it must give way
     states = {r.request_id: r.status for r in engine.scheduler.running + engine.scheduler.waiting}
     assert states["urgent"] == RequestStatus.RUNNING
@@ -100,16 +72,16 @@ def test_a_higher_class_takes_a_full_batch_slot_from_a_preemptible_lower_one(lla
     llm = LLM(llama, num_blocks=64, scheduling_policy="priority", max_num_seqs=2)
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    engine.add_request("batch-a", _prompts()[0], params, priority=2)
-    engine.add_request("pinned", _prompts()[1], params, priority=2, preemptible=False)
+    engine.add_request(EngineRequest("batch-a", _prompts()[0], params, priority=2))
+    engine.add_request(EngineRequest("pinned", _prompts()[1], params, priority=2, preemptible=False))
     engine.step()
-    engine.add_request("interactive", _prompts()[2], params, priority=0)
+    engine.add_request(EngineRequest("interactive", _prompts()[2], params, priority=0))
     engine.step()  # both slots taken: the preemptible batch request gives up its slot, the pinned one keeps it
     running = {r.request_id for r in engine.scheduler.running}
     assert running == {"pinned", "interactive"}
     assert engine.scheduler.waiting[0].request_id == "batch-a"
     assert engine.scheduler.waiting[0].status == RequestStatus.PREEMPTED
-    engine.add_request("interactive-2", _prompts()[3], params, priority=0)
+    engine.add_request(EngineRequest("interactive-2", _prompts()[3], params, priority=0))
     engine.step()  # nothing left that may be preempted for it: it waits
     assert {r.request_id for r in engine.scheduler.running} == running
     outs = {}
@@ -142,9 +114,9 @@ def test_fcfs_never_preempts_a_running_request_for_a_newcomer(llama):
     llm = LLM(llama, num_blocks=6, enable_prefix_caching=False)
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    engine.add_request("first", _prompts()[2], params, priority=10)
+    engine.add_request(EngineRequest("first", _prompts()[2], params, priority=10))
     engine.step()
-    engine.add_request("second", _prompts()[3], params, priority=0)
+    engine.add_request(EngineRequest("second", _prompts()[3], params, priority=0))
     engine.step()
     assert [r.request_id for r in engine.scheduler.running] == ["first"]
 
@@ -152,7 +124,7 @@ def test_fcfs_never_preempts_a_running_request_for_a_newcomer(llama):
 def test_abort_frees_blocks_and_reports_abort(llama):
     llm = LLM(llama, num_blocks=32)
     engine = llm.engine
-    engine.add_request("x", _prompts()[3], GREEDY)
+    engine.add_request(EngineRequest("x", _prompts()[3], GREEDY))
     engine.step()
     assert engine.block_manager.num_free_blocks < 32
     engine.abort_request("x")

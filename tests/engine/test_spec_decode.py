@@ -144,7 +144,7 @@ def test_a_draft_model_in_process_never_changes_outputs(tiny_model, llama):
     assert all(len(t) == 20 for t in sampled)
     for llm in (same, other):
         assert llm.engine.block_manager.num_free_blocks == 128
-        draft = llm.engine.drafter.llm.engine
+        draft = llm.engine.drafter.engine
         assert not draft.has_unfinished_requests() and draft.device == llm.engine.device
 
 

@@ -285,8 +285,10 @@ def test_with_hbm_full_batch_blocks_are_offloaded_before_interactive_ones(llama)
     ]
 
     def hashes(prompt):
-        probe = engine.reserve_kv("probe", len(prompt), prompt)  # reports HBM hits without keeping them
-        engine.free_reserved("probe")
+        probe = engine.kv_handoff.reserve(
+            "probe", len(prompt), prompt
+        )  # reports HBM hits without keeping them
+        engine.kv_handoff.free_reserved("probe")
         return probe.num_cached_blocks
 
     # the batch prompt's two tail blocks left HBM (tail first), already in DRAM (written through after
@@ -369,7 +371,7 @@ class _GatedStore(TieredKVStore):
 
 def test_engine_steps_other_requests_while_a_kv_load_runs_and_abort_frees_its_blocks(llama):
     from engine import LLM, SamplingParams
-    from engine.request import RequestStatus
+    from engine.request import EngineRequest, RequestStatus
 
     store = _GatedStore(DramTier(64, _block_bytes(llama), pin=False))
     store.gate.set()
@@ -380,11 +382,13 @@ def test_engine_steps_other_requests_while_a_kv_load_runs_and_abort_frees_its_bl
     llm.generate([prompt], params)
     llm.generate([list(range(200, 200 + 7 * 16))], params)  # the prompt's 5 blocks go to DRAM
     store.gate.clear()
-    engine.add_request("slow", prompt, params)
+    engine.add_request(EngineRequest("slow", prompt, params))
     engine.step()
     assert engine.scheduler.loading["slow"].status is RequestStatus.LOADING_KV
     engine.add_request(
-        "other", list(range(300, 310)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        EngineRequest(
+            "other", list(range(300, 310)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        )
     )
     finished = []
     for _ in range(50):  # the other request runs to completion while the load is stuck
