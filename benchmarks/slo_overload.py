@@ -101,9 +101,9 @@ def summarize(results: list[dict], duration_s: float) -> dict:
 def run_config(
     model: str, schedule, duration_s: float, with_classes: bool, lengths: dict, max_num_seqs: int
 ) -> dict:
+    from benchmarks.local_http import serve_in_thread
     from engine.async_llm import AsyncLLM
     from services.frontend import build_frontend
-    from services.local_http import serve_in_thread
 
     llm = AsyncLLM.from_pretrained(
         model,

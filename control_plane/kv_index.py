@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-TIERS = ("hbm", "dram", "ssd")  # fastest first
+from control_plane.tiers import TIERS
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,6 @@ def _backoff(failures: int) -> float:
     return _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
 
 
-# app name -> the view of its registry kept by this process's frontend; the request routers running in the
-# same process read it to skip replicas whose registration lapsed
-VIEWS: dict[str, "RegistryView"] = {}
-
-
 class _LoopThread:
     """A daemon thread running `main()` on its own event loop until stop()."""
 

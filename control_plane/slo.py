@@ -6,7 +6,15 @@ preempted. A request names its class with the `x-slo-class` header, or with the 
 import math
 from dataclasses import dataclass
 
-TIERS = ("hbm", "dram", "ssd")
+from control_plane.tiers import TIERS
+
+
+class SLOClassError(ValueError):
+    """A request's class cannot be resolved; `parameter` is the field or header that named it."""
+
+    def __init__(self, parameter: str, detail: str):
+        super().__init__(f"{parameter}: {detail}")
+        self.parameter = parameter
 
 
 @dataclass(frozen=True)
@@ -52,16 +60,16 @@ class SLOTable:
         if header is not None:
             by_header = self.by_name.get(header.strip().lower())
             if by_header is None:
-                raise ValueError(f"x-slo-class: got {header!r}, allowed {', '.join(self.by_name)}")
+                raise SLOClassError("x-slo-class", f"got {header!r}, allowed {', '.join(self.by_name)}")
         by_priority = None
         if priority is not None:
             by_priority = self.by_priority.get(priority)
             if by_priority is None:
                 allowed = ", ".join(f"{p} ({c.name})" for p, c in sorted(self.by_priority.items()))
-                raise ValueError(f"priority: got {priority}, allowed {allowed}")
+                raise SLOClassError("priority", f"got {priority}, allowed {allowed}")
         if by_header is not None and by_priority is not None and by_header is not by_priority:
-            raise ValueError(
-                f"priority: {priority} is class {by_priority.name}, but x-slo-class says {by_header.name}"
+            raise SLOClassError(
+                "priority", f"{priority} is class {by_priority.name}, but x-slo-class says {by_header.name}"
             )
         return by_header or by_priority or self.default
 

@@ -72,13 +72,24 @@ class AsyncLLM:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
-        slo_class: str | None = None,
+        *,
+        cache_salt: str | None = None,
+        priority: int = 0,
+        preemptible: bool = True,
+        slo_class: str = "standard",
         trace_context: dict | None = None,
-        **request_options,
+        **handoff,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request until it finishes. Bad input raises ValueError at once.
-        `slo_class` and `trace_context` are the serving layer's (the engine schedules by `priority` and opens
-        no spans); they are accepted so that this and the Ray pools' client take the same call."""
+        """Cumulative outputs of one request until it finishes (engine/protocol.py:EngineClient). Bad input
+        raises ValueError at once. `slo_class` and `trace_context` are the serving layer's (the engine
+        schedules by `priority` and opens no spans). handoff: EngineRequest's disaggregated-serving fields
+        (hold_kv, output_token_ids, kv_computed_tokens), for the workers."""
+        request_options = {
+            "cache_salt": cache_salt,
+            "priority": priority,
+            "preemptible": preemptible,
+            **handoff,
+        }
         if self._error is not None:
             raise EngineDeadError(f"engine step loop failed: {self._error!r}")
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
@@ -155,6 +166,7 @@ class AsyncLLM:
         self._submit(drop)
 
     def num_unfinished(self) -> int:
+        """Streams not finished (engine/protocol.py:EngineClient)."""
         return len(self._streams)
 
     def shutdown(self) -> None:

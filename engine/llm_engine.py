@@ -17,6 +17,7 @@ from engine.attention.backend import default_backend
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.envs import default_device
+from engine.errors import ParameterError
 from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
 from engine.kv.events import KVEventLog
@@ -41,13 +42,14 @@ KVStoreFactory = Callable[[torch.Tensor, KVEventLog], KVStore]
 def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
     """ValueError for an empty prompt, token ids outside the vocabulary, or no room to generate."""
     if not prompt_ids:
-        raise ValueError("prompt: must not be empty")
+        raise ParameterError("prompt", "must not be empty")
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
-        raise ValueError(f"prompt: token ids must be integers in [0, {vocab_size})")
+        raise ParameterError("prompt", f"token ids must be integers in [0, {vocab_size})")
     if len(prompt_ids) >= max_model_len:
-        raise ValueError(
-            f"prompt: {len(prompt_ids)} tokens, but the context holds {max_model_len} "
-            f"(max_model_len) including at least one generated token"
+        raise ParameterError(
+            "prompt",
+            f"{len(prompt_ids)} tokens, but the context holds {max_model_len} (max_model_len) including at "
+            "least one generated token",
         )
 
 
@@ -95,7 +97,9 @@ class LLMEngine:
             config, self.model_config.vocab_size, self.device, self.max_model_len
         )
         if not isinstance(self.drafter, NullDrafter) and config.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens: got {config.num_speculative_tokens}, allowed >= 1")
+            raise ParameterError(
+                "num_speculative_tokens", f"got {config.num_speculative_tokens}, allowed >= 1"
+            )
         cache = config.cache
         num_blocks = num_blocks_for(cache, self.model_config, self.dtype, self.device)
         self.kv_pool = allocate_kv_pool(
@@ -146,14 +150,16 @@ class LLMEngine:
         limit = self.model_config.max_position_embeddings
         wanted = self.config.max_model_len or limit
         if not 1 <= wanted <= limit:
-            raise ValueError(f"max_model_len: got {wanted}, allowed 1..{limit} (max_position_embeddings)")
+            raise ParameterError(
+                "max_model_len", f"got {wanted}, allowed 1..{limit} (max_position_embeddings)"
+            )
         return wanted
 
     def _offloader(self, factory: KVStoreFactory | None) -> KVOffloader | NullOffloader:
         if factory is None:
             return NullOffloader()
         if not self.config.cache.enable_prefix_caching:
-            raise ValueError("kv_store: needs enable_prefix_caching (blocks are found by their hashes)")
+            raise ParameterError("kv_store", "needs enable_prefix_caching (blocks are found by their hashes)")
         return KVOffloader(factory(self.kv_pool, self.kv_events), self.kv_pool)
 
     def replace_kv_store(self, factory: KVStoreFactory | None) -> None:
@@ -194,9 +200,9 @@ class LLMEngine:
         """Queue a request; ValueError (naming the field) for bad input, before anything is queued."""
         params, rid = request.params, request.request_id
         if rid in self.outputs:
-            raise ValueError(f"request_id: {rid!r} is already in use")
+            raise ParameterError("request_id", f"{rid!r} is already in use")
         if not request.prompt:
-            raise ValueError("prompt: must not be empty")
+            raise ParameterError("prompt", "must not be empty")
         prompt = request.prompt
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         resumed = list(request.output_token_ids)
@@ -220,13 +226,14 @@ class LLMEngine:
         )
         need = -(-max_len // self.block_manager.block_size)
         if need > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt: with max_tokens it needs {need} KV blocks, the pool has {self.block_manager.num_blocks}"
+            raise ParameterError(
+                "prompt",
+                f"with max_tokens it needs {need} KV blocks, the pool has {self.block_manager.num_blocks}",
             )
         if (resumed or request.hold_kv) and params.n != 1:
-            raise ValueError("n: resuming a request or holding its KV needs n == 1")
+            raise ParameterError("n", "resuming a request or holding its KV needs n == 1")
         if params.max_tokens is not None and len(resumed) >= params.max_tokens:
-            raise ValueError(f"output_token_ids: {len(resumed)} tokens already reach max_tokens")
+            raise ParameterError("output_token_ids", f"{len(resumed)} tokens already reach max_tokens")
         self.kv_handoff.check_reserved(
             request.request_id, request.kv_computed_tokens, len(prompt_ids) + len(resumed)
         )
@@ -324,10 +331,14 @@ def build_drafter(config: EngineConfig, vocab_size: int, device: torch.device, m
         return NullDrafter()
     if method != "draft_model":
         if config.speculative_model:
-            raise ValueError(f"speculative_model: only with speculative_method draft_model, not {method!r}")
+            raise ParameterError(
+                "speculative_model", f"only with speculative_method draft_model, not {method!r}"
+            )
         return make_drafter(method, ngram_min=config.spec_ngram_min, ngram_max=config.spec_ngram_max)
     if not config.speculative_model:
-        raise ValueError("speculative_model: needed by speculative_method draft_model (a draft checkpoint)")
+        raise ParameterError(
+            "speculative_model", "needed by speculative_method draft_model (a draft checkpoint)"
+        )
     block_size, seqs = config.cache.block_size, config.scheduler.max_num_seqs
     draft = LLMEngine.from_pretrained(
         config.speculative_model,

@@ -4,6 +4,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from engine.errors import ParameterError
+
 MAX_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's _SAMPLING_EPS)
 MIN_SAMPLING_TEMPERATURE = 1e-2  # lower ones overflow the tempered logits; raised to this (vLLM's _MAX_TEMP)
@@ -56,7 +58,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"{name}: got {getattr(self, name)!r}, allowed {allowed}")
+            return ParameterError(name, f"got {getattr(self, name)!r}, allowed {allowed}")
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "an integer >= 1")

@@ -9,6 +9,8 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.errors import ParameterError
+
 # a longer text is tokenized without holding the GIL (seconds for megabytes: other threads must run)
 _GIL_FREE_ABOVE_CHARS = 16_384
 
@@ -26,7 +28,7 @@ class Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.exists():
-            raise ValueError(f"model: {model_dir} has no tokenizer.json")
+            raise ParameterError("model", f"{model_dir} has no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(path))
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
@@ -68,9 +70,9 @@ class Tokenizer:
         self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True
     ):
         if self._template is None:
-            raise ValueError("messages: this model's tokenizer_config.json has no chat_template")
+            raise ParameterError("messages", "this model's tokenizer_config.json has no chat_template")
         if not messages or any(not isinstance(m, dict) or "role" not in m for m in messages):
-            raise ValueError("messages: a non-empty list of {'role': ..., 'content': ...} objects")
+            raise ParameterError("messages", "a non-empty list of {'role': ..., 'content': ...} objects")
         text = self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from control_plane import membership
 from control_plane.admission import AdmissionController
 from control_plane.concurrency_limit import ConcurrencyLimit
 from control_plane.cost import default_price_per_hour
@@ -211,7 +210,6 @@ class ServeConfig(BaseModel):
     max_inflight: int = Field(default=256, ge=1)
     frontend_num_cpus: float = Field(default=0.5, ge=0)
     max_migrations: int = Field(default=3, ge=0)
-    fault_corrupt_pulls: int = Field(default=0, ge=0, description="tests only: corrupt the first N KV pulls")
     expose_worker_addresses: bool = Field(
         default=False,
         description="/v1/pools shows each worker's pid, host, "
@@ -332,7 +330,6 @@ class OpenAIIngress:
         self._membership.append(view)
         for part in self._membership:
             part.start()
-        membership.VIEWS[self.app_name] = view  # the request routers in this process read it
         return view
 
     async def __serve_build_asgi_app__(self):
@@ -431,9 +428,12 @@ _ROUTERS = {
 }
 
 
-def _router_config(router: str) -> RequestRouterConfig:
+def _router_config(router: str, registry: dict) -> RequestRouterConfig:
+    """registry: {"url": ..., "app": ...}: the routers follow the registry (services/routing.py) through
+    Serve's request-router state hook."""
     return RequestRouterConfig(
         request_router_class=_ROUTERS[router],
+        request_router_kwargs={"registry_url": registry["url"], "registry_app": registry["app"]},
         request_routing_stats_period_s=0.5,
         request_routing_stats_timeout_s=5,
     )
@@ -453,14 +453,21 @@ def _actor_options(
     return options
 
 
-def _pool(cls: type, name: str, pool: PoolConfig, router: str = "least_loaded", env: dict | None = None):
+def _pool(
+    cls: type,
+    name: str,
+    pool: PoolConfig,
+    registry: dict,
+    router: str = "least_loaded",
+    env: dict | None = None,
+):
     scale = {"autoscaling_config": pool.autoscaling} if pool.autoscaling else {"num_replicas": pool.replicas}
     return serve.deployment(
         cls,
         name=name,
         max_ongoing_requests=pool.max_ongoing_requests,
         ray_actor_options=_actor_options(pool.num_cpus, pool.num_gpus, env, pool.ray_resources),
-        request_router_config=_router_config(router),
+        request_router_config=_router_config(router, registry),
         health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
         **scale,
@@ -518,13 +525,17 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
         ).bind(d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
         spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s, "pool": "draft"}
     decode = _pool(
-        worker_class(decode_pool, DecodeWorker), "DecodeWorker", decode_pool, decode_router, config.env
+        worker_class(decode_pool, DecodeWorker),
+        "DecodeWorker",
+        decode_pool,
+        registry,
+        decode_router,
+        config.env,
     ).bind(
         config.model,
         decode_engine,
         config.kv_transport,
         pull_timeout_s=config.kv_pull_timeout_s,
-        fault_corrupt_pulls=config.fault_corrupt_pulls,
         spec=spec,
         **worker_options("decode"),
     )
@@ -535,6 +546,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
             worker_class(prefill_pool, PrefillWorker),
             "PrefillWorker",
             prefill_pool,
+            registry,
             prefill_router,
             config.env,
         ).bind(

@@ -15,7 +15,6 @@ from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TR
 from services.draft import RemoteDrafter
 from services.engine_worker import EngineWorker, worker_labels
 from services.transport import KVHandle, TransferError
-from services.transport.faults import CorruptingTransport
 from services.worker_protocol import Delta, DeltaTracker, WorkerRequest
 
 logger = logging.getLogger("ridgeline.decode")
@@ -31,7 +30,6 @@ class DecodeWorker(EngineWorker):
         kv_transport: str = "auto",
         pull_attempts: int = 3,
         pull_timeout_s: float = 30.0,
-        fault_corrupt_pulls: int = 0,
         spec: dict | None = None,
         **worker_options,
     ):
@@ -49,8 +47,6 @@ class DecodeWorker(EngineWorker):
             )
         super().__init__(model, engine_options, kv_transport, drafter=drafter, **worker_options)
         self.draft_pool = spec["pool"] if spec is not None else ""
-        if fault_corrupt_pulls:  # fault injection for tests: the first N pulls land corrupted
-            self.transport = CorruptingTransport(self.transport, fault_corrupt_pulls)
         self.pull_attempts = pull_attempts
         self.pull_timeout_s = pull_timeout_s
 

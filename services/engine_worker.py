@@ -284,9 +284,9 @@ class EngineWorker:
         out = {"hbm": list(self.engine.block_manager.cached)}
         store = self.kv_store
         if store is not None and hasattr(store, "dram"):
-            out["dram"] = list(store.dram._slots)
+            out["dram"] = store.dram.hashes()
             if store.ssd is not None:
-                out["ssd"] = list(store.ssd._entries)
+                out["ssd"] = store.ssd.hashes()
         return out
 
     def record_routing_stats(self) -> dict:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.errors import ParameterError
 from engine.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 
 
@@ -52,15 +53,17 @@ class SamplingFields(BaseModel):
         neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
         for name, value in neutral.items():
             if getattr(self, name) != value:
-                raise ValueError(f"{name}: not supported yet (only {value:g}); it would be silently ignored")
+                raise ParameterError(
+                    name, f"not supported yet (only {value:g}); it would be silently ignored"
+                )
         if self.logit_bias:
-            raise ValueError("logit_bias: not supported yet; it would be silently ignored")
+            raise ParameterError("logit_bias", "not supported yet; it would be silently ignored")
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         self._refuse_unapplied()
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
-            raise ValueError("stop: at most 4 sequences")
+            raise ParameterError("stop", "at most 4 sequences")
         return SamplingParams(
             n=self.n,
             temperature=self.temperature,
@@ -92,7 +95,9 @@ class ChatMessage(BaseModel):
         """Only an assistant turn may leave its content null (OpenAI: when it made tool calls)."""
         if self.content is None:
             if self.role != "assistant":
-                raise ValueError(f"content: required for a {self.role!r} message (null only for 'assistant')")
+                raise ParameterError(
+                    "content", f"required for a {self.role!r} message (null only for 'assistant')"
+                )
             self.content = ""
         return self
 

@@ -35,9 +35,10 @@ def _wrap_int64(seed: int) -> int:
 
 
 def _unwrap(error: ValueError) -> ValueError:
-    """A worker's ValueError without Ray's remote traceback: its message is the user's 400."""
+    """A worker's ValueError without Ray's remote traceback (the ParameterError itself, its parameter
+    kept): its message is the user's 400."""
     cause = getattr(error, "cause", None)
-    return ValueError(str(cause if isinstance(cause, ValueError) else error))
+    return cause if isinstance(cause, ValueError) else ValueError(str(error))
 
 
 class DisaggregatedClient:
@@ -64,9 +65,18 @@ class DisaggregatedClient:
         self.model_name = model_name  # metric label
         REQUEST_MIGRATIONS.labels(model_name)  # the series exists (at 0) before the first migration
         self._inflight = 0
+        self._aborted: set[str] = set()  # abort() asked: the stream ends at its next output
 
     def num_unfinished(self) -> int:
         return self._inflight
+
+    def abort(self, request_id: str) -> None:
+        """Its stream stops at its next output, which cancels the pools' calls (aborting it there)."""
+        self._aborted.add(request_id)
+
+    def check_health(self) -> None:
+        """The pools' replicas answer Serve's health checks themselves (a failing one is replaced and its
+        requests migrate): nothing of theirs is checked from here."""
 
     async def generate(
         self,
@@ -112,6 +122,9 @@ class DisaggregatedClient:
         try:
             async for index, delta in _merge(sequences):
                 states[index].apply(delta)
+                if request_id in self._aborted:
+                    for s in states:
+                        s.finish_reason = s.finish_reason or "abort"
                 by_pool: dict[str, ComputeUsage] = {}
                 for s in states:
                     for pool, usage in s.compute_by_pool.items():
@@ -126,7 +139,10 @@ class DisaggregatedClient:
                     compute=sum(by_pool.values(), ComputeUsage()),
                     compute_by_pool=by_pool,
                 )
+                if request_id in self._aborted:
+                    return  # leaving _merge cancels the pools' calls: the workers abort it
         finally:
+            self._aborted.discard(request_id)
             self._inflight -= 1
 
     def _call_span(self, name: str, req: WorkerRequest, parent: dict):

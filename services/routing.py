@@ -17,20 +17,34 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from control_plane import membership  # (a module, read at call time: see the metrics import)
 from control_plane.kv_index import KVIndex
+from control_plane.membership import RegistryView
+from control_plane.registry import keys
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
 from engine.kv.block_hash import hash_extra, prompt_block_hashes
 from observability import metrics, tracing  # (modules: Serve pickles this class by value; metrics hold locks)
+from services.registry_actor import connector
 from services.worker_protocol import WorkerRequest
 
 
 class _LoadTrackingRouter(RequestRouter):
-    """Load per replica: its routing stats plus this router's own count of requests sent and not done."""
+    """Load per replica: its routing stats plus this router's own count of requests sent and not done.
+    Its state is set up by Serve's `initialize_state` hook with the deployment's `request_router_kwargs`:
+    `registry_url` / `registry_app` name the registry it follows (None: it follows none)."""
 
-    @property
-    def _inflight(self) -> Counter:
-        return self.__dict__.setdefault("_inflight_by_replica", Counter())
+    def initialize_state(
+        self, registry_url: str | None = None, registry_app: str | None = None, **kwargs
+    ) -> None:
+        super().initialize_state(**kwargs)
+        self._inflight: Counter = Counter()
+        self._recent_choices: list[tuple[float, str]] = []
+        self._ever_registered: set[str] = set()
+        self._registrations: dict[str, float] | None = None
+        self._view: RegistryView | None = None
+        if registry_url is not None:
+            app = registry_app or self._deployment_id.app_name
+            self._view = RegistryView(connector(registry_url), keys.app(app), resync_s=5.0)
+            self._view.start()
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)  # Serve calls it for every request sent; completion undoes it
@@ -44,14 +58,16 @@ class _LoadTrackingRouter(RequestRouter):
         """The candidates minus replicas whose registration lapsed (a killed worker leaves the registry within
         its TTL, often before Serve notices). Replicas not registered yet stay; with no registry view in this
         process, or nobody left, all stay. Records each replica's registration in `self._registrations`."""
-        view = membership.VIEWS.get(self._deployment_id.app_name)
-        if view is None:
+        if self._view is None:
             return candidates
-        live = {w.get("replica"): w.get("registered_at") for w in view.under("workers/").values()}
-        ever = self.__dict__.setdefault("_ever_registered", set())
-        ever.update(live)
-        self.__dict__["_registrations"] = live
-        kept = [r for r in candidates if r.replica_id.unique_id in live or r.replica_id.unique_id not in ever]
+        live = {w.get("replica"): w.get("registered_at") for w in self._view.under("workers/").values()}
+        self._ever_registered.update(live)
+        self._registrations = live
+        kept = [
+            r
+            for r in candidates
+            if r.replica_id.unique_id in live or r.replica_id.unique_id not in self._ever_registered
+        ]
         return kept or candidates
 
     def _traced(
@@ -78,8 +94,7 @@ class _LoadTrackingRouter(RequestRouter):
         """Each replica's load, counting this router's choices of the last _RECENT_S seconds: a burst is chosen
         before any of it is sent (Serve calls on_send_request later), and must not all pile onto one replica."""
         now = time.monotonic()
-        recent = [(t, rid) for t, rid in self.__dict__.get("_recent_choices", []) if now - t < _RECENT_S]
-        self.__dict__["_recent_choices"] = recent
+        recent = self._recent_choices = [(t, rid) for t, rid in self._recent_choices if now - t < _RECENT_S]
         loads = []
         for replica in replicas:
             load = self._load(replica)
@@ -88,7 +103,7 @@ class _LoadTrackingRouter(RequestRouter):
         return loads
 
     def _chose(self, replica_id: str) -> None:
-        self.__dict__.setdefault("_recent_choices", []).append((time.monotonic(), replica_id))
+        self._recent_choices.append((time.monotonic(), replica_id))
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
@@ -138,25 +153,20 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
     index of every replica's blocks kept current from the KV event batches replicas put in their routing
     stats (services/kv_feed.py), plus what this router just sent (until the replica's events catch up)."""
 
-    @property
-    def _kv(self) -> dict:
-        state = self.__dict__.get("_kv_state")
-        if state is None:
-            index = KVIndex()
-            state = self.__dict__["_kv_state"] = {
-                "index": index,
-                "policy": KVAwarePolicy(index),
-                "seen": {},
-                "last_seen": {},
-            }
-        return state
+    def initialize_state(self, **kwargs) -> None:
+        super().initialize_state(**kwargs)
+        self._index = KVIndex()
+        self._policy = KVAwarePolicy(self._index)
+        self._seen: dict[str, int] = {}  # replica -> the last KV event batch applied
+        self._last_seen: dict[str, float] = {}  # replica -> when it was last a candidate
+        self._registered_at: dict[str, float] = {}  # replica -> the registration its entries came with
 
     def _sync(self, replicas: list[RunningReplica]) -> None:
-        index, seen, last_seen = self._kv["index"], self._kv["seen"], self._kv["last_seen"]
+        index, seen, last_seen = self._index, self._seen, self._last_seen
         now = time.monotonic()
         # the registry's word: a lapsed registration drops the replica's entries; a new one (the replica
         # registered again) drops them until its next snapshot rebuilds them
-        registrations, known = self.__dict__.get("_registrations"), self._kv.setdefault("registered_at", {})
+        registrations, known = self._registrations, self._registered_at
         if registrations is not None:
             for rid in list(known):
                 if registrations.get(rid) != known[rid]:
@@ -212,13 +222,13 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         self._sync(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         hashes = self._block_hashes(candidate_replicas, pending_request)
-        policy = self._kv["policy"]
+        policy = self._policy
         order = policy.rank(self._loads(candidate_replicas), hashes)
         if order:
             self._chose(order[0])
         matched = 0
         if hashes and order:  # the decision, as metrics: how much of the prompt the chosen replica holds
-            match = self._kv["index"].match(hashes, [order[0]])[order[0]]
+            match = self._index.match(hashes, [order[0]])[order[0]]
             counts = {"hbm": match.hbm, "dram": match.dram, "ssd": match.ssd}
             matched = sum(counts.values())
             metrics.ROUTER_DECISIONS.labels(
@@ -229,7 +239,7 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             metrics.ROUTER_PROMPT_BLOCKS.labels(policy.name).inc(len(hashes))
             # the chosen replica will hold these blocks in a moment: count on it before its events say so
             # (so a burst sharing a prefix follows the first request); the next snapshot corrects a miss
-            self._kv["index"].apply(order[0], [("stored", "hbm", hashes)])
+            self._index.apply(order[0], [("stored", "hbm", hashes)])
         self._traced(
             pending_request,
             policy.name,

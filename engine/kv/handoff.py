@@ -3,6 +3,7 @@ disaggregated serving), and blocks a finished request holds until a puller has t
 
 from dataclasses import dataclass
 
+from engine.errors import ParameterError
 from engine.kv.block_hash import update_block_hashes
 from engine.kv.block_manager import BlockManager
 from engine.request import Request
@@ -36,9 +37,9 @@ class KVHandoff:
         after `num_cached_blocks` need to be filled.
         """
         if num_tokens < 1:
-            raise ValueError(f"num_tokens: got {num_tokens}, allowed >= 1")
+            raise ParameterError("num_tokens", f"got {num_tokens}, allowed >= 1")
         if self.in_use(request_id):
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise ParameterError("request_id", f"{request_id!r} is already in use")
         hits = []
         if token_ids is not None:
             probe = Request(
@@ -56,12 +57,12 @@ class KVHandoff:
         if not kv_tokens:
             return
         if not 0 < kv_tokens < num_tokens:
-            raise ValueError(f"kv_computed_tokens: got {kv_tokens}, allowed 1..{num_tokens - 1}")
+            raise ParameterError("kv_computed_tokens", f"got {kv_tokens}, allowed 1..{num_tokens - 1}")
         have = len(self.block_manager.block_ids(request_id)) * self.block_manager.block_size
         if kv_tokens > have:
-            raise ValueError(
-                f"kv_computed_tokens: {kv_tokens} tokens but only {have} slots reserved for {request_id!r} "
-                "(reserve_kv first)"
+            raise ParameterError(
+                "kv_computed_tokens",
+                f"{kv_tokens} tokens but only {have} slots reserved for {request_id!r} (reserve_kv first)",
             )
 
     def free_reserved(self, request_id: str) -> None:

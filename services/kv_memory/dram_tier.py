@@ -78,6 +78,10 @@ class DramTier:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def hashes(self) -> list[bytes]:
+        """The blocks held now (a snapshot, least recently used first)."""
+        return list(self._slots)
+
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._slots
 

@@ -135,6 +135,11 @@ class SsdTier:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def hashes(self) -> list[bytes]:
+        """The blocks held now (a snapshot, least recently used first)."""
+        with self._lock:
+            return list(self._entries)
+
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._entries
 

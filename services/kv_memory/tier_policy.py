@@ -4,7 +4,7 @@ important; SLO classes map onto priorities). Eviction order inside HBM is the en
 
 from dataclasses import dataclass, field
 
-TIERS = ("hbm", "dram", "ssd")
+from control_plane.tiers import TIERS
 
 
 @dataclass(frozen=True)

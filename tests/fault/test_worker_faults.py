@@ -34,9 +34,9 @@ def url(deploy, llama):
             kv_transport="nixl",
             kv_lease_s=2.0,
             kv_pull_timeout_s=3.0,
-            fault_corrupt_pulls=1,
             prefill=pool,
-            decode={**pool, "replicas": 2},
+            # each decode replica's first pull lands corrupted (tests/services/fragile_workers.py)
+            decode={**pool, "replicas": 2, "worker_cls": "fragile_workers:CorruptingDecodeWorker"},
         ),
     )
 

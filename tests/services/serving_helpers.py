@@ -2,8 +2,8 @@
 
 import time
 
+from benchmarks.local_http import serve_in_thread as http_server  # noqa: F401 - for the tests
 from engine.async_llm import AsyncLLM
-from services.local_http import serve_in_thread as http_server  # noqa: F401 - for the tests
 
 MODEL = "tiny-llama"
 

@@ -252,7 +252,7 @@ def test_too_many_requests_in_flight_get_429_with_retry_after(llama):
 def test_failure_after_the_stream_started_becomes_an_error_event():
     import asyncio
 
-    from services.frontend import _guarded
+    from services.openai_serving import _guarded
     from services.worker_protocol import WorkerLostError
 
     async def events():

@@ -169,15 +169,19 @@ def test_the_api_key_comes_from_a_file_or_the_environment_and_the_flag_warns(
         config_for_argv(["serve", "--model", llama, "--api-key-file", str(key_file), "--api-key", "k"])
 
 
+REGISTRY = {"url": "embedded", "app": None}
+
+
 def test_pool_autoscaling_config_reaches_the_deployment():
     scaled = _pool(
         DecodeWorker,
         "DecodeWorker",
         PoolConfig(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}),
+        REGISTRY,
     )
     config = scaled._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 4, 8)
-    fixed = _pool(DecodeWorker, "DecodeWorker", PoolConfig(replicas=3, num_cpus=2))
+    fixed = _pool(DecodeWorker, "DecodeWorker", PoolConfig(replicas=3, num_cpus=2), REGISTRY)
     assert fixed.num_replicas == 3 and fixed.ray_actor_options["num_cpus"] == 2
 
 

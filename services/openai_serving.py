@@ -1,0 +1,438 @@
+"""The generation path the OpenAI endpoints share (vLLM's OpenAIServing): requests in flight by SLO class,
+admission, tokenizing off the event loop, the first output before any byte of the response (so bad input
+and overload are proper HTTP errors), then the whole response or its SSE stream. Every outcome is counted
+once and every engine second priced (services/accounting.py).
+
+Every error a client can cause is an OpenAI error body: 400 bad input (the param named), 404 unknown model,
+429 + Retry-After when the request's SLO class cannot meet its TTFT target (control_plane/admission.py) or
+the requests in flight fill what its class may use, 503 + Retry-After when no engine can serve. A server-side
+failure is a 500 or 503 whose body names the request id and nothing internal; the traceback goes to the log
+under that id.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from control_plane.admission import AdmissionController, Overloaded, Ticket
+from control_plane.concurrency_limit import ConcurrencyLimit
+from control_plane.cost import PriceList
+from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
+from engine.async_llm import EngineDeadError
+from engine.outputs import RequestOutput
+from engine.protocol import EngineClient
+from engine.sampling_params import SamplingParams
+from observability import tracing
+from observability.metrics import ADMISSION_REJECTED
+from services.accounting import RequestAccount
+from services.openai_protocol import error_body
+from services.openai_render import Renderer
+from services.request_metrics import RequestRecord, outcome_of
+from services.worker_protocol import WorkerLostError
+
+logger = logging.getLogger("ridgeline.frontend")
+
+# the engine (or every worker that could continue a request) is gone: the client may retry later
+UNAVAILABLE = (EngineDeadError, WorkerLostError)
+
+
+class HTTPError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+
+    @classmethod
+    def bad_request(cls, error: ValueError) -> "HTTPError":
+        """400 for bad input: a ParameterError (engine/errors.py) names its parameter."""
+        return cls(400, str(error), param=getattr(error, "parameter", None))
+
+    @classmethod
+    def unavailable(cls, http: Request, error: BaseException) -> "HTTPError":
+        """503 for a dead engine or lost workers: the cause goes to the log, not to the client."""
+        rid = http.state.request_id
+        logger.warning("request %s: no engine could serve it: %r", rid, error)
+        return cls(
+            503,
+            f"no engine could serve this request right now; retry later (request id {rid})",
+            type_="server_error",
+            code="service_unavailable",
+            headers={"Retry-After": "5"},
+        )
+
+
+def internal_error_body(request_id: str) -> dict:
+    return error_body(
+        f"internal server error (request id {request_id}); the server log has the cause",
+        "server_error",
+        code="internal_error",
+    )
+
+
+@dataclass
+class Generation:
+    """What an endpoint asks of the shared path once its request is parsed and checked."""
+
+    prompt: str | list[int]
+    params: SamplingParams
+    cache_salt: str | None
+    slo: SLOClass
+    operation: str  # "text_completion" | "chat" (the GenAI span's operation)
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+
+
+class OpenAIServing:
+    """The generation path both endpoints share: slots and admission by SLO class, tokenizing, the first
+    output before any byte of the response, then the response whole or streamed (openai_render.py shapes
+    it), every outcome counted and every token priced."""
+
+    def __init__(
+        self,
+        llm: EngineClient,
+        model_name: str,
+        max_inflight: int,
+        slo_table: SLOTable = DEFAULT_SLO_TABLE,
+        prices: PriceList | None = None,
+        default_pool: str = "engine",
+        admission: AdmissionController | None = None,
+        concurrency: ConcurrencyLimit | None = None,
+    ):
+        self.slo_table = slo_table
+        self.llm = llm
+        self.model_name = model_name
+        self.max_inflight = max_inflight
+        self.prices = prices or PriceList({})
+        self.default_pool = default_pool
+        self.admission = admission
+        self.inflight = 0  # requests between their slot and their end (this frontend's own count: no await)
+        self.concurrency = concurrency  # the cap found under load (control_plane/concurrency_limit.py)
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise HTTPError(
+                404,
+                f"model: {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def slo_class(self, http: Request, priority: int | None):
+        """The request's SLO class (control_plane/slo.py): header x-slo-class, else body priority. 503 when
+        the in-flight requests already fill what the class may use of max_inflight (SLOTable.inflight_limit)."""
+        try:
+            slo = self.slo_table.resolve(http.headers.get("x-slo-class"), priority)
+        except ValueError as e:
+            raise HTTPError.bad_request(e) from None
+        http.state.slo_name = slo.name
+        return slo
+
+    def _take_slot(self, slo: SLOClass) -> tuple[float, int]:
+        """Count a request in flight, or refuse it (429: overload is the client's to retry) when the requests
+        in flight fill what its class may use (SLOTable.inflight_limit) of the cap: the adaptive limit when
+        there is one, never above max_inflight. Returns (when, how many were in flight before it)."""
+        if (
+            self.concurrency is not None
+            and self.admission is not None
+            and (late := self.admission.most_overdue()) is not None
+        ):  # already late: no need to wait for it
+            self.concurrency.observe(
+                time.monotonic() - late.admitted_at, late.slo.ttft_ms / 1000, late.admitted_at, 0
+            )
+        cap = (
+            self.max_inflight if self.concurrency is None else min(self.max_inflight, self.concurrency.value)
+        )
+        limit = self.slo_table.inflight_limit(slo, cap)
+        if self.inflight >= limit:
+            raise HTTPError(
+                429,
+                f"server busy: {limit} requests in flight, the most class {slo.name!r} may add "
+                "to; retry after 1 s",
+                type_="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
+        self.inflight += 1
+        return time.monotonic(), self.inflight - 1
+
+    def _free_slot(self) -> None:
+        self.inflight -= 1
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt, off the event loop (a 4 MB prompt takes seconds). A text longer than
+        the context could hold even in the tokenizer's longest tokens is refused before any work."""
+        limit = self.llm.max_model_len * self.llm.tokenizer.max_chars_per_token
+        if len(text) > limit:
+            raise HTTPError(
+                400,
+                f"prompt: {len(text)} characters cannot fit this model's context of "
+                f"{self.llm.max_model_len} tokens (at most {limit} characters)",
+                param="prompt",
+            )
+        return await asyncio.to_thread(self.llm.tokenizer.encode, text, add_special_tokens)
+
+    def _admit(self, slo: SLOClass, prompt_ids: list[int]) -> Ticket | None:
+        if self.admission is None:
+            return None
+        try:
+            return self.admission.admit(slo, len(prompt_ids))
+        except Overloaded as e:
+            ADMISSION_REJECTED.labels(self.model_name, slo.name).inc()
+            raise HTTPError(
+                429,
+                str(e),
+                type_="rate_limit_error",
+                code="slo_overloaded",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
+
+    def _span(self, http: Request, operation: str, request_id: str, params):
+        """The request's SERVER span, a child of the client's traceparent when it sent one."""
+        return tracing.tracer().start_span(
+            f"{operation} {self.model_name}",
+            context=tracing.extract(http.headers),
+            kind=tracing.SpanKind.SERVER,
+            start_time=http.state.received_ns,
+            attributes={
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": "ridgeline",
+                "gen_ai.request.model": self.model_name,
+                "gen_ai.response.id": request_id,
+                "gen_ai.request.max_tokens": params.max_tokens or 0,
+                "gen_ai.request.temperature": params.temperature,
+                "gen_ai.request.top_p": params.top_p,
+                "gen_ai.request.choice.count": params.n,
+                "ridgeline.slo_class": http.state.slo_name,
+            },
+        )
+
+    async def start(
+        self,
+        http: Request,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+        slo: SLOClass,
+        operation: str = "text_completion",
+    ) -> "Flight":
+        """The first output of a request: bad input and admission surface here, before any byte of the
+        response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
+        if not prompt:
+            raise HTTPError(400, "prompt: must not be empty", param="prompt")
+        taken_at, inflight_before = self._take_slot(slo)
+        try:
+            prompt_ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            ticket = self._admit(slo, prompt_ids)
+        except BaseException:
+            self._free_slot()
+            raise
+        account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
+        span = self._span(http, operation, request_id, params)
+        record = RequestRecord(self.model_name, slo, http.state.received, span, on_finish=self._free_slot)
+        stream = self.llm.generate(
+            request_id,
+            prompt_ids,
+            params,
+            cache_salt=cache_salt,
+            priority=slo.priority,
+            preemptible=slo.preemptible,
+            slo_class=slo.name,
+            trace_context=tracing.inject(span),
+        )
+        try:
+            first = await anext(stream)
+        except BaseException as e:
+            if ticket is not None:  # nothing will come: it leaves the queue without draining it
+                self.admission.cancel(ticket)
+            http.state.counted = True
+            record.finish(None, "invalid" if isinstance(e, ValueError) else "error")
+            if isinstance(e, ValueError):
+                raise HTTPError.bad_request(e) from None
+            if isinstance(e, UNAVAILABLE):
+                raise HTTPError.unavailable(http, e) from None
+            raise
+        if ticket is not None:
+            self.admission.first_token(ticket)
+        if self.concurrency is not None:
+            self.concurrency.observe(
+                time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before
+            )
+        account.update(first)
+        record.output(first)
+        return Flight(first, _observed(stream, account, record), account, record)
+
+    async def final(self, http: Request, flight: "Flight") -> RequestOutput | None:
+        """Drain a request; None if the client went away (the request is then aborted)."""
+        first, stream, record = flight.first, flight.stream, flight.record
+
+        async def drain():
+            last = first
+            if not first.finished:
+                async for out in stream:
+                    last = out
+            return last
+
+        task = asyncio.create_task(drain())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                try:
+                    out = task.result()
+                except UNAVAILABLE as e:
+                    record.finish(None, "error")
+                    http.state.counted = True
+                    raise HTTPError.unavailable(http, e) from None
+                except Exception:
+                    record.finish(None, "error")
+                    http.state.counted = True
+                    raise
+                record.finish(out, outcome_of(out))
+                return out
+            if await http.is_disconnected():
+                task.cancel()  # the stream's cleanup aborts the request
+                await asyncio.gather(task, return_exceptions=True)
+                record.finish(None, "aborted")
+                return None
+
+    def usage(self, out: RequestOutput, account: RequestAccount) -> dict:
+        completion = sum(len(c.token_ids) for c in out.outputs)
+        usage = {
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": completion,
+            "total_tokens": len(out.prompt_token_ids) + completion,
+        }
+        if out.num_cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": out.num_cached_tokens}
+        if account.priced:
+            usage["cost_usd"] = account.usd
+        return usage
+
+    async def respond(self, http: Request, request_id: str, gen: "Generation", renderer: Renderer):
+        """The request served: a JSON body, a 499 when the client left, or an SSE stream that always ends
+        with [DONE] (an error event first when something failed after it started)."""
+        flight = await self.start(
+            http, request_id, gen.prompt, gen.params, gen.cache_salt, gen.slo, gen.operation
+        )
+        if not gen.stream:
+            out = await self.final(http, flight)
+            if out is None:
+                return Response(status_code=499)
+            return renderer.response(out, self.usage(out, flight.account))
+        events = self._events(flight, gen, renderer)
+        return StreamingResponse(
+            _guarded(events, flight.record, http.state.request_id), media_type="text/event-stream"
+        )
+
+    async def _events(self, flight: "Flight", gen: "Generation", renderer: Renderer) -> AsyncIterator[str]:
+        for chunk in renderer.opening(gen.params.n):
+            yield _sse(chunk)
+        last = flight.first
+        async for index, text, tokens, logprobs, finish, out in _deltas(
+            flight.first, flight.stream, _hold(gen.params)
+        ):
+            last = out
+            yield _sse(renderer.chunk(index, text, tokens, logprobs, finish))
+        flight.record.finish(last, outcome_of(last))
+        if gen.include_usage:
+            yield _sse(renderer.usage_chunk(self.usage(last, flight.account)))
+        yield _sse("[DONE]")
+
+
+@dataclass
+class Flight:
+    """A request being served: its first output, the rest of its stream, its cost and its timings."""
+
+    first: RequestOutput
+    stream: AsyncIterator[RequestOutput]
+    account: RequestAccount
+    record: RequestRecord
+
+
+async def _observed(
+    stream: AsyncIterator[RequestOutput], account: RequestAccount, record: RequestRecord
+) -> AsyncIterator[RequestOutput]:
+    async for out in stream:
+        account.update(out)
+        record.output(out)
+        yield out
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _guarded(
+    events: AsyncIterator[str], record: RequestRecord | None = None, request_id: str = ""
+) -> AsyncIterator[str]:
+    """A failure after the stream started becomes an error event and the stream ends; it never hangs.
+    A stream that ends any other way than finishing (the client left) counts as aborted."""
+    outcome = "aborted"
+    try:
+        async for event in events:
+            yield event
+    except UNAVAILABLE as e:
+        outcome = "error"
+        logger.warning("request %s: stream ended, no engine could continue it: %r", request_id, e)
+        yield _sse(
+            error_body(
+                f"no engine could continue this request; retry later (request id {request_id})",
+                "server_error",
+                code="service_unavailable",
+            )
+        )
+        yield _sse("[DONE]")
+    except Exception:
+        outcome = "error"
+        logger.exception("request %s: stream failed", request_id)
+        yield _sse(internal_error_body(request_id))
+        yield _sse("[DONE]")
+    finally:
+        if record is not None:
+            record.finish(None, outcome)  # a no-op when the stream finished and counted itself
+
+
+async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
+    """(choice index, text delta, new token ids, new logprobs, finish_reason) as outputs arrive; `hold` chars
+    stay back until a choice finishes, so a stop string split across tokens is never sent."""
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    done: set[int] = set()
+
+    async def outputs():
+        yield first
+        if not first.finished:
+            async for out in stream:
+                yield out
+
+    async for out in outputs():
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            upto = len(c.text) if c.finished else max(len(c.text) - hold, sent_text.get(c.index, 0))
+            text = c.text[sent_text.get(c.index, 0) : upto]
+            tokens = c.token_ids[sent_tokens.get(c.index, 0) :]
+            logprobs = c.logprobs[sent_tokens.get(c.index, 0) :] if c.logprobs is not None else None
+            if not text and not tokens and not c.finished:
+                continue
+            sent_text[c.index], sent_tokens[c.index] = upto, len(c.token_ids)
+            if c.finished:
+                done.add(c.index)
+            yield c.index, text, tokens, logprobs, c.finish_reason, out
+
+
+def _hold(params) -> int:
+    return max((len(s) for s in params.stop), default=1) - 1
