@@ -220,8 +220,9 @@ def service_ttft(path: str, prompt_len: int) -> dict:
 class _ServiceWorker:
     def __init__(self, path: str, engine: dict, tiers: dict):
         from services.engine_worker import EngineWorker
+        from services.messages.pools import TierSettings
 
-        self.worker = EngineWorker(path, engine, kv_transport="nixl", kv_tiers=tiers)
+        self.worker = EngineWorker(path, engine, kv_transport="nixl", kv_tiers=TierSettings(**tiers))
 
     async def run(self, prompt: list[int]) -> tuple[float, int]:
         from engine.sampling_params import SamplingParams

@@ -26,6 +26,8 @@ from services import ray_hardening
 from services.decode import DecodeWorker
 from services.draft import DraftWorker
 from services.frontend import build_frontend
+from services.messages.pools import DraftSettings, PoolDescription, TierSettings
+from services.messages.worker import WorkerRegistration
 from services.pd_client import DisaggregatedClient
 from services.prefill import PrefillWorker
 from services.registry_actor import connector
@@ -120,41 +122,42 @@ class PoolConfig(BaseModel):
             options["dtype"] = self.weight_dtype
         return options
 
-    def describe(self, name: str, role: str, router: str) -> dict:
+    def describe(self, name: str, role: str, router: str) -> PoolDescription:
         """The pool as the registry stores it and /v1/pools shows it."""
-        return {
-            "name": name,
-            "role": role,
-            "device": self.resolved_device,
-            "replicas": self.replicas,
-            "autoscaling": self.autoscaling,
-            "num_gpus": self.num_gpus,
-            "num_cpus": self.num_cpus,
-            "price_per_hour": self.resolved_price,
-            "price_is_default": self.price_per_hour is None,
-            "weight_dtype": self.weight_dtype
+        return PoolDescription(
+            name=name,
+            role=role,
+            device=self.resolved_device,
+            replicas=self.replicas,
+            autoscaling=self.autoscaling,
+            num_gpus=self.num_gpus,
+            num_cpus=self.num_cpus,
+            price_per_hour=self.resolved_price,
+            price_is_default=self.price_per_hour is None,
+            weight_dtype=self.weight_dtype
             if self.weight_dtype != "auto"
             else self.engine.get("dtype", "auto"),
-            "kv_dtype": self.kv_dtype,
-            "router": router,
-            "kv_memory": self.kv_memory,
-            "kv_dram_blocks": self.kv_dram_blocks,
-            "kv_ssd_blocks": self.kv_ssd_blocks,
-        }
+            kv_dtype=self.kv_dtype,
+            router=router,
+            kv_memory=self.kv_memory,
+            kv_dram_blocks=self.kv_dram_blocks,
+            kv_ssd_blocks=self.kv_ssd_blocks,
+        )
 
-    def kv_tiers(self) -> dict | None:
+    def kv_tiers(self, policy: dict[int, str] | None = None) -> TierSettings | None:
+        """policy: each SLO priority's lowest tier."""
         if not self.kv_dram_blocks:
             if self.kv_ssd_dir:
                 raise ValueError("kv_ssd_dir: needs kv_dram_blocks >= 1 (SSD sits below DRAM)")
             return None
-        tiers = {
-            "dram_blocks": self.kv_dram_blocks,
-            "ssd_dir": self.kv_ssd_dir,
-            "ssd_blocks": self.kv_ssd_blocks,
-        }
-        if self.kv_memory == "node":
-            tiers |= {"service": True, "staging_blocks": self.kv_staging_blocks}
-        return tiers
+        return TierSettings(
+            dram_blocks=self.kv_dram_blocks,
+            ssd_dir=self.kv_ssd_dir,
+            ssd_blocks=self.kv_ssd_blocks,
+            service=self.kv_memory == "node",
+            staging_blocks=self.kv_staging_blocks,
+            policy=dict(policy or {}),
+        )
 
 
 class DraftConfig(BaseModel):
@@ -294,10 +297,9 @@ class ServeConfig(BaseModel):
             raise ValueError(f"slo_classes: {e}") from None
         return SLOTable(classes, self.slo_default)
 
-    def kv_tiers(self, pool: PoolConfig) -> dict | None:
+    def kv_tiers(self, pool: PoolConfig) -> TierSettings | None:
         """A pool's KV tiers, with each SLO class's lowest tier."""
-        tiers = pool.kv_tiers()
-        return None if tiers is None else {**tiers, "policy": self.slo_table().lowest_tiers()}
+        return pool.kv_tiers(self.slo_table().lowest_tiers())
 
 
 @serve.ingress()
@@ -322,7 +324,7 @@ class OpenAIIngress:
                 Registration(
                     connect,
                     keys.pool(self.app_name, name),
-                    pool.describe(name, role, router),
+                    pool.describe(name, role, router).to_json(),
                     ttl_s=self.config.registry_ttl_s,
                 )
             )
@@ -347,20 +349,20 @@ class OpenAIIngress:
         )
         view = self._follow_registry()
         configured = {
-            name: pool.describe(name, role, router)
+            name: pool.describe(name, role, router).to_json()
             for name, (pool, role, router) in self.config.pools().items()
         }
         if (d := self.config.draft) is not None:  # CPU draft workers, charged per request for their drafts
-            configured["draft"] = {
-                "name": "draft",
-                "role": "draft",
-                "device": "cpu",
-                "replicas": d.replicas,
-                "num_cpus": d.num_cpus,
-                "model": d.model,
-                "price_per_hour": d.resolved_price,
-                "price_is_default": d.price_per_hour is None,
-            }
+            configured["draft"] = PoolDescription(
+                name="draft",
+                role="draft",
+                device="cpu",
+                replicas=d.replicas,
+                num_cpus=d.num_cpus,
+                model=d.model,
+                price_per_hour=d.resolved_price,
+                price_is_default=d.price_per_hour is None,
+            ).to_json()
 
         async def pools() -> list[dict]:
             """Each pool as the registry has it (the configuration here until it does) and its live workers."""
@@ -369,19 +371,20 @@ class OpenAIIngress:
             out = []
             for name, described in configured.items():
                 live = sorted(
-                    (w for key, w in workers.items() if key.startswith(name + "/")),
-                    key=lambda w: w.get("replica", ""),
+                    (
+                        WorkerRegistration.from_json(w)
+                        for key, w in workers.items()
+                        if key.startswith(name + "/")
+                    ),
+                    key=lambda w: w.replica,
                 )
+                shown = [
+                    {k: v for k, v in w.to_json().items() if k not in hidden}
+                    | {"transport": w.transport.get("name")}
+                    for w in live
+                ]
                 out.append(
-                    {
-                        **registered.get(name, described),
-                        "registered": name in registered,
-                        "workers": [
-                            {k: v for k, v in w.items() if k not in hidden}
-                            | {"transport": w.get("transport", {}).get("name")}
-                            for w in live
-                        ],
-                    }
+                    {**registered.get(name, described), "registered": name in registered, "workers": shown}
                 )
             return out
 
@@ -392,12 +395,12 @@ class OpenAIIngress:
 
         async def metrics() -> bytes:
             """This process's metrics and every live worker's (the URLs they registered)."""
-            workers = view.under("workers/").values()
+            workers = [WorkerRegistration.from_json(w) for w in view.under("workers/").values()]
             for name, price in prices.items():
                 POOL_PRICE.labels(model, name).set(price)
-                POOL_REPLICAS.labels(model, name).set(sum(1 for w in workers if w.get("pool") == name))
+                POOL_REPLICAS.labels(model, name).set(sum(1 for w in workers if w.pool == name))
             return await app_metrics(
-                {w["replica"]: w["metrics_url"] for w in workers if w.get("metrics_url")}, token=api_key
+                {w.replica: w.metrics_url for w in workers if w.metrics_url}, token=api_key
             )
 
         api_key = self.config.api_key or envs.api_key()
@@ -507,7 +510,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
 
     decode_pool, _, decode_router = pools["decode"]
     decode_engine = decode_pool.engine_options()
-    spec = None
+    drafts = None
     if config.spec == "ngram":
         decode_engine |= {
             "speculative_method": "ngram",
@@ -516,14 +519,14 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
     elif config.spec == "draft":
         decode_engine |= {"num_speculative_tokens": config.num_speculative_tokens}
         d = config.draft
-        drafts = serve.deployment(
+        pool_handle = serve.deployment(
             DraftWorker,
             name="DraftWorker",
             num_replicas=d.replicas,
             max_ongoing_requests=64,
             ray_actor_options=_actor_options(d.num_cpus, env=config.env, resources=d.ray_resources),
         ).bind(d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
-        spec = {"draft": drafts, "deadline_s": d.deadline_s, "wait_s": d.wait_s, "pool": "draft"}
+        drafts = DraftSettings(pool_handle, deadline_s=d.deadline_s, wait_s=d.wait_s, pool="draft")
     decode = _pool(
         worker_class(decode_pool, DecodeWorker),
         "DecodeWorker",
@@ -536,7 +539,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
         decode_engine,
         config.kv_transport,
         pull_timeout_s=config.kv_pull_timeout_s,
-        spec=spec,
+        drafts=drafts,
         **worker_options("decode"),
     )
     prefill = None

@@ -14,6 +14,7 @@ from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from services.draft import RemoteDrafter
 from services.engine_worker import EngineWorker, worker_labels
+from services.messages.pools import DraftSettings
 from services.transport import KVHandle, TransferError
 from services.worker_protocol import Delta, DeltaTracker, WorkerRequest
 
@@ -30,29 +31,23 @@ class DecodeWorker(EngineWorker):
         kv_transport: str = "auto",
         pull_attempts: int = 3,
         pull_timeout_s: float = 30.0,
-        spec: dict | None = None,
+        drafts: DraftSettings | None = None,
         **worker_options,
     ):
-        """worker_options: EngineWorker's (kv_tiers, pool_name, registry). spec: {"draft": a handle to the
-        DraftWorker pool, "deadline_s": ..., "wait_s": ..., "pool": its name} drafts with a remote draft
-        model (ngram drafting is an engine option)."""
+        """worker_options: EngineWorker's (kv_tiers, pool_name, registry). drafts: speculative decoding
+        with a remote draft-model pool (ngram drafting is an engine option)."""
         drafter = None
-        if spec is not None:
+        if drafts is not None:
             labels = worker_labels(model, self.role, worker_options)
-            drafter = RemoteDrafter(
-                spec["draft"],
-                deadline_s=spec.get("deadline_s", 0.5),
-                wait_s=spec.get("wait_s", 0.0),
-                labels=labels,
-            )
+            drafter = RemoteDrafter(drafts.pool_handle, drafts.deadline_s, drafts.wait_s, labels=labels)
         super().__init__(model, engine_options, kv_transport, drafter=drafter, **worker_options)
-        self.draft_pool = spec["pool"] if spec is not None else ""
+        self.draft_pool = drafts.pool if drafts is not None else ""
         self.pull_attempts = pull_attempts
         self.pull_timeout_s = pull_timeout_s
 
     async def generate(self, req: WorkerRequest) -> AsyncIterator[Delta]:
         """Stream deltas of one sequence until it finishes; cancelling the stream aborts it here."""
-        self.counters["requests"] += 1
+        self.counters.requests += 1
         span = self.request_span("decode", req)
         try:
             async for delta in self._generate(req, span):
@@ -122,11 +117,11 @@ class DecodeWorker(EngineWorker):
             raise
         if reserved is None:  # memory is short: the scheduler will make room and recompute
             self.transport.release(handle)
-            self.counters["kv_recomputes"] += 1
+            self.counters.kv_recomputes += 1
             return 0
         skip = reserved.num_cached_blocks
         rest, into = handle.tail(skip), reserved.block_ids[skip:]
-        self.counters["kv_blocks_reused"] += skip
+        self.counters.kv_blocks_reused += skip
         labels = {**self.metric_labels, "transport": self.transport.name}
         for attempt in range(1, self.pull_attempts + 1):
             start = time.perf_counter()
@@ -136,7 +131,7 @@ class DecodeWorker(EngineWorker):
                         asyncio.to_thread(self.transport.pull, rest, into, self.pull_timeout_s)
                     )
             except TransferError as e:
-                self.counters["kv_pull_failures"] += 1
+                self.counters.kv_pull_failures += 1
                 KV_TRANSFER_FAILURES.labels(**labels).inc()
                 logger.warning("KV pull %d/%d for %s failed: %s", attempt, self.pull_attempts, request_id, e)
                 if not e.retryable:  # the owner is gone: recompute now rather than ask again
@@ -146,14 +141,14 @@ class DecodeWorker(EngineWorker):
                 await asyncio.shield(self._give_up(request_id, handle))
                 raise
             self.transport.release(handle)
-            self.counters["kv_pulls"] += 1
-            self.counters["kv_pull_bytes"] += rest.num_bytes
+            self.counters.kv_pulls += 1
+            self.counters.kv_pull_bytes += rest.num_bytes
             if rest.block_ids:
                 KV_TRANSFER_SECONDS.labels(**labels).observe(time.perf_counter() - start)
                 KV_TRANSFER_BYTES.labels(**labels).inc(rest.num_bytes)
             return handle.num_tokens
         await self._give_up(request_id, handle)
-        self.counters["kv_recomputes"] += 1
+        self.counters.kv_recomputes += 1
         return 0
 
     async def _give_up(self, request_id: str, handle: KVHandle) -> None:

@@ -23,6 +23,9 @@ from services.kv_memory.client import KVMemoryClient
 from services.kv_memory.service import connect
 from services.kv_memory.tier_policy import TierPolicy
 from services.kv_memory.tiered_store import build_store
+from services.messages.kv_feed import KVFeedReport
+from services.messages.pools import TierSettings
+from services.messages.worker import WorkerCounters, WorkerRegistration, WorkerStats
 from services.registry_actor import connector
 from services.transport.factory import make_transport
 
@@ -71,15 +74,15 @@ class EngineWorker:
         model: str,
         engine_options: dict | None = None,
         kv_transport: str = "auto",
-        kv_tiers: dict | None = None,
+        kv_tiers: TierSettings | None = None,
         pool_name: str | None = None,
         registry: dict | None = None,
         model_name: str | None = None,
         metrics_token: str | None = None,
         drafter: Drafter | None = None,
     ):
-        """kv_tiers: {"dram_blocks": N, "ssd_dir": path, "ssd_blocks": M, "policy": {priority: lowest tier}}
-        keeps prefix blocks in host memory (and on SSD) and loads them back instead of recomputing.
+        """kv_tiers: the tiers below HBM (services/messages/pools.py) that keep prefix blocks in host
+        memory (and on SSD) and load them back instead of recomputing them.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
         "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease.
         metrics_token: the bearer token this replica's metrics endpoint requires (the app's API key).
@@ -94,8 +97,7 @@ class EngineWorker:
         self.registration = None
         self.metrics_server = None
         self.transport = make_transport(kv_transport)
-        tiers = dict(kv_tiers) if kv_tiers and kv_tiers.get("dram_blocks") else None
-        factory = functools.partial(self._kv_store_for, tiers, kv_transport) if tiers else None
+        factory = functools.partial(self._kv_store_for, kv_tiers, kv_transport) if kv_tiers else None
         self.llm = AsyncLLM.from_pretrained(
             model, kv_store_factory=factory, drafter=drafter, **(engine_options or {})
         )
@@ -110,66 +112,66 @@ class EngineWorker:
             metric.labels(**self.metric_labels, transport=self.transport.name)
         if registry is not None:
             self._register(registry)
-        self.counters = {
-            "requests": 0,
-            "kv_pulls": 0,
-            "kv_pull_bytes": 0,
-            "kv_pull_failures": 0,
-            "kv_recomputes": 0,
-            "kv_blocks_reused": 0,
-            "kv_handles": 0,
-            "kv_leases_released": 0,
-            "kv_leases_reclaimed": 0,
-        }
+        self.counters = WorkerCounters()
 
-    def _kv_store_for(self, tiers: dict, kv_transport: str, pool, events):
+    def _kv_store_for(self, tiers: TierSettings, kv_transport: str, pool, events):
         """The engine's kv_store_factory: the tiers below HBM for its pool, reporting into its event log."""
         self.transport.register(pool)
         store = self._build_kv_store(tiers, kv_transport, pool)
         store.events = events
         return store
 
-    def _build_kv_store(self, tiers: dict, kv_transport: str, pool):
-        if tiers.pop("service", False):  # the node's shared KV memory service
-            staging, use_shm = tiers.pop("staging_blocks", 64), tiers.pop("use_shm", True)
-            service = connect(self.transport.layout, kv_transport=kv_transport, **tiers)
+    def _build_kv_store(self, tiers: TierSettings, kv_transport: str, pool):
+        if tiers.service:  # the node's shared KV memory service
+            service = connect(
+                self.transport.layout,
+                tiers.dram_blocks,
+                tiers.ssd_dir,
+                tiers.ssd_blocks,
+                kv_transport=kv_transport,
+                policy=tiers.policy,
+            )
             return KVMemoryClient(
                 service,
                 self.transport.layout,
                 self.transport,
-                staging_blocks=staging,
+                staging_blocks=tiers.staging_blocks,
                 kv_transport=kv_transport,
-                use_shm=use_shm,
+                use_shm=tiers.use_shm,
             )
-
-        if tiers.get("ssd_dir"):  # a slot per replica (ssd_dir/<pool>-<rank>), found again after a restart
-            tiers["ssd_claim"] = self.pool
-        policy = TierPolicy({int(k): v for k, v in (tiers.pop("policy", None) or {}).items()})
-        return build_store(pool[0].numel() * pool.element_size(), policy=policy, **tiers)
+        return build_store(
+            pool[0].numel() * pool.element_size(),
+            tiers.dram_blocks,
+            tiers.ssd_dir,
+            tiers.ssd_blocks,
+            policy=TierPolicy({int(k): v for k, v in tiers.policy.items()}),
+            ssd_claim=self.pool,  # a slot per replica (ssd_dir/<pool>-<rank>), found again after a restart
+        )
 
     def _register(self, registry: dict) -> None:
         """Put this replica in the registry under a lease kept alive by a heartbeat thread; a registration
         made again (the registry lost it) sends a full KV snapshot with the next routing stats."""
 
         engine = self.engine
-        value = {
-            "pool": self.pool,
-            "role": self.role,
-            "replica": self.name,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "node_ip": _node_ip(),
-            "device": str(engine.device),
-            "transport": self.transport.describe(),
-            "block_size": engine.block_manager.block_size,
-            "kv_blocks": engine.block_manager.num_blocks,
-            "kv_dtype": str(engine.dtype),
-            "kv_fingerprint": engine.fingerprint,
-            "max_model_len": engine.max_model_len,
-        }
+        node_ip = _node_ip()
         # this replica's metrics endpoint: the frontend's /metrics gathers it (observability/aggregate.py)
-        self.metrics_server = start_metrics_server(value["node_ip"], self.metrics_token)
-        value["metrics_url"] = f"http://{value['node_ip']}:{self.metrics_server.server_port}/metrics"
+        self.metrics_server = start_metrics_server(node_ip, self.metrics_token)
+        value = WorkerRegistration(
+            pool=self.pool,
+            role=self.role,
+            replica=self.name,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            node_ip=node_ip,
+            device=str(engine.device),
+            transport=self.transport.describe(),
+            block_size=engine.block_manager.block_size,
+            kv_blocks=engine.block_manager.num_blocks,
+            kv_dtype=str(engine.dtype),
+            kv_fingerprint=engine.fingerprint,
+            max_model_len=engine.max_model_len,
+            metrics_url=f"http://{node_ip}:{self.metrics_server.server_port}/metrics",
+        ).to_json()
         app = registry.get("app") or _app_name()
         self.registration = Registration(
             connector(registry["url"]),
@@ -242,33 +244,33 @@ class EngineWorker:
             },
         )
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> WorkerStats:
         """Load, KV occupancy and counters of this replica."""
-        sched, blocks = self.engine.scheduler, self.engine.block_manager
-        offload = self.engine.offloader.stats if self.engine.offloader else None
-        return {
-            "role": self.role,
-            "replica": self.name,
-            "pid": os.getpid(),
-            "transport": self.transport.name,
-            "unfinished": self.llm.num_unfinished(),
-            "running": len(sched.running),
-            "waiting": len(sched.waiting),
-            "kv_free_blocks": blocks.num_free_blocks,
-            "kv_total_blocks": blocks.num_blocks,
-            **self.counters,
-            "kv_pulls_by_path": dict(getattr(self.transport, "pulls_by_path", {})),
-            "kv_tier_loaded_blocks": offload.loaded_blocks if offload else 0,
-            "kv_tier_offloaded_blocks": offload.offloaded_blocks if offload else 0,
-            "kv_loading": sched.num_loading,
-            "busy_seconds": self.engine.stats.busy_seconds,
-            "spec_draft_tokens": self.engine.stats.spec_draft_tokens,
-            "spec_accepted_tokens": self.engine.stats.spec_accepted_tokens,
-            "drafter": dict(getattr(self.engine.drafter, "stats", {}) or {}),
-            "pool": self.pool,
-            "registered": self.registration.registered if self.registration else None,
-            "kv_store": self._store_stats(),
-        }
+        sched, blocks, engine = self.engine.scheduler, self.engine.block_manager, self.engine
+        offload = engine.offloader.stats
+        return WorkerStats(
+            role=self.role,
+            replica=self.name,
+            pid=os.getpid(),
+            pool=self.pool,
+            transport=self.transport.name,
+            unfinished=self.llm.num_unfinished(),
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            kv_free_blocks=blocks.num_free_blocks,
+            kv_total_blocks=blocks.num_blocks,
+            counters=self.counters,
+            busy_seconds=engine.stats.busy_seconds,
+            kv_loading=sched.num_loading,
+            kv_pulls_by_path=dict(getattr(self.transport, "pulls_by_path", {})),
+            kv_tier_loaded_blocks=offload.loaded_blocks,
+            kv_tier_offloaded_blocks=offload.offloaded_blocks,
+            spec_draft_tokens=engine.stats.spec_draft_tokens,
+            spec_accepted_tokens=engine.stats.spec_accepted_tokens,
+            drafter=dict(getattr(engine.drafter, "stats", {}) or {}),
+            registered=self.registration.registered if self.registration else None,
+            kv_store=self._store_stats(),
+        )
 
     def _store_stats(self) -> dict:
         store = self.kv_store
@@ -294,7 +296,7 @@ class EngineWorker:
         and the KV events since the last reports (for the KV-aware router's index)."""
         engine = self.engine
         return {
-            **self.snapshot(),
+            **self.snapshot().to_dict(),
             "kv_feed": self.kv_feed.report(),
             "block_size": engine.block_manager.block_size,
             "kv_fingerprint": engine.fingerprint,
@@ -302,9 +304,9 @@ class EngineWorker:
         }
 
     async def stats(self) -> dict:
-        return self.snapshot()
+        return self.snapshot().to_dict()
 
-    async def kv_events(self) -> dict:
+    async def kv_events(self) -> KVFeedReport:
         """The KV event feed's latest report (services/kv_feed.py): numbered batches of block hashes
         stored/removed per tier, and a full snapshot every few reports."""
         return self.kv_feed.report()

@@ -4,6 +4,7 @@ has not seen). A router that fell behind the kept batches waits for the next ful
 includes every `snapshot_every` reports."""
 
 from engine.kv.events import KVEventLog
+from services.messages.kv_feed import KVFeedReport
 
 
 class KVEventFeed:
@@ -19,17 +20,17 @@ class KVEventFeed:
         """The next report carries a full snapshot (readers rebuild this worker's entries from it)."""
         self._force = True
 
-    def report(self) -> dict:
+    def report(self) -> KVFeedReport:
         """The feed's part of one routing-stats report: new events become a batch; the last `keep`
         batches go out, and every `snapshot_every`-th report (and the first) a full snapshot too."""
         events = [(e.kind, e.tier, list(e.block_hashes)) for e in self.log.drain()]
         if events or self.log.dropped:
             self.seq += 1
             self._batches = (self._batches + [(self.seq, events)])[-self.keep :]
-        out = {"seq": self.seq, "batches": list(self._batches)}
+        out = KVFeedReport(self.seq, list(self._batches))
         if self._reports % self.snapshot_every == 0 or self.log.dropped or self._force:
             self._force = False
             self.log.dropped = 0  # events were lost: readers must resync from this snapshot
-            out["snapshot"] = (self.seq, {tier: list(hashes) for tier, hashes in self.snapshot().items()})
+            out.snapshot = (self.seq, {tier: list(hashes) for tier, hashes in self.snapshot().items()})
         self._reports += 1
         return out

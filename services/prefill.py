@@ -9,6 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from engine.async_llm import EngineDeadError
 from observability import tracing
 from services.engine_worker import EngineWorker
+from services.messages.worker import WorkerStats
 from services.transport.leases import LeaseTable
 from services.worker_protocol import DeltaTracker, PrefillResult, WorkerRequest
 
@@ -44,7 +45,7 @@ class PrefillWorker(EngineWorker):
 
     async def prefill(self, req: WorkerRequest) -> PrefillResult:
         """Bad input raises ValueError before anything is computed."""
-        self.counters["requests"] += 1
+        self.counters.requests += 1
         span = self.request_span("prefill", req)
         try:
             return await self._prefill(req, span)
@@ -80,7 +81,7 @@ class PrefillWorker(EngineWorker):
                 lambda e: self._hand_out(e, req.request_id, len(req.prompt_token_ids)), undo=self._take_back
             )
             handed_out = True
-            self.counters["kv_handles"] += 1
+            self.counters.kv_handles += 1
             return PrefillResult(delta, handle)
         finally:
             if not handed_out:  # finished, failed or cancelled (at any await): the held KV goes back; a
@@ -108,17 +109,17 @@ class PrefillWorker(EngineWorker):
         its lease runs out."""
         if (lease := self.leases.end(handle.handle_id)) is not None:
             engine.kv_handoff.release(lease.request_id)
-            self.counters["kv_leases_released"] += 1
+            self.counters.kv_leases_released += 1
 
     def _reap(self, engine) -> None:
         """On the engine thread: free blocks whose handle was released or whose lease ran out."""
         for handle_id in self.transport.take_released():
             if (lease := self.leases.end(handle_id)) is not None:
                 engine.kv_handoff.release(lease.request_id)
-                self.counters["kv_leases_released"] += 1
+                self.counters.kv_leases_released += 1
         for lease in self.leases.expired():
             engine.kv_handoff.release(lease.request_id)
-            self.counters["kv_leases_reclaimed"] += 1
+            self.counters.kv_leases_reclaimed += 1
 
     def _reap_loop(self, period_s: float, timeout_s: float) -> None:
         """Runs for the replica's life: a slow engine turn or a failed reap is logged and tried again; only
@@ -141,8 +142,10 @@ class PrefillWorker(EngineWorker):
         if not self._reaper.is_alive() and not self._stop.is_set():
             raise RuntimeError("the KV lease reaper thread stopped: handed-out KV would never be freed")
 
-    def snapshot(self) -> dict:
-        return {**super().snapshot(), "held_leases": len(self.leases)}
+    def snapshot(self) -> WorkerStats:
+        stats = super().snapshot()
+        stats.held_leases = len(self.leases)
+        return stats
 
     def __del__(self):
         self._stop.set()

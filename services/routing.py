@@ -23,6 +23,7 @@ from control_plane.registry import keys
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
 from engine.kv.block_hash import hash_extra, prompt_block_hashes
 from observability import metrics, tracing  # (modules: Serve pickles this class by value; metrics hold locks)
+from services.messages.worker import RoutingStats, WorkerRegistration
 from services.registry_actor import connector
 from services.worker_protocol import WorkerRequest
 
@@ -60,7 +61,8 @@ class _LoadTrackingRouter(RequestRouter):
         process, or nobody left, all stay. Records each replica's registration in `self._registrations`."""
         if self._view is None:
             return candidates
-        live = {w.get("replica"): w.get("registered_at") for w in self._view.under("workers/").values()}
+        workers = [WorkerRegistration.from_json(w) for w in self._view.under("workers/").values()]
+        live = {w.replica: w.registered_at for w in workers}
         self._ever_registered.update(live)
         self._registrations = live
         kept = [
@@ -106,15 +108,10 @@ class _LoadTrackingRouter(RequestRouter):
         self._recent_choices.append((time.monotonic(), replica_id))
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
-        stats = replica.routing_stats or {}
-        total = stats.get("kv_total_blocks") or 1
-        return ReplicaLoad(
-            replica.replica_id.unique_id,
-            self._inflight[replica.replica_id.unique_id],
-            stats.get("running", 0),
-            stats.get("waiting", 0),
-            stats.get("kv_free_blocks", total) / total,
-        )
+        stats = RoutingStats.from_dict(replica.routing_stats)
+        rid = replica.replica_id.unique_id
+        free = stats.kv_free_fraction if replica.routing_stats else 1.0  # no report yet: an empty replica
+        return ReplicaLoad(rid, self._inflight[rid], stats.running, stats.waiting, free)
 
 
 class LeastLoadedRequestRouter(FIFOMixin, _LoadTrackingRouter):
@@ -183,19 +180,19 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             del last_seen[gone]
         for replica in replicas:
             rid = replica.replica_id.unique_id
-            feed = (replica.routing_stats or {}).get("kv_feed")
-            if not feed:
+            feed = RoutingStats.from_dict(replica.routing_stats).kv_feed
+            if feed is None:
                 continue
             last = seen.get(rid)
-            snapshot = feed.get("snapshot")
+            snapshot = feed.snapshot
             if snapshot is not None and (last is None or snapshot[0] > last):
                 index.rebuild(rid, snapshot[1])
                 last = snapshot[0]
             if last is None:
-                if feed["batches"] and feed["batches"][0][0] != 1:
+                if feed.batches and feed.batches[0][0] != 1:
                     continue  # history incomplete: wait for the next snapshot
                 last = 0  # every batch since the worker started is here: build from empty
-            batches = [b for b in feed["batches"] if b[0] > last]
+            batches = [b for b in feed.batches if b[0] > last]
             if batches and batches[0][0] != last + 1:  # fell behind what the replica keeps
                 index.drop(rid)
                 seen.pop(rid, None)
@@ -209,11 +206,12 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         self, replicas: list[RunningReplica], pending_request: PendingRequest | None
     ) -> list[bytes]:
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        stats = next((r.routing_stats for r in replicas if r.routing_stats), None)
-        if not isinstance(request, WorkerRequest) or not stats or "kv_fingerprint" not in stats:
+        reported = next((r.routing_stats for r in replicas if r.routing_stats), None)
+        stats = RoutingStats.from_dict(reported)
+        if not isinstance(request, WorkerRequest) or not stats.kv_fingerprint:
             return []
-        extra = hash_extra(stats["kv_fingerprint"], stats["kv_dtype"], request.cache_salt)
-        return prompt_block_hashes(request.prompt_token_ids, stats["block_size"], extra)
+        extra = hash_extra(stats.kv_fingerprint, stats.kv_dtype, request.cache_salt)
+        return prompt_block_hashes(request.prompt_token_ids, stats.block_size, extra)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

@@ -65,8 +65,11 @@ class TierWorker:
 
     def __init__(self, model: str, engine: dict, kv_tiers: dict, kv_transport: str = "nixl"):
         from services.engine_worker import EngineWorker
+        from services.messages.pools import TierSettings
 
-        self.worker = EngineWorker(model, engine, kv_transport=kv_transport, kv_tiers=kv_tiers)
+        self.worker = EngineWorker(
+            model, engine, kv_transport=kv_transport, kv_tiers=TierSettings(**kv_tiers)
+        )
 
     async def run(self, prompt: list[int], max_tokens: int = 4) -> tuple[list[int], int]:
         """Greedy output token ids, and how many prompt tokens the engine computed for them."""
@@ -85,7 +88,7 @@ class TierWorker:
         self.worker.kv_store.flush()
 
     def stats(self) -> dict:
-        return self.worker.snapshot()
+        return self.worker.snapshot().to_dict()
 
     def close(self) -> None:
         self.worker.__del__()

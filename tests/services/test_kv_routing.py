@@ -12,6 +12,7 @@ from engine.kv.block_hash import hash_extra, prompt_block_hashes, update_block_h
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from services.kv_feed import KVEventFeed
+from services.messages.kv_feed import KVFeedReport
 
 SYSTEMS = [[(17 * s + 3 * t) % 300 + 5 for t in range(48)] for s in range(4)]  # 3 blocks each
 REQUESTS = [SYSTEMS[(i * 7) % 4] + [(11 * i + t) % 300 + 5 for t in range(9)] for i in range(24)]
@@ -34,12 +35,12 @@ def test_event_feed_numbers_batches_and_snapshots():
     held = {"hbm": [b"a"]}
     feed = KVEventFeed(log, lambda: held, keep=2, snapshot_every=3)
     first = feed.report()
-    assert first == {"seq": 0, "batches": [], "snapshot": (0, {"hbm": [b"a"]})}
+    assert first == KVFeedReport(0, [], (0, {"hbm": [b"a"]}))
     for name in (b"b", b"c", b"d"):
         log.record("stored", "hbm", name)
         out = feed.report()
-    assert out["seq"] == 3 and [seq for seq, _ in out["batches"]] == [2, 3]  # only the last 2 kept
-    assert out["batches"][-1][1] == [("stored", "hbm", [b"d"])] and "snapshot" in out  # every 3rd report
+    assert out.seq == 3 and [seq for seq, _ in out.batches] == [2, 3]  # only the last 2 kept
+    assert out.batches[-1][1] == [("stored", "hbm", [b"d"])] and out.snapshot is not None  # every 3rd report
 
 
 def _hit_rate(url: str) -> float:

@@ -11,6 +11,7 @@ import torch
 from services.kv_memory.dram_tier import DramTier
 from services.kv_memory.ssd_tier import SsdTier
 from services.kv_memory.tiered_store import TieredKVStore
+from services.messages.pools import TierSettings
 
 BLOCK = 4096
 
@@ -263,7 +264,7 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
             llama,
             {"num_blocks": 16},
             kv_transport="ray",
-            kv_tiers={"dram_blocks": 4, "ssd_dir": str(tmp_path / "x"), "ssd_blocks": 0},
+            kv_tiers=TierSettings(dram_blocks=4, ssd_dir=str(tmp_path / "x"), ssd_blocks=0),
         )
 
 

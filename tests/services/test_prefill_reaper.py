@@ -43,6 +43,6 @@ def test_the_reaper_survives_a_stalled_engine_and_frees_leases_after(llama):
         while len(worker.leases) or engine.block_manager.num_free_blocks != engine.block_manager.num_blocks:
             assert time.monotonic() < deadline, "the lease was never reclaimed"
             time.sleep(0.05)
-        assert worker.counters["kv_leases_reclaimed"] == 1
+        assert worker.counters.kv_leases_reclaimed == 1
     finally:
         worker.__del__()

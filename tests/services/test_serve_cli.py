@@ -237,7 +237,7 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
     assert config.prices()["decode"] == 1.25 and config.prices()["prefill"] > 0  # default rate for its CPUs
     assert config.registry == "etcd://10.1.2.3:2379"
     decode = config.decode.describe("decode", "decode", "least_loaded")
-    assert (decode["device"], decode["weight_dtype"], decode["price_is_default"]) == ("cpu", "float32", False)
+    assert (decode.device, decode.weight_dtype, decode.price_is_default) == ("cpu", "float32", False)
     assert config.decode.engine_options() == {"scheduling_policy": "priority", "dtype": "float32"}
     with pytest.raises(ValueError, match="registry: got 'zookeeper://x'"):
         config_for_argv(["serve", "--model", llama, "--registry", "zookeeper://x"])

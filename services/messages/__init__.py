@@ -1,0 +1,9 @@
+"""Every payload that crosses a role or a package, as a small typed class (mini-sglang's message/ package):
+a renamed field fails at once instead of being read as None two packages away.
+
+- kv_feed.py: a worker's KV events, in its routing stats for the KV-aware routers
+- worker.py: a worker's counters and stats (routing stats, /stats), its registration in the registry
+- pools.py: a pool as the registry and /v1/pools describe it; a worker's KV tier and draft settings
+The KV handle is services/transport/base.py:KVHandle; requests and deltas between the frontend and the
+workers are services/worker_protocol.py.
+"""
