@@ -29,6 +29,7 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # static helm + kubectl for the chart's tests (not in Debian; see helm/fetch_helm.py)
 $(VENV)/bin/helm: helm/fetch_helm.py | $(STAMP)

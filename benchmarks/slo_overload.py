@@ -104,6 +104,7 @@ def run_config(
     from benchmarks.local_http import serve_in_thread
     from engine.async_llm import AsyncLLM
     from services.frontend import build_frontend
+    from services.openai_serving import OpenAIServing
 
     llm = AsyncLLM.from_pretrained(
         model,
@@ -113,7 +114,7 @@ def run_config(
         scheduling_policy="priority" if with_classes else "fcfs",
     )
     app = build_frontend(
-        llm, MODEL, slo_table=TABLE, admission=AdmissionController() if with_classes else None
+        OpenAIServing(llm, MODEL, slo_table=TABLE, admission=AdmissionController() if with_classes else None)
     )
     try:
         with serve_in_thread(app) as url:

@@ -56,7 +56,8 @@ def drive(
     output_len: str,
     timeout_s: float,
 ):
-    from benchmarks.loadgen.runner import Load, Run, Target, run_load
+    from benchmarks.loadgen.client import Target
+    from benchmarks.loadgen.runner import Load, Run, run_load
     from benchmarks.loadgen.workloads import random_workload
 
     run = Run()

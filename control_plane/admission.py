@@ -210,3 +210,19 @@ class AdmissionController:
         busy = now - self._mark if self._mark is not None else 0.0
         self._samples.append((now, busy, tokens))
         self._mark = now if self._pending else None
+
+
+class AdmitEverything:
+    """No admission control (a server configured without it): every request is admitted, nothing measured."""
+
+    def admit(self, slo: SLOClass, prompt_tokens: int) -> Ticket:
+        return Ticket(slo, prompt_tokens)
+
+    def first_token(self, ticket: Ticket) -> None:
+        """Nothing measured."""
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Nothing queued."""
+
+    def most_overdue(self) -> Ticket | None:
+        return None

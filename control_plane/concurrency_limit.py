@@ -56,3 +56,13 @@ class ConcurrencyLimit:
         if inflight_at_admission + 1 >= self.value:
             step = 1.0 if self._slow_start else 1.0 / self._limit
             self._limit = min(float(self.max_limit), self._limit + step)
+
+
+class FixedLimit:
+    """The in-flight cap as configured, never moved (a server without admission control)."""
+
+    def __init__(self, max_limit: int):
+        self.value = max_limit
+
+    def observe(self, ttft_s: float, target_s: float, admitted_at: float, inflight_at_admission: int) -> None:
+        """A fixed cap learns nothing."""

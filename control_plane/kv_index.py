@@ -7,7 +7,7 @@ count for every worker on that node.
 """
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from control_plane.tiers import TIERS
@@ -28,7 +28,7 @@ class PrefixMatch:
 
 
 class KVIndex:
-    def __init__(self):
+    def __init__(self) -> None:
         self._where: dict[bytes, dict[str, int]] = {}  # hash -> {source: bitmask of tiers}
         self._shared: dict[str, set[str]] = {}  # worker -> sources whose blocks it can load (its node's)
         self._lock = threading.Lock()
@@ -69,7 +69,7 @@ class KVIndex:
             if not holders:
                 del self._where[block_hash]
 
-    def rebuild(self, source: str, snapshot: dict[str, Iterable[bytes]]) -> None:
+    def rebuild(self, source: str, snapshot: Mapping[str, Iterable[bytes]]) -> None:
         """Replace everything known about a source by its full state ({tier: hashes}): after it
         registers again, or when its event stream had a gap."""
         with self._lock:

@@ -137,7 +137,7 @@ class RegistryView(_LoopThread):
 
     def _apply(self, event: WatchEvent) -> None:
         with self._lock:
-            if event.kind == "put":
+            if event.kind == "put" and event.value is not None:
                 self._items[event.key] = event.value
             else:
                 self._items.pop(event.key, None)

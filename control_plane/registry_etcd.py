@@ -90,6 +90,6 @@ class EtcdRegistry(Registry):
 def open_registry(url: str) -> Registry:
     """A client for `etcd://HOST:PORT`; the embedded registry is opened by services/registry_actor.py."""
     kind, host, port = parse_url(url)
-    if kind != "etcd":
+    if kind != "etcd" or host is None or port is None:
         raise ValueError("registry: 'embedded' lives in a Ray actor (services.registry_actor.connector)")
     return EtcdRegistry(host, port)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -26,6 +27,7 @@ from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("ridgeline.engine")
+Result = TypeVar("Result")
 
 
 class EngineDeadError(RuntimeError):
@@ -44,7 +46,7 @@ class AsyncLLM:
             raise ValueError(f"stall_timeout_s: got {stall_timeout_s}, allowed > 0")
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread writes
         self._wakeup = threading.Event()
         self._idle_wait_s = idle_wait_s
@@ -92,7 +94,7 @@ class AsyncLLM:
         }
         if self._error is not None:
             raise EngineDeadError(f"engine step loop failed: {self._error!r}")
-        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue[RequestOutput | BaseException]()
 
         def add() -> None:
             self.engine.add_request(EngineRequest(request_id, prompt, params, stream=True, **request_options))
@@ -114,8 +116,8 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def call(
-        self, fn: Callable[[LLMEngine], object], undo: Callable[[LLMEngine, object], object] | None = None
-    ) -> object:
+        self, fn: Callable[[LLMEngine], Result], undo: Callable[[LLMEngine, Result], object] | None = None
+    ) -> Result:
         """Run fn(engine) on the engine thread between steps; its result or exception comes back.
         `undo(engine, result)` reverts what fn did when the caller is cancelled after fn ran (or while
         it runs): a reservation or a lease nobody will use is given back at once."""
@@ -126,14 +128,14 @@ class AsyncLLM:
             return await asyncio.shield(asyncio.wrap_future(done))
         except asyncio.CancelledError:
 
-            def revert(f: Future) -> None:
+            def revert(f: Future[Result]) -> None:
                 if not f.cancelled() and f.exception() is None:
                     self.submit(lambda engine: undo(engine, f.result()))
 
             done.add_done_callback(revert)
             raise
 
-    def submit(self, fn: Callable[[LLMEngine], object]) -> Future:
+    def submit(self, fn: Callable[[LLMEngine], Result]) -> Future[Result]:
         """Thread-safe: fn(engine) runs on the engine thread before its next step."""
         return self._submit(lambda: fn(self.engine))
 
@@ -174,8 +176,8 @@ class AsyncLLM:
         self._wakeup.set()
         self._thread.join(timeout=10)
 
-    def _submit(self, command: Callable[[], object]) -> Future:
-        done: Future = Future()
+    def _submit(self, command: Callable[[], Result]) -> Future[Result]:
+        done: Future[Result] = Future()
         if self._error is not None:
             done.set_exception(EngineDeadError(f"engine step loop failed: {self._error!r}"))
             return done

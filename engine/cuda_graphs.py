@@ -8,6 +8,7 @@ one-token context, and their logits are dropped. The attention backend must read
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from engine.models.decoder import DecoderForCausalLM
 from kernels.decode_attention import num_kv_splits
 
 
@@ -19,7 +20,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class CUDAGraphRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: DecoderForCausalLM,
         kv_caches: list[torch.Tensor],
         backend: AttentionBackend,
         block_size: int,

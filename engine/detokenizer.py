@@ -13,7 +13,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(request.num_prompt_tokens - _CONTEXT, 0)
         self.read_offset = request.num_prompt_tokens
         self.output_text = ""
-        stops = request.params.stop
+        stops = request.params.stops
         self.max_stop_len = max((len(s) for s in stops), default=0)
 
     def update(self, skip_last: bool, final: bool = False) -> str | None:
@@ -38,7 +38,7 @@ class IncrementalDetokenizer:
             return None
         search_from = max(before - self.max_stop_len + 1, 0)
         best = None
-        for stop in self.request.params.stop:
+        for stop in self.request.params.stops:
             idx = self.output_text.find(stop, search_from)
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, stop)

@@ -1,6 +1,7 @@
 """The offline API: LLM(path).generate(prompts, params) and .chat(messages)."""
 
 import itertools
+from typing import cast
 
 from engine.envs import default_model_path
 from engine.llm_engine import LLMEngine
@@ -64,6 +65,9 @@ class LLM:
     def chat(
         self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, **kwargs
     ) -> list[RequestOutput]:
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = cast(list[list[dict]], messages)
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, sampling_params, **kwargs)

@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.models import ModelConfig, build_model, resolve_architecture
 from engine.models.config import model_config_from_hf
+from engine.models.decoder import DecoderForCausalLM
 from engine.models.weights import iter_weights, load_weights, safetensors_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -17,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: DecoderForCausalLM
     config: ModelConfig
     dtype: torch.dtype
     fingerprint: str  # identifies the weights: part of every KV block hash

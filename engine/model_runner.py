@@ -9,6 +9,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
+from engine.models.decoder import DecoderForCausalLM
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import Sampled, SchedulerOutput
@@ -28,7 +29,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: DecoderForCausalLM,
         kv_pool: torch.Tensor,
         backend: AttentionBackend,
         block_manager: BlockManager,
@@ -155,8 +156,8 @@ class ModelRunner:
                 tokens, accepted = verify_greedy(best[lo:hi], drafts)
             else:
                 tokens, accepted = verify(logits[lo:hi], drafts, request)
-            logprobs = [None] * len(tokens)
+            logprobs: list[dict[int, float] | None] = [None] * len(tokens)
             if request.params.logprobs is not None:
                 logprobs = self.sampler.logprobs_of(logits[lo : lo + len(tokens)], request.params, tokens)
             results[i] = Sampled(request, tokens, logprobs, k, accepted)
-        return results
+        return [r for r in results if r is not None]  # every request got its row

@@ -77,7 +77,9 @@ class Sampler:
             return [None] * len(params)
         logprobs = logits.log_softmax(dim=-1)  # of the raw model output, as vLLM reports them
         top_n = max(n or 0 for n in wanted)
-        top_vals, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
+        top_vals, top_ids = (
+            logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], logprobs[:, :0].long())
+        )
         out: list[dict[int, float] | None] = []
         for i, n in enumerate(wanted):
             if n is None:

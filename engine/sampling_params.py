@@ -86,10 +86,15 @@ class SamplingParams:
             or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
         ):
             raise bad("seed", f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None")
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if any(not isinstance(s, str) or not s for s in self.stops):
             raise bad("stop", "non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "non-negative integers")
+
+    @property
+    def stops(self) -> list[str]:
+        """The stop strings (`stop` is always a list once constructed)."""
+        return self.stop if isinstance(self.stop, list) else []
 
     @property
     def greedy(self) -> bool:

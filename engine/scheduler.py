@@ -11,7 +11,7 @@ from typing import Protocol
 
 from engine.config import SchedulerConfig
 from engine.kv.block_hash import update_block_hashes
-from engine.kv.block_manager import BlockManager
+from engine.kv.block_manager import Block, BlockManager
 from engine.kv.offload import KVOffloader, NullOffloader
 from engine.request import Request, RequestStatus
 from engine.scheduling_policy import SchedulingPolicy, make_policy
@@ -144,6 +144,7 @@ class Scheduler:
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim, out)
             handed_over = request.num_computed_tokens > 0  # KV from another worker already fills its blocks
+            hits: list[Block]
             if handed_over:
                 hits, num_hit_tokens = [], request.num_computed_tokens
             else:

@@ -7,6 +7,7 @@ import asyncio
 import urllib.request
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 SCRAPE_FAILURES = Counter(
@@ -35,7 +36,7 @@ class _Families:
 
 def merge(texts: dict[str | None, str]) -> bytes:
     """Exposition texts by replica (None: the frontend itself, whose families are all kept) into one."""
-    merged: dict[str, object] = {}
+    merged: dict[str, Metric] = {}
     for replica, text in texts.items():
         for family in text_string_to_metric_families(text):
             if replica is not None and not family.name.startswith("ridgeline_"):

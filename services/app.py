@@ -5,7 +5,7 @@ requests reach replicas through the least-loaded router."""
 import dataclasses
 import importlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -28,6 +28,7 @@ from services.draft import DraftWorker
 from services.frontend import build_frontend
 from services.messages.pools import DraftSettings, PoolDescription, TierSettings
 from services.messages.worker import WorkerRegistration
+from services.openai_serving import OpenAIServing
 from services.pd_client import DisaggregatedClient
 from services.prefill import PrefillWorker
 from services.registry_actor import connector
@@ -277,7 +278,7 @@ class ServeConfig(BaseModel):
     def pools(self) -> dict[str, tuple[PoolConfig, str, str]]:
         """name -> (config, role, router) of the pools this app runs."""
         decode_router = self.router if self.mode == "aggregated" else "least_loaded"
-        pools = {
+        pools: dict[str, tuple[PoolConfig, str, str]] = {
             "decode": (self.decode, "decode" if self.mode == "disaggregated" else "aggregated", decode_router)
         }
         if self.mode == "disaggregated":
@@ -314,7 +315,7 @@ class OpenAIIngress:
         self.client: DisaggregatedClient | None = None
         self.app_name = self.config.app_name or serve.get_replica_context().app_name
         tracing.configure("ridgeline-frontend")  # records spans only when OTEL_* names an exporter
-        self._membership = []
+        self._membership: list[Registration | RegistryView] = []
 
     def _follow_registry(self):
 
@@ -404,18 +405,16 @@ class OpenAIIngress:
             )
 
         api_key = self.config.api_key or envs.api_key()
-        return build_frontend(
+        serving = OpenAIServing(
             self.client,
             model,
-            api_key=api_key,
-            slo_table=self.config.slo_table(),
             max_inflight=self.config.max_inflight,
+            slo_table=self.config.slo_table(),
             prices=prices,
             admission=AdmissionController() if self.config.admission else None,
             concurrency=ConcurrencyLimit(self.config.max_inflight) if self.config.admission else None,
-            pools=pools,
-            app_metrics=metrics,
         )
+        return build_frontend(serving, api_key=api_key, pools=pools, app_metrics=metrics)
 
     def __del__(self):
         for part in getattr(self, "_membership", []):
@@ -434,12 +433,13 @@ _ROUTERS = {
 def _router_config(router: str, registry: dict) -> RequestRouterConfig:
     """registry: {"url": ..., "app": ...}: the routers follow the registry (services/routing.py) through
     Serve's request-router state hook."""
-    return RequestRouterConfig(
-        request_router_class=_ROUTERS[router],
-        request_router_kwargs={"registry_url": registry["url"], "registry_app": registry["app"]},
-        request_routing_stats_period_s=0.5,
-        request_routing_stats_timeout_s=5,
-    )
+    settings: dict[str, Any] = {
+        "request_router_class": _ROUTERS[router],
+        "request_router_kwargs": {"registry_url": registry["url"], "registry_app": registry["app"]},
+        "request_routing_stats_period_s": 0.5,
+        "request_routing_stats_timeout_s": 5,
+    }
+    return RequestRouterConfig(**settings)
 
 
 def _actor_options(
@@ -447,8 +447,8 @@ def _actor_options(
     num_gpus: float = 0.0,
     env: dict[str, str] | None = None,
     resources: dict[str, float] | None = None,
-) -> dict:
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if resources:
         options["resources"] = dict(resources)
     if env:
@@ -519,13 +519,13 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
     elif config.spec == "draft":
         decode_engine |= {"num_speculative_tokens": config.num_speculative_tokens}
         d = config.draft
+        assert d is not None  # ServeConfig checks that spec "draft" comes with a draft pool
         pool_handle = serve.deployment(
-            DraftWorker,
             name="DraftWorker",
             num_replicas=d.replicas,
             max_ongoing_requests=64,
             ray_actor_options=_actor_options(d.num_cpus, env=config.env, resources=d.ray_resources),
-        ).bind(d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
+        )(DraftWorker).bind(d.model, d.engine, num_threads=max(1, int(d.num_cpus)))
         drafts = DraftSettings(pool_handle, deadline_s=d.deadline_s, wait_s=d.wait_s, pool="draft")
     decode = _pool(
         worker_class(decode_pool, DecodeWorker),
@@ -563,12 +563,11 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
     # admission control and metrics see the whole queue; Serve's default (5 ongoing) would hold the rest in
     # the proxy, invisible
     ingress = serve.deployment(
-        OpenAIIngress,
         name="OpenAIIngress",
         num_replicas=1,
         max_ongoing_requests=config.max_inflight + 16,
         ray_actor_options=_actor_options(config.frontend_num_cpus, env=config.env),
-    )
+    )(OpenAIIngress)
     return ingress.bind(config.model_dump(), decode, prefill)
 
 

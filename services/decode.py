@@ -105,6 +105,7 @@ class DecodeWorker(EngineWorker):
         """KV tokens now in this worker's blocks for the request: the handle's, or 0 to recompute. Blocks
         this worker already caches (a shared prefix, an earlier turn) are reused, not pulled."""
         request_id, handle = req.request_id, req.kv_handle
+        assert handle is not None  # called for a request that came with a KV handle
         try:  # cancelled meanwhile: the reservation is freed and the owner told to free its blocks
             reserved = await self.llm.call(
                 lambda e: e.kv_handoff.reserve(

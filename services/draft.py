@@ -136,6 +136,7 @@ class RemoteDrafter(Drafter):
                 if self._stop:
                     return
                 batch, self._pending, seq = self._pending, None, self._sent
+            assert batch is not None  # woken with a batch pending, or stopped
             ids = list(batch)
             start = time.monotonic()
             try:

@@ -6,6 +6,7 @@ import functools
 import os
 import socket
 import uuid
+from wsgiref.simple_server import WSGIServer
 
 from opentelemetry import trace
 
@@ -22,7 +23,7 @@ from services.kv_feed import KVEventFeed
 from services.kv_memory.client import KVMemoryClient
 from services.kv_memory.service import connect
 from services.kv_memory.tier_policy import TierPolicy
-from services.kv_memory.tiered_store import build_store
+from services.kv_memory.tiered_store import TieredKVStore, build_store
 from services.messages.kv_feed import KVFeedReport
 from services.messages.pools import TierSettings
 from services.messages.worker import WorkerCounters, WorkerRegistration, WorkerStats
@@ -94,8 +95,8 @@ class EngineWorker:
             model, self.role, {"pool_name": pool_name, "model_name": model_name}
         )
         self.pool, self.model_name = self.metric_labels["pool"], self.metric_labels["model"]
-        self.registration = None
-        self.metrics_server = None
+        self.registration: Registration | None = None
+        self.metrics_server: WSGIServer | None = None
         self.transport = make_transport(kv_transport)
         factory = functools.partial(self._kv_store_for, kv_tiers, kv_transport) if kv_tiers else None
         self.llm = AsyncLLM.from_pretrained(
@@ -155,7 +156,7 @@ class EngineWorker:
         engine = self.engine
         node_ip = _node_ip()
         # this replica's metrics endpoint: the frontend's /metrics gathers it (observability/aggregate.py)
-        self.metrics_server = start_metrics_server(node_ip, self.metrics_token)
+        self.metrics_server = server = start_metrics_server(node_ip, self.metrics_token)
         value = WorkerRegistration(
             pool=self.pool,
             role=self.role,
@@ -170,17 +171,17 @@ class EngineWorker:
             kv_dtype=str(engine.dtype),
             kv_fingerprint=engine.fingerprint,
             max_model_len=engine.max_model_len,
-            metrics_url=f"http://{node_ip}:{self.metrics_server.server_port}/metrics",
+            metrics_url=f"http://{node_ip}:{server.server_port}/metrics",
         ).to_json()
         app = registry.get("app") or _app_name()
-        self.registration = Registration(
+        self.registration = registration = Registration(
             connector(registry["url"]),
             keys.worker(app, self.pool, self.name),
             value,
             ttl_s=registry.get("ttl_s", 10.0),
             on_registered=self.kv_feed.force_snapshot,
         )
-        self.registration.start()
+        registration.start()
 
     def _metrics_read(self) -> dict:
         """Engine state for observability/worker_metrics.py (read at scrape time, off the engine thread)."""
@@ -191,7 +192,7 @@ class EngineWorker:
         store, offloader = self.kv_store, engine.offloader
         if store is not None:
             block_bytes = engine.kv_pool[0].numel() * engine.kv_pool.element_size()
-            occupancy = store.occupancy() if hasattr(store, "occupancy") else {}
+            occupancy = store.occupancy()
             for tier in ("dram", "ssd"):
                 if f"{tier}_capacity_blocks" in occupancy:
                     kv_blocks[tier] = (occupancy[f"{tier}_capacity_blocks"], occupancy[f"{tier}_blocks"])
@@ -277,15 +278,14 @@ class EngineWorker:
         if store is None:
             return {}
         stats = {k: (dict(v) if isinstance(v, dict) else v) for k, v in store.stats.items()}
-        if hasattr(store, "occupancy"):
-            stats |= store.occupancy()
+        stats |= store.occupancy()
         return stats
 
     def _kv_snapshot(self) -> dict[str, list[bytes]]:
         """Every block this worker holds, by tier (HBM from the prefix cache; DRAM/SSD of in-process tiers)."""
         out = {"hbm": list(self.engine.block_manager.cached)}
         store = self.kv_store
-        if store is not None and hasattr(store, "dram"):
+        if isinstance(store, TieredKVStore):  # the node's service reports its tiers itself
             out["dram"] = store.dram.hashes()
             if store.ssd is not None:
                 out["ssd"] = store.ssd.hashes()

@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,12 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from control_plane.admission import AdmissionController
-from control_plane.concurrency_limit import ConcurrencyLimit
-from control_plane.cost import PriceList
-from control_plane.slo import DEFAULT_SLO_TABLE, SLOTable
 from engine.async_llm import EngineDeadError
-from engine.protocol import EngineClient
 from engine.tokenizer import Tokenizer
 from services.http_limits import MAX_BODY_BYTES, BodyLimit
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, now
@@ -38,6 +34,7 @@ from services.openai_serving import Generation, HTTPError, OpenAIServing, intern
 from services.request_metrics import count_outcome
 
 logger = logging.getLogger("ridgeline.frontend")
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str]:
@@ -46,7 +43,7 @@ def _validation_message(err: ValidationError) -> tuple[str, str]:
     return f"{param}: {first['msg'].removeprefix('Value error, ')}", param
 
 
-async def _parse(request: Request, model_cls: type[BaseModel]) -> BaseModel:
+async def _parse(request: Request, model_cls: type[Model]) -> Model:
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise HTTPError(413, f"request body: {len(raw)} bytes, at most {MAX_BODY_BYTES}")
@@ -88,86 +85,22 @@ def _lone_surrogate(data, path: str = "") -> str | None:
 
 
 def build_frontend(
-    llm: EngineClient,
-    model_name: str,
+    serving: OpenAIServing,
     api_key: str | None = None,
-    max_inflight: int = 256,
-    slo_table: SLOTable = DEFAULT_SLO_TABLE,
-    prices: dict[str, float] | None = None,
-    default_pool: str = "engine",
-    admission: AdmissionController | None = None,
-    concurrency: ConcurrencyLimit | None = None,
     pools: Callable[[], Awaitable[list[dict]]] | None = None,
     app_metrics: Callable[[], Awaitable[bytes]] | None = None,
 ) -> FastAPI:
     """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /v1/pools, /health, /metrics.
 
-    `llm` is the engine client: AsyncLLM in this process, or the Ray pools' DisaggregatedClient.
-    `prices`: $/hour per replica by pool (outputs that name no pool are `default_pool`'s); `admission`
-    rejects what would miss its class's TTFT target; `concurrency` adapts the in-flight cap under max_inflight; `pools()` lists the pools for /v1/pools;
-    `app_metrics()` renders /metrics for the whole app (default: this process's registry)."""
+    `serving` holds the engine client (AsyncLLM in this process, or the Ray pools' DisaggregatedClient)
+    with the model name, SLO classes, admission, in-flight cap and prices; `api_key` guards every path
+    but /health; `pools()` lists the pools for /v1/pools; `app_metrics()` renders /metrics for the whole
+    app (default: this process's registry)."""
+    llm, model_name = serving.llm, serving.model_name
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit)  # outermost: nothing reads a body past the limit
-    serving = OpenAIServing(
-        llm,
-        model_name,
-        max_inflight,
-        slo_table,
-        PriceList(prices or {}),
-        default_pool,
-        admission,
-        concurrency,
-    )
-
-    def _count_unserved(request: Request, outcome: str) -> None:
-        if not getattr(request.state, "counted", False):  # ended before it was served
-            request.state.counted = True
-            count_outcome(model_name, getattr(request.state, "slo_name", "none"), outcome)
-
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, exc: HTTPError):
-        _count_unserved(
-            request, "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid"
-        )
-        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _route_error(request: Request, exc: StarletteHTTPException):
-        """Unknown paths and methods answer in OpenAI's error shape too."""
-        _count_unserved(request, "invalid")
-        body = error_body(
-            f"{request.method} {request.url.path}: {exc.detail}",
-            code="not_found" if exc.status_code == 404 else None,
-        )
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception):
-        rid = getattr(request.state, "request_id", "unknown")
-        logger.error("request %s failed", rid, exc_info=exc)
-        _count_unserved(request, "error")
-        return JSONResponse(internal_error_body(rid), status_code=500, headers={"x-request-id": rid})
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        request.state.received, request.state.received_ns = time.perf_counter(), time.time_ns()
-        request.state.request_id = rid = uuid.uuid4().hex
-        path, root = request.scope["path"], request.scope.get("root_path", "")
-        if api_key is not None and path.removeprefix(root) != "/health":  # root: a mounted prefix
-            header = request.headers.get("authorization", "")
-            token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(
-                    error_body(
-                        "missing or wrong API key (Authorization: Bearer <key>)",
-                        "authentication_error",
-                        code="invalid_api_key",
-                    ),
-                    status_code=401,
-                )
-        response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        return response
+    _add_error_handlers(app, model_name)
+    _add_request_ids_and_auth(app, api_key)
 
     @app.get("/health")
     async def health():
@@ -240,6 +173,64 @@ def build_frontend(
         return await serving.respond(http, rid, gen, renderer)
 
     return app
+
+
+def _count_unserved(request: Request, model_name: str, outcome: str) -> None:
+    if not getattr(request.state, "counted", False):  # ended before it was served
+        request.state.counted = True
+        count_outcome(model_name, getattr(request.state, "slo_name", "none"), outcome)
+
+
+def _add_error_handlers(app: FastAPI, model_name: str) -> None:
+    """Every error in OpenAI's shape, and every request that ends unserved counted once."""
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError):
+        outcome = "rejected" if exc.status == 429 else "error" if exc.status >= 500 else "invalid"
+        _count_unserved(request, model_name, outcome)
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _route_error(request: Request, exc: StarletteHTTPException):
+        """Unknown paths and methods answer in OpenAI's error shape too."""
+        _count_unserved(request, model_name, "invalid")
+        body = error_body(
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code="not_found" if exc.status_code == 404 else None,
+        )
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "unknown")
+        logger.error("request %s failed", rid, exc_info=exc)
+        _count_unserved(request, model_name, "error")
+        return JSONResponse(internal_error_body(rid), status_code=500, headers={"x-request-id": rid})
+
+
+def _add_request_ids_and_auth(app: FastAPI, api_key: str | None) -> None:
+    """Each request's id (the x-request-id header) and arrival time; the API key, when one is set."""
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        request.state.received, request.state.received_ns = time.perf_counter(), time.time_ns()
+        request.state.request_id = rid = uuid.uuid4().hex
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if api_key is not None and path.removeprefix(root) != "/health":  # root: a mounted prefix
+            header = request.headers.get("authorization", "")
+            token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return JSONResponse(
+                    error_body(
+                        "missing or wrong API key (Authorization: Bearer <key>)",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    ),
+                    status_code=401,
+                )
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        return response
 
 
 def _checked(make, **kwargs):

@@ -114,13 +114,16 @@ def proxy_middlewares() -> list:
     return [Middleware(BodyLimit)]
 
 
+_ARMED: set[type] = set()  # uvicorn protocol classes already patched
+
+
 def arm_header_deadlines(timeout_s: float = HEADER_READ_TIMEOUT_S) -> None:
     """Close a uvicorn connection that has not completed its first request's headers within timeout_s
     (uvicorn has no such timeout: a client trickling header bytes would hold the connection for ever)."""
     from uvicorn.protocols.http import h11_impl, httptools_impl
 
     for protocol in (h11_impl.H11Protocol, httptools_impl.HttpToolsProtocol):
-        if getattr(protocol, "_ridgeline_header_deadline", False):
+        if protocol in _ARMED:
             continue
         made = protocol.connection_made
 
@@ -128,8 +131,8 @@ def arm_header_deadlines(timeout_s: float = HEADER_READ_TIMEOUT_S) -> None:
             _made(self, transport)
             self.loop.call_later(timeout_s, _close_if_no_request, self)
 
-        protocol.connection_made = connection_made
-        protocol._ridgeline_header_deadline = True
+        setattr(protocol, "connection_made", connection_made)  # noqa: B010 - patching a class, on purpose
+        _ARMED.add(protocol)
 
 
 def _close_if_no_request(protocol) -> None:

@@ -16,12 +16,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from control_plane.admission import AdmissionController, Overloaded, Ticket
-from control_plane.concurrency_limit import ConcurrencyLimit
+from control_plane.admission import AdmissionController, AdmitEverything, Overloaded, Ticket
+from control_plane.concurrency_limit import ConcurrencyLimit, FixedLimit
 from control_plane.cost import PriceList
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.async_llm import EngineDeadError
@@ -104,22 +105,23 @@ class OpenAIServing:
         self,
         llm: EngineClient,
         model_name: str,
-        max_inflight: int,
+        max_inflight: int = 256,
         slo_table: SLOTable = DEFAULT_SLO_TABLE,
-        prices: PriceList | None = None,
+        prices: PriceList | dict[str, float] | None = None,
         default_pool: str = "engine",
-        admission: AdmissionController | None = None,
-        concurrency: ConcurrencyLimit | None = None,
+        admission: AdmissionController | AdmitEverything | None = None,
+        concurrency: ConcurrencyLimit | FixedLimit | None = None,
     ):
         self.slo_table = slo_table
         self.llm = llm
         self.model_name = model_name
         self.max_inflight = max_inflight
-        self.prices = prices or PriceList({})
+        self.prices = prices if isinstance(prices, PriceList) else PriceList(prices or {})
         self.default_pool = default_pool
-        self.admission = admission
+        self.admission = admission or AdmitEverything()
         self.inflight = 0  # requests between their slot and their end (this frontend's own count: no await)
-        self.concurrency = concurrency  # the cap found under load (control_plane/concurrency_limit.py)
+        # the cap found under load (control_plane/concurrency_limit.py), or max_inflight as configured
+        self.concurrency = concurrency or FixedLimit(max_inflight)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -144,17 +146,11 @@ class OpenAIServing:
         """Count a request in flight, or refuse it (429: overload is the client's to retry) when the requests
         in flight fill what its class may use (SLOTable.inflight_limit) of the cap: the adaptive limit when
         there is one, never above max_inflight. Returns (when, how many were in flight before it)."""
-        if (
-            self.concurrency is not None
-            and self.admission is not None
-            and (late := self.admission.most_overdue()) is not None
-        ):  # already late: no need to wait for it
+        if (late := self.admission.most_overdue()) is not None:  # already late: no need to wait for it
             self.concurrency.observe(
                 time.monotonic() - late.admitted_at, late.slo.ttft_ms / 1000, late.admitted_at, 0
             )
-        cap = (
-            self.max_inflight if self.concurrency is None else min(self.max_inflight, self.concurrency.value)
-        )
+        cap = min(self.max_inflight, self.concurrency.value)
         limit = self.slo_table.inflight_limit(slo, cap)
         if self.inflight >= limit:
             raise HTTPError(
@@ -184,9 +180,7 @@ class OpenAIServing:
             )
         return await asyncio.to_thread(self.llm.tokenizer.encode, text, add_special_tokens)
 
-    def _admit(self, slo: SLOClass, prompt_ids: list[int]) -> Ticket | None:
-        if self.admission is None:
-            return None
+    def _admit(self, slo: SLOClass, prompt_ids: list[int]) -> Ticket:
         try:
             return self.admission.admit(slo, len(prompt_ids))
         except Overloaded as e:
@@ -256,8 +250,7 @@ class OpenAIServing:
         try:
             first = await anext(stream)
         except BaseException as e:
-            if ticket is not None:  # nothing will come: it leaves the queue without draining it
-                self.admission.cancel(ticket)
+            self.admission.cancel(ticket)  # nothing will come: it leaves the queue without draining it
             http.state.counted = True
             record.finish(None, "invalid" if isinstance(e, ValueError) else "error")
             if isinstance(e, ValueError):
@@ -265,12 +258,8 @@ class OpenAIServing:
             if isinstance(e, UNAVAILABLE):
                 raise HTTPError.unavailable(http, e) from None
             raise
-        if ticket is not None:
-            self.admission.first_token(ticket)
-        if self.concurrency is not None:
-            self.concurrency.observe(
-                time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before
-            )
+        self.admission.first_token(ticket)
+        self.concurrency.observe(time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before)
         account.update(first)
         record.output(first)
         return Flight(first, _observed(stream, account, record), account, record)
@@ -310,7 +299,7 @@ class OpenAIServing:
 
     def usage(self, out: RequestOutput, account: RequestAccount) -> dict:
         completion = sum(len(c.token_ids) for c in out.outputs)
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": len(out.prompt_token_ids),
             "completion_tokens": completion,
             "total_tokens": len(out.prompt_token_ids) + completion,
@@ -435,4 +424,4 @@ async def _deltas(first: RequestOutput, stream: AsyncIterator, hold: int):
 
 
 def _hold(params) -> int:
-    return max((len(s) for s in params.stop), default=1) - 1
+    return max((len(s) for s in params.stops), default=1) - 1

@@ -69,6 +69,7 @@ class PrefillWorker(EngineWorker):
                 preemptible=req.preemptible,
             ):
                 last = out
+            assert last is not None  # a stream ends with its finished output
             self.observe_queue_time(last.queued, req.slo_class, span)
             span.set_attribute("ridgeline.cached_tokens", last.num_cached_tokens)
             delta = DeltaTracker(0, self.name, self.pool).delta(last)

@@ -40,7 +40,7 @@ class _LoadTrackingRouter(RequestRouter):
         self._inflight: Counter = Counter()
         self._recent_choices: list[tuple[float, str]] = []
         self._ever_registered: set[str] = set()
-        self._registrations: dict[str, float] | None = None
+        self._registrations: dict[str, float | None] | None = None
         self._view: RegistryView | None = None
         if registry_url is not None:
             app = registry_app or self._deployment_id.app_name
@@ -150,13 +150,15 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
     index of every replica's blocks kept current from the KV event batches replicas put in their routing
     stats (services/kv_feed.py), plus what this router just sent (until the replica's events catch up)."""
 
-    def initialize_state(self, **kwargs) -> None:
-        super().initialize_state(**kwargs)
+    def initialize_state(
+        self, registry_url: str | None = None, registry_app: str | None = None, **kwargs
+    ) -> None:
+        super().initialize_state(registry_url, registry_app, **kwargs)
         self._index = KVIndex()
         self._policy = KVAwarePolicy(self._index)
         self._seen: dict[str, int] = {}  # replica -> the last KV event batch applied
         self._last_seen: dict[str, float] = {}  # replica -> when it was last a candidate
-        self._registered_at: dict[str, float] = {}  # replica -> the registration its entries came with
+        self._registered_at: dict[str, float | None] = {}  # replica -> the registration its entries came with
 
     def _sync(self, replicas: list[RunningReplica]) -> None:
         index, seen, last_seen = self._index, self._seen, self._last_seen

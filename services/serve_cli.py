@@ -129,28 +129,30 @@ def config_from_args(args: argparse.Namespace):
         "weight_dtype": args.dtype,
         "device": args.device,
     }
-    return ServeConfig(
-        model=model,
-        served_model_name=args.served_model_name,
-        mode="aggregated" if args.aggregated else "disaggregated",
-        prefill={**pool, "replicas": args.prefill, "price_per_hour": args.prefill_price},
-        decode={**pool, "replicas": args.decode, "price_per_hour": args.decode_price},
-        kv_transport=args.kv_transport,
-        api_key=api_key_of(args),
-        router=args.router,
-        expose_worker_addresses=args.expose_worker_addresses,
-        registry=args.registry,
-        registry_ttl_s=args.registry_ttl,
-        spec="draft" if args.draft_model else (args.spec or "none"),
-        num_speculative_tokens=args.num_speculative_tokens,
-        draft={
-            "model": args.draft_model,
-            "replicas": args.draft_workers,
-            "num_cpus": args.draft_cpus,
-            "wait_s": args.draft_wait,
-        }
-        if args.draft_model
-        else None,
+    return ServeConfig.model_validate(
+        dict(
+            model=model,
+            served_model_name=args.served_model_name,
+            mode="aggregated" if args.aggregated else "disaggregated",
+            prefill={**pool, "replicas": args.prefill, "price_per_hour": args.prefill_price},
+            decode={**pool, "replicas": args.decode, "price_per_hour": args.decode_price},
+            kv_transport=args.kv_transport,
+            api_key=api_key_of(args),
+            router=args.router,
+            expose_worker_addresses=args.expose_worker_addresses,
+            registry=args.registry,
+            registry_ttl_s=args.registry_ttl,
+            spec="draft" if args.draft_model else (args.spec or "none"),
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft={
+                "model": args.draft_model,
+                "replicas": args.draft_workers,
+                "num_cpus": args.draft_cpus,
+                "wait_s": args.draft_wait,
+            }
+            if args.draft_model
+            else None,
+        )
     )
 
 

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.loadgen import report, workloads
-from benchmarks.loadgen.runner import Load, Run, Target, run_load
+from benchmarks.loadgen.client import Target
+from benchmarks.loadgen.runner import Load, Run, run_load
 from benchmarks.loadgen.stats import summarize
 
 

@@ -11,6 +11,17 @@ import httpx
 
 
 @dataclass
+class Target:
+    """The server under test and what every request to it carries."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    ignore_eos: bool = True  # outputs run to max_tokens (vLLM, SGLang and Ridgeline honour it)
+
+
+@dataclass
 class RequestResult:
     ok: bool
     start: float  # seconds since the run started
@@ -47,32 +58,29 @@ def _content(chunk: dict) -> str:
 
 async def send(
     client: httpx.AsyncClient,
-    url: str,
-    model: str,
+    target: Target,
     *,
     prompt: str | None = None,
     messages: list[dict] | None = None,
     max_tokens: int,
     slo_class: str | None = None,
-    api_key: str | None = None,
-    timeout_s: float = 600.0,
-    ignore_eos: bool = True,
     run_start: float = 0.0,
 ) -> RequestResult:
     chat = messages is not None
+    timeout_s = target.timeout_s
     body = {
-        "model": model,
+        "model": target.model,
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": 0.0,
     }
     body |= {"messages": messages} if chat else {"prompt": prompt}
-    if ignore_eos:
-        body["ignore_eos"] = True  # vLLM, SGLang and Ridgeline honour it: outputs run to max_tokens
+    if target.ignore_eos:
+        body["ignore_eos"] = True
     headers = {"x-slo-class": slo_class} if slo_class else {}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    if target.api_key:
+        headers["Authorization"] = f"Bearer {target.api_key}"
     path = "/v1/chat/completions" if chat else "/v1/completions"
     start = time.perf_counter()
     result = RequestResult(ok=False, start=start - run_start, slo_class=slo_class)
@@ -82,7 +90,7 @@ async def send(
             asyncio.timeout(timeout_s),
             client.stream(
                 "POST",
-                url.rstrip("/") + path,
+                target.url.rstrip("/") + path,
                 json=body,
                 headers=headers,
                 timeout=httpx.Timeout(timeout_s, connect=10.0),

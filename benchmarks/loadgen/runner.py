@@ -15,17 +15,8 @@ import httpx
 
 from benchmarks.loadgen import arrivals
 from benchmarks.loadgen.arrivals import PROCESSES
-from benchmarks.loadgen.client import RequestResult, send
+from benchmarks.loadgen.client import RequestResult, Target, send
 from benchmarks.loadgen.workloads import RequestSpec
-
-
-@dataclass
-class Target:
-    url: str
-    model: str
-    api_key: str | None = None
-    timeout_s: float = 600.0
-    ignore_eos: bool = True
 
 
 @dataclass
@@ -102,15 +93,11 @@ async def _serve_unit(
             messages = history
         result = await send(
             client,
-            target.url,
-            target.model,
+            target,
             prompt=spec.prompt,
             messages=messages,
             max_tokens=spec.max_tokens,
             slo_class=spec.slo_class,
-            api_key=target.api_key,
-            timeout_s=target.timeout_s,
-            ignore_eos=target.ignore_eos,
             run_start=run.started,
         )
         run.results.append(result)

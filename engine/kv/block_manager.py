@@ -1,5 +1,6 @@
 """Paged KV block allocation with reference counts and chained-hash prefix caching."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,7 +100,7 @@ class BlockManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[Block] = ()
+        self, request: Request, num_new_tokens: int, computed_blocks: Sequence[Block] = ()
     ) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed (and hit) tokens.
 
@@ -128,7 +129,9 @@ class BlockManager:
         ids.extend(b.block_id for b in blocks[len(ids) :])
         return True
 
-    def allocate_blocks(self, request_id: str, num_blocks: int, hits: list[Block] = ()) -> list[int] | None:
+    def allocate_blocks(
+        self, request_id: str, num_blocks: int, hits: Sequence[Block] = ()
+    ) -> list[int] | None:
         """Blocks for a request that does not exist yet, whose KV arrives from another worker: the cached
         `hits` first (shared, already holding the right KV), then fresh blocks for the rest. None, changing
         nothing, when too few blocks are free."""

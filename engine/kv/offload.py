@@ -27,9 +27,11 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from engine.kv.events import KVEventLog
 from engine.request import Request
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ _PROBE_EVERY = 16  # of the loads judged not worth it, every 16th is done anyway
 class KVStore(ABC):
     """Blocks as raw bytes ([block_bytes] uint8 tensors), content-addressed by block hash."""
 
-    events = None  # engine/kv_events.KVEventLog the engine sets; a store records its tiers' moves there
+    events: KVEventLog | None = None  # the engine's log: a store records its tiers' moves there
+    stats: dict[str, Any]  # the store's own counters (hits, loads, drops), for metrics and /stats
 
     @abstractmethod
     def put(self, block_hash: bytes, data: torch.Tensor, priority: int = 0) -> None:
@@ -76,6 +79,10 @@ class KVStore(ABC):
         """Estimated seconds to load each block (None: unknown yet, then it is loaded)."""
         return [None] * len(block_hashes)
 
+    def occupancy(self) -> dict[str, int]:
+        """Blocks held and capacity per tier ({tier}_blocks, {tier}_capacity_blocks), where known."""
+        return {}
+
     def close(self) -> None:
         return None
 
@@ -97,7 +104,7 @@ class _Offload:
         self.block_ids, self.hashes, self.priorities, self.ready = block_ids, hashes, priorities, ready
         self.launched = threading.Event()
         self.taken: list[bool] = [False] * len(block_ids)
-        self.copied = None  # CUDA event after the copies
+        self.copied: torch.cuda.Event | None = None  # CUDA event after the copies
 
     def took(self, block_id: int) -> bool:
         if not self.launched.wait(60):  # never overwrite a block a late copy could still read
@@ -126,10 +133,12 @@ class KVOffloader:
         self._finished_event = threading.Event()
         self._loader: threading.Thread | None = None
         self._new: list[tuple[int, bytes, int]] = []  # cached this step: (block id, hash, priority)
-        self._written: dict[int, tuple[bytes, object]] = {}  # block id -> (hash, _Offload, None when copied)
+        self._written: dict[
+            int, tuple[bytes, _Offload | None]
+        ] = {}  # block id -> (hash, its copy down or None)
         self._reuse_waits: list = []  # events of copies down whose blocks were handed out again
         self._stream = torch.cuda.Stream(pool.device) if pool.is_cuda else None
-        self._offloads: queue.SimpleQueue = queue.SimpleQueue()
+        self._offloads: queue.SimpleQueue[_Offload | None] = queue.SimpleQueue()
         self._offloader: threading.Thread | None = None
         self.prefill_tokens_per_s: float | None = None  # measured on this engine's prefill steps
         self._judged_slower = 0
@@ -146,8 +155,9 @@ class KVOffloader:
         them (all when costs or the prefill rate are not known yet)."""
         if self.prefill_tokens_per_s is None:
             return len(store_hashes)
-        costs = self.store.load_costs(store_hashes)
-        if any(c is None for c in costs):
+        maybe_costs = self.store.load_costs(store_hashes)
+        costs = [c for c in maybe_costs if c is not None]
+        if len(costs) < len(maybe_costs):
             return len(store_hashes)
         compute = block_size / self.prefill_tokens_per_s  # seconds to compute one block
         best, best_saving, saving = 0, 0.0, 0.0
@@ -173,7 +183,9 @@ class KVOffloader:
         if not self._new:
             return
         new, self._new = self._new, []
-        ids, hashes, priorities = ([x[k] for x in new] for k in range(3))
+        ids = [block_id for block_id, _, _ in new]
+        hashes = [block_hash for _, block_hash, _ in new]
+        priorities = [priority for _, _, priority in new]
         if self._stream is None:  # a host pool: memcpy now, nothing to order
             taken = self.store.offload(hashes, priorities, self.pool, ids, None)
             for block_id, block_hash, ok in zip(ids, hashes, taken, strict=True):
@@ -201,14 +213,14 @@ class KVOffloader:
                 raise TimeoutError(f"write-through not launched in {timeout_s} s")
 
     def _offload_loop(self) -> None:
+        stream = self._stream
+        assert stream is not None  # started for GPU pools only
         while (job := self._offloads.get()) is not None:
             try:
-                self._stream.wait_event(job.ready)
-                job.taken = self.store.offload(
-                    job.hashes, job.priorities, self.pool, job.block_ids, self._stream
-                )
+                stream.wait_event(job.ready)
+                job.taken = self.store.offload(job.hashes, job.priorities, self.pool, job.block_ids, stream)
                 job.copied = torch.cuda.Event()
-                job.copied.record(self._stream)
+                job.copied.record(stream)
                 self.stats.offloaded_blocks += sum(job.taken)
             except Exception:  # noqa: BLE001 - nothing taken: evictions put the blocks themselves
                 logger.exception("write-through of %d blocks failed", len(job.block_ids))
@@ -223,7 +235,7 @@ class KVOffloader:
             job = written[1]
             if job is None:  # copied synchronously (host pool)
                 return
-            if job.took(block_id):  # GPU-side only: the next write into this block waits for the copy down
+            if job.took(block_id) and job.copied is not None:  # GPU: the next write here waits for the copy
                 torch.cuda.current_stream(self.pool.device).wait_event(job.copied)
                 if job.copied not in self._reuse_waits:
                     self._reuse_waits = [e for e in self._reuse_waits if not e.query()] + [job.copied]

@@ -35,7 +35,7 @@ class SelfAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, ctx.cos, ctx.sin)
         kv_cache = ctx.kv_caches[self.layer_idx]
@@ -48,6 +48,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = SelfAttention(cfg, layer_idx)
+        self.mlp: SparseMoE | GatedMLP
         if cfg.moe is not None and layer_idx in cfg.moe.sparse_layers:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe)
         else:

@@ -1,11 +1,9 @@
 """Maps `config.json`'s `architectures` to model classes."""
 
-from torch import nn
-
 from engine.models.config import ModelConfig
 from engine.models.decoder import DecoderForCausalLM
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+MODEL_REGISTRY: dict[str, type[DecoderForCausalLM]] = {
     "LlamaForCausalLM": DecoderForCausalLM,
     "MistralForCausalLM": DecoderForCausalLM,
     "Qwen2ForCausalLM": DecoderForCausalLM,
@@ -24,5 +22,5 @@ def resolve_architecture(hf_config: dict) -> str:
     raise ValueError(f"architectures: got {archs}, supported {sorted(MODEL_REGISTRY)}")
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> DecoderForCausalLM:
     return MODEL_REGISTRY[cfg.architecture](cfg)

@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine.models.decoder import DecoderForCausalLM
+
 # HF name -> (our name, which part of our parameter). Parts: ("rows", k, n) = the k-th of n equal row blocks
 # along dim 0 (or by explicit offsets for q/k/v); ("expert", e, k, n) = expert e, then as "rows".
 _EXPERT = re.compile(
@@ -59,7 +61,7 @@ def _target(name: str, params: dict[str, nn.Parameter], q_size: int, kv_size: in
     return params[name], ()
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy every checkpoint tensor into the model; unknown, missing or mis-shaped weights are errors."""
     cfg = model.config
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

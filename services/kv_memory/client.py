@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import zlib
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ class KVMemoryClient(KVStore):
         self.service_info = info
         block_bytes = layout.block_bytes
         name = f"ridgeline-stage-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.staging_shm = None
+        self.staging_shm: dict[str, Any] | None = None
         staging_path = os.path.join(shm.SHM_DIR, name)
         use_shm = use_shm and bool(info["shm"]) and info["shm"]["host"] == host_id()
         if use_shm and shm.fits(staging_blocks * block_bytes):
@@ -79,18 +80,20 @@ class KVMemoryClient(KVStore):
             )
         self.staging = raw
         self.staging_typed = raw.view(getattr(torch, layout.dtype)).view(staging_blocks, *layout.block_shape)
-        self.staging_transport = None
+        self.staging_transport: KVTransport | None = None
         if self.staging_shm is None:  # the service pulls staged blocks through the transport
             self.staging_transport = make_transport(kv_transport)
             self.staging_transport.register(self.staging_typed)
-        self._service_pool = None  # the service's shared-memory pool, mapped on first use
-        self._load_stream = None
+        self._service_pool: torch.Tensor | None = (
+            None  # the service's shared-memory pool, mapped on first use
+        )
+        self._load_stream: torch.cuda.Stream | None = None
         self._service_pool_incarnation = None
         self._free_staging = list(range(staging_blocks - 1, -1, -1))
         self._staging_lock = threading.Lock()
         self._acquired: dict[tuple, list[KVHandle]] = {}  # the blocks' hashes -> handles awaiting their load
         self._acquired_lock = threading.Lock()
-        self.stats = {
+        self.stats: dict[str, Any] = {
             "staged": 0,
             "staging_full": 0,
             "ingested": 0,
@@ -169,9 +172,10 @@ class KVMemoryClient(KVStore):
         hashes, slots, priorities = (list(x) for x in zip(*batch, strict=True))
         try:
             if self.staging_shm is not None:
-                checksums = [zlib.crc32(self.staging[s].numpy()) for s in slots]
+                checksums = [zlib.crc32(self.staging[s].numpy().data) for s in slots]
                 handle = KVHandle(uuid.uuid4().hex, "shm", slots, 0, self.layout, checksums, "crc32")
             else:
+                assert self.staging_transport is not None  # staged through one or the other
                 handle = self.staging_transport.handle(slots, 0)
             got = self._ray.get(
                 self.service.ingest.remote(hashes, priorities, handle, self.staging_shm),

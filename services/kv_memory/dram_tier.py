@@ -8,6 +8,7 @@ so that workers on the same host map it and copy from it directly (services/kv_m
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -70,7 +71,7 @@ class DramTier:
         self._free = list(range(capacity_blocks - 1, -1, -1))
         self._pins = [0] * capacity_blocks
         self._reserved: set[int] = set()  # reserved for a write, not committed yet
-        self.demote = None  # callable(block_hash) -> bool: demote this evicted block in place
+        self.demote: Callable[[bytes], bool] | None = None  # demote this evicted block in place?
         self._demoting: set[int] = set()  # slots whose evicted blocks are being written below
         self.max_demoting = max(1, capacity_blocks // 4)  # beyond it evicted blocks are dropped
         self._lock = threading.Lock()
@@ -100,7 +101,7 @@ class DramTier:
         """A free slot, evicting least recently used unpinned blocks if needed (lock held)."""
         if self._free:
             return self._free.pop()
-        demoted_here = []
+        demoted_here: list[int] = []  # indices into `evicted` of blocks on their way down
         for old_hash, slot in list(self._slots.items()):
             if self._pins[slot]:
                 continue

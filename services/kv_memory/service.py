@@ -15,6 +15,7 @@ import hashlib
 import os
 import threading
 import zlib
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ class KVMemoryService:
                 "block_bytes": block_bytes,
             }
         )
-        self.counters = {
+        self.counters: dict[str, Any] = {
             "acquires": 0,
             "acquired_blocks": 0,
             "bytes_out": 0,
@@ -135,9 +136,10 @@ class KVMemoryService:
         dram = self.store.dram
         checksums = []
         for slot in slots:  # stored blocks are checksummed once; a pinned slot cannot change meanwhile
-            if dram.checksums[slot] is None:
-                dram.checksums[slot] = zlib.crc32(dram.pool[slot].numpy())
-            checksums.append(dram.checksums[slot])
+            checksum = dram.checksums[slot]
+            if checksum is None:
+                checksum = dram.checksums[slot] = zlib.crc32(dram.pool[slot].numpy().data)
+            checksums.append(checksum)
         try:
             handle = self.transport.handle(slots, 0, checksums=checksums)
         except Exception:
@@ -220,7 +222,7 @@ class KVMemoryService:
             if src is not None:
                 copy_blocks(src, [handle.block_ids[i] for i in indices], self.store.dram.pool, slots)
                 for i, slot in plan:  # the writer may have reused its staging slot if it gave up on us
-                    if zlib.crc32(self.store.dram.pool[slot].numpy()) != handle.checksums[i]:
+                    if zlib.crc32(self.store.dram.pool[slot].numpy().data) != handle.checksums[i]:
                         raise TransferError(f"staged block {i} changed while it was copied")
                 self.counters["ingest_by_path"]["shm"] += 1
             else:

@@ -135,7 +135,7 @@ class TieredKVStore(KVStore):
         """(index, slot) for each block to be written by someone else (absent, and allowed in DRAM by its
         priority), each slot pinned until `commit` or `abort`; and how many blocks were considered (the
         rest wait until DRAM has unpinned slots again: commit these first)."""
-        out = []
+        out: list[tuple[int, int]] = []
         for i, (block_hash, priority) in enumerate(zip(block_hashes, priorities, strict=True)):
             if not self.policy.allows(priority, "dram"):
                 self.stats["dropped"] += 1
@@ -298,7 +298,7 @@ class TieredKVStore(KVStore):
                 leading = False
                 continue
             if self.dram.commit(
-                block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy()), keep_pinned=leading
+                block_hash, slot, zlib.crc32(self.dram.pool[slot].numpy().data), keep_pinned=leading
             ):
                 with self._lock:
                     self._priority[block_hash] = (
@@ -379,12 +379,14 @@ class TieredKVStore(KVStore):
     # -- SSD demotion ------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        ssd = self.ssd
+        assert ssd is not None  # started with an SSD tier only
         while (block_hash := self._queue.get()) is not None:
             with self._lock:
                 data, slot = self._pending.get(block_hash, (None, None))
             if data is not None:
                 try:
-                    gone = self.ssd.put(block_hash, data.numpy())  # straight from the demoted slot
+                    gone = ssd.put(block_hash, data.numpy().data)  # straight from the demoted slot
                 except OSError as e:  # disk full or failing: the block is dropped, the writer goes on
                     logger.warning("SSD tier write failed, block dropped: %r", e)
                     self.stats["dropped"] += 1

@@ -29,7 +29,7 @@ def _crc32(pool: torch.Tensor, block_ids: list[int]) -> list[int]:
     out = []
     for i in block_ids:
         block = host[i] if host is not None else pool[i].cpu()
-        out.append(zlib.crc32(block.contiguous().view(torch.uint8).numpy()))  # zero-copy on the host
+        out.append(zlib.crc32(block.contiguous().view(torch.uint8).numpy().data))  # zero-copy on the host
     return out
 
 

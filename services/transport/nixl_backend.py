@@ -139,10 +139,9 @@ class NixlTransport(KVTransport):
     def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
         path = self.path_for(handle.source)
         self.pulls_by_path[path] += 1
-        if path == "cuda_ipc":
-            cuda_ipc.copy_blocks(
-                self._ipc_pools[handle.source["agent"]], handle.block_ids, self.pool, into_block_ids
-            )
+        mapped = self._ipc_pools.get(handle.source["agent"])
+        if path == "cuda_ipc" and mapped is not None:
+            cuda_ipc.copy_blocks(mapped, handle.block_ids, self.pool, into_block_ids)
             return
         try:
             remote = self._peer(handle.source)

@@ -15,6 +15,7 @@ def async_llm(llama):
 def server(async_llm):
     """A real HTTP server on 127.0.0.1 serving the frontend; yields its base URL."""
     from services.frontend import build_frontend
+    from services.openai_serving import OpenAIServing
 
-    with http_server(build_frontend(async_llm, MODEL)) as url:
+    with http_server(build_frontend(OpenAIServing(async_llm, MODEL))) as url:
         yield url

@@ -11,6 +11,8 @@ from serving_helpers import MODEL, wait_idle
 from engine import LLM, SamplingParams
 from engine.async_llm import AsyncLLM
 from services.frontend import build_frontend
+from services.openai_serving import OpenAIServing, _guarded
+from services.worker_protocol import WorkerLostError
 
 PROMPTS = [[5, 6, 7, 8], [20, 21, 22, 23, 24, 25, 26, 27, 28], [60] * 17]
 
@@ -216,7 +218,7 @@ def test_malformed_json_and_oversized_bodies(server):
 
 
 def test_api_key_guards_everything_but_health(async_llm):
-    app = build_frontend(async_llm, MODEL, api_key="s3cret")
+    app = build_frontend(OpenAIServing(async_llm, MODEL), api_key="s3cret")
 
     async def main():
         transport = httpx.ASGITransport(app=app)
@@ -235,7 +237,7 @@ def test_api_key_guards_everything_but_health(async_llm):
 
 def test_too_many_requests_in_flight_get_429_with_retry_after(llama):
     llm = AsyncLLM.from_pretrained(llama, num_blocks=64)
-    app = build_frontend(llm, MODEL, max_inflight=0)  # every request is one too many
+    app = build_frontend(OpenAIServing(llm, MODEL, max_inflight=0))  # every request is one too many
 
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client:
@@ -250,11 +252,6 @@ def test_too_many_requests_in_flight_get_429_with_retry_after(llama):
 
 
 def test_failure_after_the_stream_started_becomes_an_error_event():
-    import asyncio
-
-    from services.openai_serving import _guarded
-    from services.worker_protocol import WorkerLostError
-
     async def events():
         yield "data: {}\n\n"
         raise WorkerLostError("no decode worker could finish it")

@@ -16,6 +16,7 @@ from serving_helpers import MODEL, http_server, wait_idle
 from engine.async_llm import AsyncLLM
 from services.frontend import build_frontend
 from services.http_limits import BODY_READ_TIMEOUT_S, MAX_BODY_BYTES, BodyLimit
+from services.openai_serving import OpenAIServing
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def hostile_llm(llama):
 
 @pytest.fixture(scope="module")
 def url(hostile_llm):
-    with http_server(build_frontend(hostile_llm, MODEL)) as base:
+    with http_server(build_frontend(OpenAIServing(hostile_llm, MODEL))) as base:
         yield base
 
 
@@ -179,7 +180,7 @@ def test_tokenizing_a_4mb_prompt_does_not_stall_health(tiny_model):
     llm = AsyncLLM.from_pretrained(long_context, num_blocks=64, max_model_len=2**20)
     prompt = "word " * (4 * 2**20 // 5 - 64)
     try:
-        with http_server(build_frontend(llm, MODEL)) as base:
+        with http_server(build_frontend(OpenAIServing(llm, MODEL))) as base:
             done = threading.Event()
 
             def send():
@@ -270,7 +271,7 @@ def test_server_failures_name_a_request_id_and_leak_nothing(hostile_llm):
         def generate(self, *args, **kwargs):
             raise RuntimeError("secret internal state /etc/passwd pid 1234")
 
-    app = build_frontend(Exploding(), MODEL)
+    app = build_frontend(OpenAIServing(Exploding(), MODEL))
 
     async def main():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -396,7 +397,7 @@ def test_health_answers_503_once_the_in_process_engine_died(llama):
         raise RuntimeError("device lost")
 
     async def main():
-        transport = httpx.ASGITransport(app=build_frontend(llm, MODEL))
+        transport = httpx.ASGITransport(app=build_frontend(OpenAIServing(llm, MODEL)))
         async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
             before = await client.get("/health")
             llm.engine.step = broken_step

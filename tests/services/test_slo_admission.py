@@ -13,6 +13,7 @@ from control_plane.admission import AdmissionController
 from control_plane.slo import SLOClass, SLOTable
 from engine.async_llm import AsyncLLM
 from services.frontend import build_frontend
+from services.openai_serving import OpenAIServing
 
 TABLE = SLOTable(
     [
@@ -45,7 +46,7 @@ def test_under_overload_interactive_keeps_its_ttft_and_batch_waits_or_gets_429(l
         llama, num_blocks=256, max_model_len=512, max_num_seqs=2, scheduling_policy="priority"
     )
     admission = AdmissionController(window_s=5, min_busy_s=0.5)
-    app = build_frontend(llm, MODEL, slo_table=TABLE, admission=admission)
+    app = build_frontend(OpenAIServing(llm, MODEL, slo_table=TABLE, admission=admission))
 
     async def load(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -82,7 +83,7 @@ def test_under_overload_interactive_keeps_its_ttft_and_batch_waits_or_gets_429(l
 def test_cost_usd_in_usage_adds_up_to_engine_time_times_price(llama):
     price = 7.2  # $/hour
     llm = AsyncLLM.from_pretrained(llama, num_blocks=128, max_model_len=256)
-    app = build_frontend(llm, MODEL, prices={"engine": price})
+    app = build_frontend(OpenAIServing(llm, MODEL, prices={"engine": price}))
     busy = llm.engine.stats.busy_seconds
 
     async def run(url: str):
@@ -148,7 +149,9 @@ def test_overload_by_class_sheds_batch_first_and_interactive_keeps_its_target(ll
     llm = AsyncLLM.from_pretrained(
         llama, num_blocks=256, max_model_len=512, max_num_seqs=2, scheduling_policy="priority"
     )
-    app = build_frontend(llm, MODEL, slo_table=table, admission=AdmissionController(), max_inflight=16)
+    app = build_frontend(
+        OpenAIServing(llm, MODEL, slo_table=table, admission=AdmissionController(), max_inflight=16)
+    )
 
     async def flood(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:

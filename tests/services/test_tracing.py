@@ -20,6 +20,7 @@ from serving_helpers import http_server
 from engine.async_llm import AsyncLLM
 from observability import tracing
 from services.frontend import build_frontend
+from services.openai_serving import OpenAIServing
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -32,7 +33,7 @@ def test_in_process_the_request_span_continues_the_client_trace(llama):
         pytest.fail("tracing could not be configured")
     llm = AsyncLLM.from_pretrained(llama, num_blocks=64)
     try:
-        with http_server(build_frontend(llm, MODEL)) as url:
+        with http_server(build_frontend(OpenAIServing(llm, MODEL))) as url:
             r = httpx.post(
                 f"{url}/v1/completions",
                 headers={"traceparent": TRACEPARENT},
