@@ -1,17 +1,37 @@
 """Engine state as Prometheus metrics, read at scrape time (nothing on the engine's hot path): every worker
-in this process registers a `read()` giving its running and waiting requests, preemptions, busy time, KV
+in this process registers a `read()` giving its EngineSnapshot: running and waiting requests, preemptions, busy time, KV
 blocks per tier, hits and moves. One collector serves them all, each with its own labels."""
 
 import itertools
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from observability.metrics import ENGINE_COUNTERS, ENGINE_GAUGES
 
-_sources: dict[int, tuple[dict[str, str], Callable[[], dict]]] = {}
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """One worker's engine state at scrape time (services/engine_worker.py builds it)."""
+
+    running: int
+    waiting: int  # incl. preempted and loading from a lower tier
+    preemptions: int
+    busy_seconds: float
+    steps: int
+    lookup_blocks: int  # full prompt blocks looked up at admission
+    kv_blocks: dict[str, tuple[int, int]]  # tier -> (capacity, used)
+    hit_blocks: dict[str, int]  # tier -> prompt blocks found there instead of computed
+    moved_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (tier, direction) -> bytes
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
+
+
+_sources: dict[int, tuple[dict[str, str], Callable[[], EngineSnapshot]]] = {}
 _lock = threading.Lock()
 _ids = itertools.count(1)
 _registered = False
@@ -34,20 +54,21 @@ class _EngineCollector:
             except Exception:  # noqa: BLE001 - a worker shutting down: skip it this scrape
                 continue
             base = [labels["model"], labels["pool"], labels["role"]]
-            gauges["ridgeline_num_requests_running"].add_metric(base, s["running"])
-            gauges["ridgeline_num_requests_waiting"].add_metric(base, s["waiting"])
-            for tier, (capacity, used) in s["kv_blocks"].items():
+            gauges["ridgeline_num_requests_running"].add_metric(base, s.running)
+            gauges["ridgeline_num_requests_waiting"].add_metric(base, s.waiting)
+            for tier, (capacity, used) in s.kv_blocks.items():
                 gauges["ridgeline_kv_capacity_blocks"].add_metric([*base, tier], capacity)
                 gauges["ridgeline_kv_used_blocks"].add_metric([*base, tier], used)
-            counters["ridgeline_preemptions"].add_metric(base, s["preemptions"])
-            counters["ridgeline_engine_busy_seconds"].add_metric(base, s["busy_seconds"])
-            counters["ridgeline_engine_steps"].add_metric(base, s["steps"])
-            counters["ridgeline_kv_lookup_blocks"].add_metric(base, s["lookup_blocks"])
-            for name in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verifications"):
-                counters[f"ridgeline_{name}"].add_metric(base, s.get(name, 0))
-            for tier, n in s["hit_blocks"].items():
+            counters["ridgeline_preemptions"].add_metric(base, s.preemptions)
+            counters["ridgeline_engine_busy_seconds"].add_metric(base, s.busy_seconds)
+            counters["ridgeline_engine_steps"].add_metric(base, s.steps)
+            counters["ridgeline_kv_lookup_blocks"].add_metric(base, s.lookup_blocks)
+            counters["ridgeline_spec_draft_tokens"].add_metric(base, s.spec_draft_tokens)
+            counters["ridgeline_spec_accepted_tokens"].add_metric(base, s.spec_accepted_tokens)
+            counters["ridgeline_spec_verifications"].add_metric(base, s.spec_verifications)
+            for tier, n in s.hit_blocks.items():
                 counters["ridgeline_kv_hit_blocks"].add_metric([*base, tier], n)
-            for (tier, direction), n in s["moved_bytes"].items():
+            for (tier, direction), n in s.moved_bytes.items():
                 counters["ridgeline_kv_moved_bytes"].add_metric([*base, tier, direction], n)
         yield from gauges.values()
         yield from counters.values()
@@ -66,9 +87,8 @@ def _labels(name: str) -> list[str]:
     return ["model", "pool", "role", *extra.get(name, [])]
 
 
-def register_worker(labels: dict[str, str], read: Callable[[], dict]) -> int:
-    """`read()` -> {running, waiting, preemptions, busy_seconds, steps, kv_blocks: {tier: (capacity, used)},
-    lookup_blocks, hit_blocks: {tier: n}, moved_bytes: {(tier, direction): bytes}}. Returns a token."""
+def register_worker(labels: dict[str, str], read: Callable[[], EngineSnapshot]) -> int:
+    """`read()` gives the worker's EngineSnapshot at each scrape. Returns a token for unregister_worker."""
     global _registered
     with _lock:
         if not _registered:

@@ -341,8 +341,8 @@ class OpenAIIngress:
             infos.append(await self.prefill.info.remote())
         self.client = DisaggregatedClient(
             Tokenizer(self.config.model),
-            min(i["max_model_len"] for i in infos),
-            infos[0]["vocab_size"],
+            min(i.max_model_len for i in infos),
+            infos[0].vocab_size,
             self.decode,
             self.prefill,
             max_migrations=self.config.max_migrations,

@@ -26,6 +26,7 @@ from engine.spec.draft_model import DraftModelDrafter
 from engine.spec.drafter import Drafter
 from observability.metrics import DRAFT_LATENCY
 from services import ray_hardening
+from services.messages.worker import ModelInfo
 
 ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
 
@@ -42,9 +43,9 @@ class DraftWorker:
         )
         self.drafter = DraftModelDrafter(draft)
 
-    async def info(self) -> dict:
+    async def info(self) -> ModelInfo:
         engine = self.drafter.engine
-        return {"vocab_size": engine.model_config.vocab_size, "max_model_len": engine.max_model_len}
+        return ModelInfo(max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
 
     async def propose(self, jobs: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[ComputeUsage]]:
         """jobs: (token ids so far, how many to draft) -> greedy continuations, and this worker's engine time on

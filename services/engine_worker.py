@@ -17,7 +17,7 @@ from engine.spec.drafter import Drafter
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
 from observability.metrics_server import start_metrics_server
-from observability.worker_metrics import register_worker, unregister_worker
+from observability.worker_metrics import EngineSnapshot, register_worker, unregister_worker
 from services import ray_hardening
 from services.kv_feed import KVEventFeed
 from services.kv_memory.client import KVMemoryClient
@@ -26,7 +26,7 @@ from services.kv_memory.tier_policy import TierPolicy
 from services.kv_memory.tiered_store import TieredKVStore, build_store
 from services.messages.kv_feed import KVFeedReport
 from services.messages.pools import TierSettings
-from services.messages.worker import WorkerCounters, WorkerRegistration, WorkerStats
+from services.messages.worker import ModelInfo, WorkerCounters, WorkerRegistration, WorkerStats
 from services.registry_actor import connector
 from services.transport.factory import make_transport
 
@@ -183,7 +183,7 @@ class EngineWorker:
         )
         registration.start()
 
-    def _metrics_read(self) -> dict:
+    def _metrics_read(self) -> EngineSnapshot:
         """Engine state for observability/worker_metrics.py (read at scrape time, off the engine thread)."""
         engine, sched, blocks = self.engine, self.engine.scheduler, self.engine.block_manager
         kv_blocks = {"hbm": (blocks.num_blocks, blocks.num_blocks - blocks.num_free_blocks)}
@@ -196,27 +196,27 @@ class EngineWorker:
             for tier in ("dram", "ssd"):
                 if f"{tier}_capacity_blocks" in occupancy:
                     kv_blocks[tier] = (occupancy[f"{tier}_capacity_blocks"], occupancy[f"{tier}_blocks"])
-            stats = store.stats
-            hit_blocks["dram"] = stats.get("dram_hits", stats.get("loaded_blocks", 0))
-            hit_blocks["ssd"] = stats.get("ssd_hits", 0)
+            served = store.served_blocks()
+            hit_blocks["dram"] = served.get("dram", 0)
+            hit_blocks["ssd"] = served.get("ssd", 0)
             moved[("dram", "offload")] = offloader.stats.offloaded_blocks * block_bytes
             moved[("dram", "load")] = offloader.stats.loaded_blocks * block_bytes
-            moved[("ssd", "offload")] = stats.get("demoted", 0) * block_bytes
-            moved[("ssd", "load")] = stats.get("ssd_hits", 0) * block_bytes
-        return {
-            "running": len(sched.running),
-            "waiting": len(sched.waiting) + sched.num_loading,
-            "preemptions": sched.num_preemptions,
-            "busy_seconds": engine.stats.busy_seconds,
-            "steps": engine.stats.steps,
-            "kv_blocks": kv_blocks,
-            "lookup_blocks": sched.prefix_lookup_blocks,
-            "spec_draft_tokens": engine.stats.spec_draft_tokens,
-            "spec_accepted_tokens": engine.stats.spec_accepted_tokens,
-            "spec_verifications": engine.stats.spec_verifications,
-            "hit_blocks": hit_blocks,
-            "moved_bytes": moved,
-        }
+            moved[("ssd", "offload")] = store.demoted_blocks() * block_bytes
+            moved[("ssd", "load")] = hit_blocks["ssd"] * block_bytes
+        return EngineSnapshot(
+            running=len(sched.running),
+            waiting=len(sched.waiting) + sched.num_loading,
+            preemptions=sched.num_preemptions,
+            busy_seconds=engine.stats.busy_seconds,
+            steps=engine.stats.steps,
+            lookup_blocks=sched.prefix_lookup_blocks,
+            kv_blocks=kv_blocks,
+            hit_blocks=hit_blocks,
+            moved_bytes=moved,
+            spec_draft_tokens=engine.stats.spec_draft_tokens,
+            spec_accepted_tokens=engine.stats.spec_accepted_tokens,
+            spec_verifications=engine.stats.spec_verifications,
+        )
 
     def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:
         """The queue-time metric, and a `queue` child span (arrival to first scheduled step) of `span`."""
@@ -311,12 +311,12 @@ class EngineWorker:
         stored/removed per tier, and a full snapshot every few reports."""
         return self.kv_feed.report()
 
-    async def info(self) -> dict:
-        return {
-            "max_model_len": self.engine.max_model_len,
-            "vocab_size": self.engine.model_config.vocab_size,
-            "block_size": self.engine.block_manager.block_size,
-        }
+    async def info(self) -> ModelInfo:
+        return ModelInfo(
+            max_model_len=self.engine.max_model_len,
+            vocab_size=self.engine.model_config.vocab_size,
+            block_size=self.engine.block_manager.block_size,
+        )
 
     def check_health(self) -> None:
         """Ray Serve's health check: raises for a dead or stalled engine loop, so the replica is replaced."""

@@ -83,6 +83,14 @@ class KVStore(ABC):
         """Blocks held and capacity per tier ({tier}_blocks, {tier}_capacity_blocks), where known."""
         return {}
 
+    def served_blocks(self) -> dict[str, int]:
+        """Blocks this store has delivered to the engine so far, by the tier they came from."""
+        return {}
+
+    def demoted_blocks(self) -> int:
+        """Blocks this store has moved from DRAM down to SSD so far."""
+        return 0
+
     def close(self) -> None:
         return None
 

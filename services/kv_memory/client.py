@@ -27,6 +27,7 @@ import torch
 
 from engine.kv.offload import KVStore
 from services.kv_memory import shm
+from services.messages.kv_memory import KVMemoryInfo, SharedMemoryPool
 from services.transport import KVHandle, KVLayout, KVTransport, TransferError
 from services.transport.block_copy import copy_blocks
 from services.transport.cuda_ipc import host_id
@@ -57,23 +58,18 @@ class KVMemoryClient(KVStore):
         self.use_shm = use_shm
         self.pull_transport = pull_transport
         self.timeout_s, self.batch_blocks = timeout_s, batch_blocks
-        info = ray.get(service.info.remote(), timeout=timeout_s)
-        if info["layout"] != layout:
-            raise ValueError(f"kv memory service {info['name']}: layout {info['layout']}, worker {layout}")
+        info: KVMemoryInfo = ray.get(service.info.remote(), timeout=timeout_s)
+        if info.layout != layout:
+            raise ValueError(f"kv memory service {info.name}: layout {info.layout}, worker {layout}")
         self.service_info = info
         block_bytes = layout.block_bytes
         name = f"ridgeline-stage-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.staging_shm: dict[str, Any] | None = None
+        self.staging_shm: SharedMemoryPool | None = None
         staging_path = os.path.join(shm.SHM_DIR, name)
-        use_shm = use_shm and bool(info["shm"]) and info["shm"]["host"] == host_id()
+        use_shm = use_shm and info.shm is not None and info.shm.host == host_id()
         if use_shm and shm.fits(staging_blocks * block_bytes):
             raw = shm.create(staging_path, staging_blocks, block_bytes, pin=torch.cuda.is_available())
-            self.staging_shm = {
-                "path": staging_path,
-                "host": host_id(),
-                "capacity_blocks": staging_blocks,
-                "block_bytes": block_bytes,
-            }
+            self.staging_shm = SharedMemoryPool(staging_path, host_id(), staging_blocks, block_bytes)
         else:
             raw = torch.zeros(
                 (staging_blocks, block_bytes), dtype=torch.uint8, pin_memory=torch.cuda.is_available()
@@ -88,7 +84,7 @@ class KVMemoryClient(KVStore):
             None  # the service's shared-memory pool, mapped on first use
         )
         self._load_stream: torch.cuda.Stream | None = None
-        self._service_pool_incarnation = None
+        self._service_pool_incarnation: str | None = None
         self._free_staging = list(range(staging_blocks - 1, -1, -1))
         self._staging_lock = threading.Lock()
         self._acquired: dict[tuple, list[KVHandle]] = {}  # the blocks' hashes -> handles awaiting their load
@@ -268,16 +264,16 @@ class KVMemoryClient(KVStore):
             return False
 
     def _service_pool_for(self, handle: KVHandle) -> torch.Tensor | None:
-        info = handle.source.get("shm")
-        if not self.use_shm or not info or info["host"] != host_id():
+        pool: SharedMemoryPool | None = handle.source.get("shm")
+        if not self.use_shm or pool is None or pool.host != host_id():
             return None
-        if self._service_pool_incarnation != info["incarnation"]:  # first use, or the service restarted
+        if self._service_pool_incarnation != pool.incarnation:  # first use, or the service restarted
             self._service_pool = None
             try:
-                self._service_pool = shm.open_pool(info["path"], info["capacity_blocks"], info["block_bytes"])
+                self._service_pool = shm.open_pool(pool.path, pool.capacity_blocks, pool.block_bytes)
             except (OSError, RuntimeError):
                 return None
-            self._service_pool_incarnation = info["incarnation"]
+            self._service_pool_incarnation = pool.incarnation
         return self._service_pool
 
     def _release(self, handle: KVHandle, wait: bool = False) -> None:
@@ -288,6 +284,10 @@ class KVMemoryClient(KVStore):
         except Exception:  # noqa: BLE001, S110 - a dead service holds no pins
             pass
 
+    def served_blocks(self) -> dict[str, int]:
+        """The node's service serves from its DRAM (its SSD blocks are promoted to DRAM first)."""
+        return {"dram": self.stats["loaded_blocks"]}
+
     def close(self) -> None:
         self._queue.put(None)
         self._sender.join(timeout=10)
@@ -295,5 +295,5 @@ class KVMemoryClient(KVStore):
             self.staging_transport.close()
         if self.staging_shm is not None:
             with contextlib.suppress(Exception):  # a dead service maps nothing
-                self.service.forget_staging.remote(self.staging_shm["path"])
-            shm.remove(self.staging_shm["path"], self.staging)
+                self.service.forget_staging.remote(self.staging_shm.path)
+            shm.remove(self.staging_shm.path, self.staging)

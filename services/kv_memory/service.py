@@ -23,6 +23,7 @@ from engine.kv.events import KVEventLog
 from services.kv_memory import shm
 from services.kv_memory.tier_policy import TierPolicy
 from services.kv_memory.tiered_store import build_store
+from services.messages.kv_memory import KVMemoryInfo, SharedMemoryPool
 from services.transport import KVHandle, KVLayout, TransferError
 from services.transport.block_copy import copy_blocks
 from services.transport.cuda_ipc import host_id
@@ -83,13 +84,7 @@ class KVMemoryService:
         self.shm = (
             None
             if shm_path is None
-            else {
-                "path": shm_path,
-                "host": host_id(),
-                "incarnation": self.incarnation,
-                "capacity_blocks": dram_blocks,
-                "block_bytes": block_bytes,
-            }
+            else SharedMemoryPool(shm_path, host_id(), dram_blocks, block_bytes, self.incarnation)
         )
         self.counters: dict[str, Any] = {
             "acquires": 0,
@@ -113,16 +108,16 @@ class KVMemoryService:
         )
         self._reaper.start()
 
-    def info(self) -> dict:
-        return {
-            "name": self.name,
-            "incarnation": self.incarnation,
-            "pid": os.getpid(),
-            "layout": self.layout,
-            "transport": self.transport.name,
-            "shm": self.shm,
-            "policy": dict(self.store.policy.lowest_tier),
-        }
+    def info(self) -> KVMemoryInfo:
+        return KVMemoryInfo(
+            name=self.name,
+            incarnation=self.incarnation,
+            pid=os.getpid(),
+            layout=self.layout,
+            transport=self.transport.name,
+            shm=self.shm,
+            policy=dict(self.store.policy.lowest_tier),
+        )
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -185,11 +180,15 @@ class KVMemoryService:
     # -- writes ------------------------------------------------------------------------------------
 
     def ingest(
-        self, block_hashes: list[bytes], priorities: list[int], handle: KVHandle, staging: dict | None = None
+        self,
+        block_hashes: list[bytes],
+        priorities: list[int],
+        handle: KVHandle,
+        staging: SharedMemoryPool | None = None,
     ) -> int:
         """Take in a writer's blocks (handle.block_ids[i] holds block_hashes[i]); returns how many were
         stored. Blocks already held, or whose class may not live in DRAM, are skipped. `staging`: the
-        writer's shared-memory staging pool (path, host) — copied directly when on this host."""
+        writer's shared-memory staging pool — copied directly when on this host."""
         stored, start = 0, 0
         while start < len(block_hashes):  # in rounds: a batch may be larger than DRAM's free slots
             plan, upto = self.store.reserve(block_hashes[start:], priorities[start:])
@@ -213,7 +212,7 @@ class KVMemoryService:
         block_hashes: list[bytes],
         priorities: list[int],
         handle: KVHandle,
-        staging: dict | None,
+        staging: SharedMemoryPool | None,
     ) -> bool:
         """Move the planned blocks into their reserved slots and commit them; on failure free the slots."""
         indices, slots = [i for i, _ in plan], [slot for _, slot in plan]
@@ -236,15 +235,15 @@ class KVMemoryService:
             self.store.commit(block_hashes[i], slot, priorities[i], handle.checksums[i])
         return True
 
-    def _staging_pool(self, staging: dict | None) -> torch.Tensor | None:
-        if not staging or staging.get("host") != host_id() or self.shm is None:
+    def _staging_pool(self, staging: SharedMemoryPool | None) -> torch.Tensor | None:
+        if staging is None or staging.host != host_id() or self.shm is None:
             return None
-        path = staging["path"]
+        path = staging.path
         with self._lock:
             pool = self._staging_maps.get(path)
         if pool is None:
             try:
-                pool = shm.open_pool(path, staging["capacity_blocks"], staging["block_bytes"])
+                pool = shm.open_pool(path, staging.capacity_blocks, staging.block_bytes)
             except (OSError, RuntimeError):
                 return None
             with self._lock:

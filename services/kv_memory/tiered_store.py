@@ -63,6 +63,12 @@ class TieredKVStore(KVStore):
 
     # -- occupancy ---------------------------------------------------------------------------------
 
+    def served_blocks(self) -> dict[str, int]:
+        return {"dram": self.stats["dram_hits"], "ssd": self.stats["ssd_hits"]}
+
+    def demoted_blocks(self) -> int:
+        return self.stats["demoted"]
+
     def occupancy(self) -> dict:
         """Blocks held and capacity per tier."""
         out = {

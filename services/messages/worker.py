@@ -8,6 +8,15 @@ from typing import Any
 from services.messages.kv_feed import KVFeedReport
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the app needs of a pool's model before it serves: limits and the vocabulary."""
+
+    max_model_len: int
+    vocab_size: int
+    block_size: int | None = None  # a draft worker's engine is not paged for the app's purposes
+
+
 @dataclass
 class WorkerCounters:
     """Monotonic counts of one replica's work, besides the engine's own (EngineStats)."""

@@ -90,12 +90,12 @@ def test_restarted_service_still_finds_its_ssd_blocks(services, llama, tmp_path)
     _push_prompt_to_ssd(a)
     service = _service()
     before = ray.get(service.info.remote())
-    os.kill(before["pid"], signal.SIGKILL)
+    os.kill(before.pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while True:  # Ray restarts it (max_restarts=-1); the new incarnation reopens the SSD tier
         try:
             info = ray.get(service.info.remote(), timeout=5)
-            if info["incarnation"] != before["incarnation"]:
+            if info.incarnation != before.incarnation:
                 break
         except ray.exceptions.RayActorError:
             pass
@@ -120,13 +120,13 @@ def test_torn_ssd_write_of_a_killed_service_is_recomputed_never_served(services,
     service = _service()
     info = ray.get(service.info.remote())
     slab = next(tmp_path.rglob("slab.bin"))
-    os.kill(info["pid"], signal.SIGKILL)  # killed; its last block writes are torn below
-    block_bytes = info["layout"].block_bytes
+    os.kill(info.pid, signal.SIGKILL)  # killed; its last block writes are torn below
+    block_bytes = info.layout.block_bytes
     os.truncate(slab, block_bytes + 100)  # only the first slot survives whole
     deadline = time.monotonic() + 60
     while True:
         try:
-            if ray.get(service.info.remote(), timeout=5)["incarnation"] != info["incarnation"]:
+            if ray.get(service.info.remote(), timeout=5).incarnation != info.incarnation:
                 break
         except ray.exceptions.RayActorError:
             pass
@@ -173,7 +173,7 @@ def test_pins_are_released_by_readers_or_reclaimed_by_lease(ray_serve):
             assert torch.equal(svc.store.dram.typed[slot], data[i])
     finally:
         svc.close()
-    assert not os.path.exists(svc.shm["path"])  # the shared-memory pool is gone with the service
+    assert not os.path.exists(svc.shm.path)  # the shared-memory pool is gone with the service
 
 
 def test_bad_service_configuration_is_a_clear_error(ray_serve, tmp_path):

@@ -194,6 +194,10 @@ def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
     first, again, computed, _ = _prefix_run(llama, store)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert computed == 83 - 5 * 16 and store.stats["ssd_hits"] >= 4
+    # what the worker's metrics read: blocks served by tier, and the DRAM -> SSD demotions behind them
+    served = store.served_blocks()
+    assert served["ssd"] == store.stats["ssd_hits"] and served["dram"] + served["ssd"] == 5
+    assert store.demoted_blocks() >= served["ssd"]
     store.close()
 
 
