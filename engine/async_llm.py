@@ -85,7 +85,7 @@ class AsyncLLM:
         """Cumulative outputs of one request until it finishes (engine/protocol.py:EngineClient). Bad input
         raises ValueError at once. `slo_class` and `trace_context` are the serving layer's (the engine
         schedules by `priority` and opens no spans). handoff: EngineRequest's disaggregated-serving fields
-        (hold_kv, output_token_ids, kv_computed_tokens), for the workers."""
+        (hold_kv, output_token_ids, output_logprobs, kv_computed_tokens), for the workers."""
         request_options = {
             "cache_salt": cache_salt,
             "priority": priority,

@@ -254,7 +254,7 @@ class LLMEngine:
             hold_kv=request.hold_kv,
         )
         if resumed:
-            req.resume(resumed, self.model_config.vocab_size)
+            req.resume(resumed, self.model_config.vocab_size, request.output_logprobs)
         if request.kv_computed_tokens:
             req.num_computed_tokens, req.num_cached_tokens = request.kv_computed_tokens, 0
         update_block_hashes(req, self.block_manager.block_size)

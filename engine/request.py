@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import ParameterError
 from engine.outputs import ComputeUsage
 from engine.sampling_params import SamplingParams
 
@@ -34,7 +35,8 @@ class EngineRequest:
 
     `stream=False`: outputs only when finished, text decoded once at the end unless stop strings need it
     earlier (LLM.generate). Disaggregated serving: `output_token_ids` resumes a request whose first tokens
-    another worker produced; `kv_computed_tokens` says the blocks reserved under its id already hold that
+    another worker produced (with their `output_logprobs` when the request asks for logprobs);
+    `kv_computed_tokens` says the blocks reserved under its id already hold that
     many tokens' KV; `hold_kv` keeps its blocks after it finishes until the KV handoff releases them.
     """
 
@@ -47,6 +49,7 @@ class EngineRequest:
     arrival_time: float | None = None
     stream: bool = True
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] | None = None  # theirs, when params.logprobs asks for them
     kv_computed_tokens: int = 0
     hold_kv: bool = False
 
@@ -102,8 +105,23 @@ class Request:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed((params.seed + seed_offset) % 2**64)
 
-    def resume(self, output_token_ids: list[int], vocab_size: int) -> None:
-        """Continue a request whose first outputs another worker produced: seeded draws stay in step."""
+    def resume(
+        self,
+        output_token_ids: list[int],
+        vocab_size: int,
+        logprobs: list[dict[int, float]] | None = None,
+    ) -> None:
+        """Continue a request whose first outputs another worker produced: seeded draws stay in step, and
+        the logprobs it reported stay with their tokens (one per token when the request asks for them)."""
+        if self.params.logprobs is not None:
+            if logprobs is None or len(logprobs) != len(output_token_ids):
+                raise ParameterError(
+                    "output_logprobs",
+                    f"one per resumed token when logprobs are asked for: {len(output_token_ids)} tokens, "
+                    f"{'no' if logprobs is None else len(logprobs)} logprobs",
+                )
+            self.logprobs = [dict(lp) for lp in logprobs]
+            self.cumulative_logprob = sum(lp[t] for t, lp in zip(output_token_ids, logprobs, strict=True))
         self.output_token_ids = list(output_token_ids)
         if self.generator is not None and not self.params.greedy:
             for _ in output_token_ids:  # the sampler draws one exponential vector per sampled token

@@ -83,6 +83,7 @@ class DecodeWorker(EngineWorker):
                 req.prompt_token_ids,
                 req.params,
                 output_token_ids=req.output_token_ids,
+                output_logprobs=req.output_logprobs,
                 kv_computed_tokens=computed,
                 cache_salt=req.cache_salt,
                 priority=req.priority,

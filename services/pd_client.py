@@ -185,6 +185,7 @@ class DisaggregatedClient:
                 if result.delta.finish_reason is not None:
                     return
                 req.output_token_ids = list(result.delta.token_ids)
+                req.output_logprobs = _copied(result.delta.logprobs)
         span = self._call_span("decode", req, parent)
         try:
             async for delta in self._decode(req, span):
@@ -199,6 +200,8 @@ class DisaggregatedClient:
             try:
                 async for delta in stream:
                     req.output_token_ids.extend(delta.token_ids)  # kept for a migration
+                    if req.output_logprobs is not None and delta.logprobs is not None:
+                        req.output_logprobs.extend(delta.logprobs)
                     finished = delta.finish_reason is not None
                     yield delta
                     if finished:
@@ -229,6 +232,10 @@ class DisaggregatedClient:
             finally:
                 if not finished:
                     stream.cancel()
+
+
+def _copied(logprobs: list[dict[int, float]] | None) -> list[dict[int, float]] | None:
+    return None if logprobs is None else list(logprobs)
 
 
 async def _merge(sequences: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:

@@ -20,13 +20,15 @@ class WorkerLostError(RuntimeError):
 @dataclass
 class WorkerRequest:
     """One sequence (n == 1). `output_token_ids` are outputs already produced elsewhere (a prefill
-    worker's first token, or the tokens a dead decode worker had streamed); `kv_handle` points at KV
+    worker's first token, or the tokens a dead decode worker had streamed) with their `output_logprobs`
+    when the request asks for logprobs; `kv_handle` points at KV
     for the prompt held by a prefill worker."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] | None = None  # theirs, when params.logprobs asks for them
     cache_salt: str | None = None
     priority: int = 0
     preemptible: bool = True

@@ -151,7 +151,9 @@ def test_decode_killed_mid_stream_requests_migrate(url, reference):
     prompts = [f"{PROMPT} {i}" for i in range(8)]
     want = [
         o.outputs[0].token_ids
-        for o in reference.generate(prompts, SamplingParams(temperature=0, max_tokens=440, ignore_eos=True))
+        for o in reference.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=440, ignore_eos=True, logprobs=1)
+        )
     ]
     started = [threading.Event() for _ in prompts]
     results: list[dict] = [{} for _ in prompts]
@@ -165,8 +167,9 @@ def test_decode_killed_mid_stream_requests_migrate(url, reference):
             "ignore_eos": True,
             "stream": True,
             "return_token_ids": True,
+            "logprobs": 1,
         }
-        text, errors, chunks = "", [], 0
+        text, errors, chunks, logprobs = "", [], 0, []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
@@ -176,11 +179,12 @@ def test_decode_killed_mid_stream_requests_migrate(url, reference):
                     errors.append(chunk["error"])
                     continue
                 text += "".join(c["text"] for c in chunk["choices"])
+                logprobs += [lp for c in chunk["choices"] for lp in c["logprobs"]["token_logprobs"]]
                 chunks += 1
                 if chunks == 3:
                     started[i].set()
         started[i].set()
-        results[i].update(text=text, errors=errors)
+        results[i].update(text=text, errors=errors, logprobs=logprobs)
 
     before = pool_stats(APP, "DecodeWorker", 2)
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(prompts))]
@@ -200,6 +204,8 @@ def test_decode_killed_mid_stream_requests_migrate(url, reference):
     for i, res in enumerate(results):
         assert res["errors"] == []
         assert res["text"] == reference.tokenizer.decode(want[i]), f"stream {i} differs from the reference"
+        # a migrated stream keeps one logprob per token: the new worker resumes with the ones already sent
+        assert len(res["logprobs"]) == 440, f"stream {i}: {len(res['logprobs'])} logprobs for 440 tokens"
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
     migrated = [
         float(line.split()[-1])

@@ -126,6 +126,60 @@ def test_streamed_tokens_equal_the_non_streamed_answer(apps, reference):
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_logprobs_in_every_mode_equal_the_engines(apps, reference, mode):
+    """Completions logprobs=3 and chat top_logprobs=2, whole and streamed: one entry per token, equal to the
+    in-process engine's (the prefill worker's first token keeps its logprob across the handoff)."""
+    client = openai.OpenAI(base_url=f"{apps[mode]}/v1", api_key=KEY if mode == "aggregated" else "unused")
+    greedy = {"max_tokens": 6, "temperature": 0}
+    ref = reference.generate([PROMPTS[2]], SamplingParams(**greedy, logprobs=3, ignore_eos=True))[0].outputs[
+        0
+    ]
+    want = [lp[t] for t, lp in zip(ref.token_ids, ref.logprobs, strict=True)]
+    done = client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], logprobs=3, extra_body={"ignore_eos": True}, **greedy
+    )
+    got = done.choices[0].logprobs
+    assert got.token_logprobs == pytest.approx(want, abs=1e-4)
+    assert len(got.tokens) == len(got.top_logprobs) == 6
+    # the top 3 and the sampled token, by text (two tokens may decode to the same text)
+    assert all(len(top) <= 4 and tok in top for tok, top in zip(got.tokens, got.top_logprobs, strict=True))
+    streamed = client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], logprobs=3, stream=True, extra_body={"ignore_eos": True}, **greedy
+    )
+    chunks = [c for c in streamed if c.choices]
+    assert [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs] == pytest.approx(
+        want, abs=1e-4
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "Say something"}]
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+        **greedy,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 6
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    streamed_chat = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+        **greedy,
+    )
+    got_chat = [
+        e for c in streamed_chat if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.logprob for e in got_chat] == pytest.approx([e.logprob for e in content], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
 def test_official_openai_client(apps, reference, mode):
     client = openai.OpenAI(base_url=f"{apps[mode]}/v1", api_key=KEY if mode == "aggregated" else "unused")
     assert [m.id for m in client.models.list().data] == [MODEL]
