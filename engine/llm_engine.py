@@ -221,6 +221,7 @@ class LLMEngine:
     def _validate(self, request: EngineRequest, prompt_ids: list[int], resumed: list[int]) -> None:
         params = request.params
         check_prompt_ids(prompt_ids + resumed, self.model_config.vocab_size, self.max_model_len)
+        params.check_vocab(self.model_config.vocab_size)
         max_len = min(
             self.max_model_len, len(prompt_ids) + len(resumed) + (params.max_tokens or self.max_model_len)
         )

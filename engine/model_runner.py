@@ -9,6 +9,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
+from engine.logits_processors import LogitsRow, apply_logits_processing
 from engine.models.decoder import DecoderForCausalLM
 from engine.request import Request
 from engine.sampler import Sampler
@@ -128,21 +129,33 @@ class ModelRunner:
                 return []
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         if not any(inputs.num_drafts):
-            out = self.sampler(logits, inputs.sample_requests)
+            rows = [LogitsRow(r, []) for r in inputs.sample_requests]
+            out = self.sampler(
+                apply_logits_processing(logits, rows), inputs.sample_requests, raw_logits=logits
+            )
             return [
                 Sampled(r, [t], [lp])
                 for r, t, lp in zip(inputs.sample_requests, out.token_ids, out.logprobs, strict=True)
             ]
         return self._verify(logits, inputs)
 
-    def _verify(self, logits: torch.Tensor, inputs: StepInputs) -> list[Sampled]:
-        """Requests without drafts are sampled in one batch; each with drafts is verified on its rows."""
+    def _verify(self, raw: torch.Tensor, inputs: StepInputs) -> list[Sampled]:
+        """Requests without drafts are sampled in one batch; each with drafts is verified on its rows, the
+        row of draft j seeing drafts before j as generated (penalties). Logprobs come from the raw logits."""
         starts = np.cumsum([0] + [k + 1 for k in inputs.num_drafts])
+        logits = apply_logits_processing(
+            raw,
+            [
+                LogitsRow(r, list(r.spec_token_ids[:j]))
+                for r, k in zip(inputs.sample_requests, inputs.num_drafts, strict=True)
+                for j in range(k + 1)
+            ],
+        )
         plain = [i for i, k in enumerate(inputs.num_drafts) if k == 0]
         results: list[Sampled | None] = [None] * len(inputs.sample_requests)
         if plain:
             rows = torch.tensor([int(starts[i]) for i in plain], device=logits.device)
-            out = self.sampler(logits[rows], [inputs.sample_requests[i] for i in plain])
+            out = self.sampler(logits[rows], [inputs.sample_requests[i] for i in plain], raw_logits=raw[rows])
             for j, i in enumerate(plain):
                 results[i] = Sampled(inputs.sample_requests[i], [out.token_ids[j]], [out.logprobs[j]])
         best = logits.argmax(dim=-1).tolist()  # one device->host copy for every greedy request's rows
@@ -158,6 +171,6 @@ class ModelRunner:
                 tokens, accepted = verify(logits[lo:hi], drafts, request)
             logprobs: list[dict[int, float] | None] = [None] * len(tokens)
             if request.params.logprobs is not None:
-                logprobs = self.sampler.logprobs_of(logits[lo : lo + len(tokens)], request.params, tokens)
+                logprobs = self.sampler.logprobs_of(raw[lo : lo + len(tokens)], request.params, tokens)
             results[i] = Sampled(request, tokens, logprobs, k, accepted)
         return [r for r in results if r is not None]  # every request got its row

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, top-n logprobs."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, top-n logprobs (the
+logits arrive with bias and penalties applied: engine/logits_processors.py)."""
 
 from dataclasses import dataclass
 
@@ -41,8 +42,11 @@ def filter_rows(logits: torch.Tensor, params: list) -> torch.Tensor:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits [S, V] fp32, one row per request."""
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], raw_logits: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits [S, V] fp32, one row per request, after engine/logits_processors.py; `raw_logits`, the
+        model's own, give the logprobs (vLLM's default) when they differ."""
         S, V = logits.shape
         params = [r.params for r in requests]
         token_ids = logits.argmax(dim=-1)  # greedy rows keep this
@@ -62,7 +66,8 @@ class Sampler:
                     noise[j] = torch.empty(V).exponential_(generator=requests[i].generator).to(noise.device)
             token_ids[rows] = (probs / noise).argmax(dim=-1)
         token_list = token_ids.tolist()
-        return SamplerOutput(token_list, self._logprobs(logits, params, token_list))
+        raw = logits if raw_logits is None else raw_logits
+        return SamplerOutput(token_list, self._logprobs(raw, params, token_list))
 
     def logprobs_of(
         self, logits: torch.Tensor, params, token_ids: list[int]

@@ -24,6 +24,11 @@ class SamplingParams:
     max_tokens None means "until the model's context is full". `stop` strings are not included in the
     returned text; `stop_token_ids` and EOS end the sequence (the token is kept in `token_ids`).
     `logprobs=k` returns the sampled token's log-probability and the top-k alternatives per position.
+    `presence_penalty` and `frequency_penalty` (in [-2, 2]) lower the logits of tokens already generated
+    (once, and per occurrence); `repetition_penalty` (> 0, 1 is off) divides positive and multiplies
+    negative logits of tokens in the prompt or output; `logit_bias` adds to token ids' logits (each in
+    [-100, 100]); EOS and `stop_token_ids` cannot end a sequence before `min_tokens`
+    (engine/logits_processors.py applies them).
     """
 
     n: int = 1
@@ -38,6 +43,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -90,6 +100,37 @@ class SamplingParams:
             raise bad("stop", "non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "non-negative integers")
+        self._validate_penalties(bad)
+
+    def _validate_penalties(self, bad) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise bad(name, "a number in [-2, 2]")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "a finite number > 0 (1 means off)")
+        if self.logit_bias is not None and any(
+            not isinstance(t, int)
+            or isinstance(t, bool)
+            or t < 0
+            or not _is_number(v)
+            or not -100 <= v <= 100
+            for t, v in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "token id (>= 0) -> bias in [-100, 100]")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the parameters name must be the model's (ParameterError naming the field)."""
+        for name, ids in (
+            ("logit_bias", list(self.logit_bias or {})),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
+            if any(t >= vocab_size for t in ids):
+                raise ParameterError(name, f"token ids must be below the vocabulary size {vocab_size}")
 
     @property
     def stops(self) -> list[str]:
@@ -99,3 +140,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)

@@ -41,26 +41,15 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None
     priority: int | None = None  # the SLO class by its priority (control_plane/slo.py); or header x-slo-class
     return_token_ids: bool = False  # vLLM's extension: prompt and completion token ids in the response
-    user: str | None = None
-    # bounded as OpenAI and vLLM bound them; until the sampler applies them, anything but the neutral value
-    # is refused rather than ignored
+    user: str | None = None  # recorded on the request's trace span
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension
+    # bounded as OpenAI and vLLM bound them; applied on the device (engine/logits_processors.py)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
-    def _refuse_unapplied(self) -> None:
-        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-        for name, value in neutral.items():
-            if getattr(self, name) != value:
-                raise ParameterError(
-                    name, f"not supported yet (only {value:g}); it would be silently ignored"
-                )
-        if self.logit_bias:
-            raise ParameterError("logit_bias", "not supported yet; it would be silently ignored")
-
-    def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
-        self._refuse_unapplied()
+    def sampling_params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
             raise ParameterError("stop", "at most 4 sequences")
@@ -76,6 +65,11 @@ class SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=dict(self.logit_bias) if self.logit_bias else None,
+            min_tokens=self.min_tokens,
         )
 
 

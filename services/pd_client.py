@@ -92,6 +92,7 @@ class DisaggregatedClient:
         """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
+        params.check_vocab(self.vocab_size)
         states = [SequenceState(i, params.logprobs is not None) for i in range(params.n)]
         sequences = []
         for i in range(params.n):
