@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import EngineDeadError
+from engine.errors import ParameterError
 from engine.tokenizer import Tokenizer
 from services.http_limits import MAX_BODY_BYTES, BodyLimit
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, now
@@ -37,9 +38,23 @@ logger = logging.getLogger("ridgeline.frontend")
 Model = TypeVar("Model", bound=BaseModel)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _validation_message(err: ValidationError) -> tuple[str, str]:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"])
+    """(message, param) of the first error (one a validator raised naming its field, when a union's members
+    all failed): its location without pydantic's union-member tags, and the field the ParameterError
+    names; an unknown field is said to be unsupported."""
+    errors = err.errors()
+    first = next((e for e in errors if isinstance(e.get("ctx", {}).get("error"), ParameterError)), errors[0])
+    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, ParameterError):
+        param = ".".join([*loc, cause.parameter])
+        return f"{param}: {cause.detail}", param
+    param = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        return f"{param}: not supported by this server (unknown field)", param
     return f"{param}: {first['msg'].removeprefix('Value error, ')}", param
 
 
@@ -147,9 +162,13 @@ def build_frontend(
         params = _checked(req.sampling_params, default_max_tokens=16, logprobs=req.logprobs)
         slo = serving.slo_class(http, req.priority)
         rid = f"cmpl-{http.state.request_id}"
-        renderer = CompletionRenderer(rid, now(), model_name, llm.tokenizer, req.return_token_ids)
+        prompts = req.prompts()
+        echo = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if req.echo else None
+        renderer = CompletionRenderer(
+            rid, now(), model_name, llm.tokenizer, req.return_token_ids, echo, req.n
+        )
         gen = Generation(
-            req.prompt, params, req.cache_salt, slo, "text_completion", req.stream, _usage_wanted(req)
+            prompts, params, req.cache_salt, slo, "text_completion", req.stream, _usage_wanted(req), req.user
         )
         return await serving.respond(http, rid, gen, renderer)
 
@@ -169,7 +188,9 @@ def build_frontend(
         slo = serving.slo_class(http, req.priority)
         rid = f"chatcmpl-{http.state.request_id}"
         renderer = ChatRenderer(rid, now(), model_name, llm.tokenizer, req.return_token_ids, top)
-        gen = Generation(prompt, params, req.cache_salt, slo, "chat", req.stream, _usage_wanted(req))
+        gen = Generation(
+            [prompt], params, req.cache_salt, slo, "chat", req.stream, _usage_wanted(req), req.user
+        )
         return await serving.respond(http, rid, gen, renderer)
 
     return app

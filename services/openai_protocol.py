@@ -21,15 +21,17 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """The sampling parameters both endpoints share, OpenAI's plus the ones vLLM users expect."""
+    """The sampling parameters both endpoints share, OpenAI's plus the ones vLLM users expect. A field
+    this server does not know is a 400 naming it (extra="forbid"), never silently dropped."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
+    best_of: int | None = Field(default=None, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -50,6 +52,10 @@ class SamplingFields(BaseModel):
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
     def sampling_params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParameterError(
+                "best_of", f"only equal to n ({self.n}): every sampled sequence is returned, none is ranked"
+            )
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if stop is not None and len(stop) > 4:
             raise ParameterError("stop", "at most 4 sequences")
@@ -73,20 +79,68 @@ class SamplingFields(BaseModel):
         )
 
 
+Prompt = str | list[int]
+MAX_PROMPTS = 64  # prompts in one completions request (each is a request to the engine)
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(..., description="one prompt: text or token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="text, token ids, or a list of either (a batch)"
+    )
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _checked(self) -> "CompletionRequest":
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ParameterError("prompt", "must not be empty (nor any prompt in a list)")
+        if len(prompts) > MAX_PROMPTS:
+            raise ParameterError("prompt", f"{len(prompts)} prompts, at most {MAX_PROMPTS} in one request")
+        if self.echo and self.logprobs is not None:
+            raise ParameterError("echo", "not with logprobs: prompt logprobs are not computed")
+        if len(prompts) > 1 and self.return_token_ids:
+            raise ParameterError("return_token_ids", "only with a single prompt")
+        return self
+
+    def prompts(self) -> list[Prompt]:
+        """The batch: one entry per prompt, each text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]  # a str, or one list of token ids
+        return list(prompt)  # type: ignore[arg-type]  # list[str] | list[list[int]]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    text: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        """Before the fields: an image part's own fields are not the reason it is refused."""
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise ParameterError(
+                "type", f"{data.get('type')!r} parts are not supported: this model reads 'text'"
+            )
+        return data
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | None = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn's calls (services/tool_calls.py)
+    tool_call_id: str | None = None  # a tool turn's answer to one of them
 
     @model_validator(mode="after")
     def _content_given(self) -> "ChatMessage":
-        """Only an assistant turn may leave its content null (OpenAI: when it made tool calls)."""
+        """Text parts are joined by newlines (as vLLM does); only an assistant turn may leave its content
+        null (OpenAI: when it made tool calls)."""
+        if isinstance(self.content, list):
+            self.content = "\n".join(part.text for part in self.content)
         if self.content is None:
             if self.role != "assistant":
                 raise ParameterError(

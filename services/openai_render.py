@@ -74,6 +74,11 @@ class CompletionRenderer:
     model: str
     tokenizer: Tokenizer
     return_token_ids: bool = False
+    echo: list[str] | None = None  # each prompt's text, sent before its choices' text (`echo`)
+    n: int = 1  # choices per prompt
+
+    def _echoed(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo is not None else ""
 
     def _base(self) -> dict:
         return {
@@ -87,7 +92,7 @@ class CompletionRenderer:
         choices = [
             {
                 "index": c.index,
-                "text": c.text,
+                "text": self._echoed(c.index) + c.text,
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
                 "logprobs": completion_logprobs(self.tokenizer, c.token_ids, c.logprobs),
@@ -99,7 +104,15 @@ class CompletionRenderer:
         return {**self._base(), "choices": choices, "usage": usage, **extra}
 
     def opening(self, n: int) -> list[dict]:
-        return []
+        if self.echo is None:
+            return []
+        return [
+            {
+                **self._base(),
+                "choices": [{"index": i, "text": self._echoed(i), "finish_reason": None, "logprobs": None}],
+            }
+            for i in range(n)
+        ]
 
     def chunk(
         self,

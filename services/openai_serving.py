@@ -11,6 +11,7 @@ under that id.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ from services.accounting import RequestAccount
 from services.openai_protocol import error_body
 from services.openai_render import Renderer
 from services.request_metrics import RequestRecord, outcome_of
+from services.streams import merge
 from services.worker_protocol import WorkerLostError
 
 logger = logging.getLogger("ridgeline.frontend")
@@ -85,15 +87,17 @@ def internal_error_body(request_id: str) -> dict:
 
 @dataclass
 class Generation:
-    """What an endpoint asks of the shared path once its request is parsed and checked."""
+    """What an endpoint asks of the shared path once its request is parsed and checked. Several prompts
+    (a completions batch) run as one engine request each; prompt k's choices are k*n .. k*n+n-1."""
 
-    prompt: str | list[int]
+    prompts: list[str | list[int]]
     params: SamplingParams
     cache_salt: str | None
     slo: SLOClass
     operation: str  # "text_completion" | "chat" (the GenAI span's operation)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
+    user: str | None = None  # the client's end-user id, recorded on the trace span
 
 
 class OpenAIServing:
@@ -193,8 +197,28 @@ class OpenAIServing:
                 headers={"Retry-After": str(e.retry_after_s)},
             ) from None
 
-    def _span(self, http: Request, operation: str, request_id: str, params):
+    def check_context(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """400 before admission when the prompt, or the prompt with max_tokens, cannot fit the context:
+        waiting would never help (vLLM's message)."""
+        limit, n = self.llm.max_model_len, len(prompt_ids)
+        if n >= limit:
+            raise HTTPError(
+                400,
+                f"prompt: {n} tokens, but this model's context holds {limit} including at least one "
+                "generated token",
+                param="prompt",
+            )
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise HTTPError(
+                400,
+                f"max_tokens: this model's maximum context length is {limit} tokens; you requested "
+                f"{n + params.max_tokens} ({n} in the prompt, {params.max_tokens} for the completion)",
+                param="max_tokens",
+            )
+
+    def _span(self, http: Request, operation: str, request_id: str, params, user: str | None = None):
         """The request's SERVER span, a child of the client's traceparent when it sent one."""
+        extra = {"user.id": user} if user else {}
         return tracing.tracer().start_span(
             f"{operation} {self.model_name}",
             context=tracing.extract(http.headers),
@@ -210,38 +234,34 @@ class OpenAIServing:
                 "gen_ai.request.top_p": params.top_p,
                 "gen_ai.request.choice.count": params.n,
                 "ridgeline.slo_class": http.state.slo_name,
+                **extra,
             },
         )
 
     async def start(
-        self,
-        http: Request,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        cache_salt: str | None,
-        slo: SLOClass,
-        operation: str = "text_completion",
+        self, http: Request, request_id: str, prompt: str | list[int], gen: Generation
     ) -> "Flight":
-        """The first output of a request: bad input and admission surface here, before any byte of the
-        response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
+        """The first output of one prompt's request: bad input and admission surface here, before any byte
+        of the response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
+        params, slo = gen.params, gen.slo
         if not prompt:
             raise HTTPError(400, "prompt: must not be empty", param="prompt")
         taken_at, inflight_before = self._take_slot(slo)
         try:
             prompt_ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            self.check_context(prompt_ids, params)
             ticket = self._admit(slo, prompt_ids)
         except BaseException:
             self._free_slot()
             raise
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
-        span = self._span(http, operation, request_id, params)
+        span = self._span(http, gen.operation, request_id, params, gen.user)
         record = RequestRecord(self.model_name, slo, http.state.received, span, on_finish=self._free_slot)
         stream = self.llm.generate(
             request_id,
             prompt_ids,
             params,
-            cache_salt=cache_salt,
+            cache_salt=gen.cache_salt,
             priority=slo.priority,
             preemptible=slo.preemptible,
             slo_class=slo.name,
@@ -297,47 +317,65 @@ class OpenAIServing:
                 record.finish(None, "aborted")
                 return None
 
-    def usage(self, out: RequestOutput, account: RequestAccount) -> dict:
-        completion = sum(len(c.token_ids) for c in out.outputs)
+    def usage(self, outs: list[RequestOutput], flights: list["Flight"]) -> dict:
+        prompt = sum(len(out.prompt_token_ids) for out in outs)
+        completion = sum(len(c.token_ids) for out in outs for c in out.outputs)
         usage: dict[str, Any] = {
-            "prompt_tokens": len(out.prompt_token_ids),
+            "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": len(out.prompt_token_ids) + completion,
+            "total_tokens": prompt + completion,
         }
-        if out.num_cached_tokens:
-            usage["prompt_tokens_details"] = {"cached_tokens": out.num_cached_tokens}
-        if account.priced:
-            usage["cost_usd"] = account.usd
+        if cached := sum(out.num_cached_tokens for out in outs):
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        if any(f.account.priced for f in flights):
+            usage["cost_usd"] = sum(f.account.usd for f in flights)
         return usage
 
-    async def respond(self, http: Request, request_id: str, gen: "Generation", renderer: Renderer):
+    async def respond(self, http: Request, request_id: str, gen: Generation, renderer: Renderer):
         """The request served: a JSON body, a 499 when the client left, or an SSE stream that always ends
         with [DONE] (an error event first when something failed after it started)."""
-        flight = await self.start(
-            http, request_id, gen.prompt, gen.params, gen.cache_salt, gen.slo, gen.operation
-        )
+        flights = await self._start_all(http, request_id, gen)
         if not gen.stream:
-            out = await self.final(http, flight)
-            if out is None:
+            outs = await asyncio.gather(*(self.final(http, f) for f in flights))
+            if any(out is None for out in outs):
                 return Response(status_code=499)
-            return renderer.response(out, self.usage(out, flight.account))
-        events = self._events(flight, gen, renderer)
+            done = [out for out in outs if out is not None]
+            return renderer.response(_batched(done, gen.params.n), self.usage(done, flights))
+        events = self._events(flights, gen, renderer)
+        records = [f.record for f in flights]
         return StreamingResponse(
-            _guarded(events, flight.record, http.state.request_id), media_type="text/event-stream"
+            _guarded(events, records, http.state.request_id), media_type="text/event-stream"
         )
 
-    async def _events(self, flight: "Flight", gen: "Generation", renderer: Renderer) -> AsyncIterator[str]:
-        for chunk in renderer.opening(gen.params.n):
+    async def _start_all(self, http: Request, request_id: str, gen: Generation) -> list["Flight"]:
+        """One flight per prompt; when one cannot start, those already started are aborted."""
+        if len(gen.prompts) == 1:
+            return [await self.start(http, request_id, gen.prompts[0], gen)]
+        flights: list[Flight] = []
+        try:
+            for k, prompt in enumerate(gen.prompts):
+                flights.append(await self.start(http, f"{request_id}-{k}", prompt, gen))
+        except BaseException:
+            for flight in flights:
+                await flight.close()
+            raise
+        return flights
+
+    async def _events(
+        self, flights: list["Flight"], gen: Generation, renderer: Renderer
+    ) -> AsyncIterator[str]:
+        n = gen.params.n
+        for chunk in renderer.opening(n * len(flights)):
             yield _sse(chunk)
-        last = flight.first
-        async for index, text, tokens, logprobs, finish, out in _deltas(
-            flight.first, flight.stream, _hold(gen.params)
-        ):
-            last = out
-            yield _sse(renderer.chunk(index, text, tokens, logprobs, finish))
-        flight.record.finish(last, outcome_of(last))
+        last = [f.first for f in flights]
+        deltas = [_deltas(f.first, f.stream, _hold(gen.params)) for f in flights]
+        async for k, (index, text, tokens, logprobs, finish, out) in merge(deltas):
+            last[k] = out
+            yield _sse(renderer.chunk(k * n + index, text, tokens, logprobs, finish))
+        for flight, out in zip(flights, last, strict=True):
+            flight.record.finish(out, outcome_of(out))
         if gen.include_usage:
-            yield _sse(renderer.usage_chunk(self.usage(last, flight.account)))
+            yield _sse(renderer.usage_chunk(self.usage(last, flights)))
         yield _sse("[DONE]")
 
 
@@ -349,6 +387,21 @@ class Flight:
     stream: AsyncIterator[RequestOutput]
     account: RequestAccount
     record: RequestRecord
+
+    async def close(self) -> None:
+        """Abort it (closing the engine stream aborts the request) and count it aborted."""
+        await self.stream.aclose()  # type: ignore[attr-defined]  # an async generator
+        self.record.finish(None, "aborted")
+
+
+def _batched(outs: list[RequestOutput], n: int) -> RequestOutput:
+    """One output for a batch of prompts: prompt k's choices renumbered k*n + index."""
+    if len(outs) == 1:
+        return outs[0]
+    choices = [
+        dataclasses.replace(c, index=k * n + c.index) for k, out in enumerate(outs) for c in out.outputs
+    ]
+    return dataclasses.replace(outs[0], outputs=choices, prompt_token_ids=[])
 
 
 async def _observed(
@@ -365,7 +418,7 @@ def _sse(data: dict | str) -> str:
 
 
 async def _guarded(
-    events: AsyncIterator[str], record: RequestRecord | None = None, request_id: str = ""
+    events: AsyncIterator[str], records: list[RequestRecord] | None = None, request_id: str = ""
 ) -> AsyncIterator[str]:
     """A failure after the stream started becomes an error event and the stream ends; it never hangs.
     A stream that ends any other way than finishing (the client left) counts as aborted."""
@@ -390,7 +443,7 @@ async def _guarded(
         yield _sse(internal_error_body(request_id))
         yield _sse("[DONE]")
     finally:
-        if record is not None:
+        for record in records or []:
             record.finish(None, outcome)  # a no-op when the stream finished and counted itself
 
 

@@ -20,6 +20,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from observability import tracing
 from observability.metrics import REQUEST_MIGRATIONS, WORKERS_LOST
+from services.streams import merge
 from services.worker_protocol import Delta, SequenceState, WorkerLostError, WorkerRequest
 
 logger = logging.getLogger("ridgeline.frontend")
@@ -121,7 +122,7 @@ class DisaggregatedClient:
         text = prompt if isinstance(prompt, str) else None
         self._inflight += 1
         try:
-            async for index, delta in _merge(sequences):
+            async for index, delta in merge(sequences):
                 states[index].apply(delta)
                 if request_id in self._aborted:
                     for s in states:
@@ -141,7 +142,7 @@ class DisaggregatedClient:
                     compute_by_pool=by_pool,
                 )
                 if request_id in self._aborted:
-                    return  # leaving _merge cancels the pools' calls: the workers abort it
+                    return  # leaving merge cancels the pools' calls: the workers abort it
         finally:
             self._aborted.discard(request_id)
             self._inflight -= 1
@@ -237,37 +238,3 @@ class DisaggregatedClient:
 
 def _copied(logprobs: list[dict[int, float]] | None) -> list[dict[int, float]] | None:
     return None if logprobs is None else list(logprobs)
-
-
-async def _merge(sequences: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
-    """(index, delta) from several sequences as they arrive; one failing fails all."""
-    if len(sequences) == 1:
-        async for delta in sequences[0]:
-            yield 0, delta
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(index: int, seq: AsyncIterator[Delta]) -> None:
-        try:
-            async for delta in seq:
-                await queue.put((index, delta))
-            await queue.put((index, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((index, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sequences)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -138,7 +138,7 @@ def test_a_vanishing_temperature_is_greedy_not_token_zero(url, hostile_llm):
             "messages.0.content",
         ),
         ("/v1/completions", '"prompt": "ok", "stop": ["\\udfff"]', "stop.0"),
-        ("/v1/chat/completions", '"messages": [{"role": "user", "content": null}]', "messages.0"),
+        ("/v1/chat/completions", '"messages": [{"role": "user", "content": null}]', "messages.0.content"),
         ("/v1/completions", '"prompt": ' + "[" * 6000 + "]" * 6000, None),
         ("/v1/completions", '"prompt": "x", "user": ' + '{"a":' * 50_000 + "1" + "}" * 50_000, None),
     ],

@@ -38,7 +38,13 @@ def test_in_process_the_request_span_continues_the_client_trace(llama):
                 f"{url}/v1/completions",
                 headers={"traceparent": TRACEPARENT},
                 timeout=60,
-                json={"model": MODEL, "prompt": "hello", "max_tokens": 5, "ignore_eos": True},
+                json={
+                    "model": MODEL,
+                    "prompt": "hello",
+                    "max_tokens": 5,
+                    "ignore_eos": True,
+                    "user": "alice",
+                },
             )
             untraced = httpx.post(
                 f"{url}/v1/completions", timeout=60, json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
@@ -59,6 +65,7 @@ def test_in_process_the_request_span_continues_the_client_trace(llama):
         and attrs["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"]
     )
     assert attrs["gen_ai.response.id"] == r.json()["id"] and attrs["ridgeline.slo_class"] == "standard"
+    assert attrs["user.id"] == "alice"  # the request's `user` field
     # a request without traceparent starts its own trace
     others = [
         s
