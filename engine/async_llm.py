@@ -25,6 +25,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
+from engine.stat_logger import StatLogger
 
 logger = logging.getLogger("ridgeline.engine")
 Result = TypeVar("Result")
@@ -39,12 +40,21 @@ class EngineStalledError(EngineDeadError):
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, stall_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        idle_wait_s: float = 0.05,
+        stall_timeout_s: float = 120.0,
+        stats_interval_s: float = 10.0,
+        name: str = "engine",
+    ):
         """stall_timeout_s: how long one turn of the loop (commands + a step) may take while work waits
-        before `check_health` calls the engine stalled."""
+        before `check_health` calls the engine stalled. stats_interval_s: how often the loop logs the
+        engine's throughput and state while it works (engine/stat_logger.py; 0: never), as `name`."""
         if stall_timeout_s <= 0:
             raise ValueError(f"stall_timeout_s: got {stall_timeout_s}, allowed > 0")
         self.engine = engine
+        self.stat_logger = StatLogger(engine, stats_interval_s, name)
         self.tokenizer = engine.tokenizer
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread writes
@@ -59,8 +69,20 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, model: str, stall_timeout_s: float = 120.0, **engine_options) -> "AsyncLLM":
-        return cls(LLMEngine.from_pretrained(model, **engine_options), stall_timeout_s=stall_timeout_s)
+    def from_pretrained(
+        cls,
+        model: str,
+        stall_timeout_s: float = 120.0,
+        stats_interval_s: float = 10.0,
+        name: str = "engine",
+        **engine_options,
+    ) -> "AsyncLLM":
+        return cls(
+            LLMEngine.from_pretrained(model, **engine_options),
+            stall_timeout_s=stall_timeout_s,
+            stats_interval_s=stats_interval_s,
+            name=name,
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -207,6 +229,7 @@ class AsyncLLM:
             while not self._stopped:
                 self._heartbeat = time.monotonic()
                 self._drain_commands()
+                self.stat_logger.maybe_log()
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self._idle_wait_s)
                     self._wakeup.clear()

@@ -2,14 +2,18 @@
 
 from dataclasses import dataclass, field
 
+from engine.sampling_params import MAX_LOGPROBS
+
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV pool. `num_blocks` wins over the memory budget when given."""
+    """The paged KV pool. `num_blocks` wins over the memory budget when given. On CUDA the budget is what
+    leaves the device's memory in use at `gpu_memory_utilization` of its total once the model is loaded
+    (vLLM's meaning); on the CPU it is 512 MiB unless `kv_cache_memory_bytes` says otherwise."""
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory_bytes: int | None = None  # None: a share of free device memory (CUDA) or 512 MiB (CPU)
+    kv_cache_memory_bytes: int | None = None  # None: from gpu_memory_utilization (CUDA) or 512 MiB (CPU)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
 
@@ -42,10 +46,13 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str
+    model: str  # a checkpoint directory or a Hugging Face Hub id (engine/model_source.py)
     dtype: str = "auto"  # auto = the checkpoint's dtype; or float32, bfloat16, float16
     device: str | None = None  # None: cuda if available, else cpu
-    seed: int = 0
+    seed: int = 0  # torch's generators are seeded with it at start: unseeded sampling repeats per start
+    download_dir: str | None = None  # the Hugging Face cache for Hub ids (None: $HF_HUB_CACHE)
+    chat_template: str | None = None  # overrides the model's: a file or the template (engine/tokenizer.py)
+    max_logprobs: int = MAX_LOGPROBS  # a request asking for more logprobs per token is refused
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
     load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
@@ -63,3 +70,11 @@ class EngineConfig:
     spec_max_batch_tokens: int = 256
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: got {self.seed!r}, allowed an integer")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"max_logprobs: got {self.max_logprobs}, allowed 0..{MAX_LOGPROBS} (the most a request may ask)"
+            )

@@ -22,10 +22,12 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 
 
 class LLM:
-    """Runs the engine in this process (no Ray): `LLM(model_dir, **engine_options)`.
+    """Runs the engine in this process (no Ray): `LLM(model, **engine_options)`.
 
-    Engine options are the fields of EngineConfig, CacheConfig and SchedulerConfig, e.g. `dtype`,
-    `max_model_len`, `num_blocks`, `enable_prefix_caching`, `max_num_batched_tokens`,
+    model: a checkpoint directory or a Hugging Face Hub id ("org/name", through the Hugging Face cache;
+    HF_HUB_OFFLINE=1 reads the cache only). Engine options are the fields of EngineConfig, CacheConfig and
+    SchedulerConfig, e.g. `dtype`, `max_model_len`, `seed`, `chat_template`, `max_logprobs`, `num_blocks`,
+    `gpu_memory_utilization`, `enable_prefix_caching`, `max_num_seqs`, `max_num_batched_tokens`,
     `scheduling_policy`.
     """
 

@@ -26,6 +26,7 @@ from engine.kv.offload import KVOffloader, KVStore, NullOffloader
 from engine.kv.pool import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
+from engine.model_source import resolve_model
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
 from engine.request import EngineRequest, Request, RequestStatus
@@ -86,11 +87,13 @@ class LLMEngine:
         self.device = torch.device(
             config.device or default_device() or ("cuda" if torch.cuda.is_available() else "cpu")
         )
+        # every device's default generator: unseeded sampling repeats from one engine start to the next
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, config.dtype, self.device, config.load_format)
+        self.model_dir = resolve_model(config.model, config.download_dir)
+        loaded = load_model(self.model_dir, config.dtype, self.device, config.load_format)
         self.model, self.model_config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.fingerprint = loaded.fingerprint
-        self.tokenizer = Tokenizer(config.model)
+        self.tokenizer = Tokenizer(self.model_dir, config.chat_template)
         self.max_model_len = self._max_model_len()
         # before the KV pool: a draft model's memory comes out of the pool's budget
         self.drafter = drafter or build_drafter(
@@ -220,6 +223,11 @@ class LLMEngine:
 
     def _validate(self, request: EngineRequest, prompt_ids: list[int], resumed: list[int]) -> None:
         params = request.params
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ParameterError(
+                "logprobs",
+                f"got {params.logprobs}, allowed at most {self.config.max_logprobs} (max_logprobs)",
+            )
         check_prompt_ids(prompt_ids + resumed, self.model_config.vocab_size, self.max_model_len)
         params.check_vocab(self.model_config.vocab_size)
         max_len = min(

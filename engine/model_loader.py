@@ -1,4 +1,5 @@
-"""Loads a HF-format checkpoint directory: config, weights, and a fingerprint for cache keys."""
+"""Loads a HF-format checkpoint (a directory, or a Hub id: engine/model_source.py): config, weights, and a
+fingerprint for cache keys."""
 
 import hashlib
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.model_source import resolve_model
 from engine.models import ModelConfig, build_model, resolve_architecture
 from engine.models.config import model_config_from_hf
 from engine.models.decoder import DecoderForCausalLM
@@ -62,9 +64,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 def load_model(
     model_dir: str | Path, dtype: str, device: torch.device, load_format: str = "auto"
 ) -> LoadedModel:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ValueError(f"model: {str(model_dir)!r} is not a directory")
+    model_dir = resolve_model(model_dir)
     cfg = read_model_config(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     with torch.device("meta"):  # no random init of weights that the checkpoint overwrites

@@ -1,4 +1,6 @@
-"""Tokenizer from `tokenizer.json`, chat template from `tokenizer_config.json` rendered with jinja2."""
+"""Tokenizer from `tokenizer.json`; the chat template, rendered with jinja2, from the first of: the one given
+(`--chat-template`: a file or the template itself), the model directory's `chat_template.jinja` (where
+current transformers saves it), `tokenizer_config.json`'s `chat_template`."""
 
 import functools
 import json
@@ -23,8 +25,36 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def load_chat_template(template: str | Path) -> str:
+    """A `--chat-template` value as vLLM takes it: a file's contents, else the template itself (a value with
+    a Jinja character). One with none that is no readable file is a mistyped path: ValueError. Loading a
+    template's text again gives it back unchanged, so every layer may call this."""
+    text = str(template)
+    try:
+        return Path(template).read_text()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in it
+        if not any(c in text for c in "{}\n"):
+            reason = e.strerror if isinstance(e, OSError) else e
+            raise ValueError(
+                f"chat_template: {text!r} looks like a file path but cannot be read ({reason})"
+            ) from None
+        return text
+
+
+def model_chat_template(model_dir: Path, tokenizer_config: dict) -> str | None:
+    """The model's own template: chat_template.jinja, else tokenizer_config.json's (its default one)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
 class Tokenizer:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
+        """chat_template: overrides the model's (a file path or the template, see load_chat_template)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.exists():
@@ -34,11 +64,9 @@ class Tokenizer:
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
-        self.chat_template = cfg.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            self.chat_template = next(
-                (t["template"] for t in self.chat_template if t["name"] == "default"), None
-            )
+        self.chat_template = (
+            load_chat_template(chat_template) if chat_template else model_chat_template(model_dir, cfg)
+        )
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self._template = None
         if self.chat_template:
@@ -67,14 +95,24 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        tools: list[dict] | None = None,
     ):
+        """tools: function definitions the template renders into the prompt (OpenAI's `tools`), or None."""
         if self._template is None:
-            raise ParameterError("messages", "this model's tokenizer_config.json has no chat_template")
+            raise ParameterError(
+                "messages",
+                "this model has no chat_template (no chat_template.jinja, none in tokenizer_config.json); "
+                "give one with --chat-template",
+            )
         if not messages or any(not isinstance(m, dict) or "role" not in m for m in messages):
             raise ParameterError("messages", "a non-empty list of {'role': ..., 'content': ...} objects")
         text = self._template.render(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",

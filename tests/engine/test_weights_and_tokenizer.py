@@ -91,3 +91,67 @@ def test_chat_without_template_is_a_clear_error(llama, tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"^messages: .*no chat_template"):
         LLM(str(model), num_blocks=16).chat([{"role": "user", "content": "hi"}])
+
+
+def _copy_with_config_template(llama, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(llama, dest)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "CONFIG {{ messages[0]['content'] }}"
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_chat_template_jinja_wins_over_tokenizer_config(llama, tmp_path):
+    from engine.tokenizer import Tokenizer
+
+    model = _copy_with_config_template(llama, tmp_path / "m")
+    assert Tokenizer(model).apply_chat_template(HI, tokenize=False) == "CONFIG hi"
+    (model / "chat_template.jinja").write_text("JINJA {{ messages[0]['content'] }}")
+    assert Tokenizer(model).apply_chat_template(HI, tokenize=False) == "JINJA hi"
+
+
+def test_a_given_chat_template_file_or_text_wins_over_the_models(llama, tmp_path):
+    from engine.tokenizer import Tokenizer
+
+    model = _copy_with_config_template(llama, tmp_path / "m")
+    (model / "chat_template.jinja").write_text("JINJA {{ messages[0]['content'] }}")
+    template_file = tmp_path / "mine.jinja"
+    template_file.write_text("FILE {{ messages[0]['content'] }}")
+    assert Tokenizer(model, str(template_file)).apply_chat_template(HI, tokenize=False) == "FILE hi"
+    inline = "INLINE {{ messages[0]['content'] }}"
+    assert Tokenizer(model, inline).apply_chat_template(HI, tokenize=False) == "INLINE hi"
+    llm = LLM(str(model), num_blocks=16, chat_template=str(template_file))  # the engine option
+    assert llm.tokenizer.apply_chat_template(HI, tokenize=False) == "FILE hi"
+    assert llm.chat(HI, GREEDY)[0].prompt_token_ids == llm.tokenizer.encode(
+        "FILE hi", add_special_tokens=False
+    )
+
+
+def test_a_chat_template_path_that_cannot_be_read_is_an_error(llama, tmp_path):
+    from engine.tokenizer import Tokenizer, load_chat_template
+
+    missing = tmp_path / "nope.jinja"
+    with pytest.raises(
+        ValueError, match=r"^chat_template: '.*nope\.jinja' looks like a file path but cannot"
+    ):
+        Tokenizer(llama, str(missing))
+    text = "{{ messages[0]['content'] + '\\n' }}"  # loading a template's text again leaves it as it is
+    assert load_chat_template(load_chat_template(text)) == text
+
+
+def test_tools_reach_the_chat_template(llama):
+    from engine.tokenizer import Tokenizer
+
+    template = (
+        "{% if tools %}TOOLS {% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+        "{{ messages[0]['content'] }}"
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tok = Tokenizer(llama, template)
+    assert tok.apply_chat_template(HI, tokenize=False, tools=tools) == "TOOLS get_weather;hi"
+    assert tok.apply_chat_template(HI, tokenize=False) == "hi"
