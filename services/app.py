@@ -4,7 +4,6 @@ requests reach replicas through the least-loaded router."""
 
 import dataclasses
 import importlib
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +17,10 @@ from control_plane.membership import Registration, RegistryView
 from control_plane.registry import keys, parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine import envs
+from engine.llm_engine import engine_config
+from engine.model_source import resolve_model, served_model_name
+from engine.sampling_params import MAX_LOGPROBS
+from engine.stat_logger import ConsoleConfig, configure_logging
 from engine.tokenizer import Tokenizer
 from observability import tracing
 from observability.aggregate import app_metrics
@@ -46,7 +49,11 @@ class PoolConfig(BaseModel):
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=128, ge=1)
-    engine: dict = Field(default_factory=dict, description="engine options: num_blocks, max_model_len, ...")
+    engine: dict = Field(
+        default_factory=dict,
+        description="engine options (engine/config.py): num_blocks, max_model_len, gpu_memory_utilization, "
+        "max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed, ...",
+    )
     kv_dram_blocks: int = Field(default=0, ge=0, description="host-memory KV tier per replica (0: none)")
     kv_ssd_dir: str | None = Field(default=None, description="SSD KV tier directory (one per replica)")
     kv_ssd_blocks: int = Field(default=0, ge=0)
@@ -103,6 +110,20 @@ class PoolConfig(BaseModel):
             raise ValueError(
                 f"kv_dtype: got {self.kv_dtype}, allowed auto or the weight dtype ({weights}): "
                 "the KV cache is stored in the weight dtype today"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_engine_options(self) -> "PoolConfig":
+        """Bad engine options fail here, naming the option, not later in a replica."""
+        app_wide = sorted(set(self.engine) & set(APP_WIDE_ENGINE_OPTIONS))
+        if app_wide:
+            raise ValueError(f"engine: {', '.join(app_wide)} is set for the whole app, not per pool")
+        engine_config("-", **self.engine_options())  # ValueError naming the option
+        if self.kv_dram_blocks and self.engine.get("enable_prefix_caching") is False:
+            raise ValueError(
+                "kv_dram_blocks: the KV tiers need prefix caching (blocks are found by their hashes); "
+                "turn one of them off"
             )
         return self
 
@@ -200,10 +221,38 @@ class DraftConfig(BaseModel):
         return self
 
 
+# engine options every pool of an app shares: the frontend tokenizes and validates with them too
+APP_WIDE_ENGINE_OPTIONS = ("chat_template", "max_logprobs", "download_dir")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
-    served_model_name: str | None = None
+    model: str = Field(description="a checkpoint directory or a Hugging Face Hub id (engine/model_source.py)")
+    served_model_name: str | None = Field(
+        default=None, description="the `model` clients send (default: the directory's name, or the Hub id)"
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="overrides the model's chat template: the template, or a file every replica can read",
+    )
+    max_logprobs: int = Field(
+        default=MAX_LOGPROBS,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="the most logprobs per token a request may ask for (more: 400)",
+    )
+    download_dir: str | None = Field(
+        default=None, description="the Hugging Face cache for a Hub id (default: $HF_HUB_CACHE)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="of Ridgeline's loggers in every replica (engine/stat_logger.py)"
+    )
+    stats_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="each worker logs its engine's throughput, queue and KV usage this often while "
+        "it works (0: never)",
+    )
     mode: Literal["disaggregated", "aggregated"] = "disaggregated"
     prefill: PoolConfig = Field(default_factory=PoolConfig)
     decode: PoolConfig = Field(default_factory=PoolConfig)
@@ -263,7 +312,15 @@ class ServeConfig(BaseModel):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        return self.served_model_name or served_model_name(self.model)
+
+    def engine_options(self, pool: PoolConfig) -> dict:
+        """A pool's engine options with the app-wide ones."""
+        options = {"max_logprobs": self.max_logprobs} | pool.engine_options()
+        for name in ("chat_template", "download_dir"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        return options
 
     @model_validator(mode="after")
     def _check_slo_classes(self) -> "ServeConfig":
@@ -311,6 +368,7 @@ class OpenAIIngress:
 
     def __init__(self, config: dict, decode, prefill=None):
         self.config = ServeConfig.model_validate(config)
+        configure_logging(self.config.log_level)
         self.decode, self.prefill = decode, prefill
         self.client: DisaggregatedClient | None = None
         self.app_name = self.config.app_name or serve.get_replica_context().app_name
@@ -340,7 +398,7 @@ class OpenAIIngress:
         if self.prefill is not None:
             infos.append(await self.prefill.info.remote())
         self.client = DisaggregatedClient(
-            Tokenizer(self.config.model),
+            Tokenizer(resolve_model(self.config.model, self.config.download_dir), self.config.chat_template),
             min(i.max_model_len for i in infos),
             infos[0].vocab_size,
             self.decode,
@@ -506,10 +564,11 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
             "registry": registry,
             "model_name": config.model_name,
             "metrics_token": config.api_key or envs.api_key(),
+            "console": ConsoleConfig(config.log_level, config.stats_interval_s),
         }
 
     decode_pool, _, decode_router = pools["decode"]
-    decode_engine = decode_pool.engine_options()
+    decode_engine = config.engine_options(decode_pool)
     drafts = None
     if config.spec == "ngram":
         decode_engine |= {
@@ -554,7 +613,7 @@ def build_app(config: ServeConfig | dict) -> serve.Application:
             config.env,
         ).bind(
             config.model,
-            prefill_pool.engine_options(),
+            config.engine_options(prefill_pool),
             config.kv_transport,
             kv_lease_s=config.kv_lease_s,
             **worker_options("prefill"),

@@ -5,7 +5,15 @@ import sys
 from importlib.metadata import entry_points
 
 from engine import LLM, SamplingParams
+from engine.stat_logger import configure_logging
 from engine.tiny_model import ARCHS, make_tiny_model
+from services.serve_cli import (
+    HelpFormatter,
+    add_engine_arguments,
+    add_model_arguments,
+    engine_options_of,
+    model_of,
+)
 from services.serve_cli import add_parser as add_serve_parser
 
 # subcommands that live outside services/ (the load generator is benchmarks/'s): pyproject's entry points
@@ -13,19 +21,27 @@ SUBCOMMANDS = "ridgeline.subcommands"
 
 
 def _generate(args: argparse.Namespace) -> int:
-    options = {"device": args.device} if args.device else {}
+    configure_logging(args.log_level)
+    _, model = model_of(args)  # a bad model fails here, in one line, before anything loads
+    options = engine_options_of(args)
+    if args.device:
+        options["device"] = args.device
+    if args.chat_template:
+        options["chat_template"] = args.chat_template
+    if args.download_dir:
+        options["download_dir"] = args.download_dir
     if args.speculative_model:
         options |= {
             "speculative_model": args.speculative_model,
             "num_speculative_tokens": args.num_speculative_tokens,
         }
-    llm = LLM(args.model, dtype=args.dtype, **options)
+    llm = LLM(str(model), dtype=args.dtype, **options)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         max_tokens=args.max_tokens,
-        seed=args.seed,
+        seed=args.sampling_seed,
         n=args.n,
         stop=args.stop or None,
         ignore_eos=args.ignore_eos,
@@ -51,33 +67,41 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ridgeline", description="Disaggregated LLM serving")
+    parser = argparse.ArgumentParser(
+        prog="ridgeline", description="Disaggregated LLM serving", formatter_class=HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text offline with the engine (no Ray)")
-    gen.add_argument(
-        "--model",
-        default=None,
-        help="HF checkpoint directory (default: the reference model in models/, or $RIDGELINE_MODEL)",
+    gen = sub.add_parser(
+        "generate", help="generate text offline with the engine (no Ray)", formatter_class=HelpFormatter
     )
-    gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    add_model_arguments(gen)
+    gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: Hello)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--n", type=int, default=1)
-    gen.add_argument("--stop", action="append")
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default=None)
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
+    gen.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=None,
+        help="the requests' own seed (SamplingParams.seed; independent of the batch) (default: none)",
+    )
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--stop", action="append", help="stop string; repeat for several (default: none)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    gen.add_argument(
+        "--dtype", default="auto", help="weight dtype: auto (the checkpoint's), float32, bfloat16, float16"
+    )
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    add_engine_arguments(gen)
     gen.add_argument(
         "--speculative-model",
         default=None,
-        help="speculative decoding with this draft model (same tokenizer), on the same device",
+        help="speculative decoding with this draft model (same tokenizer), on the same device (default: none)",
     )
-    gen.add_argument("--num-speculative-tokens", type=int, default=4)
+    gen.add_argument("--num-speculative-tokens", type=int, default=4, help="drafted tokens per step")
     gen.set_defaults(func=_generate)
     add_serve_parser(sub)
 
@@ -87,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random HF checkpoint")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--arch", default="llama", choices=sorted(ARCHS))
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tiny = sub.add_parser(
+        "make-tiny-model", help="write a tiny random HF checkpoint", formatter_class=HelpFormatter
+    )
+    tiny.add_argument("out_dir", help="where to write it")
+    tiny.add_argument("--arch", default="llama", choices=sorted(ARCHS), help="model family")
+    tiny.add_argument("--seed", type=int, default=0, help="of the random weights")
+    tiny.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype"
+    )
     tiny.set_defaults(func=_make_tiny_model)
     return parser
 

@@ -14,6 +14,7 @@ from control_plane.membership import Registration
 from control_plane.registry import keys
 from engine.async_llm import AsyncLLM
 from engine.spec.drafter import Drafter
+from engine.stat_logger import ConsoleConfig, configure_logging
 from observability import tracing
 from observability.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, QUEUE_TIME
 from observability.metrics_server import start_metrics_server
@@ -31,6 +32,7 @@ from services.registry_actor import connector
 from services.transport.factory import make_transport
 
 ray_hardening.install()  # before Serve starts this replica's inter-deployment gRPC server
+DEFAULT_CONSOLE = ConsoleConfig()
 
 
 def replica_name() -> str:
@@ -81,13 +83,17 @@ class EngineWorker:
         model_name: str | None = None,
         metrics_token: str | None = None,
         drafter: Drafter | None = None,
+        console: ConsoleConfig = DEFAULT_CONSOLE,
     ):
         """kv_tiers: the tiers below HBM (services/messages/pools.py) that keep prefix blocks in host
         memory (and on SSD) and load them back instead of recomputing them.
         pool_name: the pool this replica's compute is charged to (default: its role). registry: {"url":
         "embedded" | "etcd://HOST:PORT", "ttl_s": ..., "app": ...} registers this replica under a lease.
         metrics_token: the bearer token this replica's metrics endpoint requires (the app's API key).
-        drafter: speculative decoding's proposer for this replica's engine (a remote draft pool)."""
+        drafter: speculative decoding's proposer for this replica's engine (a remote draft pool).
+        console: the level of Ridgeline's loggers in this process, and how often the engine logs its
+        throughput and state while it works (engine/stat_logger.py)."""
+        configure_logging(console.log_level)
         self.metrics_token = metrics_token
         tracing.configure(f"ridgeline-{self.role}")  # records spans only when OTEL_* names an exporter
         self.name = replica_name()
@@ -100,7 +106,12 @@ class EngineWorker:
         self.transport = make_transport(kv_transport)
         factory = functools.partial(self._kv_store_for, kv_tiers, kv_transport) if kv_tiers else None
         self.llm = AsyncLLM.from_pretrained(
-            model, kv_store_factory=factory, drafter=drafter, **(engine_options or {})
+            model,
+            kv_store_factory=factory,
+            drafter=drafter,
+            stats_interval_s=console.stats_interval_s,
+            name=f"{self.pool} {self.name}",
+            **(engine_options or {}),
         )
         self.engine = self.llm.engine
         if factory is None:  # else the factory registered it, before building the tiers on it

@@ -1,8 +1,10 @@
 """What a client sees of one request, as the frontend's metrics (observability/metrics.py): time to first
 token, inter-token latency, time per output token, end-to-end latency, tokens, the outcome, and whether the
 request met its SLO class's targets; and the end of the request's trace span (observability/tracing.py)
-with its GenAI usage attributes. Times run from the moment the frontend received the request."""
+with its GenAI usage attributes; and one log line when it ends (id, pools, tokens, TTFT, outcome). Times run
+from the moment the frontend received the request."""
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -21,6 +23,8 @@ from observability.metrics import (
 )
 from observability.tracing import Status, StatusCode
 
+logger = logging.getLogger("ridgeline.requests")
+
 
 def count_outcome(model: str, slo_class: str, outcome: str) -> None:
     """A request that ended before it was served (invalid, rejected, unavailable)."""
@@ -35,11 +39,16 @@ class RequestRecord:
         received: float,
         span=None,
         on_finish: Callable[[], None] | None = None,
+        request_id: str | None = None,
+        pool: str | None = None,
     ):
         """received: time.perf_counter() when the frontend got the request; span: its trace span, ended here;
-        on_finish: called once when the request ends, however it ends."""
+        on_finish: called once when the request ends, however it ends. request_id, pool: for the log line
+        (default: the outputs' request id, and the pools their compute came from)."""
         self.model, self.slo, self.received, self.span = model, slo, received, span
         self.on_finish = on_finish
+        self.request_id, self.pool = request_id, pool
+        self.last_output: RequestOutput | None = None
         self.labels = (model, slo.name)
         self.first_token_at: float | None = None
         self.last_at = received
@@ -49,6 +58,7 @@ class RequestRecord:
 
     def output(self, out: RequestOutput) -> None:
         """Each output as the frontend consumes it (cumulative, as the engine clients give them)."""
+        self.last_output = out
         tokens = sum(len(c.token_ids) for c in out.outputs)
         new = tokens - self.tokens
         if new <= 0:
@@ -69,6 +79,7 @@ class RequestRecord:
         self.done = True
         if self.on_finish is not None:
             self.on_finish()
+        self._log(out or self.last_output, outcome)
         REQUESTS_IN_FLIGHT.labels(self.model).dec()
         REQUESTS.labels(*self.labels, outcome).inc()
         if self.span is not None:
@@ -86,6 +97,26 @@ class RequestRecord:
             TPOT.labels(*self.labels).observe(tpot)
         if ttft * 1000 <= self.slo.ttft_ms and (tpot is None or tpot * 1000 <= self.slo.tpot_ms):
             SLO_MET.labels(*self.labels).inc()
+
+    def _log(self, out: RequestOutput | None, outcome: str) -> None:
+        """One line per request: INFO, WARNING when it failed (its cause is logged where it was caught)."""
+        request_id = self.request_id or (out.request_id if out is not None else "-")
+        pool = self.pool or (
+            "+".join(out.compute_by_pool) if out is not None and out.compute_by_pool else "-"
+        )
+        ttft = "-" if self.first_token_at is None else f"{self.first_token_at - self.received:.3f}s"
+        logger.log(
+            logging.WARNING if outcome == "error" else logging.INFO,
+            "request %s: %s, pool %s, prompt tokens %s, output tokens %d, TTFT %s, e2e %.3fs, slo_class %s",
+            request_id,
+            outcome,
+            pool,
+            len(out.prompt_token_ids) if out is not None else "-",
+            self.tokens,
+            ttft,
+            time.perf_counter() - self.received,
+            self.slo.name,
+        )
 
     def _end_span(self, out: RequestOutput | None, outcome: str) -> None:
         span = self.span

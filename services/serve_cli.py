@@ -1,4 +1,5 @@
-"""`ridgeline serve`: start (or join) Ray, deploy the app, print how to reach it, run until interrupted."""
+"""`ridgeline serve`: start (or join) Ray, deploy the app, print how to reach it, run until interrupted.
+Also the options `serve` and `generate` share, with vLLM's names (the model, the engine's knobs, logging)."""
 
 import argparse
 import logging
@@ -7,44 +8,209 @@ import signal
 import threading
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from engine import envs
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.model_source import resolve_model, served_model_name
+from engine.sampling_params import MAX_LOGPROBS
+from engine.stat_logger import LOG_LEVELS, configure_logging
+from engine.tokenizer import load_chat_template
 
 logger = logging.getLogger("ridgeline.serve")
 
+# engine knobs a pool may set apart (--prefill-X / --decode-X); the others are the same for every pool
+POOL_KNOBS = (
+    "num_blocks",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+)
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve the OpenAI API with prefill and decode pools on Ray Serve")
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help: argparse's, unless the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
+def fraction(value: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    x = float(value)
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"got {value}, allowed a fraction in (0, 1]")
+    return x
+
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"got {value}, allowed an integer >= 1")
+    return n
+
+
+def logprobs_cap(value: str) -> int:
+    n = int(value)
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"got {value}, allowed 0..{MAX_LOGPROBS}")
+    return n
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --download-dir, --chat-template, --log-level: what `serve` and `generate` share."""
     p.add_argument(
         "--model",
         default=None,
-        help="HF checkpoint directory (default: the reference model in models/, or $RIDGELINE_MODEL)",
+        help="a checkpoint directory or a Hugging Face model id such as Qwen/Qwen3-0.6B, fetched through the "
+        "Hugging Face cache (HF_TOKEN, HF_HOME; HF_HUB_OFFLINE=1: the cache only) (default: the reference "
+        "model in models/, or $RIDGELINE_MODEL)",
     )
-    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: dir name)")
+    p.add_argument(
+        "--download-dir", default=None, help="the Hugging Face cache for a model id (default: $HF_HUB_CACHE)"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a chat template file, or the template itself, instead of the model's (default: the model "
+        "directory's chat_template.jinja, else tokenizer_config.json's chat_template)",
+    )
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="of Ridgeline's log lines")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()) -> None:
+    """The engine's knobs (vLLM's names). Each defaults to None (the engine's default, shown); `pools`
+    adds --POOL-KNOB for each POOL_KNOBS entry, which wins over --KNOB for that pool."""
+    cache, sched, engine = CacheConfig(), SchedulerConfig(), EngineConfig(model="-")
+    p.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        default=None,
+        help="context length, prompt and output (default: the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="engine seed: requests without a seed sample the same way on every start, as in vLLM "
+        f"(default: {engine.seed})",
+    )
+    knobs: list[tuple[str, dict]] = [
+        ("num_blocks", dict(type=positive_int, help="KV cache blocks (default: from the memory budget)")),
+        (
+            "gpu_memory_utilization",
+            dict(
+                type=fraction,
+                help="fraction of the GPU's memory the engine may use: the KV cache gets what the loaded model "
+                "leaves of it (CUDA only; on the CPU the KV cache gets 512 MiB unless --num-blocks) "
+                f"(default: {cache.gpu_memory_utilization})",
+            ),
+        ),
+        (
+            "max_num_seqs",
+            dict(type=positive_int, help=f"requests running at once (default: {sched.max_num_seqs})"),
+        ),
+        (
+            "max_num_batched_tokens",
+            dict(
+                type=positive_int,
+                help=f"tokens computed per engine step (default: {sched.max_num_batched_tokens})",
+            ),
+        ),
+        (
+            "enable_prefix_caching",
+            dict(
+                action=argparse.BooleanOptionalAction,
+                help="reuse the KV blocks of prompts' shared prefixes "
+                f"(default: {cache.enable_prefix_caching})",
+            ),
+        ),
+    ]
+    for name, spec in knobs:
+        flag = name.replace("_", "-")
+        p.add_argument(f"--{flag}", dest=name, default=None, **spec)
+        for pool in pools if name in POOL_KNOBS else ():
+            p.add_argument(
+                f"--{pool}-{flag}",
+                dest=f"{pool}_{name}",
+                default=None,
+                **{**spec, "help": f"the {pool} pool's --{flag} (default: --{flag})"},
+            )
+
+
+def engine_options_of(args: argparse.Namespace, pool: str | None = None) -> dict:
+    """The engine options the command line set (for `pool`, its own --POOL-KNOB first)."""
+    options = {}
+    for name in ("max_model_len", "seed", *POOL_KNOBS):
+        value = getattr(args, f"{pool}_{name}", None) if pool else None
+        value = getattr(args, name) if value is None else value
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def model_of(args: argparse.Namespace) -> tuple[str, Path]:
+    """The model as given (--model, else the default) and its local checkpoint directory: a Hub id is
+    fetched, or found in the cache, now, before anything starts."""
+    given = args.model if args.model is not None else str(envs.default_model_path())
+    return given, resolve_model(given, args.download_dir)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the OpenAI API with prefill and decode pools on Ray Serve",
+        formatter_class=HelpFormatter,
+    )
+    add_model_arguments(p)
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the `model` clients send (default: the directory's name, or the model id as given)",
+    )
+    add_engine_arguments(p, pools=("prefill", "decode"))
+    p.add_argument(
+        "--max-logprobs",
+        type=logprobs_cap,
+        default=MAX_LOGPROBS,
+        help="the most logprobs per token a request may ask for; more is a 400",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=10.0,
+        help="seconds between each worker's engine stats lines while it works (0: none)",
+    )
     p.add_argument("--prefill", type=int, default=1, help="prefill replicas")
     p.add_argument("--decode", type=int, default=1, help="decode replicas")
     p.add_argument("--aggregated", action="store_true", help="one pool does prefill and decode")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the HTTP address")
+    p.add_argument("--port", type=int, default=8000, help="the HTTP port")
     p.add_argument(
         "--api-key-file",
         default=None,
-        help="require `Authorization: Bearer KEY`, KEY read from this file (or set $RIDGELINE_API_KEY)",
+        help="require `Authorization: Bearer KEY`, KEY read from this file (default: $RIDGELINE_API_KEY, "
+        "else no key)",
     )
     p.add_argument(
         "--api-key",
         default=None,
-        help="the key itself (visible to every user in `ps`: prefer --api-key-file or $RIDGELINE_API_KEY)",
+        help="the key itself (visible to every user in `ps`: prefer --api-key-file or $RIDGELINE_API_KEY) "
+        "(default: none)",
     )
     p.add_argument(
         "--expose-worker-addresses",
         action="store_true",
         help="/v1/pools shows workers' pids, hosts and addresses (operators' debugging)",
     )
-    p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "ray"])
     p.add_argument(
-        "--num-blocks", type=int, default=None, help="KV blocks per worker (default: memory budget)"
+        "--kv-transport",
+        default="auto",
+        choices=["auto", "nixl", "ray"],
+        help="how KV blocks move from prefill to decode (auto: NIXL when it starts, else Ray)",
     )
-    p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -53,9 +219,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--worker-cpus", type=float, default=1.0, help="Ray CPUs reserved per worker replica")
     p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (default: 1 if CUDA)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start one here)")
     p.add_argument("--kv-dram-blocks", type=int, default=0, help="host-memory KV tier per worker, in blocks")
-    p.add_argument("--kv-ssd-dir", default=None, help="SSD KV tier directory (a subdirectory per worker)")
+    p.add_argument(
+        "--kv-ssd-dir", default=None, help="SSD KV tier directory, a subdirectory per worker (default: none)"
+    )
     p.add_argument("--kv-ssd-blocks", type=int, default=0, help="SSD KV tier capacity per worker, in blocks")
     p.add_argument(
         "--router",
@@ -80,14 +248,34 @@ def add_parser(sub) -> None:
         default=10.0,
         help="seconds after which a worker that stopped heartbeating leaves the registry",
     )
-    p.add_argument("--prefill-price", type=float, default=None, help="$ per hour per prefill replica")
-    p.add_argument("--decode-price", type=float, default=None, help="$ per hour per decode replica")
     p.add_argument(
-        "--device", default=None, help="what replicas run on, for /v1/pools and prices (cpu, H200, ...)"
+        "--prefill-price",
+        type=float,
+        default=None,
+        help="$ per hour per prefill replica (default: a list rate for its GPUs and CPUs)",
     )
-    p.add_argument("--spec", default=None, choices=["ngram"], help="speculative decoding by prompt lookup")
     p.add_argument(
-        "--draft-model", default=None, help="speculative decoding with this draft model on CPU workers"
+        "--decode-price",
+        type=float,
+        default=None,
+        help="$ per hour per decode replica (default: a list rate for its GPUs and CPUs)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="what replicas run on, for /v1/pools and prices: cpu, H200, ... (default: cpu, or gpu with GPUs)",
+    )
+    p.add_argument(
+        "--spec",
+        default=None,
+        choices=["ngram"],
+        help="speculative decoding by prompt lookup (default: none)",
+    )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding with this draft model (a directory or a Hugging Face id) on CPU workers "
+        "(default: none)",
     )
     p.add_argument("--draft-workers", type=int, default=1, help="draft worker replicas (with --draft-model)")
     p.add_argument("--draft-cpus", type=float, default=1.0, help="CPUs per draft worker")
@@ -97,22 +285,24 @@ def add_parser(sub) -> None:
         default=0.0,
         help="seconds a decode step waits for its drafts (0: pipelined, never waits)",
     )
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="drafted tokens per decode step")
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):
+    """The ServeConfig of the command line; ValueError (one line) for a bad model, template or value. The
+    model is resolved here, before Ray starts: a Hub id becomes its snapshot directory when Ray is local
+    (replicas elsewhere resolve the id themselves, from their own cache)."""
     # services.app imports ray, which reads its environment at import: not before run() has set it
     from services.app import ServeConfig
 
-    model = args.model
-    if model is None:
-        model = str(envs.default_model_path())
-    engine = {}
-    if args.num_blocks is not None:
-        engine["num_blocks"] = args.num_blocks
-    if args.max_model_len is not None:
-        engine["max_model_len"] = args.max_model_len
+    given, path = model_of(args)
+    name = args.served_model_name or served_model_name(given)
+    model = str(path) if args.ray_address is None or args.model is None else args.model
+    draft_model = args.draft_model
+    if draft_model is not None:
+        draft_path = resolve_model(draft_model, args.download_dir)
+        draft_model = str(draft_path) if args.ray_address is None else draft_model
     gpus = args.worker_gpus
     if gpus is None:
         import torch
@@ -121,7 +311,6 @@ def config_from_args(args: argparse.Namespace):
     pool = {
         "num_cpus": args.worker_cpus,
         "num_gpus": gpus,
-        "engine": engine,
         "kv_dram_blocks": args.kv_dram_blocks,
         "kv_ssd_dir": args.kv_ssd_dir,
         "kv_ssd_blocks": args.kv_ssd_blocks,
@@ -129,31 +318,54 @@ def config_from_args(args: argparse.Namespace):
         "weight_dtype": args.dtype,
         "device": args.device,
     }
-    return ServeConfig.model_validate(
-        dict(
-            model=model,
-            served_model_name=args.served_model_name,
-            mode="aggregated" if args.aggregated else "disaggregated",
-            prefill={**pool, "replicas": args.prefill, "price_per_hour": args.prefill_price},
-            decode={**pool, "replicas": args.decode, "price_per_hour": args.decode_price},
-            kv_transport=args.kv_transport,
-            api_key=api_key_of(args),
-            router=args.router,
-            expose_worker_addresses=args.expose_worker_addresses,
-            registry=args.registry,
-            registry_ttl_s=args.registry_ttl,
-            spec="draft" if args.draft_model else (args.spec or "none"),
-            num_speculative_tokens=args.num_speculative_tokens,
-            draft={
-                "model": args.draft_model,
-                "replicas": args.draft_workers,
-                "num_cpus": args.draft_cpus,
-                "wait_s": args.draft_wait,
-            }
-            if args.draft_model
-            else None,
-        )
+    fields = dict(
+        model=model,
+        served_model_name=name,
+        chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
+        max_logprobs=args.max_logprobs,
+        download_dir=args.download_dir,
+        log_level=args.log_level,
+        stats_interval_s=args.stats_interval,
+        mode="aggregated" if args.aggregated else "disaggregated",
+        prefill={
+            **pool,
+            "engine": engine_options_of(args, "prefill"),
+            "replicas": args.prefill,
+            "price_per_hour": args.prefill_price,
+        },
+        decode={
+            **pool,
+            "engine": engine_options_of(args, "decode"),
+            "replicas": args.decode,
+            "price_per_hour": args.decode_price,
+        },
+        kv_transport=args.kv_transport,
+        api_key=api_key_of(args),
+        router=args.router,
+        expose_worker_addresses=args.expose_worker_addresses,
+        registry=args.registry,
+        registry_ttl_s=args.registry_ttl,
+        spec="draft" if args.draft_model else (args.spec or "none"),
+        num_speculative_tokens=args.num_speculative_tokens,
+        draft={
+            "model": draft_model,
+            "replicas": args.draft_workers,
+            "num_cpus": args.draft_cpus,
+            "wait_s": args.draft_wait,
+        }
+        if args.draft_model
+        else None,
     )
+    try:
+        return ServeConfig.model_validate(fields)
+    except ValidationError as e:  # one line per problem, naming the field, not pydantic's layout
+        raise ValueError("; ".join(_problem(err) for err in e.errors())) from None
+
+
+def _problem(err) -> str:
+    where = ".".join(str(part) for part in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def api_key_of(args: argparse.Namespace) -> str | None:
@@ -196,10 +408,17 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+def serve_logging(level: str) -> dict:
+    """Ray Serve's own logging at our level; its per-request access lines only at debug (the frontend logs
+    one line per request itself)."""
+    return {"log_level": level.upper(), "enable_access_log": level == "debug"}
+
+
 def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
     if args.ray_address is None:  # before Ray is imported: it reads some of them at import
         os.environ.update(envs.local_cluster_env())  # inherited by the workers Ray starts here
-    config = config_from_args(args)
+    config = config_from_args(args)  # a bad model or option fails here, before Ray starts
     # Ray reads its environment at import: what imports it comes after the update above
     import ray
     from ray import serve
@@ -220,14 +439,15 @@ def run(args: argparse.Namespace) -> int:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             dashboard_host="127.0.0.1",
-            log_to_driver=False,
+            log_to_driver=True,  # the replicas' log lines (requests, engine stats, errors) on this console
         )
     else:
-        ray.init(address=args.ray_address, log_to_driver=False)
+        ray.init(address=args.ray_address, log_to_driver=True)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops it like Ctrl-C
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(config), name="ridgeline", route_prefix="/")
+        logs = serve_logging(args.log_level)
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logs)
+        serve.run(build_app(config), name="ridgeline", route_prefix="/", logging_config=logs)
         print(banner(config, args.host, args.port), flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:  # also while the app was still deploying: everything started is stopped
@@ -242,6 +462,6 @@ def run(args: argparse.Namespace) -> int:
 
 def config_for_argv(argv: list[str]):
     """The ServeConfig that `ridgeline <argv>` would deploy, without starting anything."""
-    parser = argparse.ArgumentParser(prog="ridgeline")
+    parser = argparse.ArgumentParser(prog="ridgeline", formatter_class=HelpFormatter)
     add_parser(parser.add_subparsers(dest="command", required=True))
     return config_from_args(parser.parse_args(argv))

@@ -1,10 +1,12 @@
 """`ridgeline serve` as a user runs it: a subprocess that starts Ray, prints the URL and a curl, answers
-that request with an API key required, and shuts down cleanly on Ctrl-C."""
+that request with an API key required, shows each request and the engines' stats on its console, and shuts
+down cleanly on Ctrl-C; a bad model fails before Ray starts. The request log line, in process."""
 
 import asyncio
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,14 +16,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving_helpers import MODEL, http_server
 
 from control_plane.registry import keys
 from control_plane.registry_etcd import open_registry
+from engine.async_llm import AsyncLLM
 from services.app import PoolConfig, _pool
 from services.decode import DecodeWorker
+from services.frontend import build_frontend
+from services.openai_serving import OpenAIServing
 from services.serve_cli import banner, config_for_argv
 
-pytestmark = pytest.mark.ray
 RIDGELINE = str(Path(sys.executable).parent / "ridgeline")
 
 
@@ -31,10 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
-def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
+def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd, tmp_path):
     port = _free_port()
     env = {**os.environ, "RIDGELINE_API_KEY": "sk-cli"}
+    console = (tmp_path / "console.log").open("w")
     proc = subprocess.Popen(
         [
             RIDGELINE,
@@ -51,9 +58,11 @@ def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
             etcd.url,
             "--prefill-price",
             "2.5",
+            "--stats-interval",
+            "0.5",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=console,
         text=True,
         env=env,
         start_new_session=True,
@@ -78,6 +87,16 @@ def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
         assert r.json()["usage"]["cost_usd"] > 0
+        # the console shows the request (from the frontend replica) and the engines' stats (from each
+        # worker replica, named by pool), forwarded by Ray to the `ridgeline serve` process
+        served = r.json()
+        outcome = served["choices"][0]["finish_reason"]
+        request_line = f"request {served['id']}: {outcome}, pool prefill+decode, prompt tokens"
+        for wanted in (request_line, "prefill ", "decode "):
+            _wait_for_console(tmp_path / "console.log", wanted)
+        text = (tmp_path / "console.log").read_text()
+        assert any("Avg prompt throughput" in line and "prefill " in line for line in text.splitlines())
+        assert any("Avg generation throughput" in line and "decode " in line for line in text.splitlines())
         pools = httpx.get(
             f"http://127.0.0.1:{port}/v1/pools", timeout=30, headers={"Authorization": "Bearer sk-cli"}
         ).json()["data"]
@@ -95,8 +114,17 @@ def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+        console.close()
 
 
+def _wait_for_console(path: Path, wanted: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(wanted in line and "INFO" in line for line in path.read_text().splitlines()):
+        assert time.monotonic() < deadline, f"{wanted!r} not on the console:\n{path.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ctrl_c_while_the_app_deploys_stops_cleanly(llama, etcd):
     """Interrupted once its first worker registered — usually before the banner: everything stops, exit 0."""
@@ -172,6 +200,7 @@ def test_the_api_key_comes_from_a_file_or_the_environment_and_the_flag_warns(
 REGISTRY = {"url": "embedded", "app": None}
 
 
+@pytest.mark.ray
 def test_pool_autoscaling_config_reaches_the_deployment():
     scaled = _pool(
         DecodeWorker,
@@ -268,3 +297,63 @@ def test_speculation_flags(llama):
         ServeConfig(model=llama, spec="draft")
     with pytest.raises(ValueError, match="wait_s"):
         ServeConfig(model=llama, spec="draft", draft={"model": llama, "deadline_s": 0.5, "wait_s": 1.0})
+
+
+# -- the model, fast failures, and the console -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-org/not-cached", "{tmp}"])
+def test_a_bad_model_fails_in_one_line_before_ray_starts(tmp_path, model):
+    model = model.format(tmp=tmp_path)  # a directory with no checkpoint in it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run(
+        [RIDGELINE, "serve", "--model", model, "--port", str(_free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"error: model: {model!r} is ")
+
+
+def test_a_hub_id_is_served_from_its_snapshot_under_the_id(llama, tmp_path):
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(llama, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    argv = ["serve", "--model", "tiny-org/tiny-llama", "--download-dir", str(tmp_path / "hub")]
+    config = config_for_argv(argv)
+    assert config.model == str(repo / "snapshots" / sha) and config.model_name == "tiny-org/tiny-llama"
+    assert config_for_argv([*argv, "--served-model-name", "tiny"]).model_name == "tiny"
+    remote = config_for_argv([*argv, "--ray-address", "10.0.0.1:6379"])  # its replicas resolve the id
+    assert remote.model == "tiny-org/tiny-llama" and remote.download_dir == str(tmp_path / "hub")
+
+
+@pytest.fixture(scope="module")
+def frontend(llama):
+    llm = AsyncLLM.from_pretrained(llama, num_blocks=64)
+    with http_server(build_frontend(OpenAIServing(llm, MODEL))) as url:
+        yield url
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_request_ends_with_one_log_line(frontend, caplog, stream):
+    body = {"model": MODEL, "prompt": [5, 6, 7, 8, 9], "max_tokens": 6, "ignore_eos": True, "stream": stream}
+    with caplog.at_level("INFO", logger="ridgeline.requests"):
+        r = httpx.post(f"{frontend}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200
+        rid = f"cmpl-{r.headers['x-request-id']}"
+        deadline = time.monotonic() + 10
+        while not any(rid in rec.getMessage() for rec in caplog.records):
+            assert time.monotonic() < deadline, "no request line"
+            time.sleep(0.02)
+    [line] = [rec.getMessage() for rec in caplog.records if rid in rec.getMessage()]
+    assert re.fullmatch(
+        rf"request {rid}: length, pool -, prompt tokens 5, output tokens 6, TTFT \d+\.\d{{3}}s, "
+        r"e2e \d+\.\d{3}s, slo_class standard",
+        line,
+    ), line
