@@ -128,10 +128,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
             ),
         ),
     ]
+    assert tuple(name for name, _ in knobs) == POOL_KNOBS
     for name, spec in knobs:
         flag = name.replace("_", "-")
         p.add_argument(f"--{flag}", dest=name, default=None, **spec)
-        for pool in pools if name in POOL_KNOBS else ():
+        for pool in pools:
             p.add_argument(
                 f"--{pool}-{flag}",
                 dest=f"{pool}_{name}",
