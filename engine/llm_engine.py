@@ -5,6 +5,7 @@ runner, output processor, KV handoff); a caller may hand it a drafter and a fact
 HBM. Null objects stand in for what is absent (no drafter, no tier), so nothing asks whether they exist.
 """
 
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from engine.scheduler import Scheduler
 from engine.spec.draft_model import DraftModelDrafter
 from engine.spec.drafter import Drafter, NullDrafter, make_drafter
 from engine.stats import EngineStats
+from engine.structured_output import GrammarCompilerCache
 from engine.tokenizer import Tokenizer
 
 # builds the KV tiers below HBM once the pool exists: (pool, the engine's KV event log) -> store
@@ -262,12 +264,22 @@ class LLMEngine:
             seed_offset=i,
             hold_kv=request.hold_kv,
         )
+        if (spec := request.params.structured_output) is not None:
+            req.grammar = self.grammars.matcher(spec)  # compiled once per spec (LRU), on this thread
         if resumed:
             req.resume(resumed, self.model_config.vocab_size, request.output_logprobs)
         if request.kv_computed_tokens:
             req.num_computed_tokens, req.num_cached_tokens = request.kv_computed_tokens, 0
         update_block_hashes(req, self.block_manager.block_size)
         return req
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompilerCache:
+        """Structured outputs' grammars compiled against this model's tokenizer and logits width: built on
+        the first constrained request (a vocabulary scan), kept for the engine's life."""
+        return GrammarCompilerCache.from_model_dir(
+            self.model_dir, self.model_config.vocab_size, sorted(self.eos_token_ids)
+        )
 
     def abort_request(self, request_id: str) -> None:
         state = self.outputs.get(request_id)

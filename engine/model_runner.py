@@ -15,6 +15,7 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import Sampled, SchedulerOutput
 from engine.spec.verify import verify, verify_greedy
+from engine.structured_output import allocate_bitmask, apply_bitmask, fill_bitmasks, fill_draft_bitmasks
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.graphs = graphs  # decode steps replay captured graphs when set
+        self._bitmask: torch.Tensor | None = None  # structured outputs' token masks, grown as needed
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -130,14 +132,38 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         if not any(inputs.num_drafts):
             rows = [LogitsRow(r, []) for r in inputs.sample_requests]
-            out = self.sampler(
-                apply_logits_processing(logits, rows), inputs.sample_requests, raw_logits=logits
-            )
+            processed = self._masked(apply_logits_processing(logits, rows), logits, inputs.sample_requests)
+            out = self.sampler(processed, inputs.sample_requests, raw_logits=logits)
             return [
                 Sampled(r, [t], [lp])
                 for r, t, lp in zip(inputs.sample_requests, out.token_ids, out.logprobs, strict=True)
             ]
         return self._verify(logits, inputs)
+
+    def _masked(
+        self,
+        logits: torch.Tensor,
+        raw: torch.Tensor,
+        requests: list[Request],
+        num_drafts: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Structured outputs: each constrained request's rows keep only the tokens its grammar allows next
+        (after the drafts before each verified position). The raw logits stay untouched (logprobs)."""
+        matchers = [r.grammar for r in requests]
+        if all(m is None for m in matchers):
+            return logits
+        num_rows = logits.shape[0]
+        if self._bitmask is None or self._bitmask.shape[0] < num_rows:
+            self._bitmask = allocate_bitmask(max(num_rows, 64), logits.shape[1])
+        if num_drafts is None:
+            rows = fill_bitmasks(matchers, self._bitmask)
+        else:
+            drafts = [list(r.spec_token_ids[:k]) for r, k in zip(requests, num_drafts, strict=True)]
+            rows = fill_draft_bitmasks(matchers, drafts, self._bitmask).rows
+        if logits is raw:
+            logits = raw.clone()
+        apply_bitmask(logits, self._bitmask, rows)
+        return logits
 
     def _verify(self, raw: torch.Tensor, inputs: StepInputs) -> list[Sampled]:
         """Requests without drafts are sampled in one batch; each with drafts is verified on its rows, the
@@ -151,6 +177,7 @@ class ModelRunner:
                 for j in range(k + 1)
             ],
         )
+        logits = self._masked(logits, raw, inputs.sample_requests, inputs.num_drafts)
         plain = [i for i, k in enumerate(inputs.num_drafts) if k == 0]
         results: list[Sampled | None] = [None] * len(inputs.sample_requests)
         if plain:

@@ -9,6 +9,7 @@ import torch
 from engine.errors import ParameterError
 from engine.outputs import ComputeUsage
 from engine.sampling_params import SamplingParams
+from engine.structured_output import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -82,6 +83,8 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.priority = priority
         self.preemptible = preemptible  # a higher class may evict it (its tokens are kept and recomputed)
+        # its structured output's state (params.structured_output), set by the engine when it is added
+        self.grammar: GrammarMatcher | None = None
         self.hold_kv = hold_kv  # keep the blocks after finishing: another worker pulls them
         self.hash_extra = hash_extra
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -122,6 +125,8 @@ class Request:
                 )
             self.logprobs = [dict(lp) for lp in logprobs]
             self.cumulative_logprob = sum(lp[t] for t, lp in zip(output_token_ids, logprobs, strict=True))
+        if self.grammar is not None and self.grammar.accept_tokens(output_token_ids) != len(output_token_ids):
+            raise ParameterError("output_token_ids", "the resumed tokens do not match the structured output")
         self.output_token_ids = list(output_token_ids)
         if self.generator is not None and not self.params.greedy:
             for _ in output_token_ids:  # the sampler draws one exponential vector per sampled token

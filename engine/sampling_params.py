@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.errors import ParameterError
+from engine.structured_output import StructuredOutputSpec
 
 MAX_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's _SAMPLING_EPS)
@@ -28,7 +29,8 @@ class SamplingParams:
     (once, and per occurrence); `repetition_penalty` (> 0, 1 is off) divides positive and multiplies
     negative logits of tokens in the prompt or output; `logit_bias` adds to token ids' logits (each in
     [-100, 100]); EOS and `stop_token_ids` cannot end a sequence before `min_tokens`
-    (engine/logits_processors.py applies them).
+    (engine/logits_processors.py applies them). `structured_output` constrains the output to a JSON
+    schema, any JSON object, a regex, a choice or a grammar (engine/structured_output.py).
     """
 
     n: int = 1
@@ -48,6 +50,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -122,6 +125,10 @@ class SamplingParams:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutputSpec
+        ):
+            raise bad("structured_output", "a StructuredOutputSpec or None")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the parameters name must be the model's (ParameterError naming the field)."""

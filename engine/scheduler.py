@@ -303,6 +303,9 @@ class Scheduler:
             req.logprobs.append(logprobs)
             req.cumulative_logprob += logprobs[token]
         ends_here = token in params.stop_token_ids or (token in req.eos_token_ids and not params.ignore_eos)
+        if req.grammar is not None:  # the sampler's mask allowed it; a stop token completes the grammar
+            req.grammar.accept_token(token)
+            ends_here = ends_here or req.grammar.is_terminated()
         status = None
         if ends_here:
             status = RequestStatus.FINISHED_STOPPED

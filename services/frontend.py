@@ -27,12 +27,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import EngineDeadError
 from engine.errors import ParameterError
+from engine.structured_output import StructuredOutputSpec
 from engine.tokenizer import Tokenizer
 from services.http_limits import MAX_BODY_BYTES, BodyLimit
 from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, now
 from services.openai_render import ChatRenderer, CompletionRenderer
 from services.openai_serving import Generation, HTTPError, OpenAIServing, internal_error_body
 from services.request_metrics import count_outcome
+from services.tool_calls import (
+    ChatTool,
+    ToolChoice,
+    guided_schema,
+    parse_tool_choice,
+    parse_tools,
+    template_messages,
+    template_tools,
+)
 
 logger = logging.getLogger("ridgeline.frontend")
 Model = TypeVar("Model", bound=BaseModel)
@@ -177,17 +187,26 @@ def build_frontend(
         req = await _parse(http, ChatCompletionRequest)
         serving.check_model(req.model)
         top = req.top_logprobs or 0
+        tools, choice, forced = _checked(_tool_calling, req=req)
         params = _checked(
-            req.sampling_params, default_max_tokens=None, logprobs=top if req.logprobs else None
+            req.sampling_params,
+            default_max_tokens=None,
+            logprobs=top if req.logprobs else None,
+            structured_output=forced,
         )
         if req.max_completion_tokens:
             params.max_tokens = req.max_completion_tokens
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        text = await asyncio.to_thread(_render_chat, llm.tokenizer, messages)
+        messages = _checked(
+            template_messages, messages=[m.model_dump(exclude_none=True) for m in req.messages]
+        )
+        offered = template_tools(tools) if choice != "none" else None
+        text = await asyncio.to_thread(_render_chat, llm.tokenizer, messages, offered)
         prompt = await serving.tokenize(text, add_special_tokens=False)  # the template wrote them
         slo = serving.slo_class(http, req.priority)
         rid = f"chatcmpl-{http.state.request_id}"
-        renderer = ChatRenderer(rid, now(), model_name, llm.tokenizer, req.return_token_ids, top)
+        renderer = ChatRenderer(
+            rid, now(), model_name, llm.tokenizer, req.return_token_ids, top, choice, req.parallel_tool_calls
+        )
         gen = Generation(
             [prompt], params, req.cache_salt, slo, "chat", req.stream, _usage_wanted(req), req.user
         )
@@ -266,10 +285,29 @@ def _usage_wanted(req) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-def _render_chat(tokenizer: Tokenizer, messages: list[dict]) -> str:
-    """The chat prompt's text; a template that refuses the conversation is the client's 400."""
+def _tool_calling(
+    req: ChatCompletionRequest,
+) -> tuple[list[ChatTool] | None, ToolChoice, StructuredOutputSpec | None]:
+    """(tools, tool_choice, the grammar a required or named choice forces on the output)."""
+    tools = parse_tools(req.tools)
+    choice = parse_tool_choice(req.tool_choice, tools)
+    schema = guided_schema(tools, choice)
+    if schema is None:
+        return tools, choice, None
+    if choice == "required" and not req.parallel_tool_calls:
+        schema = {**schema, "maxItems": 1}
+    if req.structured_output() is not None:
+        raise ParameterError(
+            "tool_choice", "a required or named tool choice cannot have a response_format too"
+        )
+    return tools, choice, StructuredOutputSpec(json=schema, whitespace_flexible=False, param="tool_choice")
+
+
+def _render_chat(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The chat prompt's text (tools offered through the template); a template that refuses the
+    conversation is the client's 400."""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tokenize=False, tools=tools)
     except (ValueError, TemplateError) as e:
         raise HTTPError(
             400, f"messages: the model's chat template refused them: {e}", param="messages"

@@ -2,12 +2,13 @@
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.errors import ParameterError
 from engine.sampling_params import MAX_LOGPROBS, SEED_RANGE, SamplingParams
+from engine.structured_output import StructuredOutputSpec
 
 
 def error_body(
@@ -17,7 +18,34 @@ def error_body(
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object), json_schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` object: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class SamplingFields(BaseModel):
@@ -50,8 +78,49 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    def sampling_params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def structured_output(self) -> StructuredOutputSpec | None:
+        """The one constraint the request asks for (a 400 naming the fields when it asks for several).
+        JSON is compact (no free whitespace: a weak model could otherwise loop on spaces)."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        if (fmt := self.response_format) is not None and fmt.type != "text":
+            if fmt.type == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif fmt.json_schema is None:
+                raise ParameterError("response_format.json_schema", "required when type is 'json_schema'")
+            else:
+                schema = fmt.json_schema.json_schema or {"type": "object"}
+                given.append(
+                    ("response_format.json_schema", {"json": schema, "strict": bool(fmt.json_schema.strict)})
+                )
+        if (so := self.structured_outputs) is not None:
+            kinds = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar}
+            given += [(f"structured_outputs.{k}", {k: v}) for k, v in kinds.items() if v is not None]
+        legacy = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice}
+        given += [(f"guided_{k}", {k: v}) for k, v in legacy.items() if v is not None]
+        if self.guided_grammar is not None:
+            given.append(("guided_grammar", {"grammar": self.guided_grammar}))
+        if len(given) > 1:
+            raise ParameterError(given[1][0], f"only one structured output per request (also {given[0][0]})")
+        if not given:
+            return None
+        param, kind = given[0]
+        return StructuredOutputSpec(**kind, whitespace_flexible=False, param=param)
+
+    def sampling_params(
+        self,
+        default_max_tokens: int | None,
+        logprobs: int | None,
+        structured_output: StructuredOutputSpec | None = None,
+    ) -> SamplingParams:
+        """`structured_output`: the endpoint's own constraint (a forced tool call), instead of the fields'."""
         if self.best_of is not None and self.best_of != self.n:
             raise ParameterError(
                 "best_of", f"only equal to n ({self.n}): every sampled sequence is returned, none is ranked"
@@ -76,6 +145,7 @@ class SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty,
             logit_bias=dict(self.logit_bias) if self.logit_bias else None,
             min_tokens=self.min_tokens,
+            structured_output=structured_output or self.structured_output(),
         )
 
 
@@ -155,6 +225,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None  # checked by services/tool_calls.py
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # false: at most one call (the grammar's, or the first parsed)
 
 
 class Usage(BaseModel):

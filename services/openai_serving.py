@@ -371,7 +371,8 @@ class OpenAIServing:
         deltas = [_deltas(f.first, f.stream, _hold(gen.params)) for f in flights]
         async for k, (index, text, tokens, logprobs, finish, out) in merge(deltas):
             last[k] = out
-            yield _sse(renderer.chunk(k * n + index, text, tokens, logprobs, finish))
+            for chunk in renderer.chunks(k * n + index, text, tokens, logprobs, finish):
+                yield _sse(chunk)
         for flight, out in zip(flights, last, strict=True):
             flight.record.finish(out, outcome_of(out))
         if gen.include_usage:
