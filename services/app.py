@@ -471,6 +471,7 @@ class OpenAIIngress:
             prices=prices,
             admission=AdmissionController() if self.config.admission else None,
             concurrency=ConcurrencyLimit(self.config.max_inflight) if self.config.admission else None,
+            max_logprobs=self.config.max_logprobs,
         )
         return build_frontend(serving, api_key=api_key, pools=pools, app_metrics=metrics)
 

@@ -169,6 +169,7 @@ def build_frontend(
     async def completions(http: Request):
         req = await _parse(http, CompletionRequest)
         serving.check_model(req.model)
+        serving.check_logprobs(req.logprobs, "logprobs")
         params = _checked(req.sampling_params, default_max_tokens=16, logprobs=req.logprobs)
         slo = serving.slo_class(http, req.priority)
         rid = f"cmpl-{http.state.request_id}"
@@ -187,6 +188,7 @@ def build_frontend(
         req = await _parse(http, ChatCompletionRequest)
         serving.check_model(req.model)
         top = req.top_logprobs or 0
+        serving.check_logprobs(req.top_logprobs, "top_logprobs")
         tools, choice, forced = _checked(_tool_calling, req=req)
         params = _checked(
             req.sampling_params,

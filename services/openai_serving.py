@@ -29,7 +29,7 @@ from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.async_llm import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.protocol import EngineClient
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from observability import tracing
 from observability.metrics import ADMISSION_REJECTED
 from services.accounting import RequestAccount
@@ -62,6 +62,16 @@ class HTTPError(Exception):
     def bad_request(cls, error: ValueError) -> "HTTPError":
         """400 for bad input: a ParameterError (engine/errors.py) names its parameter."""
         return cls(400, str(error), param=getattr(error, "parameter", None))
+
+    @classmethod
+    def internal(cls, http: Request, error: BaseException) -> "HTTPError":
+        """500 for a server bug: the traceback goes to the log under the request id, the client gets the id.
+        Answered here, not by the app's last-resort handler, so the connection stays usable."""
+        rid = http.state.request_id
+        logger.error("request %s failed", rid, exc_info=error)
+        error_ = cls(500, "", headers={"x-request-id": rid})
+        error_.body = internal_error_body(rid)
+        return error_
 
     @classmethod
     def unavailable(cls, http: Request, error: BaseException) -> "HTTPError":
@@ -115,8 +125,10 @@ class OpenAIServing:
         default_pool: str = "engine",
         admission: AdmissionController | AdmitEverything | None = None,
         concurrency: ConcurrencyLimit | FixedLimit | None = None,
+        max_logprobs: int = MAX_LOGPROBS,
     ):
         self.slo_table = slo_table
+        self.max_logprobs = max_logprobs  # the engines' cap (--max-logprobs), checked before admission
         self.llm = llm
         self.model_name = model_name
         self.max_inflight = max_inflight
@@ -197,6 +209,12 @@ class OpenAIServing:
                 headers={"Retry-After": str(e.retry_after_s)},
             ) from None
 
+    def check_logprobs(self, logprobs: int | None, param: str) -> None:
+        if logprobs is not None and logprobs > self.max_logprobs:
+            raise HTTPError(
+                400, f"{param}: got {logprobs}, at most {self.max_logprobs} (max_logprobs)", param=param
+            )
+
     def check_context(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """400 before admission when the prompt, or the prompt with max_tokens, cannot fit the context:
         waiting would never help (vLLM's message)."""
@@ -256,7 +274,15 @@ class OpenAIServing:
             raise
         account = RequestAccount(self.prices, self.model_name, slo.name, self.default_pool)
         span = self._span(http, gen.operation, request_id, params, gen.user)
-        record = RequestRecord(self.model_name, slo, http.state.received, span, on_finish=self._free_slot)
+        record = RequestRecord(
+            self.model_name,
+            slo,
+            http.state.received,
+            span,
+            on_finish=self._free_slot,
+            request_id=request_id,
+            pool=self.default_pool,
+        )
         stream = self.llm.generate(
             request_id,
             prompt_ids,
@@ -277,6 +303,8 @@ class OpenAIServing:
                 raise HTTPError.bad_request(e) from None
             if isinstance(e, UNAVAILABLE):
                 raise HTTPError.unavailable(http, e) from None
+            if isinstance(e, Exception):
+                raise HTTPError.internal(http, e) from None
             raise
         self.admission.first_token(ticket)
         self.concurrency.observe(time.monotonic() - taken_at, slo.ttft_ms / 1000, taken_at, inflight_before)
@@ -305,10 +333,10 @@ class OpenAIServing:
                     record.finish(None, "error")
                     http.state.counted = True
                     raise HTTPError.unavailable(http, e) from None
-                except Exception:
+                except Exception as e:
                     record.finish(None, "error")
                     http.state.counted = True
-                    raise
+                    raise HTTPError.internal(http, e) from None
                 record.finish(out, outcome_of(out))
                 return out
             if await http.is_disconnected():

@@ -44,7 +44,7 @@ class RequestRecord:
     ):
         """received: time.perf_counter() when the frontend got the request; span: its trace span, ended here;
         on_finish: called once when the request ends, however it ends. request_id, pool: for the log line
-        (default: the outputs' request id, and the pools their compute came from)."""
+        (the pools the outputs' compute came from win over `pool`)."""
         self.model, self.slo, self.received, self.span = model, slo, received, span
         self.on_finish = on_finish
         self.request_id, self.pool = request_id, pool
@@ -101,9 +101,8 @@ class RequestRecord:
     def _log(self, out: RequestOutput | None, outcome: str) -> None:
         """One line per request: INFO, WARNING when it failed (its cause is logged where it was caught)."""
         request_id = self.request_id or (out.request_id if out is not None else "-")
-        pool = self.pool or (
-            "+".join(out.compute_by_pool) if out is not None and out.compute_by_pool else "-"
-        )
+        by_pool = out.compute_by_pool if out is not None else {}
+        pool = "+".join(by_pool) if by_pool else self.pool or "-"  # where it ran, else where it was sent
         ttft = "-" if self.first_token_at is None else f"{self.first_token_at - self.received:.3f}s"
         logger.log(
             logging.WARNING if outcome == "error" else logging.INFO,
