@@ -179,6 +179,59 @@ def test_logprobs_in_every_mode_equal_the_engines(apps, reference, mode):
     assert [e.logprob for e in got_chat] == pytest.approx([e.logprob for e in content], abs=1e-4)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_disaggregated_fields_with_the_official_client(apps, reference, stream):
+    """The default mode: the prefill worker's first token and the decode worker's rest both obey the
+    penalties and the grammar (the decode worker replays the first token into it); a batch of prompts,
+    echo and chat content parts as in-process."""
+    client = openai.OpenAI(base_url=f"{apps['disaggregated']}/v1", api_key="unused", max_retries=0)
+
+    def complete(**kwargs) -> list[str]:
+        if not stream:
+            done = client.completions.create(model=MODEL, **kwargs)
+            return [c.text for c in sorted(done.choices, key=lambda c: c.index)]
+        text: dict[int, str] = {}
+        for chunk in client.completions.create(model=MODEL, stream=True, **kwargs):
+            for c in chunk.choices:
+                text[c.index] = text.get(c.index, "") + c.text
+        return [text[i] for i in sorted(text)]
+
+    penalized = {"temperature": 0, "max_tokens": 16, "frequency_penalty": 1.5}
+    want = reference.generate(
+        PROMPTS[:2], SamplingParams(**penalized, repetition_penalty=1.3, ignore_eos=True)
+    )
+    got = complete(
+        prompt=PROMPTS[:2], extra_body={"ignore_eos": True, "repetition_penalty": 1.3}, **penalized
+    )
+    assert got == [o.outputs[0].text for o in want]
+    assert complete(prompt=PROMPTS[1], echo=True, max_tokens=4, temperature=0)[0].startswith(PROMPTS[1])
+    colour = complete(
+        prompt="Colour:",
+        max_tokens=10,
+        temperature=1.0,
+        seed=1,
+        extra_body={"guided_choice": ["red", "blue"]},
+    )
+    assert colour[0] in ("red", "blue")
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Give"}, {"type": "text", "text": "JSON"}]}
+        ],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+    )
+    obj = json.loads(chat.choices[0].message.content)
+    assert set(obj) == {"n", "ok"} and isinstance(obj["ok"], bool) and 0 <= obj["n"] <= 99
+
+
 @pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
 def test_official_openai_client(apps, reference, mode):
     client = openai.OpenAI(base_url=f"{apps[mode]}/v1", api_key=KEY if mode == "aggregated" else "unused")
