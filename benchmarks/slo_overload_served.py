@@ -29,7 +29,7 @@ MIX = {"interactive": 0.2, "standard": 0.3, "batch": 0.5}
 SETTLE_S = 5.0  # the in-flight limit starts at max_inflight: requests sent after this see it settled
 
 
-def start_app(model: str, port: int, slo_classes: list[dict]) -> str:
+def start_app(model: str, port: int, slo_classes: list[dict], admission: bool = True) -> str:
     os.environ.update(local_cluster_env())  # before ray is imported: it reads some of them at import
     import ray
     from ray import serve
@@ -39,7 +39,9 @@ def start_app(model: str, port: int, slo_classes: list[dict]) -> str:
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
-        build_app(ServeConfig(model=model, slo_classes=slo_classes)), name="ridgeline", route_prefix="/"
+        build_app(ServeConfig(model=model, slo_classes=slo_classes, admission=admission)),
+        name="ridgeline",
+        route_prefix="/",
     )
     return f"http://127.0.0.1:{port}"
 

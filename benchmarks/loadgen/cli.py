@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-ignore-eos", action="store_true", help="let outputs stop at EOS (lengths then vary)")
+    p.add_argument(
+        "--json-schema",
+        default=None,
+        help="a JSON schema file: every output is constrained to it (response_format json_schema, strict); "
+        "a request then ends when its document is complete",
+    )
     p.add_argument("--out", default=None, help="output directory (default: bench-results/<time>)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -209,6 +215,7 @@ def run(argv: list[str]) -> int:
         args.api_key,
         args.timeout,
         not args.no_ignore_eos,
+        json.loads(Path(args.json_schema).read_text()) if args.json_schema else None,
     )
     try:
         if args.rates is None:

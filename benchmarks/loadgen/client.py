@@ -19,6 +19,7 @@ class Target:
     api_key: str | None = None
     timeout_s: float = 600.0
     ignore_eos: bool = True  # outputs run to max_tokens (vLLM, SGLang and Ridgeline honour it)
+    json_schema: dict | None = None  # every request's output constrained to it (response_format)
 
 
 @dataclass
@@ -78,6 +79,11 @@ async def send(
     body |= {"messages": messages} if chat else {"prompt": prompt}
     if target.ignore_eos:
         body["ignore_eos"] = True
+    if target.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": target.json_schema, "strict": True},
+        }
     headers = {"x-slo-class": slo_class} if slo_class else {}
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"

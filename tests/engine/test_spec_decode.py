@@ -157,3 +157,18 @@ def test_bad_speculative_config_is_named(llama):
         LLM(llama, num_blocks=16, speculative_method="draft_model")
     with pytest.raises(ValueError, match="speculative_model"):
         LLM(llama, num_blocks=16, speculative_method="ngram", speculative_model=llama)
+
+
+def test_speculative_logprobs_equal_plain_decoding(llama):
+    """Logprobs of verified drafts are the target's, one per token, as without speculation."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    prompts = _prompts()[-2:]  # repetitive: drafts hit
+    plain = [o.outputs[0] for o in LLM(llama, num_blocks=128).generate(prompts, params)]
+    spec_llm = LLM(llama, num_blocks=128, speculative_method="ngram", num_speculative_tokens=4)
+    spec = [o.outputs[0] for o in spec_llm.generate(prompts, params)]
+    for s, p in zip(spec, plain, strict=True):
+        assert s.token_ids == p.token_ids and len(s.logprobs) == len(s.token_ids)
+        for got, want in zip(s.logprobs, p.logprobs, strict=True):
+            assert got.keys() == want.keys()
+            assert all(abs(got[t] - want[t]) < 1e-4 for t in want)
+    assert spec_llm.engine.stats.spec_accepted_tokens > 0
