@@ -36,10 +36,11 @@ def start_app(model: str, port: int, slo_classes: list[dict], admission: bool = 
 
     from services.app import ServeConfig, build_app
 
+    classes = {"slo_classes": slo_classes} if slo_classes else {}  # none: the default table
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
-        build_app(ServeConfig(model=model, slo_classes=slo_classes, admission=admission)),
+        build_app(ServeConfig(model=model, admission=admission, **classes)),
         name="ridgeline",
         route_prefix="/",
     )
