@@ -227,9 +227,9 @@ def test_draft_bitmasks_match_stepwise_masks_and_keep_the_state(tokenizer, cache
     assert matcher.fill_draft_bitmasks(draft, bitmask, 0) == 2
     stepwise = cache.matcher(spec)
     expected = allocate_bitmask(3, cache.vocab_size)
-    for i in range(3):
+    for i in range(3):  # the masks before each draft up to the refused one
         stepwise.fill_bitmask(expected, i)
-        stepwise.accept_token(draft[i]) if i < 2 else None
+        assert stepwise.accept_token(draft[i]) == (i < 2)
     assert torch.equal(bitmask[:3], expected)
     assert (bitmask[3:] == -1).all()  # past the refused draft: unconstrained (the verifier stops there)
     fresh = allocate_bitmask(1, cache.vocab_size)
