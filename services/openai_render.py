@@ -6,10 +6,10 @@ from typing import Protocol
 
 from engine.outputs import RequestOutput
 from engine.tokenizer import Tokenizer
-from services.tool_calls import (
+from services.tool_calls import ToolChoice
+from services.tool_parsers import (
     ToolCall,
     ToolCallStream,
-    ToolChoice,
     assistant_message,
     finish_reason,
     parser_for,

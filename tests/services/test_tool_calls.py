@@ -12,8 +12,15 @@ from transformers import PreTrainedTokenizerFast
 from engine.errors import ParameterError
 from engine.tiny_model import CHATML, train_tokenizer
 from services.tool_calls import (
-    HermesToolParser,
     NamedToolChoice,
+    guided_schema,
+    parse_tool_choice,
+    parse_tools,
+    template_messages,
+    template_tools,
+)
+from services.tool_parsers import (
+    HermesToolParser,
     NamedToolParser,
     NoToolParser,
     RequiredToolParser,
@@ -21,12 +28,7 @@ from services.tool_calls import (
     ToolCallParser,
     assistant_message,
     finish_reason,
-    guided_schema,
-    parse_tool_choice,
-    parse_tools,
     parser_for,
-    template_messages,
-    template_tools,
 )
 
 WEATHER = {
