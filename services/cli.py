@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 from engine import LLM, SamplingParams
 from engine.stat_logger import configure_logging
 from engine.tiny_model import ARCHS, make_tiny_model
-from services.serve_cli import (
+from services.engine_args import (
     HelpFormatter,
     add_engine_arguments,
     add_model_arguments,

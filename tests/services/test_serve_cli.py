@@ -353,7 +353,7 @@ def test_each_request_ends_with_one_log_line(frontend, caplog, stream):
             time.sleep(0.02)
     [line] = [rec.getMessage() for rec in caplog.records if rid in rec.getMessage()]
     assert re.fullmatch(
-        rf"request {rid}: length, pool -, prompt tokens 5, output tokens 6, TTFT \d+\.\d{{3}}s, "
+        rf"request {rid}: length, pool engine, prompt tokens 5, output tokens 6, TTFT \d+\.\d{{3}}s, "
         r"e2e \d+\.\d{3}s, slo_class standard",
         line,
     ), line
