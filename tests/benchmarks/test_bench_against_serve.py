@@ -178,7 +178,16 @@ def test_errors_and_timeouts_are_counted_not_crashes(served, tmp_path):
     ] == {"connection": 2}
 
 
+def _served_requests(url: str) -> float:
+    """Requests the server has finished, by outcome, summed (its /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("ridgeline_requests_total{")
+    )
+
+
 def test_ctrl_c_writes_partial_results(served, tmp_path):
+    before = _served_requests(served)
     proc = subprocess.Popen(
         [
             RIDGELINE,
@@ -201,7 +210,9 @@ def test_ctrl_c_writes_partial_results(served, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(5)
+    deadline = time.monotonic() + 60  # however long the command takes to start on a loaded machine
+    while _served_requests(served) - before < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
