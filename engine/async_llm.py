@@ -117,6 +117,8 @@ class AsyncLLM:
         if self._error is not None:
             raise EngineDeadError(f"engine step loop failed: {self._error!r}")
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue[RequestOutput | BaseException]()
+        if params.structured_output is not None:  # compiled off the engine thread: its add finds it cached
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_output)
 
         def add() -> None:
             self.engine.add_request(EngineRequest(request_id, prompt, params, stream=True, **request_options))

@@ -5,8 +5,8 @@ runner, output processor, KV handoff); a caller may hand it a drafter and a fact
 HBM. Null objects stand in for what is absent (no drafter, no tier), so nothing asks whether they exist.
 """
 
-import functools
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import fields
@@ -131,6 +131,8 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.outputs = OutputProcessor(self.tokenizer)
+        self._grammars: GrammarCompilerCache | None = None  # structured outputs (the `grammars` property)
+        self._grammars_lock = threading.Lock()
         self.kv_handoff = KVHandoff(self.block_manager, self._hash_extra, lambda rid: rid in self.outputs)
         self._ids = itertools.count()
 
@@ -265,7 +267,7 @@ class LLMEngine:
             hold_kv=request.hold_kv,
         )
         if (spec := request.params.structured_output) is not None:
-            req.grammar = self.grammars.matcher(spec)  # compiled once per spec (LRU), on this thread
+            req.grammar = self.grammars.matcher(spec)  # compiled once per spec (LRU); AsyncLLM compiles first
         if resumed:
             req.resume(resumed, self.model_config.vocab_size, request.output_logprobs)
         if request.kv_computed_tokens:
@@ -273,13 +275,17 @@ class LLMEngine:
         update_block_hashes(req, self.block_manager.block_size)
         return req
 
-    @functools.cached_property
+    @property
     def grammars(self) -> GrammarCompilerCache:
         """Structured outputs' grammars compiled against this model's tokenizer and logits width: built on
-        the first constrained request (a vocabulary scan), kept for the engine's life."""
-        return GrammarCompilerCache.from_model_dir(
-            self.model_dir, self.model_config.vocab_size, sorted(self.eos_token_ids)
-        )
+        the first constrained request (a vocabulary scan), kept for the engine's life; one, whichever
+        thread asks first (AsyncLLM compiles off the engine thread)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompilerCache.from_model_dir(
+                    self.model_dir, self.model_config.vocab_size, sorted(self.eos_token_ids)
+                )
+            return self._grammars
 
     def abort_request(self, request_id: str) -> None:
         state = self.outputs.get(request_id)
