@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmarks.loadgen.client import Target
 from benchmarks.loadgen.runner import Load, Run, run_load
+from benchmarks.loadgen.stats import percentiles
 from benchmarks.loadgen.workloads import random_workload
 from benchmarks.results_io import write_result
 from benchmarks.slo_overload_served import start_app
@@ -37,12 +38,8 @@ SCHEMA = {
 }
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+def _pct(values: list[float], q: str) -> float | None:
+    return (percentiles(values) or {}).get(q)
 
 
 def _valid(text: str) -> bool:
@@ -72,10 +69,10 @@ def measure(target: Target, args: argparse.Namespace, seed: int) -> dict:
         "requests": len(run.results),
         "ok": len(ok),
         "errors": sorted({r.error for r in run.results if not r.ok and r.error}),
-        "ttft_p50_s": _pct(ttft, 0.5),
-        "ttft_p99_s": _pct(ttft, 0.99),
-        "tpot_p50_s": _pct(tpot, 0.5),
-        "tpot_p99_s": _pct(tpot, 0.99),
+        "ttft_p50_s": _pct(ttft, "p50"),
+        "ttft_p99_s": _pct(ttft, "p99"),
+        "tpot_p50_s": _pct(tpot, "p50"),
+        "tpot_p99_s": _pct(tpot, "p99"),
         "output_tokens_mean": statistics.fmean(r.completion_tokens or 0 for r in ok) if ok else None,
         "wall_s": run.wall_s,
     }

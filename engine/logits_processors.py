@@ -46,10 +46,11 @@ class _Batch:
         self.cols: list[int] = []
         self.vals: list[float] = []
 
-    def add(self, row: int, cols: list[int], vals: list[float] | float) -> None:
+    def add(self, row: int, cols: list[int], vals: list[float] | None = None) -> None:
         self.rows += [row] * len(cols)
         self.cols += cols
-        self.vals += vals if isinstance(vals, list) else [vals] * len(cols)
+        if vals is not None:  # the bias; masks and presence need only the positions
+            self.vals += vals
 
     def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(self.rows, device=device), torch.tensor(self.cols, device=device)
@@ -73,11 +74,11 @@ def apply_logits_processing(logits: torch.Tensor, rows: list[LogitsRow]) -> torc
         if p.logit_bias:
             bias.add(a, [t for t in p.logit_bias if t < V], [v for t, v in p.logit_bias.items() if t < V])
         if len(output) < p.min_tokens:
-            masked.add(a, [t for t in _stop_ids(request) if t < V], 0.0)
+            masked.add(a, [t for t in _stop_ids(request) if t < V])
         if p.repetition_penalty != 1.0:
-            seen.add(a, [t for t in request.prompt_token_ids + output if t < V], 1.0)
+            seen.add(a, [t for t in request.prompt_token_ids + output if t < V])
         if p.presence_penalty or p.frequency_penalty:
-            counts.add(a, [t for t in output if t < V], 1.0)
+            counts.add(a, [t for t in output if t < V])
         rep.append(p.repetition_penalty)
         pres.append(p.presence_penalty)
         freq.append(p.frequency_penalty)

@@ -9,13 +9,13 @@ from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
-from engine.logits_processors import LogitsRow, apply_logits_processing
+from engine.logits_processors import LogitsRow, apply_logits_processing, needs_processing
 from engine.models.decoder import DecoderForCausalLM
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import Sampled, SchedulerOutput
 from engine.spec.verify import verify, verify_greedy
-from engine.structured_output import allocate_bitmask, apply_bitmask, fill_bitmasks, fill_draft_bitmasks
+from engine.structured_output import allocate_bitmask, apply_bitmask, fill_draft_bitmasks
 
 
 @dataclass
@@ -131,8 +131,9 @@ class ModelRunner:
                 return []
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
         if not any(inputs.num_drafts):
-            rows = [LogitsRow(r, []) for r in inputs.sample_requests]
-            processed = self._masked(apply_logits_processing(logits, rows), logits, inputs.sample_requests)
+            processed = self._sampling_logits(
+                logits, inputs.sample_requests, [0] * len(inputs.sample_requests)
+            )
             out = self.sampler(processed, inputs.sample_requests, raw_logits=logits)
             return [
                 Sampled(r, [t], [lp])
@@ -140,44 +141,38 @@ class ModelRunner:
             ]
         return self._verify(logits, inputs)
 
-    def _masked(
-        self,
-        logits: torch.Tensor,
-        raw: torch.Tensor,
-        requests: list[Request],
-        num_drafts: list[int] | None = None,
+    def _sampling_logits(
+        self, raw: torch.Tensor, requests: list[Request], num_drafts: list[int]
     ) -> torch.Tensor:
-        """Structured outputs: each constrained request's rows keep only the tokens its grammar allows next
-        (after the drafts before each verified position). The raw logits stay untouched (logprobs)."""
+        """The logits to sample from, rows laid out as the verifier's (1 + drafts per request): bias and
+        penalties (the row of draft j sees drafts before j as generated), then each constrained request's
+        grammar mask. `raw` stays untouched (logprobs); a batch asking for neither costs one pass."""
+        logits = raw
+        if any(needs_processing(r.params) for r in requests):
+            rows = [
+                LogitsRow(r, list(r.spec_token_ids[:j]))
+                for r, k in zip(requests, num_drafts, strict=True)
+                for j in range(k + 1)
+            ]
+            logits = apply_logits_processing(raw, rows)
         matchers = [r.grammar for r in requests]
         if all(m is None for m in matchers):
             return logits
         num_rows = logits.shape[0]
         if self._bitmask is None or self._bitmask.shape[0] < num_rows:
             self._bitmask = allocate_bitmask(max(num_rows, 64), logits.shape[1])
-        if num_drafts is None:
-            rows = fill_bitmasks(matchers, self._bitmask)
-        else:
-            drafts = [list(r.spec_token_ids[:k]) for r, k in zip(requests, num_drafts, strict=True)]
-            rows = fill_draft_bitmasks(matchers, drafts, self._bitmask).rows
+        drafts = [list(r.spec_token_ids[:k]) for r, k in zip(requests, num_drafts, strict=True)]
+        masked_rows = fill_draft_bitmasks(matchers, drafts, self._bitmask).rows
         if logits is raw:
             logits = raw.clone()
-        apply_bitmask(logits, self._bitmask, rows)
+        apply_bitmask(logits, self._bitmask, masked_rows)
         return logits
 
     def _verify(self, raw: torch.Tensor, inputs: StepInputs) -> list[Sampled]:
         """Requests without drafts are sampled in one batch; each with drafts is verified on its rows, the
         row of draft j seeing drafts before j as generated (penalties). Logprobs come from the raw logits."""
         starts = np.cumsum([0] + [k + 1 for k in inputs.num_drafts])
-        logits = apply_logits_processing(
-            raw,
-            [
-                LogitsRow(r, list(r.spec_token_ids[:j]))
-                for r, k in zip(inputs.sample_requests, inputs.num_drafts, strict=True)
-                for j in range(k + 1)
-            ],
-        )
-        logits = self._masked(logits, raw, inputs.sample_requests, inputs.num_drafts)
+        logits = self._sampling_logits(raw, inputs.sample_requests, inputs.num_drafts)
         plain = [i for i, k in enumerate(inputs.num_drafts) if k == 0]
         results: list[Sampled | None] = [None] * len(inputs.sample_requests)
         if plain:

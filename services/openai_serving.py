@@ -69,9 +69,13 @@ class HTTPError(Exception):
         Answered here, not by the app's last-resort handler, so the connection stays usable."""
         rid = http.state.request_id
         logger.error("request %s failed", rid, exc_info=error)
-        error_ = cls(500, "", headers={"x-request-id": rid})
-        error_.body = internal_error_body(rid)
-        return error_
+        return cls(
+            500,
+            INTERNAL_ERROR.format(rid),
+            type_="server_error",
+            code="internal_error",
+            headers={"x-request-id": rid},
+        )
 
     @classmethod
     def unavailable(cls, http: Request, error: BaseException) -> "HTTPError":
@@ -87,12 +91,11 @@ class HTTPError(Exception):
         )
 
 
+INTERNAL_ERROR = "internal server error (request id {}); the server log has the cause"
+
+
 def internal_error_body(request_id: str) -> dict:
-    return error_body(
-        f"internal server error (request id {request_id}); the server log has the cause",
-        "server_error",
-        code="internal_error",
-    )
+    return error_body(INTERNAL_ERROR.format(request_id), "server_error", code="internal_error")
 
 
 @dataclass
