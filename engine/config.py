@@ -57,6 +57,8 @@ class EngineConfig:
     attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
     load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # schedule step N+1 while the device runs step N (engine/llm_engine.py); None: on a GPU, off on the CPU
+    async_scheduling: bool | None = None
     # speculative decoding: a drafter (engine/spec/drafter.py) proposes up to num_speculative_tokens per decode step
     speculative_method: str | None = None  # None: off (or draft_model when speculative_model is set); "ngram"
     speculative_model: str | None = (

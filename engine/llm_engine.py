@@ -1,5 +1,9 @@
 """LLMEngine: add_request / abort_request / step() = schedule -> execute -> update.
 
+With async scheduling a step schedules and launches step N+1, then updates from step N while the device
+runs N+1 (vLLM v1's async scheduling, SGLang's overlap scheduler): outputs come one step behind, and a step
+whose next one needs its tokens on the host first (grammars, penalties, drafts) is updated before that.
+
 The engine builds its collaborators in its constructor (model, KV pool and block manager, scheduler,
 runner, output processor, KV handoff); a caller may hand it a drafter and a factory for the KV tiers below
 HBM. Null objects stand in for what is absent (no drafter, no tier), so nothing asks whether they exist.
@@ -26,7 +30,7 @@ from engine.kv.handoff import KVHandoff
 from engine.kv.offload import KVOffloader, KVStore, NullOffloader
 from engine.kv.pool import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepFuture
 from engine.model_source import resolve_model
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
@@ -133,8 +137,14 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._grammars: GrammarCompilerCache | None = None  # structured outputs (the `grammars` property)
         self._grammars_lock = threading.Lock()
-        self.kv_handoff = KVHandoff(self.block_manager, self._hash_extra, lambda rid: rid in self.outputs)
+        self.kv_handoff = KVHandoff(
+            self.block_manager, self._hash_extra, lambda rid: rid in self.outputs, fence=self._fence
+        )
         self._ids = itertools.count()
+        wanted = config.async_scheduling
+        self.async_scheduling = self.device.type == "cuda" if wanted is None else wanted
+        self._in_flight: tuple[StepFuture, float] | None = None  # launched, not updated: (step, launch time)
+        self._last_update = 0.0
 
     @classmethod
     def from_pretrained(
@@ -297,7 +307,11 @@ class LLMEngine:
         self.outputs.touch(state)  # its final output comes with the next step
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.outputs.has_pending()
+        return (
+            self.scheduler.has_unfinished_requests()
+            or self.outputs.has_pending()
+            or self._in_flight is not None
+        )
 
     def run(self, requests: list[EngineRequest]) -> list[RequestOutput]:
         """Add the requests and step until every one finished (offline use): their final outputs, in
@@ -326,29 +340,49 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass: schedule -> execute -> update. Returns an output for every user request that
-        changed (only finished ones for requests added with stream=False)."""
+        """One forward pass: schedule -> launch -> update. Returns an output for every user request that
+        changed (only finished ones for requests added with stream=False). With async scheduling the update
+        is the previous step's, made while this one runs."""
         start = time.perf_counter()
         sched = self.scheduler.schedule()
-        if sched.is_empty and self.scheduler.num_loading:
+        previous, self._in_flight = self._in_flight, None
+        if sched.is_empty and self.scheduler.num_loading and previous is None:
             self.offloader.wait(0.005)  # only KV loads are in flight: do not spin
-        if not sched.is_empty:
-            run_start = time.perf_counter()
-            sampled = self.runner.execute(sched)  # returns once the new tokens are on the host
-            seconds = time.perf_counter() - run_start
-            split = self.scheduler.update_from_output(sched, sampled, self.outputs)
-            self.offloader.observe_prefill(sum(p for _, p, _ in split), seconds)  # what recomputing costs
-            self.offloader.write_through()  # this step's new cached blocks start copying down
-            for s in sampled:
-                self.outputs.touch_sequence(s.request)
-            self.drafter.draft_for_step(
-                self.scheduler.running,
-                self.config.num_speculative_tokens,
-                self.config.spec_max_batch_tokens,
-                self.max_model_len,
-            )
-            self.stats.charge(split, time.perf_counter() - start)
+        launched = None if sched.is_empty else self.runner.launch(sched)
+        if previous is not None:
+            self._update(*previous)
+        if launched is not None:
+            ahead = self.async_scheduling and not launched.needs_sync and isinstance(self.drafter, NullDrafter)
+            if ahead:
+                self._in_flight = (launched, start)
+            else:
+                self._update(launched, start)
         return self.outputs.collect()
+
+    def _update(self, step: StepFuture, launched_at: float) -> None:
+        """A launched step's tokens (waiting for them) into the requests: stop checks, outputs, drafts."""
+        sampled = step.result()
+        now = time.perf_counter()
+        seconds = now - max(launched_at, self._last_update)  # overlapped steps share the device's time
+        self._last_update = now
+        split = self.scheduler.update_from_output(step.sched, sampled, self.outputs)
+        self.offloader.observe_prefill(sum(p for _, p, _ in split), seconds)  # what recomputing costs
+        self.offloader.write_through()  # this step's new cached blocks start copying down
+        for s in sampled:
+            self.outputs.touch_sequence(s.request)
+        self.drafter.draft_for_step(
+            self.scheduler.running,
+            self.config.num_speculative_tokens,
+            self.config.spec_max_batch_tokens,
+            self.max_model_len,
+        )
+        self.stats.charge(split, seconds)
+
+    def _fence(self) -> None:
+        """Wait until the step in flight has written its KV: blocks it may still write (freed under it)
+        are about to be handed to a writer outside the device's stream order (a KV transfer)."""
+        if self._in_flight is not None:
+            self._in_flight[0].wait_device()
 
 
 def build_drafter(config: EngineConfig, vocab_size: int, device: torch.device, max_model_len: int) -> Drafter:

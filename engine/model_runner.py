@@ -1,6 +1,13 @@
-"""Turns a SchedulerOutput into one forward pass over a flattened batch, then samples."""
+"""Turns a SchedulerOutput into one forward pass over a flattened batch, then samples.
 
-from dataclasses import dataclass
+`launch` queues the step on the device and returns a StepFuture at once; its `result()` waits only for the
+sampled tokens' copy to the host. With async scheduling the engine launches step N+1 before it reads step
+N's tokens: a position whose token step N is still sampling takes it from the device (`_last_tokens`),
+never through the host. Verification steps, and steps whose sampling needs the host (grammars, penalties),
+finish inside `launch`.
+"""
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,7 +19,7 @@ from engine.kv.pool import layer_views
 from engine.logits_processors import LogitsRow, apply_logits_processing, needs_processing
 from engine.models.decoder import DecoderForCausalLM
 from engine.request import Request
-from engine.sampler import Sampler
+from engine.sampler import Draws, Sampler
 from engine.scheduler import Sampled, SchedulerOutput
 from engine.spec.verify import verify, verify_greedy
 from engine.structured_output import allocate_bitmask, apply_bitmask, fill_draft_bitmasks
@@ -26,6 +33,76 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] rows of the flattened batch whose logits are sampled
     sample_requests: list[Request]  # one per request sampled
     num_drafts: list[int]  # per sampled request: drafted tokens verified (its rows: 1 + that many)
+
+
+@dataclass
+class StepFuture:
+    """A launched step. `result()` gives each sampled request's tokens, waiting for their copy to the host
+    when they are still on the way. `needs_sync`: the next step must not be scheduled before they are known
+    (a grammar's mask or a penalty depends on them, or drafts were verified)."""
+
+    sched: SchedulerOutput
+    requests: list[Request]
+    needs_sync: bool
+    draws: Draws | None = None  # on the host once `ready` has happened
+    ready: "torch.cuda.Event | None" = None
+    results: list[Sampled] | None = field(default=None)
+
+    def wait_device(self) -> None:
+        """Until the device finished the step (its KV written, its tokens on the host)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def result(self) -> list[Sampled]:
+        if self.results is None:
+            assert self.draws is not None
+            self.wait_device()
+            out = self.draws.output()
+            self.results = [
+                Sampled(r, [t], [lp])
+                for r, t, lp in zip(self.requests, out.token_ids, out.logprobs, strict=True)
+            ]
+        return self.results
+
+
+class HostStaging:
+    """Host buffers for a step's metadata. On a GPU they are pinned and used in turn, each refilled only
+    after its last copy to the device ran, so the step's one copy per dtype is asynchronous."""
+
+    def __init__(self, device: torch.device, depth: int = 2):
+        self.device = device
+        self._pinned = device.type == "cuda"
+        self._slots: list[dict[torch.dtype, torch.Tensor]] = [{} for _ in range(depth)]
+        self._copied: list[torch.cuda.Event | None] = [None] * depth
+        self._turn = 0
+
+    def buffer(self, n: int, dtype: torch.dtype) -> np.ndarray:
+        """A host array of n elements to fill (this turn's buffer of that dtype)."""
+        if not self._pinned:
+            return np.zeros(n, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        event = self._copied[self._turn]
+        if event is not None:
+            event.synchronize()
+            self._copied[self._turn] = None
+        slot = self._slots[self._turn]
+        buf = slot.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = slot[dtype] = torch.empty(
+                max(n, 2 * (0 if buf is None else buf.numel()), 4096), dtype=dtype, pin_memory=True
+            )
+        view = buf[:n].numpy()
+        view.fill(0)
+        return view
+
+    def to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """This turn's filled arrays on the device (copies queued in stream order); the next turn begins."""
+        out = [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]
+        if self._pinned:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._turn] = event
+            self._turn = (self._turn + 1) % len(self._slots)
+        return out
 
 
 class ModelRunner:
@@ -48,6 +125,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs = graphs  # decode steps replay captured graphs when set
         self._bitmask: torch.Tensor | None = None  # structured outputs' token masks, grown as needed
+        self.staging = HostStaging(device)
+        # the last launched step's sampled tokens on the device, and each sampled request's row in them
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -55,33 +136,46 @@ class ModelRunner:
         T = sched.num_scheduled_tokens
         tables = [self.block_manager.block_ids(r.request_id) for r, _ in sched.scheduled]
         width = max(len(t) for t in tables)
-        # two host buffers, two copies to the device:
-        # int64 [ids | positions | slots | sample rows], int32 [query_start_loc | seq_lens | block tables]
+        # two host buffers, two copies to the device: int64 [ids | positions | slots | sample rows |
+        # placeholder positions | their rows in the last step's tokens], int32 [query_start_loc | seq_lens |
+        # block tables]
         num_drafts = [
-            r.spec_token_ids and max(n - (r.num_tokens - r.num_computed_tokens), 0) or 0
-            for r, n in sched.scheduled
+            r.spec_token_ids and max(n - (r.num_tokens - start), 0) or 0
+            for (r, n), start in zip(sched.scheduled, sched.starts, strict=True)
         ]
-        longs = np.empty(3 * T + B + sum(num_drafts), dtype=np.int64)
-        ints = np.zeros(2 * B + 1 + B * width, dtype=np.int32)
+        ahead = [
+            i
+            for i, ((r, n), start) in enumerate(zip(sched.scheduled, sched.starts, strict=True))
+            if start + n > r.num_tokens + num_drafts[i]
+        ]
+        R = sum(sched.samples) + sum(num_drafts)
+        longs = self.staging.buffer(3 * T + R + 2 * len(ahead), torch.int64)
+        ints = self.staging.buffer(2 * B + 1 + B * width, torch.int32)
         ids, positions, slots = longs[:T], longs[T : 2 * T], longs[2 * T : 3 * T]
+        ph_dst, ph_src = longs[3 * T + R : 3 * T + R + len(ahead)], longs[3 * T + R + len(ahead) :]
         query_start, seq_lens = ints[: B + 1], ints[B + 1 : 2 * B + 1]
         block_tables = ints[2 * B + 1 :].reshape(B, width)
         sample_requests: list[Request] = []
         sampled_drafts: list[int] = []
         rows = 0
         t = 0
-        for i, ((request, n), table) in enumerate(zip(sched.scheduled, tables, strict=True)):
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
+        p = 0
+        for i, ((request, n), table, start) in enumerate(
+            zip(sched.scheduled, tables, sched.starts, strict=True)
+        ):
+            end = start + n
             pos = np.arange(start, end)
             k = num_drafts[i]
-            ids[t : t + n] = request.token_ids_with_spec(start, end) if k else request.token_ids(start, end)
+            if (src := self._fill_ids(request, start, end, k, ids[t : t + n])) is not None:
+                ph_dst[p], ph_src[p] = t + n - 1, src
+                p += 1
             positions[t : t + n] = pos
             block_tables[i, : len(table)] = table
             slots[t : t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
             t += n
             query_start[i + 1] = t
             seq_lens[i] = end
-            if end == request.num_tokens + k:  # caught up: these rows' logits give the next token(s)
+            if sched.samples[i]:  # caught up: these rows' logits give the next token(s)
                 if k:
                     longs[3 * T + rows : 3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
                 else:
@@ -89,8 +183,12 @@ class ModelRunner:
                 rows += k + 1
                 sample_requests.append(request)
                 sampled_drafts.append(k)
-        longs_dev = torch.from_numpy(longs).to(self.device)
-        ints_dev = torch.from_numpy(ints).to(self.device)
+        longs_dev, ints_dev = self.staging.to_device(longs, ints)
+        if ahead:
+            assert self._last_tokens is not None
+            base = 3 * T + R
+            ids_dev = longs_dev[:T]
+            ids_dev[longs_dev[base : base + p]] = self._last_tokens[longs_dev[base + p : base + 2 * p]]
         attn = AttentionMetadata(
             slot_mapping=longs_dev[2 * T : 3 * T],
             query_start_loc=ints_dev[: B + 1],
@@ -112,6 +210,19 @@ class ModelRunner:
             sampled_drafts,
         )
 
+    def _fill_ids(self, request: Request, start: int, end: int, k: int, out: np.ndarray) -> int | None:
+        """Tokens [start, end) of the request (its last k drafted) into `out`. When the last one is what the
+        step in flight samples, its row in that step's tokens (the device fills it in)."""
+        if k:
+            out[:] = request.token_ids_with_spec(start, end)
+        elif end > request.num_tokens:
+            assert end == request.num_tokens + 1, (request, start, end)
+            out[:-1] = request.token_ids(start, end - 1)
+            return self._last_rows[request.request_id]
+        else:
+            out[:] = request.token_ids(start, end)
+        return None
+
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """-> hidden states [T, hidden]."""
@@ -122,24 +233,34 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[Sampled]:
         """One forward pass; returns once the new tokens are on the host."""
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> StepFuture:
+        """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
         inputs = self.prepare(sched)
-        if self.graphs is not None and self.graphs.can_run(inputs.attn, len(inputs.sample_requests)):
+        requests = inputs.sample_requests
+        if self.graphs is not None and self.graphs.can_run(inputs.attn, len(requests)):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [B, vocab]
         else:
             hidden = self.forward(inputs)
-            if not inputs.sample_requests:
-                return []
+            if not requests:
+                return StepFuture(sched, [], needs_sync=False, results=[])
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
-        if not any(inputs.num_drafts):
-            processed = self._sampling_logits(
-                logits, inputs.sample_requests, [0] * len(inputs.sample_requests)
-            )
-            out = self.sampler(processed, inputs.sample_requests, raw_logits=logits)
-            return [
-                Sampled(r, [t], [lp])
-                for r, t, lp in zip(inputs.sample_requests, out.token_ids, out.logprobs, strict=True)
-            ]
-        return self._verify(logits, inputs)
+        if any(inputs.num_drafts):
+            self._last_tokens, self._last_rows = None, {}
+            return StepFuture(sched, requests, needs_sync=True, results=self._verify(logits, inputs))
+        processed = self._sampling_logits(logits, requests, [0] * len(requests))
+        draws = self.sampler.sample(processed, requests, raw_logits=logits)
+        self._last_tokens = draws.token_ids
+        self._last_rows = {r.request_id: i for i, r in enumerate(requests)}
+        ready = None
+        if logits.is_cuda:
+            draws = draws.to_host()
+            ready = torch.cuda.Event()
+            ready.record()
+        needs_sync = processed is not logits  # a grammar or a penalty read the tokens so far
+        return StepFuture(sched, requests, needs_sync, draws, ready)
 
     def _sampling_logits(
         self, raw: torch.Tensor, requests: list[Request], num_drafts: list[int]

@@ -81,7 +81,10 @@ class OutputProcessor:
         self._touched[state.request_id] = state
 
     def touch_sequence(self, req: Request) -> None:
-        self.touch(self._by_sequence[req.request_id])
+        """A sequence got tokens; one forgotten already (it finished while a step ran ahead) has none."""
+        state = self._by_sequence.get(req.request_id)
+        if state is not None:
+            self.touch(state)
 
     def stop_string(self, req: Request) -> str | None:
         """After a token is appended: the stop string it completes, if the text is being followed."""

@@ -92,6 +92,9 @@ class Request:
         self.scheduled_wall: float | None = None  # when it was first admitted to the running batch
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # async scheduling: tokens scheduled in a step not yet updated, and tokens that step samples
+        self.num_inflight_tokens = 0
+        self.num_output_placeholders = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until scheduled
         self.num_preemptions = 0
         self.compute = ComputeUsage()  # its share of the engine steps it was in
@@ -139,6 +142,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def scheduled_tokens(self) -> int:
+        """Tokens whose KV is computed or being computed by a step in flight."""
+        return self.num_computed_tokens + self.num_inflight_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens known, and those steps in flight are sampling."""
+        return self.num_tokens + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

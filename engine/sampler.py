@@ -15,6 +15,62 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the GPU: pinned and copied asynchronously."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+@dataclass
+class Draws:
+    """A step's samples as tensors: token ids [S]; for the rows asking for logprobs (`wanted[i]` not None),
+    the sampled token's logprob [S] and the top-n [S, n]. On the device when drawn; `to_host` starts the
+    copy (pinned, asynchronous on a GPU) and `output` reads it once it has landed."""
+
+    token_ids: torch.Tensor
+    wanted: list[int | None]
+    sampled_logprobs: torch.Tensor | None = None
+    top_vals: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    def to_host(self) -> "Draws":
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or not t.is_cuda:
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        token_ids = copy(self.token_ids)
+        assert token_ids is not None
+        return Draws(
+            token_ids,
+            self.wanted,
+            copy(self.sampled_logprobs),
+            copy(self.top_vals),
+            copy(self.top_ids),
+        )
+
+    def output(self) -> SamplerOutput:
+        token_ids = self.token_ids.tolist()
+        if self.sampled_logprobs is None:
+            return SamplerOutput(token_ids, [None] * len(token_ids))
+        sampled = self.sampled_logprobs.tolist()
+        top_vals = self.top_vals.tolist() if self.top_vals is not None else None
+        top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+        out: list[dict[int, float] | None] = []
+        for i, n in enumerate(self.wanted):
+            if n is None:
+                out.append(None)
+                continue
+            entry = {token_ids[i]: sampled[i]}
+            if n and top_vals is not None and top_ids is not None:
+                for tok, val in zip(top_ids[i][:n], top_vals[i][:n], strict=True):
+                    entry.setdefault(tok, val)
+            out.append(entry)
+        return SamplerOutput(token_ids, out)
+
+
 def apply_filters(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
@@ -33,11 +89,9 @@ def apply_filters(
 def filter_rows(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Each row's top-k / top-p / min-p (its SamplingParams) applied to tempered logits [R, V]."""
     V, device = logits.shape[-1], logits.device
-    top_k = torch.tensor(
-        [min(p.top_k, V) if p.top_k > 0 else V for p in params], device=device
-    )  # any int fits
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
+    top_k = to_device([min(p.top_k, V) if p.top_k > 0 else V for p in params], torch.int64, device)
+    top_p = to_device([p.top_p for p in params], torch.float32, device)
+    min_p = to_device([p.min_p for p in params], torch.float32, device)
     return apply_filters(logits, top_k, top_p, min_p)
 
 
@@ -47,13 +101,19 @@ class Sampler:
     ) -> SamplerOutput:
         """logits [S, V] fp32, one row per request, after engine/logits_processors.py; `raw_logits`, the
         model's own, give the logprobs (vLLM's default) when they differ."""
+        return self.sample(logits, requests, raw_logits).output()
+
+    def sample(
+        self, logits: torch.Tensor, requests: list[Request], raw_logits: torch.Tensor | None = None
+    ) -> Draws:
+        """As __call__, the draws left on the device: nothing here waits for the GPU."""
         S, V = logits.shape
         params = [r.params for r in requests]
         token_ids = logits.argmax(dim=-1)  # greedy rows keep this
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
+            rows = to_device(random_rows, torch.int64, logits.device)
+            temps = to_device([params[i].temperature for i in random_rows], torch.float32, logits.device)
             x = logits[rows] / temps[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
                 x = filter_rows(x, [params[i] for i in random_rows])
@@ -63,36 +123,29 @@ class Sampler:
             noise = torch.empty_like(probs).exponential_()
             for j, i in enumerate(random_rows):
                 if requests[i].generator is not None:
-                    noise[j] = torch.empty(V).exponential_(generator=requests[i].generator).to(noise.device)
+                    draw = torch.empty(V).exponential_(generator=requests[i].generator)
+                    noise[j] = (
+                        draw.pin_memory().to(noise.device, non_blocking=True) if noise.is_cuda else draw
+                    )
             token_ids[rows] = (probs / noise).argmax(dim=-1)
-        token_list = token_ids.tolist()
         raw = logits if raw_logits is None else raw_logits
-        return SamplerOutput(token_list, self._logprobs(raw, params, token_list))
+        return self._with_logprobs(raw, [p.logprobs for p in params], token_ids)
 
     def logprobs_of(
         self, logits: torch.Tensor, params, token_ids: list[int]
     ) -> list[dict[int, float] | None]:
         """Logprobs of one request's tokens, one per row of `logits` (verified drafts)."""
-        return self._logprobs(logits, [params] * len(token_ids), token_ids)
+        tokens = torch.tensor(token_ids, dtype=torch.int64, device=logits.device)
+        return self._with_logprobs(logits, [params.logprobs] * len(token_ids), tokens).output().logprobs
 
     @staticmethod
-    def _logprobs(logits, params, token_ids) -> list[dict[int, float] | None]:
-        wanted = [p.logprobs for p in params]
+    def _with_logprobs(logits: torch.Tensor, wanted: list[int | None], token_ids: torch.Tensor) -> Draws:
         if all(n is None for n in wanted):
-            return [None] * len(params)
+            return Draws(token_ids, wanted)
         logprobs = logits.log_softmax(dim=-1)  # of the raw model output, as vLLM reports them
+        sampled = logprobs.gather(1, token_ids[:, None])[:, 0]
         top_n = max(n or 0 for n in wanted)
-        top_vals, top_ids = (
-            logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], logprobs[:, :0].long())
-        )
-        out: list[dict[int, float] | None] = []
-        for i, n in enumerate(wanted):
-            if n is None:
-                out.append(None)
-                continue
-            entry = {token_ids[i]: logprobs[i, token_ids[i]].item()}
-            if n:
-                for tok, val in zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist(), strict=True):
-                    entry.setdefault(tok, val)
-            out.append(entry)
-        return out
+        if not top_n:
+            return Draws(token_ids, wanted, sampled)
+        top_vals, top_ids = logprobs.topk(top_n, dim=-1)
+        return Draws(token_ids, wanted, sampled, top_vals, top_ids)

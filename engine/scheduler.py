@@ -3,6 +3,12 @@ step, `update_from_output` advances what was computed and appends what was sampl
 
 One loop serves every case: a decode is a request one token behind, a chunked prefill is a request many
 tokens behind, a prefix hit starts `num_computed_tokens` above zero.
+
+Async scheduling (vLLM v1's, SGLang's overlap scheduler) schedules step N+1 before step N's tokens reach the
+host: a request's tokens scheduled in a step not yet updated count as computed (`num_inflight_tokens`), and
+the token that step samples counts as a placeholder (`num_output_placeholders`) whose id the runner takes
+from the device. A request is never scheduled past what it may still generate (max_tokens, the context's
+end), and a request that came back from preemption or hands its KV over waits until its tokens are known.
 """
 
 import time
@@ -24,6 +30,10 @@ class SchedulerOutput:
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # per scheduled request: its first position this step
+    samples: list[bool] = field(
+        default_factory=list
+    )  # per scheduled request: the step samples its next token
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -102,11 +112,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_output_placeholders and not self._may_run_ahead(request):
+                i += 1
+                continue
+            num_new = min(request.total_tokens - request.scheduled_tokens, budget)
             if (
                 request.spec_token_ids
             ):  # a decode with drafts: its last token and the drafts, verified at once
-                if num_new == request.num_tokens - request.num_computed_tokens == 1:
+                ahead = request.num_output_placeholders  # drafts follow known tokens only
+                if num_new == request.total_tokens - request.scheduled_tokens == 1 and not ahead:
                     del request.spec_token_ids[budget - 1 :]
                     num_new += len(request.spec_token_ids)
                 else:
@@ -131,12 +145,30 @@ class Scheduler:
 
         by_id = {r.request_id: r for r in self.running}
         out.scheduled = [(by_id[rid], n) for rid, n in scheduled.items()]
+        for request, n in out.scheduled:  # in flight until update_from_output
+            start = request.scheduled_tokens
+            samples = start + n >= request.total_tokens
+            out.starts.append(start)
+            out.samples.append(samples)
+            request.num_inflight_tokens += n
+            request.num_output_placeholders += samples
         return out
+
+    def _may_run_ahead(self, request: Request) -> bool:
+        """Whether a request whose last step is still in flight may be scheduled again now: not when the
+        token in flight may be its last, nor when its KV is handed over when it finishes."""
+        ahead = request.num_output_placeholders
+        max_tokens = request.params.max_tokens
+        if max_tokens is not None and request.num_output_tokens + ahead >= max_tokens:
+            return False
+        return request.num_tokens + ahead < self.max_model_len and not request.hold_kv
 
     def _admit_waiting(self, out: SchedulerOutput, scheduled: dict[str, int], budget: int) -> int:
         self.waiting.sort(key=self.policy.key)
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if request.num_inflight_tokens:  # preempted while its last step ran: back once that is known
+                break
             if len(self.running) >= self.config.max_num_seqs:  # full: only a lower class may make room
                 victim = self._victim_for(request)
                 if victim is None:
@@ -256,11 +288,14 @@ class Scheduler:
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Request, int, int]]:
         self.stats.steps += 1
         split = []
-        for req, n in sched.scheduled:
-            prompt = min(n, max(req.num_prompt_tokens - req.num_computed_tokens, 0))
+        for (req, n), start in zip(sched.scheduled, sched.starts, strict=True):
+            req.num_inflight_tokens -= n
+            prompt = min(n, max(req.num_prompt_tokens - start, 0))
             split.append((req, prompt, n - prompt))
             self.stats.prompt_tokens_computed += prompt
             self.stats.scheduled_tokens += n
+            if req.status is not RequestStatus.RUNNING:  # preempted or finished while the step ran
+                continue
             # drafted positions count once verified (_append_sampled): only real tokens are computed here
             req.num_computed_tokens += min(n, req.num_tokens - req.num_computed_tokens)
             self.block_manager.cache_full_blocks(req)
@@ -269,6 +304,9 @@ class Scheduler:
     def _append_sampled(self, s: Sampled, stops: StopChecker) -> None:
         """One request's new tokens; accepted drafts' KV (written this step) becomes valid."""
         req = s.request
+        req.num_output_placeholders -= 1
+        if req.is_finished:  # stopped or aborted while this step ran ahead: its tokens are dropped
+            return
         self.stats.sample_events += 1
         if s.num_drafts:
             self._adapt_draft_length(req, s.num_drafts, s.num_accepted)

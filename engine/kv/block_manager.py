@@ -108,7 +108,7 @@ class BlockManager:
         """
         blocks = self.req_blocks.setdefault(request.request_id, [])
         ids = self.req_block_ids.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_computed = request.scheduled_tokens + len(computed_blocks) * self.block_size
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
         # hits that sit in the free queue stop being free once touched

@@ -17,12 +17,15 @@ class KVReservation:
 
 
 class KVHandoff:
-    """`in_use(request_id)` says whether a live request owns the id (its blocks are then its own)."""
+    """`in_use(request_id)` says whether a live request owns the id (its blocks are then its own);
+    `fence()` returns once no step in flight writes blocks any more (a reserved block may have been freed
+    under a step that async scheduling launched; the transfer writing it is not in the device's order)."""
 
-    def __init__(self, block_manager: BlockManager, hash_extra, in_use):
+    def __init__(self, block_manager: BlockManager, hash_extra, in_use, fence=lambda: None):
         self.block_manager = block_manager
         self.hash_extra = hash_extra  # cache_salt -> the block-hash extra of this engine's KV
         self.in_use = in_use
+        self.fence = fence
 
     def reserve(
         self,
@@ -50,7 +53,10 @@ class KVHandoff:
         block_ids = self.block_manager.allocate_blocks(
             request_id, -(-num_tokens // self.block_manager.block_size), hits
         )
-        return None if block_ids is None else KVReservation(block_ids, len(hits))
+        if block_ids is None:
+            return None
+        self.fence()
+        return KVReservation(block_ids, len(hits))
 
     def check_reserved(self, request_id: str, kv_tokens: int, num_tokens: int) -> None:
         """ValueError unless `kv_tokens` of a `num_tokens` request fit the blocks reserved under its id."""

@@ -155,11 +155,11 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         SsdTier(tmp_path / "file" / "sub", capacity_blocks=4, block_bytes=BLOCK)
 
 
-def _prefix_run(llama, store):
+def _prefix_run(llama, store, **options):
     """Serve a long prompt, push its blocks out of an 8-block HBM pool, then serve it again."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(llama, num_blocks=8, kv_store=store)
+    llm = LLM(llama, num_blocks=8, kv_store=store, **options)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     prompt = list(range(30, 30 + 5 * 16 + 3))  # 5 full blocks
     first = llm.generate([prompt], params)[0]
@@ -173,11 +173,13 @@ def _prefix_run(llama, store):
     return first, again, engine.stats.prompt_tokens_computed - before, engine
 
 
-def test_evicted_prefix_is_served_from_dram(llama):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_evicted_prefix_is_served_from_dram(llama, async_scheduling):
+    """With async scheduling too: blocks freed under a step in flight are loaded into only after it."""
     from services.kv_memory.tiered_store import TieredKVStore
 
     first, again, computed, engine = _prefix_run(
-        llama, TieredKVStore(DramTier(64, _block_bytes(llama), pin=False))
+        llama, TieredKVStore(DramTier(64, _block_bytes(llama), pin=False)), async_scheduling=async_scheduling
     )
     _, _, computed_without, _ = _prefix_run(llama, None)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
