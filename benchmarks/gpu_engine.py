@@ -1,11 +1,13 @@
 """Engine decode step for a Llama-3-8B-shaped model (random bf16 weights) against the bytes floor and HF.
 
-    python -m benchmarks.gpu_engine [--out DIR] [--batches 1 8 64] [--context 2048]
+    python -m benchmarks.gpu_engine [--out DIR] [--batches 1 8 64] [--contexts 2048 8192] [--e2e]
 
-Floor of a decode step = (weight bytes + KV bytes read) / measured copy bandwidth. Our step is timed as
-the wall time of LLMEngine.step() (schedule, CUDA-graph replay, sampling, bookkeeping) at steady state.
+Floor of a decode step = (weight bytes + KV bytes read) / measured copy bandwidth. Our step is the wall
+time of DECODE_STEPS consecutive LLMEngine.step() calls (schedule, launch, CUDA-graph replay, sampling,
+update) at steady state, over DECODE_STEPS, with async scheduling on (the GPU default) and off.
 HF transformers runs `generate` with a static cache on the same GPU in the same run; its per-token time
-is the difference between generating 40 and 8 tokens, over 32.
+is the difference between generating 40 and 8 tokens, over 32. `--e2e`: LLM.generate-style offline
+throughput (64 prompts, 2k in, 256 out) against HF generate of the same batch.
 """
 
 import argparse
@@ -33,7 +35,7 @@ LLAMA3_8B = {
     "num_key_value_heads": 8,
     "head_dim": 128,
     "vocab_size": 128256,
-    "max_position_embeddings": 8192,
+    "max_position_embeddings": 131072,
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
     "rope_scaling": {
@@ -70,7 +72,9 @@ class PhaseTimer:
         for name, owner, attr in [
             ("schedule", engine.scheduler, "schedule"),
             ("prepare", engine.runner, "prepare"),
-            ("sample", engine.runner, "sampler"),
+            ("launch", engine.runner, "launch"),
+            ("sample", engine.runner.sampler, "sample"),
+            ("update", engine, "_update"),
         ]:
             self._wrap(name, owner, attr)
         if engine.runner.graphs is not None:
@@ -102,86 +106,188 @@ def profile_steps(engine: LLMEngine, out_path: Path, steps: int = 3) -> None:
     out_path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
-def ours(
-    model_dir: Path, batches: list[int], context: int, copy_bw: float, profile_dir: Path | None = None
-) -> list[dict]:
+def build_engine(model_dir: Path, max_num_seqs: int, max_model_len: int) -> LLMEngine:
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
         str(model_dir),
         load_format="dummy",
         dtype="bfloat16",
-        max_model_len=4096,
-        max_num_seqs=max(batches),
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
         max_num_batched_tokens=16384,
         enable_prefix_caching=False,
-        kv_cache_memory_bytes=40 * 2**30,
+        gpu_memory_utilization=0.9,
     )
     print(f"engine up (weights + graph capture) in {time.perf_counter() - t0:.1f} s", flush=True)
-    # a decode step reads every weight except the embedding table, of which it gathers B rows
-    weight_bytes = sum(
+    return engine
+
+
+def decode_weight_bytes(engine: LLMEngine) -> int:
+    """A decode step reads every weight except the embedding table, of which it gathers B rows."""
+    return sum(
         p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "embed_tokens" not in n
     )
+
+
+def time_decode(
+    engine: LLMEngine, batch: int, context: int, gen: torch.Generator, phases: PhaseTimer
+) -> dict:
+    """Steady-state decode of `batch` requests at `context` tokens: per-step wall times of consecutive
+    steps (no synchronization between them, as served), and the host phases per step."""
+    params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 20, ignore_eos=True)
+    ids = [engine.new_request_id(f"b{batch}") for _ in range(batch)]
+    for rid in ids:  # final-only outputs, as LLM.generate asks for them
+        prompt = torch.randint(10, 128000, (context,), generator=gen).tolist()
+        engine.add_request(EngineRequest(rid, prompt, params, stream=False))
+    while (
+        any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
+        or engine.scheduler.waiting
+    ):
+        engine.step()  # prefill
+    for _ in range(3):
+        engine.step()  # settle
+    phases.totals.clear()
+    times = []
+    torch.cuda.synchronize()
+    start = last = time.perf_counter()
+    for _ in range(DECODE_STEPS):
+        engine.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    breakdown = phases.per_step_ms(DECODE_STEPS)
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {
+        "step_ms": round(total / DECODE_STEPS * 1e3, 3),
+        "step_ms_median": round(statistics.median(times) * 1e3, 3),
+        "step_ms_p90": round(sorted(times)[int(0.9 * len(times))] * 1e3, 3),
+        "host_breakdown_ms_per_step": breakdown,
+    }
+
+
+def ours(
+    model_dir: Path, batches: list[int], contexts: list[int], copy_bw: float, profile_dir: Path | None = None
+) -> list[dict]:
+    engine = build_engine(model_dir, max(batches), max(contexts) + 2 * DECODE_STEPS + 64)
+    weight_bytes = decode_weight_bytes(engine)
+    capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
     gen = torch.Generator().manual_seed(0)
     phases = PhaseTimer(engine)
     rows = []
-    for batch in batches:
-        params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 20, ignore_eos=True)
-        ids = [f"b{batch}-{i}" for i in range(batch)]
-        for rid in ids:
-            # final-only outputs, as LLM.generate asks for them
-            engine.add_request(
-                EngineRequest(
-                    rid, torch.randint(10, 128000, (context,), generator=gen).tolist(), params, stream=False
+    for context in contexts:
+        for batch in batches:
+            if batch * (context + DECODE_STEPS + 24) > capacity:
+                print(f"skip B={batch} context={context}: the KV pool holds {capacity} tokens", flush=True)
+                continue
+            ctx = context + 4 + DECODE_STEPS // 2  # mean context over the timed steps
+            floor_s = (weight_bytes + kv_bytes_read(batch, ctx)) / (copy_bw * 1e9)
+            for overlap in (True, False):
+                engine.async_scheduling = overlap
+                timed = time_decode(engine, batch, context, gen, phases)
+                step_s = timed["step_ms"] / 1e3
+                rows.append(
+                    {
+                        "batch": batch,
+                        "context": context,
+                        "async_scheduling": overlap,
+                        **timed,
+                        "floor_ms": round(floor_s * 1e3, 3),
+                        "ratio_to_floor": round(step_s / floor_s, 3),
+                        "tokens_per_s": round(batch / step_s, 1),
+                        "weight_bytes": weight_bytes,
+                        "kv_bytes_read": kv_bytes_read(batch, ctx),
+                    }
                 )
-            )
-        while (
-            any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
-            or engine.scheduler.waiting
-        ):
-            engine.step()  # prefill
-        for _ in range(3):
-            engine.step()  # settle
-        times = []
-        phases.totals.clear()
-        for _ in range(DECODE_STEPS):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.step()  # ends in a device->host read of the sampled tokens
-            times.append(time.perf_counter() - t0)
-        breakdown = phases.per_step_ms(DECODE_STEPS)
-        if profile_dir is not None and batch == 8:
-            profile_steps(engine, profile_dir / "profile_decode_b8.txt")
-        for rid in ids:
-            engine.abort_request(rid)
-        while engine.has_unfinished_requests():
-            engine.step()
-        step_s = statistics.median(times)
-        ctx = context + 4 + DECODE_STEPS // 2  # mean context over the timed steps
-        floor_s = (weight_bytes + kv_bytes_read(batch, ctx)) / (copy_bw * 1e9)
-        rows.append(
-            {
-                "batch": batch,
-                "context": context,
-                "step_ms": round(step_s * 1e3, 3),
-                "floor_ms": round(floor_s * 1e3, 3),
-                "ratio_to_floor": round(step_s / floor_s, 3),
-                "tokens_per_s": round(batch / step_s, 1),
-                "weight_bytes": weight_bytes,
-                "kv_bytes_read": kv_bytes_read(batch, ctx),
-                "step_ms_p90": round(sorted(times)[27] * 1e3, 3),
-                "host_breakdown_ms_per_step": breakdown,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), flush=True)
+            if profile_dir is not None and batch == 8 and context == contexts[0]:
+                engine.async_scheduling = True
+                profile_decode(engine, batch, context, gen, profile_dir / "gpu_engine_profile_decode_b8.txt")
+    engine.async_scheduling = True
     del engine
     torch.cuda.empty_cache()
     return rows
 
 
+def profile_decode(engine: LLMEngine, batch: int, context: int, gen: torch.Generator, out_path: Path) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ids = [engine.new_request_id("prof") for _ in range(batch)]
+    for rid in ids:
+        prompt = torch.randint(10, 128000, (context,), generator=gen).tolist()
+        engine.add_request(EngineRequest(rid, prompt, params, stream=False))
+    for _ in range(4):
+        engine.step()
+    profile_steps(engine, out_path)
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def end_to_end(model_dir: Path, num_prompts: int, prompt_len: int, output_len: int) -> list[dict]:
+    """Offline throughput as LLM.generate runs it (engine.run: all prompts at once), async on and off."""
+    engine = build_engine(model_dir, num_prompts, prompt_len + output_len + 64)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 128000, (prompt_len,), generator=gen).tolist() for _ in range(num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    rows = []
+    for overlap in (True, False, True):  # the first run warms Triton's kernels for every prefill shape
+        engine.async_scheduling = overlap
+        requests = [EngineRequest(engine.new_request_id("e2e"), p, params, stream=False) for p in prompts]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = engine.run(requests)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+        rows.append(
+            {
+                "table": "end_to_end",
+                "async_scheduling": overlap,
+                "num_prompts": num_prompts,
+                "prompt_len": prompt_len,
+                "output_len": output_len,
+                "seconds": round(seconds, 3),
+                "output_tokens_per_s": round(num_prompts * output_len / seconds, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    return rows[1:]
+
+
 @torch.inference_mode()
-def transformers_peer(batches: list[int], context: int, compiled: bool) -> dict[int, float]:
-    """Tokens/s of HF generate with a static cache; `compiled` is transformers' default (it compiles the
-    static-cache decode step), warmed up for both lengths so no compilation lands in the timing."""
+def transformers_generate_throughput(num_prompts: int, prompt_len: int, output_len: int) -> dict:
+    """HF generate (static cache, compiled decode) of the same batch: output tokens/s, warmed up once."""
+    model = hf_model()
+    ids = torch.randint(10, 128000, (num_prompts, prompt_len), device="cuda")
+
+    def generate() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    generate()
+    seconds = generate()
+    return {"seconds": round(seconds, 3), "output_tokens_per_s": round(num_prompts * output_len / seconds, 1)}
+
+
+def hf_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{k: v for k, v in LLAMA3_8B.items() if k != "architectures"})
@@ -192,6 +298,14 @@ def transformers_peer(batches: list[int], context: int, compiled: bool) -> dict[
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
     model.eval()
     model.generation_config.eos_token_id = None
+    return model
+
+
+@torch.inference_mode()
+def transformers_peer(batches: list[int], context: int, compiled: bool) -> dict[int, float]:
+    """Tokens/s of HF generate with a static cache; `compiled` is transformers' default (it compiles the
+    static-cache decode step), warmed up for both lengths so no compilation lands in the timing."""
+    model = hf_model()
     out = {}
     for batch in batches:
         ids = torch.randint(10, 128000, (batch, context), device="cuda")
@@ -224,7 +338,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
-    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--contexts", nargs="+", type=int, default=[2048, 8192])
+    parser.add_argument("--hf-context", type=int, default=2048, help="the context of the HF decode peer")
+    parser.add_argument("--e2e", action="store_true", help="also LLM.generate throughput against HF generate")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-only", action="store_true", help="only the HF peer, compiled and eager")
     parser.add_argument("--hf-eager", action="store_true", help="the in-run HF peer without compilation")
@@ -232,50 +348,54 @@ def main() -> None:
         "--profile", action="store_true", help="write a per-kernel table of B=8 steps to --out"
     )
     args = parser.parse_args()
+    out = Path(args.out) if args.out else None
     copy_bw, mm = copy_bandwidth_GBps(), matmul_TFLOPs()
     print(f"copy {copy_bw:.0f} GB/s, matmul {mm:.0f} TFLOP/s", flush=True)
     if args.hf_only:
-        hf = {
-            mode: transformers_peer(args.batches, args.context, mode == "compiled")
+        hf_modes = {
+            mode: transformers_peer(args.batches, args.hf_context, mode == "compiled")
             for mode in ("compiled", "eager")
         }
         write_result(
-            "gpu_engine_hf",
-            {"copy_bandwidth_GBps": round(copy_bw, 1), "hf_tokens_per_s": hf},
-            Path(args.out) if args.out else None,
+            "gpu_engine_hf", {"copy_bandwidth_GBps": round(copy_bw, 1), "hf_tokens_per_s": hf_modes}, out
         )
         return
+    result = {
+        "copy_bandwidth_GBps": round(copy_bw, 1),
+        "matmul_TFLOPs": round(mm, 1),
+        "model": "Llama-3-8B shape, random bf16 weights",
+        "cuda_graphs": True,
+        "outputs": "final only (as LLM.generate)",
+        "attention_backend": "triton",
+        "torch": torch.__version__,
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        rows = ours(
-            write_model_dir(Path(tmp)),
-            args.batches,
-            args.context,
-            copy_bw,
-            Path(args.out) if args.out and args.profile else None,
-        )
-    hf = {} if args.skip_hf else transformers_peer(args.batches, args.context, compiled=not args.hf_eager)
-    for row in rows:
-        row["hf_tokens_per_s"] = round(hf[row["batch"]], 1) if row["batch"] in hf else None
-        row["speedup_vs_hf"] = (
-            round(row["tokens_per_s"] / hf[row["batch"]], 2) if row["batch"] in hf else None
-        )
-        hf_step = row["batch"] / hf[row["batch"]] if row["batch"] in hf else None
-        row["hf_ratio_to_floor"] = round(hf_step / (row["floor_ms"] / 1e3), 3) if hf_step else None
-        row["table"] = "engine_decode"
-    path = write_result(
-        "gpu_engine",
-        {
-            "copy_bandwidth_GBps": round(copy_bw, 1),
-            "matmul_TFLOPs": round(mm, 1),
-            "model": "Llama-3-8B shape, random bf16 weights",
-            "cuda_graphs": True,
-            "outputs": "final only (as LLM.generate)",
-            "attention_backend": "triton",
-            "torch": torch.__version__,
-            "rows": rows,
-        },
-        Path(args.out) if args.out else None,
-    )
+        model_dir = write_model_dir(Path(tmp))
+        rows = ours(model_dir, args.batches, args.contexts, copy_bw, out if args.profile else None)
+        for row in rows:
+            row["table"] = "engine_decode"
+        result["rows"] = rows
+        write_result("gpu_engine", result, out)  # kept if a peer below does not finish
+        if args.e2e:
+            result["rows"] += end_to_end(model_dir, 64, 2048, 256)
+            write_result("gpu_engine", result, out)
+    if not args.skip_hf:
+        hf = transformers_peer(args.batches, args.hf_context, compiled=not args.hf_eager)
+        result["hf_decode"] = {"context": args.hf_context, "compiled": not args.hf_eager}
+        for row in rows:
+            if row["context"] != args.hf_context or row["batch"] not in hf:
+                continue
+            hf_step = row["batch"] / hf[row["batch"]]
+            row["hf_tokens_per_s"] = round(hf[row["batch"]], 1)
+            row["speedup_vs_hf"] = round(row["tokens_per_s"] / hf[row["batch"]], 2)
+            row["hf_ratio_to_floor"] = round(hf_step / (row["floor_ms"] / 1e3), 3)
+        write_result("gpu_engine", result, out)
+        if args.e2e:
+            result["rows"].append(
+                {"table": "end_to_end_hf", **transformers_generate_throughput(64, 2048, 256)}
+            )
+    path = write_result("gpu_engine", result, out)
     print(f"wrote {path}")
 
 

@@ -204,6 +204,8 @@ class LLMEngine:
             self.config.scheduler.max_num_seqs,
             self.max_model_len,
             self.device,
+            max_spec_len=0 if isinstance(self.drafter, NullDrafter) else self.config.num_speculative_tokens,
+            max_verify_tokens=self.config.spec_max_batch_tokens,
         )
         graphs.capture()
         return graphs
@@ -352,7 +354,9 @@ class LLMEngine:
         if previous is not None:
             self._update(*previous)
         if launched is not None:
-            ahead = self.async_scheduling and not launched.needs_sync and isinstance(self.drafter, NullDrafter)
+            ahead = (
+                self.async_scheduling and not launched.needs_sync and isinstance(self.drafter, NullDrafter)
+            )
             if ahead:
                 self._in_flight = (launched, start)
             else:

@@ -195,6 +195,7 @@ class ModelRunner:
             seq_lens=ints_dev[B + 1 : 2 * B + 1],
             block_tables=ints_dev[2 * B + 1 :].view(B, width),
             max_query_len=max(n for _, n in sched.scheduled),
+            uniform_query_len=T // B if all(n * B == T for _, n in sched.scheduled) else 0,
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
@@ -240,7 +241,7 @@ class ModelRunner:
         """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
         inputs = self.prepare(sched)
         requests = inputs.sample_requests
-        if self.graphs is not None and self.graphs.can_run(inputs.attn, len(requests)):
+        if self.graphs is not None and self.graphs.can_run(inputs.attn, len(inputs.sample_rows)):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [B, vocab]
         else:
             hidden = self.forward(inputs)

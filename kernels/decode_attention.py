@@ -1,8 +1,11 @@
-"""Paged decode attention: one query token per sequence, split-KV (flash-decoding) for long contexts.
+"""Paged decode attention: QLEN query tokens per sequence (1 for decode, 1 + k to verify k drafts),
+split-KV (flash-decoding) for long contexts.
 
-Program (sequence, KV head, split) packs the GROUP query heads of that KV head as the rows of one matrix,
-so each K/V byte is read once per group; splits divide the context so that short batches still fill
-the chip. A second kernel merges the splits by their log-sum-exp. Row i of q belongs to sequence i.
+Program (sequence, KV head, split) packs the QLEN x GROUP queries of that KV head (its query heads at
+each of the sequence's new tokens) as the rows of one matrix, so each K/V byte is read once per
+sequence and group; splits divide the context so that short batches still fill the chip. A second kernel
+merges the splits by their log-sum-exp. Rows i * QLEN .. i * QLEN + QLEN - 1 of q belong to sequence i,
+its last QLEN positions, each attending causally up to its own.
 """
 
 import torch
@@ -41,7 +44,8 @@ def _decode_split_kernel(
     D_PAD: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
+    QLEN: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
@@ -52,35 +56,42 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     lo = 0
     if sliding_window > 0:
-        lo = tl.maximum(seq_len - sliding_window, 0)
+        lo = tl.maximum(seq_len - (QLEN - 1) - sliding_window, 0)  # the first new token's window
     per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
-    g = tl.arange(0, GROUP_PAD)
-    head = kv_head * GROUP + g
-    g_ok = g < GROUP
+    r = tl.arange(0, ROWS_PAD)  # row r: query token r // GROUP of the sequence, head r % GROUP of the group
+    head = kv_head * GROUP + r % GROUP
+    r_ok = r < QLEN * GROUP
+    token = seq * QLEN + r // GROUP  # its row in q and out
+    pos = seq_len - QLEN + r // GROUP  # its position: it sees keys 0..pos (and no older than the window)
+    window = tl.where(sliding_window > 0, sliding_window, seq_len + 1)
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     q = tl.load(
-        q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :],
-        mask=g_ok[:, None] & d_ok[None, :],
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=r_ok[:, None] & d_ok[None, :],
         other=0.0,
-    )  # [G, D]
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    )  # [R, D]
+    m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS_PAD], tl.float32)
+    acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
         k = tl.load(cache_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [G, N]
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [R, N]
+        visible = n_ok[None, :]
+        if QLEN > 1:  # causal among the new tokens, each its own window
+            visible = visible & (n[None, :] <= pos[:, None]) & (n[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key here yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
@@ -90,13 +101,13 @@ def _decode_split_kernel(
     empty = l_i == 0.0  # this split had no keys
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if DIRECT:  # one split: this is the answer
-        o_off = seq * stride_ot + head[:, None] * stride_oh + d[None, :]
-        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     else:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        row = (seq * NUM_HEADS + head) * num_splits + split  # part_out [B, H, S, D_PAD], part_lse [B, H, S]
-        tl.store(part_out_ptr + row[:, None] * D_PAD + d[None, :], out, mask=g_ok[:, None])
-        tl.store(part_lse_ptr + row, lse, mask=g_ok)
+        row = (token * NUM_HEADS + head) * num_splits + split  # part_out [T, H, S, D_PAD], part_lse [T, H, S]
+        tl.store(part_out_ptr + row[:, None] * D_PAD + d[None, :], out, mask=r_ok[:, None])
+        tl.store(part_lse_ptr + row, lse, mask=r_ok)
 
 
 @triton.jit
@@ -158,12 +169,16 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """q [B, heads, D], one query per sequence -> out [B, heads, D].
+    """q [B * query_len, heads, D], each sequence's last query_len tokens -> out [B * query_len, heads, D].
 
-    block_tables [B, max_blocks] int32, seq_lens [B] int32 (context including this token).
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (context including these tokens).
     """
-    B, H, D = q.shape
+    T, H, D = q.shape
+    if query_len < 1 or T % query_len:
+        raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
+    B = T // query_len
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, B)
     if num_splits < 1:
         raise ValueError(f"num_splits: got {num_splits}, allowed >= 1")
@@ -174,8 +189,8 @@ def decode_attention(
     if B == 0:
         return out
     direct = num_splits == 1
-    part_out = out if direct else torch.empty((B, H, num_splits, d_pad), dtype=torch.float32, device=q.device)
-    part_lse = out if direct else torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    part_out = out if direct else torch.empty((T, H, num_splits, d_pad), dtype=torch.float32, device=q.device)
+    part_lse = out if direct else torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, kv_heads, num_splits)](
         q,
         kv_cache,
@@ -201,7 +216,8 @@ def decode_attention(
         D_PAD=d_pad,
         NUM_HEADS=H,
         GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        QLEN=query_len,
+        ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)),
         BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype),
         DIRECT=direct,
@@ -210,7 +226,7 @@ def decode_attention(
     )
     if direct:
         return out
-    _decode_merge_kernel[(B, H)](
+    _decode_merge_kernel[(T, H)](
         part_out,
         part_lse,
         out,

@@ -25,6 +25,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     block_size: int
     num_kv_splits: int = 1  # set by the backend's plan() for decode-only steps
+    # every sequence computes this many new tokens (1: decode, 1 + k: verifying k drafts); 0: they differ
+    uniform_query_len: int = 0
 
     @property
     def num_seqs(self) -> int:

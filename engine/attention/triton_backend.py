@@ -1,4 +1,5 @@
-"""Triton paged attention: split-KV decode kernel for decode-only steps, varlen kernel otherwise."""
+"""Triton paged attention: the split-KV decode kernel when every sequence computes the same few tokens
+(decode, verification of k drafts), the varlen kernel otherwise."""
 
 import torch
 
@@ -6,6 +7,14 @@ from engine.attention.backend import AttentionBackend, AttentionMetadata
 from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.kv_write import kv_write
 from kernels.prefill_attention import prefill_attention
+
+MAX_DECODE_QUERY_LEN = 16  # more new tokens per sequence: the varlen kernel's query tiles pay off
+
+
+def decode_query_len(meta: AttentionMetadata) -> int:
+    """The new tokens per sequence when the decode kernel takes the step, else 0."""
+    q = meta.uniform_query_len
+    return q if 1 <= q <= MAX_DECODE_QUERY_LEN else 0
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -17,16 +26,23 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
-        if meta.max_query_len == 1:
+        if decode_query_len(meta):
             meta.num_kv_splits = num_kv_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
 
     def write_kv(self, kv_cache, k, v, meta: AttentionMetadata) -> None:
         kv_write(k, v, kv_cache, meta.slot_mapping)
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
-        if meta.max_query_len == 1:
+        if query_len := decode_query_len(meta):
             return decode_attention(
-                q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.num_kv_splits, sliding_window
+                q,
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                meta.num_kv_splits,
+                sliding_window,
+                query_len=query_len,
             )
         return prefill_attention(
             q,

@@ -283,7 +283,9 @@ class KVOffloader:
             return end - first
         self._ensure_loader()
         waits, self._reuse_waits = self._reuse_waits, []
-        if self.pool.is_cuda:  # a step still in flight may write these blocks, freed under it (async scheduling)
+        if (
+            self.pool.is_cuda
+        ):  # a step still in flight may write these blocks, freed under it (async scheduling)
             stepped = torch.cuda.Event()
             stepped.record(torch.cuda.current_stream(self.pool.device))
             waits.append(stepped)

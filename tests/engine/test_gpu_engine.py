@@ -47,3 +47,54 @@ def test_bf16_on_gpu_stays_close_to_fp32(tiny_model):
     common = set(ref.logprobs[0]) & set(half.logprobs[0])
     assert len(common) >= 3
     assert max(abs(ref.logprobs[0][t] - half.logprobs[0][t]) for t in common) < 0.1
+
+
+def _verify_graph_replays(llm) -> list[int]:
+    """Counts graph replays of verification shapes (more than one token a sequence)."""
+    graphs = llm.engine.runner.graphs
+    seen = [0]
+    run = graphs.run
+
+    def spy(input_ids, positions, attn):
+        seen[0] += attn.uniform_query_len > 1
+        return run(input_ids, positions, attn)
+
+    graphs.run = spy
+    return seen
+
+
+def test_gpu_verify_graphs_equal_eager(tiny_model):
+    """Verification of k drafts replays a captured (batch, 1 + k) graph and gives eager's tokens."""
+    path = tiny_model("llama")
+    prompts = [[7, 8, 9, 10] * 8, [100 + i % 13 for i in range(40)], *_prompts()]
+    spec = dict(
+        device="cuda", num_blocks=64, max_num_seqs=8, speculative_method="ngram", num_speculative_tokens=3
+    )
+    want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_blocks=64).generate(prompts, GREEDY)]
+    eager = LLM(path, enforce_eager=True, **spec)
+    graphed = LLM(path, **spec)
+    assert sorted(graphed.engine.runner.graphs.sizes) == [1, 2, 3, 4]
+    replays = _verify_graph_replays(graphed)
+    assert [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)] == want
+    assert [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY)] == want
+    assert replays[0] > 0 and graphed.engine.stats.spec_accepted_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GREEDY,
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=24, ignore_eos=True, logprobs=2, n=2),
+    ],
+    ids=["greedy", "seeded-logprobs"],
+)
+def test_gpu_async_scheduling_equals_sync(tiny_model, params):
+    path = tiny_model("llama")
+    options = dict(device="cuda", num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32)
+    sync = LLM(path, async_scheduling=False, **options).generate(_prompts(), params)
+    ahead_llm = LLM(path, **options)
+    assert ahead_llm.engine.async_scheduling  # the default on a GPU
+    ahead = ahead_llm.generate(_prompts(), params)
+    summary = lambda outs: [[(c.token_ids, c.logprobs) for c in o.outputs] for o in outs]  # noqa: E731
+    assert summary(ahead) == summary(sync)
+    assert ahead_llm.engine.block_manager.num_free_blocks == 64

@@ -96,6 +96,30 @@ def test_decode_attention_sliding_window_with_more_splits_than_keys():
     _check(out, _reference(p, 0.2, 20), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("query_len", [2, 9])
+@pytest.mark.parametrize("num_splits, window", [(1, None), (4, None), (3, 12)])
+def test_decode_attention_verifies_several_tokens_per_sequence(dtype, query_len, num_splits, window):
+    """1 + k tokens a sequence (speculative verification), causal among themselves; with more splits than
+    a row has keys in the last one (rows that see nothing in a split), and a sliding window."""
+    seq_lens = [query_len, 17, 64, 100]
+    p = make_problem(seq_lens, [query_len] * 4, 8, 2, 32, 16, dtype, DEVICE)
+    scale = 32**-0.5
+    out = decode_attention(
+        p.q,
+        p.kv_cache,
+        p.block_tables,
+        p.seq_lens,
+        scale,
+        num_splits,
+        sliding_window=window,
+        out=poisoned_like(p.q),
+        block_n=16,
+        query_len=query_len,
+    )
+    _check(out, _reference(p, scale, window), dtype)
+
+
 def test_num_kv_splits_fills_the_chip_but_keeps_splits_long():
     assert num_kv_splits(1, 8, 32768, num_sms=132, waves=2) == 33  # 8 programs -> ~264 wanted
     assert num_kv_splits(1, 8, 256, num_sms=132) == 1  # too short to split
