@@ -64,7 +64,8 @@ def _verify_graph_replays(llm) -> list[int]:
 
 
 def test_gpu_verify_graphs_equal_eager(tiny_model):
-    """Verification of k drafts replays a captured (batch, 1 + k) graph and gives eager's tokens."""
+    """Verification of k drafts replays a captured (batch, 1 + k) graph and gives eager's tokens. Batched,
+    requests draft different lengths (eager); alone, each verify step has one shape (a graph)."""
     path = tiny_model("llama")
     prompts = [[7, 8, 9, 10] * 8, [100 + i % 13 for i in range(40)], *_prompts()]
     spec = dict(
@@ -77,6 +78,7 @@ def test_gpu_verify_graphs_equal_eager(tiny_model):
     replays = _verify_graph_replays(graphed)
     assert [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)] == want
     assert [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY)] == want
+    assert [graphed.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts] == want
     assert replays[0] > 0 and graphed.engine.stats.spec_accepted_tokens > 0
 
 

@@ -97,8 +97,7 @@ def test_decode_attention_sliding_window_with_more_splits_than_keys():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("query_len", [2, 9])
-@pytest.mark.parametrize("num_splits, window", [(1, None), (4, None), (3, 12)])
+@pytest.mark.parametrize("query_len, num_splits, window", [(2, 1, None), (9, 4, None), (5, 3, 12)])
 def test_decode_attention_verifies_several_tokens_per_sequence(dtype, query_len, num_splits, window):
     """1 + k tokens a sequence (speculative verification), causal among themselves; with more splits than
     a row has keys in the last one (rows that see nothing in a split), and a sliding window."""
