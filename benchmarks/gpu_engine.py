@@ -11,6 +11,7 @@ throughput (64 prompts, 2k in, 256 out) against HF generate of the same batch.
 """
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -207,10 +208,15 @@ def ours(
             if profile_dir is not None and batch == 8 and context == contexts[0]:
                 engine.async_scheduling = True
                 profile_decode(engine, batch, context, gen, profile_dir / "gpu_engine_profile_decode_b8.txt")
-    engine.async_scheduling = True
-    del engine
-    torch.cuda.empty_cache()
+    del engine, phases  # the timer's wrappers hold the engine too
+    release_gpu_memory()
     return rows
+
+
+def release_gpu_memory() -> None:
+    """Before the next engine or peer loads: the last one's weights, KV pool and graphs are gone."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def profile_decode(engine: LLMEngine, batch: int, context: int, gen: torch.Generator, out_path: Path) -> None:
@@ -257,13 +263,14 @@ def end_to_end(model_dir: Path, num_prompts: int, prompt_len: int, output_len: i
         )
         print(json.dumps(rows[-1]), flush=True)
     del engine
-    torch.cuda.empty_cache()
+    release_gpu_memory()
     return rows[1:]
 
 
 @torch.inference_mode()
 def transformers_generate_throughput(num_prompts: int, prompt_len: int, output_len: int) -> dict:
     """HF generate (static cache, compiled decode) of the same batch: output tokens/s, warmed up once."""
+    release_gpu_memory()
     model = hf_model()
     ids = torch.randint(10, 128000, (num_prompts, prompt_len), device="cuda")
 
@@ -305,6 +312,7 @@ def hf_model():
 def transformers_peer(batches: list[int], context: int, compiled: bool) -> dict[int, float]:
     """Tokens/s of HF generate with a static cache; `compiled` is transformers' default (it compiles the
     static-cache decode step), warmed up for both lengths so no compilation lands in the timing."""
+    release_gpu_memory()
     model = hf_model()
     out = {}
     for batch in batches:
