@@ -392,7 +392,11 @@ def main() -> None:
         hf = transformers_peer(args.batches, args.hf_context, compiled=not args.hf_eager)
         result["hf_decode"] = {"context": args.hf_context, "compiled": not args.hf_eager}
         for row in rows:
-            if row["context"] != args.hf_context or row["batch"] not in hf:
+            if (
+                row.get("table") != "engine_decode"
+                or row["context"] != args.hf_context
+                or row["batch"] not in hf
+            ):
                 continue
             hf_step = row["batch"] / hf[row["batch"]]
             row["hf_tokens_per_s"] = round(hf[row["batch"]], 1)
