@@ -11,6 +11,7 @@ throughput (64 prompts, 2k in, 256 out) against HF generate of the same batch.
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -107,7 +108,9 @@ def profile_steps(engine: LLMEngine, out_path: Path, steps: int = 3) -> None:
     out_path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 
-def build_engine(model_dir: Path, max_num_seqs: int, max_model_len: int) -> LLMEngine:
+def build_engine(
+    model_dir: Path, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int = 16384
+) -> LLMEngine:
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
         str(model_dir),
@@ -115,7 +118,7 @@ def build_engine(model_dir: Path, max_num_seqs: int, max_model_len: int) -> LLME
         dtype="bfloat16",
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=16384,
+        max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=False,
         gpu_memory_utilization=0.9,
     )
@@ -234,6 +237,76 @@ def profile_decode(engine: LLMEngine, batch: int, context: int, gen: torch.Gener
         engine.step()
 
 
+MIXED_STEPS = 10
+
+
+def mixed_steps(model_dir: Path, copy_bw: float, matmul_rate: float) -> list[dict]:
+    """Steps packing D decodes (context 2k) with a prefill chunk, T tokens in all: the wall time per step
+    with piecewise CUDA graphs and eager (the same engine), against max(bytes floor, FLOPs floor)."""
+    engine = build_engine(model_dir, 64, 16384, max_num_batched_tokens=512)
+    weight_bytes = decode_weight_bytes(engine)
+    params_count = weight_bytes // 2
+    piecewise = engine.runner.piecewise
+    gen = torch.Generator().manual_seed(2)
+    base = engine.scheduler.config
+    rows = []
+    for decodes in (1, 8, 32):
+        for tokens in (64, 128, 256, 512):
+            if tokens <= decodes:
+                continue
+            for graphs in (True, False):
+                engine.runner.piecewise = piecewise if graphs else None
+                engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=16384)
+                params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+                ids = [engine.new_request_id("mix") for _ in range(decodes)]
+                for rid in ids:
+                    prompt = torch.randint(10, 128000, (2048,), generator=gen).tolist()
+                    engine.add_request(EngineRequest(rid, prompt, params, stream=False))
+                while engine.scheduler.waiting or any(
+                    r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running
+                ):
+                    engine.step()
+                engine.scheduler.config = dataclasses.replace(base, max_num_batched_tokens=tokens)
+                long_id = engine.new_request_id("mix-long")
+                prompt = torch.randint(10, 128000, (12000,), generator=gen).tolist()
+                engine.add_request(EngineRequest(long_id, prompt, params, stream=False))
+                for _ in range(3):
+                    engine.step()  # warm: the long prompt's chunks join the decodes
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(MIXED_STEPS):
+                    engine.step()
+                torch.cuda.synchronize()
+                step_s = (time.perf_counter() - t0) / MIXED_STEPS
+                for rid in [*ids, long_id]:
+                    engine.abort_request(rid)
+                while engine.has_unfinished_requests():
+                    engine.step()
+                kv = kv_bytes_read(decodes, 2048 + 8) + kv_bytes_read(
+                    1, 6000
+                )  # the chunk reads ~half its prompt
+                bytes_floor = (weight_bytes + kv) / (copy_bw * 1e9)
+                flops_floor = 2 * params_count * tokens / (matmul_rate * 1e12)
+                floor = max(bytes_floor, flops_floor)
+                rows.append(
+                    {
+                        "table": "mixed_step",
+                        "decodes": decodes,
+                        "tokens": tokens,
+                        "piecewise_graphs": graphs,
+                        "step_ms": round(step_s * 1e3, 3),
+                        "bytes_floor_ms": round(bytes_floor * 1e3, 3),
+                        "flops_floor_ms": round(flops_floor * 1e3, 3),
+                        "ratio_to_floor": round(step_s / floor, 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    engine.scheduler.config = base
+    del engine, piecewise
+    release_gpu_memory()
+    return rows
+
+
 def end_to_end(model_dir: Path, num_prompts: int, prompt_len: int, output_len: int) -> list[dict]:
     """Offline throughput as LLM.generate runs it (engine.run: all prompts at once), async on and off."""
     engine = build_engine(model_dir, num_prompts, prompt_len + output_len + 64)
@@ -349,6 +422,9 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[2048, 8192])
     parser.add_argument("--hf-context", type=int, default=2048, help="the context of the HF decode peer")
     parser.add_argument("--e2e", action="store_true", help="also LLM.generate throughput against HF generate")
+    parser.add_argument(
+        "--mixed", action="store_true", help="only mixed prefill + decode steps, graphs vs eager"
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-only", action="store_true", help="only the HF peer, compiled and eager")
     parser.add_argument("--hf-eager", action="store_true", help="the in-run HF peer without compilation")
@@ -378,6 +454,11 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": [],
     }
+    if args.mixed:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["rows"] = mixed_steps(write_model_dir(Path(tmp)), copy_bw, mm)
+        write_result("gpu_engine_mixed", result, out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp))
         rows = ours(model_dir, args.batches, args.contexts, copy_bw, out if args.profile else None)

@@ -56,7 +56,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
     load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # True: no CUDA graphs
+    # steps of other shapes (prefill chunks and decodes packed) of up to this many tokens replay piecewise
+    # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly
+    cuda_graph_max_tokens: int = 512
     # schedule step N+1 while the device runs step N (engine/llm_engine.py); None: on a GPU, off on the CPU
     async_scheduling: bool | None = None
     # speculative decoding: a drafter (engine/spec/drafter.py) proposes up to num_speculative_tokens per decode step
@@ -76,6 +79,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: got {self.seed!r}, allowed an integer")
+        if self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens: got {self.cuda_graph_max_tokens}, allowed >= 0")
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(
                 f"max_logprobs: got {self.max_logprobs}, allowed 0..{MAX_LOGPROBS} (the most a request may ask)"

@@ -34,6 +34,7 @@ from engine.model_runner import ModelRunner, StepFuture
 from engine.model_source import resolve_model
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
+from engine.piecewise_graphs import PiecewiseGraphRunner
 from engine.request import EngineRequest, Request, RequestStatus
 from engine.scheduler import Scheduler
 from engine.spec.draft_model import DraftModelDrafter
@@ -129,7 +130,13 @@ class LLMEngine:
             max_spec_len=config.num_speculative_tokens,
         )
         self.runner = ModelRunner(
-            self.model, self.kv_pool, self._backend(), self.block_manager, self.device, self._graphs()
+            self.model,
+            self.kv_pool,
+            self._backend(),
+            self.block_manager,
+            self.device,
+            self._graphs(),
+            self._piecewise_graphs(),
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -209,6 +216,24 @@ class LLMEngine:
         )
         graphs.capture()
         return graphs
+
+    def _piecewise_graphs(self) -> PiecewiseGraphRunner | None:
+        """Piecewise CUDA graphs of mixed steps (Triton attention on a GPU, unless enforce_eager or off)."""
+        if self.device.type != "cuda" or self._backend().name != "triton" or self.config.enforce_eager:
+            return None
+        max_tokens = min(self.config.cuda_graph_max_tokens, self.config.scheduler.max_num_batched_tokens)
+        if max_tokens < 1:
+            return None
+        runner = PiecewiseGraphRunner(
+            self.model,
+            layer_views(self.kv_pool),
+            self._backend(),
+            self.config.cache.block_size,
+            max_tokens,
+            self.device,
+        )
+        runner.capture()
+        return runner
 
     def _hash_extra(self, cache_salt: str | None) -> bytes:
         return hash_extra(self.fingerprint, str(self.dtype), cache_salt)

@@ -18,6 +18,7 @@ from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
 from engine.logits_processors import LogitsRow, apply_logits_processing, needs_processing
 from engine.models.decoder import DecoderForCausalLM
+from engine.piecewise_graphs import PiecewiseGraphRunner
 from engine.request import Request
 from engine.sampler import Draws, Sampler
 from engine.scheduler import Sampled, SchedulerOutput
@@ -114,6 +115,7 @@ class ModelRunner:
         block_manager: BlockManager,
         device: torch.device,
         graphs: CUDAGraphRunner | None = None,
+        piecewise: PiecewiseGraphRunner | None = None,
     ):
         self.model = model
         self.kv_pool = kv_pool
@@ -123,7 +125,8 @@ class ModelRunner:
         self.block_size = block_manager.block_size
         self.device = device
         self.sampler = Sampler()
-        self.graphs = graphs  # decode steps replay captured graphs when set
+        self.graphs = graphs  # decode and verify steps replay captured graphs when set
+        self.piecewise = piecewise  # other steps (mixed, variable length) replay graphs around attention
         self._bitmask: torch.Tensor | None = None  # structured outputs' token masks, grown as needed
         self.staging = HostStaging(device)
         # the last launched step's sampled tokens on the device, and each sampled request's row in them
@@ -227,6 +230,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """-> hidden states [T, hidden]."""
+        if self.piecewise is not None and self.piecewise.can_run(len(inputs.input_ids)):
+            return self.piecewise.run(inputs.input_ids, inputs.positions, inputs.attn)
         cos, sin = self.model.rotary.cos_sin(inputs.positions)
         ctx = ForwardContext(inputs.attn, self.kv_caches, self.backend, cos, sin)
         return self.model(inputs.input_ids, ctx)

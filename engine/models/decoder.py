@@ -30,6 +30,10 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.o_proj(self.attend(self.project(x, ctx), ctx).flatten(1))
+
+    def project(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x [T, hidden] -> rotated q [T, Hq, D]; the new K/V are written to the pool."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
@@ -38,10 +42,13 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, ctx.cos, ctx.sin)
+        ctx.backend.write_kv(ctx.kv_caches[self.layer_idx], k, v, ctx.attn)
+        return q
+
+    def attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q [T, Hq, D] -> attention output [T, Hq, D] over the paged pool."""
         kv_cache = ctx.kv_caches[self.layer_idx]
-        ctx.backend.write_kv(kv_cache, k, v, ctx.attn)
-        o = ctx.backend.attend(q, kv_cache, ctx.attn, self.scale, self.sliding_window)  # [T, Hq, D]
-        return self.o_proj(o.reshape(T, self.q_size))
+        return ctx.backend.attend(q, kv_cache, ctx.attn, self.scale, self.sliding_window)
 
 
 class DecoderLayer(nn.Module):
@@ -57,12 +64,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
+        q, residual = self.before_attention(x, residual, ctx)
+        return self.after_attention(self.self_attn.attend(q, ctx), residual)
+
+    def before_attention(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
+        """-> (q [T, Hq, D], residual): everything up to attention (the K/V written)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(x, ctx), residual
+
+    def after_attention(self, o: torch.Tensor, residual: torch.Tensor):
+        """Attention output [T, Hq, D] -> (x, residual) for the next layer."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(o.flatten(1)), residual)
         return self.mlp(x), residual
 
 

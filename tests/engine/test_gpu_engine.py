@@ -100,3 +100,29 @@ def test_gpu_async_scheduling_equals_sync(tiny_model, params):
     summary = lambda outs: [[(c.token_ids, c.logprobs) for c in o.outputs] for o in outs]  # noqa: E731
     assert summary(ahead) == summary(sync)
     assert ahead_llm.engine.block_manager.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
+def test_gpu_piecewise_graphs_equal_cpu_for_mixed_steps(tiny_model, arch):
+    """Prefill chunks packed with decodes (variable lengths) replay the piecewise graphs and give the CPU
+    reference's tokens; eager on the GPU gives them too."""
+    path = tiny_model(arch)
+    prompts = [*_prompts(), [5 + i % 50 for i in range(90)]]
+    want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_blocks=64).generate(prompts, GREEDY)]
+    options = dict(device="cuda", num_blocks=64, max_num_seqs=8, max_num_batched_tokens=24)
+    graphed = LLM(path, **options)
+    runner = graphed.engine.runner.piecewise
+    assert runner is not None and runner.buckets == [8, 16, 24]
+    replays = [0]
+    run = runner.run
+
+    def spy(input_ids, positions, attn):
+        replays[0] += 1
+        return run(input_ids, positions, attn)
+
+    runner.run = spy
+    assert [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY)] == want
+    assert replays[0] > 0
+    eager = LLM(path, enforce_eager=True, **options)
+    assert eager.engine.runner.piecewise is None
+    assert [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)] == want
