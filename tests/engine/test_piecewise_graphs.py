@@ -40,7 +40,7 @@ def test_token_buckets_cover_every_count_with_bounded_padding():
         assert b - t < max(t, 256)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3", "mixtral"])  # q/k norms; MoE rows
 def test_mixed_steps_match_the_plain_forward(tiny_model, arch):
     path = tiny_model(arch)
     options = dict(num_blocks=96, max_num_batched_tokens=40, async_scheduling=False)
