@@ -251,7 +251,7 @@ def mixed_steps(model_dir: Path, copy_bw: float, matmul_rate: float) -> list[dic
     base = engine.scheduler.config
     rows = []
     for decodes in (1, 8, 32):
-        for tokens in (64, 256, 512):
+        for tokens in (64, 512):
             if tokens <= decodes:
                 continue
             for graphs in (True, False):
