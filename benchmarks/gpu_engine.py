@@ -250,7 +250,7 @@ def mixed_steps(model_dir: Path, copy_bw: float, matmul_rate: float) -> list[dic
     gen = torch.Generator().manual_seed(2)
     base = engine.scheduler.config
     rows = []
-    for decodes in (1, 8, 32):
+    for decodes in (1, 8):
         for tokens in (64, 512):
             if tokens <= decodes:
                 continue
