@@ -109,7 +109,11 @@ def profile_steps(engine: LLMEngine, out_path: Path, steps: int = 3) -> None:
 
 
 def build_engine(
-    model_dir: Path, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int = 16384
+    model_dir: Path,
+    max_num_seqs: int,
+    max_model_len: int,
+    max_num_batched_tokens: int = 16384,
+    cuda_graph_max_tokens: int = 0,
 ) -> LLMEngine:
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
@@ -119,6 +123,7 @@ def build_engine(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        cuda_graph_max_tokens=cuda_graph_max_tokens,
         enable_prefix_caching=False,
         gpu_memory_utilization=0.9,
     )
@@ -243,7 +248,7 @@ MIXED_STEPS = 10
 def mixed_steps(model_dir: Path, copy_bw: float, matmul_rate: float) -> list[dict]:
     """Steps packing D decodes (context 2k) with a prefill chunk, T tokens in all: the wall time per step
     with piecewise CUDA graphs and eager (the same engine), against max(bytes floor, FLOPs floor)."""
-    engine = build_engine(model_dir, 64, 16384, max_num_batched_tokens=512)
+    engine = build_engine(model_dir, 64, 16384, max_num_batched_tokens=512, cuda_graph_max_tokens=512)
     weight_bytes = decode_weight_bytes(engine)
     params_count = weight_bytes // 2
     piecewise = engine.runner.piecewise

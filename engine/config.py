@@ -58,8 +58,9 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs
     # steps of other shapes (prefill chunks and decodes packed) of up to this many tokens replay piecewise
-    # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly
-    cuda_graph_max_tokens: int = 512
+    # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly. Off by default until
+    # a GPU run has checked it (tests/engine/test_gpu_engine.py -k piecewise); 512 is the intended default
+    cuda_graph_max_tokens: int = 0
     # schedule step N+1 while the device runs step N (engine/llm_engine.py); None: on a GPU, off on the CPU
     async_scheduling: bool | None = None
     # speculative decoding: a drafter (engine/spec/drafter.py) proposes up to num_speculative_tokens per decode step

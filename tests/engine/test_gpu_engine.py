@@ -110,7 +110,7 @@ def test_gpu_piecewise_graphs_equal_cpu_for_mixed_steps(tiny_model, arch):
     prompts = [*_prompts(), [5 + i % 50 for i in range(90)]]
     want = [o.outputs[0].token_ids for o in LLM(path, device="cpu", num_blocks=64).generate(prompts, GREEDY)]
     options = dict(device="cuda", num_blocks=64, max_num_seqs=8, max_num_batched_tokens=24)
-    graphed = LLM(path, **options)
+    graphed = LLM(path, cuda_graph_max_tokens=512, **options)
     runner = graphed.engine.runner.piecewise
     assert runner is not None and runner.buckets == [8, 16, 24]
     replays = [0]
@@ -123,6 +123,6 @@ def test_gpu_piecewise_graphs_equal_cpu_for_mixed_steps(tiny_model, arch):
     runner.run = spy
     assert [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY)] == want
     assert replays[0] > 0
-    eager = LLM(path, enforce_eager=True, **options)
+    eager = LLM(path, enforce_eager=True, cuda_graph_max_tokens=512, **options)
     assert eager.engine.runner.piecewise is None
     assert [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)] == want
