@@ -93,11 +93,10 @@ class CUDAGraphRunner:
             self.graphs[bs, q] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, attn: AttentionMetadata, num_rows: int) -> bool:
-        """A step every sequence of which computes q tokens, all of whose logits are sampled."""
-        q = attn.uniform_query_len
-        sizes = self.sizes.get(q)
-        return sizes is not None and num_rows == q * attn.num_seqs and attn.num_seqs <= sizes[-1]
+    def can_run(self, attn: AttentionMetadata) -> bool:
+        """A step every sequence of which computes the same q tokens, q captured."""
+        sizes = self.sizes.get(attn.uniform_query_len)
+        return sizes is not None and attn.num_seqs <= sizes[-1]
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:

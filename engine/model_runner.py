@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from engine.attention.triton_backend import MAX_DECODE_QUERY_LEN
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
@@ -126,6 +127,9 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.graphs = graphs  # decode and verify steps replay captured graphs when set
+        # verify steps whose requests drafted different lengths are padded to one shape (graphs, or the
+        # decode kernel); on by default where graphs replay them
+        self.pad_verify_steps = graphs is not None
         self.piecewise = piecewise  # other steps (mixed, variable length) replay graphs around attention
         self._bitmask: torch.Tensor | None = None  # structured outputs' token masks, grown as needed
         self.staging = HostStaging(device)
@@ -136,7 +140,6 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         B = len(sched.scheduled)
-        T = sched.num_scheduled_tokens
         tables = [self.block_manager.block_ids(r.request_id) for r, _ in sched.scheduled]
         width = max(len(t) for t in tables)
         # two host buffers, two copies to the device: int64 [ids | positions | slots | sample rows |
@@ -151,6 +154,8 @@ class ModelRunner:
             for i, ((r, n), start) in enumerate(zip(sched.scheduled, sched.starts, strict=True))
             if start + n > r.num_tokens + num_drafts[i]
         ]
+        pads = self._verify_padding(sched, num_drafts)
+        T = sched.num_scheduled_tokens + sum(pads)
         R = sum(sched.samples) + sum(num_drafts)
         longs = self.staging.buffer(3 * T + R + 2 * len(ahead), torch.int64)
         ints = self.staging.buffer(2 * B + 1 + B * width, torch.int32)
@@ -167,8 +172,13 @@ class ModelRunner:
             zip(sched.scheduled, tables, sched.starts, strict=True)
         ):
             end = start + n
-            pos = np.arange(start, end)
             k = num_drafts[i]
+            if pad := pads[i]:  # rows that recompute known positions' queries: no K/V written, never sampled
+                ids[t : t + pad] = request.token_ids(start - pad, start)
+                positions[t : t + pad] = np.arange(start - pad, start)
+                slots[t : t + pad] = -1
+                t += pad
+            pos = np.arange(start, end)
             if (src := self._fill_ids(request, start, end, k, ids[t : t + n])) is not None:
                 ph_dst[p], ph_src[p] = t + n - 1, src
                 p += 1
@@ -179,10 +189,7 @@ class ModelRunner:
             query_start[i + 1] = t
             seq_lens[i] = end
             if sched.samples[i]:  # caught up: these rows' logits give the next token(s)
-                if k:
-                    longs[3 * T + rows : 3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
-                else:
-                    longs[3 * T + rows] = t - 1
+                longs[3 * T + rows : 3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
                 rows += k + 1
                 sample_requests.append(request)
                 sampled_drafts.append(k)
@@ -197,8 +204,10 @@ class ModelRunner:
             query_start_loc=ints_dev[: B + 1],
             seq_lens=ints_dev[B + 1 : 2 * B + 1],
             block_tables=ints_dev[2 * B + 1 :].view(B, width),
-            max_query_len=max(n for _, n in sched.scheduled),
-            uniform_query_len=T // B if all(n * B == T for _, n in sched.scheduled) else 0,
+            max_query_len=max(n + pad for (_, n), pad in zip(sched.scheduled, pads, strict=True)),
+            uniform_query_len=T // B
+            if all((n + pad) * B == T for (_, n), pad in zip(sched.scheduled, pads, strict=True))
+            else 0,
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
@@ -213,6 +222,25 @@ class ModelRunner:
             sample_requests,
             sampled_drafts,
         )
+
+    def _verify_padding(self, sched: SchedulerOutput, num_drafts: list[int]) -> list[int]:
+        """Per request, rows put before its own so that every sequence of a verify step computes
+        1 + (most drafts) tokens: the step gets one (batch, tokens) shape. Padding rows are the queries of
+        the positions just before the request's (already in the pool), so they attend to valid context.
+        All zeros unless every request is decoding its drafts and their numbers differ."""
+        lens = [n for _, n in sched.scheduled]
+        q = max(lens)
+        if (
+            not self.pad_verify_steps
+            or not any(num_drafts)
+            or len(set(lens)) == 1
+            or q > MAX_DECODE_QUERY_LEN
+            or not all(sched.samples)
+            or any(n != 1 + k for n, k in zip(lens, num_drafts, strict=True))
+            or any(start < q - n for start, n in zip(sched.starts, lens, strict=True))
+        ):
+            return [0] * len(lens)
+        return [q - n for n in lens]
 
     def _fill_ids(self, request: Request, start: int, end: int, k: int, out: np.ndarray) -> int | None:
         """Tokens [start, end) of the request (its last k drafted) into `out`. When the last one is what the
@@ -246,13 +274,15 @@ class ModelRunner:
         """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
         inputs = self.prepare(sched)
         requests = inputs.sample_requests
-        if self.graphs is not None and self.graphs.can_run(inputs.attn, len(inputs.sample_rows)):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [B, vocab]
+        if self.graphs is not None and self.graphs.can_run(inputs.attn):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [T, vocab]
+            if len(inputs.sample_rows) != logits.shape[0]:  # padding rows, or a request not sampled yet
+                logits = logits[inputs.sample_rows]
         else:
             hidden = self.forward(inputs)
-            if not requests:
-                return StepFuture(sched, [], needs_sync=False, results=[])
             logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [rows, vocab]
+        if not requests:
+            return StepFuture(sched, [], needs_sync=False, results=[])
         if any(inputs.num_drafts):
             self._last_tokens, self._last_rows = None, {}
             return StepFuture(sched, requests, needs_sync=True, results=self._verify(logits, inputs))

@@ -172,3 +172,30 @@ def test_speculative_logprobs_equal_plain_decoding(llama):
             assert got.keys() == want.keys()
             assert all(abs(got[t] - want[t]) < 1e-4 for t in want)
     assert spec_llm.engine.stats.spec_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_verify_steps_padded_to_one_shape_keep_greedy_outputs(llama, backend):
+    """Requests that drafted different lengths get padding rows (earlier positions' queries, no K/V
+    written) so a verify step has one (batch, 1 + k) shape, as CUDA graphs replay it; the decode kernel
+    (Triton, interpreted here) and the reference take it, and greedy outputs do not change."""
+    prompts = _prompts()[3:] + [[5, 6, 7] * 6]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    want = _tokens(LLM(llama, num_blocks=128).generate(prompts, params))
+    llm = LLM(llama, num_blocks=128, speculative_method="ngram", attention_backend=backend)
+    runner = llm.engine.runner
+    runner.pad_verify_steps = True
+    shapes = []
+    prepare = runner.prepare
+
+    def spy(sched):
+        inputs = prepare(sched)
+        lens = {n for _, n in sched.scheduled}
+        if len(lens) > 1 and inputs.attn.uniform_query_len:
+            shapes.append((len(sched.scheduled), inputs.attn.uniform_query_len))
+        return inputs
+
+    runner.prepare = spy
+    assert _tokens(llm.generate(prompts, params)) == want
+    assert shapes  # some steps were padded to one shape
+    assert llm.engine.block_manager.num_free_blocks == 128
