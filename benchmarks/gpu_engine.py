@@ -352,24 +352,27 @@ def transformers_generate_throughput(num_prompts: int, prompt_len: int, output_l
     model = hf_model()
     ids = torch.randint(10, 128000, (num_prompts, prompt_len), device="cuda")
 
-    def generate() -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=output_len,
-            min_new_tokens=output_len,
-            do_sample=False,
-            cache_implementation="static",
-            pad_token_id=0,
-        )
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    generate()
-    seconds = generate()
+    hf_generate_seconds(model, ids, output_len, compiled=True)  # warm-up (compiles)
+    seconds = hf_generate_seconds(model, ids, output_len, compiled=True)
     return {"seconds": round(seconds, 3), "output_tokens_per_s": round(num_prompts * output_len / seconds, 1)}
+
+
+def hf_generate_seconds(model, ids: torch.Tensor, n: int, compiled: bool) -> float:
+    """Wall time of HF generate producing exactly n greedy tokens with a static cache."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+        disable_compile=not compiled,
+    )
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def hf_model():
@@ -396,24 +399,9 @@ def transformers_peer(batches: list[int], context: int, compiled: bool) -> dict[
     for batch in batches:
         ids = torch.randint(10, 128000, (batch, context), device="cuda")
 
-        def generate(n: int, ids: torch.Tensor = ids) -> float:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                cache_implementation="static",
-                pad_token_id=0,
-                disable_compile=not compiled,
-            )
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
-        generate(8), generate(40)  # warm-up both lengths
-        short, long = generate(8), generate(40)
+        for n in (8, 40):  # warm-up both lengths
+            hf_generate_seconds(model, ids, n, compiled)
+        short, long = (hf_generate_seconds(model, ids, n, compiled) for n in (8, 40))
         out[batch] = batch / ((long - short) / 32)
         print(f"hf batch {batch}: {out[batch]:.1f} tokens/s", flush=True)
         torch.cuda.empty_cache()

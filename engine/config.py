@@ -80,6 +80,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: got {self.seed!r}, allowed an integer")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling: got {self.async_scheduling!r}, allowed true, false or None")
         if self.cuda_graph_max_tokens < 0:
             raise ValueError(f"cuda_graph_max_tokens: got {self.cuda_graph_max_tokens}, allowed >= 0")
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:

@@ -81,7 +81,7 @@ class HostStaging:
     def buffer(self, n: int, dtype: torch.dtype) -> np.ndarray:
         """A host array of n elements to fill (this turn's buffer of that dtype)."""
         if not self._pinned:
-            return np.zeros(n, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+            return torch.zeros(n, dtype=dtype).numpy()
         event = self._copied[self._turn]
         if event is not None:
             event.synchronize()
@@ -149,18 +149,17 @@ class ModelRunner:
             r.spec_token_ids and max(n - (r.num_tokens - start), 0) or 0
             for (r, n), start in zip(sched.scheduled, sched.starts, strict=True)
         ]
-        ahead = [
-            i
-            for i, ((r, n), start) in enumerate(zip(sched.scheduled, sched.starts, strict=True))
-            if start + n > r.num_tokens + num_drafts[i]
-        ]
+        num_ahead = sum(  # positions whose token the step in flight samples (filled on the device)
+            start + n > r.num_tokens + k
+            for (r, n), start, k in zip(sched.scheduled, sched.starts, num_drafts, strict=True)
+        )
         pads = self._verify_padding(sched, num_drafts)
         T = sched.num_scheduled_tokens + sum(pads)
         R = sum(sched.samples) + sum(num_drafts)
-        longs = self.staging.buffer(3 * T + R + 2 * len(ahead), torch.int64)
+        longs = self.staging.buffer(3 * T + R + 2 * num_ahead, torch.int64)
         ints = self.staging.buffer(2 * B + 1 + B * width, torch.int32)
         ids, positions, slots = longs[:T], longs[T : 2 * T], longs[2 * T : 3 * T]
-        ph_dst, ph_src = longs[3 * T + R : 3 * T + R + len(ahead)], longs[3 * T + R + len(ahead) :]
+        ph_dst, ph_src = longs[3 * T + R : 3 * T + R + num_ahead], longs[3 * T + R + num_ahead :]
         query_start, seq_lens = ints[: B + 1], ints[B + 1 : 2 * B + 1]
         block_tables = ints[2 * B + 1 :].reshape(B, width)
         sample_requests: list[Request] = []
@@ -194,7 +193,7 @@ class ModelRunner:
                 sample_requests.append(request)
                 sampled_drafts.append(k)
         longs_dev, ints_dev = self.staging.to_device(longs, ints)
-        if ahead:
+        if num_ahead:
             assert self._last_tokens is not None
             base = 3 * T + R
             ids_dev = longs_dev[:T]
