@@ -5,9 +5,12 @@
 Decode: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, block size 16, shuffled pages; SDPA runs on the same
 K/V laid out contiguously ([B, 8, ctx, 128], enable_gqa), FlexAttention on the same pages when it runs.
 Prefill: one causal sequence of 2k-16k tokens, TFLOP/s counting the causal half.
+Skinny GEMM: Llama-3-8B's projections at decode batch sizes (M <= 64), each timed over enough copies of the
+weight that none stays in L2, cuBLAS against the candidates the engine tries at start and a wider sweep.
 """
 
 import argparse
+import itertools
 import json
 import math
 import traceback
@@ -18,8 +21,10 @@ import triton
 
 from benchmarks.gpu_floor import copy_bandwidth_GBps, matmul_TFLOPs
 from benchmarks.results_io import write_result
+from engine.gemm_tuning import graph_time_ms
 from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.prefill_attention import prefill_attention
+from kernels.skinny_gemm import SkinnyConfig, candidate_configs, skinny_gemm
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SCALE = D**-0.5
@@ -155,6 +160,76 @@ def prefill_row(n: int, matmul_rate: float, configs: list[dict]) -> dict:
     }
 
 
+GEMM_SHAPES = {  # Llama-3-8B: (out, in)
+    "qkv_proj": (6144, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (28672, 4096),
+    "down_proj": (4096, 14336),
+    "lm_head": (128256, 4096),
+}
+
+
+def sweep_configs(m: int, n: int, k: int, sms: int) -> list[SkinnyConfig]:
+    """A wider grid than the engine's candidates: what they may miss."""
+    out = []
+    for block_n, block_k, stages in itertools.product((16, 32, 64, 128), (128, 256), (3, 5)):
+        auto = candidate_configs(m, n, k, sms)[0].split_k if block_n == 32 else None
+        tiles = triton.cdiv(n, block_n)
+        split = 1
+        while tiles * split < 2 * sms and k // (split * 2) >= 4 * block_k:
+            split *= 2
+        for split_k in sorted({1, split, split * 2} | ({auto} if auto else set())):
+            if k // split_k >= block_k:
+                out.append(SkinnyConfig(block_n, block_k, split_k, 8 if block_n == 128 else 4, stages))
+    return out
+
+
+def gemm_row(name: str, m: int, copy_bw: float, sms: int, wide: bool) -> dict:
+    n, k = GEMM_SHAPES[name]
+    weight_bytes = n * k * 2
+    copies = max(2, math.ceil(512e6 / weight_bytes))  # > 10x L2: every GEMM reads its weight from HBM
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+    def time_of(gemm) -> float:
+        return graph_time_ms(lambda: [gemm(w) for w in weights]) / copies
+
+    cublas = time_of(lambda w: F.linear(x, w))
+    ref = F.linear(x.float(), weights[0].float())
+
+    def best_of(configs):
+        times = [time_of(lambda w, c=c: skinny_gemm(x, w, None, c)) for c in configs]
+        i = min(range(len(configs)), key=times.__getitem__)
+        return configs[i], times[i]
+
+    cand_cfg, cand_t = best_of(candidate_configs(m, n, k, sms))
+    out = skinny_gemm(x, weights[0], None, cand_cfg).float()
+    err = ((out - ref).norm() / ref.norm()).item()
+    row = {
+        "kernel": "skinny_gemm",
+        "weight": name,
+        "m": m,
+        "n": n,
+        "k": k,
+        "floor_us": round(weight_bytes / (copy_bw * 1e9) * 1e6, 2),
+        "cublas_us": round(cublas * 1e3, 2),
+        "cublas_fraction_of_copy": round(weight_bytes / (cublas * 1e-3) / 1e9 / copy_bw, 3),
+        "skinny_us": round(cand_t * 1e3, 2),
+        "skinny_fraction_of_copy": round(weight_bytes / (cand_t * 1e-3) / 1e9 / copy_bw, 3),
+        "skinny_config": vars(cand_cfg),
+        "time_ratio_vs_cublas": round(cand_t / cublas, 3),
+        "rel_err_vs_fp32": round(err, 5),
+    }
+    if wide:
+        sweep_cfg, sweep_t = best_of(sweep_configs(m, n, k, sms))
+        row |= {
+            "sweep_us": round(sweep_t * 1e3, 2),
+            "sweep_fraction_of_copy": round(weight_bytes / (sweep_t * 1e-3) / 1e9 / copy_bw, 3),
+            "sweep_config": vars(sweep_cfg),
+        }
+    return row
+
+
 def run_rows(make_row, cases) -> list[dict]:
     rows = []
     for case in cases:
@@ -170,6 +245,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles once)")
+    parser.add_argument("--only", nargs="+", choices=["decode", "prefill", "gemm"], default=None)
+    parser.add_argument("--sweep", action="store_true", help="skinny GEMM: also a wider grid of configs")
     args = parser.parse_args()
     torch.manual_seed(0)
     copy_bw, mm = copy_bandwidth_GBps(), matmul_TFLOPs()
@@ -195,6 +272,11 @@ def main() -> None:
             dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
             dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
             dict(block_m=128, block_n=32, num_warps=4, num_stages=4),
+            dict(block_m=128, block_n=64, num_warps=8, num_stages=3, k_rows=True),
+            dict(block_m=128, block_n=128, num_warps=8, num_stages=3, k_rows=True),
+            dict(block_m=64, block_n=64, num_warps=4, num_stages=3, k_rows=True),
+            dict(block_m=64, block_n=128, num_warps=4, num_stages=3, k_rows=True),
+            dict(block_m=128, block_n=64, num_warps=4, num_stages=3, k_rows=True),
         ]
     )
     # FlexAttention compiles per shape: try it on one row (it failed to compile on torch 2.11 here)
@@ -203,8 +285,17 @@ def main() -> None:
         for b in (1, 16, 64, 256)
         for c in (256, 2048, 8192, 32768)
     ]
-    rows = run_rows(decode_row, [case for case in cases if case[0] * case[1] * 2 * HKV * D * 2 <= 40e9])
-    rows += run_rows(prefill_row, [(n, mm, prefill_cfgs) for n in (2048, 4096, 8192, 16384)])
+    only = set(args.only or ["decode", "prefill", "gemm"])
+    # the pool, its contiguous copy for SDPA and the gathers: keep the KV under a fifth of the memory
+    kv_limit = torch.cuda.get_device_properties().total_memory / 5
+    rows = []
+    if "decode" in only:
+        rows += run_rows(decode_row, [case for case in cases if case[0] * case[1] * 2 * HKV * D * 2 <= kv_limit])
+    if "prefill" in only:
+        rows += run_rows(prefill_row, [(n, mm, prefill_cfgs) for n in (2048, 4096, 8192, 16384)])
+    if "gemm" in only:
+        m_values = (1, 8, 16, 32, 64)
+        rows += run_rows(gemm_row, [(w, m, copy_bw, sms, args.sweep) for w in GEMM_SHAPES for m in m_values])
     from pathlib import Path
 
     path = write_result(

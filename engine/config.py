@@ -61,6 +61,9 @@ class EngineConfig:
     # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly. Off by default until
     # a GPU run has checked it (tests/engine/test_gpu_engine.py -k piecewise); 512 is the intended default
     cuda_graph_max_tokens: int = 0
+    # decode-sized matmuls (<= 64 rows) run kernels/skinny_gemm.py where it measures faster than cuBLAS at
+    # start (engine/gemm_tuning.py); None: on a GPU, False: cuBLAS only. True on a CPU is refused
+    skinny_gemm: bool | None = None
     # schedule step N+1 while the device runs step N (engine/llm_engine.py); None: on a GPU, off on the CPU
     async_scheduling: bool | None = None
     # speculative decoding: a drafter (engine/spec/drafter.py) proposes up to num_speculative_tokens per decode step
@@ -82,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"seed: got {self.seed!r}, allowed an integer")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling: got {self.async_scheduling!r}, allowed true, false or None")
+        if self.skinny_gemm is not None and not isinstance(self.skinny_gemm, bool):
+            raise ValueError(f"skinny_gemm: got {self.skinny_gemm!r}, allowed true, false or None")
         if self.cuda_graph_max_tokens < 0:
             raise ValueError(f"cuda_graph_max_tokens: got {self.cuda_graph_max_tokens}, allowed >= 0")
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:

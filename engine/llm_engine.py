@@ -23,6 +23,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.envs import default_device
 from engine.errors import ParameterError
+from engine.gemm_tuning import tune_skinny_linears
 from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
 from engine.kv.events import KVEventLog
@@ -129,6 +130,7 @@ class LLMEngine:
             stats=self.stats,
             max_spec_len=config.num_speculative_tokens,
         )
+        self.gemm_table = self._tune_gemms()  # before graph capture: the graphs record the chosen kernels
         self.runner = ModelRunner(
             self.model,
             self.kv_pool,
@@ -197,6 +199,16 @@ class LLMEngine:
 
     def _backend(self):
         return get_backend(self.config.attention_backend or default_backend(self.device.type))
+
+    def _tune_gemms(self) -> list[dict]:
+        wanted = self.config.skinny_gemm
+        if self.device.type != "cuda":
+            if wanted:
+                raise ParameterError("skinny_gemm", f"needs a CUDA device, got {self.device.type}")
+            return []
+        if wanted is False:
+            return []
+        return tune_skinny_linears(self.model, self.config.scheduler.max_num_batched_tokens)
 
     def _graphs(self) -> CUDAGraphRunner | None:
         """CUDA graphs of decode steps (Triton attention on a GPU, unless enforce_eager)."""

@@ -62,6 +62,7 @@ def _attend_tiles(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
+    K_ROWS: tl.constexpr,
 ):
     """Online softmax over key tiles [start, stop). Unmasked tiles lie wholly below every row's diagonal."""
     d = tl.arange(0, D_PAD)
@@ -73,14 +74,21 @@ def _attend_tiles(
         else:
             page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE)
         base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [N]
-        k_ptrs = cache_ptr + base[None, :] + d[:, None]  # [D, N]
+        if K_ROWS:
+            k_ptrs = cache_ptr + base[:, None] + d[None, :]  # [N, D], transposed in shared memory
+            k_mask = n_ok[:, None] & (d[None, :] < HEAD_DIM)
+        else:
+            k_ptrs = cache_ptr + base[None, :] + d[:, None]  # [D, N]
+            k_mask = n_ok[None, :] & (d[:, None] < HEAD_DIM)
         v_ptrs = cache_ptr + stride_ckv + base[:, None] + d[None, :]  # [N, D]
         if MASKED or HEAD_DIM != D_PAD:
-            k = tl.load(k_ptrs, mask=n_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
             v = tl.load(v_ptrs, mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        if K_ROWS:
+            k = tl.trans(k)
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 domain
         if MASKED:
             allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
@@ -88,7 +96,10 @@ def _attend_tiles(
                 allowed = allowed & (n[None, :] > q_pos[:, None] - sliding_window)
             s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_safe = m_new  # every score of an unmasked tile is finite
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -125,10 +136,13 @@ def _prefill_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    K_ROWS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # heads on the fast axis and the last tiles first: the causal tiles with the most keys start in the
+    # first wave, so the short ones fill the tail (longest-processing-time-first)
+    kv_head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
@@ -188,6 +202,7 @@ def _prefill_attention_kernel(
         BLOCK_N,
         PRECISION,
         False,
+        K_ROWS,
     )
     acc, l_i, m_i = _attend_tiles(
         acc,
@@ -215,6 +230,7 @@ def _prefill_attention_kernel(
         BLOCK_N,
         PRECISION,
         True,
+        K_ROWS,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_off = (q_begin + q_tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -267,6 +283,7 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_rows: bool = False,
 ) -> torch.Tensor:
     """q [T, heads, D] (queries are each sequence's last tokens) -> out [T, heads, D].
 
@@ -286,7 +303,7 @@ def prefill_attention(
     out = torch.empty_like(q) if out is None else out
     if T == 0:
         return out
-    grid = (T // block_q + num_seqs, kv_cache.shape[3])
+    grid = (kv_cache.shape[3], T // block_q + num_seqs)
     _prefill_attention_kernel[grid](
         q,
         kv_cache,
@@ -314,6 +331,7 @@ def prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype),
+        K_ROWS=k_rows,
         num_warps=num_warps,
         num_stages=num_stages,
     )

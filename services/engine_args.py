@@ -94,6 +94,13 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
         default=None,
         help="schedule each engine step while the device runs the one before (default: on a GPU)",
     )
+    p.add_argument(
+        "--skinny-gemm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode-sized matmuls run a Triton split-K kernel where it measures faster than cuBLAS at "
+        "start (default: on a GPU)",
+    )
     knobs: list[tuple[str, dict]] = [
         ("num_blocks", dict(type=positive_int, help="KV cache blocks (default: from the memory budget)")),
         (
@@ -141,7 +148,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
 def engine_options_of(args: argparse.Namespace, pool: str | None = None) -> dict:
     """The engine options the command line set (for `pool`, its own --POOL-KNOB first)."""
     options = {}
-    for name in ("max_model_len", "seed", "async_scheduling", *POOL_KNOBS):
+    for name in ("max_model_len", "seed", "async_scheduling", "skinny_gemm", *POOL_KNOBS):
         value = getattr(args, f"{pool}_{name}", None) if pool else None
         value = getattr(args, name) if value is None else value
         if value is not None:

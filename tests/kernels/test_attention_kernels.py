@@ -29,7 +29,8 @@ def _reference(p, scale, window=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2), (8, 1)])  # GQA ratios 1, 4, 8
-def test_prefill_attention_with_cached_prefixes(dtype, num_heads, num_kv_heads):
+@pytest.mark.parametrize("k_rows", [False, True])  # K loaded [D, N], or [N, D] and transposed
+def test_prefill_attention_with_cached_prefixes(dtype, num_heads, num_kv_heads, k_rows):
     # (context after the step, new queries): a fresh prompt, a chunk on a cached prefix, a one-token decode,
     # a context that is not a multiple of the block size
     seq_lens, query_lens = [37, 50, 9, 1, 23], [37, 13, 1, 1, 5]
@@ -44,12 +45,16 @@ def test_prefill_attention_with_cached_prefixes(dtype, num_heads, num_kv_heads):
         max(query_lens),
         scale,
         out=poisoned_like(p.q),
+        block_m=16,  # several query tiles a sequence, heaviest first
+        block_n=16,
+        k_rows=k_rows,
     )
     _check(out, _reference(p, scale), dtype)
 
 
 @pytest.mark.parametrize("head_dim", [48, 64])  # 48 pads to 64 inside the kernel
-def test_prefill_attention_sliding_window_and_odd_head_dim(head_dim):
+@pytest.mark.parametrize("k_rows", [False, True])
+def test_prefill_attention_sliding_window_and_odd_head_dim(head_dim, k_rows):
     seq_lens, query_lens = [45, 30], [45, 7]
     p = make_problem(seq_lens, query_lens, 4, 2, head_dim, 16, torch.float32, DEVICE)
     scale = head_dim**-0.5
@@ -63,6 +68,7 @@ def test_prefill_attention_sliding_window_and_odd_head_dim(head_dim):
         scale,
         sliding_window=10,
         out=poisoned_like(p.q),
+        k_rows=k_rows,
     )
     _check(out, _reference(p, scale, 10), torch.float32)
 
