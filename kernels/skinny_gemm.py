@@ -58,7 +58,9 @@ def _skinny_gemm_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_end
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
         w = tl.load(
             w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
             mask=n_ok[:, None] & k_ok[None, :],
@@ -71,7 +73,15 @@ def _skinny_gemm_kernel(
 
 @triton.jit
 def _sum_splits_kernel(
-    part_ptr, bias_ptr, out_ptr, N, stride_ps, stride_pm, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    part_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    stride_ps,
+    stride_pm,
+    stride_om,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.rotary import rotary_ref, rotate_qk
+
 
 @dataclass
 class AttentionMetadata:
@@ -51,6 +53,22 @@ class AttentionBackend(ABC):
         self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> None:
         """k, v [T, kv_heads, head_dim] -> kv_cache at meta.slot_mapping."""
+
+    def rope_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotary on q [T, heads, D] and k, then the rotated k and v -> kv_cache; -> the rotated q.
+        cos/sin [T, D] fp32. Backends may fuse the two passes."""
+        q, k = rotate_qk(q, k, cos, sin) if q.is_cuda else (rotary_ref(q, cos, sin), rotary_ref(k, cos, sin))
+        self.write_kv(kv_cache, k, v, meta)
+        return q
 
     @abstractmethod
     def attend(

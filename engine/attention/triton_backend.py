@@ -7,6 +7,7 @@ from engine.attention.backend import AttentionBackend, AttentionMetadata
 from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.kv_write import kv_write
 from kernels.prefill_attention import prefill_attention
+from kernels.rope_kv_write import rope_kv_write
 
 MAX_DECODE_QUERY_LEN = 16  # more new tokens per sequence: the varlen kernel's query tiles pay off
 
@@ -31,6 +32,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     def write_kv(self, kv_cache, k, v, meta: AttentionMetadata) -> None:
         kv_write(k, v, kv_cache, meta.slot_mapping)
+
+    def rope_and_write_kv(self, q, k, v, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        return rope_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)  # one launch, not two
 
     def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
         if query_len := decode_query_len(meta):

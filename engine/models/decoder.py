@@ -13,7 +13,7 @@ from engine.models.linear import Linear
 from engine.models.mlp import GatedMLP
 from engine.models.moe import SparseMoE
 from engine.models.norm import RMSNorm
-from engine.models.rotary import RotaryEmbedding, apply_rotary
+from engine.models.rotary import RotaryEmbedding
 
 
 class SelfAttention(nn.Module):
@@ -42,9 +42,9 @@ class SelfAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, ctx.cos, ctx.sin)
-        ctx.backend.write_kv(ctx.kv_caches[self.layer_idx], k, v, ctx.attn)
-        return q
+        return ctx.backend.rope_and_write_kv(
+            q, k, v, ctx.cos, ctx.sin, ctx.kv_caches[self.layer_idx], ctx.attn
+        )
 
     def attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """q [T, Hq, D] -> attention output [T, Hq, D] over the paged pool."""

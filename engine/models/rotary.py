@@ -5,8 +5,6 @@ import math
 import torch
 from torch import nn
 
-from kernels.rotary import rotary_ref, rotate_qk
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
@@ -44,10 +42,3 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos(), emb.sin()
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [T, Hq, D], k [T, Hkv, D]; cos/sin [T, D] fp32. On CUDA one kernel rotates both in place."""
-    if q.is_cuda:
-        return rotate_qk(q, k, cos, sin)
-    return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
