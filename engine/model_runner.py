@@ -14,7 +14,7 @@ import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.attention.triton_backend import MAX_DECODE_QUERY_LEN
-from engine.cuda_graphs import CUDAGraphRunner
+from engine.cuda_graphs import CUDAGraphRunner, InputLayout, StaticInputs
 from engine.kv.block_manager import BlockManager
 from engine.kv.pool import layer_views
 from engine.logits_processors import LogitsRow, apply_logits_processing, needs_processing
@@ -35,6 +35,7 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] rows of the flattened batch whose logits are sampled
     sample_requests: list[Request]  # one per request sampled
     num_drafts: list[int]  # per sampled request: drafted tokens verified (its rows: 1 + that many)
+    graph_batch: int = 0  # staged in the graphs' static inputs, padded to this batch size; 0: eager
 
 
 @dataclass
@@ -96,9 +97,16 @@ class HostStaging:
         view.fill(0)
         return view
 
-    def to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """This turn's filled arrays on the device (copies queued in stream order); the next turn begins."""
-        out = [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]
+    def to_device(self, *arrays: np.ndarray, into: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:
+        """This turn's filled arrays on the device (copies queued in stream order), each into the front of
+        its `into` buffer when given (no second copy), else a new tensor; the next turn begins."""
+        if into:
+            out = [
+                dst[: len(a)].copy_(torch.from_numpy(a), non_blocking=True)
+                for a, dst in zip(arrays, into, strict=True)
+            ]
+        else:
+            out = [torch.from_numpy(a).to(self.device, non_blocking=True) for a in arrays]
         if self._pinned:
             event = torch.cuda.Event()
             event.record()
@@ -127,6 +135,8 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.graphs = graphs  # decode and verify steps replay captured graphs when set
+        # steps of a captured shape are staged straight into these (the graphs' inputs)
+        self.static_inputs: StaticInputs | None = graphs.inputs if graphs is not None else None
         # verify steps whose requests drafted different lengths are padded to one shape (graphs, or the
         # decode kernel); on by default where graphs replay them
         self.pad_verify_steps = graphs is not None
@@ -138,13 +148,11 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        bs = self.block_size
+        """Stage the step's metadata in two host arrays (int64, int32; see InputLayout), one copy each to the
+        device: into the graphs' static inputs when a captured shape runs it, else into new tensors."""
         B = len(sched.scheduled)
         tables = [self.block_manager.block_ids(r.request_id) for r, _ in sched.scheduled]
         width = max(len(t) for t in tables)
-        # two host buffers, two copies to the device: int64 [ids | positions | slots | sample rows |
-        # placeholder positions | their rows in the last step's tokens], int32 [query_start_loc | seq_lens |
-        # block tables]
         num_drafts = [
             r.spec_token_ids and max(n - (r.num_tokens - start), 0) or 0
             for (r, n), start in zip(sched.scheduled, sched.starts, strict=True)
@@ -156,17 +164,80 @@ class ModelRunner:
         pads = self._verify_padding(sched, num_drafts)
         T = sched.num_scheduled_tokens + sum(pads)
         R = sum(sched.samples) + sum(num_drafts)
-        longs = self.staging.buffer(3 * T + R + 2 * num_ahead, torch.int64)
-        ints = self.staging.buffer(2 * B + 1 + B * width, torch.int32)
-        ids, positions, slots = longs[:T], longs[T : 2 * T], longs[2 * T : 3 * T]
-        ph_dst, ph_src = longs[3 * T + R : 3 * T + R + num_ahead], longs[3 * T + R + num_ahead :]
-        query_start, seq_lens = ints[: B + 1], ints[B + 1 : 2 * B + 1]
-        block_tables = ints[2 * B + 1 :].reshape(B, width)
+        lens = [n + pad for (_, n), pad in zip(sched.scheduled, pads, strict=True)]
+        uniform = T // B if all(n * B == T for n in lens) else 0
+        static = self.static_inputs
+        graph_batch = static.batch_size_for(B, uniform) if static is not None and uniform else 0
+        layout = static.layout if static is not None and graph_batch else InputLayout.packed(T, B, width)
+        longs = self.staging.buffer(layout.extras + R + 2 * num_ahead, torch.int64)
+        ints = self.staging.buffer(layout.tables + B * layout.row, torch.int32)
+        if graph_batch:  # padded sequences: no K/V written, a context of their own tokens
+            longs[layout.slots + T : layout.extras] = -1
+            ints[layout.seq_lens + B : layout.seq_lens + graph_batch] = uniform
+        sample_requests, sampled_drafts, rows, p = self._fill(
+            sched, tables, num_drafts, pads, layout, longs, ints
+        )
+        into = (static.longs, static.ints) if static is not None and graph_batch else ()
+        longs_dev, ints_dev = self.staging.to_device(longs, ints, into=into)
+        if p:
+            assert self._last_tokens is not None
+            ph = layout.extras + R
+            ids_dev = longs_dev[layout.ids : layout.ids + T]
+            ids_dev[longs_dev[ph : ph + p]] = self._last_tokens[longs_dev[ph + p : ph + 2 * p]]
+        seq_lens = ints[layout.seq_lens : layout.seq_lens + B]
+        query_start = ints[layout.query_start : layout.query_start + B + 1]
+        attn = AttentionMetadata(
+            slot_mapping=longs_dev[layout.slots : layout.slots + T],
+            query_start_loc=ints_dev[layout.query_start : layout.query_start + B + 1],
+            seq_lens=ints_dev[layout.seq_lens : layout.seq_lens + B],
+            block_tables=ints_dev[layout.tables : layout.tables + B * layout.row].view(B, layout.row)[
+                :, :width
+            ],
+            max_query_len=max(lens),
+            uniform_query_len=uniform,
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            block_size=self.block_size,
+        )
+        self.backend.plan(attn, self.model.config.num_kv_heads)
+        return StepInputs(
+            longs_dev[layout.ids : layout.ids + T],
+            longs_dev[layout.positions : layout.positions + T],
+            attn,
+            longs_dev[layout.extras : layout.extras + rows],
+            sample_requests,
+            sampled_drafts,
+            graph_batch,
+        )
+
+    def _fill(
+        self,
+        sched: SchedulerOutput,
+        tables: list[list[int]],
+        num_drafts: list[int],
+        pads: list[int],
+        layout: InputLayout,
+        longs: np.ndarray,
+        ints: np.ndarray,
+    ) -> tuple[list[Request], list[int], int, int]:
+        """Each request's ids, positions, slots, block table, context and sample rows into the staging
+        arrays. -> (requests sampled, their drafts, sample rows, placeholders for the device to fill)."""
+        bs = self.block_size
+        B, T = len(sched.scheduled), sched.num_scheduled_tokens + sum(pads)
+        R = sum(sched.samples) + sum(num_drafts)
+        ids, positions = longs[layout.ids : layout.ids + T], longs[layout.positions : layout.positions + T]
+        slots = longs[layout.slots : layout.slots + T]
+        num_ahead = (len(longs) - layout.extras - R) // 2
+        ph_dst, ph_src = (
+            longs[layout.extras + R : layout.extras + R + num_ahead],
+            longs[layout.extras + R + num_ahead :],
+        )
+        query_start, seq_lens = ints[layout.query_start : layout.query_start + B + 1], ints[layout.seq_lens :]
+        block_tables = ints[layout.tables : layout.tables + B * layout.row].reshape(B, layout.row)
         sample_requests: list[Request] = []
         sampled_drafts: list[int] = []
-        rows = 0
-        t = 0
-        p = 0
+        rows = t = p = 0
         for i, ((request, n), table, start) in enumerate(
             zip(sched.scheduled, tables, sched.starts, strict=True)
         ):
@@ -188,39 +259,11 @@ class ModelRunner:
             query_start[i + 1] = t
             seq_lens[i] = end
             if sched.samples[i]:  # caught up: these rows' logits give the next token(s)
-                longs[3 * T + rows : 3 * T + rows + k + 1] = np.arange(t - 1 - k, t)
+                longs[layout.extras + rows : layout.extras + rows + k + 1] = np.arange(t - 1 - k, t)
                 rows += k + 1
                 sample_requests.append(request)
                 sampled_drafts.append(k)
-        longs_dev, ints_dev = self.staging.to_device(longs, ints)
-        if num_ahead:
-            assert self._last_tokens is not None
-            base = 3 * T + R
-            ids_dev = longs_dev[:T]
-            ids_dev[longs_dev[base : base + p]] = self._last_tokens[longs_dev[base + p : base + 2 * p]]
-        attn = AttentionMetadata(
-            slot_mapping=longs_dev[2 * T : 3 * T],
-            query_start_loc=ints_dev[: B + 1],
-            seq_lens=ints_dev[B + 1 : 2 * B + 1],
-            block_tables=ints_dev[2 * B + 1 :].view(B, width),
-            max_query_len=max(n + pad for (_, n), pad in zip(sched.scheduled, pads, strict=True)),
-            uniform_query_len=T // B
-            if all((n + pad) * B == T for (_, n), pad in zip(sched.scheduled, pads, strict=True))
-            else 0,
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=query_start.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-            block_size=bs,
-        )
-        self.backend.plan(attn, self.model.config.num_kv_heads)
-        return StepInputs(
-            longs_dev[:T],
-            longs_dev[T : 2 * T],
-            attn,
-            longs_dev[3 * T : 3 * T + rows],
-            sample_requests,
-            sampled_drafts,
-        )
+        return sample_requests, sampled_drafts, rows, p
 
     def _verify_padding(self, sched: SchedulerOutput, num_drafts: list[int]) -> list[int]:
         """Per request, rows put before its own so that every sequence of a verify step computes
@@ -273,8 +316,8 @@ class ModelRunner:
         """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
         inputs = self.prepare(sched)
         requests = inputs.sample_requests
-        if self.graphs is not None and self.graphs.can_run(inputs.attn):
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)  # [T, vocab]
+        if inputs.graph_batch and self.graphs is not None:
+            logits = self.graphs.replay(inputs.attn.num_seqs, inputs.attn.uniform_query_len)  # [T, vocab]
             if len(inputs.sample_rows) != logits.shape[0]:  # padding rows, or a request not sampled yet
                 logits = logits[inputs.sample_rows]
         else:

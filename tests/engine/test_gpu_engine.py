@@ -53,13 +53,13 @@ def _verify_graph_replays(llm) -> list[int]:
     """Counts graph replays of verification shapes (more than one token a sequence)."""
     graphs = llm.engine.runner.graphs
     seen = [0]
-    run = graphs.run
+    replay = graphs.replay
 
-    def spy(input_ids, positions, attn):
-        seen[0] += attn.uniform_query_len > 1
-        return run(input_ids, positions, attn)
+    def spy(num_seqs, query_len):
+        seen[0] += query_len > 1
+        return replay(num_seqs, query_len)
 
-    graphs.run = spy
+    graphs.replay = spy
     return seen
 
 
