@@ -290,7 +290,9 @@ def main() -> None:
     kv_limit = torch.cuda.get_device_properties().total_memory / 5
     rows = []
     if "decode" in only:
-        rows += run_rows(decode_row, [case for case in cases if case[0] * case[1] * 2 * HKV * D * 2 <= kv_limit])
+        rows += run_rows(
+            decode_row, [case for case in cases if case[0] * case[1] * 2 * HKV * D * 2 <= kv_limit]
+        )
     if "prefill" in only:
         rows += run_rows(prefill_row, [(n, mm, prefill_cfgs) for n in (2048, 4096, 8192, 16384)])
     if "gemm" in only:
