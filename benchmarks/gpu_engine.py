@@ -80,7 +80,7 @@ class PhaseTimer:
         ]:
             self._wrap(name, owner, attr)
         if engine.runner.graphs is not None:
-            self._wrap("graph_replay", engine.runner.graphs, "run")
+            self._wrap("graph_replay", engine.runner.graphs, "replay")
 
     def _wrap(self, name, owner, attr):
         fn = getattr(owner, attr)

@@ -88,6 +88,32 @@ def measure(
     return out
 
 
+def step_floor_ms(engine: LLMEngine, context: int, extra: dict):
+    """-> floor(batch, k): max(bytes / copy bandwidth, FLOPs / matmul rate) of a step verifying k drafts a
+    sequence: weights and each sequence's KV read once; 2 FLOPs a weight a token, plus attention's."""
+    weights = [p for n, p in engine.model.named_parameters() if "embed_tokens" not in n]
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    cfg = engine.model_config
+    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    extra["weight_bytes"] = weight_bytes
+    extra["floor_ms_plain_b1"] = round(weight_bytes / (extra["copy_bandwidth_GBps"] * 1e9) * 1e3, 3)
+
+    def floor(batch: int, k: int) -> float:
+        tokens = batch * (1 + k)
+        bytes_ms = (
+            (weight_bytes + batch * context * kv_per_token) / (extra["copy_bandwidth_GBps"] * 1e9) * 1e3
+        )
+        attn_flops = 4 * tokens * context * cfg.num_heads * cfg.head_dim * cfg.num_layers
+        flops_ms = (
+            (2 * sum(p.numel() for p in weights) * tokens + attn_flops)
+            / (extra["matmul_TFLOPs"] * 1e12)
+            * 1e3
+        )
+        return max(bytes_ms, flops_ms)
+
+    return floor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu", action="store_true")
@@ -119,12 +145,14 @@ def main() -> None:
     served.async_scheduling = False  # verify steps read their tokens before the next; plain ones alike here
     vocab = served.model_config.vocab_size
     graphs = served.runner.graphs
+    floor = step_floor_ms(served, context, extra) if gpu else None
     rows = []
     for batch in args.batches:
         times = measure(served, batch, context, args.ks, gpu, vocab)
-        served.runner.graphs = None  # the same engine, eager
+        runner = served.runner
+        runner.graphs, runner.static_inputs = None, None  # the same engine, eager
         eager = measure(served, batch, context, args.ks, gpu, vocab) if graphs is not None else times
-        served.runner.graphs = graphs
+        runner.graphs, runner.static_inputs = graphs, None if graphs is None else graphs.inputs
         for k, ms in times.items():
             rows.append(
                 {
@@ -137,15 +165,12 @@ def main() -> None:
                     "cuda_graphs": graphs is not None,
                 }
             )
+            if floor is not None:  # a verify step of many tokens is bound by FLOPs, not bytes
+                rows[-1] |= {
+                    "floor_ms": round(floor(batch, k), 3),
+                    "ratio_to_floor": round(ms / floor(batch, k), 3),
+                }
             print(rows[-1], flush=True)
-    if gpu:
-        weight_bytes = sum(
-            p.numel() * p.element_size()
-            for n, p in served.model.named_parameters()
-            if "embed_tokens" not in n
-        )
-        extra["weight_bytes"] = weight_bytes
-        extra["floor_ms_plain_b1"] = round(weight_bytes / (extra["copy_bandwidth_GBps"] * 1e9) * 1e3, 3)
     name = "spec_verify_cost_gpu" if gpu else "spec_verify_cost_cpu"
     path = write_result(
         name,
