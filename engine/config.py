@@ -61,6 +61,8 @@ class EngineConfig:
     # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly. Off by default until
     # a GPU run has checked it (tests/engine/test_gpu_engine.py -k piecewise); 512 is the intended default
     cuda_graph_max_tokens: int = 0
+    # weights quantized at load (engine/quantization.py): None (the checkpoint's dtype) or "fp8"
+    quantization: str | None = None
     # decode-sized matmuls (<= 64 rows) run kernels/skinny_gemm.py where it measures faster than cuBLAS at
     # start (engine/gemm_tuning.py); None: on a GPU, False: cuBLAS only. True on a CPU is refused
     skinny_gemm: bool | None = None

@@ -1,10 +1,11 @@
 """Choose, at engine start, where the skinny GEMM replaces cuBLAS: measured, per weight shape and row bucket.
 
-For every distinct (out, in, bias) shape among the model's Linear layers and every power-of-two row count up
-to the decode batch, cuBLAS and each candidate config of kernels/skinny_gemm.py are timed over all the
+For every distinct (out, in, bias, FP8) shape among the model's Linear layers and every power-of-two row count
+up to the decode batch, the dense path (cuBLAS; W8A8 for FP8 weights) and each candidate config of
+kernels/skinny_gemm.py are timed over all the
 layers that share the shape, one after another in a replayed CUDA graph: the weights stream from HBM as in
 a real step (no L2 reuse) and launch costs stay out, as in the engine's graphs. The kernel is kept only
-where it beats cuBLAS by MIN_GAIN. The table of timings is returned for the startup log and benchmarks.
+where it beats the dense path by MIN_GAIN. The table of timings is returned for the startup log and benchmarks.
 """
 
 import dataclasses
@@ -14,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.models.linear import Linear
@@ -56,11 +56,12 @@ def row_buckets(max_rows: int) -> list[int]:
 
 def tune_skinny_linears(model: nn.Module, max_rows: int, timer: Timer = graph_time_ms) -> list[dict]:
     """Set each Linear's `skinny` plan; -> one row per (shape, rows) with both times and the choice."""
-    groups: dict[tuple[int, int, bool], list[Linear]] = defaultdict(list)
+    groups: dict[tuple[int, int, bool, bool], list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, Linear):
             module.skinny = {}
-            groups[(module.out_features, module.in_features, module.bias is not None)].append(module)
+            key = (module.out_features, module.in_features, module.bias is not None, module.is_fp8)
+            groups[key].append(module)
     if not groups:
         return []
     device = next(iter(groups.values()))[0].weight.device
@@ -84,23 +85,24 @@ def _tune_shape(layers: list[Linear], rows: int, timer: Timer, num_sms: int) -> 
     def time_of(gemm: Callable[[Linear], torch.Tensor]) -> float:
         return timer(lambda: [gemm(layer) for layer in layers]) / len(layers)
 
-    cublas = time_of(lambda layer: F.linear(x, layer.weight, layer.bias))
+    dense = time_of(lambda layer: layer.dense(x))
     best: tuple[SkinnyConfig, float] | None = None
     for cfg in candidate_configs(rows, n, k, num_sms):
         t = time_of(functools.partial(_skinny, x, cfg))
         if best is None or t < best[1]:
             best = (cfg, t)
     assert best is not None
-    chosen = best[1] < cublas * (1 - MIN_GAIN)
+    chosen = best[1] < dense * (1 - MIN_GAIN)
     if chosen:
         for layer in layers:
             layer.skinny[rows] = best[0]
     return {
         "out_features": n,
         "in_features": k,
+        "fp8": layers[0].is_fp8,
         "rows": rows,
         "layers": len(layers),
-        "cublas_us": round(cublas * 1e3, 2),
+        "dense_us": round(dense * 1e3, 2),
         "skinny_us": round(best[1] * 1e3, 2),
         "config": dataclasses.asdict(best[0]),
         "chosen": chosen,
@@ -108,4 +110,4 @@ def _tune_shape(layers: list[Linear], rows: int, timer: Timer, num_sms: int) -> 
 
 
 def _skinny(x: torch.Tensor, cfg: SkinnyConfig, layer: Linear) -> torch.Tensor:
-    return skinny_gemm(x, layer.weight, layer.bias, cfg)
+    return skinny_gemm(x, layer.weight, layer.bias, cfg, layer.weight_scale)

@@ -98,7 +98,9 @@ class LLMEngine:
         # every device's default generator: unseeded sampling repeats from one engine start to the next
         torch.manual_seed(config.seed)
         self.model_dir = resolve_model(config.model, config.download_dir)
-        loaded = load_model(self.model_dir, config.dtype, self.device, config.load_format)
+        loaded = load_model(
+            self.model_dir, config.dtype, self.device, config.load_format, config.quantization
+        )
         self.model, self.model_config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.fingerprint = loaded.fingerprint
         self.tokenizer = Tokenizer(self.model_dir, config.chat_template)

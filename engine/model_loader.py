@@ -14,6 +14,7 @@ from engine.models import ModelConfig, build_model, resolve_architecture
 from engine.models.config import model_config_from_hf
 from engine.models.decoder import DecoderForCausalLM
 from engine.models.weights import iter_weights, load_weights, safetensors_files
+from engine.quantization import check_quantization, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +63,11 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 
 def load_model(
-    model_dir: str | Path, dtype: str, device: torch.device, load_format: str = "auto"
+    model_dir: str | Path,
+    dtype: str,
+    device: torch.device,
+    load_format: str = "auto",
+    quantization: str | None = None,
 ) -> LoadedModel:
     model_dir = resolve_model(model_dir)
     cfg = read_model_config(model_dir)
@@ -79,4 +84,7 @@ def load_model(
     else:
         raise ValueError(f"load_format: got {load_format!r}, allowed 'auto', 'dummy'")
     model.eval().requires_grad_(False)
+    check_quantization(quantization, device)
+    if quantize_model(model, quantization):
+        model_id = f"{model_id}:{quantization}"  # other weights: other KV
     return LoadedModel(model, cfg, torch_dtype, model_id)

@@ -1,4 +1,5 @@
 """Skinny GEMM for decode: out [M, N] = x [M, K] @ w[N, K]^T (+ bias) with M <= 64, at the weight-read rate.
+The weight may be FP8 (e4m3) with per-output-channel scales: converted in registers, scaled at the end.
 
 At decode shapes the weight read is the whole cost, and cuBLAS leaves some of them well below copy
 bandwidth: too few thread blocks on a narrow N, or too little in flight per block. Here one program owns
@@ -32,6 +33,7 @@ class SkinnyConfig:
 def _skinny_gemm_kernel(
     x_ptr,
     w_ptr,
+    scale_ptr,
     out_ptr,
     M,
     N,
@@ -45,6 +47,7 @@ def _skinny_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -66,7 +69,9 @@ def _skinny_gemm_kernel(
             mask=n_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+    if HAS_SCALE:  # per output channel: the partial sums of split K scale the same way
+        acc *= tl.load(scale_ptr + n, mask=n_ok, other=0.0)[None, :]
     out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -110,14 +115,24 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int) -> list[SkinnyConfig
 
 
 def skinny_gemm(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: SkinnyConfig,
+    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (M <= 64), w [N, K] row-major, bias [N] or None -> [M, N] in x's dtype."""
+    """x [M, K] (M <= 64), w [N, K] row-major, bias [N] or None -> [M, N] in x's dtype. With w_scale [N]
+    fp32, w is FP8 e4m3 and out = x @ (w * w_scale[:, None])^T."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"shapes: x {tuple(x.shape)} and w {tuple(w.shape)} must be [M, K] and [N, K]")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("x and w: the K dimension must be contiguous")
-    if x.dtype != w.dtype:
+    if w_scale is not None:
+        if w.dtype != torch.float8_e4m3fn or w_scale.shape != (w.shape[0],) or w_scale.dtype != torch.float32:
+            raise ValueError(
+                f"w, w_scale: expected e4m3 [N, K] and fp32 [N], got {w.dtype}, {w_scale.dtype} {tuple(w_scale.shape)}"
+            )
+    elif x.dtype != w.dtype:
         raise ValueError(f"dtypes: x {x.dtype} and w {w.dtype} must match")
     M, K = x.shape
     N = w.shape[0]
@@ -139,6 +154,7 @@ def skinny_gemm(
     _skinny_gemm_kernel[grid](
         x,
         w,
+        w_scale if w_scale is not None else x,
         target,
         M,
         N,
@@ -152,6 +168,7 @@ def skinny_gemm(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         PRECISION=precision,
+        HAS_SCALE=w_scale is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

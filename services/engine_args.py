@@ -95,6 +95,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
         help="schedule each engine step while the device runs the one before (default: on a GPU)",
     )
     p.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        default=None,
+        help="quantize the weights at load: fp8 = e4m3 with per-output-channel scales (default: none)",
+    )
+    p.add_argument(
         "--skinny-gemm",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -148,7 +154,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
 def engine_options_of(args: argparse.Namespace, pool: str | None = None) -> dict:
     """The engine options the command line set (for `pool`, its own --POOL-KNOB first)."""
     options = {}
-    for name in ("max_model_len", "seed", "async_scheduling", "skinny_gemm", *POOL_KNOBS):
+    for name in ("max_model_len", "seed", "async_scheduling", "skinny_gemm", "quantization", *POOL_KNOBS):
         value = getattr(args, f"{pool}_{name}", None) if pool else None
         value = getattr(args, name) if value is None else value
         if value is not None:
