@@ -44,6 +44,9 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens: got {self.max_num_batched_tokens}, allowed >= 1")
 
 
+QUANTIZATIONS = ("fp8",)  # weight quantization methods (engine/quantization.py)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a checkpoint directory or a Hugging Face Hub id (engine/model_source.py)
@@ -87,6 +90,10 @@ class EngineConfig:
             raise ValueError(f"seed: got {self.seed!r}, allowed an integer")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling: got {self.async_scheduling!r}, allowed true, false or None")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization: got {self.quantization!r}, allowed None or {list(QUANTIZATIONS)}"
+            )
         if self.skinny_gemm is not None and not isinstance(self.skinny_gemm, bool):
             raise ValueError(f"skinny_gemm: got {self.skinny_gemm!r}, allowed true, false or None")
         if self.cuda_graph_max_tokens < 0:

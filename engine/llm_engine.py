@@ -157,6 +157,11 @@ class LLMEngine:
         self._in_flight: tuple[StepFuture, float] | None = None  # launched, not updated: (step, launch time)
         self._last_update = 0.0
 
+    @property
+    def weight_format(self) -> str:
+        """How the weights are stored: the quantization method, else the model's dtype."""
+        return self.config.quantization or str(self.dtype).removeprefix("torch.")
+
     @classmethod
     def from_pretrained(
         cls,

@@ -11,13 +11,12 @@ import logging
 import torch
 from torch import nn
 
+from engine.config import QUANTIZATIONS
 from engine.errors import ParameterError
 from engine.models.linear import Linear
 from kernels.fp8 import supports_fp8
 
 logger = logging.getLogger(__name__)
-
-QUANTIZATIONS = ("fp8",)
 
 
 def check_quantization(method: str | None, device: torch.device) -> None:

@@ -151,6 +151,7 @@ ENGINE_GAUGES = {
     "ridgeline_num_requests_waiting": "Requests waiting to be scheduled (incl. preempted)",
     "ridgeline_kv_capacity_blocks": "KV blocks a tier can hold",
     "ridgeline_kv_used_blocks": "KV blocks a tier holds now (HBM: allocated to requests or cached)",
+    "ridgeline_engine_info": "1 per engine, labelled with its formats: weight_dtype (fp8 or a dtype), kv_dtype",
 }
 ENGINE_COUNTERS = {
     "ridgeline_preemptions": "Requests preempted (recomputed later) to make room",

@@ -29,6 +29,8 @@ class EngineSnapshot:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_verifications: int = 0
+    weight_dtype: str = ""  # fp8, or the weights' dtype
+    kv_dtype: str = ""
 
 
 _sources: dict[int, tuple[dict[str, str], Callable[[], EngineSnapshot]]] = {}
@@ -56,6 +58,7 @@ class _EngineCollector:
             base = [labels["model"], labels["pool"], labels["role"]]
             gauges["ridgeline_num_requests_running"].add_metric(base, s.running)
             gauges["ridgeline_num_requests_waiting"].add_metric(base, s.waiting)
+            gauges["ridgeline_engine_info"].add_metric([*base, s.weight_dtype, s.kv_dtype], 1)
             for tier, (capacity, used) in s.kv_blocks.items():
                 gauges["ridgeline_kv_capacity_blocks"].add_metric([*base, tier], capacity)
                 gauges["ridgeline_kv_used_blocks"].add_metric([*base, tier], used)
@@ -83,6 +86,7 @@ def _labels(name: str) -> list[str]:
         "ridgeline_kv_used_blocks": ["tier"],
         "ridgeline_kv_hit_blocks": ["tier"],
         "ridgeline_kv_moved_bytes": ["tier", "direction"],
+        "ridgeline_engine_info": ["weight_dtype", "kv_dtype"],
     }
     return ["model", "pool", "role", *extra.get(name, [])]
 

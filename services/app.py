@@ -85,8 +85,10 @@ class PoolConfig(BaseModel):
         "of the pool's role (PrefillWorker, DecodeWorker) — like vLLM's --worker-cls, "
         "for extensions and fault injection; default: the role's own class",
     )
-    weight_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="auto: the checkpoint's dtype"
+    weight_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8"] = Field(
+        default="auto",
+        description="auto: the checkpoint's dtype; fp8: e4m3 weights with per-channel scales, quantized at "
+        "load, activations in the engine's dtype (engine/quantization.py)",
     )
     kv_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
@@ -103,9 +105,16 @@ class PoolConfig(BaseModel):
         if self.num_gpus == 0 and self.device not in (None, "cpu"):
             raise ValueError(f"device: {self.device!r} needs num_gpus > 0")
         engine_dtype = self.engine.get("dtype", "auto")
-        if self.weight_dtype != "auto" and engine_dtype not in ("auto", self.weight_dtype):
+        quantization = self.engine.get("quantization")
+        if self.weight_dtype == "fp8":
+            if quantization not in (None, "fp8"):
+                raise ValueError(f"weight_dtype: fp8 but engine.quantization is {quantization!r}; set one")
+        elif self.weight_dtype != "auto" and engine_dtype not in ("auto", self.weight_dtype):
             raise ValueError(f"weight_dtype: {self.weight_dtype} but engine.dtype is {engine_dtype}; set one")
-        weights = self.weight_dtype if self.weight_dtype != "auto" else engine_dtype
+        elif self.weight_dtype != "auto" and quantization is not None:
+            raise ValueError(f"weight_dtype: {self.weight_dtype} but engine.quantization is {quantization!r}")
+        # the KV cache is stored in the activations' dtype (FP8 weights compute in the engine's dtype)
+        weights = self.weight_dtype if self.weight_dtype not in ("auto", "fp8") else engine_dtype
         if self.kv_dtype != "auto" and self.kv_dtype != weights:
             raise ValueError(
                 f"kv_dtype: got {self.kv_dtype}, allowed auto or the weight dtype ({weights}): "
@@ -140,9 +149,18 @@ class PoolConfig(BaseModel):
     def engine_options(self) -> dict:
         """The engine's options: priority scheduling (SLO classes) unless the pool says otherwise."""
         options = {"scheduling_policy": "priority", **self.engine}
-        if self.weight_dtype != "auto":
+        if self.weight_dtype == "fp8":
+            options["quantization"] = "fp8"
+        elif self.weight_dtype != "auto":
             options["dtype"] = self.weight_dtype
         return options
+
+    @property
+    def weight_format(self) -> str:
+        """What the pool's weights are stored as: fp8, a dtype, or auto (the checkpoint's)."""
+        if self.weight_dtype == "fp8" or self.engine.get("quantization") == "fp8":
+            return "fp8"
+        return self.weight_dtype if self.weight_dtype != "auto" else self.engine.get("dtype", "auto")
 
     def describe(self, name: str, role: str, router: str) -> PoolDescription:
         """The pool as the registry stores it and /v1/pools shows it."""
@@ -156,9 +174,7 @@ class PoolConfig(BaseModel):
             num_cpus=self.num_cpus,
             price_per_hour=self.resolved_price,
             price_is_default=self.price_per_hour is None,
-            weight_dtype=self.weight_dtype
-            if self.weight_dtype != "auto"
-            else self.engine.get("dtype", "auto"),
+            weight_dtype=self.weight_format,
             kv_dtype=self.kv_dtype,
             router=router,
             kv_memory=self.kv_memory,

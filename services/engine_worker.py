@@ -182,6 +182,7 @@ class EngineWorker:
             kv_dtype=str(engine.dtype),
             kv_fingerprint=engine.fingerprint,
             max_model_len=engine.max_model_len,
+            weight_dtype=engine.weight_format,
             metrics_url=f"http://{node_ip}:{server.server_port}/metrics",
         ).to_json()
         app = registry.get("app") or _app_name()
@@ -227,6 +228,8 @@ class EngineWorker:
             spec_draft_tokens=engine.stats.spec_draft_tokens,
             spec_accepted_tokens=engine.stats.spec_accepted_tokens,
             spec_verifications=engine.stats.spec_verifications,
+            weight_dtype=engine.weight_format,
+            kv_dtype=str(engine.dtype).removeprefix("torch."),
         )
 
     def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:

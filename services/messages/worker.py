@@ -106,6 +106,7 @@ class WorkerRegistration:
     kv_dtype: str
     kv_fingerprint: str
     max_model_len: int
+    weight_dtype: str = ""  # fp8, or the weights' torch dtype
     metrics_url: str | None = None
     registered_at: float | None = None  # the registry's stamp of the registration
     lease: int | None = None

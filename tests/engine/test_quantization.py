@@ -7,7 +7,6 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.errors import ParameterError
 from engine.model_loader import load_model
 from engine.models.linear import Linear
 from kernels.fp8 import FP8_DTYPE, fp8_linear_ref
@@ -55,6 +54,6 @@ def test_fp8_engine_generates_and_the_skinny_path_matches_the_reference(llama):
 
 
 def test_fp8_option_is_checked(llama):
-    with pytest.raises(ParameterError, match="quantization"):
+    with pytest.raises(ValueError, match="quantization: got 'int4'"):
         LLM(llama, quantization="int4")
     assert EngineConfig(model=llama, quantization="fp8").quantization == "fp8"

@@ -31,6 +31,8 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         spec_draft_tokens=12,
         spec_accepted_tokens=9,
         spec_verifications=4,
+        weight_dtype="fp8",
+        kv_dtype="bfloat16",
     )
     token = register_worker(labels, lambda: snapshot)
     try:
@@ -52,6 +54,7 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         assert at("ridgeline_kv_moved_bytes_total", tier="dram", direction="offload") == 4096
         assert got[("ridgeline_spec_accepted_tokens_total", base)] == 9
         assert got[("ridgeline_spec_verifications_total", base)] == 4
+        assert at("ridgeline_engine_info", weight_dtype="fp8", kv_dtype="bfloat16") == 1
     finally:
         unregister_worker(token)
     assert ("ridgeline_num_requests_running", base) not in _samples()

@@ -235,6 +235,14 @@ def test_serve_config_rejects_bad_values(llama):
         ),
         ({"kv_dtype": "fp8"}, "kv_dtype"),
         (
+            {"weight_dtype": "fp8", "engine": {"quantization": "int4"}},
+            "weight_dtype: fp8 but engine.quantization",
+        ),
+        (
+            {"weight_dtype": "float32", "engine": {"quantization": "fp8"}},
+            "weight_dtype: float32 but engine.quantization",
+        ),
+        (
             {"weight_dtype": "float16", "engine": {"dtype": "float32"}},
             "weight_dtype: float16 but engine.dtype",
         ),
@@ -245,6 +253,20 @@ def test_bad_pool_configuration_is_named(llama, pool, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         ServeConfig(model=llama, decode=pool)
+
+
+def test_fp8_weights_per_pool(llama):
+    from services.app import ServeConfig
+
+    config = ServeConfig(
+        model=llama, prefill={"engine": {"dtype": "float32"}}, decode={"weight_dtype": "fp8"}
+    )
+    decode = config.decode.describe("decode", "decode", "least_loaded")
+    assert decode.weight_dtype == "fp8" and decode.kv_dtype == "auto"
+    assert config.decode.engine_options() == {"scheduling_policy": "priority", "quantization": "fp8"}
+    assert config.prefill.describe("prefill", "prefill", "kv_aware").weight_dtype == "float32"
+    with pytest.raises(ValueError, match="quantization"):  # the engine's own check, at configuration time
+        ServeConfig(model=llama, decode={"engine": {"quantization": "int8"}})
 
 
 def test_pool_prices_devices_and_registry_from_the_command_line(llama):
