@@ -14,7 +14,12 @@ from engine.models import ModelConfig, build_model, resolve_architecture
 from engine.models.config import model_config_from_hf
 from engine.models.decoder import DecoderForCausalLM
 from engine.models.weights import iter_weights, load_weights, safetensors_files
-from engine.quantization import check_quantization, quantize_model
+from engine.quantization import (
+    check_quantization,
+    checkpoint_quantization,
+    prepare_fp8_storage,
+    quantize_model,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,11 +32,15 @@ class LoadedModel:
     fingerprint: str  # identifies the weights: part of every KV block hash
 
 
-def read_model_config(model_dir: Path) -> ModelConfig:
+def read_hf_config(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise ValueError(f"model: {model_dir} has no config.json")
-    hf = json.loads(config_path.read_text())
+    return json.loads(config_path.read_text())
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    hf = read_hf_config(model_dir)
     gen_path = model_dir / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
     return model_config_from_hf(hf, resolve_architecture(hf), gen)
@@ -71,10 +80,17 @@ def load_model(
 ) -> LoadedModel:
     model_dir = resolve_model(model_dir)
     cfg = read_model_config(model_dir)
+    stored = checkpoint_quantization(read_hf_config(model_dir))
+    if stored is not None:
+        if quantization not in (None, stored):
+            raise ValueError(f"quantization: got {quantization!r}, but the checkpoint is stored in {stored}")
+        quantization = stored
     torch_dtype = resolve_dtype(dtype, cfg, device)
     with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
         model = build_model(cfg).to(torch_dtype)
     model = model.to_empty(device=device)
+    if stored is not None and load_format == "auto":
+        prepare_fp8_storage(model)  # filled as stored: nothing left to quantize below
     if load_format == "dummy":
         init_dummy_weights(model)
         model_id = f"dummy:{model_dir.resolve()}"
@@ -85,6 +101,8 @@ def load_model(
         raise ValueError(f"load_format: got {load_format!r}, allowed 'auto', 'dummy'")
     model.eval().requires_grad_(False)
     check_quantization(quantization, device)
-    if quantize_model(model, quantization):
+    if stored is None or load_format == "dummy":
+        quantize_model(model, quantization)  # dynamic: from the loaded 16-bit weights
+    if quantization is not None:
         model_id = f"{model_id}:{quantization}"  # other weights: other KV
     return LoadedModel(model, cfg, torch_dtype, model_id)

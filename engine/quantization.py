@@ -4,6 +4,12 @@
 goes to e4m3 with per-output-channel scales, computed from the loaded 16-bit weights (dynamic). The
 embedding, the LM head and MoE routed experts stay 16-bit. On a GPU the FP8 tensor cores need compute
 capability 8.9 or newer; on the CPU the reference path emulates them (slow: for tests and quality numbers).
+
+Pre-quantized checkpoints load as they are when config.json's `quantization_config` is compressed-tensors
+FP8 (float, 8 bits) with per-channel or per-tensor weight scales, as llm-compressor writes them for vLLM
+(per-tensor scales of q, k and v fill their rows of the fused QKV's per-channel scales). Their static
+activation scales (`input_scale`) are not used: activations are quantized per token at run time. Block-wise
+and other methods are refused by name.
 """
 
 import logging
@@ -41,3 +47,42 @@ def quantize_model(model: nn.Module, method: str | None) -> int:
     for layer in layers:
         layer.quantize_fp8()
     return len(layers)
+
+
+def checkpoint_quantization(hf_config: dict) -> str | None:
+    """The weight format a checkpoint is stored in: "fp8" for compressed-tensors FP8 (channel or tensor
+    scales), None for none; anything else is a ValueError naming what is not supported."""
+    qc = hf_config.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    if method != "compressed-tensors":
+        raise ValueError(
+            f"quantization_config: quant_method {method!r} is not supported; allowed: compressed-tensors (FP8)"
+        )
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise ValueError("quantization_config: compressed-tensors without config_groups")
+    for name, group in groups.items():
+        weights = group.get("weights") or {}
+        kind = (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
+        if kind[:2] != ("float", 8) or kind[2] not in ("channel", "tensor"):
+            raise ValueError(
+                f"quantization_config: group {name!r} stores weights as {kind}; allowed: float 8-bit with "
+                "channel or tensor scales"
+            )
+        if not set(group.get("targets") or []) <= {"Linear"}:
+            raise ValueError(
+                f"quantization_config: group {name!r} targets {group.get('targets')}; allowed: Linear"
+            )
+    return "fp8"
+
+
+def prepare_fp8_storage(model: nn.Module) -> None:
+    """Before loading a pre-quantized checkpoint: every Linear holds e4m3 weights and fp32 scales."""
+    for layer in model.modules():
+        if isinstance(layer, Linear):
+            layer.weight = nn.Parameter(layer.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
+            layer.weight_scale = torch.ones(
+                layer.out_features, dtype=torch.float32, device=layer.weight.device
+            )

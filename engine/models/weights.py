@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from engine.models.decoder import DecoderForCausalLM
 
@@ -16,8 +15,10 @@ from engine.models.decoder import DecoderForCausalLM
 _EXPERT = re.compile(
     r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
 )
-_QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
-_GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
+_QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias|weight_scale)$")
+_GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.(weight|weight_scale)$")
+# FP8 checkpoints' static activation scales: activations are quantized per token at run time instead
+_UNUSED = re.compile(r"\.input_scale$")
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -38,7 +39,7 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _target(name: str, params: dict[str, nn.Parameter], q_size: int, kv_size: int):
+def _target(name: str, params: dict[str, torch.Tensor], q_size: int, kv_size: int):
     """Our parameter and the slice of it that HF weight `name` fills."""
     if m := _EXPERT.match(name):
         prefix, expert, kind = m.group(1), int(m.group(2)), m.group(3)
@@ -54,7 +55,7 @@ def _target(name: str, params: dict[str, nn.Parameter], q_size: int, kv_size: in
         size = q_size if which == "q" else kv_size
         return params[f"{prefix}.self_attn.qkv_proj.{kind}"], (slice(start, start + size),)
     if m := _GATE_UP.match(name):
-        param = params[f"{m.group(1)}.gate_up_proj.weight"]
+        param = params[f"{m.group(1)}.gate_up_proj.{m.group(3)}"]
         half = param.shape[0] // 2
         return param, (slice(0, half) if m.group(2) == "gate" else slice(half, 2 * half),)
     name = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
@@ -65,17 +66,30 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
     """Copy every checkpoint tensor into the model; unknown, missing or mis-shaped weights are errors."""
     cfg = model.config
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    # FP8 layers' per-channel scales (buffers), filled from the checkpoint's scales
+    params |= {k: b for k, b in model.named_buffers() if k.endswith(".weight_scale")}
     names = {id(p): k for k, p in params.items()}
     filled: dict[str, int] = {}
     for name, tensor in weights:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.lm_head is None):
+            continue
+        if _UNUSED.search(name):
             continue
         try:
             param, index = _target(name, params, q_size, kv_size)
         except KeyError:
             raise ValueError(f"checkpoint: weight {name!r} has no place in {cfg.architecture}") from None
         dest = param.data[index] if index else param.data
+        if tensor.dtype == torch.float8_e4m3fn and dest.dtype != tensor.dtype:
+            raise ValueError(
+                f"checkpoint: weight {name!r} is stored in FP8, but its layer is not quantized here "
+                "(allowed: the decoder layers' Linear weights)"
+            )
+        if name.endswith(".weight_scale"):  # per channel [n, 1], or one per tensor: one a row here
+            tensor = (
+                tensor.float().reshape(-1).expand(dest.shape) if tensor.numel() == 1 else tensor.reshape(-1)
+            )
         if dest.shape != tensor.shape:
             raise ValueError(
                 f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"

@@ -2,14 +2,21 @@
 engine runs them (the dequantizing reference on the CPU, the skinny kernel where planned), and the
 quantized model is a different model for the KV cache."""
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.model_loader import load_model
 from engine.models.linear import Linear
-from kernels.fp8 import FP8_DTYPE, fp8_linear_ref
+from engine.models.weights import iter_weights
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear_ref, quantize_per_channel
 from kernels.skinny_gemm import SkinnyConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -57,3 +64,83 @@ def test_fp8_option_is_checked(llama):
     with pytest.raises(ValueError, match="quantization: got 'int4'"):
         LLM(llama, quantization="int4")
     assert EngineConfig(model=llama, quantization="fp8").quantization == "fp8"
+
+
+LINEAR = re.compile(r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+def _compressed_tensors(src: str, out: Path, strategy: str, quantize_lm_head: bool = False) -> str:
+    """The checkpoint as llm-compressor writes FP8 for vLLM: e4m3 Linear weights, their scales, static
+    input scales, and a compressed-tensors quantization_config."""
+    shutil.copytree(src, out)
+    tensors = dict(iter_weights(out))
+    for path in out.glob("*.safetensors*"):
+        path.unlink()
+    for name in [n for n in tensors if LINEAR.search(n) or (quantize_lm_head and n == "lm_head.weight")]:
+        w = tensors[name]
+        if strategy == "channel":
+            q, scale = quantize_per_channel(w)
+            scale = scale[:, None]
+        else:
+            scale = (w.abs().amax().float() / FP8_MAX).reshape(1)
+            q = (w.float() / scale).to(FP8_DTYPE)
+        tensors[name], tensors[f"{name}_scale"] = q, scale
+        tensors[name.removesuffix("weight") + "input_scale"] = torch.ones(1)
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": [] if quantize_lm_head else ["lm_head"],
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+def test_prequantized_channel_checkpoint_loads_as_stored(llama, tmp_path):
+    path = _compressed_tensors(llama, tmp_path / "fp8-channel", "channel")
+    stored = load_model(path, "auto", torch.device("cpu"))  # no option needed: the checkpoint says fp8
+    dynamic = load_model(llama, "auto", torch.device("cpu"), quantization="fp8")
+    stored_layers = dict(stored.model.named_modules())
+    for name, layer in dynamic.model.named_modules():
+        if isinstance(layer, Linear):  # per-channel: quantizing q, k, v apart equals the fused rows
+            assert torch.equal(stored_layers[name].weight.view(torch.uint8), layer.weight.view(torch.uint8))
+            assert torch.equal(stored_layers[name].weight_scale, layer.weight_scale)
+    prompts = [[5, 9, 13, 200, 41]]
+    assert [o.outputs[0].token_ids for o in LLM(path, num_blocks=32).generate(prompts, GREEDY)] == [
+        o.outputs[0].token_ids
+        for o in LLM(llama, num_blocks=32, quantization="fp8").generate(prompts, GREEDY)
+    ]
+
+
+def test_prequantized_tensor_scales_fill_the_fused_rows(llama, tmp_path):
+    path = _compressed_tensors(llama, tmp_path / "fp8-tensor", "tensor")
+    raw = dict(iter_weights(Path(path)))
+    model = load_model(path, "auto", torch.device("cpu")).model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    q, k, v = (f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv")
+    want = torch.cat([raw[n].float() * raw[f"{n}_scale"] for n in (q, k, v)])
+    torch.testing.assert_close(qkv.weight.float() * qkv.weight_scale[:, None], want, rtol=0, atol=0)
+    assert len(set(qkv.weight_scale.tolist())) == 3  # one scale per stored tensor
+
+
+def test_unsupported_checkpoint_formats_are_named(llama, tmp_path):
+    path = _compressed_tensors(llama, tmp_path / "fp8", "channel")
+    config = json.loads((Path(path) / "config.json").read_text())
+    for change, message in [
+        ({"quant_method": "awq"}, "quant_method 'awq' is not supported"),
+        (
+            {"config_groups": {"g": {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4}}}},
+            "allowed: float 8-bit with channel or tensor scales",
+        ),
+    ]:
+        (Path(path) / "config.json").write_text(
+            json.dumps({**config, "quantization_config": {**config["quantization_config"], **change}})
+        )
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_model(path, "auto", torch.device("cpu"))
+    lm_head = _compressed_tensors(llama, tmp_path / "fp8-head", "channel", quantize_lm_head=True)
+    with pytest.raises(ValueError, match="'lm_head.weight' is stored in FP8"):
+        load_model(lm_head, "auto", torch.device("cpu"))
