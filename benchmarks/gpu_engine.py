@@ -114,6 +114,7 @@ def build_engine(
     max_model_len: int,
     max_num_batched_tokens: int = 16384,
     cuda_graph_max_tokens: int = 0,
+    quantization: str | None = None,
 ) -> LLMEngine:
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
@@ -124,6 +125,7 @@ def build_engine(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         cuda_graph_max_tokens=cuda_graph_max_tokens,
+        quantization=quantization,
         enable_prefix_caching=False,
         gpu_memory_utilization=0.9,
     )
@@ -180,9 +182,17 @@ def time_decode(
 
 
 def ours(
-    model_dir: Path, batches: list[int], contexts: list[int], copy_bw: float, profile_dir: Path | None = None
+    model_dir: Path,
+    batches: list[int],
+    contexts: list[int],
+    copy_bw: float,
+    profile_dir: Path | None = None,
+    quantization: str | None = None,
+    overlaps: tuple[bool, ...] = (True, False),
 ) -> list[dict]:
-    engine = build_engine(model_dir, max(batches), max(contexts) + 2 * DECODE_STEPS + 64)
+    engine = build_engine(
+        model_dir, max(batches), max(contexts) + 2 * DECODE_STEPS + 64, quantization=quantization
+    )
     weight_bytes = decode_weight_bytes(engine)
     capacity = engine.block_manager.num_blocks * engine.block_manager.block_size
     gen = torch.Generator().manual_seed(0)
@@ -195,7 +205,7 @@ def ours(
                 continue
             ctx = context + 4 + DECODE_STEPS // 2  # mean context over the timed steps
             floor_s = (weight_bytes + kv_bytes_read(batch, ctx)) / (copy_bw * 1e9)
-            for overlap in (True, False):
+            for overlap in overlaps:
                 engine.async_scheduling = overlap
                 timed = time_decode(engine, batch, context, gen, phases)
                 step_s = timed["step_ms"] / 1e3
