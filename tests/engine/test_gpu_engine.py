@@ -140,3 +140,21 @@ def test_gpu_skinny_gemm_everywhere_equals_cpu_reference(tiny_model, arch, monke
     assert table and all(row["chosen"] for row in table)
     gpu = llm.generate(_prompts(), GREEDY)
     assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+
+
+def test_gpu_fp8_weights_stay_close_to_bf16(tiny_model):
+    """W8A8 prefill on the FP8 tensor cores and e4m3 decode GEMMs give bf16's next-token distribution
+    within quantization error (the tiny random model: logprobs, not tokens)."""
+    from kernels.fp8 import supports_fp8
+
+    if not supports_fp8(torch.device("cuda")):
+        pytest.fail("this GPU has no FP8 tensor cores (compute capability < 8.9)")
+    path = tiny_model("llama")
+    prompt = _prompts()[2]
+    one = SamplingParams(temperature=0.0, max_tokens=4, logprobs=5)
+    ref = LLM(path, device="cuda", num_blocks=64, dtype="bfloat16").generate(prompt, one)[0].outputs[0]
+    fp8 = LLM(path, device="cuda", num_blocks=64, dtype="bfloat16", quantization="fp8")
+    out = fp8.generate(prompt, one)[0].outputs[0]
+    common = set(ref.logprobs[0]) & set(out.logprobs[0])
+    assert len(common) >= 3
+    assert max(abs(ref.logprobs[0][t] - out.logprobs[0][t]) for t in common) < 0.15
