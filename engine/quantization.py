@@ -1,8 +1,8 @@
 """Weight quantization at load: which methods exist, where they can run, and applying one to a model.
 
 `fp8`: every Linear of the decoder layers (attention QKV and output, MLP gate/up and down, shared experts)
-goes to e4m3 with per-output-channel scales, computed from the loaded 16-bit weights (dynamic). The
-embedding, the LM head and MoE routed experts stay 16-bit. On a GPU the FP8 tensor cores need compute
+and the MoE routed experts go to e4m3 with per-output-channel scales (per expert), computed from the loaded
+16-bit weights (dynamic). The embedding, the LM head and the routers stay 16-bit. On a GPU the FP8 tensor cores need compute
 capability 8.9 or newer; on the CPU the reference path emulates them (slow: for tests and quality numbers).
 
 Pre-quantized checkpoints load as they are when config.json's `quantization_config` is compressed-tensors
@@ -20,6 +20,7 @@ from torch import nn
 from engine.config import QUANTIZATIONS
 from engine.errors import ParameterError
 from engine.models.linear import Linear
+from engine.models.moe import SparseMoE
 from kernels.fp8 import supports_fp8
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def quantize_model(model: nn.Module, method: str | None) -> int:
     """Quantize the model's Linear layers in place; -> how many."""
     if method is None:
         return 0
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    layers = [m for m in model.modules() if isinstance(m, Linear | SparseMoE)]
     for layer in layers:
         layer.quantize_fp8()
     return len(layers)
@@ -79,10 +80,16 @@ def checkpoint_quantization(hf_config: dict) -> str | None:
 
 
 def prepare_fp8_storage(model: nn.Module) -> None:
-    """Before loading a pre-quantized checkpoint: every Linear holds e4m3 weights and fp32 scales."""
+    """Before loading a pre-quantized checkpoint: every Linear and routed expert holds e4m3 weights and fp32
+    scales."""
     for layer in model.modules():
         if isinstance(layer, Linear):
             layer.weight = nn.Parameter(layer.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
             layer.weight_scale = torch.ones(
                 layer.out_features, dtype=torch.float32, device=layer.weight.device
             )
+        elif isinstance(layer, SparseMoE):
+            for name in ("w13", "w2"):
+                w = getattr(layer, name).data
+                setattr(layer, name, nn.Parameter(w.to(torch.float8_e4m3fn), requires_grad=False))
+                setattr(layer, f"{name}_scale", torch.ones(w.shape[:2], dtype=torch.float32, device=w.device))

@@ -3,6 +3,8 @@
 Tokens' (token, slot) pairs are sorted by expert and each expert's run padded to BLOCK_M rows, so every
 program of the grouped matmul multiplies one tile of rows by one expert's weights: one launch per GEMM
 for all experts, with no host synchronisation (sizes use the upper bound T*k + E*(BLOCK_M-1)).
+Expert weights may be FP8 (e4m3) with one scale per (expert, output channel): converted in registers,
+scaled before the routing weight.
 """
 
 import torch
@@ -25,6 +27,14 @@ def topk_softmax_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool)
     return weights, ids
 
 
+def _expert_weight(
+    w: torch.Tensor, scale: torch.Tensor | None, expert: int, dtype: torch.dtype
+) -> torch.Tensor:
+    if scale is None:
+        return w[expert]
+    return (w[expert].float() * scale[expert].float()[:, None]).to(dtype)  # FP8: dequantized
+
+
 def fused_moe_ref(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -32,15 +42,18 @@ def fused_moe_ref(
     router_logits: torch.Tensor,
     top_k: int,
     renormalize: bool,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, H], w13 [E, 2I, H] (gate | up), w2 [E, H, I] -> [T, H]: a loop over the experts hit."""
+    """x [T, H], w13 [E, 2I, H] (gate | up), w2 [E, H, I] -> [T, H]: a loop over the experts hit. With
+    scales ([E, 2I], [E, H] fp32) the weights are e4m3."""
     weights, ids = topk_softmax_ref(router_logits, top_k, renormalize)
     weights = weights.to(x.dtype)
     out = torch.zeros_like(x)
     for expert in ids.unique().tolist():
         token_idx, slot = torch.where(ids == expert)
-        gate, up = F.linear(x[token_idx], w13[expert]).chunk(2, dim=-1)  # [t, I] each
-        y = F.linear(F.silu(gate) * up, w2[expert])  # [t, H]
+        gate, up = F.linear(x[token_idx], _expert_weight(w13, w13_scale, expert, x.dtype)).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, _expert_weight(w2, w2_scale, expert, x.dtype))  # [t, H]
         out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
     return out
 
@@ -126,6 +139,7 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int):
 def _grouped_matmul_kernel(
     a_ptr,
     w_ptr,
+    scale_ptr,
     out_ptr,
     sorted_rows_ptr,
     tile_expert_ptr,
@@ -137,8 +151,10 @@ def _grouped_matmul_kernel(
     stride_we,
     stride_wn,
     stride_om,
+    stride_se,
     A_ROW_DIV: tl.constexpr,
     MUL_WEIGHTS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -162,7 +178,9 @@ def _grouped_matmul_kernel(
             a_ptr + a_rows[:, None] * stride_am + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
         w = tl.load(w_base + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [K, N]
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    if HAS_SCALE:  # FP8 weights: one scale per (expert, output channel)
+        acc = acc * tl.load(scale_ptr + expert.to(tl.int64) * stride_se + n, mask=n_ok, other=0.0)[None, :]
     if MUL_WEIGHTS:
         acc = acc * tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
     tl.store(
@@ -172,7 +190,7 @@ def _grouped_matmul_kernel(
     )
 
 
-def _grouped_matmul(a, w, sorted_rows, tile_expert, num_rows, a_row_div, row_weights, block_m):
+def _grouped_matmul(a, w, scale, sorted_rows, tile_expert, num_rows, a_row_div, row_weights, block_m):
     E, N, K = w.shape
     out = torch.empty((num_rows, N), dtype=a.dtype, device=a.device)
     block_n, block_k = 64, 64 if K >= 64 else max(16, triton.next_power_of_2(K))
@@ -180,6 +198,7 @@ def _grouped_matmul(a, w, sorted_rows, tile_expert, num_rows, a_row_div, row_wei
     _grouped_matmul_kernel[grid](
         a,
         w,
+        scale if scale is not None else a,
         out,
         sorted_rows,
         tile_expert,
@@ -191,8 +210,10 @@ def _grouped_matmul(a, w, sorted_rows, tile_expert, num_rows, a_row_div, row_wei
         w.stride(0),
         w.stride(1),
         out.stride(0),
+        scale.stride(0) if scale is not None else 0,
         A_ROW_DIV=a_row_div,
         MUL_WEIGHTS=row_weights is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -208,9 +229,12 @@ def fused_moe(
     router_logits: torch.Tensor,
     top_k: int,
     renormalize: bool,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
     block_m: int = 16,
 ) -> torch.Tensor:
-    """Same contract as fused_moe_ref: x [T, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [T, E]."""
+    """Same contract as fused_moe_ref: x [T, H], w13 [E, 2I, H], w2 [E, H, I], router_logits [T, E]; with
+    scales [E, 2I] and [E, H] fp32, w13 and w2 are e4m3."""
     T, H = x.shape
     E, two_i, H2 = w13.shape
     if H2 != H or w2.shape != (E, H, two_i // 2) or router_logits.shape != (T, E):
@@ -220,12 +244,26 @@ def fused_moe(
         )
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("x, w13, w2: last dim must be contiguous")
+    if (w13_scale is None) != (w2_scale is None) or (
+        w13_scale is not None
+        and (
+            w13_scale.shape != (E, two_i)
+            or w2_scale is None
+            or w2_scale.shape != (E, H)
+            or w13_scale.stride(1) != 1
+        )
+    ):
+        raise ValueError(
+            f"w13_scale, w2_scale: expected both or neither, [{E}, {two_i}] and [{E}, {H}] contiguous"
+        )
     if T == 0:
         return torch.zeros_like(x)
     weights, ids = topk_softmax(router_logits, top_k, renormalize)
     sorted_rows, tile_expert = moe_align(ids, E, block_m)
     n = T * top_k
-    h = _grouped_matmul(x, w13, sorted_rows, tile_expert, n, top_k, None, block_m)  # [T*k, 2I]
+    h = _grouped_matmul(x, w13, w13_scale, sorted_rows, tile_expert, n, top_k, None, block_m)  # [T*k, 2I]
     h = silu_and_mul(h)  # [T*k, I]
-    y = _grouped_matmul(h, w2, sorted_rows, tile_expert, n, 1, weights.to(x.dtype).reshape(-1), block_m)
+    y = _grouped_matmul(
+        h, w2, w2_scale, sorted_rows, tile_expert, n, 1, weights.to(x.dtype).reshape(-1), block_m
+    )
     return y.view(T, top_k, H).sum(dim=1)

@@ -13,7 +13,7 @@ from engine.models.decoder import DecoderForCausalLM
 # HF name -> (our name, which part of our parameter). Parts: ("rows", k, n) = the k-th of n equal row blocks
 # along dim 0 (or by explicit offsets for q/k/v); ("expert", e, k, n) = expert e, then as "rows".
 _EXPERT = re.compile(
-    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$"
+    r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.(weight|weight_scale)$"
 )
 _QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias|weight_scale)$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.(weight|weight_scale)$")
@@ -43,9 +43,10 @@ def _target(name: str, params: dict[str, torch.Tensor], q_size: int, kv_size: in
     """Our parameter and the slice of it that HF weight `name` fills."""
     if m := _EXPERT.match(name):
         prefix, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+        suffix = "_scale" if m.group(4) == "weight_scale" else ""
         if kind in ("w2", "down_proj"):
-            return params[f"{prefix}.mlp.w2"], (expert,)
-        w13 = params[f"{prefix}.mlp.w13"]
+            return params[f"{prefix}.mlp.w2{suffix}"], (expert,)
+        w13 = params[f"{prefix}.mlp.w13{suffix}"]
         half = w13.shape[1] // 2
         rows = slice(0, half) if kind in ("w1", "gate_proj") else slice(half, 2 * half)
         return w13, (expert, rows)
@@ -68,7 +69,7 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     params: dict[str, torch.Tensor] = dict(model.named_parameters())
     # FP8 layers' per-channel scales (buffers), filled from the checkpoint's scales
-    params |= {k: b for k, b in model.named_buffers() if k.endswith(".weight_scale")}
+    params |= {k: b for k, b in model.named_buffers() if k.endswith("_scale")}
     names = {id(p): k for k, p in params.items()}
     filled: dict[str, int] = {}
     for name, tensor in weights:
@@ -86,7 +87,7 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
                 f"checkpoint: weight {name!r} is stored in FP8, but its layer is not quantized here "
                 "(allowed: the decoder layers' Linear weights)"
             )
-        if name.endswith(".weight_scale"):  # per channel [n, 1], or one per tensor: one a row here
+        if name.endswith("_scale"):  # per channel [n, 1], or one per tensor: one a row here
             tensor = (
                 tensor.float().reshape(-1).expand(dest.shape) if tensor.numel() == 1 else tensor.reshape(-1)
             )

@@ -15,6 +15,7 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.model_loader import load_model
 from engine.models.linear import Linear
+from engine.models.moe import SparseMoE
 from engine.models.weights import iter_weights
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, fp8_linear_ref, quantize_per_channel
 from kernels.skinny_gemm import SkinnyConfig
@@ -32,6 +33,9 @@ def test_fp8_load_quantizes_every_decoder_linear(tiny_model):
     )
     assert any("shared_expert" in n for n in linears) and any("qkv_proj" in n for n in linears)
     assert fp8.fingerprint == plain.fingerprint + ":fp8"
+    experts = [m for m in fp8.model.modules() if isinstance(m, SparseMoE)]
+    assert experts and all(m.w13.dtype == FP8_DTYPE and m.w2_scale.shape == m.w2.shape[:2] for m in experts)
+    assert fp8.model.model.layers[0].mlp.gate.weight.dtype != FP8_DTYPE  # the router stays 16-bit
     # the embedding and the LM head stay 16-bit
     assert fp8.model.model.embed_tokens.weight.dtype == plain.model.model.embed_tokens.weight.dtype
     # each layer's output is the reference's, close to the 16-bit layer's
@@ -58,6 +62,13 @@ def test_fp8_engine_generates_and_the_skinny_path_matches_the_reference(llama):
                 b: SkinnyConfig(block_n=32, block_k=32, split_k=2, num_stages=2) for b in (1, 2, 4)
             }
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == want
+
+
+def test_fp8_moe_engine_runs_its_experts_in_fp8(tiny_model):
+    llm = LLM(tiny_model("mixtral"), num_blocks=64, quantization="fp8")
+    out = llm.generate([[5, 9, 13, 200, 41]], SamplingParams(temperature=0.0, max_tokens=6, logprobs=1))
+    assert len(out[0].outputs[0].token_ids) == 6
+    assert all(lp and all(v <= 0 for v in lp.values()) for lp in out[0].outputs[0].logprobs)
 
 
 def test_fp8_option_is_checked(llama):

@@ -62,3 +62,24 @@ def test_fused_moe_rejects_mismatched_shapes():
             2,
             True,
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_experts_match_the_dequantizing_reference(dtype):
+    from kernels.fp8 import quantize_per_channel
+
+    tokens, hidden, inter, experts, top_k = 19, 64, 48, 8, 2
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    w13 = torch.randn(experts, 2 * inter, hidden, device=DEVICE) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, device=DEVICE) / inter**0.5
+    (q13, s13), (q2, s2) = (quantize_per_channel(w.reshape(-1, w.shape[-1])) for w in (w13, w2))
+    q13, s13, q2, s2 = q13.view(w13.shape), s13.view(experts, -1), q2.view(w2.shape), s2.view(experts, -1)
+    logits = torch.randn(tokens, experts, device=DEVICE).to(dtype)
+    out = fused_moe(x, q13, q2, logits, top_k, True, s13, s2)
+    want = fused_moe_ref(x.float(), q13, q2, logits.float(), top_k, True, s13, s2)
+    err = (out.float() - want).norm() / want.norm()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    plain = fused_moe_ref(x.float(), w13, w2, logits.float(), top_k, True)  # e4m3's error, a few percent
+    assert (want - plain).norm() / plain.norm() < 0.06
+    with pytest.raises(ValueError, match="w13_scale, w2_scale"):
+        fused_moe(x, q13, q2, logits, top_k, True, s13, None)
