@@ -4,6 +4,8 @@ requests reach replicas through the least-loaded router."""
 
 import dataclasses
 import importlib
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,6 +16,7 @@ from control_plane.admission import AdmissionController
 from control_plane.concurrency_limit import ConcurrencyLimit
 from control_plane.cost import default_price_per_hour
 from control_plane.membership import Registration, RegistryView
+from control_plane.quantization import check_kv_handoff, pool_formats
 from control_plane.registry import keys, parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine import envs
@@ -241,6 +244,15 @@ class DraftConfig(BaseModel):
 APP_WIDE_ENGINE_OPTIONS = ("chat_template", "max_logprobs", "download_dir")
 
 
+def checkpoint_dtype(model: str) -> str | None:
+    """config.json's torch_dtype of a local checkpoint (None for a Hub id not resolved yet)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    hf = json.loads(path.read_text())
+    return hf.get("torch_dtype") or hf.get("dtype")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="a checkpoint directory or a Hugging Face Hub id (engine/model_source.py)")
@@ -346,6 +358,18 @@ class ServeConfig(BaseModel):
             raise ValueError(
                 "draft: spec 'draft' needs a draft pool (draft.model), and a draft pool needs spec 'draft'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_pool_formats(self) -> "ServeConfig":
+        """Prefill and decode must agree on the KV format (control_plane/quantization.py)."""
+        if self.mode == "disaggregated":
+            checkpoint = checkpoint_dtype(self.model)
+            prefill, decode = (
+                pool_formats(p.weight_dtype, p.engine, p.resolved_device, checkpoint)
+                for p in (self.prefill, self.decode)
+            )
+            check_kv_handoff(prefill, decode)
         return self
 
     def pools(self) -> dict[str, tuple[PoolConfig, str, str]]:

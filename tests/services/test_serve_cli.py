@@ -255,6 +255,25 @@ def test_bad_pool_configuration_is_named(llama, pool, message):
         ServeConfig(model=llama, decode=pool)
 
 
+def test_pools_with_different_kv_formats_are_refused_at_configuration(llama):
+    from services.app import ServeConfig
+
+    # the checkpoint is float32: an explicit bfloat16 decode pool would hold KV the prefill pool cannot give
+    with pytest.raises(ValueError, match="prefill pool keeps KV in float32 and the decode pool in bfloat16"):
+        ServeConfig(model=llama, decode={"weight_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="KV in float32 and the decode pool in bfloat16"):
+        ServeConfig(model=llama, decode={"engine": {"dtype": "bfloat16"}})
+    # fp8 weights keep the activations' dtype for KV: bf16 prefill, fp8-weight decode hand off as they are
+    ServeConfig(
+        model=llama,
+        prefill={"weight_dtype": "bfloat16"},
+        decode={"weight_dtype": "fp8", "engine": {"dtype": "bfloat16"}},
+    )
+    # on the CPU float16 runs as bfloat16 (as the engine does): the same KV format
+    ServeConfig(model=llama, prefill={"weight_dtype": "float16"}, decode={"weight_dtype": "bfloat16"})
+    ServeConfig(model=llama, mode="aggregated", decode={"weight_dtype": "bfloat16"})  # one pool: no handoff
+
+
 def test_fp8_weights_per_pool(llama):
     from services.app import ServeConfig
 
