@@ -3,22 +3,46 @@
 Pool layer view: kv_cache [num_blocks, 2, block_size, kv_heads, head_dim] (index 0 = K, 1 = V).
 Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1]; its context holds seq_lens[i] tokens
 (the queries are the last ones) in blocks block_tables[i, :].
+
+An FP8 (e4m3) cache stores K / k_scale and V / v_scale, one fp32 scale per KV head (`kv_scales` [2, kv_heads]:
+row 0 for K, row 1 for V); readers multiply back.
 """
 
 import torch
 import torch.nn.functional as F
 
 
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., kv_heads, head_dim] / scale [kv_heads] -> e4m3 (saturating at the format's range)."""
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale.float()[:, None]).clamp(-limit, limit).to(dtype)
+
+
+def dequantize_kv(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's values in `dtype` (a copy: the reference's way, never the kernels')."""
+    if kv_scales is None:
+        return kv_cache
+    return (kv_cache.float() * kv_scales.float()[None, :, None, :, None]).to(dtype)
+
+
 def kv_write_ref(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """k, v [T, kv_heads, head_dim] -> kv_cache at flat slots (block * block_size + offset); slot < 0 skips."""
+    """k, v [T, kv_heads, head_dim] -> kv_cache at flat slots (block * block_size + offset); slot < 0 skips.
+    With kv_scales the cache is FP8."""
     block_size = kv_cache.shape[2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[blocks, 0, offsets] = k[keep]
-    kv_cache[blocks, 1, offsets] = v[keep]
+    k, v = k[keep], v[keep]
+    if kv_scales is not None:
+        k, v = quantize_kv(k, kv_scales[0], kv_cache.dtype), quantize_kv(v, kv_scales[1], kv_cache.dtype)
+    kv_cache[blocks, 0, offsets] = k
+    kv_cache[blocks, 1, offsets] = v
 
 
 def paged_attention_ref(
@@ -29,9 +53,12 @@ def paged_attention_ref(
     query_start_loc: list[int],
     scale: float,
     sliding_window: int | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, heads, head_dim] -> out [T, heads, head_dim]; causal within each sequence."""
+    """q [T, heads, head_dim] -> out [T, heads, head_dim]; causal within each sequence. With kv_scales
+    [2, kv_heads] the cache is FP8."""
     out = torch.empty_like(q)
+    kv_cache = dequantize_kv(kv_cache, kv_scales, q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads

@@ -5,7 +5,8 @@ Program (sequence, KV head, split) packs the QLEN x GROUP queries of that KV hea
 each of the sequence's new tokens) as the rows of one matrix, so each K/V byte is read once per
 sequence and group; splits divide the context so that short batches still fill the chip. A second kernel
 merges the splits by their log-sum-exp. Rows i * QLEN .. i * QLEN + QLEN - 1 of q belong to sequence i,
-its last QLEN positions, each attending causally up to its own.
+its last QLEN positions, each attending causally up to its own. An FP8 cache is read as it is (see
+kernels/prefill_attention.py).
 """
 
 import torch
@@ -19,6 +20,32 @@ __all__ = ["decode_attention", "num_kv_splits", "paged_attention_ref"]
 
 
 @triton.jit
+def _tile(ptrs, mask, dtype, SCALED: tl.constexpr):
+    """A K or V tile of the pool; an FP8 one converted to the queries' dtype in registers."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if SCALED:
+        x = x.to(dtype)
+    return x
+
+
+@triton.jit
+def _head_scales(scales_ptr, kv_head, num_kv_heads, SCALED: tl.constexpr):
+    """(K's, V's) scale of an FP8 cache's KV head ([2, kv_heads] fp32); 1, 1 for a 16-bit cache."""
+    if SCALED:
+        return tl.load(scales_ptr + kv_head), tl.load(scales_ptr + num_kv_heads + kv_head)
+    return 1.0, 1.0
+
+
+@triton.jit
+def _store_part(part_out_ptr, part_lse_ptr, row, out, m_i, l_i, d, r_ok, D_PAD: tl.constexpr):
+    """One split's output and log-sum-exp, for the merge kernel."""
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(part_out_ptr + row[:, None] * D_PAD + d[None, :], out, mask=r_ok[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=r_ok)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     cache_ptr,
@@ -27,6 +54,7 @@ def _decode_split_kernel(
     out_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    scales_ptr,
     scale_log2,
     sliding_window,
     num_splits,
@@ -49,10 +77,13 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     DIRECT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    k_scale, v_scale = _head_scales(scales_ptr, kv_head, tl.num_programs(1), SCALED)
+    scale_log2 = scale_log2 * k_scale
     seq_len = tl.load(seq_lens_ptr + seq)
     lo = 0
     if sliding_window > 0:
@@ -82,7 +113,7 @@ def _decode_split_kernel(
         n_ok = n < end
         page = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         base = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k = tl.load(cache_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        k = _tile(cache_ptr + base[None, :] + d[:, None], n_ok[None, :] & d_ok[:, None], q.dtype, SCALED)
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [R, N]
         visible = n_ok[None, :]
         if QLEN > 1:  # causal among the new tokens, each its own window
@@ -93,21 +124,22 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            cache_ptr + stride_ckv + base[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+        v = _tile(
+            cache_ptr + stride_ckv + base[:, None] + d[None, :],
+            n_ok[:, None] & d_ok[None, :],
+            q.dtype,
+            SCALED,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0  # this split had no keys
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc / tl.where(empty, 1.0, l_i)[:, None] * v_scale
     if DIRECT:  # one split: this is the answer
         o_off = token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     else:
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         row = (token * NUM_HEADS + head) * num_splits + split  # part_out [T, H, S, D_PAD], part_lse [T, H, S]
-        tl.store(part_out_ptr + row[:, None] * D_PAD + d[None, :], out, mask=r_ok[:, None])
-        tl.store(part_lse_ptr + row, lse, mask=r_ok)
+        _store_part(part_out_ptr, part_lse_ptr, row, out, m_i, l_i, d, r_ok, D_PAD)
 
 
 @triton.jit
@@ -170,16 +202,18 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     query_len: int = 1,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B * query_len, heads, D], each sequence's last query_len tokens -> out [B * query_len, heads, D].
 
-    block_tables [B, max_blocks] int32, seq_lens [B] int32 (context including these tokens).
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (context including these tokens). kv_scales
+    [2, kv_heads] fp32 for an FP8 (e4m3) cache.
     """
     T, H, D = q.shape
     if query_len < 1 or T % query_len:
         raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
     B = T // query_len
-    check_paged_inputs(q, kv_cache, block_tables, seq_lens, B)
+    check_paged_inputs(q, kv_cache, block_tables, seq_lens, B, kv_scales)
     if num_splits < 1:
         raise ValueError(f"num_splits: got {num_splits}, allowed >= 1")
     kv_heads = kv_cache.shape[3]
@@ -199,6 +233,7 @@ def decode_attention(
         out,
         block_tables,
         seq_lens,
+        kv_scales if kv_scales is not None else seq_lens,
         scale * LOG2E,
         sliding_window or 0,
         num_splits,
@@ -221,6 +256,7 @@ def decode_attention(
         BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype),
         DIRECT=direct,
+        SCALED=kv_scales is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

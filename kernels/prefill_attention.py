@@ -3,6 +3,8 @@
 One program owns BLOCK_Q query tokens of one sequence times the GROUP query heads that share one KV head,
 packed as BLOCK_M = BLOCK_Q * GROUP_PAD rows of one matrix, so each K/V tile is read once per group.
 Programs find their sequence by binary search over query_start_loc (no host-side tile map).
+An FP8 (e4m3) cache is read as it is: tiles converted in registers, K's scale folded into the softmax
+scale and V's applied to the output, accumulation in fp32; no dequantized copy.
 """
 
 import torch
@@ -10,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
+from kernels.kv_write import check_kv_scales
 
 __all__ = ["prefill_attention", "paged_attention_ref"]
 
@@ -63,6 +66,7 @@ def _attend_tiles(
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
     K_ROWS: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """Online softmax over key tiles [start, stop). Unmasked tiles lie wholly below every row's diagonal."""
     d = tl.arange(0, D_PAD)
@@ -87,6 +91,8 @@ def _attend_tiles(
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        if SCALED:  # e4m3 tiles in the queries' dtype; the scales are applied outside the loop
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if K_ROWS:
             k = tl.trans(k)
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 domain
@@ -116,6 +122,7 @@ def _prefill_attention_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    scales_ptr,
     scale_log2,
     num_seqs,
     sliding_window,
@@ -137,6 +144,7 @@ def _prefill_attention_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     K_ROWS: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     # heads on the fast axis and the last tiles first: the causal tiles with the most keys start in the
@@ -151,6 +159,8 @@ def _prefill_attention_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
+    if SCALED:
+        scale_log2 = scale_log2 * tl.load(scales_ptr + kv_head)  # K's scale
 
     rows = tl.arange(0, BLOCK_M)
     q_tok = local * BLOCK_Q + rows // GROUP_PAD  # query index within the sequence
@@ -203,6 +213,7 @@ def _prefill_attention_kernel(
         PRECISION,
         False,
         K_ROWS,
+        SCALED,
     )
     acc, l_i, m_i = _attend_tiles(
         acc,
@@ -231,14 +242,22 @@ def _prefill_attention_kernel(
         PRECISION,
         True,
         K_ROWS,
+        SCALED,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SCALED:
+        out = out * tl.load(scales_ptr + tl.num_programs(0) + kv_head)  # V's scale (row 1: kv_heads on)
     o_off = (q_begin + q_tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def check_paged_inputs(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_seqs: int,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
     if q.dim() != 3 or q.stride(2) != 1:
         raise ValueError(
@@ -256,8 +275,7 @@ def check_paged_inputs(
         )
     if q.shape[1] % kv_cache.shape[3]:
         raise ValueError(f"heads: {q.shape[1]} query heads is not a multiple of {kv_cache.shape[3]} KV heads")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"dtypes: q {q.dtype} and kv_cache {kv_cache.dtype} must match")
+    check_kv_scales(kv_cache, q.dtype, kv_scales)
     if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or block_tables.stride(1) != 1:
         raise ValueError(
             f"block_tables: expected [>= {num_seqs}, max_blocks] row-major, got {tuple(block_tables.shape)}"
@@ -284,14 +302,15 @@ def prefill_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     k_rows: bool = False,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, heads, D] (queries are each sequence's last tokens) -> out [T, heads, D].
 
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (context after this step),
-    query_start_loc [B + 1] int32.
+    query_start_loc [B + 1] int32. kv_scales [2, kv_heads] fp32 for an FP8 (e4m3) cache.
     """
     num_seqs = query_start_loc.shape[0] - 1
-    check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs)
+    check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, kv_scales)
     if query_start_loc.dtype != torch.int32:
         raise ValueError(f"query_start_loc: expected int32, got {query_start_loc.dtype}")
     T, H, D = q.shape
@@ -311,6 +330,7 @@ def prefill_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        kv_scales if kv_scales is not None else seq_lens,
         scale * LOG2E,
         num_seqs,
         sliding_window or 0,
@@ -332,6 +352,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype),
         K_ROWS=k_rows,
+        SCALED=kv_scales is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -10,15 +10,16 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import kv_write_ref
+from kernels.kv_write import check_kv_scales, quantize_fp8
 from kernels.rotary import rotary_ref
 
 __all__ = ["rope_kv_write", "rope_kv_write_ref"]
 
 
-def rope_kv_write_ref(q, k, v, cos, sin, kv_cache, slot_mapping) -> torch.Tensor:
+def rope_kv_write_ref(q, k, v, cos, sin, kv_cache, slot_mapping, kv_scales=None) -> torch.Tensor:
     """-> rotated q (a new tensor); rotated k and v written to kv_cache at slot_mapping (negative: skip)."""
     q, k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
-    kv_write_ref(k, v, kv_cache, slot_mapping)
+    kv_write_ref(k, v, kv_cache, slot_mapping, kv_scales)
     return q
 
 
@@ -37,6 +38,7 @@ def _rope_kv_write_kernel(
     sin_ptr,
     cache_ptr,
     slot_ptr,
+    scales_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -55,6 +57,7 @@ def _rope_kv_write_kernel(
     QH_PAD: tl.constexpr,
     KH_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, HALF_PAD)[None, :]
@@ -82,16 +85,23 @@ def _rope_kv_write_kernel(
             + hk * stride_ch
             + j
         )
+        v1_ptr = v_ptr + t * stride_vt + hk * stride_vh + j
+        v1, v2 = tl.load(v1_ptr, mask=k_mask), tl.load(v1_ptr + HALF, mask=k_mask)
+        if SCALED:  # an FP8 cache: each KV head's values over its scale
+            k_scale = tl.load(scales_ptr + hk, mask=hk < KH, other=1.0)
+            v_scale = tl.load(scales_ptr + KH + hk, mask=hk < KH, other=1.0)
+            k1, k2 = quantize_fp8(k1, k_scale), quantize_fp8(k2, k_scale)
+            v1, v2 = quantize_fp8(v1, v_scale), quantize_fp8(v2, v_scale)
         tl.store(dst, k1.to(cache_ptr.dtype.element_ty), mask=k_mask)
         tl.store(dst + HALF, k2.to(cache_ptr.dtype.element_ty), mask=k_mask)
-        v1_ptr = v_ptr + t * stride_vt + hk * stride_vh + j
-        tl.store(dst + stride_ckv, tl.load(v1_ptr, mask=k_mask), mask=k_mask)
-        tl.store(dst + stride_ckv + HALF, tl.load(v1_ptr + HALF, mask=k_mask), mask=k_mask)
+        tl.store(dst + stride_ckv, v1.to(cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(dst + stride_ckv + HALF, v2.to(cache_ptr.dtype.element_ty), mask=k_mask)
 
 
-def rope_kv_write(q, k, v, cos, sin, kv_cache, slot_mapping) -> torch.Tensor:
+def rope_kv_write(q, k, v, cos, sin, kv_cache, slot_mapping, kv_scales=None) -> torch.Tensor:
     """q [T, Hq, D], k, v [T, Hkv, D] (strided views of the QKV output are fine), cos/sin [T, D] fp32,
-    kv_cache [blocks, 2, block_size, Hkv, D] (a layer's view), slot_mapping [T] -> q, rotated in place."""
+    kv_cache [blocks, 2, block_size, Hkv, D] (a layer's view), slot_mapping [T] -> q, rotated in place.
+    kv_scales [2, Hkv] fp32 for an FP8 cache."""
     T, QH, D = q.shape
     KH = k.shape[1]
     if k.shape != (T, KH, D) or v.shape != k.shape or D % 2:
@@ -102,10 +112,9 @@ def rope_kv_write(q, k, v, cos, sin, kv_cache, slot_mapping) -> torch.Tensor:
         raise ValueError(
             f"kv_cache: shape {tuple(kv_cache.shape)}, expected [blocks, 2, block_size, {KH}, {D}]"
         )
-    if not (q.dtype == k.dtype == v.dtype == kv_cache.dtype):
-        raise ValueError(
-            f"dtypes: q {q.dtype}, k {k.dtype}, v {v.dtype}, kv_cache {kv_cache.dtype} must match"
-        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtypes: q {q.dtype}, k {k.dtype}, v {v.dtype} must match")
+    check_kv_scales(kv_cache, q.dtype, kv_scales)
     if (
         cos.shape != (T, D)
         or sin.shape != (T, D)
@@ -126,6 +135,7 @@ def rope_kv_write(q, k, v, cos, sin, kv_cache, slot_mapping) -> torch.Tensor:
             sin,
             kv_cache,
             slot_mapping,
+            kv_scales if kv_scales is not None else cos,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -144,5 +154,6 @@ def rope_kv_write(q, k, v, cos, sin, kv_cache, slot_mapping) -> torch.Tensor:
             QH_PAD=triton.next_power_of_2(QH),
             KH_PAD=triton.next_power_of_2(KH),
             HALF_PAD=triton.next_power_of_2(D // 2),
+            SCALED=kv_scales is not None,
         )
     return q
