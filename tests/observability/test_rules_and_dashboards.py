@@ -23,6 +23,8 @@ ALLOWED_LABELS = {
     "policy",
     "direction",
     "replica",
+    "weight_dtype",  # ridgeline_engine_info: the pool's formats
+    "kv_dtype",
 }
 UNITS = ("_seconds", "_bytes", "_blocks", "_dollars", "_dollars_per_hour", "_total", "_replicas", "_ratio")
 
@@ -80,8 +82,10 @@ def test_metric_names_and_labels_follow_prometheus_conventions():
         elif kind == "histogram":
             assert name.endswith(("_seconds", "_bytes")), f"{name}: histograms carry a base unit"
         elif kind == "gauge":
-            assert name.endswith(UNITS) or name.startswith(
-                ("ridgeline_num_", "ridgeline_requests_in_flight")
+            assert (
+                name.endswith(UNITS)
+                or name.endswith("_info")  # an info metric: 1, with what it describes in its labels
+                or name.startswith(("ridgeline_num_", "ridgeline_requests_in_flight"))
             ), name
         assert set(labels) <= ALLOWED_LABELS, f"{name}: labels {set(labels) - ALLOWED_LABELS}"
         assert "model" in labels or name.startswith(("ridgeline_router_", "ridgeline_metrics_")), name
