@@ -323,6 +323,8 @@ def prefill_attention(
     if T == 0:
         return out
     grid = (kv_cache.shape[3], T // block_q + num_seqs)
+    if grid[1] > 65535:  # CUDA's limit on a grid's second dimension
+        raise ValueError(f"q: {T} query tokens need {grid[1]} tiles of {block_q}, at most 65535 a launch")
     _prefill_attention_kernel[grid](
         q,
         kv_cache,

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from engine.models.decoder import DecoderForCausalLM
+from kernels.fp8 import quantize_per_channel
 
 # HF name -> (our name, which part of our parameter). Parts: ("rows", k, n) = the k-th of n equal row blocks
 # along dim 0 (or by explicit offsets for q/k/v); ("expert", e, k, n) = expert e, then as "rows".
@@ -95,8 +96,16 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
             raise ValueError(
                 f"checkpoint: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
             )
-        dest.copy_(tensor)
         key = names[id(param)]
+        if dest.dtype == torch.float8_e4m3fn and tensor.dtype != dest.dtype:
+            # a layer an FP8 checkpoint left in 16 bits (its `ignore` list): quantized here, per channel
+            tensor, scale = quantize_per_channel(tensor.reshape(-1, tensor.shape[-1]))
+            scale_param = params[f"{key}_scale"]
+            scale_dest = scale_param.data[index] if index else scale_param.data
+            scale_dest.copy_(scale.view(scale_dest.shape))
+            filled[f"{key}_scale"] = filled.get(f"{key}_scale", 0) + scale_dest.numel()
+            tensor = tensor.view(dest.shape)
+        dest.copy_(tensor)
         filled[key] = filled.get(key, 0) + dest.numel()
     missing = [k for k, p in params.items() if filled.get(k, 0) < p.numel()]
     if missing:
