@@ -24,7 +24,7 @@ from benchmarks.results_io import write_result
 from engine.gemm_tuning import graph_time_ms
 from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.prefill_attention import prefill_attention
-from kernels.skinny_gemm import SkinnyConfig, candidate_configs, skinny_gemm
+from kernels.skinny_gemm import SkinnyConfig, candidate_configs, skinny_gemm, split_to_fill
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SCALE = D**-0.5
@@ -173,12 +173,8 @@ def sweep_configs(m: int, n: int, k: int, sms: int) -> list[SkinnyConfig]:
     """A wider grid than the engine's candidates: what they may miss."""
     out = []
     for block_n, block_k, stages in itertools.product((16, 32, 64, 128), (128, 256), (3, 5)):
-        auto = candidate_configs(m, n, k, sms)[0].split_k if block_n == 32 else None
-        tiles = triton.cdiv(n, block_n)
-        split = 1
-        while tiles * split < 2 * sms and k // (split * 2) >= 4 * block_k:
-            split *= 2
-        for split_k in sorted({1, split, split * 2} | ({auto} if auto else set())):
+        split = split_to_fill(n, k, block_n, block_k, sms)
+        for split_k in sorted({1, split, split * 2}):
             if k // split_k >= block_k:
                 out.append(SkinnyConfig(block_n, block_k, split_k, 8 if block_n == 128 else 4, stages))
     return out

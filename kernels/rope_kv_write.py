@@ -11,7 +11,7 @@ import triton.language as tl
 
 from kernels.attention_ref import kv_write_ref
 from kernels.kv_write import check_kv_scales, quantize_fp8
-from kernels.rotary import rotary_ref
+from kernels.rotary import check_cos_sin, rotary_ref
 
 __all__ = ["rope_kv_write", "rope_kv_write_ref"]
 
@@ -115,13 +115,7 @@ def rope_kv_write(q, k, v, cos, sin, kv_cache, slot_mapping, kv_scales=None) -> 
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"dtypes: q {q.dtype}, k {k.dtype}, v {v.dtype} must match")
     check_kv_scales(kv_cache, q.dtype, kv_scales)
-    if (
-        cos.shape != (T, D)
-        or sin.shape != (T, D)
-        or cos.dtype != torch.float32
-        or cos.stride() != sin.stride()
-    ):
-        raise ValueError(f"cos/sin: expected [{T}, {D}] fp32 with equal strides")
+    check_cos_sin(cos, sin, T, D)
     if any(x.stride(-1) != 1 for x in (q, k, v, cos, kv_cache)):
         raise ValueError("q, k, v, cos, sin, kv_cache: head_dim must be contiguous")
     if slot_mapping.shape != (T,) or slot_mapping.dtype not in (torch.int32, torch.int64):

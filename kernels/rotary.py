@@ -50,11 +50,7 @@ def _rotary_kernel(
         tl.store(x1_ptr + HALF, x2 * c + x1 * s, mask=mask)
 
 
-def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [T, Hq, D], k [T, Hkv, D] (strided views are fine), cos/sin [T, D] fp32 -> rotated in place."""
-    T, QH, D = q.shape
-    if k.shape[0] != T or k.shape[2] != D or D % 2:
-        raise ValueError(f"k: shape {tuple(k.shape)} must be [{T}, kv_heads, {D}] with even head_dim")
+def check_cos_sin(cos: torch.Tensor, sin: torch.Tensor, T: int, D: int) -> None:
     if (
         cos.shape != (T, D)
         or sin.shape != (T, D)
@@ -62,6 +58,14 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         or cos.stride() != sin.stride()
     ):
         raise ValueError(f"cos/sin: expected [{T}, {D}] fp32 with equal strides")
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, Hq, D], k [T, Hkv, D] (strided views are fine), cos/sin [T, D] fp32 -> rotated in place."""
+    T, QH, D = q.shape
+    if k.shape[0] != T or k.shape[2] != D or D % 2:
+        raise ValueError(f"k: shape {tuple(k.shape)} must be [{T}, kv_heads, {D}] with even head_dim")
+    check_cos_sin(cos, sin, T, D)
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1:
         raise ValueError("q, k, cos, sin: head_dim must be contiguous")
     if T:

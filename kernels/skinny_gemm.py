@@ -100,15 +100,21 @@ def _sum_splits_kernel(
     tl.store(out_ptr + row * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+def split_to_fill(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
+    """The power-of-two K split that gives twice as many programs as SMs, each slice >= 4 K blocks."""
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while tiles * split < 2 * num_sms and k // (split * 2) >= 4 * block_k:
+        split *= 2
+    return split
+
+
 def candidate_configs(m: int, n: int, k: int, num_sms: int) -> list[SkinnyConfig]:
     """A few configs worth timing for [m, k] x [n, k]^T: enough programs to fill the SMs twice over."""
     configs = []
     for block_n in (32, 64) if m <= 16 else (64, 128):
         for block_k in (128, 256):
-            tiles = triton.cdiv(n, block_n)
-            split = 1
-            while tiles * split < 2 * num_sms and k // (split * 2) >= 4 * block_k:
-                split *= 2
+            split = split_to_fill(n, k, block_n, block_k, num_sms)
             for stages in (3, 5):
                 configs.append(SkinnyConfig(block_n, block_k, split, 4, stages))
     return configs
