@@ -1,4 +1,5 @@
-"""FP8 weights on the GPU against bf16, in one run: decode steps of the Llama-3-8B shape and the skinny GEMMs.
+"""FP8 weights and KV cache on the GPU against bf16, in one run: decode steps of the Llama-3-8B shape, decode
+attention over e4m3 pages at 8k/32k context, KV capacity, and the skinny GEMMs.
 
     python -m benchmarks.quant_gpu [--batches 1 8 64] [--context 2048] [--out DIR]
 
@@ -12,6 +13,7 @@ Writes benchmarks/results/quant_gpu.json.
 """
 
 import argparse
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -21,9 +23,13 @@ import torch.nn.functional as F
 
 from benchmarks.gpu_engine import ours, release_gpu_memory, write_model_dir
 from benchmarks.gpu_floor import copy_bandwidth_GBps, matmul_TFLOPs
-from benchmarks.gpu_kernels import GEMM_SHAPES
+from benchmarks.gpu_kernels import BS, GEMM_SHAPES, HKV, HQ, SCALE, D, contiguous_kv, paged_problem
 from benchmarks.results_io import write_result
 from engine.gemm_tuning import graph_time_ms
+from engine.kv.kv_format import FP8_KV
+from engine.kv.pool import bytes_per_block
+from kernels.attention_ref import quantize_kv
+from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.fp8 import fp8_linear_ref, fp8_linear_w8a8, quantize_per_channel
 from kernels.skinny_gemm import candidate_configs, skinny_gemm
 
@@ -83,6 +89,67 @@ def gemm_rows(copy_bw: float, sms: int) -> list[dict]:
     return rows
 
 
+def kv_rows(copy_bw: float, sms: int) -> list[dict]:
+    """Decode attention over a bf16 and an e4m3 paged cache (Llama-3-8B heads, one layer, shuffled pages),
+    same queries and values (the e4m3 pages are the bf16 ones quantized per KV head); time, and error of
+    each against SDPA over the bf16 K/V."""
+    rows = []
+    for batch, ctx in ((1, 8192), (8, 8192), (1, 32768), (8, 32768)):
+        cache, tables, q = paged_problem(batch, ctx, 1)
+        scales = (cache.float().abs().amax(dim=(0, 2, 4)) / 448).contiguous()  # [2, Hkv]
+        fp8 = torch.stack([quantize_kv(cache[:, i], scales[i], FP8_KV) for i in (0, 1)], dim=1)
+        seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        splits = num_kv_splits(batch, HKV, ctx, sms)
+        k, v = contiguous_kv(cache, tables, batch, ctx)
+        ref = F.scaled_dot_product_attention(q.view(batch, HQ, 1, D), k, v, scale=SCALE, enable_gqa=True)
+        del k, v
+        out = {}
+        times = {}
+        for kv, pages, kv_scales in (("bf16", cache, None), ("fp8", fp8, scales)):
+            o = torch.empty_like(q)
+
+            run = functools.partial(
+                decode_attention, q, pages, tables, seq_lens, SCALE, splits, out=o, kv_scales=kv_scales
+            )
+            times[kv] = graph_time_ms(run)
+            out[kv] = o
+        for kv in ("bf16", "fp8"):
+            kv_bytes = batch * ctx * 2 * HKV * D * (2 if kv == "bf16" else 1)
+            err = (out[kv].view_as(ref).float() - ref.float()).norm() / ref.float().norm()
+            rows.append(
+                {
+                    "table": "kv_attention",
+                    "kv": kv,
+                    "batch": batch,
+                    "context": ctx,
+                    "ms": round(times[kv], 4),
+                    "time_vs_bf16": round(times[kv] / times["bf16"], 3),
+                    "fraction_of_copy": round(kv_bytes / (times[kv] * 1e-3) / (copy_bw * 1e9), 3),
+                    "rel_error_vs_sdpa": float(f"{err:.3g}"),
+                }
+            )
+            print(rows[-1], flush=True)
+        del cache, fp8, tables, q
+        torch.cuda.empty_cache()
+    return rows
+
+
+def capacity_row(budget: int = 64 * 2**30) -> dict:
+    """KV blocks a 64 GiB budget holds for the Llama-3-8B shape, bf16 against e4m3."""
+    cfg = type("Shape", (), {"num_layers": 32, "num_kv_heads": HKV, "head_dim": D})()
+    blocks = {
+        name: budget // bytes_per_block(cfg, BS, dtype)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp8", FP8_KV))
+    }
+    return {
+        "table": "kv_capacity",
+        "budget_GiB": budget / 2**30,
+        "bf16_blocks": blocks["bf16"],
+        "fp8_blocks": blocks["fp8"],
+        "ratio": round(blocks["fp8"] / blocks["bf16"], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
@@ -92,7 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     copy_bw, mm = copy_bandwidth_GBps(), matmul_TFLOPs()
     sms = torch.cuda.get_device_properties().multi_processor_count
-    rows = [] if args.skip_gemm else gemm_rows(copy_bw, sms)
+    rows = [capacity_row(), *kv_rows(copy_bw, sms)]
+    rows += [] if args.skip_gemm else gemm_rows(copy_bw, sms)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp))
         decode = {}

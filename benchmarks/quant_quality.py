@@ -1,4 +1,4 @@
-"""Quality of quantized weights on the trained reference target: held-out perplexity and greedy top-1 agreement
+"""Quality of quantized weights and KV cache on the trained reference target: held-out perplexity and greedy top-1 agreement
 with the 16-bit model, through the engine's own forward pass (its Linear layers, paged KV cache, attention).
 
     python -m benchmarks.quant_quality [--windows 200] [--out DIR]
@@ -82,7 +82,13 @@ def main() -> None:
     args = parser.parse_args()
     model = str(MODELS / "ridgeline-ref-target")
     windows = heldout_windows(model, args.windows)
-    configs = [("bf16", "bf16", {}), ("fp8", "bf16", {"quantization": "fp8"})]
+    fp8_kv = {"kv_cache_dtype": "fp8"}
+    configs = [
+        ("bf16", "bf16", {}),
+        ("fp8", "bf16", {"quantization": "fp8"}),
+        ("bf16", "fp8", fp8_kv),
+        ("fp8", "fp8", {"quantization": "fp8", **fp8_kv}),
+    ]
     rows, base_ppl, base_greedy = [], None, None
     for weights, kv, options in configs:
         llm = LLM(model, device=args.device, dtype="bfloat16", num_blocks=64, **options)

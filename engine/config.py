@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from engine.kv.kv_format import check_kv_cache_dtype
 from engine.sampling_params import MAX_LOGPROBS
 
 
@@ -16,8 +17,11 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None  # None: from gpu_memory_utilization (CUDA) or 512 MiB (CPU)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # auto: the activations' dtype; fp8 (= fp8_e4m3): e4m3 with per-(layer, KV head) scales (engine/kv/kv_format.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: got {self.block_size}, allowed a power of two >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -10,6 +10,7 @@ HBM. Null objects stand in for what is absent (no drafter, no tier), so nothing 
 """
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
 from engine.kv.events import KVEventLog
 from engine.kv.handoff import KVHandoff
+from engine.kv.kv_format import CALIBRATION_TEXT, FP8_KV, KVFormat, cache_torch_dtype
+from engine.kv.kv_scales import calibrate_kv_scales, needs_calibration, stacked_scales
 from engine.kv.offload import KVOffloader, KVStore, NullOffloader
 from engine.kv.pool import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
@@ -43,6 +46,8 @@ from engine.spec.drafter import Drafter, NullDrafter, make_drafter
 from engine.stats import EngineStats
 from engine.structured_output import GrammarCompilerCache
 from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 # builds the KV tiers below HBM once the pool exists: (pool, the engine's KV event log) -> store
 KVStoreFactory = Callable[[torch.Tensor, KVEventLog], KVStore]
@@ -99,7 +104,12 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.model_dir = resolve_model(config.model, config.download_dir)
         loaded = load_model(
-            self.model_dir, config.dtype, self.device, config.load_format, config.quantization
+            self.model_dir,
+            config.dtype,
+            self.device,
+            config.load_format,
+            config.quantization,
+            config.cache.kv_cache_dtype,
         )
         self.model, self.model_config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.fingerprint = loaded.fingerprint
@@ -114,9 +124,12 @@ class LLMEngine:
                 "num_speculative_tokens", f"got {config.num_speculative_tokens}, allowed >= 1"
             )
         cache = config.cache
-        num_blocks = num_blocks_for(cache, self.model_config, self.dtype, self.device)
+        kv_dtype = cache_torch_dtype(cache.kv_cache_dtype, self.dtype)
+        if kv_dtype == FP8_KV and self.device.type == "cpu":
+            logger.warning("kv_cache_dtype=fp8 on the CPU: emulated (pages dequantized as they are read)")
+        num_blocks = num_blocks_for(cache, self.model_config, kv_dtype, self.device)
         self.kv_pool = allocate_kv_pool(
-            num_blocks, self.model_config, cache.block_size, self.dtype, self.device
+            num_blocks, self.model_config, cache.block_size, kv_dtype, self.device
         )
         self.kv_events = KVEventLog()  # drained by the worker that owns this engine
         self.offloader = self._offloader(kv_store_factory)
@@ -132,6 +145,7 @@ class LLMEngine:
             stats=self.stats,
             max_spec_len=config.num_speculative_tokens,
         )
+        self.kv_format = self._kv_format()  # before any block is hashed: the format is part of the hash
         self.gemm_table = self._tune_gemms()  # before graph capture: the graphs record the chosen kernels
         self.runner = ModelRunner(
             self.model,
@@ -204,6 +218,15 @@ class LLMEngine:
         self.offloader = self._offloader(factory)
         self.scheduler.offloader = self.block_manager.listener = self.offloader
 
+    def _kv_format(self) -> KVFormat:
+        """The pool's format; an FP8 pool's scales calibrated now unless the checkpoint gave them."""
+        if self.kv_pool.dtype != FP8_KV:
+            return KVFormat(self.kv_pool.dtype)
+        if needs_calibration(self.model):
+            ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.max_model_len]
+            calibrate_kv_scales(self.model, self.kv_pool, self._backend(), self.block_manager, ids)
+        return KVFormat(FP8_KV, stacked_scales(self.model))
+
     def _backend(self):
         return get_backend(self.config.attention_backend or default_backend(self.device.type))
 
@@ -255,7 +278,7 @@ class LLMEngine:
         return runner
 
     def _hash_extra(self, cache_salt: str | None) -> bytes:
-        return hash_extra(self.fingerprint, str(self.dtype), cache_salt)
+        return hash_extra(self.fingerprint, self.kv_format.tag, cache_salt)
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.kv.kv_format import FP8_KV, cache_torch_dtype
+from engine.kv.kv_scales import prepare_fp8_kv
 from engine.model_source import resolve_model
 from engine.models import ModelConfig, build_model, resolve_architecture
 from engine.models.config import model_config_from_hf
@@ -77,7 +79,10 @@ def load_model(
     device: torch.device,
     load_format: str = "auto",
     quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> LoadedModel:
+    """kv_cache_dtype fp8: the attention layers get KV scales to fill (from the checkpoint when it has them,
+    else calibrated by the engine: engine/kv/kv_scales.py)."""
     model_dir = resolve_model(model_dir)
     cfg = read_model_config(model_dir)
     stored = checkpoint_quantization(read_hf_config(model_dir))
@@ -91,6 +96,8 @@ def load_model(
     model = model.to_empty(device=device)
     if stored is not None and load_format == "auto":
         prepare_fp8_storage(model)  # filled as stored: nothing left to quantize below
+    if cache_torch_dtype(kv_cache_dtype, torch_dtype) == FP8_KV:
+        prepare_fp8_kv(model)
     if load_format == "dummy":
         init_dummy_weights(model)
         model_id = f"dummy:{model_dir.resolve()}"

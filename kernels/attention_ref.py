@@ -19,10 +19,11 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def dequantize_kv(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The cache's values in `dtype` (a copy: the reference's way, never the kernels')."""
+    """The values of a cache, or of pages gathered from one ([..., 2, block_size, kv_heads, head_dim]), in
+    `dtype` (a copy: the reference's way, never the kernels')."""
     if kv_scales is None:
         return kv_cache
-    return (kv_cache.float() * kv_scales.float()[None, :, None, :, None]).to(dtype)
+    return (kv_cache.float() * kv_scales.float()[:, None, :, None]).to(dtype)
 
 
 def kv_write_ref(
@@ -58,7 +59,6 @@ def paged_attention_ref(
     """q [T, heads, head_dim] -> out [T, heads, head_dim]; causal within each sequence. With kv_scales
     [2, kv_heads] the cache is FP8."""
     out = torch.empty_like(q)
-    kv_cache = dequantize_kv(kv_cache, kv_scales, q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -67,7 +67,9 @@ def paged_attention_ref(
         if end == start:
             continue
         num_blocks = -(-seq_len // block_size)
-        pages = kv_cache[block_tables[i, :num_blocks].long()]  # [n, 2, bs, Hkv, D]
+        pages = dequantize_kv(
+            kv_cache[block_tables[i, :num_blocks].long()], kv_scales, q.dtype
+        )  # [n, 2, bs, Hkv, D]
         k = pages[:, 0].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [L, Hkv, D]
         v = pages[:, 1].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]  # [n, 1]

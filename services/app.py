@@ -93,10 +93,10 @@ class PoolConfig(BaseModel):
         description="auto: the checkpoint's dtype; fp8: e4m3 weights with per-channel scales, quantized at "
         "load, activations in the engine's dtype (engine/quantization.py)",
     )
-    kv_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    kv_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8"] = Field(
         default="auto",
-        description="KV cache dtype; today the weight dtype (auto) — quantized KV comes with "
-        "per-pool quantization",
+        description="auto: the activations' dtype; fp8: e4m3 with per-(layer, KV head) scales, from the "
+        "checkpoint or calibrated at start (engine/kv/kv_format.py), twice the blocks of a 16-bit cache",
     )
 
     @model_validator(mode="after")
@@ -118,11 +118,18 @@ class PoolConfig(BaseModel):
             raise ValueError(f"weight_dtype: {self.weight_dtype} but engine.quantization is {quantization!r}")
         # the KV cache is stored in the activations' dtype (FP8 weights compute in the engine's dtype)
         weights = self.weight_dtype if self.weight_dtype not in ("auto", "fp8") else engine_dtype
-        if self.kv_dtype != "auto" and self.kv_dtype != weights:
+        if self.kv_dtype not in ("auto", "fp8") and self.kv_dtype != weights:
             raise ValueError(
-                f"kv_dtype: got {self.kv_dtype}, allowed auto or the weight dtype ({weights}): "
-                "the KV cache is stored in the weight dtype today"
+                f"kv_dtype: got {self.kv_dtype}, allowed auto, fp8 or the weight dtype ({weights}): a 16-bit "
+                "KV cache is stored in the activations' dtype"
             )
+        engine_kv = self.engine.get("kv_cache_dtype", "auto")
+        if (
+            self.kv_dtype != "auto"
+            and engine_kv != "auto"
+            and not (self.kv_dtype == "fp8" and engine_kv in ("fp8", "fp8_e4m3"))
+        ):
+            raise ValueError(f"kv_dtype: {self.kv_dtype} but engine.kv_cache_dtype is {engine_kv}; set one")
         return self
 
     @model_validator(mode="after")
@@ -156,6 +163,8 @@ class PoolConfig(BaseModel):
             options["quantization"] = "fp8"
         elif self.weight_dtype != "auto":
             options["dtype"] = self.weight_dtype
+        if self.kv_dtype == "fp8":
+            options["kv_cache_dtype"] = "fp8"
         return options
 
     @property
@@ -178,7 +187,9 @@ class PoolConfig(BaseModel):
             price_per_hour=self.resolved_price,
             price_is_default=self.price_per_hour is None,
             weight_dtype=self.weight_format,
-            kv_dtype=self.kv_dtype,
+            kv_dtype="fp8"
+            if self.engine_options().get("kv_cache_dtype", "auto") != "auto"
+            else self.kv_dtype,
             router=router,
             kv_memory=self.kv_memory,
             kv_dram_blocks=self.kv_dram_blocks,
@@ -362,14 +373,14 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_pool_formats(self) -> "ServeConfig":
-        """Prefill and decode must agree on the KV format (control_plane/quantization.py)."""
+        """Decode must be able to take prefill's KV, as it is or converted (control_plane/quantization.py)."""
         if self.mode == "disaggregated":
             checkpoint = checkpoint_dtype(self.model)
             prefill, decode = (
-                pool_formats(p.weight_dtype, p.engine, p.resolved_device, checkpoint)
+                pool_formats(p.weight_dtype, p.kv_dtype, p.engine, p.resolved_device, checkpoint)
                 for p in (self.prefill, self.decode)
             )
-            check_kv_handoff(prefill, decode)
+            check_kv_handoff(prefill, decode)  # ValueError when decode cannot take prefill's KV
         return self
 
     def pools(self) -> dict[str, tuple[PoolConfig, str, str]]:

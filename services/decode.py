@@ -145,6 +145,8 @@ class DecodeWorker(EngineWorker):
             self.transport.release(handle)
             self.counters.kv_pulls += 1
             self.counters.kv_pull_bytes += rest.num_bytes
+            if self.transport.converts(rest):
+                self.counters.kv_blocks_converted += len(rest.block_ids)
             if rest.block_ids:
                 KV_TRANSFER_SECONDS.labels(**labels).observe(time.perf_counter() - start)
                 KV_TRANSFER_BYTES.labels(**labels).inc(rest.num_bytes)

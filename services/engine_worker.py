@@ -116,6 +116,7 @@ class EngineWorker:
         self.engine = self.llm.engine
         if factory is None:  # else the factory registered it, before building the tiers on it
             self.transport.register(self.engine.kv_pool)
+        self.transport.set_kv_scales(self.engine.kv_format.scales)  # what this pool's bytes mean
         self.kv_store = self.engine.offloader.store  # None without tiers
 
         self.kv_feed = KVEventFeed(self.engine.kv_events, self._kv_snapshot)
@@ -179,7 +180,7 @@ class EngineWorker:
             transport=self.transport.describe(),
             block_size=engine.block_manager.block_size,
             kv_blocks=engine.block_manager.num_blocks,
-            kv_dtype=str(engine.dtype),
+            kv_dtype=engine.kv_format.name,
             kv_fingerprint=engine.fingerprint,
             max_model_len=engine.max_model_len,
             weight_dtype=engine.weight_format,
@@ -229,7 +230,7 @@ class EngineWorker:
             spec_accepted_tokens=engine.stats.spec_accepted_tokens,
             spec_verifications=engine.stats.spec_verifications,
             weight_dtype=engine.weight_format,
-            kv_dtype=str(engine.dtype).removeprefix("torch."),
+            kv_dtype=engine.kv_format.name,
         )
 
     def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:
@@ -314,7 +315,7 @@ class EngineWorker:
             "kv_feed": self.kv_feed.report(),
             "block_size": engine.block_manager.block_size,
             "kv_fingerprint": engine.fingerprint,
-            "kv_dtype": str(engine.dtype),
+            "kv_format": engine.kv_format.tag,
         }
 
     async def stats(self) -> dict:

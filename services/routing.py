@@ -212,7 +212,7 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         stats = RoutingStats.from_dict(reported)
         if not isinstance(request, WorkerRequest) or not stats.kv_fingerprint:
             return []
-        extra = hash_extra(stats.kv_fingerprint, stats.kv_dtype, request.cache_salt)
+        extra = hash_extra(stats.kv_fingerprint, stats.kv_format, request.cache_salt)
         return prompt_block_hashes(request.prompt_token_ids, stats.block_size, extra)
 
     async def choose_replicas(

@@ -50,9 +50,15 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def write_kv(
-        self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        kv_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_scales: torch.Tensor | None = None,
     ) -> None:
-        """k, v [T, kv_heads, head_dim] -> kv_cache at meta.slot_mapping."""
+        """k, v [T, kv_heads, head_dim] -> kv_cache at meta.slot_mapping (divided by kv_scales [2, kv_heads]
+        into an FP8 cache)."""
 
     def rope_and_write_kv(
         self,
@@ -63,11 +69,12 @@ class AttentionBackend(ABC):
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rotary on q [T, heads, D] and k, then the rotated k and v -> kv_cache; -> the rotated q.
         cos/sin [T, D] fp32. Backends may fuse the two passes."""
         q, k = rotate_qk(q, k, cos, sin) if q.is_cuda else (rotary_ref(q, cos, sin), rotary_ref(k, cos, sin))
-        self.write_kv(kv_cache, k, v, meta)
+        self.write_kv(kv_cache, k, v, meta, kv_scales)
         return q
 
     @abstractmethod
@@ -78,8 +85,10 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, heads, head_dim] -> out [T, heads, head_dim]."""
+        """q [T, heads, head_dim] -> out [T, heads, head_dim]. An FP8 cache is read as it is, its
+        kv_scales [2, kv_heads] applied in the kernel."""
 
 
 @dataclass
@@ -91,6 +100,8 @@ class ForwardContext:
     backend: AttentionBackend
     cos: torch.Tensor  # [T, head_dim]
     sin: torch.Tensor  # [T, head_dim]
+    # engine start's calibration prefill: each layer sets its FP8 KV scales from this step's K and V
+    calibrate_kv: bool = False
 
 
 _BACKENDS: dict[str, str] = {

@@ -30,13 +30,13 @@ class TritonAttentionBackend(AttentionBackend):
         if decode_query_len(meta):
             meta.num_kv_splits = num_kv_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
 
-    def write_kv(self, kv_cache, k, v, meta: AttentionMetadata) -> None:
-        kv_write(k, v, kv_cache, meta.slot_mapping)
+    def write_kv(self, kv_cache, k, v, meta: AttentionMetadata, kv_scales=None) -> None:
+        kv_write(k, v, kv_cache, meta.slot_mapping, kv_scales)
 
-    def rope_and_write_kv(self, q, k, v, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        return rope_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping)  # one launch, not two
+    def rope_and_write_kv(self, q, k, v, cos, sin, kv_cache, meta: AttentionMetadata, kv_scales=None):
+        return rope_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping, kv_scales)  # one launch, not two
 
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
+    def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window, kv_scales=None):
         if query_len := decode_query_len(meta):
             return decode_attention(
                 q,
@@ -47,6 +47,7 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.num_kv_splits,
                 sliding_window,
                 query_len=query_len,
+                kv_scales=kv_scales,
             )
         return prefill_attention(
             q,
@@ -57,4 +58,5 @@ class TritonAttentionBackend(AttentionBackend):
             meta.max_query_len,
             scale,
             sliding_window,
+            kv_scales=kv_scales,
         )

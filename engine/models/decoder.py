@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.attention import ForwardContext
+from engine.kv.kv_format import calibrated_scales
 from engine.models.config import ModelConfig
 from engine.models.linear import Linear
 from engine.models.mlp import GatedMLP
@@ -29,6 +30,9 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # an FP8 KV cache's scales [2 (K, V), kv_heads] fp32 (engine/kv/kv_format.py); None: 16-bit KV
+        self.kv_scales: torch.Tensor | None
+        self.register_buffer("kv_scales", None)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.o_proj(self.attend(self.project(x, ctx), ctx).flatten(1))
@@ -42,14 +46,16 @@ class SelfAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.calibrate_kv and self.kv_scales is not None:  # before this layer's first write
+            self.kv_scales.copy_(calibrated_scales(k, v))
         return ctx.backend.rope_and_write_kv(
-            q, k, v, ctx.cos, ctx.sin, ctx.kv_caches[self.layer_idx], ctx.attn
+            q, k, v, ctx.cos, ctx.sin, ctx.kv_caches[self.layer_idx], ctx.attn, self.kv_scales
         )
 
     def attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """q [T, Hq, D] -> attention output [T, Hq, D] over the paged pool."""
         kv_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.attend(q, kv_cache, ctx.attn, self.scale, self.sliding_window)
+        return ctx.backend.attend(q, kv_cache, ctx.attn, self.scale, self.sliding_window, self.kv_scales)
 
 
 class DecoderLayer(nn.Module):

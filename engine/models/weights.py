@@ -20,6 +20,8 @@ _QKV = re.compile(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias|weight_scale)$"
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.(weight|weight_scale)$")
 # FP8 checkpoints' static activation scales: activations are quantized per token at run time instead
 _UNUSED = re.compile(r"\.input_scale$")
+# FP8 KV cache scales: vLLM's names, and compressed-tensors' (the K and V projections' output scales)
+_KV_SCALE = re.compile(r"^(.*)\.self_attn\.(?:(k|v)_scale|(k|v)_proj\.output_scale)$")
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -78,6 +80,9 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
             continue
         if _UNUSED.search(name):
             continue
+        if m := _KV_SCALE.match(name):
+            _load_kv_scale(model, m.group(1), m.group(2) or m.group(3), tensor)
+            continue
         try:
             param, index = _target(name, params, q_size, kv_size)
         except KeyError:
@@ -110,3 +115,24 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
     missing = [k for k, p in params.items() if filled.get(k, 0) < p.numel()]
     if missing:
         raise ValueError(f"checkpoint: missing weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _load_kv_scale(model: DecoderForCausalLM, prefix: str, which: str, tensor: torch.Tensor) -> None:
+    """One layer's K or V scale (one a tensor, or one a KV head) into its attention's `kv_scales`; ignored
+    when the KV cache is not FP8 (the scales then have no use)."""
+    try:
+        attn = model.get_submodule(f"{prefix}.self_attn")
+    except AttributeError:
+        raise ValueError(f"checkpoint: KV scale of {prefix!r} has no place in the model") from None
+    scales = attn.kv_scales
+    if not isinstance(scales, torch.Tensor):  # a 16-bit cache
+        return
+    heads = int(scales.shape[1])
+    if tensor.numel() not in (1, heads):
+        raise ValueError(
+            f"checkpoint: {prefix}.self_attn {which} scale has {tensor.numel()} values, allowed 1 or {heads}"
+        )
+    value = tensor.float().reshape(-1).expand(heads)
+    if not torch.isfinite(value).all() or (value <= 0).any():
+        raise ValueError(f"checkpoint: {prefix}.self_attn {which} scale must be finite and > 0")
+    scales[0 if which == "k" else 1].copy_(value)

@@ -27,6 +27,7 @@ class WorkerCounters:
     kv_pull_failures: int = 0
     kv_recomputes: int = 0
     kv_blocks_reused: int = 0
+    kv_blocks_converted: int = 0  # pulled blocks that arrived in another KV format and were converted
     kv_handles: int = 0
     kv_leases_released: int = 0
     kv_leases_reclaimed: int = 0
@@ -75,7 +76,7 @@ class RoutingStats:
     kv_total_blocks: int = 1
     block_size: int = 16
     kv_fingerprint: str = ""
-    kv_dtype: str = ""
+    kv_format: str = ""  # the KV format's tag in block hashes (engine/kv/kv_format.py)
     kv_feed: KVFeedReport | None = None
 
     @classmethod

@@ -1,14 +1,21 @@
 """The KV transport contract: one worker registers its KV pool and hands out handles to blocks; another
 pulls them into its own blocks. Every pull is verified (layout, length, per-block checksum): a torn or
-mismatched block raises TransferError and is never used."""
+mismatched block raises TransferError and is never used.
+
+Pools of one model may keep KV in different formats (16-bit, or e4m3 with per-layer/head scales: engine/kv/
+kv_format.py). A block in another format is read into a staging buffer in the sender's format, its checksum
+verified on the bytes as sent, then converted into the pool in one kernel (kernels/kv_convert.py). One staged
+pull runs at a time per transport (the staging buffer is registered memory, allocated once and grown)."""
 
 import dataclasses
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
+from kernels.kv_convert import FP8, convert_kv_blocks, convert_kv_blocks_ref
 from services.transport.checksum import block_checksums, default_algorithm
 
 
@@ -56,6 +63,8 @@ class KVHandle:
     positions: list[int] | None = (
         None  # index of each block among those exported (None: offset, offset+1, ..)
     )
+    # an e4m3 sender's scales, [num_layers][2][kv_heads]: what its bytes mean (None: 16-bit, or the puller's)
+    kv_scales: list | None = None
 
     @property
     def num_bytes(self) -> int:
@@ -101,6 +110,18 @@ class KVTransport(ABC):
             raise ValueError("pool: must be contiguous (block-major)")
         self.pool = pool
         self.layout = KVLayout.of(pool)
+        self.kv_scales: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None
+        self._staging_lock = threading.Lock()
+        self.converted_blocks = 0  # blocks that arrived in another format and were converted
+
+    def set_kv_scales(self, kv_scales: torch.Tensor | None) -> None:
+        """An e4m3 pool's scales [num_layers, 2, kv_heads] (known once the engine calibrated them): its handles
+        carry them, and blocks pulled from pools of other formats are converted to them. An e4m3 pool
+        without them (a tier's) hands its blocks to pullers of the same format only."""
+        if kv_scales is not None and self.pool.dtype != FP8:
+            raise ValueError(f"kv_scales: only for an e4m3 pool, this one is {self.pool.dtype}")
+        self.kv_scales = None if kv_scales is None else kv_scales.float().cpu().contiguous()
 
     def describe(self) -> dict:
         """What the registry publishes about this endpoint (NIXL adds its agent name and metadata)."""
@@ -126,25 +147,81 @@ class KVTransport(ABC):
             checksums,
             algorithm,
             self._export(block_ids),
+            kv_scales=None if self.kv_scales is None else self.kv_scales.tolist(),
         )
 
+    def converts(self, handle: KVHandle) -> bool:
+        """Whether the handle's blocks are in another format than this pool's (and so are converted)."""
+        if handle.layout.dtype != self.layout.dtype:
+            return True
+        ours = None if self.kv_scales is None else self.kv_scales.tolist()
+        return handle.kv_scales is not None and handle.kv_scales != ours
+
     def pull(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float = 30.0) -> None:
-        """Fill into_block_ids with the handle's blocks and verify them; TransferError on any mismatch."""
-        if handle.layout != self.layout:
+        """Fill into_block_ids with the handle's blocks and verify them; TransferError on any mismatch.
+        Blocks in another format are converted after their checksums are verified."""
+        if handle.layout.block_shape != self.layout.block_shape or (
+            handle.layout.dtype != self.layout.dtype and not self._convertible(handle)
+        ):
             raise TransferError(f"layout mismatch: remote {handle.layout}, local {self.layout}")
         if len(into_block_ids) != len(handle.block_ids) or len(handle.checksums) != len(handle.block_ids):
             raise TransferError(
                 f"length mismatch: {len(handle.block_ids)} blocks offered, "
                 f"{len(handle.checksums)} checksums, {len(into_block_ids)} to fill"
             )
-        self._read(handle, list(into_block_ids), timeout_s)
-        got = block_checksums(self.pool, into_block_ids, handle.checksum_algorithm)
+        if not self.converts(handle):
+            self._read(handle, self.pool, list(into_block_ids), timeout_s)
+            self._verify(handle, self.pool, list(into_block_ids))
+            return
+        with self._staging_lock:
+            staging = self._staging_for(handle.layout, len(into_block_ids))
+            rows = list(range(len(into_block_ids)))
+            self._read(handle, staging, rows, timeout_s)
+            self._verify(handle, staging, rows)
+            src_scales = None
+            if handle.kv_scales is not None:
+                src_scales = torch.tensor(handle.kv_scales, dtype=torch.float32, device=self.pool.device)
+            pool_scales = None if self.kv_scales is None else self.kv_scales.to(self.pool.device)
+            convert = convert_kv_blocks if self.pool.is_cuda else convert_kv_blocks_ref
+            ids = torch.tensor(into_block_ids, device=self.pool.device)
+            convert(staging[: len(rows)], src_scales, self.pool, ids, pool_scales)
+            if self.pool.is_cuda:
+                torch.cuda.current_stream(self.pool.device).synchronize()  # landed before the pull returns
+            self.converted_blocks += len(rows)
+
+    def _convertible(self, handle: KVHandle) -> bool:
+        names = {"float32", "bfloat16", "float16", str(FP8).removeprefix("torch.")}
+        if handle.layout.dtype not in names or self.layout.dtype not in names:
+            return False
+        return (handle.layout.dtype == str(FP8).removeprefix("torch.")) == (handle.kv_scales is not None)
+
+    def _verify(self, handle: KVHandle, dest: torch.Tensor, rows: list[int]) -> None:
+        got = block_checksums(dest, rows, handle.checksum_algorithm)
         bad = [i for i, (a, b) in enumerate(zip(got, handle.checksums, strict=True)) if a != b]
         if bad:
             raise TransferError(
                 f"checksum mismatch in {len(bad)} of {len(got)} blocks (first: block "
                 f"{handle.block_ids[bad[0]]} of handle {handle.handle_id})"
             )
+
+    def _staging_for(self, layout: KVLayout, num_blocks: int) -> torch.Tensor:
+        """A buffer of at least num_blocks blocks in the sender's layout, on the pool's device."""
+        staging = self._staging
+        dtype = getattr(torch, layout.dtype)
+        if staging is None or staging.dtype != dtype or staging.shape[0] < num_blocks:
+            if staging is not None:
+                self._unregister_staging(staging)
+            grown = max(num_blocks, 2 * staging.shape[0] if staging is not None else 16)
+            staging = torch.empty((grown, *layout.block_shape), dtype=dtype, device=self.pool.device)
+            self._register_staging(staging)
+            self._staging = staging
+        return staging
+
+    def _register_staging(self, staging: torch.Tensor) -> None:  # noqa: B027 - a hook for NIXL
+        """Make `staging` a destination of `_read` (NIXL registers the memory)."""
+
+    def _unregister_staging(self, staging: torch.Tensor) -> None:  # noqa: B027
+        """`staging` is being replaced."""
 
     @abstractmethod
     def release(self, handle: KVHandle) -> None:
@@ -158,7 +235,10 @@ class KVTransport(ABC):
     def _export(self, block_ids: list[int]) -> dict: ...
 
     @abstractmethod
-    def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None: ...
+    def _read(
+        self, handle: KVHandle, dest: torch.Tensor, into_block_ids: list[int], timeout_s: float
+    ) -> None:
+        """The handle's blocks as they are -> dest[into_block_ids] (dest: the pool, or the staging buffer)."""
 
     def close(self) -> None:
         """Free backend resources (agents, registrations); the default holds none."""

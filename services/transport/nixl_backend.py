@@ -92,12 +92,24 @@ class NixlTransport(KVTransport):
             "metadata": base64.b64encode(metadata).decode() if metadata else None,
         }
 
+    def _register_staging(self, staging: torch.Tensor) -> None:
+        """A staging buffer (blocks in another pool's format) as one more registered region to read into."""
+        block_bytes = staging[0].numel() * staging.element_size()
+        self._staging_reg = self.agent.register_memory(staging)
+        descs = _block_descs(staging.data_ptr(), staging.shape[0], block_bytes, self.device_id)
+        self._staging_dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type)
+
+    def _unregister_staging(self, staging: torch.Tensor) -> None:
+        self.agent.release_dlist_handle(self._staging_dlist)
+        self.agent.deregister_memory(self._staging_reg)
+
     def _export(self, block_ids: list[int]) -> dict:
         return {
             "agent": self.agent_name,
             "metadata": self._metadata,
             "base": self.pool.data_ptr(),
             "num_blocks": self.pool.shape[0],
+            "block_bytes": self.layout.block_bytes,
             "device_id": self.device_id,
             "mem_type": self.mem_type,
             "cuda_ipc": self._ipc_export,
@@ -130,22 +142,25 @@ class NixlTransport(KVTransport):
         added = self.agent.add_remote_agent(source["metadata"])
         if (added.decode() if isinstance(added, bytes) else added) != name:
             raise TransferError(f"NIXL metadata does not belong to agent {name!r}")
-        descs = _block_descs(
-            source["base"], source["num_blocks"], self.layout.block_bytes, source["device_id"]
+        descs = _block_descs(  # the owner's blocks, in its format
+            source["base"], source["num_blocks"], source["block_bytes"], source["device_id"]
         )
         self._peers[name] = self.agent.prep_xfer_dlist(name, descs, source["mem_type"])
         return self._peers[name]
 
-    def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
+    def _read(
+        self, handle: KVHandle, dest: torch.Tensor, into_block_ids: list[int], timeout_s: float
+    ) -> None:
         path = self.path_for(handle.source)
         self.pulls_by_path[path] += 1
         mapped = self._ipc_pools.get(handle.source["agent"])
         if path == "cuda_ipc" and mapped is not None:
-            cuda_ipc.copy_blocks(mapped, handle.block_ids, self.pool, into_block_ids)
+            cuda_ipc.copy_blocks(mapped, handle.block_ids, dest, into_block_ids)
             return
+        local = self._local if dest is self.pool else self._staging_dlist
         try:
             remote = self._peer(handle.source)
-            xfer = self.agent.make_prepped_xfer("READ", self._local, into_block_ids, remote, handle.block_ids)
+            xfer = self.agent.make_prepped_xfer("READ", local, into_block_ids, remote, handle.block_ids)
         except TransferError:
             raise
         except Exception as e:  # noqa: BLE001 - NIXL raises its own status errors

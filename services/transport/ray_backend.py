@@ -19,7 +19,9 @@ class RayTransport(KVTransport):
         blocks = self.pool[torch.tensor(block_ids, device=self.pool.device)].cpu()  # [n, *block_shape]
         return {"ref": ray.put(blocks.contiguous().view(torch.uint8).numpy())}
 
-    def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
+    def _read(
+        self, handle: KVHandle, dest: torch.Tensor, into_block_ids: list[int], timeout_s: float
+    ) -> None:
         try:
             data: np.ndarray = ray.get(handle.source["ref"], timeout=timeout_s)
         except Exception as e:  # noqa: BLE001 - owner died, object lost, timeout: all mean no KV
@@ -47,8 +49,8 @@ class RayTransport(KVTransport):
         with warnings.catch_warnings():  # the object store's buffer is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(np.ascontiguousarray(data))
-        blocks = raw.view(self.pool.dtype).view(-1, *self.pool.shape[1:])
-        self.pool[torch.tensor(into_block_ids, device=self.pool.device)] = blocks.to(self.pool.device)
+        blocks = raw.view(dest.dtype).view(-1, *dest.shape[1:])
+        dest[torch.tensor(into_block_ids, device=dest.device)] = blocks.to(dest.device)
 
     def release(self, handle: KVHandle) -> None:
         handle.source.pop("ref", None)  # drop our reference; the object store frees it when all are gone

@@ -19,7 +19,7 @@ REQUESTS = [SYSTEMS[(i * 7) % 4] + [(11 * i + t) % 300 + 5 for t in range(9)] fo
 
 
 def test_prompt_block_hashes_equal_the_engine_s():
-    extra = hash_extra("model", "torch.bfloat16", "salt")
+    extra = hash_extra("model", "bfloat16", "salt")
     request = Request("r", list(range(5, 75)), SamplingParams(), hash_extra=extra)
     update_block_hashes(request, 16)
     assert (

@@ -231,9 +231,14 @@ def test_serve_config_rejects_bad_values(llama):
         ({"price_per_hour": -1}, "price_per_hour"),
         (
             {"weight_dtype": "float16", "kv_dtype": "bfloat16"},
-            "kv_dtype: got bfloat16, allowed auto or the weight dtype",
+            "kv_dtype: got bfloat16, allowed auto, fp8 or the weight dtype",
         ),
-        ({"kv_dtype": "fp8"}, "kv_dtype"),
+        ({"kv_dtype": "int8"}, "kv_dtype"),
+        (
+            {"weight_dtype": "float32", "kv_dtype": "float32", "engine": {"kv_cache_dtype": "fp8"}},
+            "kv_dtype: float32 but engine.kv_cache_dtype is fp8",
+        ),
+        ({"engine": {"kv_cache_dtype": "fp8_e5m2"}}, "e5m2 is not implemented"),
         (
             {"weight_dtype": "fp8", "engine": {"quantization": "int4"}},
             "weight_dtype: fp8 but engine.quantization",
@@ -255,23 +260,35 @@ def test_bad_pool_configuration_is_named(llama, pool, message):
         ServeConfig(model=llama, decode=pool)
 
 
-def test_pools_with_different_kv_formats_are_refused_at_configuration(llama):
+def test_kv_handoff_between_pool_formats_is_decided_at_configuration(llama):
+    from control_plane.quantization import PoolFormats, check_kv_handoff, pool_formats
     from services.app import ServeConfig
 
-    # the checkpoint is float32: an explicit bfloat16 decode pool would hold KV the prefill pool cannot give
-    with pytest.raises(ValueError, match="prefill pool keeps KV in float32 and the decode pool in bfloat16"):
-        ServeConfig(model=llama, decode={"weight_dtype": "bfloat16"})
-    with pytest.raises(ValueError, match="KV in float32 and the decode pool in bfloat16"):
-        ServeConfig(model=llama, decode={"engine": {"dtype": "bfloat16"}})
+    def formats(pool: dict) -> PoolFormats:
+        return pool_formats(
+            pool.get("weight_dtype", "auto"),
+            pool.get("kv_dtype", "auto"),
+            pool.get("engine", {}),
+            "cpu",
+            "float32",
+        )
+
     # fp8 weights keep the activations' dtype for KV: bf16 prefill, fp8-weight decode hand off as they are
-    ServeConfig(
-        model=llama,
-        prefill={"weight_dtype": "bfloat16"},
-        decode={"weight_dtype": "fp8", "engine": {"dtype": "bfloat16"}},
-    )
+    bf16, fp8_weights = {"weight_dtype": "bfloat16"}, {"weight_dtype": "fp8", "engine": {"dtype": "bfloat16"}}
+    assert check_kv_handoff(formats(bf16), formats(fp8_weights)) == "as_is"
     # on the CPU float16 runs as bfloat16 (as the engine does): the same KV format
-    ServeConfig(model=llama, prefill={"weight_dtype": "float16"}, decode={"weight_dtype": "bfloat16"})
-    ServeConfig(model=llama, mode="aggregated", decode={"weight_dtype": "bfloat16"})  # one pool: no handoff
+    assert check_kv_handoff(formats({"weight_dtype": "float16"}), formats(bf16)) == "as_is"
+    # 16-bit <-> e4m3, and between 16-bit dtypes: the puller converts
+    fp8_kv = {"kv_dtype": "fp8"}
+    assert formats(fp8_kv).kv == formats({"engine": {"kv_cache_dtype": "fp8_e4m3"}}).kv == "fp8"
+    assert check_kv_handoff(formats(bf16), formats(fp8_kv)) == "converted"
+    assert check_kv_handoff(formats(fp8_kv), formats({})) == "converted"
+    assert check_kv_handoff(formats({}), formats(bf16)) == "converted"
+    ServeConfig(model=llama, prefill=bf16, decode=fp8_kv)
+    # blocks of different sizes cannot be handed off: named at configuration, not recomputed per request
+    with pytest.raises(ValueError, match="KV blocks hold 16 tokens and the decode pool's 32"):
+        ServeConfig(model=llama, decode={"engine": {"block_size": 32}})
+    ServeConfig(model=llama, mode="aggregated", decode={"engine": {"block_size": 32}})  # one pool: no handoff
 
 
 def test_fp8_weights_per_pool(llama):
@@ -282,6 +299,9 @@ def test_fp8_weights_per_pool(llama):
     )
     decode = config.decode.describe("decode", "decode", "least_loaded")
     assert decode.weight_dtype == "fp8" and decode.kv_dtype == "auto"
+    fp8_kv = ServeConfig(model=llama, decode={"kv_dtype": "fp8"}).decode
+    assert fp8_kv.engine_options()["kv_cache_dtype"] == "fp8"
+    assert fp8_kv.describe("decode", "decode", "least_loaded").kv_dtype == "fp8"
     assert config.decode.engine_options() == {"scheduling_policy": "priority", "quantization": "fp8"}
     assert config.prefill.describe("prefill", "prefill", "kv_aware").weight_dtype == "float32"
     with pytest.raises(ValueError, match="quantization"):  # the engine's own check, at configuration time

@@ -137,6 +137,47 @@ def test_nixl_rejects_mismatched_layout(owner):
         stop()
 
 
+KV_SCALES = torch.tensor([[[0.01, 0.02], [0.03, 0.005]], [[0.02, 0.01], [0.004, 0.05]]])  # [layers, 2, heads]
+
+
+def test_nixl_pull_converts_16_bit_blocks_into_an_fp8_pool(owner):
+    """A float32 owner, an e4m3 puller: the bytes as sent are verified in staging, then converted to the
+    puller's scales; a block damaged in transit is still caught before any conversion."""
+    from transport_owner import fp8_blocks
+
+    ask, stop = spawn(pull, 8, BLOCK_SHAPE, KV_SCALES)
+    try:
+        src = [4, 30, 11]
+        status, blocks = ask("pull", owner("handle", src), [6, 1, 2])
+        assert status == "ok" and blocks.dtype == torch.float8_e4m3fn
+        want = fp8_blocks(owner_pool(32, 1234)[src], KV_SCALES)
+        assert torch.equal(blocks.view(torch.uint8), want.view(torch.uint8))
+        assert ask("converted") == 3
+        handle = owner("handle", [12, 13])
+        owner("corrupt", 13)
+        status, message = ask("pull", handle, [0, 3])
+        assert status == "error" and "checksum mismatch in 1 of 2" in message
+        owner("restore", 13)
+    finally:
+        stop()
+
+
+def test_nixl_pull_reads_fp8_blocks_back_into_a_16_bit_pool(puller):
+    from transport_owner import fp8_blocks
+
+    ask, stop = spawn(serve, 16, 77, KV_SCALES)
+    try:
+        handle = ask("handle", [2, 9])
+        assert handle.layout.dtype == "float8_e4m3fn" and handle.kv_scales == KV_SCALES.tolist()
+        status, blocks = puller("pull", handle, [10, 11])
+        stored = fp8_blocks(owner_pool(16, 77)[[2, 9]], KV_SCALES)
+        want = stored.float() * KV_SCALES[:, :, None, :, None]
+        assert status == "ok" and torch.equal(blocks, want)
+        assert puller("converted") == 2
+    finally:
+        stop()
+
+
 @ray.remote(num_cpus=0)
 class _RayOwner:
     """Owns a pool in its own process and hands out Ray-object-store handles."""

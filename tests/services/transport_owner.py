@@ -12,13 +12,25 @@ def owner_pool(num_blocks: int, seed: int) -> torch.Tensor:
     return torch.randn((num_blocks, *BLOCK_SHAPE), generator=torch.Generator().manual_seed(seed))
 
 
-def serve(conn, num_blocks: int, seed: int) -> None:
+def fp8_blocks(blocks: torch.Tensor, kv_scales: torch.Tensor) -> torch.Tensor:
+    """float32 blocks [n, *BLOCK_SHAPE] -> e4m3 under kv_scales [layers, 2, kv_heads]."""
+    from kernels.kv_convert import convert_kv_blocks_ref
+
+    out = torch.zeros(blocks.shape, dtype=torch.float8_e4m3fn)
+    convert_kv_blocks_ref(blocks, None, out, torch.arange(len(blocks)), kv_scales)
+    return out
+
+
+def serve(conn, num_blocks: int, seed: int, kv_scales: torch.Tensor | None = None) -> None:
     """Answer commands over a pipe: ("handle", ids) -> KVHandle, ("corrupt", id), ("restore", id),
-    ("released",) -> handle ids released so far, ("stop",)."""
+    ("released",) -> handle ids released so far, ("stop",). With kv_scales the pool is e4m3."""
     transport = NixlTransport()
     pool = owner_pool(num_blocks, seed)
+    if kv_scales is not None:
+        pool = fp8_blocks(pool, kv_scales)
     original = pool.clone()
     transport.register(pool)
+    transport.set_kv_scales(kv_scales)
     released: list[str] = []
     while True:
         released += transport.take_released()
@@ -28,7 +40,8 @@ def serve(conn, num_blocks: int, seed: int) -> None:
         if command == "handle":
             conn.send(transport.handle(args[0], num_tokens=len(args[0]) * BLOCK_SHAPE[2]))
         elif command == "corrupt":
-            pool[args[0]].view(-1)[7] += 1.0  # one word of one block changes after the handle was made
+            word = pool[args[0]].view(-1).view(torch.uint8)
+            word[7] ^= 1  # one byte of one block changes after the handle was made
             conn.send(True)
         elif command == "restore":
             pool[args[0]] = original[args[0]]
@@ -41,18 +54,26 @@ def serve(conn, num_blocks: int, seed: int) -> None:
             return
 
 
-def pull(conn, num_blocks: int, block_shape: tuple = BLOCK_SHAPE) -> None:
-    """Answer ("pull", handle, into_ids) -> ("ok", blocks) or ("error", message); ("stop",)."""
+def pull(
+    conn, num_blocks: int, block_shape: tuple = BLOCK_SHAPE, kv_scales: torch.Tensor | None = None
+) -> None:
+    """Answer ("pull", handle, into_ids) -> ("ok", blocks) or ("error", message); ("converted",) -> blocks
+    converted so far; ("stop",). With kv_scales the pool is e4m3."""
     from services.transport import TransferError
 
     transport = NixlTransport()
-    transport.register(torch.zeros((num_blocks, *block_shape)))
+    dtype = torch.float32 if kv_scales is None else torch.float8_e4m3fn
+    transport.register(torch.zeros((num_blocks, *block_shape), dtype=dtype))
+    transport.set_kv_scales(kv_scales)
     while True:
         command, *args = conn.recv()
         if command == "stop":
             transport.close()
             conn.send(True)
             return
+        if command == "converted":
+            conn.send(transport.converted_blocks)
+            continue
         handle, into = args
         try:
             transport.pull(handle, into)
