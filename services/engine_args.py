@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engine import envs
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.kv.kv_format import KV_CACHE_DTYPES
 from engine.model_source import resolve_model
 from engine.sampling_params import MAX_LOGPROBS
 from engine.stat_logger import LOG_LEVELS
@@ -17,6 +18,7 @@ POOL_KNOBS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "enable_prefix_caching",
+    "kv_cache_dtype",
 )
 
 
@@ -135,6 +137,14 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
                 action=argparse.BooleanOptionalAction,
                 help="reuse the KV blocks of prompts' shared prefixes "
                 f"(default: {cache.enable_prefix_caching})",
+            ),
+        ),
+        (
+            "kv_cache_dtype",
+            dict(
+                choices=list(KV_CACHE_DTYPES),
+                help="the KV cache's format: auto = the activations' dtype, fp8 = e4m3 with per-(layer, KV "
+                "head) scales, twice the blocks (default: auto)",
             ),
         ),
     ]

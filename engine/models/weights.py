@@ -1,6 +1,7 @@
 """Safetensors weights (one file or a sharded index, memory-mapped) mapped onto our parameter names."""
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from safetensors import safe_open
 
 from engine.models.decoder import DecoderForCausalLM
 from kernels.fp8 import quantize_per_channel
+
+logger = logging.getLogger(__name__)
 
 # HF name -> (our name, which part of our parameter). Parts: ("rows", k, n) = the k-th of n equal row blocks
 # along dim 0 (or by explicit offsets for q/k/v); ("expert", e, k, n) = expert e, then as "rows".
@@ -75,10 +78,12 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
     params |= {k: b for k, b in model.named_buffers() if k.endswith("_scale")}
     names = {id(p): k for k, p in params.items()}
     filled: dict[str, int] = {}
+    unused = 0
     for name, tensor in weights:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.lm_head is None):
             continue
         if _UNUSED.search(name):
+            unused += 1
             continue
         if m := _KV_SCALE.match(name):
             _load_kv_scale(model, m.group(1), m.group(2) or m.group(3), tensor)
@@ -112,6 +117,10 @@ def load_weights(model: DecoderForCausalLM, weights: Iterator[tuple[str, torch.T
             tensor = tensor.view(dest.shape)
         dest.copy_(tensor)
         filled[key] = filled.get(key, 0) + dest.numel()
+    if unused:
+        logger.info(
+            "checkpoint: %d static input scales not used (activations are quantized per token)", unused
+        )
     missing = [k for k, p in params.items() if filled.get(k, 0) < p.numel()]
     if missing:
         raise ValueError(f"checkpoint: missing weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

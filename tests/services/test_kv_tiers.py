@@ -203,6 +203,39 @@ def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
     store.close()
 
 
+def test_fp8_blocks_go_down_to_ssd_and_come_back_bit_for_bit(llama, tmp_path):
+    """An e4m3 pool's blocks keep their format below HBM (half a bf16 block's bytes): evicted to DRAM and
+    SSD, loaded back, they are the bytes that were written, and the answer does not change."""
+    from engine import LLM, SamplingParams
+
+    fp8_bytes = LLM(llama, num_blocks=1, kv_cache_dtype="fp8").engine.kv_pool[0].nbytes
+    assert fp8_bytes * 4 == _block_bytes(llama)  # e4m3 against the tiny model's float32
+    store = TieredKVStore(DramTier(2, fp8_bytes, pin=False), SsdTier(tmp_path, 64, fp8_bytes))
+    llm = LLM(llama, num_blocks=8, kv_store=store, kv_cache_dtype="fp8")
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    first = llm.generate([prompt], params)[0]
+    table = [engine.block_manager.cached_block_id(h) for h in _prompt_hashes(engine, prompt)]
+    written = engine.kv_pool[table].clone()
+    llm.generate([list(range(200, 200 + 7 * 16))], params)  # evicts the prompt's blocks
+    engine.offloader.drain()
+    store.flush()
+    before = engine.stats.prompt_tokens_computed
+    again = llm.generate([prompt], params)[0]
+    assert engine.stats.prompt_tokens_computed - before == 3 and store.stats["ssd_hits"] >= 3
+    loaded = [engine.block_manager.cached_block_id(h) for h in _prompt_hashes(engine, prompt)]
+    assert torch.equal(engine.kv_pool[loaded].view(torch.uint8), written.view(torch.uint8))
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    store.close()
+
+
+def _prompt_hashes(engine, prompt: list[int]) -> list[bytes]:
+    from engine.kv.block_hash import prompt_block_hashes
+
+    return prompt_block_hashes(prompt, engine.block_manager.block_size, engine._hash_extra(None))
+
+
 def test_damaged_ssd_block_is_recomputed_not_served(llama, tmp_path):
     from services.kv_memory.tiered_store import TieredKVStore
 

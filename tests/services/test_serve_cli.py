@@ -331,6 +331,11 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
     assert config.decode.engine_options() == {"scheduling_policy": "priority", "dtype": "float32"}
     with pytest.raises(ValueError, match="registry: got 'zookeeper://x'"):
         config_for_argv(["serve", "--model", llama, "--registry", "zookeeper://x"])
+    # the KV format per pool from the command line: bf16/fp32 prefill, fp8 decode, converted in transit
+    config = config_for_argv(["serve", "--model", llama, "--decode-kv-cache-dtype", "fp8"])
+    assert config.decode.engine_options()["kv_cache_dtype"] == "fp8"
+    assert config.decode.describe("decode", "decode", "least_loaded").kv_dtype == "fp8"
+    assert "kv_cache_dtype" not in config.prefill.engine_options()
 
 
 def test_speculation_flags(llama):
