@@ -1,0 +1,145 @@
+"""Quality of KV precision that falls with token age (issue 23), on the trained reference target, before the
+low-bit pools and kernels exist: held-out perplexity and greedy top-1 agreement against the 16-bit cache.
+
+    python -m benchmarks.kv_age_quality [--windows 200] [--out DIR]
+
+The engine prefills each 256-token window of the held-out split into its paged pool as usual; attention is
+replaced by a torch reference that reads, for query position t, each KV block as the age policy would hold it
+when t is decoded: the sink blocks and every block not wholly older than the recent window in the pool's
+16-bit format, older full blocks through the codec (kernels/turboquant.py: encode, then decode) at the
+policy's bits, and blocks past the horizon at its low bits. So every scored token sees the KV a decode at
+that position would see. Keys are coded as the cache holds them (after rotary). The numbers are the codec's
+and the policy's; the speed and memory of the real pools are issue 23's GPU work.
+Writes benchmarks/results/kv_age_quality.json (rows: policy, bits, sinks, window, horizon, perplexity,
+ppl_delta_vs_bf16, top1_agreement, mean_bits_per_value).
+"""
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.quant_quality import SEQ, heldout_windows, score
+from benchmarks.results_io import write_result
+from benchmarks.spec_acceptance import MODELS
+from engine import LLM
+from engine.attention.torch_backend import TorchAttentionBackend
+from engine.kv.age_policy import KVAgePolicy
+from kernels.turboquant import decode_ref, encode_ref, rotation_signs
+
+SEED = 20261207
+
+
+class AgedKVReference(TorchAttentionBackend):
+    """Single-sequence prefill attention where key block b, seen from query t, is read at the policy's bits."""
+
+    def __init__(self, policy: KVAgePolicy, signs: torch.Tensor, layer_of: dict[int, int], block_size: int):
+        policy.check_block_size(block_size)
+        self.policy, self.signs, self.layer_of, self.bs = policy, signs, layer_of, block_size
+        self._seen: dict[int, torch.Tensor] = {}
+
+    def bits_seen(self, T: int) -> torch.Tensor:
+        if T not in self._seen:
+            self._seen[T] = self.policy.bits_seen(T, self.bs)
+        return self._seen[T]
+
+    def attend(self, q, kv_cache, meta, scale, sliding_window, kv_scales=None):
+        assert meta.num_seqs == 1 and sliding_window is None and kv_scales is None
+        layer = self.layer_of[kv_cache.data_ptr()]
+        T, H, D = q.shape
+        heads = kv_cache.shape[3]
+        pages = kv_cache[meta.block_tables[0, : -(-T // self.bs)].long()]
+        k = pages[:, 0].reshape(-1, heads, D)[:T].float()
+        v = pages[:, 1].reshape(-1, heads, D)[:T].float()
+        seen = self.bits_seen(T)
+        versions = {0: (k, v)}
+        for b in set(seen.unique().tolist()) - {0}:
+            versions[b] = tuple(
+                decode_ref(*encode_ref(x, self.signs[layer], b), self.signs[layer], b) for x in (k, v)
+            )
+        group = H // heads
+        qf = q.float().transpose(0, 1)  # [H, T, D]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        scores = torch.full((H, T, T), float("-inf"))
+        for b, (kb, _) in versions.items():
+            s = qf @ kb.repeat_interleave(group, dim=1).permute(1, 2, 0) * scale  # [H, T, T]
+            scores = torch.where((seen == b) & causal, s, scores)
+        probs = F.softmax(scores, dim=-1)
+        out = torch.zeros(H, T, D)
+        for b, (_, vb) in versions.items():
+            out += (probs * (seen == b)) @ vb.repeat_interleave(group, dim=1).transpose(0, 1)
+        return out.transpose(0, 1).to(q.dtype)
+
+
+POLICIES = {
+    # nothing coded: the reference's own fp32 attention against the engine's bf16 one
+    "16-bit, this reference": KVAgePolicy(bits=4, sinks=0, window=2**20),
+    "4-bit": KVAgePolicy(bits=4, sinks=16, window=64),
+    "3-bit": KVAgePolicy(bits=3, sinks=16, window=64),
+    "2-bit": KVAgePolicy(bits=2, sinks=16, window=64),
+    "4-bit, 2-bit past 128": KVAgePolicy(bits=4, sinks=16, window=64, horizon=128, low_bits=2),
+    "4-bit, no sinks, one-block window": KVAgePolicy(bits=4, sinks=0, window=16),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--windows", type=int, default=200)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model = str(MODELS / "ridgeline-ref-target")
+    windows = heldout_windows(model, args.windows)
+    llm = LLM(model, device="cpu", dtype="bfloat16", num_blocks=64)
+    engine = llm.engine
+    cfg, bs = engine.model_config, engine.config.cache.block_size
+    t0 = time.perf_counter()
+    base_ppl, base_greedy = score(llm, windows)
+    rows = [
+        {"policy": "bf16", "perplexity": round(base_ppl, 4), "ppl_delta_vs_bf16": 0.0, "top1_agreement": 1.0}
+    ]
+    print(rows[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
+    signs = rotation_signs(SEED, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    layer_of = {view.data_ptr(): i for i, view in enumerate(engine.runner.kv_caches)}
+    plain = engine.runner.backend
+    for name, policy in POLICIES.items():
+        t0 = time.perf_counter()
+        engine.runner.backend = AgedKVReference(policy, signs, layer_of, bs)
+        ppl, greedy = score(llm, windows)
+        engine.runner.backend = plain
+        agree = sum((a == b).sum().item() for a, b in zip(greedy, base_greedy, strict=True))
+        rows.append(
+            {
+                "policy": name,
+                **dataclasses.asdict(policy),
+                "perplexity": round(ppl, 4),
+                "ppl_delta_vs_bf16": round(ppl / base_ppl - 1, 5),
+                "top1_agreement": round(agree / sum(len(g) for g in greedy), 5),
+                "mean_bits_per_value": round(policy.mean_bits(SEQ, bs, cfg.head_dim), 2),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    path = write_result(
+        "kv_age_quality",
+        {
+            "model": "ridgeline-ref-target",
+            "tokens": len(windows) * SEQ,
+            "window_tokens": SEQ,
+            "rotation_seed": SEED,
+            "split": "held-out (benchmarks/train_reference.py)",
+            "method": "engine prefill; attention by a torch reference reading each block at the bits the "
+            "policy gives it when the query's position is decoded (codec round trip, fp32 math)",
+            "rows": rows,
+        },
+        Path(args.out) if args.out else None,
+    )
+    print(path)
+    assert math.isfinite(base_ppl)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Decode attention over a context whose KV blocks are in two formats: the pool's 16-bit blocks and rotated
+low-bit blocks (kernels/turboquant.py), read as they are, in one split-KV pass.
+
+A block table entry below `num_base_blocks` names a 16-bit block ([N0, 2, bs, Hkv, D] layer view); one at or
+above names coded block id - num_base_blocks: packed codes [N1, 2, bs, Hkv, D * bits / 8] uint8 and row norms
+[N1, 2, bs, Hkv] fp32. For a coded block the scores are (R q) . (|k| c[codes]) with the query rotated once per
+head before the kernel, and the values accumulate in the rotated basis; codes become centroids in registers
+and nothing is dequantized to memory. Each program keeps two fp32 accumulators under one online softmax
+(16-bit values, rotated values); the splits merge by log-sum-exp, and the rotated part is turned back
+(R^T, one [D, D] product a head) after the merge.
+
+Program (sequence, KV head, split), one query a sequence (decode), a KV block a step.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.decode_attention import _decode_merge_kernel
+from kernels.prefill_attention import LOG2E, dot_precision
+from kernels.turboquant import codebook, decode_ref, hadamard, rotate_queries
+
+
+@triton.jit
+def _coded_tile(
+    codes_ptr, norms_ptr, centroids_ptr, n, d, n_ok, d_ok, stride_cs, stride_ns, BITS: tl.constexpr
+):
+    """One coded block's K or V of one head (codes_ptr, norms_ptr at its first token) as [D, bs] values in
+    the rotated basis: |x| c[code]."""
+    bit = d * BITS
+    byte = bit // 8
+    off = bit % 8
+    ptr = codes_ptr + n[None, :] * stride_cs + byte[:, None]
+    mask = d_ok[:, None] & n_ok[None, :]
+    word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+    if (8 % BITS) != 0:  # 3 bits: a code may reach into the next byte
+        spill = (off + BITS > 8)[:, None] & mask
+        word = word | (tl.load(ptr + 1, mask=spill, other=0).to(tl.int32) << 8)
+    code = (word >> off[:, None]) & ((1 << BITS) - 1)
+    norm = tl.load(norms_ptr + n * stride_ns, mask=n_ok, other=0.0)
+    return tl.load(centroids_ptr + code) * norm[None, :]
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One tile's scores s [R, N] (log2 units) into the running max and sum: -> (p, alpha, m, l)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, D_PAD: tl.constexpr):
+    """This split's two normalized accumulators side by side, and its log-sum-exp, for the merge."""
+    empty = l_i == 0.0
+    inv = 1.0 / tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    part = part_ptr + row[:, None] * (2 * D_PAD) + d[None, :]
+    tl.store(part, acc * inv[:, None], mask=r_ok[:, None])
+    tl.store(part + D_PAD, acc_rot * inv[:, None], mask=r_ok[:, None])
+    tl.store(lse_ptr + row, lse, mask=r_ok)
+
+
+@triton.jit
+def _coded_decode_kernel(
+    q_ptr,
+    q_rot_ptr,
+    base_ptr,
+    codes_ptr,
+    norms_ptr,
+    centroids_ptr,
+    part_ptr,
+    lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    num_base_blocks,
+    scale_log2,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    sb0,
+    sb1,
+    sb2,
+    sb3,
+    sc0,
+    sc1,
+    sc2,
+    sc3,
+    sn0,
+    sn1,
+    sn2,
+    sn3,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
+    BITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
+    r = tl.arange(0, ROWS_PAD)
+    r_ok = r < GROUP
+    head = kv_head * GROUP + r
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    qmask = r_ok[:, None] & d_ok[None, :]
+    q_off = seq * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)  # [R, D]
+    q_rot = tl.load(q_rot_ptr + q_off, mask=qmask, other=0.0).to(q.dtype)
+    m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS_PAD], tl.float32)
+    acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)  # 16-bit blocks' values
+    acc_rot = tl.zeros([ROWS_PAD, D_PAD], tl.float32)  # coded blocks' values, rotated basis
+    n_in = tl.arange(0, BLOCK_SIZE)
+    for blk in range(first, last):
+        n = blk * BLOCK_SIZE + n_in
+        n_ok = n < seq_len
+        entry = tl.load(block_tables_ptr + seq * stride_bt + blk).to(tl.int64)
+        coded = entry >= num_base_blocks
+        page = tl.maximum(entry - num_base_blocks, 0)
+        c_row = codes_ptr + page * sc0 + kv_head * sc3
+        n_row = norms_ptr + page * sn0 + kv_head * sn3
+        base = entry * sb0 + n_in * sb2 + kv_head * sb3
+        if coded:
+            kc = _coded_tile(c_row, n_row, centroids_ptr, n_in, d, n_ok, d_ok, sc2, sn2, BITS)
+            s = tl.dot(q_rot, kc.to(q.dtype), input_precision=PRECISION)
+        else:
+            kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kb, input_precision=PRECISION)
+        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))  # [R, bs]
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        acc_rot = acc_rot * alpha[:, None]
+        if coded:
+            vc = _coded_tile(c_row + sc1, n_row + sn1, centroids_ptr, n_in, d, n_ok, d_ok, sc2, sn2, BITS)
+            acc_rot += tl.dot(p.to(q.dtype), tl.trans(vc).to(q.dtype), input_precision=PRECISION)
+        else:
+            vb = tl.load(
+                base_ptr + sb1 + base[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+    row = (seq * NUM_HEADS + head) * num_splits + split  # part [B, H, S, 2 * D_PAD], lse [B, H, S]
+    _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, D_PAD)
+
+
+def coded_decode_attention(
+    q: torch.Tensor,
+    base_cache: torch.Tensor,
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    signs: torch.Tensor,
+    bits: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """q [B, H, D] (one decode query a sequence) -> out [B, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit),
+    codes [N1, 2, bs, Hkv, D * bits / 8] uint8, norms [N1, 2, bs, Hkv] fp32, signs [Hkv, D] the layer's
+    rotation; block table entries >= N0 name coded blocks."""
+    B, H, D = q.shape
+    num_base, _, bs, kv_heads, _ = base_cache.shape
+    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens)
+    group = H // kv_heads
+    d_pad = triton.next_power_of_2(D)
+    q_rot = rotate_queries(q, signs, group).contiguous()  # [B, H, D] fp32: once per head
+    centroids, _ = codebook(bits, D)
+    part = torch.empty((B, H, num_splits, 2 * d_pad), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    if B:
+        _coded_decode_kernel[(B, kv_heads, num_splits)](
+            q, q_rot, base_cache, codes, norms, centroids.to(q.device), part, lse, block_tables, seq_lens,
+            num_base, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
+            *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
+            BLOCK_SIZE=bs, HEAD_DIM=D, D_PAD=d_pad, NUM_HEADS=H, GROUP=group,
+            ROWS_PAD=max(16, triton.next_power_of_2(group)), BITS=bits, PRECISION=dot_precision(q.dtype),
+        )  # fmt: skip
+    merged = torch.empty((B, H, 2 * d_pad), dtype=torch.float32, device=q.device)
+    if B:
+        _decode_merge_kernel[(B, H)](
+            part, lse, merged, num_splits, merged.stride(0), merged.stride(1),
+            NUM_HEADS=H, HEAD_DIM=2 * d_pad, D_PAD=2 * d_pad,
+            SPLITS_PAD=max(triton.next_power_of_2(num_splits), 2),
+        )  # fmt: skip
+    per_q = signs.repeat_interleave(group, dim=0)  # [H, D]: each query head's KV head's rotation
+    back = (merged[..., d_pad : d_pad + D] @ hadamard(D, q.device)) * per_q  # R^T: the rotated part returned
+    return (merged[..., :D] + back).to(q.dtype)
+
+
+def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens) -> None:
+    B, H, D = q.shape
+    num_base, two, bs, kv_heads, dim = base_cache.shape
+    if two != 2 or dim != D or H % kv_heads:
+        raise ValueError(f"base_cache: [blocks, 2, bs, {H} / group, {D}], got {tuple(base_cache.shape)}")
+    if base_cache.dtype != q.dtype:
+        raise ValueError(f"base_cache: a 16-bit cache in q's dtype {q.dtype}, got {base_cache.dtype}")
+    want = (codes.shape[0], 2, bs, kv_heads, D * bits // 8)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != want or codes.stride(-1) != 1:
+        raise ValueError(f"codes: uint8 {want}, got {codes.dtype} {tuple(codes.shape)}")
+    if norms.dtype != torch.float32 or tuple(norms.shape) != want[:4]:
+        raise ValueError(f"norms: fp32 {want[:4]}, got {norms.dtype} {tuple(norms.shape)}")
+    if tuple(signs.shape) != (kv_heads, D) or signs.dtype != torch.float32:
+        raise ValueError(f"signs: fp32 [{kv_heads}, {D}], got {signs.dtype} {tuple(signs.shape)}")
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"block_size: got {bs}, the kernel reads a block a step: a power of two >= 16")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or len(seq_lens) != B:
+        raise ValueError("block_tables, seq_lens: int32, one row a sequence")
+
+
+def coded_decode_attention_ref(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, scale):
+    """The oracle: every coded block decoded back to the original basis (decode_ref), then plain attention."""
+    B, H, D = q.shape
+    num_base, _, bs, kv_heads, _ = base_cache.shape
+    out = torch.empty_like(q)
+    for i in range(B):
+        L = int(seq_lens[i])
+        blocks = []
+        for entry in block_tables[i, : -(-L // bs)].tolist():
+            if entry < num_base:
+                blocks.append(base_cache[entry].float())
+            else:
+                c, n = codes[entry - num_base], norms[entry - num_base]  # [2, bs, Hkv, DB], [2, bs, Hkv]
+                blocks.append(
+                    torch.stack([decode_ref(c[kv], n[kv], signs, bits) for kv in (0, 1)])
+                )  # [2, bs, Hkv, D]
+        kv = torch.stack(blocks)  # [n, 2, bs, Hkv, D]
+        k = kv[:, 0].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
+        v = kv[:, 1].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].float(), k) * scale, dim=-1)
+        out[i] = torch.einsum("hl,lhd->hd", p, v).to(q.dtype)
+    return out
