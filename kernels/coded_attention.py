@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.decode_attention import _decode_merge_kernel
 from kernels.prefill_attention import LOG2E, dot_precision
-from kernels.turboquant import codebook, decode_ref, hadamard, rotate_queries
+from kernels.turboquant import decode_ref, device_codebook, hadamard, rotate_queries
 
 
 @triton.jit
@@ -174,12 +174,12 @@ def coded_decode_attention(
     group = H // kv_heads
     d_pad = triton.next_power_of_2(D)
     q_rot = rotate_queries(q, signs, group).contiguous()  # [B, H, D] fp32: once per head
-    centroids, _ = codebook(bits, D)
+    centroids, _ = device_codebook(bits, D, str(q.device))
     part = torch.empty((B, H, num_splits, 2 * d_pad), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     if B:
         _coded_decode_kernel[(B, kv_heads, num_splits)](
-            q, q_rot, base_cache, codes, norms, centroids.to(q.device), part, lse, block_tables, seq_lens,
+            q, q_rot, base_cache, codes, norms, centroids, part, lse, block_tables, seq_lens,
             num_base, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
             BLOCK_SIZE=bs, HEAD_DIM=D, D_PAD=d_pad, NUM_HEADS=H, GROUP=group,

@@ -32,13 +32,26 @@ def check_bits(bits: int) -> None:
 
 
 def hadamard(dim: int, device=None) -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix [dim, dim] (symmetric, orthogonal)."""
+    """The normalized Sylvester Hadamard matrix [dim, dim] (symmetric, orthogonal); one copy a device is
+    kept (so a CUDA graph can capture its users: nothing is built or copied while capturing)."""
     if dim < 2 or dim & (dim - 1):
         raise ValueError(f"head_dim: got {dim}, the rotation needs a power of two >= 2")
+    return _hadamard(dim, str(torch.device(device or "cpu")))
+
+
+@lru_cache(maxsize=16)
+def _hadamard(dim: int, device: str) -> torch.Tensor:
     h = torch.ones(1, 1)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(dim)).to(device)
+
+
+@lru_cache(maxsize=32)
+def device_codebook(bits: int, dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """codebook(bits, dim) on a device, one copy kept."""
+    centroids, bounds = codebook(bits, dim)
+    return centroids.to(device), bounds.to(device)
 
 
 def rotation_signs(seed: int, num_layers: int, num_heads: int, dim: int) -> torch.Tensor:
@@ -192,7 +205,7 @@ def encode(x: torch.Tensor, signs: torch.Tensor, bits: int) -> tuple[torch.Tenso
     hadamard(dim)  # checks the order
     if x.stride(-1) != 1 or signs.shape != (heads, dim) or signs.dtype != torch.float32:
         raise ValueError("x: last dim contiguous; signs: [heads, head_dim] fp32")
-    _, bounds = codebook(bits, dim)
+    _, bounds = device_codebook(bits, dim, str(x.device))
     out = torch.empty((n, heads, nbytes), dtype=torch.uint8, device=x.device)
     norms = torch.empty((n, heads), dtype=torch.float32, device=x.device)
     if n == 0:
@@ -202,7 +215,7 @@ def encode(x: torch.Tensor, signs: torch.Tensor, bits: int) -> tuple[torch.Tenso
         x,
         signs.contiguous(),
         hadamard(dim, x.device).contiguous(),
-        bounds.to(x.device),
+        bounds,
         out,
         norms,
         x.stride(0),
