@@ -49,6 +49,10 @@ def coded_pool(cache, tables, ctx: int, bits: int):
     return coded_tables, codes, norms, signs, nbytes
 
 
+def _coded_into(holder: dict, *args) -> None:
+    holder["out"] = coded_decode_attention(*args)
+
+
 def row(kind, batch, ctx, ms, bf16_ms, nbytes, copy_bw, out, ref) -> dict:
     err = (out.view_as(ref).float() - ref.float()).norm() / ref.float().norm()
     return {
@@ -97,13 +101,21 @@ def main() -> None:
         rows.append(row("fp8", batch, ctx, fp8_ms, bf16_ms, bf16_bytes // 2, copy_bw, out8, ref))
         del fp8
         coded_tables, codes, norms, signs, nbytes = coded_pool(cache, tables, ctx, POLICY.bits)
-        holder = {}
-
-        def coded(coded_tables=coded_tables, codes=codes, norms=norms, signs=signs, holder=holder):
-            holder["out"] = coded_decode_attention(
-                q, cache, codes, norms, signs, POLICY.bits, coded_tables, seq_lens, SCALE, splits
-            )
-
+        holder: dict = {}
+        coded = functools.partial(
+            _coded_into,
+            holder,
+            q,
+            cache,
+            codes,
+            norms,
+            signs,
+            POLICY.bits,
+            coded_tables,
+            seq_lens,
+            SCALE,
+            splits,
+        )
         coded_ms = graph_time_ms(coded)
         rows.append(row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref))
         for r in rows[-3:]:
