@@ -254,7 +254,7 @@ def ttft(
     tiers: tuple[str, ...] = ("recompute", "dram", "ssd_forced", "ssd_auto"),
 ) -> list[dict]:
     from engine import LLMEngine, SamplingParams
-    from engine.kv.block_hash import hash_extra, update_block_hashes
+    from engine.kv.block_hash import update_block_hashes
     from engine.llm_engine import ready_store
     from engine.request import EngineRequest, Request
 
@@ -308,9 +308,7 @@ def ttft(
     block_bytes = engine.kv_pool[0].numel() * engine.kv_pool.element_size()
 
     def engine_hashes(prompt: list[int]) -> list[bytes]:
-        probe = Request(
-            "probe", prompt, one, hash_extra=hash_extra(engine.fingerprint, str(engine.dtype), None)
-        )
+        probe = Request("probe", prompt, one, hash_extra=engine._hash_extra(None))
         update_block_hashes(probe, engine.block_manager.block_size)
         return probe.block_hashes
 

@@ -46,6 +46,7 @@ from engine.spec.drafter import Drafter, NullDrafter, make_drafter
 from engine.stats import EngineStats
 from engine.structured_output import GrammarCompilerCache
 from engine.tokenizer import Tokenizer
+from kernels.fp8 import supports_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ class LLMEngine:
         kv_dtype = cache_torch_dtype(cache.kv_cache_dtype, self.dtype)
         if kv_dtype == FP8_KV and self.device.type == "cpu":
             logger.warning("kv_cache_dtype=fp8 on the CPU: emulated (pages dequantized as they are read)")
+        if kv_dtype == FP8_KV and self.device.type == "cuda" and not supports_fp8(self.device):
+            cap = torch.cuda.get_device_capability(self.device)
+            raise ParameterError(
+                "kv_cache_dtype", f"fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
+            )
         num_blocks = num_blocks_for(cache, self.model_config, kv_dtype, self.device)
         self.kv_pool = allocate_kv_pool(
             num_blocks, self.model_config, cache.block_size, kv_dtype, self.device

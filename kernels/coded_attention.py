@@ -114,9 +114,9 @@ def _coded_decode_kernel(
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     qmask = r_ok[:, None] & d_ok[None, :]
-    q_off = seq * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)  # [R, D]
-    q_rot = tl.load(q_rot_ptr + q_off, mask=qmask, other=0.0).to(q.dtype)
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
+    q_rot_off = (seq * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]  # contiguous [B, H, D]
+    q_rot = tl.load(q_rot_ptr + q_rot_off, mask=qmask, other=0.0).to(q.dtype)
     m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS_PAD], tl.float32)
     acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)  # 16-bit blocks' values
@@ -202,6 +202,8 @@ def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, s
     num_base, two, bs, kv_heads, dim = base_cache.shape
     if two != 2 or dim != D or H % kv_heads:
         raise ValueError(f"base_cache: [blocks, 2, bs, {H} / group, {D}], got {tuple(base_cache.shape)}")
+    if q.stride(-1) != 1 or base_cache.stride(-1) != 1:
+        raise ValueError("q, base_cache: the head dimension must be contiguous")
     if base_cache.dtype != q.dtype:
         raise ValueError(f"base_cache: a 16-bit cache in q's dtype {q.dtype}, got {base_cache.dtype}")
     want = (codes.shape[0], 2, bs, kv_heads, D * bits // 8)

@@ -177,7 +177,7 @@ def _encode_kernel(
 ):
     """One (token, head) row a program: norm, rotate (a [1, D] x [D, D] product), nearest centroid by
     counting boundaries below, pack."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     n, h = row // HEADS, row % HEADS
     d = tl.arange(0, D)
     x = tl.load(x_ptr + n * stride_xn + h * stride_xh + d).to(tl.float32)

@@ -10,7 +10,10 @@ scales, so their blocks are interchangeable.
 Rotary embedding turns each (i, i + D/2) pair of a key by a position's angle, so an element of a rotated key
 never exceeds its pair's norm: calibration takes the pairs' norms of the unrotated keys, a bound that holds
 at every position, not only the calibration text's. `HEADROOM` keeps room above what calibration saw
-(vLLM's defaults leave 2.2x for K, 4.5x for V); values past the scaled range saturate.
+(vLLM's defaults leave 2.2x for K, 4.5x for V), and each scale is then rounded up to a power of two (so 2x
+to 4x in all): dividing by a power of two is exact in every kernel and in the torch reference alike, and
+replicas whose calibration differs in the last bits (another GPU, another BLAS) still land on the same
+scales. Values past the scaled range saturate.
 
 The format is part of every block hash (`KVFormat.tag`): an FP8 cache's tag carries a digest of its scales,
 since the same bytes under other scales are other values.
@@ -52,15 +55,15 @@ def cache_torch_dtype(name: str, activations: torch.dtype) -> torch.dtype:
 
 
 def calibrated_scales(k: torch.Tensor, v: torch.Tensor, headroom: float = HEADROOM) -> torch.Tensor:
-    """k, v [T, kv_heads, head_dim] (K before rotary) -> scales [2, kv_heads] fp32 that map headroom x the
-    largest magnitude seen (K: the largest rotation pair's norm) to the format's maximum."""
+    """k, v [T, kv_heads, head_dim] (K before rotary) -> scales [2, kv_heads] fp32: the power of two at or
+    above headroom x the largest magnitude seen (K: the largest rotation pair's norm) / the format's maximum."""
     k = k.float()
     half = k.shape[-1] // 2
     k_pairs = torch.sqrt(k[..., :half] ** 2 + k[..., half : 2 * half] ** 2)  # what rotation can reach
     k_amax = torch.maximum(k_pairs.amax(dim=(0, 2)), k.abs().amax(dim=(0, 2)))  # odd D: the last element
     v_amax = v.float().abs().amax(dim=(0, 2))
     amax = torch.stack([k_amax, v_amax]).clamp_min(MIN_AMAX)
-    return (amax * headroom / FP8_MAX).contiguous()
+    return torch.exp2(torch.ceil(torch.log2(amax * headroom / FP8_MAX))).contiguous()
 
 
 @dataclass(frozen=True)

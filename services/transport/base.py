@@ -4,8 +4,9 @@ mismatched block raises TransferError and is never used.
 
 Pools of one model may keep KV in different formats (16-bit, or e4m3 with per-layer/head scales: engine/kv/
 kv_format.py). A block in another format is read into a staging buffer in the sender's format, its checksum
-verified on the bytes as sent, then converted into the pool in one kernel (kernels/kv_convert.py). One staged
-pull runs at a time per transport (the staging buffer is registered memory, allocated once and grown)."""
+verified on the bytes as sent, then converted into the pool in one kernel (kernels/kv_convert.py), STAGING_BLOCKS
+at a time. One converted pull runs at a time per transport (the staging buffer is registered memory, allocated
+once a format); a pull that cannot get it within its timeout fails as a retryable TransferError."""
 
 import dataclasses
 import threading
@@ -17,6 +18,8 @@ import torch
 
 from kernels.kv_convert import FP8, convert_kv_blocks, convert_kv_blocks_ref
 from services.transport.checksum import block_checksums, default_algorithm
+
+STAGING_BLOCKS = 64  # a converted pull goes through staging this many blocks at a time
 
 
 class TransferError(RuntimeError):
@@ -112,6 +115,7 @@ class KVTransport(ABC):
         self.layout = KVLayout.of(pool)
         self.kv_scales: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None
+        self._retired: list[torch.Tensor] = []  # staging a timed-out read may still write: kept, never reused
         self._staging_lock = threading.Lock()
         self.converted_blocks = 0  # blocks that arrived in another format and were converted
 
@@ -173,11 +177,35 @@ class KVTransport(ABC):
             self._read(handle, self.pool, list(into_block_ids), timeout_s)
             self._verify(handle, self.pool, list(into_block_ids))
             return
-        with self._staging_lock:
-            staging = self._staging_for(handle.layout, len(into_block_ids))
-            rows = list(range(len(into_block_ids)))
+        if self.pool.dtype == FP8 and self.kv_scales is None:
+            raise TransferError(
+                f"{handle.layout.dtype} blocks cannot be converted into this e4m3 pool: its scales are not set",
+                retryable=False,
+            )
+        if not self._staging_lock.acquire(timeout=timeout_s):
+            raise TransferError(f"staging busy for {timeout_s}s: another converted pull holds it")
+        try:
+            for start in range(0, len(into_block_ids), STAGING_BLOCKS):
+                chunk = range(start, min(start + STAGING_BLOCKS, len(into_block_ids)))
+                self._pull_converted(
+                    handle.select(chunk), into_block_ids[chunk.start : chunk.stop], timeout_s
+                )
+        finally:
+            self._staging_lock.release()
+
+    def _pull_converted(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
+        """At most STAGING_BLOCKS blocks: read as sent into staging, verified there, converted into the pool."""
+        staging = self._staging_for(handle.layout)
+        rows = list(range(len(into_block_ids)))
+        try:
             self._read(handle, staging, rows, timeout_s)
-            self._verify(handle, staging, rows)
+        except TransferError as e:
+            if not e.retryable:  # a read that timed out may still land: that buffer is never reused
+                self._retired.append(staging)
+                self._staging = None
+            raise
+        self._verify(handle, staging, rows)
+        try:
             src_scales = None
             if handle.kv_scales is not None:
                 src_scales = torch.tensor(handle.kv_scales, dtype=torch.float32, device=self.pool.device)
@@ -187,7 +215,11 @@ class KVTransport(ABC):
             convert(staging[: len(rows)], src_scales, self.pool, ids, pool_scales)
             if self.pool.is_cuda:
                 torch.cuda.current_stream(self.pool.device).synchronize()  # landed before the pull returns
-            self.converted_blocks += len(rows)
+        except (ValueError, RuntimeError) as e:  # bad scales in the handle, a device error
+            raise TransferError(
+                f"converting {handle.layout.dtype} blocks failed: {e}", retryable=False
+            ) from e
+        self.converted_blocks += len(rows)
 
     def _convertible(self, handle: KVHandle) -> bool:
         names = {"float32", "bfloat16", "float16", str(FP8).removeprefix("torch.")}
@@ -204,18 +236,22 @@ class KVTransport(ABC):
                 f"{handle.block_ids[bad[0]]} of handle {handle.handle_id})"
             )
 
-    def _staging_for(self, layout: KVLayout, num_blocks: int) -> torch.Tensor:
-        """A buffer of at least num_blocks blocks in the sender's layout, on the pool's device."""
-        staging = self._staging
+    def _staging_for(self, layout: KVLayout) -> torch.Tensor:
+        """STAGING_BLOCKS blocks in the sender's layout, on the pool's device (allocated once a format; the
+        new buffer is registered before the old one is let go)."""
         dtype = getattr(torch, layout.dtype)
-        if staging is None or staging.dtype != dtype or staging.shape[0] < num_blocks:
-            if staging is not None:
-                self._unregister_staging(staging)
-            grown = max(num_blocks, 2 * staging.shape[0] if staging is not None else 16)
-            staging = torch.empty((grown, *layout.block_shape), dtype=dtype, device=self.pool.device)
-            self._register_staging(staging)
-            self._staging = staging
-        return staging
+        staging = self._staging
+        if staging is not None and staging.dtype == dtype:
+            return staging
+        try:
+            fresh = torch.empty((STAGING_BLOCKS, *layout.block_shape), dtype=dtype, device=self.pool.device)
+            self._register_staging(fresh)
+        except Exception as e:  # noqa: BLE001 - out of memory, a registration refused: no KV this time
+            raise TransferError(f"no staging buffer for {layout.dtype} blocks: {e}", retryable=False) from e
+        self._staging = fresh
+        if staging is not None:
+            self._unregister_staging(staging)
+        return fresh
 
     def _register_staging(self, staging: torch.Tensor) -> None:  # noqa: B027 - a hook for NIXL
         """Make `staging` a destination of `_read` (NIXL registers the memory)."""

@@ -79,6 +79,7 @@ class NixlTransport(KVTransport):
         self.mem_type = "VRAM" if pool.is_cuda else "DRAM"
         self.device_id = (pool.device.index or 0) if pool.is_cuda else 0
         self._reg = self.agent.register_memory(pool)
+        self._staging_handles: dict[int, tuple] = {}  # staging buffer address -> (registration, dlist)
         descs = _block_descs(pool.data_ptr(), pool.shape[0], self.layout.block_bytes, self.device_id)
         self._local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type)
         self._metadata = self.agent.get_agent_metadata()
@@ -95,13 +96,17 @@ class NixlTransport(KVTransport):
     def _register_staging(self, staging: torch.Tensor) -> None:
         """A staging buffer (blocks in another pool's format) as one more registered region to read into."""
         block_bytes = staging[0].numel() * staging.element_size()
-        self._staging_reg = self.agent.register_memory(staging)
+        reg = self.agent.register_memory(staging)
         descs = _block_descs(staging.data_ptr(), staging.shape[0], block_bytes, self.device_id)
-        self._staging_dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type)
+        self._staging_handles[staging.data_ptr()] = (
+            reg,
+            self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type),
+        )
 
     def _unregister_staging(self, staging: torch.Tensor) -> None:
-        self.agent.release_dlist_handle(self._staging_dlist)
-        self.agent.deregister_memory(self._staging_reg)
+        reg, dlist = self._staging_handles.pop(staging.data_ptr())
+        self.agent.release_dlist_handle(dlist)
+        self.agent.deregister_memory(reg)
 
     def _export(self, block_ids: list[int]) -> dict:
         return {
@@ -157,7 +162,7 @@ class NixlTransport(KVTransport):
         if path == "cuda_ipc" and mapped is not None:
             cuda_ipc.copy_blocks(mapped, handle.block_ids, dest, into_block_ids)
             return
-        local = self._local if dest is self.pool else self._staging_dlist
+        local = self._local if dest is self.pool else self._staging_handles[dest.data_ptr()][1]
         try:
             remote = self._peer(handle.source)
             xfer = self.agent.make_prepped_xfer("READ", local, into_block_ids, remote, handle.block_ids)
@@ -220,6 +225,10 @@ class NixlTransport(KVTransport):
         for peer in list(self._peers):
             self.agent.remove_remote_agent(peer)
         self._peers.clear()
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            self._unregister_staging(staging)
+            self._staging = None
         if getattr(self, "_reg", None) is not None:
             self.agent.deregister_memory(self._reg)
             self._reg = None

@@ -103,7 +103,7 @@ class _Worker:
 
 def _shared_prefix_hit_rate(model: str, policy_name: str) -> float:
     """4 system prompts (3 blocks each) x 6 user turns, arriving 3 at a time, over 3 workers."""
-    from engine.kv.block_hash import hash_extra, update_block_hashes
+    from engine.kv.block_hash import update_block_hashes
     from engine.request import Request
     from engine.sampling_params import SamplingParams
 
@@ -111,7 +111,7 @@ def _shared_prefix_hit_rate(model: str, policy_name: str) -> float:
     policy = LeastLoadedPolicy() if policy_name == "least_loaded" else KVAwarePolicy(index)
     workers = {name: _Worker(name, model) for name in ("w0", "w1", "w2")}
     any_engine = workers["w0"].engine
-    extra = hash_extra(any_engine.fingerprint, str(any_engine.dtype), None)
+    extra = any_engine._hash_extra(None)
     systems = [[(17 * s + 3 * t) % 300 + 5 for t in range(48)] for s in range(4)]
     requests = [systems[(i * 7) % 4] + [(11 * i + t) % 300 + 5 for t in range(9)] for i in range(24)]
     for start in range(0, len(requests), 3):

@@ -27,16 +27,18 @@ class CorruptingTransport(KVTransport):
     def __init__(self, inner: KVTransport, corrupt_pulls: int):
         self.inner, self.remaining = inner, corrupt_pulls
         self.name, self.holds_source_blocks = inner.name, inner.holds_source_blocks
-        self.pool, self.layout = inner.pool, inner.layout
+        self.pool, self.layout, self.kv_scales = inner.pool, inner.layout, inner.kv_scales
 
     def _export(self, block_ids: list[int]) -> dict:
         return self.inner._export(block_ids)
 
-    def _read(self, handle: KVHandle, into_block_ids: list[int], timeout_s: float) -> None:
-        self.inner._read(handle, into_block_ids, timeout_s)
+    def _read(
+        self, handle: KVHandle, dest: torch.Tensor, into_block_ids: list[int], timeout_s: float
+    ) -> None:
+        self.inner._read(handle, dest, into_block_ids, timeout_s)
         if self.remaining > 0:
             self.remaining -= 1
-            block = self.pool[into_block_ids[-1]].view(-1)
+            block = dest[into_block_ids[-1]].view(-1)
             block[0] = block[0] + torch.ones((), dtype=block.dtype)
 
     def release(self, handle: KVHandle) -> None:

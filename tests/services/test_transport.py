@@ -162,6 +162,15 @@ def test_nixl_pull_converts_16_bit_blocks_into_an_fp8_pool(owner):
         stop()
 
 
+def test_nixl_pull_refuses_to_convert_into_an_fp8_pool_without_scales(owner):
+    ask, stop = spawn(pull, 4, BLOCK_SHAPE, None, True)
+    try:
+        status, message = ask("pull", owner("handle", [1]), [0])
+        assert status == "error" and "its scales are not set" in message
+    finally:
+        stop()
+
+
 def test_nixl_pull_reads_fp8_blocks_back_into_a_16_bit_pool(puller):
     from transport_owner import fp8_blocks
 

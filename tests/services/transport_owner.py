@@ -55,14 +55,18 @@ def serve(conn, num_blocks: int, seed: int, kv_scales: torch.Tensor | None = Non
 
 
 def pull(
-    conn, num_blocks: int, block_shape: tuple = BLOCK_SHAPE, kv_scales: torch.Tensor | None = None
+    conn,
+    num_blocks: int,
+    block_shape: tuple = BLOCK_SHAPE,
+    kv_scales: torch.Tensor | None = None,
+    fp8: bool = False,
 ) -> None:
     """Answer ("pull", handle, into_ids) -> ("ok", blocks) or ("error", message); ("converted",) -> blocks
-    converted so far; ("stop",). With kv_scales the pool is e4m3."""
+    converted so far; ("stop",). With kv_scales (or fp8) the pool is e4m3."""
     from services.transport import TransferError
 
     transport = NixlTransport()
-    dtype = torch.float32 if kv_scales is None else torch.float8_e4m3fn
+    dtype = torch.float8_e4m3fn if fp8 or kv_scales is not None else torch.float32
     transport.register(torch.zeros((num_blocks, *block_shape), dtype=dtype))
     transport.set_kv_scales(kv_scales)
     while True:
