@@ -9,7 +9,8 @@ and nothing is dequantized to memory. Each program keeps two fp32 accumulators u
 (16-bit values, rotated values); the splits merge by log-sum-exp, and the rotated part is turned back
 (R^T, one [D, D] product a head) after the merge.
 
-Program (sequence, KV head, split), one query a sequence (decode), a KV block a step.
+Program (sequence, KV head, split): the QLEN x GROUP queries of that KV head (each of the sequence's new tokens,
+causal among themselves: decode, or verifying drafts) as the rows of one matrix, a KV block a step.
 """
 
 import torch
@@ -98,6 +99,7 @@ def _coded_decode_kernel(
     D_PAD: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
+    QLEN: tl.constexpr,
     ROWS_PAD: tl.constexpr,
     BITS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -108,14 +110,18 @@ def _coded_decode_kernel(
     per_split = tl.cdiv(num_blocks, num_splits)
     first = split * per_split
     last = tl.minimum(first + per_split, num_blocks)
-    r = tl.arange(0, ROWS_PAD)
-    r_ok = r < GROUP
-    head = kv_head * GROUP + r
+    r = tl.arange(0, ROWS_PAD)  # row r: new token r // GROUP of the sequence, head r % GROUP of the group
+    r_ok = r < QLEN * GROUP
+    head = kv_head * GROUP + r % GROUP
+    token = seq * QLEN + r // GROUP  # its row in q and out
+    pos = seq_len - QLEN + r // GROUP  # its position: it sees keys 0..pos
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     qmask = r_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0)
-    q_rot_off = (seq * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]  # contiguous [B, H, D]
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0
+    )
+    q_rot_off = (token[:, None] * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]  # contiguous [T, H, D]
     q_rot = tl.load(q_rot_ptr + q_rot_off, mask=qmask, other=0.0).to(q.dtype)
     m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS_PAD], tl.float32)
@@ -137,7 +143,7 @@ def _coded_decode_kernel(
         else:
             kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             s = tl.dot(q, kb, input_precision=PRECISION)
-        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))  # [R, bs]
+        s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s * scale_log2, float("-inf"))  # [R, bs]
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None]
         acc_rot = acc_rot * alpha[:, None]
@@ -149,7 +155,7 @@ def _coded_decode_kernel(
                 base_ptr + sb1 + base[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
             )
             acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-    row = (seq * NUM_HEADS + head) * num_splits + split  # part [B, H, S, 2 * D_PAD], lse [B, H, S]
+    row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
     _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, D_PAD)
 
 
@@ -164,30 +170,36 @@ def coded_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int = 1,
+    query_len: int = 1,
 ) -> torch.Tensor:
-    """q [B, H, D] (one decode query a sequence) -> out [B, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit),
-    codes [N1, 2, bs, Hkv, D * bits / 8] uint8, norms [N1, 2, bs, Hkv] fp32, signs [Hkv, D] the layer's
-    rotation; block table entries >= N0 name coded blocks."""
-    B, H, D = q.shape
+    """q [B * query_len, H, D] (each sequence's last query_len tokens: 1 for decode, 1 + k to verify k
+    drafts) -> out [B * query_len, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit), codes
+    [N1, 2, bs, Hkv, D * bits / 8] uint8, norms [N1, 2, bs, Hkv] fp32, signs [Hkv, D] the layer's rotation;
+    block table entries >= N0 name coded blocks."""
+    T, H, D = q.shape
+    if query_len < 1 or T % query_len:
+        raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
+    B = T // query_len
     num_base, _, bs, kv_heads, _ = base_cache.shape
-    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens)
+    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B)
     group = H // kv_heads
     d_pad = triton.next_power_of_2(D)
     q_rot = rotate_queries(q, signs, group).contiguous()  # [B, H, D] fp32: once per head
     centroids, _ = device_codebook(bits, D, str(q.device))
-    part = torch.empty((B, H, num_splits, 2 * d_pad), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    part = torch.empty((T, H, num_splits, 2 * d_pad), dtype=torch.float32, device=q.device)
+    lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     if B:
         _coded_decode_kernel[(B, kv_heads, num_splits)](
             q, q_rot, base_cache, codes, norms, centroids, part, lse, block_tables, seq_lens,
             num_base, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
             BLOCK_SIZE=bs, HEAD_DIM=D, D_PAD=d_pad, NUM_HEADS=H, GROUP=group,
-            ROWS_PAD=max(16, triton.next_power_of_2(group)), BITS=bits, PRECISION=dot_precision(q.dtype),
+            QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
+            PRECISION=dot_precision(q.dtype),
         )  # fmt: skip
-    merged = torch.empty((B, H, 2 * d_pad), dtype=torch.float32, device=q.device)
+    merged = torch.empty((T, H, 2 * d_pad), dtype=torch.float32, device=q.device)
     if B:
-        _decode_merge_kernel[(B, H)](
+        _decode_merge_kernel[(T, H)](
             part, lse, merged, num_splits, merged.stride(0), merged.stride(1),
             NUM_HEADS=H, HEAD_DIM=2 * d_pad, D_PAD=2 * d_pad,
             SPLITS_PAD=max(triton.next_power_of_2(num_splits), 2),
@@ -197,8 +209,8 @@ def coded_decode_attention(
     return (merged[..., :D] + back).to(q.dtype)
 
 
-def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens) -> None:
-    B, H, D = q.shape
+def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B) -> None:
+    _, H, D = q.shape
     num_base, two, bs, kv_heads, dim = base_cache.shape
     if two != 2 or dim != D or H % kv_heads:
         raise ValueError(f"base_cache: [blocks, 2, bs, {H} / group, {D}], got {tuple(base_cache.shape)}")
@@ -219,9 +231,13 @@ def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, s
         raise ValueError("block_tables, seq_lens: int32, one row a sequence")
 
 
-def coded_decode_attention_ref(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, scale):
-    """The oracle: every coded block decoded back to the original basis (decode_ref), then plain attention."""
-    B, H, D = q.shape
+def coded_decode_attention_ref(
+    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, scale, query_len: int = 1
+):
+    """The oracle: every coded block decoded back to the original basis (decode_ref), then causal attention
+    of each sequence's last query_len tokens."""
+    T, H, D = q.shape
+    B = T // query_len
     num_base, _, bs, kv_heads, _ = base_cache.shape
     out = torch.empty_like(q)
     for i in range(B):
@@ -238,6 +254,9 @@ def coded_decode_attention_ref(q, base_cache, codes, norms, signs, bits, block_t
         kv = torch.stack(blocks)  # [n, 2, bs, Hkv, D]
         k = kv[:, 0].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
         v = kv[:, 1].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)
-        p = torch.softmax(torch.einsum("hd,lhd->hl", q[i].float(), k) * scale, dim=-1)
-        out[i] = torch.einsum("hl,lhd->hd", p, v).to(q.dtype)
+        rows = q[i * query_len : (i + 1) * query_len].float()  # [Q, H, D]
+        s = torch.einsum("qhd,lhd->qhl", rows, k) * scale
+        pos = torch.arange(L - query_len, L)[:, None, None]
+        s = s.masked_fill(torch.arange(L)[None, None, :] > pos, float("-inf"))
+        out[i * query_len : (i + 1) * query_len] = torch.einsum("qhl,lhd->qhd", s.softmax(-1), v).to(q.dtype)
     return out

@@ -43,6 +43,22 @@ def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits)
     assert err < TOL[dtype], f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_verify_rows_attend_causally_over_mixed_blocks(bits):
+    """Three new tokens a sequence (verifying two drafts): each sees the context up to its own position."""
+    q, base, codes, norms, signs, bits, tables, lens = _problem(bits, torch.float32, seed=bits + 10)
+    q3 = torch.randn(4 * 3, q.shape[1], D, generator=torch.Generator().manual_seed(1)).to(q.device)
+    got = coded_decode_attention(q3, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, query_len=3)
+    want = coded_decode_attention_ref(q3, base, codes, norms, signs, bits, tables, lens, D**-0.5, query_len=3)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < TOL[torch.float32], f"relative error {err:.2e}"
+    # the first new token of each sequence does not see the two after it
+    first = coded_decode_attention(
+        q3[::3].contiguous(), base, codes, norms, signs, bits, tables, lens - 2, D**-0.5
+    )
+    torch.testing.assert_close(got[::3], first, rtol=1e-4, atol=1e-5)
+
+
 def test_codes_matter():
     """The coded blocks are read as codes: swapping one block's codes changes only its sequence's output."""
     args = list(_problem(4, torch.float32))
