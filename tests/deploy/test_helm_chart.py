@@ -39,6 +39,7 @@ VALUE_SETS = {
     ],
     "aggregated-embedded": ["--set", "mode=aggregated", "--set", "registry.etcd.mode=embedded"],
     "ngram": ["--set", "speculative.method=ngram"],
+    "fp8-decode": ["--set", "pools.decode.weightDtype=fp8", "--set", "pools.decode.kvDtype=fp8"],
 }
 
 
@@ -160,6 +161,9 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
         assert config.spec == "draft" and config.draft.replicas == 4
     if values == "ngram":
         assert config.spec == "ngram" and "draft" not in groups
+    if values == "fp8-decode":  # bf16 prefill, fp8 decode: the KV is converted as it lands
+        assert config.decode.engine_options()["kv_cache_dtype"] == "fp8"
+        assert config.decode.weight_format == "fp8" and config.prefill.kv_dtype == "auto"
 
 
 @pytest.mark.parametrize(
@@ -175,6 +179,7 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
         (["--set", "registry.etcd.mode=external"], "externalEndpoint"),
         (["--set", "registry.etcd.members=2"], "members"),
         (["--set", "pools.decode.weightDtype=int3"], "weightDtype"),
+        (["--set", "pools.decode.kvDtype=int4"], "kvDtype"),
         (
             ["--set", "pools.decode.kvMemory.ssd.type=pvc", "--set", "pools.decode.kvMemory.dramBlocks=4"],
             "claimName",
