@@ -65,8 +65,9 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights, only config.json needed (benchmarks)
     enforce_eager: bool = False  # True: no CUDA graphs
     # steps of other shapes (prefill chunks and decodes packed) of up to this many tokens replay piecewise
-    # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly. Off by default until
-    # a GPU run has checked it (tests/engine/test_gpu_engine.py -k piecewise); 512 is the intended default
+    # CUDA graphs around attention (engine/piecewise_graphs.py); 0: they run eagerly. They match the CPU
+    # reference on an H100 (tests/engine/test_gpu_engine.py -k piecewise); off by default until a GPU run of
+    # benchmarks.gpu_engine --mixed measures them; 512 is the intended default
     cuda_graph_max_tokens: int = 0
     # weights quantized at load (engine/quantization.py): None (the checkpoint's dtype) or "fp8"
     quantization: str | None = None

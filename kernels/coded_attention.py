@@ -256,7 +256,7 @@ def coded_decode_attention_ref(
         v = kv[:, 1].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)
         rows = q[i * query_len : (i + 1) * query_len].float()  # [Q, H, D]
         s = torch.einsum("qhd,lhd->qhl", rows, k) * scale
-        pos = torch.arange(L - query_len, L)[:, None, None]
-        s = s.masked_fill(torch.arange(L)[None, None, :] > pos, float("-inf"))
+        pos = torch.arange(L - query_len, L, device=q.device)[:, None, None]
+        s = s.masked_fill(torch.arange(L, device=q.device)[None, None, :] > pos, float("-inf"))
         out[i * query_len : (i + 1) * query_len] = torch.einsum("qhl,lhd->qhd", s.softmax(-1), v).to(q.dtype)
     return out
