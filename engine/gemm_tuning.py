@@ -98,20 +98,8 @@ def _tune_shape(layers: list[Linear], rows: int, timer: Timer, num_sms: int, act
             continue
         if best is None or t < best[1]:
             best = (cfg, t)
-    if best is None:
-        return {
-            "out_features": n,
-            "in_features": k,
-            "fp8": layers[0].is_fp8,
-            "rows": rows,
-            "layers": len(layers),
-            "dense_us": round(dense * 1e3, 2),
-            "skinny_us": None,
-            "config": None,
-            "chosen": False,
-        }
-    chosen = best[1] < dense * (1 - MIN_GAIN)
-    if chosen:
+    chosen = best is not None and best[1] < dense * (1 - MIN_GAIN)
+    if best is not None and chosen:
         for layer in layers:
             layer.skinny[rows] = best[0]
     return {
@@ -121,8 +109,8 @@ def _tune_shape(layers: list[Linear], rows: int, timer: Timer, num_sms: int, act
         "rows": rows,
         "layers": len(layers),
         "dense_us": round(dense * 1e3, 2),
-        "skinny_us": round(best[1] * 1e3, 2),
-        "config": dataclasses.asdict(best[0]),
+        "skinny_us": None if best is None else round(best[1] * 1e3, 2),
+        "config": None if best is None else dataclasses.asdict(best[0]),
         "chosen": chosen,
     }
 
