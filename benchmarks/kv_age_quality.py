@@ -47,8 +47,8 @@ class AgedKVReference(TorchAttentionBackend):
             self._seen[T] = self.policy.bits_seen(T, self.bs)
         return self._seen[T]
 
-    def attend(self, q, kv_cache, meta, scale, sliding_window, kv_scales=None):
-        assert meta.num_seqs == 1 and sliding_window is None and kv_scales is None
+    def attend(self, q, kv_cache, meta, scale, sliding_window, kv_scales=None, coded=None):
+        assert meta.num_seqs == 1 and sliding_window is None and kv_scales is None and coded is None
         layer = self.layer_of[kv_cache.data_ptr()]
         T, H, D = q.shape
         heads = kv_cache.shape[3]

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from engine.kv.age_policy import KVAgePolicy, age_policy_from_dict
 from engine.kv.kv_format import check_kv_cache_dtype
 from engine.sampling_params import MAX_LOGPROBS
 
@@ -19,9 +20,19 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # auto: the activations' dtype; fp8 (= fp8_e4m3): e4m3 with per-(layer, KV head) scales (engine/kv/kv_format.py)
     kv_cache_dtype: str = "auto"
+    # KV precision by age (engine/kv/age_policy.py; a dict of its fields is taken too): None keeps every block
+    # in kv_cache_dtype; else a decoding request's old blocks move to a low-bit pool of kv_coded_fraction of
+    # the budget (or num_coded_blocks blocks, when num_blocks is given)
+    kv_age_policy: KVAgePolicy | None = None
+    kv_coded_fraction: float = 0.5
+    num_coded_blocks: int | None = None
 
     def __post_init__(self) -> None:
         check_kv_cache_dtype(self.kv_cache_dtype)
+        if isinstance(self.kv_age_policy, dict):
+            object.__setattr__(self, "kv_age_policy", age_policy_from_dict(self.kv_age_policy))
+        if self.kv_age_policy is not None:
+            self._check_age_policy(self.kv_age_policy)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: got {self.block_size}, allowed a power of two >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -30,6 +41,29 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_bytes: got {self.kv_cache_memory_bytes}, allowed > 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization: got {self.gpu_memory_utilization}, allowed (0, 1]")
+
+    def _check_age_policy(self, policy: KVAgePolicy) -> None:
+        if not isinstance(policy, KVAgePolicy):
+            raise ValueError(
+                f"kv_age_policy: got {policy!r}, allowed a KVAgePolicy, a dict of its fields or None"
+            )
+        policy.check_block_size(self.block_size)
+        if policy.horizon is not None:
+            raise ValueError(
+                "kv_age_policy.horizon: the engine holds one coded width a pool; give no horizon"
+            )
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(
+                f"kv_age_policy: needs kv_cache_dtype 'auto' (16-bit recent blocks), got {self.kv_cache_dtype!r}"
+            )
+        if self.block_size < 16:
+            raise ValueError(f"kv_age_policy: needs block_size >= 16 (a kernel step), got {self.block_size}")
+        if not 0.0 < self.kv_coded_fraction < 1.0:
+            raise ValueError(f"kv_coded_fraction: got {self.kv_coded_fraction}, allowed (0, 1)")
+        if self.num_coded_blocks is not None and (self.num_coded_blocks < 1 or self.num_blocks is None):
+            raise ValueError(
+                f"num_coded_blocks: got {self.num_coded_blocks}, allowed >= 1 and only with num_blocks"
+            )
 
 
 @dataclass(frozen=True)

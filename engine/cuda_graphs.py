@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from engine.attention import AttentionBackend, AttentionMetadata, CodedLayer, ForwardContext
 from engine.models.decoder import DecoderForCausalLM
 from kernels.decode_attention import num_kv_splits
 
@@ -80,11 +80,14 @@ class CUDAGraphRunner:
         device: torch.device,
         max_spec_len: int = 0,
         max_verify_tokens: int = 0,
+        coded: list[CodedLayer] | None = None,
     ):
         """max_spec_len: verification graphs for 1 + k tokens a sequence, k = 1..max_spec_len, at batch
-        sizes up to max_verify_tokens // (1 + k) (past that, drafting stops: engine/spec/drafter.py)."""
+        sizes up to max_verify_tokens // (1 + k) (past that, drafting stops: engine/spec/drafter.py);
+        coded: the low-bit blocks of a KV age policy (the graphs read both formats)."""
         self.model = model
         self.kv_caches = kv_caches
+        self.coded = coded
         self.backend = backend
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -116,7 +119,7 @@ class CUDAGraphRunner:
             uniform_query_len=q,
         )
         cos, sin = self.model.rotary.cos_sin(inputs.positions[:T])
-        ctx = ForwardContext(meta, self.kv_caches, self.backend, cos, sin)
+        ctx = ForwardContext(meta, self.kv_caches, self.backend, cos, sin, coded=self.coded)
         return self.model.compute_logits(self.model(inputs.input_ids[:T], ctx))  # [T, vocab]
 
     @torch.inference_mode()

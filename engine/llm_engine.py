@@ -27,6 +27,7 @@ from engine.errors import ParameterError
 from engine.gemm_tuning import tune_skinny_linears
 from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
+from engine.kv.coded_pool import CodedKVPool, check_model_for_age_policy, split_kv_budget
 from engine.kv.events import KVEventLog
 from engine.kv.handoff import KVHandoff
 from engine.kv.kv_format import CALIBRATION_TEXT, FP8_KV, KVFormat, cache_torch_dtype
@@ -133,14 +134,33 @@ class LLMEngine:
             raise ParameterError(
                 "kv_cache_dtype", f"fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
             )
-        num_blocks = num_blocks_for(cache, self.model_config, kv_dtype, self.device)
+        policy = cache.kv_age_policy
+        num_coded = 0
+        if policy is None:
+            num_blocks = num_blocks_for(cache, self.model_config, kv_dtype, self.device)
+        else:
+            check_model_for_age_policy(self.model_config)
+            num_blocks, num_coded = split_kv_budget(cache, self.model_config, kv_dtype, self.device, policy)
         self.kv_pool = allocate_kv_pool(
             num_blocks, self.model_config, cache.block_size, kv_dtype, self.device
+        )
+        # the low-bit pool of KV precision by age (block ids from num_blocks on)
+        self.coded_pool = (
+            None
+            if policy is None
+            else CodedKVPool.allocate(
+                num_coded, num_blocks, self.model_config, cache.block_size, policy, self.device
+            )
         )
         self.kv_events = KVEventLog()  # drained by the worker that owns this engine
         self.offloader = self._offloader(kv_store_factory)
         self.block_manager = BlockManager(
-            num_blocks, cache.block_size, cache.enable_prefix_caching, self.kv_events, listener=self.offloader
+            num_blocks,
+            cache.block_size,
+            cache.enable_prefix_caching,
+            self.kv_events,
+            listener=self.offloader,
+            num_coded_blocks=num_coded,
         )
         self.stats = EngineStats()
         self.scheduler = Scheduler(
@@ -150,6 +170,7 @@ class LLMEngine:
             offloader=self.offloader,
             stats=self.stats,
             max_spec_len=config.num_speculative_tokens,
+            age_policy=policy,
         )
         self.kv_format = self._kv_format()  # before any block is hashed: the format is part of the hash
         self.gemm_table = self._tune_gemms()  # before graph capture: the graphs record the chosen kernels
@@ -161,6 +182,7 @@ class LLMEngine:
             self.device,
             self._graphs(),
             self._piecewise_graphs(),
+            self.coded_pool,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -261,6 +283,7 @@ class LLMEngine:
             self.device,
             max_spec_len=0 if isinstance(self.drafter, NullDrafter) else self.config.num_speculative_tokens,
             max_verify_tokens=self.config.spec_max_batch_tokens,
+            coded=None if self.coded_pool is None else self.coded_pool.layers(),
         )
         graphs.capture()
         return graphs
@@ -279,6 +302,7 @@ class LLMEngine:
             self.config.cache.block_size,
             max_tokens,
             self.device,
+            coded=None if self.coded_pool is None else self.coded_pool.layers(),
         )
         runner.capture()
         return runner
@@ -322,12 +346,21 @@ class LLMEngine:
         max_len = min(
             self.max_model_len, len(prompt_ids) + len(resumed) + (params.max_tokens or self.max_model_len)
         )
-        need = -(-max_len // self.block_manager.block_size)
-        if need > self.block_manager.num_blocks:
+        bm = self.block_manager
+        need = -(-max_len // bm.block_size)
+        if need > bm.num_blocks + bm.num_coded_blocks:
             raise ParameterError(
-                "prompt",
-                f"with max_tokens it needs {need} KV blocks, the pool has {self.block_manager.num_blocks}",
+                "prompt", f"with max_tokens it needs {need} KV blocks, the pool has {bm.num_blocks}"
             )
+        policy = self.config.cache.kv_age_policy
+        if policy is not None and need > bm.num_blocks:  # it relies on aging: sinks, window, two more blocks
+            base = -(-policy.sinks // bm.block_size) + policy.window // bm.block_size + 2
+            if base > bm.num_blocks:
+                raise ParameterError(
+                    "prompt",
+                    f"with max_tokens it needs {need} KV blocks; the age policy's sinks and window "
+                    f"hold {base} 16-bit blocks, the pool has {bm.num_blocks}",
+                )
         if (resumed or request.hold_kv) and params.n != 1:
             raise ParameterError("n", "resuming a request or holding its KV needs n == 1")
         if params.max_tokens is not None and len(resumed) >= params.max_tokens:

@@ -16,6 +16,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.attention.triton_backend import MAX_DECODE_QUERY_LEN
 from engine.cuda_graphs import CUDAGraphRunner, InputLayout, StaticInputs
 from engine.kv.block_manager import BlockManager
+from engine.kv.coded_pool import CodedKVPool
 from engine.kv.pool import layer_views
 from engine.logits_processors import LogitsRow, apply_logits_processing, needs_processing
 from engine.models.decoder import DecoderForCausalLM
@@ -125,10 +126,13 @@ class ModelRunner:
         device: torch.device,
         graphs: CUDAGraphRunner | None = None,
         piecewise: PiecewiseGraphRunner | None = None,
+        coded_pool: CodedKVPool | None = None,
     ):
         self.model = model
         self.kv_pool = kv_pool
         self.kv_caches = layer_views(kv_pool)
+        self.coded_pool = coded_pool  # KV precision by age: the low-bit blocks (ids from the pool's size on)
+        self.coded = coded_pool.layers() if coded_pool is not None else None
         self.backend = backend
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
@@ -199,6 +203,7 @@ class ModelRunner:
             query_start_loc_cpu=query_start.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
             block_size=self.block_size,
+            has_coded=self.block_manager.num_used_coded_blocks > 0,  # maybe not this step's: then a no-op
         )
         self.backend.plan(attn, self.model.config.num_kv_heads)
         return StepInputs(
@@ -303,7 +308,7 @@ class ModelRunner:
         if self.piecewise is not None and self.piecewise.can_run(len(inputs.input_ids)):
             return self.piecewise.run(inputs.input_ids, inputs.positions, inputs.attn)
         cos, sin = self.model.rotary.cos_sin(inputs.positions)
-        ctx = ForwardContext(inputs.attn, self.kv_caches, self.backend, cos, sin)
+        ctx = ForwardContext(inputs.attn, self.kv_caches, self.backend, cos, sin, coded=self.coded)
         return self.model(inputs.input_ids, ctx)
 
     @torch.inference_mode()
@@ -314,6 +319,9 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> StepFuture:
         """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
+        if sched.aged:
+            assert self.coded_pool is not None
+            self.coded_pool.encode_blocks(self.kv_pool, sched.aged)  # before the step reads their new ids
         inputs = self.prepare(sched)
         requests = inputs.sample_requests
         if inputs.graph_batch and self.graphs is not None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
+from engine.attention import AttentionBackend, AttentionMetadata, CodedLayer, ForwardContext
 from engine.models.decoder import DecoderForCausalLM, DecoderLayer
 
 
@@ -36,8 +36,10 @@ class PiecewiseGraphRunner:
         block_size: int,
         max_tokens: int,
         device: torch.device,
+        coded: list[CodedLayer] | None = None,
     ):
         cfg = model.config
+        self.coded = coded  # the low-bit blocks of a KV age policy (attention runs between the pieces)
         self.model = model
         self.layers: list[DecoderLayer] = [
             layer for layer in model.model.layers if isinstance(layer, DecoderLayer)
@@ -131,7 +133,7 @@ class PiecewiseGraphRunner:
         self.positions[T:bucket].fill_(0)
         self.slot_mapping[:T].copy_(attn.slot_mapping)
         self.slot_mapping[T:bucket].fill_(-1)
-        ctx = ForwardContext(attn, self.kv_caches, self.backend, self.cos[:T], self.sin[:T])
+        ctx = ForwardContext(attn, self.kv_caches, self.backend, self.cos[:T], self.sin[:T], coded=self.coded)
         layers = self.layers
         for i in range(len(layers) + 1):
             graph = self.graphs.get((bucket, i))

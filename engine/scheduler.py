@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.config import SchedulerConfig
+from engine.kv.age_policy import KVAgePolicy
 from engine.kv.block_hash import update_block_hashes
 from engine.kv.block_manager import Block, BlockManager
 from engine.kv.offload import KVOffloader, NullOffloader
@@ -34,6 +35,8 @@ class SchedulerOutput:
     samples: list[bool] = field(
         default_factory=list
     )  # per scheduled request: the step samples its next token
+    # blocks a KV age policy moved to the low-bit pool: (16-bit id, coded id), re-encoded before the step runs
+    aged: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -73,9 +76,11 @@ class Scheduler:
         offloader: KVOffloader | NullOffloader | None = None,
         stats: EngineStats | None = None,
         max_spec_len: int = 0,
+        age_policy: KVAgePolicy | None = None,
     ):
         """offloader: loads prompt blocks that lower KV tiers hold (a NullOffloader: none); stats: counters
-        the update step keeps; max_spec_len: the most drafts a request's adaptive draft length reaches."""
+        the update step keeps; max_spec_len: the most drafts a request's adaptive draft length reaches;
+        age_policy: the bits a decoding request's blocks are held at by age (the block manager's coded pool)."""
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -83,6 +88,7 @@ class Scheduler:
         self.offloader = offloader or NullOffloader()
         self.stats = stats or EngineStats()
         self.max_spec_len = max_spec_len
+        self.age_policy = age_policy
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -125,6 +131,8 @@ class Scheduler:
                     num_new += len(request.spec_token_ids)
                 else:
                     request.spec_token_ids = []
+            if self.age_policy is not None and num_new > 1 and not request.spec_token_ids:
+                num_new = max(1, min(num_new, self.block_manager.fitting_tokens(request)))  # aging frees more
             while not self.block_manager.allocate_slots(request, num_new):
                 if request.spec_token_ids:  # memory is short: verify no drafts rather than preempt anyone
                     num_new -= len(request.spec_token_ids)
@@ -152,7 +160,18 @@ class Scheduler:
             out.samples.append(samples)
             request.num_inflight_tokens += n
             request.num_output_placeholders += samples
+            if self.age_policy is not None and not request.hold_kv:
+                out.aged += self._age(request, start, n)
         return out
+
+    def _age(self, request: Request, start: int, n: int) -> list[tuple[int, int]]:
+        """The blocks the age policy holds coded at this step's context length (start + n), among those
+        earlier steps computed (a prefill chunk's own blocks age later). A chunk reads its context at the
+        bits its last position would."""
+        assert self.age_policy is not None
+        bs = self.block_manager.block_size
+        coded = self.age_policy.coded_blocks(start + n, bs)
+        return self.block_manager.age(request, range(coded.start, min(coded.stop, start // bs)))
 
     def _may_run_ahead(self, request: Request) -> bool:
         """Whether a request whose last step is still in flight may be scheduled again now: not when the
@@ -188,6 +207,8 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
+            if self.age_policy is not None and num_new > 1:  # a chunk that fits: aging frees more blocks
+                num_new = max(1, min(num_new, self.block_manager.fitting_tokens(request, hits)))
             while not self.block_manager.allocate_slots(request, num_new, hits):
                 victim = self._victim_for(request)
                 if victim is None:

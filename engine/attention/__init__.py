@@ -1,3 +1,9 @@
-from engine.attention.backend import AttentionBackend, AttentionMetadata, ForwardContext, get_backend
+from engine.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    CodedLayer,
+    ForwardContext,
+    get_backend,
+)
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "ForwardContext", "get_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "CodedLayer", "ForwardContext", "get_backend"]

@@ -8,6 +8,18 @@ import torch
 from kernels.rotary import rotary_ref, rotate_qk
 
 
+@dataclass(frozen=True)
+class CodedLayer:
+    """One layer's low-bit KV blocks (KV precision by age, engine/kv/coded_pool.py): block table entries at or
+    above num_base_blocks name block (entry - num_base_blocks) here."""
+
+    codes: torch.Tensor  # [N1, 2, block_size, kv_heads, head_dim * bits / 8] uint8
+    norms: torch.Tensor  # [N1, 2, block_size, kv_heads] fp32
+    signs: torch.Tensor  # [kv_heads, head_dim] fp32: this layer's rotation
+    bits: int
+    num_base_blocks: int
+
+
 @dataclass
 class AttentionMetadata:
     """Built once per step by the ModelRunner, passed to every layer.
@@ -29,6 +41,8 @@ class AttentionMetadata:
     num_kv_splits: int = 1  # set by the backend's plan() for decode-only steps
     # every sequence computes this many new tokens (1: decode, 1 + k: verifying k drafts); 0: they differ
     uniform_query_len: int = 0
+    # some block table entry names a coded (low-bit) block: only with a KV age policy
+    has_coded: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -86,9 +100,11 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None,
         kv_scales: torch.Tensor | None = None,
+        coded: CodedLayer | None = None,
     ) -> torch.Tensor:
         """q [T, heads, head_dim] -> out [T, heads, head_dim]. An FP8 cache is read as it is, its
-        kv_scales [2, kv_heads] applied in the kernel."""
+        kv_scales [2, kv_heads] applied in the kernel. With `coded`, block table entries at or above
+        coded.num_base_blocks are read from its low-bit blocks."""
 
 
 @dataclass
@@ -102,6 +118,7 @@ class ForwardContext:
     sin: torch.Tensor  # [T, head_dim]
     # engine start's calibration prefill: each layer sets its FP8 KV scales from this step's K and V
     calibrate_kv: bool = False
+    coded: list[CodedLayer] | None = None  # per layer: the low-bit blocks, with a KV age policy
 
 
 _BACKENDS: dict[str, str] = {

@@ -1,9 +1,17 @@
 """Triton paged attention: the split-KV decode kernel when every sequence computes the same few tokens
-(decode, verification of k drafts), the varlen kernel otherwise."""
+(decode, verification of k drafts), the varlen kernel otherwise.
+
+With low-bit blocks (a KV age policy), decode and verify steps run the mixed-format kernel
+(kernels/coded_attention.py), which reads codes as they are, whether or not a block is coded yet (so one
+captured graph serves every step). Other steps whose tables name coded blocks (a decode packed with a prefill
+chunk) read those blocks decoded by the reference: prefill attention over codes is not built yet.
+"""
 
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.attention.torch_backend import with_decoded_blocks
+from kernels.coded_attention import coded_decode_attention
 from kernels.decode_attention import decode_attention, num_kv_splits
 from kernels.kv_write import kv_write
 from kernels.prefill_attention import prefill_attention
@@ -36,12 +44,32 @@ class TritonAttentionBackend(AttentionBackend):
     def rope_and_write_kv(self, q, k, v, cos, sin, kv_cache, meta: AttentionMetadata, kv_scales=None):
         return rope_kv_write(q, k, v, cos, sin, kv_cache, meta.slot_mapping, kv_scales)  # one launch, not two
 
-    def attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window, kv_scales=None):
-        if query_len := decode_query_len(meta):
+    def attend(
+        self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window, kv_scales=None, coded=None
+    ):
+        query_len = decode_query_len(meta)
+        block_tables = meta.block_tables
+        if coded is not None and query_len:
+            return coded_decode_attention(
+                q,
+                kv_cache,
+                coded.codes,
+                coded.norms,
+                coded.signs,
+                coded.bits,
+                block_tables,
+                meta.seq_lens,
+                scale,
+                meta.num_kv_splits,
+                query_len=query_len,
+            )
+        if coded is not None and meta.has_coded:
+            kv_cache, block_tables = with_decoded_blocks(kv_cache, block_tables, coded)
+        if query_len:
             return decode_attention(
                 q,
                 kv_cache,
-                meta.block_tables,
+                block_tables,
                 meta.seq_lens,
                 scale,
                 meta.num_kv_splits,
@@ -52,7 +80,7 @@ class TritonAttentionBackend(AttentionBackend):
         return prefill_attention(
             q,
             kv_cache,
-            meta.block_tables,
+            block_tables,
             meta.seq_lens,
             meta.query_start_loc,
             meta.max_query_len,

@@ -6,6 +6,7 @@ tokens stay in the pool's base format (16-bit or fp8). Older full blocks are cod
 older than `horizon` tokens at `low_bits`. Sinks and window are whole blocks: a block is aged as one.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ class KVAgePolicy:
     window: int = 512  # tokens
     horizon: int | None = None  # tokens; None: no second step down
     low_bits: int | None = None
+    seed: int = 0  # the rotations' seed (kernels/turboquant.py rotation_signs)
 
     def __post_init__(self) -> None:
         if self.bits not in CODE_BITS:
@@ -65,6 +67,15 @@ class KVAgePolicy:
                 out.append(self.bits)
         return out
 
+    def coded_blocks(self, num_tokens: int, block_size: int) -> range:
+        """The blocks held at `bits` (block_bits' non-BASE entries, without a horizon): past the sinks and
+        wholly older than the window."""
+        if self.horizon is not None:
+            raise ValueError(
+                "kv_age_policy.horizon: the engine holds one coded width a pool; give no horizon"
+            )
+        return range(-(-self.sinks // block_size), max(num_tokens - self.window, 0) // block_size)
+
     def bits_seen(self, num_tokens: int, block_size: int) -> torch.Tensor:
         """[T, T]: the bits key position j is held at when query position t is decoded (T = num_tokens)."""
         rows = []
@@ -83,3 +94,14 @@ class KVAgePolicy:
             for _ in range(min(block_size, num_tokens - i * block_size))
         ]
         return sum(per_token) / num_tokens
+
+
+def age_policy_from_dict(fields: dict) -> KVAgePolicy:
+    """A policy from JSON (`--kv-age-policy '{"bits": 4, "window": 512}'`): unknown fields are named."""
+    allowed = {f.name for f in dataclasses.fields(KVAgePolicy)}
+    if unknown := sorted(set(fields) - allowed):
+        raise ValueError(f"kv_age_policy: unknown field(s) {unknown}, allowed {sorted(allowed)}")
+    for name, value in fields.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"kv_age_policy.{name}: got {value!r}, allowed an integer")
+    return KVAgePolicy(**fields)

@@ -47,20 +47,26 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         events: KVEventLog | None = None,
         listener: BlockListener | None = None,
+        num_coded_blocks: int = 0,
     ):
         """events: where stored / removed hashes are recorded (bounded; a worker drains it); listener: told
-        when a block is cached or about to be reused (a KV offloader copies it down)."""
+        when a block is cached or about to be reused (a KV offloader copies it down); num_coded_blocks: the
+        low-bit pool of a KV age policy, ids num_blocks .. num_blocks + num_coded_blocks - 1."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks: got {num_blocks}, allowed >= 1")
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_coded_blocks = num_coded_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = [Block(i) for i in range(num_blocks + num_coded_blocks)]
         self.free_queue = FreeBlockQueue(range(num_blocks))
+        # coded blocks are never hashed (the prefix cache keeps the 16-bit original while it lasts)
+        self.free_coded: list[int] = list(range(num_blocks + num_coded_blocks - 1, num_blocks - 1, -1))
         self.cached: dict[bytes, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
+        self.req_aged: dict[str, int] = {}  # per request: the first block index age() has not decided yet
         self.events = events or KVEventLog()
         self.listener = listener or _Unheard()
 
@@ -76,6 +82,36 @@ class BlockManager:
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def num_used_coded_blocks(self) -> int:
+        return self.num_coded_blocks - len(self.free_coded)
+
+    def age(self, request: Request, coded: range) -> list[tuple[int, int]]:
+        """Move the request's blocks in `coded` (block indices the age policy holds coded) into coded blocks:
+        the table entry becomes the coded id and the 16-bit block is released (its hash and KV stay findable
+        for prefix hits until it is reused). -> [(16-bit id, coded id)] for the caller to re-encode before
+        any later step runs. Each block is decided once: one other requests share stays 16-bit; when the
+        coded pool is full the rest wait for a later step."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        ids = self.req_block_ids.get(request.request_id, [])
+        first = max(coded.start, self.req_aged.get(request.request_id, 0))
+        moves = []
+        for i in range(first, min(coded.stop, len(blocks))):
+            block = blocks[i]
+            self.req_aged[request.request_id] = i + 1
+            if block.block_id >= self.num_blocks or block.ref_cnt != 1:
+                continue
+            if not self.free_coded:
+                self.req_aged[request.request_id] = i
+                break
+            low = self.blocks[self.free_coded.pop()]
+            low.ref_cnt = 1
+            blocks[i], ids[i] = low, low.block_id
+            moves.append((block.block_id, low.block_id))
+            block.ref_cnt = 0
+            self.free_queue.push(block.block_id, block.block_hash is not None, request.priority)
+        return moves
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (do not modify)."""
@@ -128,6 +164,13 @@ class BlockManager:
             blocks.append(self._pop_free())
         ids.extend(b.block_id for b in blocks[len(ids) :])
         return True
+
+    def fitting_tokens(self, request: Request, computed_blocks: Sequence[Block] = ()) -> int:
+        """How many new tokens allocate_slots could take now (the free blocks and the last one's room)."""
+        held = len(self.req_blocks.get(request.request_id, ())) + len(computed_blocks)
+        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        num_computed = request.scheduled_tokens + len(computed_blocks) * self.block_size
+        return (held + self.num_free_blocks - num_free_hits) * self.block_size - num_computed
 
     def allocate_blocks(
         self, request_id: str, num_blocks: int, hits: Sequence[Block] = ()
@@ -197,10 +240,13 @@ class BlockManager:
         blocks = self.req_blocks.pop(request_id, [])
         self.req_block_ids.pop(request_id, None)
         self.req_num_cached_blocks.pop(request_id, None)
+        self.req_aged.pop(request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
-            if block.ref_cnt == 0:
+            if block.ref_cnt == 0 and block.block_id >= self.num_blocks:
+                self.free_coded.append(block.block_id)
+            elif block.ref_cnt == 0:
                 self.free_queue.push(block.block_id, block.block_hash is not None, priority)
 
     def reset_prefix_cache(self) -> None:

@@ -17,16 +17,21 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
+    """The bytes the KV pools may take: kv_cache_memory_bytes, else what leaves the device's memory in use
+    at gpu_memory_utilization of its total (CUDA), else CPU_DEFAULT_BUDGET."""
+    if cache.kv_cache_memory_bytes is not None:
+        return cache.kv_cache_memory_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free - (1 - cache.gpu_memory_utilization) * total)
+    return CPU_DEFAULT_BUDGET
+
+
 def num_blocks_for(cache: CacheConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
-    budget = cache.kv_cache_memory_bytes
-    if budget is None:
-        if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            budget = int(free - (1 - cache.gpu_memory_utilization) * total)
-        else:
-            budget = CPU_DEFAULT_BUDGET
+    budget = kv_budget_bytes(cache, device)
     num = budget // bytes_per_block(cfg, cache.block_size, dtype)
     if num < 1:
         raise ValueError(

@@ -55,7 +55,10 @@ class SelfAttention(nn.Module):
     def attend(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """q [T, Hq, D] -> attention output [T, Hq, D] over the paged pool."""
         kv_cache = ctx.kv_caches[self.layer_idx]
-        return ctx.backend.attend(q, kv_cache, ctx.attn, self.scale, self.sliding_window, self.kv_scales)
+        coded = ctx.coded[self.layer_idx] if ctx.coded is not None else None
+        return ctx.backend.attend(
+            q, kv_cache, ctx.attn, self.scale, self.sliding_window, self.kv_scales, coded
+        )
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,192 @@
+"""KV precision by age in the engine (issue 23): a decoding request's old blocks move to the low-bit pool and
+attention reads them there, exactly as the policy's reference would; nothing leaks under aborts,
+preemption, n > 1, prefix hits or speculative decoding; bad policies are named."""
+
+import re
+
+import pytest
+import torch
+
+from benchmarks.kv_age_quality import AgedKVReference
+from benchmarks.quant_quality import window_logits
+from benchmarks.spec_acceptance import MODELS
+from engine import LLM
+from engine.config import CacheConfig
+from engine.kv.age_policy import KVAgePolicy
+from engine.kv.coded_pool import bytes_per_coded_block
+from engine.kv.pool import bytes_per_block
+from engine.request import EngineRequest
+from engine.sampling_params import SamplingParams
+from kernels.turboquant import rotation_signs
+
+TARGET = str(MODELS / "ridgeline-ref-target")
+POLICY = KVAgePolicy(bits=4, sinks=16, window=32, seed=7)
+# 40 tokens: under sinks + window + a block, so the reference codes nothing at prompt positions either
+PROMPT = list(range(300, 340))
+
+
+def greedy(max_tokens: int, logprobs: int | None = 0, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=logprobs, **kw)
+
+
+def token_logprobs(out) -> list[float]:
+    o = out.outputs[0]
+    return [lp[t] for t, lp in zip(o.token_ids, o.logprobs, strict=True)]
+
+
+def assert_all_free(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert bm.num_used_coded_blocks == 0
+    assert not bm.req_blocks and not bm.req_aged
+
+
+@pytest.fixture(scope="module")
+def aged_run():
+    llm = LLM(TARGET, device="cpu", dtype="float32", num_blocks=64, kv_age_policy=POLICY)
+    seen_coded = []
+    step = llm.engine.step
+
+    def counting_step():
+        outs = step()
+        seen_coded.append(llm.engine.block_manager.num_used_coded_blocks)
+        return outs
+
+    llm.engine.step = counting_step
+    out = llm.generate([PROMPT], greedy(96))[0]
+    return llm, out, seen_coded
+
+
+def test_decode_reads_aged_blocks_as_the_policy_reference_does(aged_run):
+    """Teacher-forced through a torch reference that reads each block at the bits the policy gives it at
+    each query position, the aged engine's tokens get the logprobs the engine reported; the 16-bit engine's
+    differ by far more, so the comparison can tell aging from none."""
+    llm, out, seen_coded = aged_run
+    assert max(seen_coded) == (40 + 96 - 32) // 16 - 1  # every block past the sink and older than the window
+    tokens = out.outputs[0].token_ids
+    aged = token_logprobs(out)
+
+    plain = LLM(TARGET, device="cpu", dtype="float32", num_blocks=64, max_num_batched_tokens=256)
+    plain_out = plain.generate([PROMPT], greedy(96))[0]
+    engine = plain.engine
+    cfg = engine.model_config
+    signs = rotation_signs(POLICY.seed, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    layer_of = {view.data_ptr(): i for i, view in enumerate(engine.runner.kv_caches)}
+    engine.runner.backend = AgedKVReference(POLICY, signs, layer_of, 16)
+    logprobs = torch.log_softmax(window_logits(plain, PROMPT + tokens[:-1]).float(), -1)
+    ref = [logprobs[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+    err = max(abs(a - r) for a, r in zip(aged, ref, strict=True))
+    assert err < 2e-3, err
+    # the 16-bit engine's tokens drift from the aged ones' once blocks are coded: compare while they agree
+    plain_tokens, plain_lp = plain_out.outputs[0].token_ids, token_logprobs(plain_out)
+    n = next((i for i, t in enumerate(plain_tokens) if t != tokens[i]), 96)
+    drift = max((abs(a - p) for a, p in zip(aged[:n], plain_lp[:n], strict=True)), default=0.0)
+    assert n < 96 or drift > 10 * err, (n, drift, err)
+
+
+def test_blocks_return_to_both_pools(aged_run):
+    llm, _, _ = aged_run
+    assert_all_free(llm)
+    # the released 16-bit blocks keep their hashes: the same prompt hits them, and decodes the same tokens
+    again = llm.generate([PROMPT], greedy(96))[0]
+    assert again.num_cached_tokens == 32
+    assert again.outputs[0].token_ids == aged_run[1].outputs[0].token_ids
+    assert_all_free(llm)
+
+
+def test_capacity_split_follows_the_fraction(tiny_model):
+    path = tiny_model("llama")
+    budget = 4 * 2**20
+    llm = LLM(
+        path,
+        device="cpu",
+        kv_cache_memory_bytes=budget,
+        kv_age_policy=KVAgePolicy(bits=4, sinks=0, window=16),
+    )
+    bm, cfg = llm.engine.block_manager, llm.engine.model_config
+    base = bytes_per_block(cfg, 16, llm.engine.kv_pool.dtype)
+    coded = bytes_per_coded_block(cfg, 16, 4)
+    assert bm.num_blocks == (budget // 2) // base and bm.num_coded_blocks == (budget // 2) // coded
+    assert llm.engine.coded_pool.codes.shape[0] == bm.num_coded_blocks
+    # a row: head_dim 4-bit codes and an fp32 norm (12 B here, against 64 B of fp32)
+    assert coded == cfg.num_layers * 2 * 16 * cfg.num_kv_heads * (cfg.head_dim // 2 + 4)
+
+
+def test_aborts_preemption_n_and_spec_leak_nothing(tiny_model):
+    path = tiny_model("llama")
+    policy = KVAgePolicy(bits=3, sinks=16, window=32)
+    # three 40-token prompts fit 10 16-bit blocks, but not their sinks, windows and growing tails: preemption
+    llm = LLM(path, device="cpu", num_blocks=10, num_coded_blocks=40, kv_age_policy=policy, max_num_seqs=4)
+    prompts = [list(range(10 + i, 50 + i)) for i in range(3)]
+    outs = llm.generate(prompts, greedy(80, logprobs=None))
+    assert all(len(o.outputs[0].token_ids) == 80 for o in outs)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_free(llm)
+    # n > 1: the samples share the prompt's blocks, which stay 16-bit; their own tail blocks age
+    outs = llm.generate([prompts[0]], greedy(60, logprobs=None, n=2))
+    assert [len(c.token_ids) for c in outs[0].outputs] == [60, 60]
+    assert_all_free(llm)
+    # an abort mid-decode, after blocks aged
+    engine = llm.engine
+    engine.add_request(EngineRequest("a", prompts[1], greedy(200, logprobs=None)))
+    while engine.block_manager.num_used_coded_blocks == 0:
+        engine.step()
+    engine.abort_request("a")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_all_free(llm)
+
+    spec = LLM(
+        path, device="cpu", num_blocks=64, kv_age_policy=policy, speculative_method="ngram",
+        num_speculative_tokens=3,
+    )  # fmt: skip
+    out = spec.generate([list(range(5, 20)) * 4], greedy(70, logprobs=None))[0]
+    assert len(out.outputs[0].token_ids) == 70
+    assert spec.engine.stats.spec_verifications > 0
+    assert_all_free(spec)
+
+
+def test_triton_mixed_format_kernel_matches_the_torch_path(tiny_model):
+    """The engine on the Triton backend (interpreted here) reads codes with the mixed-format kernel; the
+    torch backend decodes them by the reference. Same tokens, close logprobs."""
+    path = tiny_model("llama")
+    policy = KVAgePolicy(bits=4, sinks=16, window=16)
+    opts = dict(device="cpu", dtype="float32", num_blocks=32, kv_age_policy=policy)
+    prompt = list(range(40, 90))
+    a = LLM(path, attention_backend="torch", **opts).generate([prompt], greedy(24))[0]
+    b = LLM(path, attention_backend="triton", **opts).generate([prompt], greedy(24))[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    diff = max(abs(x - y) for x, y in zip(token_logprobs(a), token_logprobs(b), strict=True))
+    assert diff < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kv_age_policy": KVAgePolicy(bits=4, window=64, horizon=128, low_bits=2)}, "kv_age_policy.horizon"),
+        ({"kv_age_policy": POLICY, "kv_cache_dtype": "fp8"}, "needs kv_cache_dtype 'auto'"),
+        ({"kv_age_policy": KVAgePolicy(window=40)}, "kv_age_policy.window: got 40"),
+        ({"kv_age_policy": KVAgePolicy(sinks=0, window=8), "block_size": 8}, "block_size >= 16"),
+        ({"kv_age_policy": POLICY, "kv_coded_fraction": 1.0}, "kv_coded_fraction"),
+        ({"kv_age_policy": POLICY, "num_coded_blocks": 8}, "only with num_blocks"),
+        ({"kv_age_policy": {"bits": 4, "windw": 64}}, "unknown field(s) ['windw']"),
+        ({"kv_age_policy": {"bits": "4"}}, "kv_age_policy.bits"),
+        ({"kv_age_policy": {"bits": 5}}, "kv_age_policy.bits"),
+    ],
+)
+def test_bad_policies_are_named(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CacheConfig(**options)
+
+
+def test_a_dict_policy_is_taken():
+    cache = CacheConfig(kv_age_policy={"bits": 3, "sinks": 0, "window": 64})
+    assert cache.kv_age_policy == KVAgePolicy(bits=3, sinks=0, window=64)
+
+
+def test_models_the_codec_cannot_take_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="sliding-window"):
+        LLM(tiny_model("mistral"), device="cpu", num_blocks=8, kv_age_policy=POLICY)
+    with pytest.raises(ValueError, match="head_dim"):
+        LLM(tiny_model("llama", head_dim=24), device="cpu", num_blocks=8, kv_age_policy=POLICY)
