@@ -115,6 +115,7 @@ def build_engine(
     max_num_batched_tokens: int = 16384,
     cuda_graph_max_tokens: int = 0,
     quantization: str | None = None,
+    **options,
 ) -> LLMEngine:
     t0 = time.perf_counter()
     engine = LLMEngine.from_pretrained(
@@ -128,6 +129,7 @@ def build_engine(
         quantization=quantization,
         enable_prefix_caching=False,
         gpu_memory_utilization=0.9,
+        **options,
     )
     print(f"engine up (weights + graph capture) in {time.perf_counter() - t0:.1f} s", flush=True)
     return engine

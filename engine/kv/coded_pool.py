@@ -22,6 +22,8 @@ from engine.kv.pool import bytes_per_block, kv_budget_bytes
 from engine.models import ModelConfig
 from kernels.turboquant import encode, encode_ref, packed_bytes, rotation_signs
 
+ENCODE_CHUNK = 64  # blocks gathered at once to re-encode (64 Llama-3-8B bf16 blocks: 128 MiB)
+
 
 def bytes_per_coded_block(cfg: ModelConfig, block_size: int, bits: int) -> int:
     """Codes and fp32 norms of one block across all layers."""
@@ -106,8 +108,10 @@ class CodedKVPool:
         """Re-encode 16-bit blocks into coded ones: moves = [(16-bit block id, coded block id in the shared
         id space)], queued on the current stream (after the steps that wrote the blocks, before any step that
         reuses the 16-bit ones). One launch for all blocks and layers on a GPU."""
-        if not moves:
-            return
+        for i in range(0, len(moves), ENCODE_CHUNK):
+            self._encode(kv_pool, moves[i : i + ENCODE_CHUNK])
+
+    def _encode(self, kv_pool: torch.Tensor, moves: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in moves], device=kv_pool.device)
         dst = torch.tensor([d - self.num_base_blocks for _, d in moves], device=kv_pool.device)
         n, layers, _, bs, heads, dim = len(moves), *kv_pool.shape[1:]

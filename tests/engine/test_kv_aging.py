@@ -149,16 +149,27 @@ def test_aborts_preemption_n_and_spec_leak_nothing(tiny_model):
 
 def test_triton_mixed_format_kernel_matches_the_torch_path(tiny_model):
     """The engine on the Triton backend (interpreted here) reads codes with the mixed-format kernel; the
-    torch backend decodes them by the reference. Same tokens, close logprobs."""
+    torch backend decodes them by the reference. Small step budgets pack one request's decodes with the
+    other's prefill chunks, whose context holds coded blocks too (the split path). Same tokens, close
+    logprobs."""
     path = tiny_model("llama")
     policy = KVAgePolicy(bits=4, sinks=16, window=16)
-    opts = dict(device="cpu", dtype="float32", num_blocks=32, kv_age_policy=policy)
-    prompt = list(range(40, 90))
-    a = LLM(path, attention_backend="torch", **opts).generate([prompt], greedy(24))[0]
-    b = LLM(path, attention_backend="triton", **opts).generate([prompt], greedy(24))[0]
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    diff = max(abs(x - y) for x, y in zip(token_logprobs(a), token_logprobs(b), strict=True))
-    assert diff < 1e-3
+    opts = dict(device="cpu", dtype="float32", num_blocks=32, kv_age_policy=policy, max_num_batched_tokens=24)
+    prompts = [list(range(40, 90)), list(range(100, 200))]
+    a = LLM(path, attention_backend="torch", **opts).generate(prompts, greedy(24))
+    triton = LLM(path, attention_backend="triton", **opts)
+    plans = []
+    plan = triton.engine.runner.backend.plan
+    triton.engine.runner.backend.plan = lambda meta, heads: (
+        plan(meta, heads),
+        plans.append(meta.mixed_split),
+    )
+    b = triton.generate(prompts, greedy(24))
+    assert any(p is not None and len(p.decode_rows) and len(p.rest_rows) for p in plans)
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        diff = max(abs(u - v) for u, v in zip(token_logprobs(x), token_logprobs(y), strict=True))
+        assert diff < 1e-3
 
 
 @pytest.mark.parametrize(
