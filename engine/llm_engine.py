@@ -307,6 +307,18 @@ class LLMEngine:
         runner.capture()
         return runner
 
+    def kv_pool_formats(self) -> dict[str, tuple[int, int, int]]:
+        """Per KV format held in HBM: (capacity blocks, used blocks, bytes a block). Used: allocated to
+        requests or cached (16-bit), held by requests (coded)."""
+        bm = self.block_manager
+        base = self.kv_pool[0].numel() * self.kv_pool.element_size()
+        out = {self.kv_format.name: (bm.num_blocks, bm.num_blocks - bm.num_free_blocks, base)}
+        pool = self.coded_pool
+        if pool is not None:
+            coded = pool.codes[0].numel() + pool.norms[0].numel() * pool.norms.element_size()
+            out[f"turboquant{pool.bits}"] = (bm.num_coded_blocks, bm.num_used_coded_blocks, coded)
+        return out
+
     def _hash_extra(self, cache_salt: str | None) -> bytes:
         return hash_extra(self.fingerprint, self.kv_format.tag, cache_salt)
 

@@ -171,7 +171,9 @@ class Scheduler:
         assert self.age_policy is not None
         bs = self.block_manager.block_size
         coded = self.age_policy.coded_blocks(start + n, bs)
-        return self.block_manager.age(request, range(coded.start, min(coded.stop, start // bs)))
+        moves = self.block_manager.age(request, range(coded.start, min(coded.stop, start // bs)))
+        self.stats.kv_blocks_aged += len(moves)
+        return moves
 
     def _may_run_ahead(self, request: Request) -> bool:
         """Whether a request whose last step is still in flight may be scheduled again now: not when the

@@ -15,6 +15,7 @@ class EngineStats:
     spec_verifications: int = 0  # (request, step) pairs that verified drafts
     spec_draft_tokens: int = 0  # drafted tokens verified
     spec_accepted_tokens: int = 0  # ... and accepted
+    kv_blocks_aged: int = 0  # blocks a KV age policy moved to the low-bit pool
     sample_events: int = 0  # (request, step) pairs that produced tokens: generated = events + accepted drafts
     requests_by_priority: dict[int, int] = field(default_factory=dict)  # priority -> requests added
 

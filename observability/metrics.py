@@ -145,13 +145,21 @@ DRAFT_LATENCY = Histogram(
 #   ridgeline_kv_capacity_blocks{tier}, ridgeline_kv_used_blocks{tier},
 #   ridgeline_kv_lookup_blocks_total, ridgeline_kv_hit_blocks_total{tier},
 #   ridgeline_kv_moved_bytes_total{tier,direction},
-#   ridgeline_spec_draft_tokens_total, ridgeline_spec_accepted_tokens_total, ridgeline_spec_verifications_total
+#   ridgeline_spec_draft_tokens_total, ridgeline_spec_accepted_tokens_total, ridgeline_spec_verifications_total,
+#   ridgeline_kv_format_{capacity,used}_blocks{kv_dtype}, ridgeline_kv_format_used_bytes{kv_dtype},
+#   ridgeline_kv_saved_bytes, ridgeline_kv_aged_blocks_total
 ENGINE_GAUGES = {
     "ridgeline_num_requests_running": "Requests in the engine's running batch",
     "ridgeline_num_requests_waiting": "Requests waiting to be scheduled (incl. preempted)",
     "ridgeline_kv_capacity_blocks": "KV blocks a tier can hold",
     "ridgeline_kv_used_blocks": "KV blocks a tier holds now (HBM: allocated to requests or cached)",
     "ridgeline_engine_info": "1 per engine, labelled with its formats: weight_dtype (fp8 or a dtype), kv_dtype",
+    "ridgeline_kv_format_capacity_blocks": "HBM KV blocks by format: the pool's (kv_dtype) and a KV age "
+    "policy's low-bit one (turboquantN)",
+    "ridgeline_kv_format_used_blocks": "HBM KV blocks in use by format",
+    "ridgeline_kv_format_used_bytes": "HBM KV bytes in use by format",
+    "ridgeline_kv_saved_bytes": "HBM bytes the low-bit blocks in use save against holding them in the pool's "
+    "format",
 }
 ENGINE_COUNTERS = {
     "ridgeline_preemptions": "Requests preempted (recomputed later) to make room",
@@ -163,6 +171,7 @@ ENGINE_COUNTERS = {
     "ridgeline_kv_moved_bytes": "KV bytes moved between HBM and a lower tier (direction: offload, load)",
     "ridgeline_spec_draft_tokens": "Drafted tokens verified (speculative decoding proposals)",
     "ridgeline_spec_accepted_tokens": "Drafted tokens accepted",
+    "ridgeline_kv_aged_blocks": "KV blocks a KV age policy re-encoded into the low-bit pool",
     "ridgeline_spec_verifications": "Verifications (a request's drafts checked in one step); accepted / "
     "verifications is the mean accepted length",
 }

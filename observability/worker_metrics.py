@@ -31,6 +31,9 @@ class EngineSnapshot:
     spec_verifications: int = 0
     weight_dtype: str = ""  # fp8, or the weights' dtype
     kv_dtype: str = ""
+    # HBM KV by format (the pool's, and a KV age policy's low-bit one): (capacity blocks, used, bytes a block)
+    kv_formats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    kv_blocks_aged: int = 0
 
 
 _sources: dict[int, tuple[dict[str, str], Callable[[], EngineSnapshot]]] = {}
@@ -69,6 +72,8 @@ class _EngineCollector:
             counters["ridgeline_spec_draft_tokens"].add_metric(base, s.spec_draft_tokens)
             counters["ridgeline_spec_accepted_tokens"].add_metric(base, s.spec_accepted_tokens)
             counters["ridgeline_spec_verifications"].add_metric(base, s.spec_verifications)
+            counters["ridgeline_kv_aged_blocks"].add_metric(base, s.kv_blocks_aged)
+            _add_formats(gauges, base, s)
             for tier, n in s.hit_blocks.items():
                 counters["ridgeline_kv_hit_blocks"].add_metric([*base, tier], n)
             for (tier, direction), n in s.moved_bytes.items():
@@ -80,6 +85,19 @@ class _EngineCollector:
         return []  # families are made at collect time (registering twice is not checked by name)
 
 
+def _add_formats(gauges: dict[str, GaugeMetricFamily], base: list[str], s: EngineSnapshot) -> None:
+    """Blocks and bytes by format; bytes the low-bit blocks in use save against the pool's format."""
+    base_bytes = s.kv_formats.get(s.kv_dtype, (0, 0, 0))[2]
+    saved = 0
+    for fmt, (capacity, used, block_bytes) in s.kv_formats.items():
+        gauges["ridgeline_kv_format_capacity_blocks"].add_metric([*base, fmt], capacity)
+        gauges["ridgeline_kv_format_used_blocks"].add_metric([*base, fmt], used)
+        gauges["ridgeline_kv_format_used_bytes"].add_metric([*base, fmt], used * block_bytes)
+        if fmt != s.kv_dtype:
+            saved += used * (base_bytes - block_bytes)
+    gauges["ridgeline_kv_saved_bytes"].add_metric(base, saved)
+
+
 def _labels(name: str) -> list[str]:
     extra = {
         "ridgeline_kv_capacity_blocks": ["tier"],
@@ -87,6 +105,9 @@ def _labels(name: str) -> list[str]:
         "ridgeline_kv_hit_blocks": ["tier"],
         "ridgeline_kv_moved_bytes": ["tier", "direction"],
         "ridgeline_engine_info": ["weight_dtype", "kv_dtype"],
+        "ridgeline_kv_format_capacity_blocks": ["kv_dtype"],
+        "ridgeline_kv_format_used_blocks": ["kv_dtype"],
+        "ridgeline_kv_format_used_bytes": ["kv_dtype"],
     }
     return ["model", "pool", "role", *extra.get(name, [])]
 

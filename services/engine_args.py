@@ -2,10 +2,12 @@
 a Hugging Face id, resolved before anything starts), the engine's knobs for all pools or one, logging."""
 
 import argparse
+import json
 from pathlib import Path
 
 from engine import envs
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.kv.age_policy import KVAgePolicy, age_policy_from_dict
 from engine.kv.kv_format import KV_CACHE_DTYPES
 from engine.model_source import resolve_model
 from engine.sampling_params import MAX_LOGPROBS
@@ -19,6 +21,7 @@ POOL_KNOBS = (
     "max_num_batched_tokens",
     "enable_prefix_caching",
     "kv_cache_dtype",
+    "kv_age_policy",
 )
 
 
@@ -36,6 +39,20 @@ def fraction(value: str) -> float:
     if not 0.0 < x <= 1.0:
         raise argparse.ArgumentTypeError(f"got {value}, allowed a fraction in (0, 1]")
     return x
+
+
+def age_policy(value: str) -> KVAgePolicy:
+    """argparse type: a KV age policy as JSON, e.g. '{"bits": 4, "sinks": 16, "window": 512}'."""
+    try:
+        fields = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"got {value!r}, allowed a JSON object ({e})") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"got {value!r}, allowed a JSON object of KVAgePolicy's fields")
+    try:
+        return age_policy_from_dict(fields)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(value: str) -> int:
@@ -145,6 +162,15 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
                 choices=list(KV_CACHE_DTYPES),
                 help="the KV cache's format: auto = the activations' dtype, fp8 = e4m3 with per-(layer, KV "
                 "head) scales, twice the blocks (default: auto)",
+            ),
+        ),
+        (
+            "kv_age_policy",
+            dict(
+                type=age_policy,
+                help="KV precision by age, JSON: blocks past the first `sinks` tokens and older than the last "
+                '`window` move to a `bits`-bit rotated pool, e.g. \'{"bits": 4, "sinks": 16, "window": 512}\' '
+                "(default: none, every block in --kv-cache-dtype)",
             ),
         ),
     ]

@@ -231,6 +231,8 @@ class EngineWorker:
             spec_verifications=engine.stats.spec_verifications,
             weight_dtype=engine.weight_format,
             kv_dtype=engine.kv_format.name,
+            kv_formats=engine.kv_pool_formats(),
+            kv_blocks_aged=engine.stats.kv_blocks_aged,
         )
 
     def observe_queue_time(self, queued: tuple[float, float] | None, slo_class: str, span=None) -> None:

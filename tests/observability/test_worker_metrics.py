@@ -33,6 +33,8 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         spec_verifications=4,
         weight_dtype="fp8",
         kv_dtype="bfloat16",
+        kv_formats={"bfloat16": (100, 30, 2048), "turboquant4": (300, 50, 544)},
+        kv_blocks_aged=61,
     )
     token = register_worker(labels, lambda: snapshot)
     try:
@@ -55,6 +57,11 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         assert got[("ridgeline_spec_accepted_tokens_total", base)] == 9
         assert got[("ridgeline_spec_verifications_total", base)] == 4
         assert at("ridgeline_engine_info", weight_dtype="fp8", kv_dtype="bfloat16") == 1
+        assert at("ridgeline_kv_format_capacity_blocks", kv_dtype="turboquant4") == 300
+        assert at("ridgeline_kv_format_used_blocks", kv_dtype="bfloat16") == 30
+        assert at("ridgeline_kv_format_used_bytes", kv_dtype="turboquant4") == 50 * 544
+        assert got[("ridgeline_kv_saved_bytes", base)] == 50 * (2048 - 544)
+        assert got[("ridgeline_kv_aged_blocks_total", base)] == 61
     finally:
         unregister_worker(token)
     assert ("ridgeline_num_requests_running", base) not in _samples()

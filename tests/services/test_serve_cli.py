@@ -21,6 +21,7 @@ from serving_helpers import MODEL, http_server
 from control_plane.registry import keys
 from control_plane.registry_etcd import open_registry
 from engine.async_llm import AsyncLLM
+from engine.kv.age_policy import KVAgePolicy
 from services.app import PoolConfig, _pool
 from services.decode import DecodeWorker
 from services.frontend import build_frontend
@@ -336,6 +337,14 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
     assert config.decode.engine_options()["kv_cache_dtype"] == "fp8"
     assert config.decode.describe("decode", "decode", "least_loaded").kv_dtype == "fp8"
     assert "kv_cache_dtype" not in config.prefill.engine_options()
+    # KV precision by age for the decode pool only, as JSON
+    config = config_for_argv(
+        ["serve", "--model", llama, "--decode-kv-age-policy", '{"bits": 3, "window": 64}']
+    )
+    assert config.decode.engine_options()["kv_age_policy"] == KVAgePolicy(bits=3, window=64)
+    assert "kv_age_policy" not in config.prefill.engine_options()
+    with pytest.raises(SystemExit):
+        config_for_argv(["serve", "--model", llama, "--kv-age-policy", '{"bits": 5}'])
 
 
 def test_speculation_flags(llama):
