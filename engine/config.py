@@ -56,8 +56,6 @@ class CacheConfig:
             raise ValueError(
                 f"kv_age_policy: needs kv_cache_dtype 'auto' (16-bit recent blocks), got {self.kv_cache_dtype!r}"
             )
-        if self.block_size < 16:
-            raise ValueError(f"kv_age_policy: needs block_size >= 16 (a kernel step), got {self.block_size}")
         if not 0.0 < self.kv_coded_fraction < 1.0:
             raise ValueError(f"kv_coded_fraction: got {self.kv_coded_fraction}, allowed (0, 1)")
         if self.num_coded_blocks is not None and (self.num_coded_blocks < 1 or self.num_blocks is None):

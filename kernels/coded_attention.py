@@ -10,7 +10,8 @@ and nothing is dequantized to memory. Each program keeps two fp32 accumulators u
 (R^T, one [D, D] product a head) after the merge.
 
 Program (sequence, KV head, split): the QLEN x GROUP queries of that KV head (each of the sequence's new tokens,
-causal among themselves: decode, or verifying drafts) as the rows of one matrix, a KV block a step.
+causal among themselves: decode, or verifying drafts) as the rows of one matrix, TILE_N tokens a step (several
+blocks, each of either format; a format's work is skipped in a tile that has none of its blocks).
 """
 
 import torch
@@ -21,25 +22,35 @@ from kernels.decode_attention import _decode_merge_kernel
 from kernels.prefill_attention import LOG2E, dot_precision
 from kernels.turboquant import decode_ref, device_codebook, hadamard, rotate_queries
 
+TILE_N = 64  # tokens a step of the kernel: several blocks, each 16-bit or coded
+
 
 @triton.jit
-def _coded_tile(
-    codes_ptr, norms_ptr, centroids_ptr, n, d, n_ok, d_ok, stride_cs, stride_ns, BITS: tl.constexpr
+def _coded_rows(
+    codes_ptr, norms_ptr, centroids_ptr, col, ncol, ok, d, HEAD_DIM: tl.constexpr, BITS: tl.constexpr
 ):
-    """One coded block's K or V of one head (codes_ptr, norms_ptr at its first token) as [D, bs] values in
-    the rotated basis: |x| c[code]."""
-    bit = d * BITS
-    byte = bit // 8
-    off = bit % 8
-    ptr = codes_ptr + n[None, :] * stride_cs + byte[:, None]
-    mask = d_ok[:, None] & n_ok[None, :]
-    word = tl.load(ptr, mask=mask, other=0).to(tl.int32)
-    if (8 % BITS) != 0:  # 3 bits: a code may reach into the next byte
-        spill = (off + BITS > 8)[:, None] & mask
+    """Coded rows, one a column (col: offset of its token's first code byte, ncol: of its norm; ok: a coded
+    column) as [N, D] values |x| c[code] in the rotated basis; zero where not ok. 4 and 2 bits: the row's
+    bytes are loaded as they lie and split into codes (nibbles, or bit pairs) in registers; 3 bits (codes
+    straddle bytes): a byte or two a coordinate."""
+    if BITS == 3:
+        bit = d * 3
+        ptr = codes_ptr + col[:, None] + (bit // 8)[None, :]
+        spill = ((bit % 8) + 3 > 8)[None, :] & ok[:, None]
+        word = tl.load(ptr, mask=ok[:, None], other=0).to(tl.int32)
         word = word | (tl.load(ptr + 1, mask=spill, other=0).to(tl.int32) << 8)
-    code = (word >> off[:, None]) & ((1 << BITS) - 1)
-    norm = tl.load(norms_ptr + n * stride_ns, mask=n_ok, other=0.0)
-    return tl.load(centroids_ptr + code) * norm[None, :]
+        code = (word >> (bit % 8)[None, :]) & 7
+    else:
+        j = tl.arange(0, HEAD_DIM * BITS // 8)
+        byte = tl.load(codes_ptr + col[:, None] + j[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        if BITS == 4:  # coordinates 2j, 2j + 1
+            code = tl.reshape(tl.join(byte & 15, byte >> 4), [col.shape[0], HEAD_DIM])
+        else:  # 2 bits: coordinates 4j + 2i + t hold bits 2 (2i + t)
+            even = tl.join(byte & 3, (byte >> 4) & 3)
+            odd = tl.join((byte >> 2) & 3, byte >> 6)
+            code = tl.reshape(tl.join(even, odd), [col.shape[0], HEAD_DIM])
+    norm = tl.load(norms_ptr + ncol, mask=ok, other=0.0)
+    return tl.load(centroids_ptr + code) * norm[:, None]
 
 
 @triton.jit
@@ -95,8 +106,8 @@ def _coded_decode_kernel(
     sn3,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     QLEN: tl.constexpr,
@@ -106,18 +117,17 @@ def _coded_decode_kernel(
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    per_split = tl.cdiv(num_blocks, num_splits)
+    num_tiles = tl.cdiv(seq_len, TILE_N)
+    per_split = tl.cdiv(num_tiles, num_splits)
     first = split * per_split
-    last = tl.minimum(first + per_split, num_blocks)
+    last = tl.minimum(first + per_split, num_tiles)
     r = tl.arange(0, ROWS_PAD)  # row r: new token r // GROUP of the sequence, head r % GROUP of the group
     r_ok = r < QLEN * GROUP
     head = kv_head * GROUP + r % GROUP
     token = seq * QLEN + r // GROUP  # its row in q and out
     pos = seq_len - QLEN + r // GROUP  # its position: it sees keys 0..pos
-    d = tl.arange(0, D_PAD)
-    d_ok = d < HEAD_DIM
-    qmask = r_ok[:, None] & d_ok[None, :]
+    d = tl.arange(0, HEAD_DIM)
+    qmask = r_ok[:, None]
     q = tl.load(
         q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qmask, other=0.0
     )
@@ -125,38 +135,41 @@ def _coded_decode_kernel(
     q_rot = tl.load(q_rot_ptr + q_rot_off, mask=qmask, other=0.0).to(q.dtype)
     m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS_PAD], tl.float32)
-    acc = tl.zeros([ROWS_PAD, D_PAD], tl.float32)  # 16-bit blocks' values
-    acc_rot = tl.zeros([ROWS_PAD, D_PAD], tl.float32)  # coded blocks' values, rotated basis
-    n_in = tl.arange(0, BLOCK_SIZE)
-    for blk in range(first, last):
-        n = blk * BLOCK_SIZE + n_in
+    acc = tl.zeros([ROWS_PAD, HEAD_DIM], tl.float32)  # 16-bit blocks' values
+    acc_rot = tl.zeros([ROWS_PAD, HEAD_DIM], tl.float32)  # coded blocks' values, rotated basis
+    n_in = tl.arange(0, TILE_N)
+    for t in range(first, last):  # a tile of TILE_N tokens; its blocks may be of either format
+        n = t * TILE_N + n_in
         n_ok = n < seq_len
-        entry = tl.load(block_tables_ptr + seq * stride_bt + blk).to(tl.int64)
-        coded = entry >= num_base_blocks
-        page = tl.maximum(entry - num_base_blocks, 0)
-        c_row = codes_ptr + page * sc0 + kv_head * sc3
-        n_row = norms_ptr + page * sn0 + kv_head * sn3
-        base = entry * sb0 + n_in * sb2 + kv_head * sb3
-        if coded:
-            kc = _coded_tile(c_row, n_row, centroids_ptr, n_in, d, n_ok, d_ok, sc2, sn2, BITS)
-            s = tl.dot(q_rot, kc.to(q.dtype), input_precision=PRECISION)
-        else:
-            kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kb, input_precision=PRECISION)
-        s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s * scale_log2, float("-inf"))  # [R, bs]
+        entry = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        coded, plain = n_ok & (entry >= num_base_blocks), n_ok & (entry < num_base_blocks)
+        page, within = tl.maximum(entry - num_base_blocks, 0), n % BLOCK_SIZE
+        base = entry * sb0 + within * sb2 + kv_head * sb3
+        col, ncol = page * sc0 + within * sc2 + kv_head * sc3, page * sn0 + within * sn2 + kv_head * sn3
+        any_plain = tl.max(plain.to(tl.int32), 0) > 0
+        any_coded = tl.max(coded.to(tl.int32), 0) > 0
+        # each format's columns are zero outside it: the two scores add
+        s = tl.zeros([ROWS_PAD, TILE_N], tl.float32)
+        if any_plain:
+            kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0)
+            s += tl.dot(q, kb, input_precision=PRECISION)
+        if any_coded:
+            kc = _coded_rows(codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS)
+            s += tl.dot(q_rot, tl.trans(kc).to(q.dtype), input_precision=PRECISION)
+        s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s * scale_log2, float("-inf"))  # [R, N]
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None]
         acc_rot = acc_rot * alpha[:, None]
-        if coded:
-            vc = _coded_tile(c_row + sc1, n_row + sn1, centroids_ptr, n_in, d, n_ok, d_ok, sc2, sn2, BITS)
-            acc_rot += tl.dot(p.to(q.dtype), tl.trans(vc).to(q.dtype), input_precision=PRECISION)
-        else:
-            vb = tl.load(
-                base_ptr + sb1 + base[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-            )
+        if any_plain:
+            vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
             acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+        if any_coded:
+            vc = _coded_rows(
+                codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS
+            )
+            acc_rot += tl.dot(p.to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
     row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
-    _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, D_PAD)
+    _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
 
 
 def coded_decode_attention(
@@ -193,7 +206,7 @@ def coded_decode_attention(
             q, q_rot, base_cache, codes, norms, centroids, part, lse, block_tables, seq_lens,
             num_base, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
-            BLOCK_SIZE=bs, HEAD_DIM=D, D_PAD=d_pad, NUM_HEADS=H, GROUP=group,
+            BLOCK_SIZE=bs, TILE_N=TILE_N, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
             QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
             PRECISION=dot_precision(q.dtype),
         )  # fmt: skip
@@ -225,8 +238,6 @@ def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, s
         raise ValueError(f"norms: fp32 {want[:4]}, got {norms.dtype} {tuple(norms.shape)}")
     if tuple(signs.shape) != (kv_heads, D) or signs.dtype != torch.float32:
         raise ValueError(f"signs: fp32 [{kv_heads}, {D}], got {signs.dtype} {tuple(signs.shape)}")
-    if bs < 16 or bs & (bs - 1):
-        raise ValueError(f"block_size: got {bs}, the kernel reads a block a step: a power of two >= 16")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or len(seq_lens) != B:
         raise ValueError("block_tables, seq_lens: int32, one row a sequence")
 

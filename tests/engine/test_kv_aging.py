@@ -178,7 +178,6 @@ def test_triton_mixed_format_kernel_matches_the_torch_path(tiny_model):
         ({"kv_age_policy": KVAgePolicy(bits=4, window=64, horizon=128, low_bits=2)}, "kv_age_policy.horizon"),
         ({"kv_age_policy": POLICY, "kv_cache_dtype": "fp8"}, "needs kv_cache_dtype 'auto'"),
         ({"kv_age_policy": KVAgePolicy(window=40)}, "kv_age_policy.window: got 40"),
-        ({"kv_age_policy": KVAgePolicy(sinks=0, window=8), "block_size": 8}, "block_size >= 16"),
         ({"kv_age_policy": POLICY, "kv_coded_fraction": 1.0}, "kv_coded_fraction"),
         ({"kv_age_policy": POLICY, "num_coded_blocks": 8}, "only with num_blocks"),
         ({"kv_age_policy": {"bits": 4, "windw": 64}}, "unknown field(s) ['windw']"),

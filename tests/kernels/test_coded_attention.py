@@ -76,7 +76,5 @@ def test_bad_inputs_are_named():
         coded_decode_attention(q, base, codes[..., :-1], norms, signs, bits, tables, lens, 1.0)
     with pytest.raises(ValueError, match="signs: fp32"):
         coded_decode_attention(q, base, codes, norms, signs[:1], bits, tables, lens, 1.0)
-    with pytest.raises(ValueError, match="block_size"):
-        coded_decode_attention(
-            q, base[:, :, :8], codes[:, :, :8], norms[:, :, :8], signs, bits, tables, lens, 1.0
-        )
+    with pytest.raises(ValueError, match="query_len"):
+        coded_decode_attention(q, base, codes, norms, signs, bits, tables, lens, 1.0, query_len=3)
