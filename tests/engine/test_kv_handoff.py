@@ -153,3 +153,20 @@ def test_cache_salt_keeps_tenants_apart_on_reuse(llama):
     assert (
         decode.kv_handoff.reserve("other", len(prompt), prompt, cache_salt="tenant-b").num_cached_blocks == 0
     )
+
+
+def test_handoff_into_an_aging_decode_pool_equals_one_aging_engine(llama):
+    """A 16-bit prefill pool hands a long prompt's KV to a decode pool with a KV age policy: the decode side
+    ages the adopted blocks from its first step, exactly as one aging engine does."""
+    from engine.kv.age_policy import KVAgePolicy
+
+    aging = {"kv_age_policy": KVAgePolicy(bits=4, sinks=16, window=16), "num_blocks": 64}
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompt = [5 + i % 70 for i in range(70)]
+    want = LLM(llama, **aging).generate([prompt], params)[0].outputs[0].token_ids
+    prefill = LLMEngine.from_pretrained(llama, num_blocks=64)
+    decode = LLMEngine.from_pretrained(llama, **aging)
+    got = handoff(prefill, decode, "r", prompt, params).outputs[0].token_ids
+    assert got == want
+    assert decode.stats.kv_blocks_aged >= (70 + 30 - 16) // 16 - 1
+    assert decode.block_manager.num_free_blocks == 64 and decode.block_manager.num_used_coded_blocks == 0

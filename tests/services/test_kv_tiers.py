@@ -187,6 +187,21 @@ def test_evicted_prefix_is_served_from_dram(llama, async_scheduling):
     assert engine.offloader.stats.loaded_blocks == 5
 
 
+def test_aging_pool_offloads_and_loads_its_16_bit_blocks(llama):
+    """With a KV age policy the blocks go down to DRAM as they are cached (16-bit, before they age), come
+    back on a later hit, and the request ages them again: the same tokens as the first time."""
+    from engine.kv.age_policy import KVAgePolicy
+    from services.kv_memory.tiered_store import TieredKVStore
+
+    policy = KVAgePolicy(bits=4, sinks=16, window=16)
+    store = TieredKVStore(DramTier(64, _block_bytes(llama), pin=False))
+    first, again, computed, engine = _prefix_run(llama, store, kv_age_policy=policy)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert computed == 83 - 5 * 16 and engine.offloader.stats.loaded_blocks == 5
+    assert engine.stats.kv_blocks_aged >= 2 * 3  # the prompt's blocks 1-3 aged each time
+    assert engine.block_manager.num_used_coded_blocks == 0
+
+
 def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
     from services.kv_memory.tiered_store import TieredKVStore
 
