@@ -164,6 +164,13 @@ class Scheduler:
                 out.aged += self._age(request, start, n)
         return out
 
+    def _coded_ok(self, request: Request) -> range:
+        """Prompt blocks a prefix hit may serve from coded copies: those the age policy holds coded at the
+        prompt's length (so the request reads them at the bits it would anyway)."""
+        if self.age_policy is None:
+            return range(0)
+        return self.age_policy.coded_blocks(request.num_tokens, self.block_manager.block_size)
+
     def _age(self, request: Request, start: int, n: int) -> list[tuple[int, int]]:
         """The blocks the age policy holds coded at this step's context length (start + n), among those
         earlier steps computed (a prefill chunk's own blocks age later). A chunk reads its context at the
@@ -201,7 +208,9 @@ class Scheduler:
             if handed_over:
                 hits, num_hit_tokens = [], request.num_computed_tokens
             else:
-                hits, num_hit_tokens = self.block_manager.get_computed_blocks(request)
+                hits, num_hit_tokens = self.block_manager.get_computed_blocks(
+                    request, self._coded_ok(request)
+                )
                 if request.num_cached_tokens < 0:  # first admission (not a preempted request coming back)
                     self.prefix_lookup_blocks += (request.num_tokens - 1) // self.block_manager.block_size
                     self.prefix_hit_blocks += len(hits)

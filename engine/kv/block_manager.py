@@ -60,8 +60,10 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks + num_coded_blocks)]
         self.free_queue = FreeBlockQueue(range(num_blocks))
-        # coded blocks are never hashed (the prefix cache keeps the 16-bit original while it lasts)
-        self.free_coded: list[int] = list(range(num_blocks + num_coded_blocks - 1, num_blocks - 1, -1))
+        # coded blocks: a block aged from a cached 16-bit one keeps its hash, findable (coded_cached) for
+        # requests whose policy holds that position coded anyway, until the coded block is reused
+        self.free_coded = FreeBlockQueue(range(num_blocks, num_blocks + num_coded_blocks))
+        self.coded_cached: dict[bytes, Block] = {}
         self.cached: dict[bytes, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
@@ -105,8 +107,10 @@ class BlockManager:
             if not self.free_coded:
                 self.req_aged[request.request_id] = i
                 break
-            low = self.blocks[self.free_coded.pop()]
-            low.ref_cnt = 1
+            low = self._pop_coded()
+            if block.block_hash is not None and block.block_hash not in self.coded_cached:
+                low.block_hash = block.block_hash
+                self.coded_cached[block.block_hash] = low
             blocks[i], ids[i] = low, low.block_id
             moves.append((block.block_id, low.block_id))
             block.ref_cnt = 0
@@ -117,8 +121,10 @@ class BlockManager:
         """The request's block table (do not modify)."""
         return self.req_block_ids.get(request_id, [])
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
-        """Longest run of cached full blocks at the start of the request, and the tokens they cover.
+    def get_computed_blocks(self, request: Request, coded_ok: range = range(0)) -> tuple[list[Block], int]:
+        """Longest run of cached full blocks at the start of the request, and the tokens they cover. A block
+        index in `coded_ok` (those the request's age policy holds coded) may be a coded copy when its 16-bit
+        original is gone.
 
         At least the last token is always recomputed: its logits are needed to sample.
         """
@@ -130,6 +136,8 @@ class BlockManager:
             if (i + 1) * self.block_size > max_hit_tokens:
                 break
             block = self.cached.get(block_hash)
+            if block is None and i in coded_ok:
+                block = self.coded_cached.get(block_hash)
             if block is None:
                 break
             hits.append(block)
@@ -148,15 +156,12 @@ class BlockManager:
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
         # hits that sit in the free queue stop being free once touched
-        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if num_new_blocks > self.num_free_blocks - num_free_hits:
+        if num_new_blocks > self.num_free_blocks - self._free_hits(computed_blocks):
             if not blocks:
                 del self.req_blocks[request.request_id], self.req_block_ids[request.request_id]
             return False
         for block in computed_blocks:
-            if block.ref_cnt == 0:
-                self.free_queue.remove(block.block_id)
-            block.ref_cnt += 1
+            self._take(block)
         blocks.extend(computed_blocks)
         if computed_blocks:
             self.req_num_cached_blocks[request.request_id] = len(blocks)
@@ -168,9 +173,19 @@ class BlockManager:
     def fitting_tokens(self, request: Request, computed_blocks: Sequence[Block] = ()) -> int:
         """How many new tokens allocate_slots could take now (the free blocks and the last one's room)."""
         held = len(self.req_blocks.get(request.request_id, ())) + len(computed_blocks)
-        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         num_computed = request.scheduled_tokens + len(computed_blocks) * self.block_size
-        return (held + self.num_free_blocks - num_free_hits) * self.block_size - num_computed
+        return (
+            held + self.num_free_blocks - self._free_hits(computed_blocks)
+        ) * self.block_size - num_computed
+
+    def _free_hits(self, hits: Sequence[Block]) -> int:
+        """16-bit hits that sit in the free queue: they stop being free once taken."""
+        return sum(1 for b in hits if b.ref_cnt == 0 and b.block_id < self.num_blocks)
+
+    def _take(self, block: Block) -> None:
+        if block.ref_cnt == 0:
+            (self.free_queue if block.block_id < self.num_blocks else self.free_coded).remove(block.block_id)
+        block.ref_cnt += 1
 
     def allocate_blocks(
         self, request_id: str, num_blocks: int, hits: Sequence[Block] = ()
@@ -180,13 +195,10 @@ class BlockManager:
         nothing, when too few blocks are free."""
         if request_id in self.req_blocks:
             raise ValueError(f"request_id: {request_id!r} already holds blocks")
-        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
-        if num_blocks - len(hits) > self.num_free_blocks - num_free_hits:
+        if num_blocks - len(hits) > self.num_free_blocks - self._free_hits(hits):
             return None
         for block in hits:
-            if block.ref_cnt == 0:
-                self.free_queue.remove(block.block_id)
-            block.ref_cnt += 1
+            self._take(block)
         blocks = list(hits) + [self._pop_free() for _ in range(num_blocks - len(hits))]
         self.req_blocks[request_id] = blocks
         self.req_block_ids[request_id] = [b.block_id for b in blocks]
@@ -202,6 +214,15 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def _pop_coded(self) -> Block:
+        block = self.blocks[self.free_coded.pop()[0]]
+        if block.block_hash is not None:  # its codes are about to be overwritten
+            if self.coded_cached.get(block.block_hash) is block:
+                del self.coded_cached[block.block_hash]
+            block.block_hash = None
+        block.ref_cnt = 1
+        return block
 
     def _pop_free(self) -> Block:
         block_id, priority = self.free_queue.pop()
@@ -245,7 +266,7 @@ class BlockManager:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0 and block.block_id >= self.num_blocks:
-                self.free_coded.append(block.block_id)
+                self.free_coded.push(block.block_id, block.block_hash is not None, priority)
             elif block.ref_cnt == 0:
                 self.free_queue.push(block.block_id, block.block_hash is not None, priority)
 
@@ -255,3 +276,6 @@ class BlockManager:
             block.block_hash = None
             self.events.record("removed", "hbm", block_hash)
         self.cached.clear()
+        for block in self.coded_cached.values():
+            block.block_hash = None
+        self.coded_cached.clear()

@@ -200,3 +200,32 @@ def test_models_the_codec_cannot_take_are_refused(tiny_model):
         LLM(tiny_model("mistral"), device="cpu", num_blocks=8, kv_age_policy=POLICY)
     with pytest.raises(ValueError, match="head_dim"):
         LLM(tiny_model("llama", head_dim=24), device="cpu", num_blocks=8, kv_age_policy=POLICY)
+
+
+def test_a_later_turn_reuses_aged_blocks_where_its_policy_holds_them_coded(tiny_model):
+    """Multi-turn: the first turn's old blocks were aged and their 16-bit originals reused, so the second
+    turn (history + a new message) finds them as coded copies, at positions its policy codes anyway."""
+    path = tiny_model("llama")
+    llm = LLM(path, device="cpu", num_blocks=8, num_coded_blocks=40, kv_age_policy=KVAgePolicy(window=32))
+    bm = llm.engine.block_manager
+    first = llm.generate([PROMPT], greedy(100, logprobs=None))[0]
+    assert bm.coded_cached  # aged copies of cached blocks stay findable after the request
+    history = PROMPT + first.outputs[0].token_ids  # 140 tokens: 8 full blocks
+    hits_seen = []
+    lookup = bm.get_computed_blocks
+
+    def spy(request, coded_ok=range(0)):
+        hits, n = lookup(request, coded_ok)
+        plain_hits, _ = lookup(request)  # without the policy's permission
+        hits_seen.append(([b.block_id >= bm.num_blocks for b in hits], coded_ok, len(plain_hits)))
+        return hits, n
+
+    bm.get_computed_blocks = spy
+    second = llm.generate([history + list(range(60, 90))], greedy(20, logprobs=None))[0]
+    coded_hits, coded_ok, num_plain_hits = hits_seen[0]
+    assert second.num_cached_tokens == 8 * 16 and any(coded_hits)
+    assert all(i in coded_ok for i, c in enumerate(coded_hits) if c)  # never outside the policy's range
+    assert coded_ok == range(1, (170 - 32) // 16)
+    # without permission the prefix stops at the first block whose 16-bit original is gone
+    assert num_plain_hits == coded_hits.index(True)
+    assert_all_free(llm)
