@@ -1,6 +1,6 @@
 """SLO classes: what a request is promised (TTFT and TPOT targets), how it is scheduled (engine priority:
-lower runs first and may preempt higher), how far down its KV may go (lowest tier), and whether it may be
-preempted. A request names its class with the `x-slo-class` header, or with the body field `priority`
+lower runs first and may preempt higher), how far down its KV may go (lowest tier), whether it may be
+preempted, and how many recent tokens it keeps at full precision in a pool with a KV age policy. A request names its class with the `x-slo-class` header, or with the body field `priority`
 (the class with that priority); neither means `standard`. No torch, no Ray."""
 
 import math
@@ -25,6 +25,7 @@ class SLOClass:
     tpot_ms: float
     lowest_tier: str = "ssd"
     preemptible: bool = True
+    kv_window: int | None = None  # recent tokens kept at full precision by a KV age policy (None: the pool's)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -33,6 +34,10 @@ class SLOClass:
             raise ValueError(f"slo class {self.name}: priority {self.priority}, allowed >= 0")
         if self.ttft_ms <= 0 or self.tpot_ms <= 0:
             raise ValueError(f"slo class {self.name}: ttft_ms and tpot_ms must be > 0")
+        if self.kv_window is not None and (
+            isinstance(self.kv_window, bool) or not isinstance(self.kv_window, int) or self.kv_window < 1
+        ):
+            raise ValueError(f"slo class {self.name}: kv_window {self.kv_window!r}, allowed an integer >= 1")
         if self.lowest_tier not in TIERS:
             raise ValueError(
                 f"slo class {self.name}: lowest_tier {self.lowest_tier!r}, allowed {', '.join(TIERS)}"
@@ -84,10 +89,22 @@ class SLOTable:
         """priority -> lowest KV tier allowed (services/kv_memory/tier_policy.py takes it)."""
         return {c.priority: c.lowest_tier for c in self.by_name.values()}
 
+    def kv_windows(self) -> dict[int, int]:
+        """priority -> the recent tokens its requests keep at full precision, for the classes that say."""
+        return {c.priority: c.kv_window for c in self.by_name.values() if c.kv_window is not None}
+
 
 DEFAULT_SLO_TABLE = SLOTable(
     [
-        SLOClass("interactive", priority=0, ttft_ms=500, tpot_ms=50, lowest_tier="ssd", preemptible=False),
+        SLOClass(
+            "interactive",
+            priority=0,
+            ttft_ms=500,
+            tpot_ms=50,
+            lowest_tier="ssd",
+            preemptible=False,
+            kv_window=2048,
+        ),
         SLOClass("standard", priority=1, ttft_ms=2000, tpot_ms=100, lowest_tier="ssd"),
         SLOClass("batch", priority=2, ttft_ms=60_000, tpot_ms=1000, lowest_tier="ssd"),
     ]

@@ -26,6 +26,9 @@ class CacheConfig:
     kv_age_policy: KVAgePolicy | None = None
     kv_coded_fraction: float = 0.5
     num_coded_blocks: int | None = None
+    # a request priority (SLO class) -> the recent tokens its requests keep at full precision, instead of the
+    # policy's window (an interactive class keeps a longer one); only with kv_age_policy
+    kv_age_windows: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
         check_kv_cache_dtype(self.kv_cache_dtype)
@@ -33,6 +36,8 @@ class CacheConfig:
             object.__setattr__(self, "kv_age_policy", age_policy_from_dict(self.kv_age_policy))
         if self.kv_age_policy is not None:
             self._check_age_policy(self.kv_age_policy)
+        elif self.kv_age_windows:
+            raise ValueError("kv_age_windows: needs a kv_age_policy")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: got {self.block_size}, allowed a power of two >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -56,6 +61,17 @@ class CacheConfig:
             raise ValueError(
                 f"kv_age_policy: needs kv_cache_dtype 'auto' (16-bit recent blocks), got {self.kv_cache_dtype!r}"
             )
+        for priority, window in (self.kv_age_windows or {}).items():
+            if (
+                isinstance(window, bool)
+                or not isinstance(window, int)
+                or window < 1
+                or window % self.block_size
+            ):
+                raise ValueError(
+                    f"kv_age_windows: priority {priority} got {window!r}, allowed a multiple of the block "
+                    f"size ({self.block_size})"
+                )
         if not 0.0 < self.kv_coded_fraction < 1.0:
             raise ValueError(f"kv_coded_fraction: got {self.kv_coded_fraction}, allowed (0, 1)")
         if self.num_coded_blocks is not None and (self.num_coded_blocks < 1 or self.num_blocks is None):

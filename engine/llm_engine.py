@@ -171,6 +171,7 @@ class LLMEngine:
             stats=self.stats,
             max_spec_len=config.num_speculative_tokens,
             age_policy=policy,
+            age_windows=cache.kv_age_windows,
         )
         self.kv_format = self._kv_format()  # before any block is hashed: the format is part of the hash
         self.gemm_table = self._tune_gemms()  # before graph capture: the graphs record the chosen kernels
@@ -366,7 +367,8 @@ class LLMEngine:
             )
         policy = self.config.cache.kv_age_policy
         if policy is not None and need > bm.num_blocks:  # it relies on aging: sinks, window, two more blocks
-            base = -(-policy.sinks // bm.block_size) + policy.window // bm.block_size + 2
+            window = max([policy.window, *(self.config.cache.kv_age_windows or {}).values()])
+            base = -(-policy.sinks // bm.block_size) + window // bm.block_size + 2
             if base > bm.num_blocks:
                 raise ParameterError(
                     "prompt",

@@ -77,10 +77,12 @@ class Scheduler:
         stats: EngineStats | None = None,
         max_spec_len: int = 0,
         age_policy: KVAgePolicy | None = None,
+        age_windows: dict[int, int] | None = None,
     ):
         """offloader: loads prompt blocks that lower KV tiers hold (a NullOffloader: none); stats: counters
         the update step keeps; max_spec_len: the most drafts a request's adaptive draft length reaches;
-        age_policy: the bits a decoding request's blocks are held at by age (the block manager's coded pool)."""
+        age_policy: the bits a decoding request's blocks are held at by age (the block manager's coded pool);
+        age_windows: request priority -> its own window (an SLO class's)."""
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -89,6 +91,7 @@ class Scheduler:
         self.stats = stats or EngineStats()
         self.max_spec_len = max_spec_len
         self.age_policy = age_policy
+        self.age_windows = age_windows or {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -169,7 +172,8 @@ class Scheduler:
         prompt's length (so the request reads them at the bits it would anyway)."""
         if self.age_policy is None:
             return range(0)
-        return self.age_policy.coded_blocks(request.num_tokens, self.block_manager.block_size)
+        window = self.age_windows.get(request.priority)
+        return self.age_policy.coded_blocks(request.num_tokens, self.block_manager.block_size, window)
 
     def _age(self, request: Request, start: int, n: int) -> list[tuple[int, int]]:
         """The blocks the age policy holds coded at this step's context length (start + n), among those
@@ -177,7 +181,7 @@ class Scheduler:
         bits its last position would."""
         assert self.age_policy is not None
         bs = self.block_manager.block_size
-        coded = self.age_policy.coded_blocks(start + n, bs)
+        coded = self.age_policy.coded_blocks(start + n, bs, self.age_windows.get(request.priority))
         moves = self.block_manager.age(request, range(coded.start, min(coded.stop, start // bs)))
         self.stats.kv_blocks_aged += len(moves)
         return moves

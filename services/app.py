@@ -20,6 +20,7 @@ from control_plane.quantization import check_kv_handoff, pool_formats
 from control_plane.registry import keys, parse_url
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine import envs
+from engine.kv.age_policy import age_policy_from_dict
 from engine.llm_engine import engine_config
 from engine.model_source import resolve_model, served_model_name
 from engine.sampling_params import MAX_LOGPROBS
@@ -99,6 +100,13 @@ class PoolConfig(BaseModel):
         "checkpoint or calibrated at start (engine/kv/kv_format.py), twice the blocks of a 16-bit cache",
     )
 
+    kv_age_policy: dict | None = Field(
+        default=None,
+        description="KV precision by age (engine/kv/age_policy.py): bits (2, 3, 4), sinks, window, seed. A "
+        "request's blocks past the sinks and older than the window move to a rotated low-bit pool; each SLO "
+        "class's kv_window overrides the window for its requests",
+    )
+
     @model_validator(mode="after")
     def _check_device_and_dtypes(self) -> "PoolConfig":
         if self.device is not None and not self.device.strip():
@@ -165,6 +173,8 @@ class PoolConfig(BaseModel):
             options["dtype"] = self.weight_dtype
         if self.kv_dtype == "fp8":
             options["kv_cache_dtype"] = "fp8"
+        if self.kv_age_policy is not None:
+            options["kv_age_policy"] = self.kv_age_policy
         return options
 
     @property
@@ -190,11 +200,20 @@ class PoolConfig(BaseModel):
             kv_dtype="fp8"
             if self.engine_options().get("kv_cache_dtype", "auto") != "auto"
             else self.kv_dtype,
+            kv_age_policy=self.age_policy_fields(),
             router=router,
             kv_memory=self.kv_memory,
             kv_dram_blocks=self.kv_dram_blocks,
             kv_ssd_blocks=self.kv_ssd_blocks,
         )
+
+    def age_policy_fields(self) -> dict | None:
+        """The pool's KV age policy as its fields (set here or in engine options), defaults filled in."""
+        policy = self.engine_options().get("kv_age_policy")
+        if policy is None:
+            return None
+        policy = age_policy_from_dict(policy) if isinstance(policy, dict) else policy
+        return dataclasses.asdict(policy)
 
     def kv_tiers(self, policy: dict[int, str] | None = None) -> TierSettings | None:
         """policy: each SLO priority's lowest tier."""
@@ -356,6 +375,9 @@ class ServeConfig(BaseModel):
     def engine_options(self, pool: PoolConfig) -> dict:
         """A pool's engine options with the app-wide ones."""
         options = {"max_logprobs": self.max_logprobs} | pool.engine_options()
+        windows = self.slo_table().kv_windows()
+        if "kv_age_policy" in options and windows and "kv_age_windows" not in options:
+            options["kv_age_windows"] = windows  # each SLO class's full-precision window
         for name in ("chat_template", "download_dir"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
@@ -369,6 +391,15 @@ class ServeConfig(BaseModel):
             raise ValueError(
                 "draft: spec 'draft' needs a draft pool (draft.model), and a draft pool needs spec 'draft'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_age_windows(self) -> "ServeConfig":
+        """The SLO classes' windows fit each aging pool's blocks (ValueError naming kv_age_windows)."""
+        for pool, _, _ in self.pools().values():
+            options = self.engine_options(pool)
+            if "kv_age_windows" in options:
+                engine_config("-", **options)
         return self
 
     @model_validator(mode="after")

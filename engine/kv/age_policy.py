@@ -67,14 +67,15 @@ class KVAgePolicy:
                 out.append(self.bits)
         return out
 
-    def coded_blocks(self, num_tokens: int, block_size: int) -> range:
+    def coded_blocks(self, num_tokens: int, block_size: int, window: int | None = None) -> range:
         """The blocks held at `bits` (block_bits' non-BASE entries, without a horizon): past the sinks and
-        wholly older than the window."""
+        wholly older than the window (`window` overrides the policy's: an SLO class's own)."""
         if self.horizon is not None:
             raise ValueError(
                 "kv_age_policy.horizon: the engine holds one coded width a pool; give no horizon"
             )
-        return range(-(-self.sinks // block_size), max(num_tokens - self.window, 0) // block_size)
+        window = self.window if window is None else window
+        return range(-(-self.sinks // block_size), max(num_tokens - window, 0) // block_size)
 
     def bits_seen(self, num_tokens: int, block_size: int) -> torch.Tensor:
         """[T, T]: the bits key position j is held at when query position t is decoded (T = num_tokens)."""

@@ -19,6 +19,9 @@ class PoolDescription:
     autoscaling: dict | None = None
     weight_dtype: str = "auto"
     kv_dtype: str = "auto"
+    kv_age_policy: dict | None = (
+        None  # KV precision by age (engine/kv/age_policy.py fields), if the pool has one
+    )
     router: str | None = None
     kv_memory: str = "replica"
     kv_dram_blocks: int = 0

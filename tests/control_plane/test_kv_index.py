@@ -154,3 +154,7 @@ def test_slo_classes_resolve_from_header_or_priority():
     with pytest.raises(ValueError, match="lowest_tier"):
         SLOClass("a", 0, 1, 1, lowest_tier="tape")
     assert table.lowest_tiers() == {0: "ssd", 1: "ssd", 2: "ssd"}
+    # in pools with a KV age policy, interactive requests keep 2048 recent tokens at full precision
+    assert table.kv_windows() == {0: 2048}
+    with pytest.raises(ValueError, match="kv_window 0"):
+        SLOClass("a", 0, 1, 1, kv_window=0)

@@ -40,6 +40,7 @@ VALUE_SETS = {
     "aggregated-embedded": ["--set", "mode=aggregated", "--set", "registry.etcd.mode=embedded"],
     "ngram": ["--set", "speculative.method=ngram"],
     "fp8-decode": ["--set", "pools.decode.weightDtype=fp8", "--set", "pools.decode.kvDtype=fp8"],
+    "aged-decode": ["--set-json", 'pools.decode.kvAgePolicy={"bits": 4, "sinks": 16, "window": 512}'],
 }
 
 
@@ -164,6 +165,12 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
     if values == "fp8-decode":  # bf16 prefill, fp8 decode: the KV is converted as it lands
         assert config.decode.engine_options()["kv_cache_dtype"] == "fp8"
         assert config.decode.weight_format == "fp8" and config.prefill.kv_dtype == "auto"
+    if values == "aged-decode":  # 4-bit KV past a 512-token window; interactive requests keep 2048
+        options = config.engine_options(config.decode)
+        assert options["kv_age_policy"] == {"bits": 4, "sinks": 16, "window": 512}
+        assert options["kv_age_windows"] == {0: 2048}
+        assert config.decode.describe("decode", "decode", "least_loaded").kv_age_policy["bits"] == 4
+        assert config.prefill.kv_age_policy is None
 
 
 @pytest.mark.parametrize(
@@ -180,6 +187,7 @@ def test_the_serve_config_is_the_app_s_own_schema(helm, values):
         (["--set", "registry.etcd.members=2"], "members"),
         (["--set", "pools.decode.weightDtype=int3"], "weightDtype"),
         (["--set", "pools.decode.kvDtype=int4"], "kvDtype"),
+        (["--set-json", 'pools.decode.kvAgePolicy={"bits": 5}'], "kvAgePolicy"),
         (
             ["--set", "pools.decode.kvMemory.ssd.type=pvc", "--set", "pools.decode.kvMemory.dramBlocks=4"],
             "claimName",

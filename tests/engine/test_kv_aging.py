@@ -229,3 +229,31 @@ def test_a_later_turn_reuses_aged_blocks_where_its_policy_holds_them_coded(tiny_
     # without permission the prefix stops at the first block whose 16-bit original is gone
     assert num_plain_hits == coded_hits.index(True)
     assert_all_free(llm)
+
+
+def test_an_slo_class_keeps_its_own_window(tiny_model):
+    """kv_age_windows: priority 0 (interactive) keeps 64 recent tokens at full precision where the pool's
+    policy keeps 16; its requests age fewer blocks, and a bad window is named."""
+    path = tiny_model("llama")
+    policy = KVAgePolicy(bits=4, sinks=16, window=16)
+    engine = LLM(path, device="cpu", num_blocks=64, kv_age_policy=policy, kv_age_windows={0: 64}).engine
+    prompt = list(range(40, 90))
+    for rid, priority in (("interactive", 0), ("batch", 2)):
+        engine.add_request(EngineRequest(rid, prompt, greedy(50, logprobs=None), priority=priority))
+    coded = {}
+    age = engine.block_manager.age
+
+    def spy(request, blocks):
+        coded[request.request_id] = blocks
+        return age(request, blocks)
+
+    engine.block_manager.age = spy
+    while engine.has_unfinished_requests():
+        engine.step()
+    # context 100 at the last step: blocks 1 .. (100 - window) // 16 - 1 are coded
+    assert coded["interactive"] == range(1, (99 - 64) // 16) and coded["batch"] == range(1, (99 - 16) // 16)
+    assert engine.block_manager.num_used_coded_blocks == 0
+    with pytest.raises(ValueError, match=r"kv_age_windows: priority 0 got 40"):
+        CacheConfig(kv_age_policy=policy, kv_age_windows={0: 40})
+    with pytest.raises(ValueError, match="kv_age_windows: needs a kv_age_policy"):
+        CacheConfig(kv_age_windows={0: 64})

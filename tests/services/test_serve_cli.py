@@ -432,3 +432,25 @@ def test_each_request_ends_with_one_log_line(frontend, caplog, stream):
         r"e2e \d+\.\d{3}s, slo_class standard",
         line,
     ), line
+
+
+def test_a_pool_kv_age_policy_reaches_its_engine_and_pools_view(llama):
+    """Set per pool in a config file: validated at load, shown as the registry and /v1/pools show pools,
+    and each SLO class's window goes to that pool's engine."""
+    from services.app import ServeConfig
+
+    base = {"model": llama, "mode": "disaggregated"}
+    config = ServeConfig(**base, decode={"kv_age_policy": {"bits": 3, "window": 64}})
+    assert config.engine_options(config.decode)["kv_age_windows"] == {0: 2048}
+    assert "kv_age_windows" not in config.engine_options(config.prefill)
+    described = config.decode.describe("decode", "decode", "least_loaded").to_json()
+    assert described["kv_age_policy"] == {
+        "bits": 3, "sinks": 16, "window": 64, "horizon": None, "low_bits": None, "seed": 0
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="kv_age_policy.bits"):
+        ServeConfig(**base, decode={"kv_age_policy": {"bits": 5}})
+    with pytest.raises(ValueError, match="kv_age_windows: priority 0 got 100"):
+        classes = [{"name": "interactive", "priority": 0, "ttft_ms": 1, "tpot_ms": 1, "kv_window": 100}]
+        ServeConfig(
+            **base, decode={"kv_age_policy": {"window": 64}}, slo_classes=classes, slo_default="interactive"
+        )

@@ -71,6 +71,9 @@ price_per_hour: {{ $pool.pricePerHour }}
 {{- end }}
 weight_dtype: {{ $pool.weightDtype | default "auto" }}
 kv_dtype: {{ $pool.kvDtype | default "auto" }}
+{{- with $pool.kvAgePolicy }}
+kv_age_policy: {{ . | toJson }}
+{{- end }}
 engine: {{ $pool.engine | default dict | toJson }}
 kv_dram_blocks: {{ $pool.kvMemory.dramBlocks }}
 {{- if ne $pool.kvMemory.ssd.type "none" }}
