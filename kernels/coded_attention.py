@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import _decode_merge_kernel
-from kernels.prefill_attention import LOG2E, dot_precision
+from kernels.prefill_attention import LOG2E, _find_seq, dot_precision
 from kernels.turboquant import decode_ref, device_codebook, hadamard, rotate_queries
 
 TILE_N = 64  # tokens a step of the kernel: several blocks, each 16-bit or coded
@@ -61,6 +61,45 @@ def _online_softmax(s, m_i, l_i):
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _mixed_tile(
+    acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, scale_log2,
+    base_ptr, codes_ptr, norms_ptr, centroids_ptr, block_tables_ptr, stride_bt,
+    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One tile of keys n [N] (`allowed` [R, N]: which rows see which keys) into the online softmax. Each
+    column finds its block's entry; 16-bit and coded columns load masked (zero outside their format, so the
+    two scores add), and a format absent from the tile costs nothing."""
+    n_ok = tl.max(allowed.to(tl.int32), 0) > 0
+    d = tl.arange(0, HEAD_DIM)
+    entry = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    coded, plain = n_ok & (entry >= num_base_blocks), n_ok & (entry < num_base_blocks)
+    page, within = tl.maximum(entry - num_base_blocks, 0), n % BLOCK_SIZE
+    base = entry * sb0 + within * sb2 + kv_head * sb3
+    col, ncol = page * sc0 + within * sc2 + kv_head * sc3, page * sn0 + within * sn2 + kv_head * sn3
+    any_plain = tl.max(plain.to(tl.int32), 0) > 0
+    any_coded = tl.max(coded.to(tl.int32), 0) > 0
+    s = tl.zeros(allowed.shape, tl.float32)
+    if any_plain:
+        kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0)
+        s += tl.dot(q, kb, input_precision=PRECISION)
+    if any_coded:
+        kc = _coded_rows(codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS)
+        s += tl.dot(q_rot, tl.trans(kc).to(q.dtype), input_precision=PRECISION)
+    s = tl.where(allowed, s * scale_log2, float("-inf"))
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+    acc = acc * alpha[:, None]
+    acc_rot = acc_rot * alpha[:, None]
+    if any_plain:
+        vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
+        acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+    if any_coded:
+        vc = _coded_rows(codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS)
+        acc_rot += tl.dot(p.to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
+    return acc, acc_rot, m_i, l_i
 
 
 @triton.jit
@@ -140,34 +179,13 @@ def _coded_decode_kernel(
     n_in = tl.arange(0, TILE_N)
     for t in range(first, last):  # a tile of TILE_N tokens; its blocks may be of either format
         n = t * TILE_N + n_in
-        n_ok = n < seq_len
-        entry = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        coded, plain = n_ok & (entry >= num_base_blocks), n_ok & (entry < num_base_blocks)
-        page, within = tl.maximum(entry - num_base_blocks, 0), n % BLOCK_SIZE
-        base = entry * sb0 + within * sb2 + kv_head * sb3
-        col, ncol = page * sc0 + within * sc2 + kv_head * sc3, page * sn0 + within * sn2 + kv_head * sn3
-        any_plain = tl.max(plain.to(tl.int32), 0) > 0
-        any_coded = tl.max(coded.to(tl.int32), 0) > 0
-        # each format's columns are zero outside it: the two scores add
-        s = tl.zeros([ROWS_PAD, TILE_N], tl.float32)
-        if any_plain:
-            kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0)
-            s += tl.dot(q, kb, input_precision=PRECISION)
-        if any_coded:
-            kc = _coded_rows(codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS)
-            s += tl.dot(q_rot, tl.trans(kc).to(q.dtype), input_precision=PRECISION)
-        s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s * scale_log2, float("-inf"))  # [R, N]
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        acc = acc * alpha[:, None]
-        acc_rot = acc_rot * alpha[:, None]
-        if any_plain:
-            vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
-            acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-        if any_coded:
-            vc = _coded_rows(
-                codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS
-            )
-            acc_rot += tl.dot(p.to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
+        allowed = (n[None, :] < seq_len) & (n[None, :] <= pos[:, None]) & r_ok[:, None]
+        acc, acc_rot, m_i, l_i = _mixed_tile(
+            acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, scale_log2,
+            base_ptr, codes_ptr, norms_ptr, centroids_ptr, block_tables_ptr, stride_bt,
+            sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
+            BLOCK_SIZE, HEAD_DIM, BITS, PRECISION,
+        )  # fmt: skip
     row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
     _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
 
@@ -222,6 +240,96 @@ def coded_decode_attention(
     return (merged[..., :D] + back).to(q.dtype)
 
 
+@triton.jit
+def _coded_prefill_kernel(
+    q_ptr, q_rot_ptr, base_ptr, codes_ptr, norms_ptr, centroids_ptr, out_ptr, out_rot_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, num_base_blocks, scale_log2, num_seqs,
+    stride_qt, stride_qh, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3, stride_bt,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (KV head, query tile): BLOCK_Q query tokens of one sequence x its GROUP heads, over every
+    key tile up to the tile's last query; writes the normalized 16-bit and rotated accumulators."""
+    kv_head = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest tiles first
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    local = tile - (q_begin // BLOCK_Q + seq)
+    if local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_tok = local * BLOCK_Q + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_ok = (q_tok < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = seq_len - q_len + q_tok
+    d = tl.arange(0, HEAD_DIM)
+    q_off = (q_begin + q_tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    rot_off = ((q_begin + q_tok)[:, None] * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]
+    q_rot = tl.load(q_rot_ptr + rot_off, mask=row_ok[:, None], other=0.0).to(q.dtype)
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
+    acc_rot = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
+    hi = tl.minimum(seq_len, seq_len - q_len + local * BLOCK_Q + BLOCK_Q)  # causal: up to the last query
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + tl.arange(0, BLOCK_N)
+        allowed = (n[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        acc, acc_rot, m_i, l_i = _mixed_tile(
+            acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, scale_log2,
+            base_ptr, codes_ptr, norms_ptr, centroids_ptr, block_tables_ptr, stride_bt,
+            sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
+            BLOCK_SIZE, HEAD_DIM, BITS, PRECISION,
+        )  # fmt: skip
+    inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(out_ptr + rot_off, acc * inv[:, None], mask=row_ok[:, None])
+    tl.store(out_rot_ptr + rot_off, acc_rot * inv[:, None], mask=row_ok[:, None])
+
+
+def coded_prefill_attention(
+    q: torch.Tensor,
+    base_cache: torch.Tensor,
+    codes: torch.Tensor,
+    norms: torch.Tensor,
+    signs: torch.Tensor,
+    bits: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    block_n: int = TILE_N,
+) -> torch.Tensor:
+    """Varlen causal attention (prefill chunks, decodes packed with them) over 16-bit and coded blocks:
+    q [T, H, D], each sequence's last query_len tokens (query_start_loc [B + 1] int32) -> out [T, H, D].
+    The same tiles as coded_decode_attention; the rotated part is turned back once at the end."""
+    T, H, D = q.shape
+    B = query_start_loc.shape[0] - 1
+    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens[:B], B)
+    num_base, _, bs, kv_heads, _ = base_cache.shape
+    group = H // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    rows = max(16, min(64, triton.next_power_of_2(max(max_query_len, 1)) * group_pad))
+    block_q = max(rows // group_pad, 1)
+    q_rot = rotate_queries(q, signs, group).contiguous()
+    centroids, _ = device_codebook(bits, D, str(q.device))
+    out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
+    out_rot = torch.empty_like(out)
+    if T:
+        _coded_prefill_kernel[(kv_heads, T // block_q + B)](
+            q, q_rot, base_cache, codes, norms, centroids, out, out_rot, block_tables, seq_lens,
+            query_start_loc, num_base, scale * LOG2E, B, q.stride(0), q.stride(1),
+            *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
+            BLOCK_SIZE=bs, HEAD_DIM=D, NUM_HEADS=H, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+            BLOCK_N=block_n, BITS=bits, PRECISION=dot_precision(q.dtype),
+        )  # fmt: skip
+    per_q = signs.repeat_interleave(group, dim=0)
+    return (out + (out_rot @ hadamard(D, q.device)) * per_q).to(q.dtype)
+
+
 def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B) -> None:
     _, H, D = q.shape
     num_base, two, bs, kv_heads, dim = base_cache.shape
@@ -247,11 +355,20 @@ def coded_decode_attention_ref(
 ):
     """The oracle: every coded block decoded back to the original basis (decode_ref), then causal attention
     of each sequence's last query_len tokens."""
-    T, H, D = q.shape
-    B = T // query_len
+    starts = list(range(0, q.shape[0] + 1, query_len))
+    return coded_prefill_attention_ref(
+        q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, starts, scale
+    )
+
+
+def coded_prefill_attention_ref(
+    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, query_start_loc: list[int], scale
+):
+    """The varlen oracle: sequence i's rows query_start_loc[i]:[i + 1] are its last tokens."""
+    _, H, D = q.shape
     num_base, _, bs, kv_heads, _ = base_cache.shape
     out = torch.empty_like(q)
-    for i in range(B):
+    for i, (a, b) in enumerate(zip(query_start_loc, query_start_loc[1:], strict=False)):
         L = int(seq_lens[i])
         blocks = []
         for entry in block_tables[i, : -(-L // bs)].tolist():
@@ -265,9 +382,8 @@ def coded_decode_attention_ref(
         kv = torch.stack(blocks)  # [n, 2, bs, Hkv, D]
         k = kv[:, 0].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
         v = kv[:, 1].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)
-        rows = q[i * query_len : (i + 1) * query_len].float()  # [Q, H, D]
-        s = torch.einsum("qhd,lhd->qhl", rows, k) * scale
-        pos = torch.arange(L - query_len, L, device=q.device)[:, None, None]
+        s = torch.einsum("qhd,lhd->qhl", q[a:b].float(), k) * scale
+        pos = torch.arange(L - (b - a), L, device=q.device)[:, None, None]
         s = s.masked_fill(torch.arange(L, device=q.device)[None, None, :] > pos, float("-inf"))
-        out[i * query_len : (i + 1) * query_len] = torch.einsum("qhl,lhd->qhd", s.softmax(-1), v).to(q.dtype)
+        out[a:b] = torch.einsum("qhl,lhd->qhd", s.softmax(-1), v).to(q.dtype)
     return out

@@ -43,8 +43,6 @@ class AttentionMetadata:
     uniform_query_len: int = 0
     # some block table entry names a coded (low-bit) block: only with a KV age policy
     has_coded: bool = False
-    # a backend's per-step plan for a mixed step over coded blocks (the Triton backend's MixedSplit)
-    mixed_split: object | None = None
 
     @property
     def num_seqs(self) -> int:
