@@ -14,6 +14,8 @@ causal among themselves: decode, or verifying drafts) as the rows of one matrix,
 blocks, each of either format; a format's work is skipped in a tile that has none of its blocks).
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -65,23 +67,32 @@ def _online_softmax(s, m_i, l_i):
 
 @triton.jit
 def _mixed_tile(
-    acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, scale_log2,
-    base_ptr, codes_ptr, norms_ptr, centroids_ptr, block_tables_ptr, stride_bt,
-    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, PRECISION: tl.constexpr,
+    acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, first_low, scale_log2,
+    base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
+    block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
+    sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, LOW_BITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One tile of keys n [N] (`allowed` [R, N]: which rows see which keys) into the online softmax. Each
-    column finds its block's entry; 16-bit and coded columns load masked (zero outside their format, so the
-    two scores add), and a format absent from the tile costs nothing."""
+    column finds its block's entry: 16-bit (below num_base_blocks), coded at BITS, or coded at LOW_BITS (from
+    first_low on; LOW_BITS 0: no such pool). Each format's columns load masked (zero outside it, so the
+    scores add), and a format absent from the tile costs nothing."""
     n_ok = tl.max(allowed.to(tl.int32), 0) > 0
     d = tl.arange(0, HEAD_DIM)
     entry = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-    coded, plain = n_ok & (entry >= num_base_blocks), n_ok & (entry < num_base_blocks)
-    page, within = tl.maximum(entry - num_base_blocks, 0), n % BLOCK_SIZE
+    plain = n_ok & (entry < num_base_blocks)
+    coded = n_ok & (entry >= num_base_blocks) & (entry < first_low)
+    low = n_ok & (entry >= first_low)
+    within = n % BLOCK_SIZE
     base = entry * sb0 + within * sb2 + kv_head * sb3
+    page = tl.maximum(entry - num_base_blocks, 0)
     col, ncol = page * sc0 + within * sc2 + kv_head * sc3, page * sn0 + within * sn2 + kv_head * sn3
+    page = tl.maximum(entry - first_low, 0)
+    lcol, lncol = page * sl0 + within * sl2 + kv_head * sl3, page * sm0 + within * sm2 + kv_head * sm3
     any_plain = tl.max(plain.to(tl.int32), 0) > 0
     any_coded = tl.max(coded.to(tl.int32), 0) > 0
+    any_low = tl.max(low.to(tl.int32), 0) > 0
     s = tl.zeros(allowed.shape, tl.float32)
     if any_plain:
         kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0)
@@ -89,6 +100,12 @@ def _mixed_tile(
     if any_coded:
         kc = _coded_rows(codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS)
         s += tl.dot(q_rot, tl.trans(kc).to(q.dtype), input_precision=PRECISION)
+    if LOW_BITS > 0:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_low:
+            kl = _coded_rows(
+                low_codes_ptr, low_norms_ptr, low_centroids_ptr, lcol, lncol, low, d, HEAD_DIM, LOW_BITS
+            )
+            s += tl.dot(q_rot, tl.trans(kl).to(q.dtype), input_precision=PRECISION)
     s = tl.where(allowed, s * scale_log2, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
     acc = acc * alpha[:, None]
@@ -99,6 +116,20 @@ def _mixed_tile(
     if any_coded:
         vc = _coded_rows(codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS)
         acc_rot += tl.dot(p.to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
+    if LOW_BITS > 0:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_low:
+            vl = _coded_rows(
+                low_codes_ptr + sl1,
+                low_norms_ptr + sm1,
+                low_centroids_ptr,
+                lcol,
+                lncol,
+                low,
+                d,
+                HEAD_DIM,
+                LOW_BITS,
+            )
+            acc_rot += tl.dot(p.to(q.dtype), vl.to(q.dtype), input_precision=PRECISION)
     return acc, acc_rot, m_i, l_i
 
 
@@ -122,11 +153,15 @@ def _coded_decode_kernel(
     codes_ptr,
     norms_ptr,
     centroids_ptr,
+    low_codes_ptr,
+    low_norms_ptr,
+    low_centroids_ptr,
     part_ptr,
     lse_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     num_base_blocks,
+    first_low,
     scale_log2,
     num_splits,
     stride_qt,
@@ -143,6 +178,14 @@ def _coded_decode_kernel(
     sn1,
     sn2,
     sn3,
+    sl0,
+    sl1,
+    sl2,
+    sl3,
+    sm0,
+    sm1,
+    sm2,
+    sm3,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -152,6 +195,7 @@ def _coded_decode_kernel(
     QLEN: tl.constexpr,
     ROWS_PAD: tl.constexpr,
     BITS: tl.constexpr,
+    LOW_BITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -181,10 +225,11 @@ def _coded_decode_kernel(
         n = t * TILE_N + n_in
         allowed = (n[None, :] < seq_len) & (n[None, :] <= pos[:, None]) & r_ok[:, None]
         acc, acc_rot, m_i, l_i = _mixed_tile(
-            acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, scale_log2,
-            base_ptr, codes_ptr, norms_ptr, centroids_ptr, block_tables_ptr, stride_bt,
-            sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
-            BLOCK_SIZE, HEAD_DIM, BITS, PRECISION,
+            acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, first_low, scale_log2,
+            base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
+            block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
+            sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
+            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION,
         )  # fmt: skip
     row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
     _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
@@ -202,17 +247,20 @@ def coded_decode_attention(
     scale: float,
     num_splits: int = 1,
     query_len: int = 1,
+    low: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """q [B * query_len, H, D] (each sequence's last query_len tokens: 1 for decode, 1 + k to verify k
     drafts) -> out [B * query_len, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit), codes
     [N1, 2, bs, Hkv, D * bits / 8] uint8, norms [N1, 2, bs, Hkv] fp32, signs [Hkv, D] the layer's rotation;
-    block table entries >= N0 name coded blocks."""
+    block table entries >= N0 name coded blocks. low = (codes, norms, bits) of a second coded pool at fewer
+    bits, whose blocks' entries follow the first pool's (from N0 + N1 on)."""
     T, H, D = q.shape
     if query_len < 1 or T % query_len:
         raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
     B = T // query_len
     num_base, _, bs, kv_heads, _ = base_cache.shape
     check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B)
+    lows = _low_args(low, base_cache, codes, signs, q.device)
     group = H // kv_heads
     d_pad = triton.next_power_of_2(D)
     q_rot = rotate_queries(q, signs, group).contiguous()  # [B, H, D] fp32: once per head
@@ -221,12 +269,12 @@ def coded_decode_attention(
     lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     if B:
         _coded_decode_kernel[(B, kv_heads, num_splits)](
-            q, q_rot, base_cache, codes, norms, centroids, part, lse, block_tables, seq_lens,
-            num_base, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
-            *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
-            BLOCK_SIZE=bs, TILE_N=TILE_N, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
+            q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, part, lse, block_tables, seq_lens,
+            num_base, lows.first, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
+            *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
+            block_tables.stride(0), BLOCK_SIZE=bs, TILE_N=TILE_N, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
             QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
-            PRECISION=dot_precision(q.dtype),
+            LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype),
         )  # fmt: skip
     merged = torch.empty((T, H, 2 * d_pad), dtype=torch.float32, device=q.device)
     if B:
@@ -242,12 +290,13 @@ def coded_decode_attention(
 
 @triton.jit
 def _coded_prefill_kernel(
-    q_ptr, q_rot_ptr, base_ptr, codes_ptr, norms_ptr, centroids_ptr, out_ptr, out_rot_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, num_base_blocks, scale_log2, num_seqs,
-    stride_qt, stride_qh, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3, stride_bt,
+    q_ptr, q_rot_ptr, base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr,
+    low_centroids_ptr, out_ptr, out_rot_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_base_blocks, first_low, scale_log2, num_seqs, stride_qt, stride_qh,
+    sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3, sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3, stride_bt,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    LOW_BITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (KV head, query tile): BLOCK_Q query tokens of one sequence x its GROUP heads, over every
     key tile up to the tile's last query; writes the normalized 16-bit and rotated accumulators."""
@@ -279,10 +328,11 @@ def _coded_prefill_kernel(
         n = start_n + tl.arange(0, BLOCK_N)
         allowed = (n[None, :] <= q_pos[:, None]) & row_ok[:, None]
         acc, acc_rot, m_i, l_i = _mixed_tile(
-            acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, scale_log2,
-            base_ptr, codes_ptr, norms_ptr, centroids_ptr, block_tables_ptr, stride_bt,
-            sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
-            BLOCK_SIZE, HEAD_DIM, BITS, PRECISION,
+            acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, first_low, scale_log2,
+            base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
+            block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
+            sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
+            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION,
         )  # fmt: skip
     inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(out_ptr + rot_off, acc * inv[:, None], mask=row_ok[:, None])
@@ -302,6 +352,7 @@ def coded_prefill_attention(
     max_query_len: int,
     scale: float,
     block_n: int = TILE_N,
+    low: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention (prefill chunks, decodes packed with them) over 16-bit and coded blocks:
     q [T, H, D], each sequence's last query_len tokens (query_start_loc [B + 1] int32) -> out [T, H, D].
@@ -309,6 +360,7 @@ def coded_prefill_attention(
     T, H, D = q.shape
     B = query_start_loc.shape[0] - 1
     check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens[:B], B)
+    lows = _low_args(low, base_cache, codes, signs, q.device)
     num_base, _, bs, kv_heads, _ = base_cache.shape
     group = H // kv_heads
     group_pad = triton.next_power_of_2(group)
@@ -320,14 +372,40 @@ def coded_prefill_attention(
     out_rot = torch.empty_like(out)
     if T:
         _coded_prefill_kernel[(kv_heads, T // block_q + B)](
-            q, q_rot, base_cache, codes, norms, centroids, out, out_rot, block_tables, seq_lens,
-            query_start_loc, num_base, scale * LOG2E, B, q.stride(0), q.stride(1),
-            *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], block_tables.stride(0),
-            BLOCK_SIZE=bs, HEAD_DIM=D, NUM_HEADS=H, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
-            BLOCK_N=block_n, BITS=bits, PRECISION=dot_precision(q.dtype),
+            q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, out, out_rot, block_tables,
+            seq_lens, query_start_loc, num_base, lows.first, scale * LOG2E, B, q.stride(0), q.stride(1),
+            *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
+            block_tables.stride(0), BLOCK_SIZE=bs, HEAD_DIM=D, NUM_HEADS=H, GROUP=group, GROUP_PAD=group_pad,
+            BLOCK_Q=block_q, BLOCK_N=block_n, BITS=bits, LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype),
         )  # fmt: skip
     per_q = signs.repeat_interleave(group, dim=0)
     return (out + (out_rot @ hadamard(D, q.device)) * per_q).to(q.dtype)
+
+
+@dataclass
+class _LowArgs:
+    pointers: tuple  # codes, norms, centroids of the low pool (the first pool's when there is none)
+    strides: tuple  # its codes' and norms' first four strides
+    first: int  # the first block table entry naming a low block
+    bits: int  # 0: none
+
+
+def _low_args(low, base_cache, codes, signs, device) -> _LowArgs:
+    first = base_cache.shape[0] + codes.shape[0]
+    if low is None:
+        norms_strides = (0, 0, 0, 0)
+        return _LowArgs((codes, codes, codes), (*codes.stride()[:4], *norms_strides), 2**31 - 1, 0)
+    low_codes, low_norms, low_bits = low
+    D = base_cache.shape[-1]
+    want = (low_codes.shape[0], *codes.shape[1:4], D * low_bits // 8)
+    if low_codes.dtype != torch.uint8 or tuple(low_codes.shape) != want or low_codes.stride(-1) != 1:
+        raise ValueError(f"low codes: uint8 {want}, got {low_codes.dtype} {tuple(low_codes.shape)}")
+    if low_norms.dtype != torch.float32 or tuple(low_norms.shape) != want[:4]:
+        raise ValueError(f"low norms: fp32 {want[:4]}, got {low_norms.dtype} {tuple(low_norms.shape)}")
+    centroids, _ = device_codebook(low_bits, D, str(device))
+    return _LowArgs(
+        (low_codes, low_norms, centroids), (*low_codes.stride()[:4], *low_norms.stride()[:4]), first, low_bits
+    )
 
 
 def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B) -> None:
@@ -351,18 +429,28 @@ def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, s
 
 
 def coded_decode_attention_ref(
-    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, scale, query_len: int = 1
+    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, scale, query_len: int = 1, low=None
 ):
     """The oracle: every coded block decoded back to the original basis (decode_ref), then causal attention
     of each sequence's last query_len tokens."""
     starts = list(range(0, q.shape[0] + 1, query_len))
     return coded_prefill_attention_ref(
-        q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, starts, scale
+        q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, starts, scale, low
     )
 
 
 def coded_prefill_attention_ref(
-    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, query_start_loc: list[int], scale
+    q,
+    base_cache,
+    codes,
+    norms,
+    signs,
+    bits,
+    block_tables,
+    seq_lens,
+    query_start_loc: list[int],
+    scale,
+    low=None,
 ):
     """The varlen oracle: sequence i's rows query_start_loc[i]:[i + 1] are its last tokens."""
     _, H, D = q.shape
@@ -372,13 +460,17 @@ def coded_prefill_attention_ref(
         L = int(seq_lens[i])
         blocks = []
         for entry in block_tables[i, : -(-L // bs)].tolist():
+            first_low = num_base + codes.shape[0]
             if entry < num_base:
                 blocks.append(base_cache[entry].float())
+                continue
+            if entry < first_low:  # [2, bs, Hkv, DB], [2, bs, Hkv]
+                c, n, width = codes[entry - num_base], norms[entry - num_base], bits
             else:
-                c, n = codes[entry - num_base], norms[entry - num_base]  # [2, bs, Hkv, DB], [2, bs, Hkv]
-                blocks.append(
-                    torch.stack([decode_ref(c[kv], n[kv], signs, bits) for kv in (0, 1)])
-                )  # [2, bs, Hkv, D]
+                c, n, width = low[0][entry - first_low], low[1][entry - first_low], low[2]
+            blocks.append(
+                torch.stack([decode_ref(c[kv], n[kv], signs, width) for kv in (0, 1)])
+            )  # [2, bs, Hkv, D]
         kv = torch.stack(blocks)  # [n, 2, bs, Hkv, D]
         k = kv[:, 0].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
         v = kv[:, 1].reshape(-1, kv_heads, D)[:L].repeat_interleave(H // kv_heads, dim=1)

@@ -104,3 +104,40 @@ def test_varlen_prefill_over_mixed_blocks_equals_the_oracle(dtype, bits):
     # a one-token sequence gets what the decode kernel gives it
     one = coded_decode_attention(qv[9:10], base, codes, norms, signs, bits, tables[1:2], lens[1:2], D**-0.5)
     torch.testing.assert_close(got[9:10], one, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "low_bits"), [(4, 2), (4, 3), (3, 2)])
+def test_three_formats_in_one_table(dtype, bits, low_bits):
+    """16-bit, `bits` and `low_bits` blocks in one block table (a policy with a horizon): decode and varlen
+    against the oracle."""
+    q, base, codes, norms, signs, bits, tables, lens = _problem(bits, dtype, seed=bits * 7 + low_bits)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(3 * 2 * BS, HKV, D, generator=g) * 1.5
+    packed, low_norms = encode_ref(rows, signs.cpu(), low_bits)
+    low = (
+        packed.view(3, 2, BS, HKV, -1).contiguous().to(q.device),
+        low_norms.view(3, 2, BS, HKV).to(q.device),
+        low_bits,
+    )
+    tables = tables.clone()
+    tables[0, 2], tables[1, 0], tables[3, 3] = 16, 17, 18  # entries 16..18: the low pool (10 + 6 onwards)
+    got = coded_decode_attention(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=low)
+    want = coded_decode_attention_ref(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, low=low)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    starts = [0, 3, 4, 9, 10]
+    qv = torch.randn(10, q.shape[1], D, generator=g).to(q)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=q.device)
+    got = coded_prefill_attention(qv, base, codes, norms, signs, bits, tables, lens, qsl, 5, D**-0.5, low=low)
+    want = coded_prefill_attention_ref(
+        qv, base, codes, norms, signs, bits, tables, lens, starts, D**-0.5, low=low
+    )
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    # the low blocks are read: another low block's codes in entry 16 change sequence 0 only
+    other = (low[0][[1, 1, 2]].contiguous(), low[1][[1, 1, 2]].contiguous(), low_bits)
+    moved = coded_decode_attention(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=other)
+    plain = coded_decode_attention(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=low)
+    changed = (moved.float() - plain.float()).abs().amax(dim=(1, 2)) > 1e-4
+    assert changed.tolist() == [True, False, False, False]
