@@ -7,7 +7,8 @@ The engine prefills each 256-token window of the held-out split into its paged p
 replaced by a torch reference that reads, for query position t, each KV block as the age policy would hold it
 when t is decoded: the sink blocks and every block not wholly older than the recent window in the pool's
 16-bit format, older full blocks through the codec (kernels/turboquant.py: encode, then decode) at the
-policy's bits, and blocks past the horizon at its low bits. So every scored token sees the KV a decode at
+policy's bits, and blocks past the horizon at its low bits (transcoded from the codes at its bits, as the
+engine's one-step-at-a-time aging does). So every scored token sees the KV a decode at
 that position would see. Keys are coded as the cache holds them (after rotary). The numbers are the codec's
 and the policy's; the speed and memory of the real pools are issue 23's GPU work.
 Writes benchmarks/results/kv_age_quality.json (rows: policy, bits, sinks, window, horizon, perplexity,
@@ -29,7 +30,7 @@ from benchmarks.spec_acceptance import MODELS
 from engine import LLM
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.kv.age_policy import KVAgePolicy
-from kernels.turboquant import decode_ref, encode_ref, rotation_signs
+from kernels.turboquant import decode_ref, encode_ref, rotation_signs, transcode
 
 SEED = 20261207
 
@@ -41,6 +42,14 @@ class AgedKVReference(TorchAttentionBackend):
         policy.check_block_size(block_size)
         self.policy, self.signs, self.layer_of, self.bs = policy, signs, layer_of, block_size
         self._seen: dict[int, torch.Tensor] = {}
+
+    def round_trip(self, x: torch.Tensor, signs: torch.Tensor, bits: int) -> torch.Tensor:
+        """x as the engine holds it at `bits`: encoded from 16 bits, or (below the policy's bits, past its
+        horizon) transcoded from the codes at its bits, as a block aging one step at a time is."""
+        if bits == self.policy.bits:
+            return decode_ref(*encode_ref(x, signs, bits), signs, bits)
+        codes, norms = encode_ref(x, signs, self.policy.bits)
+        return decode_ref(transcode(codes, self.policy.bits, bits, x.shape[-1]), norms, signs, bits)
 
     def bits_seen(self, T: int) -> torch.Tensor:
         if T not in self._seen:
@@ -58,9 +67,7 @@ class AgedKVReference(TorchAttentionBackend):
         seen = self.bits_seen(T)
         versions = {0: (k, v)}
         for b in set(seen.unique().tolist()) - {0}:
-            versions[b] = tuple(
-                decode_ref(*encode_ref(x, self.signs[layer], b), self.signs[layer], b) for x in (k, v)
-            )
+            versions[b] = tuple(self.round_trip(x, self.signs[layer], b) for x in (k, v))
         group = H // heads
         qf = q.float().transpose(0, 1)  # [H, T, D]
         causal = torch.ones(T, T, dtype=torch.bool).tril()

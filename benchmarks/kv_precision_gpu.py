@@ -51,7 +51,7 @@ def bytes_per_token(engine, context: int) -> float:
     if policy is None:
         return base
     coded = bytes_per_coded_block(cfg, bs, policy.bits) / bs
-    num_coded = len(policy.coded_blocks(context, bs)) * bs
+    num_coded = len(policy.coded_ranges(context, bs)[0]) * bs
     return (num_coded * coded + (context - num_coded) * base) / context
 
 
@@ -62,21 +62,21 @@ def tokens_held(engine, context: int) -> int:
     policy = engine.config.cache.kv_age_policy
     if policy is None:
         return bm.num_blocks * bs
-    per_seq_base = -(-(context - len(policy.coded_blocks(context, bs)) * bs) // bs)
-    per_seq_coded = len(policy.coded_blocks(context, bs))
+    per_seq_coded = len(policy.coded_ranges(context, bs)[0])
+    per_seq_base = -(-(context - per_seq_coded * bs) // bs)
     seqs = min(bm.num_blocks // per_seq_base, bm.num_coded_blocks // max(per_seq_coded, 1))
     return seqs * context
 
 
 def encode_cost_ms(engine) -> float:
     """One re-encode launch of 64 blocks (all layers), CUDA time."""
-    pool = engine.coded_pool
+    coded = engine.coded_kv
     moves = [(i, engine.block_manager.num_blocks + i) for i in range(64)]
-    pool.encode_blocks(engine.kv_pool, moves)  # compile
+    coded.apply(engine.kv_pool, moves)  # compile
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(10):
-        pool.encode_blocks(engine.kv_pool, moves)
+        coded.apply(engine.kv_pool, moves)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 10
@@ -103,7 +103,7 @@ def main() -> None:
             )
             gen = torch.Generator().manual_seed(0)
             phases = PhaseTimer(engine)
-            extra = {"encode_64_blocks_ms": round(encode_cost_ms(engine), 3)} if engine.coded_pool else {}
+            extra = {"encode_64_blocks_ms": round(encode_cost_ms(engine), 3)} if engine.coded_kv else {}
             for batch, context in cases:
                 held = tokens_held(engine, context + DECODE_STEPS + 24)
                 row = {
@@ -121,7 +121,7 @@ def main() -> None:
                     continue
                 timed = time_decode(engine, batch, context, gen, phases)
                 row.update(timed, tokens_per_s=round(batch / (timed["step_ms"] / 1e3), 1))
-                if engine.coded_pool is not None and extra:
+                if engine.coded_kv is not None and extra:
                     # each sequence ages 1/16 block a step; one launch of 64 blocks costs encode_64_blocks_ms
                     row["encode_ms_per_step"] = round(extra["encode_64_blocks_ms"] * batch / 16 / 64, 4)
                 rows.append(row)

@@ -53,9 +53,10 @@ class CacheConfig:
                 f"kv_age_policy: got {policy!r}, allowed a KVAgePolicy, a dict of its fields or None"
             )
         policy.check_block_size(self.block_size)
-        if policy.horizon is not None:
+        if policy.horizon is not None and policy.horizon % self.block_size:
             raise ValueError(
-                "kv_age_policy.horizon: the engine holds one coded width a pool; give no horizon"
+                f"kv_age_policy.horizon: got {policy.horizon}, allowed a multiple of the block size "
+                f"({self.block_size})"
             )
         if self.kv_cache_dtype != "auto":
             raise ValueError(

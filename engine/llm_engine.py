@@ -27,7 +27,7 @@ from engine.errors import ParameterError
 from engine.gemm_tuning import tune_skinny_linears
 from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
-from engine.kv.coded_pool import CodedKVPool, check_model_for_age_policy, split_kv_budget
+from engine.kv.coded_pool import CodedKV, check_model_for_age_policy, split_kv_budget
 from engine.kv.events import KVEventLog
 from engine.kv.handoff import KVHandoff
 from engine.kv.kv_format import CALIBRATION_TEXT, FP8_KV, KVFormat, cache_torch_dtype
@@ -135,21 +135,21 @@ class LLMEngine:
                 "kv_cache_dtype", f"fp8 needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
             )
         policy = cache.kv_age_policy
-        num_coded = 0
+        coded_sizes: list[int] = []
         if policy is None:
             num_blocks = num_blocks_for(cache, self.model_config, kv_dtype, self.device)
         else:
             check_model_for_age_policy(self.model_config)
-            num_blocks, num_coded = split_kv_budget(cache, self.model_config, kv_dtype, self.device, policy)
+            num_blocks, coded_sizes = split_kv_budget(cache, self.model_config, kv_dtype, self.device, policy)
         self.kv_pool = allocate_kv_pool(
             num_blocks, self.model_config, cache.block_size, kv_dtype, self.device
         )
-        # the low-bit pool of KV precision by age (block ids from num_blocks on)
-        self.coded_pool = (
+        # the low-bit pools of KV precision by age (block ids from num_blocks on)
+        self.coded_kv = (
             None
             if policy is None
-            else CodedKVPool.allocate(
-                num_coded, num_blocks, self.model_config, cache.block_size, policy, self.device
+            else CodedKV.allocate(
+                coded_sizes, num_blocks, self.model_config, cache.block_size, policy, self.device
             )
         )
         self.kv_events = KVEventLog()  # drained by the worker that owns this engine
@@ -160,7 +160,7 @@ class LLMEngine:
             cache.enable_prefix_caching,
             self.kv_events,
             listener=self.offloader,
-            num_coded_blocks=num_coded,
+            coded_pools=coded_sizes,
         )
         self.stats = EngineStats()
         self.scheduler = Scheduler(
@@ -183,7 +183,7 @@ class LLMEngine:
             self.device,
             self._graphs(),
             self._piecewise_graphs(),
-            self.coded_pool,
+            self.coded_kv,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -284,7 +284,7 @@ class LLMEngine:
             self.device,
             max_spec_len=0 if isinstance(self.drafter, NullDrafter) else self.config.num_speculative_tokens,
             max_verify_tokens=self.config.spec_max_batch_tokens,
-            coded=None if self.coded_pool is None else self.coded_pool.layers(),
+            coded=None if self.coded_kv is None else self.coded_kv.layers(),
         )
         graphs.capture()
         return graphs
@@ -303,7 +303,7 @@ class LLMEngine:
             self.config.cache.block_size,
             max_tokens,
             self.device,
-            coded=None if self.coded_pool is None else self.coded_pool.layers(),
+            coded=None if self.coded_kv is None else self.coded_kv.layers(),
         )
         runner.capture()
         return runner
@@ -314,10 +314,8 @@ class LLMEngine:
         bm = self.block_manager
         base = self.kv_pool[0].numel() * self.kv_pool.element_size()
         out = {self.kv_format.name: (bm.num_blocks, bm.num_blocks - bm.num_free_blocks, base)}
-        pool = self.coded_pool
-        if pool is not None:
-            coded = pool.codes[0].numel() + pool.norms[0].numel() * pool.norms.element_size()
-            out[f"turboquant{pool.bits}"] = (bm.num_coded_blocks, bm.num_used_coded_blocks, coded)
+        for k, pool in enumerate(self.coded_kv.pools if self.coded_kv is not None else []):
+            out[f"turboquant{pool.bits}"] = (pool.num_blocks, bm.used_coded_blocks(k), pool.block_bytes())
         return out
 
     def _hash_extra(self, cache_salt: str | None) -> bytes:

@@ -16,7 +16,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.attention.triton_backend import MAX_DECODE_QUERY_LEN
 from engine.cuda_graphs import CUDAGraphRunner, InputLayout, StaticInputs
 from engine.kv.block_manager import BlockManager
-from engine.kv.coded_pool import CodedKVPool
+from engine.kv.coded_pool import CodedKV
 from engine.kv.pool import layer_views
 from engine.logits_processors import LogitsRow, apply_logits_processing, needs_processing
 from engine.models.decoder import DecoderForCausalLM
@@ -126,13 +126,13 @@ class ModelRunner:
         device: torch.device,
         graphs: CUDAGraphRunner | None = None,
         piecewise: PiecewiseGraphRunner | None = None,
-        coded_pool: CodedKVPool | None = None,
+        coded_kv: CodedKV | None = None,
     ):
         self.model = model
         self.kv_pool = kv_pool
         self.kv_caches = layer_views(kv_pool)
-        self.coded_pool = coded_pool  # KV precision by age: the low-bit blocks (ids from the pool's size on)
-        self.coded = coded_pool.layers() if coded_pool is not None else None
+        self.coded_kv = coded_kv  # KV precision by age: the low-bit pools (ids from the pool's size on)
+        self.coded = coded_kv.layers() if coded_kv is not None else None
         self.backend = backend
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
@@ -320,8 +320,8 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput) -> StepFuture:
         """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
         if sched.aged:
-            assert self.coded_pool is not None
-            self.coded_pool.encode_blocks(self.kv_pool, sched.aged)  # before the step reads their new ids
+            assert self.coded_kv is not None
+            self.coded_kv.apply(self.kv_pool, sched.aged)  # before the step reads their new ids
         inputs = self.prepare(sched)
         requests = inputs.sample_requests
         if inputs.graph_batch and self.graphs is not None:

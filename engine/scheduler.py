@@ -167,13 +167,13 @@ class Scheduler:
                 out.aged += self._age(request, start, n)
         return out
 
-    def _coded_ok(self, request: Request) -> range:
+    def _coded_ok(self, request: Request) -> list[range]:
         """Prompt blocks a prefix hit may serve from coded copies: those the age policy holds coded at the
         prompt's length (so the request reads them at the bits it would anyway)."""
         if self.age_policy is None:
-            return range(0)
+            return []
         window = self.age_windows.get(request.priority)
-        return self.age_policy.coded_blocks(request.num_tokens, self.block_manager.block_size, window)
+        return self.age_policy.coded_ranges(request.num_tokens, self.block_manager.block_size, window)
 
     def _age(self, request: Request, start: int, n: int) -> list[tuple[int, int]]:
         """The blocks the age policy holds coded at this step's context length (start + n), among those
@@ -181,8 +181,8 @@ class Scheduler:
         bits its last position would."""
         assert self.age_policy is not None
         bs = self.block_manager.block_size
-        coded = self.age_policy.coded_blocks(start + n, bs, self.age_windows.get(request.priority))
-        moves = self.block_manager.age(request, range(coded.start, min(coded.stop, start // bs)))
+        ranges = self.age_policy.coded_ranges(start + n, bs, self.age_windows.get(request.priority))
+        moves = self.block_manager.age(request, [range(r.start, min(r.stop, start // bs)) for r in ranges])
         self.stats.kv_blocks_aged += len(moves)
         return moves
 

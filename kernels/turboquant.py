@@ -125,6 +125,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], dim).to(torch.uint8)
 
 
+def transcode(packed: torch.Tensor, bits: int, to_bits: int, dim: int) -> torch.Tensor:
+    """Codes at `bits` -> codes at `to_bits` of the same rows (norms unchanged): each coordinate's centroid
+    requantized by the lower codebook, one table lookup a code (no rotation: both are in the rotated
+    basis). [..., D * bits / 8] -> [..., D * to_bits / 8] uint8."""
+    centroids, _ = codebook(bits, dim)
+    _, bounds = codebook(to_bits, dim)
+    table = torch.bucketize(centroids, bounds).to(torch.uint8).to(packed.device)
+    return pack_codes(table[unpack_codes(packed, bits, dim).long()], to_bits)
+
+
 def encode_ref(x: torch.Tensor, signs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H, D] (any float dtype), signs [H, D] -> (packed codes [N, H, D * bits / 8] uint8, norms [N, H]
     fp32)."""

@@ -18,6 +18,17 @@ class CodedLayer:
     signs: torch.Tensor  # [kv_heads, head_dim] fp32: this layer's rotation
     bits: int
     num_base_blocks: int
+    # a second, lower-bit pool (a policy's horizon), whose entries follow the first's; low_bits 0: none
+    low_codes: torch.Tensor | None = None
+    low_norms: torch.Tensor | None = None
+    low_bits: int = 0
+
+    @property
+    def low(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The kernels' `low` argument."""
+        if self.low_codes is None or self.low_norms is None:
+            return None
+        return self.low_codes, self.low_norms, self.low_bits
 
 
 @dataclass

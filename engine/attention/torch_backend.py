@@ -23,10 +23,19 @@ def with_decoded_blocks(
     used = torch.unique(ids[is_coded])
     if not len(used):
         return kv_cache, block_tables
-    c, n = coded.codes[used - coded.num_base_blocks], coded.norms[used - coded.num_base_blocks]
-    u, _, bs, heads, nbytes = c.shape
-    decoded = decode_ref(c.reshape(-1, heads, nbytes), n.reshape(-1, heads), coded.signs, coded.bits)
-    cache = torch.cat([kv_cache, decoded.reshape(u, 2, bs, heads, -1).to(kv_cache.dtype)])
+    first_low = coded.num_base_blocks + coded.codes.shape[0]
+    parts = []
+    for first, codes, norms, bits in (
+        (coded.num_base_blocks, coded.codes, coded.norms, coded.bits),
+        (first_low, coded.low_codes, coded.low_norms, coded.low_bits),
+    ):
+        mine = used[(used >= first) & (used < first + (0 if codes is None else codes.shape[0]))]
+        if len(mine) and codes is not None and norms is not None:
+            c, n = codes[mine - first], norms[mine - first]
+            u, _, bs, heads, nbytes = c.shape
+            decoded = decode_ref(c.reshape(-1, heads, nbytes), n.reshape(-1, heads), coded.signs, bits)
+            parts.append(decoded.reshape(u, 2, bs, heads, -1).to(kv_cache.dtype))
+    cache = torch.cat([kv_cache, *parts])  # used is sorted, pools in id order: parts line up with it
     remapped = torch.where(is_coded, kv_cache.shape[0] + torch.searchsorted(used, ids), ids)
     return cache, remapped.to(block_tables.dtype)
 

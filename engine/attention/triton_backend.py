@@ -61,6 +61,7 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 meta.num_kv_splits,
                 query_len=query_len,
+                low=coded.low,
             )
         if coded is not None and meta.has_coded:  # other steps over coded blocks: the varlen coded kernel
             return coded_prefill_attention(
@@ -75,6 +76,7 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.query_start_loc,
                 meta.max_query_len,
                 scale,
+                low=coded.low,
             )
         if query_len:
             return decode_attention(

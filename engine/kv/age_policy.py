@@ -67,15 +67,19 @@ class KVAgePolicy:
                 out.append(self.bits)
         return out
 
-    def coded_blocks(self, num_tokens: int, block_size: int, window: int | None = None) -> range:
-        """The blocks held at `bits` (block_bits' non-BASE entries, without a horizon): past the sinks and
-        wholly older than the window (`window` overrides the policy's: an SLO class's own)."""
-        if self.horizon is not None:
-            raise ValueError(
-                "kv_age_policy.horizon: the engine holds one coded width a pool; give no horizon"
-            )
+    def coded_ranges(self, num_tokens: int, block_size: int, window: int | None = None) -> list[range]:
+        """Per coded width, highest first (bits, then low_bits with a horizon): the blocks held at that
+        width or lower, as block_bits gives them (`window` overrides the policy's: an SLO class's own)."""
         window = self.window if window is None else window
-        return range(-(-self.sinks // block_size), max(num_tokens - window, 0) // block_size)
+        first = -(-self.sinks // block_size)
+        out = [range(first, max(num_tokens - window, 0) // block_size)]
+        if self.horizon is not None:
+            out.append(range(first, max(num_tokens - max(self.horizon, window), 0) // block_size))
+        return out
+
+    def widths(self) -> list[int]:
+        """The coded widths, highest first: one pool each."""
+        return [self.bits] if self.low_bits is None else [self.bits, self.low_bits]
 
     def bits_seen(self, num_tokens: int, block_size: int) -> torch.Tensor:
         """[T, T]: the bits key position j is held at when query position t is decoded (T = num_tokens)."""

@@ -1,5 +1,7 @@
 """Paged KV block allocation with reference counts and chained-hash prefix caching."""
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,28 +49,32 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         events: KVEventLog | None = None,
         listener: BlockListener | None = None,
-        num_coded_blocks: int = 0,
+        coded_pools: Sequence[int] = (),
     ):
         """events: where stored / removed hashes are recorded (bounded; a worker drains it); listener: told
-        when a block is cached or about to be reused (a KV offloader copies it down); num_coded_blocks: the
-        low-bit pool of a KV age policy, ids num_blocks .. num_blocks + num_coded_blocks - 1."""
+        when a block is cached or about to be reused (a KV offloader copies it down); coded_pools: the sizes
+        of a KV age policy's low-bit pools, highest precision first; their ids follow the 16-bit pool's in
+        that order."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks: got {num_blocks}, allowed >= 1")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.num_coded_blocks = num_coded_blocks
+        self.coded_starts = list(itertools.accumulate([num_blocks, *coded_pools]))  # pool k: [k], [k + 1]
+        self.num_coded_blocks = self.coded_starts[-1] - num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks + num_coded_blocks)]
+        self.blocks = [Block(i) for i in range(self.coded_starts[-1])]
         self.free_queue = FreeBlockQueue(range(num_blocks))
-        # coded blocks: a block aged from a cached 16-bit one keeps its hash, findable (coded_cached) for
-        # requests whose policy holds that position coded anyway, until the coded block is reused
-        self.free_coded = FreeBlockQueue(range(num_blocks, num_blocks + num_coded_blocks))
-        self.coded_cached: dict[bytes, Block] = {}
+        # coded blocks: a block aged from a cached one keeps its hash, findable (coded_cached) for requests
+        # whose policy holds that position at those bits or fewer, until the coded block is reused
+        starts = self.coded_starts
+        self.free_coded = [FreeBlockQueue(range(a, b)) for a, b in zip(starts, starts[1:], strict=False)]
+        self.coded_cached: list[dict[bytes, Block]] = [{} for _ in coded_pools]
         self.cached: dict[bytes, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, kept in step with req_blocks
         self.req_num_cached_blocks: dict[str, int] = {}
-        self.req_aged: dict[str, int] = {}  # per request: the first block index age() has not decided yet
+        # per request and coded pool: the first block index age() has not decided yet
+        self.req_aged: dict[str, list[int]] = {}
         self.events = events or KVEventLog()
         self.listener = listener or _Unheard()
 
@@ -87,44 +93,55 @@ class BlockManager:
 
     @property
     def num_used_coded_blocks(self) -> int:
-        return self.num_coded_blocks - len(self.free_coded)
+        return sum(self.used_coded_blocks(k) for k in range(len(self.free_coded)))
 
-    def age(self, request: Request, coded: range) -> list[tuple[int, int]]:
-        """Move the request's blocks in `coded` (block indices the age policy holds coded) into coded blocks:
-        the table entry becomes the coded id and the 16-bit block is released (its hash and KV stay findable
-        for prefix hits until it is reused). -> [(16-bit id, coded id)] for the caller to re-encode before
-        any later step runs. Each block is decided once: one other requests share stays 16-bit; when the
-        coded pool is full the rest wait for a later step."""
+    def used_coded_blocks(self, pool: int) -> int:
+        return self.coded_starts[pool + 1] - self.coded_starts[pool] - len(self.free_coded[pool])
+
+    def pool_of(self, block_id: int) -> int:
+        """-1: the 16-bit pool; k: coded pool k."""
+        return bisect.bisect_right(self.coded_starts, block_id) - 1 if block_id >= self.num_blocks else -1
+
+    def age(self, request: Request, targets: Sequence[range]) -> list[tuple[int, int]]:
+        """Move the request's blocks into the coded pools: targets[k] holds the block indices the age policy
+        keeps in pool k or a lower-precision one. A block moves at most once a call, to the lowest pool that
+        wants it; its table entry becomes the coded id and the block it leaves is released (its hash and
+        content stay findable for prefix hits until it is reused). -> [(old id, new id)] for the caller to
+        re-encode before any later step runs. Each block is decided once a pool: one other requests share
+        stays where it is; when a pool is full the rest wait for a later step."""
         blocks = self.req_blocks.get(request.request_id, [])
         ids = self.req_block_ids.get(request.request_id, [])
-        first = max(coded.start, self.req_aged.get(request.request_id, 0))
+        decided = self.req_aged.setdefault(request.request_id, [0] * len(targets))
         moves = []
-        for i in range(first, min(coded.stop, len(blocks))):
-            block = blocks[i]
-            self.req_aged[request.request_id] = i + 1
-            if block.block_id >= self.num_blocks or block.ref_cnt != 1:
-                continue
-            if not self.free_coded:
-                self.req_aged[request.request_id] = i
-                break
-            low = self._pop_coded()
-            if block.block_hash is not None and block.block_hash not in self.coded_cached:
-                low.block_hash = block.block_hash
-                self.coded_cached[block.block_hash] = low
-            blocks[i], ids[i] = low, low.block_id
-            moves.append((block.block_id, low.block_id))
-            block.ref_cnt = 0
-            self.free_queue.push(block.block_id, block.block_hash is not None, request.priority)
+        for k in reversed(range(len(targets))):
+            for i in range(max(targets[k].start, decided[k]), min(targets[k].stop, len(blocks))):
+                block = blocks[i]
+                decided[k] = i + 1
+                if self.pool_of(block.block_id) >= k or block.ref_cnt != 1:
+                    continue
+                if not self.free_coded[k]:
+                    decided[k] = i
+                    break
+                new = self._pop_coded(k)
+                if block.block_hash is not None and block.block_hash not in self.coded_cached[k]:
+                    new.block_hash = block.block_hash
+                    self.coded_cached[k][block.block_hash] = new
+                blocks[i], ids[i] = new, new.block_id
+                moves.append((block.block_id, new.block_id))
+                block.ref_cnt = 0
+                self._push_free(block, request.priority)
         return moves
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (do not modify)."""
         return self.req_block_ids.get(request_id, [])
 
-    def get_computed_blocks(self, request: Request, coded_ok: range = range(0)) -> tuple[list[Block], int]:
+    def get_computed_blocks(
+        self, request: Request, coded_ok: Sequence[range] = ()
+    ) -> tuple[list[Block], int]:
         """Longest run of cached full blocks at the start of the request, and the tokens they cover. A block
-        index in `coded_ok` (those the request's age policy holds coded) may be a coded copy when its 16-bit
-        original is gone.
+        index in coded_ok[k] (those the request's age policy holds in coded pool k or lower) may be a copy in
+        pool k or a higher-precision one when its 16-bit original is gone.
 
         At least the last token is always recomputed: its logits are needed to sample.
         """
@@ -136,8 +153,10 @@ class BlockManager:
             if (i + 1) * self.block_size > max_hit_tokens:
                 break
             block = self.cached.get(block_hash)
-            if block is None and i in coded_ok:
-                block = self.coded_cached.get(block_hash)
+            allowed = [k for k, ok in enumerate(coded_ok) if i in ok]  # pools 0 .. the lowest allowed
+            for k in range(max(allowed, default=-1) + 1):
+                if block is None:
+                    block = self.coded_cached[k].get(block_hash)
             if block is None:
                 break
             hits.append(block)
@@ -182,10 +201,17 @@ class BlockManager:
         """16-bit hits that sit in the free queue: they stop being free once taken."""
         return sum(1 for b in hits if b.ref_cnt == 0 and b.block_id < self.num_blocks)
 
+    def _free_queue_of(self, block_id: int) -> FreeBlockQueue:
+        pool = self.pool_of(block_id)
+        return self.free_queue if pool < 0 else self.free_coded[pool]
+
     def _take(self, block: Block) -> None:
         if block.ref_cnt == 0:
-            (self.free_queue if block.block_id < self.num_blocks else self.free_coded).remove(block.block_id)
+            self._free_queue_of(block.block_id).remove(block.block_id)
         block.ref_cnt += 1
+
+    def _push_free(self, block: Block, priority: int) -> None:
+        self._free_queue_of(block.block_id).push(block.block_id, block.block_hash is not None, priority)
 
     def allocate_blocks(
         self, request_id: str, num_blocks: int, hits: Sequence[Block] = ()
@@ -215,11 +241,11 @@ class BlockManager:
             hits.append(block)
         return hits
 
-    def _pop_coded(self) -> Block:
-        block = self.blocks[self.free_coded.pop()[0]]
+    def _pop_coded(self, pool: int) -> Block:
+        block = self.blocks[self.free_coded[pool].pop()[0]]
         if block.block_hash is not None:  # its codes are about to be overwritten
-            if self.coded_cached.get(block.block_hash) is block:
-                del self.coded_cached[block.block_hash]
+            if self.coded_cached[pool].get(block.block_hash) is block:
+                del self.coded_cached[pool][block.block_hash]
             block.block_hash = None
         block.ref_cnt = 1
         return block
@@ -265,10 +291,8 @@ class BlockManager:
         for block in reversed(blocks):
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
-            if block.ref_cnt == 0 and block.block_id >= self.num_blocks:
-                self.free_coded.push(block.block_id, block.block_hash is not None, priority)
-            elif block.ref_cnt == 0:
-                self.free_queue.push(block.block_id, block.block_hash is not None, priority)
+            if block.ref_cnt == 0:
+                self._push_free(block, priority)
 
     def reset_prefix_cache(self) -> None:
         for block_hash, block in self.cached.items():
@@ -276,6 +300,7 @@ class BlockManager:
             block.block_hash = None
             self.events.record("removed", "hbm", block_hash)
         self.cached.clear()
-        for block in self.coded_cached.values():
-            block.block_hash = None
-        self.coded_cached.clear()
+        for cached in self.coded_cached:
+            for block in cached.values():
+                block.block_hash = None
+            cached.clear()

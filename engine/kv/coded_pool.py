@@ -20,7 +20,7 @@ from engine.config import CacheConfig
 from engine.kv.age_policy import KVAgePolicy
 from engine.kv.pool import bytes_per_block, kv_budget_bytes
 from engine.models import ModelConfig
-from kernels.turboquant import encode, encode_ref, packed_bytes, rotation_signs
+from kernels.turboquant import encode, encode_ref, packed_bytes, rotation_signs, transcode
 
 ENCODE_CHUNK = 64  # blocks gathered at once to re-encode (64 Llama-3-8B bf16 blocks: 128 MiB)
 
@@ -33,24 +33,25 @@ def bytes_per_coded_block(cfg: ModelConfig, block_size: int, bits: int) -> int:
 
 def split_kv_budget(
     cache: CacheConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, policy: KVAgePolicy
-) -> tuple[int, int]:
-    """(16-bit blocks, coded blocks): kv_coded_fraction of the KV budget goes to the coded pool. With
-    num_blocks given: those 16-bit blocks, and num_coded_blocks (else as many as the fraction's share of
-    their bytes buys)."""
+) -> tuple[int, list[int]]:
+    """(16-bit blocks, blocks of each coded pool): kv_coded_fraction of the KV budget goes to the coded pools,
+    as many blocks in each. With num_blocks given: those 16-bit blocks, and num_coded_blocks a coded pool
+    (else as many as the fraction's share of their bytes buys)."""
     base = bytes_per_block(cfg, cache.block_size, dtype)
-    coded = bytes_per_coded_block(cfg, cache.block_size, policy.bits)
+    coded = sum(bytes_per_coded_block(cfg, cache.block_size, bits) for bits in policy.widths())
+    widths = len(policy.widths())
     f = cache.kv_coded_fraction
     if cache.num_blocks is not None:
         n1 = cache.num_coded_blocks or max(1, int(cache.num_blocks * base * f / (1 - f)) // coded)
-        return cache.num_blocks, n1
+        return cache.num_blocks, [n1] * widths
     budget = kv_budget_bytes(cache, device)
     n0, n1 = int(budget * (1 - f)) // base, int(budget * f) // coded
     if n0 < 1 or n1 < 1:
         raise ValueError(
             f"kv_cache_memory_bytes: budget {budget} B split {1 - f:.2f}/{f:.2f} holds no 16-bit block of "
-            f"{base} B or no coded block of {coded} B"
+            f"{base} B or no coded blocks ({coded} B, one a width)"
         )
-    return n0, n1
+    return n0, [n1] * widths
 
 
 def check_model_for_age_policy(cfg: ModelConfig) -> None:
@@ -66,59 +67,118 @@ def check_model_for_age_policy(cfg: ModelConfig) -> None:
 
 @dataclass
 class CodedKVPool:
-    codes: torch.Tensor  # [N1, layers, 2, bs, kv_heads, D * bits / 8] uint8
-    norms: torch.Tensor  # [N1, layers, 2, bs, kv_heads] fp32
-    signs: torch.Tensor  # [layers, kv_heads, D] fp32, on the pool's device
+    """One coded width's blocks: ids first_id .. first_id + num_blocks - 1 of the shared id space."""
+
+    codes: torch.Tensor  # [N, layers, 2, bs, kv_heads, D * bits / 8] uint8
+    norms: torch.Tensor  # [N, layers, 2, bs, kv_heads] fp32
     bits: int
-    num_base_blocks: int
+    first_id: int
 
     @classmethod
     def allocate(
         cls,
         num_blocks: int,
-        num_base_blocks: int,
+        first_id: int,
         cfg: ModelConfig,
         block_size: int,
-        policy: KVAgePolicy,
+        bits: int,
         device: torch.device,
     ) -> "CodedKVPool":
-        nbytes = packed_bytes(cfg.head_dim, policy.bits)
         shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads)
         return cls(
-            codes=torch.zeros((*shape, nbytes), dtype=torch.uint8, device=device),
+            codes=torch.zeros((*shape, packed_bytes(cfg.head_dim, bits)), dtype=torch.uint8, device=device),
             norms=torch.zeros(shape, dtype=torch.float32, device=device),
-            signs=rotation_signs(policy.seed, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim).to(device),
-            bits=policy.bits,
-            num_base_blocks=num_base_blocks,
+            bits=bits,
+            first_id=first_id,
         )
 
     @property
     def num_blocks(self) -> int:
         return self.codes.shape[0]
 
+    def block_bytes(self) -> int:
+        return self.codes[0].numel() + self.norms[0].numel() * self.norms.element_size()
+
+
+@dataclass
+class CodedKV:
+    """The coded pools of a KV age policy, highest precision first, and the rotations they share (one a
+    layer and KV head, from the policy's seed)."""
+
+    pools: list[CodedKVPool]
+    signs: torch.Tensor  # [layers, kv_heads, D] fp32, on the pools' device
+
+    @classmethod
+    def allocate(
+        cls,
+        sizes: list[int],
+        num_base_blocks: int,
+        cfg: ModelConfig,
+        block_size: int,
+        policy: KVAgePolicy,
+        device: torch.device,
+    ) -> "CodedKV":
+        pools, first = [], num_base_blocks
+        for n, bits in zip(sizes, policy.widths(), strict=True):
+            pools.append(CodedKVPool.allocate(n, first, cfg, block_size, bits, device))
+            first += n
+        signs = rotation_signs(policy.seed, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim).to(device)
+        return cls(pools, signs)
+
     def layers(self) -> list[CodedLayer]:
-        """Per layer, what its attention reads: strided views of codes and norms, and its rotation."""
+        """Per layer, what its attention reads: strided views of each pool's codes and norms, its rotation."""
+        top, low = self.pools[0], self.pools[1] if len(self.pools) > 1 else None
         return [
-            CodedLayer(self.codes[:, i], self.norms[:, i], self.signs[i], self.bits, self.num_base_blocks)
-            for i in range(self.codes.shape[1])
+            CodedLayer(
+                top.codes[:, i],
+                top.norms[:, i],
+                self.signs[i],
+                top.bits,
+                top.first_id,
+                low_codes=None if low is None else low.codes[:, i],
+                low_norms=None if low is None else low.norms[:, i],
+                low_bits=0 if low is None else low.bits,
+            )
+            for i in range(top.codes.shape[1])
         ]
 
-    @torch.inference_mode()
-    def encode_blocks(self, kv_pool: torch.Tensor, moves: list[tuple[int, int]]) -> None:
-        """Re-encode 16-bit blocks into coded ones: moves = [(16-bit block id, coded block id in the shared
-        id space)], queued on the current stream (after the steps that wrote the blocks, before any step that
-        reuses the 16-bit ones). One launch for all blocks and layers on a GPU."""
-        for i in range(0, len(moves), ENCODE_CHUNK):
-            self._encode(kv_pool, moves[i : i + ENCODE_CHUNK])
+    def pool_of(self, block_id: int) -> int:
+        """-1: a 16-bit block; k: coded pool k."""
+        return max((k for k, p in enumerate(self.pools) if block_id >= p.first_id), default=-1)
 
-    def _encode(self, kv_pool: torch.Tensor, moves: list[tuple[int, int]]) -> None:
+    @torch.inference_mode()
+    def apply(self, kv_pool: torch.Tensor, moves: list[tuple[int, int]]) -> None:
+        """Blocks the block manager aged: moves = [(old id, new id)], queued on the current stream (after the
+        steps that wrote the old blocks, before any step that reuses them). From the 16-bit pool: encoded
+        (one launch for up to ENCODE_CHUNK blocks and all layers on a GPU); from a higher coded pool:
+        transcoded code by code."""
+        by_kind: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for old, new in moves:
+            by_kind.setdefault((self.pool_of(old), self.pool_of(new)), []).append((old, new))
+        for (src, dst), group in by_kind.items():
+            for i in range(0, len(group), ENCODE_CHUNK):
+                chunk = group[i : i + ENCODE_CHUNK]
+                if src < 0:
+                    self._encode(kv_pool, self.pools[dst], chunk)
+                else:
+                    self._transcode(self.pools[src], self.pools[dst], chunk)
+
+    def _encode(self, kv_pool: torch.Tensor, pool: CodedKVPool, moves: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in moves], device=kv_pool.device)
-        dst = torch.tensor([d - self.num_base_blocks for _, d in moves], device=kv_pool.device)
+        dst = torch.tensor([d - pool.first_id for _, d in moves], device=kv_pool.device)
         n, layers, _, bs, heads, dim = len(moves), *kv_pool.shape[1:]
         x = kv_pool[src]  # [n, layers, 2, bs, heads, D]
         # rows as [n * 2 * bs, layers * heads, D], so each (layer, head) pair meets its own signs
         rows = x.permute(0, 2, 3, 1, 4, 5).reshape(n * 2 * bs, layers * heads, dim)
         signs = self.signs.reshape(layers * heads, dim)
-        codes, norms = (encode if rows.is_cuda else encode_ref)(rows, signs, self.bits)
-        self.codes[dst] = codes.reshape(n, 2, bs, layers, heads, -1).permute(0, 3, 1, 2, 4, 5)
-        self.norms[dst] = norms.reshape(n, 2, bs, layers, heads).permute(0, 3, 1, 2, 4)
+        codes, norms = (encode if rows.is_cuda else encode_ref)(rows, signs, pool.bits)
+        pool.codes[dst] = codes.reshape(n, 2, bs, layers, heads, -1).permute(0, 3, 1, 2, 4, 5)
+        pool.norms[dst] = norms.reshape(n, 2, bs, layers, heads).permute(0, 3, 1, 2, 4)
+
+    def _transcode(self, src: CodedKVPool, dst: CodedKVPool, moves: list[tuple[int, int]]) -> None:
+        dev = src.codes.device
+        a = torch.tensor([s - src.first_id for s, _ in moves], device=dev)
+        b = torch.tensor([d - dst.first_id for _, d in moves], device=dev)
+        dim = self.signs.shape[-1]
+        dst.codes[b] = transcode(src.codes[a], src.bits, dst.bits, dim)
+        dst.norms[b] = src.norms[a]

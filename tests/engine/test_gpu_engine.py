@@ -170,13 +170,11 @@ def test_gpu_kv_aging_equals_cpu_reference(tiny_model, mode):
     path = tiny_model("llama")
     prompts = [*_prompts(), [5 + i % 50 for i in range(90)]]
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=0)
-    opts = dict(
-        num_blocks=64, kv_age_policy=KVAgePolicy(bits=4, sinks=16, window=16), max_num_batched_tokens=24
-    )
+    horizon = {"horizon": 48, "low_bits": 2} if mode == "graphs-horizon" else {}
+    policy = KVAgePolicy(bits=4, sinks=16, window=16, **horizon)
+    opts = dict(num_blocks=64, kv_age_policy=policy, max_num_batched_tokens=24)
     want = LLM(path, device="cpu", **opts).generate(prompts, params)
-    extra = {"graphs": {}, "piecewise": {"cuda_graph_max_tokens": 512}, "eager": {"enforce_eager": True}}[
-        mode
-    ]
+    extra = {"piecewise": {"cuda_graph_max_tokens": 512}, "eager": {"enforce_eager": True}}.get(mode, {})
     llm = LLM(path, device="cuda", max_num_seqs=8, **opts, **extra)
     got = llm.generate(prompts, params)
     for w, g in zip(want, got, strict=True):

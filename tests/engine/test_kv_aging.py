@@ -21,6 +21,8 @@ from kernels.turboquant import rotation_signs
 
 TARGET = str(MODELS / "ridgeline-ref-target")
 POLICY = KVAgePolicy(bits=4, sinks=16, window=32, seed=7)
+# a second step down: 2 bits past 64 tokens (blocks are transcoded from their 4-bit codes)
+HORIZON = KVAgePolicy(bits=4, sinks=16, window=32, horizon=64, low_bits=2, seed=7)
 # 40 tokens: under sinks + window + a block, so the reference codes nothing at prompt positions either
 PROMPT = list(range(300, 340))
 
@@ -41,9 +43,10 @@ def assert_all_free(llm: LLM) -> None:
     assert not bm.req_blocks and not bm.req_aged
 
 
-@pytest.fixture(scope="module")
-def aged_run():
-    llm = LLM(TARGET, device="cpu", dtype="float32", num_blocks=64, kv_age_policy=POLICY)
+@pytest.fixture(scope="module", params=[POLICY, HORIZON], ids=["4-bit", "4-then-2-bit"])
+def aged_run(request):
+    policy = request.param
+    llm = LLM(TARGET, device="cpu", dtype="float32", num_blocks=64, kv_age_policy=policy)
     seen_coded = []
     step = llm.engine.step
 
@@ -54,15 +57,17 @@ def aged_run():
 
     llm.engine.step = counting_step
     out = llm.generate([PROMPT], greedy(96))[0]
-    return llm, out, seen_coded
+    return llm, out, seen_coded, policy
 
 
 def test_decode_reads_aged_blocks_as_the_policy_reference_does(aged_run):
     """Teacher-forced through a torch reference that reads each block at the bits the policy gives it at
     each query position, the aged engine's tokens get the logprobs the engine reported; the 16-bit engine's
     differ by far more, so the comparison can tell aging from none."""
-    llm, out, seen_coded = aged_run
+    llm, out, seen_coded, policy = aged_run
     assert max(seen_coded) == (40 + 96 - 32) // 16 - 1  # every block past the sink and older than the window
+    if policy.horizon is not None:  # those past the horizon in the 2-bit pool
+        assert llm.engine.block_manager.coded_cached[1] and llm.engine.stats.kv_blocks_aged > max(seen_coded)
     tokens = out.outputs[0].token_ids
     aged = token_logprobs(out)
 
@@ -72,7 +77,7 @@ def test_decode_reads_aged_blocks_as_the_policy_reference_does(aged_run):
     cfg = engine.model_config
     signs = rotation_signs(POLICY.seed, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     layer_of = {view.data_ptr(): i for i, view in enumerate(engine.runner.kv_caches)}
-    engine.runner.backend = AgedKVReference(POLICY, signs, layer_of, 16)
+    engine.runner.backend = AgedKVReference(policy, signs, layer_of, 16)
     logprobs = torch.log_softmax(window_logits(plain, PROMPT + tokens[:-1]).float(), -1)
     ref = [logprobs[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(tokens)]
 
@@ -86,7 +91,7 @@ def test_decode_reads_aged_blocks_as_the_policy_reference_does(aged_run):
 
 
 def test_blocks_return_to_both_pools(aged_run):
-    llm, _, _ = aged_run
+    llm, _, _, _ = aged_run
     assert_all_free(llm)
     # the released 16-bit blocks keep their hashes: the same prompt hits them, and decodes the same tokens
     again = llm.generate([PROMPT], greedy(96))[0]
@@ -108,7 +113,7 @@ def test_capacity_split_follows_the_fraction(tiny_model):
     base = bytes_per_block(cfg, 16, llm.engine.kv_pool.dtype)
     coded = bytes_per_coded_block(cfg, 16, 4)
     assert bm.num_blocks == (budget // 2) // base and bm.num_coded_blocks == (budget // 2) // coded
-    assert llm.engine.coded_pool.codes.shape[0] == bm.num_coded_blocks
+    assert llm.engine.coded_kv.pools[0].codes.shape[0] == bm.num_coded_blocks
     # a row: head_dim 4-bit codes and an fp32 norm (12 B here, against 64 B of fp32)
     assert coded == cfg.num_layers * 2 * 16 * cfg.num_kv_heads * (cfg.head_dim // 2 + 4)
 
@@ -147,7 +152,15 @@ def test_aborts_preemption_n_and_spec_leak_nothing(tiny_model):
     assert_all_free(spec)
 
 
-def test_triton_mixed_format_kernels_match_the_torch_path(tiny_model, monkeypatch):
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KVAgePolicy(bits=4, sinks=16, window=16),
+        KVAgePolicy(bits=4, sinks=16, window=16, horizon=32, low_bits=2),
+    ],
+    ids=["4-bit", "4-then-2-bit"],
+)
+def test_triton_mixed_format_kernels_match_the_torch_path(tiny_model, monkeypatch, policy):
     """The engine on the Triton backend (interpreted here) reads codes with the mixed-format kernels; the
     torch backend decodes them by the reference. Small step budgets pack one request's decodes with the
     other's prefill chunks, whose context holds coded blocks too (the varlen coded kernel). Same tokens,
@@ -155,16 +168,15 @@ def test_triton_mixed_format_kernels_match_the_torch_path(tiny_model, monkeypatc
     import engine.attention.triton_backend as triton_backend
 
     path = tiny_model("llama")
-    policy = KVAgePolicy(bits=4, sinks=16, window=16)
     opts = dict(device="cpu", dtype="float32", num_blocks=32, kv_age_policy=policy, max_num_batched_tokens=24)
     prompts = [list(range(40, 90)), list(range(100, 200))]
     a = LLM(path, attention_backend="torch", **opts).generate(prompts, greedy(24))
     varlen_steps = []
     kernel = triton_backend.coded_prefill_attention
 
-    def spy(q, *args):
+    def spy(q, *args, **kwargs):
         varlen_steps.append(args[7].tolist())  # query_start_loc
-        return kernel(q, *args)
+        return kernel(q, *args, **kwargs)
 
     monkeypatch.setattr(triton_backend, "coded_prefill_attention", spy)
     b = LLM(path, attention_backend="triton", **opts).generate(prompts, greedy(24))
@@ -181,7 +193,10 @@ def test_triton_mixed_format_kernels_match_the_torch_path(tiny_model, monkeypatc
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"kv_age_policy": KVAgePolicy(bits=4, window=64, horizon=128, low_bits=2)}, "kv_age_policy.horizon"),
+        (
+            {"kv_age_policy": KVAgePolicy(bits=4, window=64, horizon=136, low_bits=2)},
+            "kv_age_policy.horizon: got 136",
+        ),
         ({"kv_age_policy": POLICY, "kv_cache_dtype": "fp8"}, "needs kv_cache_dtype 'auto'"),
         ({"kv_age_policy": KVAgePolicy(window=40)}, "kv_age_policy.window: got 40"),
         ({"kv_age_policy": POLICY, "kv_coded_fraction": 1.0}, "kv_coded_fraction"),
@@ -220,7 +235,7 @@ def test_a_later_turn_reuses_aged_blocks_where_its_policy_holds_them_coded(tiny_
     hits_seen = []
     lookup = bm.get_computed_blocks
 
-    def spy(request, coded_ok=range(0)):
+    def spy(request, coded_ok=()):
         hits, n = lookup(request, coded_ok)
         plain_hits, _ = lookup(request)  # without the policy's permission
         hits_seen.append(([b.block_id >= bm.num_blocks for b in hits], coded_ok, len(plain_hits)))
@@ -230,8 +245,8 @@ def test_a_later_turn_reuses_aged_blocks_where_its_policy_holds_them_coded(tiny_
     second = llm.generate([history + list(range(60, 90))], greedy(20, logprobs=None))[0]
     coded_hits, coded_ok, num_plain_hits = hits_seen[0]
     assert second.num_cached_tokens == 8 * 16 and any(coded_hits)
-    assert all(i in coded_ok for i, c in enumerate(coded_hits) if c)  # never outside the policy's range
-    assert coded_ok == range(1, (170 - 32) // 16)
+    assert all(i in coded_ok[0] for i, c in enumerate(coded_hits) if c)  # never outside the policy's range
+    assert coded_ok == [range(1, (170 - 32) // 16)]
     # without permission the prefix stops at the first block whose 16-bit original is gone
     assert num_plain_hits == coded_hits.index(True)
     assert_all_free(llm)
@@ -257,7 +272,9 @@ def test_an_slo_class_keeps_its_own_window(tiny_model):
     while engine.has_unfinished_requests():
         engine.step()
     # context 100 at the last step: blocks 1 .. (100 - window) // 16 - 1 are coded
-    assert coded["interactive"] == range(1, (99 - 64) // 16) and coded["batch"] == range(1, (99 - 16) // 16)
+    assert coded["interactive"] == [range(1, (99 - 64) // 16)] and coded["batch"] == [
+        range(1, (99 - 16) // 16)
+    ]
     assert engine.block_manager.num_used_coded_blocks == 0
     with pytest.raises(ValueError, match=r"kv_age_windows: priority 0 got 40"):
         CacheConfig(kv_age_policy=policy, kv_age_windows={0: 40})

@@ -15,6 +15,7 @@ from kernels.turboquant import (
     pack_codes,
     rotate_queries,
     rotation_signs,
+    transcode,
     unpack_codes,
 )
 
@@ -112,3 +113,20 @@ def test_bad_arguments_are_named():
         encode_ref(torch.randn(2, 1, 96), torch.ones(1, 96), 4)
     with pytest.raises(ValueError, match="do not fill whole bytes"):
         pack_codes(torch.zeros(1, 2, dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize(("bits", "to_bits"), [(4, 2), (4, 3), (3, 2)])
+def test_transcoding_codes_down_costs_about_what_encoding_at_the_lower_width_does(bits, to_bits):
+    """A block aging past the horizon goes from its codes at `bits` to `to_bits` by a table on the codes:
+    nearly every coordinate gets the code direct encoding would give, and the error stays within 10% of
+    direct encoding's."""
+    dim = 128
+    x = skewed_rows(512, 2, dim, seed=bits + to_bits)
+    signs = rotation_signs(3, 1, 2, dim)[0]
+    packed, norms = encode_ref(x, signs, bits)
+    down = transcode(packed, bits, to_bits, dim)
+    direct, _ = encode_ref(x, signs, to_bits)
+    same = (unpack_codes(down, to_bits, dim) == unpack_codes(direct, to_bits, dim)).float().mean().item()
+    assert same > 0.9
+    err = lambda p: (((decode_ref(p, norms, signs, to_bits) - x) ** 2).sum(-1) / (x**2).sum(-1)).mean()  # noqa: E731
+    assert err(direct) <= err(down) < 1.1 * err(direct)
