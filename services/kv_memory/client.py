@@ -36,6 +36,9 @@ from services.transport.factory import make_transport
 logger = logging.getLogger(__name__)
 
 
+SERVICE_START_TIMEOUT_S = 60.0
+
+
 class KVMemoryClient(KVStore):
     def __init__(
         self,
@@ -58,7 +61,9 @@ class KVMemoryClient(KVStore):
         self.use_shm = use_shm
         self.pull_transport = pull_transport
         self.timeout_s, self.batch_blocks = timeout_s, batch_blocks
-        info: KVMemoryInfo = ray.get(service.info.remote(), timeout=timeout_s)
+        # the first call waits for the service actor to start (a process importing torch: tens of seconds
+        # on a loaded node), so it gets longer than an operation does
+        info: KVMemoryInfo = ray.get(service.info.remote(), timeout=max(timeout_s, SERVICE_START_TIMEOUT_S))
         if info.layout != layout:
             raise ValueError(f"kv memory service {info.name}: layout {info.layout}, worker {layout}")
         self.service_info = info
