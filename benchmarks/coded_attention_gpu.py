@@ -49,8 +49,8 @@ def coded_pool(cache, tables, ctx: int, bits: int):
     return coded_tables, codes, norms, signs, nbytes
 
 
-def _coded_into(holder: dict, *args) -> None:
-    holder["out"] = coded_decode_attention(*args)
+def _coded_into(holder: dict, *args, **kwargs) -> None:
+    holder["out"] = coded_decode_attention(*args, **kwargs)
 
 
 def row(kind, batch, ctx, ms, bf16_ms, nbytes, copy_bw, out, ref) -> dict:
@@ -71,6 +71,9 @@ def row(kind, batch, ctx, ms, bf16_ms, nbytes, copy_bw, out, ref) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="+", default=["1x8192", "64x8192", "8x32768", "64x32768"])
+    parser.add_argument(
+        "--tiles", nargs="+", type=int, default=[16, 32, 64], help="tokens a coded-kernel step"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     copy_bw = copy_bandwidth_GBps()
@@ -101,24 +104,15 @@ def main() -> None:
         rows.append(row("fp8", batch, ctx, fp8_ms, bf16_ms, bf16_bytes // 2, copy_bw, out8, ref))
         del fp8
         coded_tables, codes, norms, signs, nbytes = coded_pool(cache, tables, ctx, POLICY.bits)
-        holder: dict = {}
-        coded = functools.partial(
-            _coded_into,
-            holder,
-            q,
-            cache,
-            codes,
-            norms,
-            signs,
-            POLICY.bits,
-            coded_tables,
-            seq_lens,
-            SCALE,
-            splits,
-        )
-        coded_ms = graph_time_ms(coded)
-        rows.append(row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref))
-        for r in rows[-3:]:
+        for tile in args.tiles:
+            holder: dict = {}
+            args_ = (q, cache, codes, norms, signs, POLICY.bits, coded_tables, seq_lens, SCALE, splits)
+            coded_ms = graph_time_ms(functools.partial(_coded_into, holder, *args_, tile_n=tile))
+            rows.append(
+                row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref)
+            )
+            rows[-1]["tile_n"] = tile
+        for r in rows[-2 - len(args.tiles) :]:
             print(r, flush=True)
         del cache, codes, norms, coded_tables, q
         torch.cuda.empty_cache()

@@ -248,12 +248,14 @@ def coded_decode_attention(
     num_splits: int = 1,
     query_len: int = 1,
     low: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    tile_n: int = TILE_N,
 ) -> torch.Tensor:
     """q [B * query_len, H, D] (each sequence's last query_len tokens: 1 for decode, 1 + k to verify k
     drafts) -> out [B * query_len, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit), codes
     [N1, 2, bs, Hkv, D * bits / 8] uint8, norms [N1, 2, bs, Hkv] fp32, signs [Hkv, D] the layer's rotation;
     block table entries >= N0 name coded blocks. low = (codes, norms, bits) of a second coded pool at fewer
-    bits, whose blocks' entries follow the first pool's (from N0 + N1 on)."""
+    bits, whose blocks' entries follow the first pool's (from N0 + N1 on). tile_n: tokens a kernel step (a
+    power of two >= 16; fewer hold fewer registers)."""
     T, H, D = q.shape
     if query_len < 1 or T % query_len:
         raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
@@ -272,7 +274,7 @@ def coded_decode_attention(
             q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, part, lse, block_tables, seq_lens,
             num_base, lows.first, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
-            block_tables.stride(0), BLOCK_SIZE=bs, TILE_N=TILE_N, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
+            block_tables.stride(0), BLOCK_SIZE=bs, TILE_N=tile_n, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
             QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
             LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype),
         )  # fmt: skip
