@@ -21,10 +21,10 @@ class CacheConfig:
     # auto: the activations' dtype; fp8 (= fp8_e4m3): e4m3 with per-(layer, KV head) scales (engine/kv/kv_format.py)
     kv_cache_dtype: str = "auto"
     # KV precision by age (engine/kv/age_policy.py; a dict of its fields is taken too): None keeps every block
-    # in kv_cache_dtype; else a decoding request's old blocks move to a low-bit pool of kv_coded_fraction of
+    # in kv_cache_dtype; else a decoding request's old blocks move to low-bit pools of kv_coded_fraction of
     # the budget (or num_coded_blocks blocks, when num_blocks is given)
     kv_age_policy: KVAgePolicy | None = None
-    kv_coded_fraction: float = 0.5
+    kv_coded_fraction: float | None = None  # None: from the longest request (engine/kv/coded_pool.py)
     num_coded_blocks: int | None = None
     # a request priority (SLO class) -> the recent tokens its requests keep at full precision, instead of the
     # policy's window (an interactive class keeps a longer one); only with kv_age_policy
@@ -73,7 +73,7 @@ class CacheConfig:
                     f"kv_age_windows: priority {priority} got {window!r}, allowed a multiple of the block "
                     f"size ({self.block_size})"
                 )
-        if not 0.0 < self.kv_coded_fraction < 1.0:
+        if self.kv_coded_fraction is not None and not 0.0 < self.kv_coded_fraction < 1.0:
             raise ValueError(f"kv_coded_fraction: got {self.kv_coded_fraction}, allowed (0, 1)")
         if self.num_coded_blocks is not None and (self.num_coded_blocks < 1 or self.num_blocks is None):
             raise ValueError(

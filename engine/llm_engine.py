@@ -140,7 +140,15 @@ class LLMEngine:
             num_blocks = num_blocks_for(cache, self.model_config, kv_dtype, self.device)
         else:
             check_model_for_age_policy(self.model_config)
-            num_blocks, coded_sizes = split_kv_budget(cache, self.model_config, kv_dtype, self.device, policy)
+            num_blocks, coded_sizes = split_kv_budget(
+                cache,
+                self.model_config,
+                kv_dtype,
+                self.device,
+                policy,
+                self.max_model_len,
+                config.scheduler.max_num_batched_tokens,
+            )
         self.kv_pool = allocate_kv_pool(
             num_blocks, self.model_config, cache.block_size, kv_dtype, self.device
         )

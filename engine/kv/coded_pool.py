@@ -31,20 +31,45 @@ def bytes_per_coded_block(cfg: ModelConfig, block_size: int, bits: int) -> int:
     return rows * (packed_bytes(cfg.head_dim, bits) + 4)
 
 
+def coded_fraction(
+    cfg: ModelConfig, block_size: int, dtype: torch.dtype, policy: KVAgePolicy, length: int
+) -> float:
+    """The share of the KV budget the coded pools get when kv_coded_fraction is not given: what a request of
+    `length` tokens (the longest) holds coded, at the policy's bits, against what it keeps 16-bit (sinks,
+    window and two open blocks), by bytes."""
+    kept = min(policy.sinks + policy.window + 2 * block_size, length)
+    coded = (length - kept) * bytes_per_coded_block(cfg, block_size, policy.bits)
+    base = kept * bytes_per_block(cfg, block_size, dtype)
+    return coded / (coded + base) if coded else 0.5
+
+
 def split_kv_budget(
-    cache: CacheConfig, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, policy: KVAgePolicy
+    cache: CacheConfig,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    policy: KVAgePolicy,
+    max_model_len: int,
+    chunk: int,
 ) -> tuple[int, list[int]]:
     """(16-bit blocks, blocks of each coded pool): kv_coded_fraction of the KV budget goes to the coded pools,
-    as many blocks in each. With num_blocks given: those 16-bit blocks, and num_coded_blocks a coded pool
-    (else as many as the fraction's share of their bytes buys)."""
+    as many blocks in each; by default the share a max_model_len request holds coded, leaving the 16-bit
+    pool at least a prefill chunk (`chunk` tokens) with its sinks and window. With num_blocks given: those
+    16-bit blocks, and num_coded_blocks a coded pool (else as many as kv_coded_fraction's share, 0.5 by
+    default, of their bytes buys)."""
     base = bytes_per_block(cfg, cache.block_size, dtype)
     coded = sum(bytes_per_coded_block(cfg, cache.block_size, bits) for bits in policy.widths())
     widths = len(policy.widths())
     f = cache.kv_coded_fraction
     if cache.num_blocks is not None:
+        f = 0.5 if f is None else f
         n1 = cache.num_coded_blocks or max(1, int(cache.num_blocks * base * f / (1 - f)) // coded)
         return cache.num_blocks, [n1] * widths
     budget = kv_budget_bytes(cache, device)
+    if f is None:  # sized for the longest request, keeping a prefill chunk's worth of 16-bit blocks
+        f = coded_fraction(cfg, cache.block_size, dtype, policy, max_model_len)
+        least = -(-(chunk + policy.sinks + policy.window) // cache.block_size) * base
+        f = min(f, max(1 - least / budget, 0.5))  # a small budget: half, and prefill chunks shrink to fit
     n0, n1 = int(budget * (1 - f)) // base, int(budget * f) // coded
     if n0 < 1 or n1 < 1:
         raise ValueError(

@@ -103,12 +103,8 @@ def test_blocks_return_to_both_pools(aged_run):
 def test_capacity_split_follows_the_fraction(tiny_model):
     path = tiny_model("llama")
     budget = 4 * 2**20
-    llm = LLM(
-        path,
-        device="cpu",
-        kv_cache_memory_bytes=budget,
-        kv_age_policy=KVAgePolicy(bits=4, sinks=0, window=16),
-    )
+    policy = KVAgePolicy(bits=4, sinks=0, window=16)
+    llm = LLM(path, device="cpu", kv_cache_memory_bytes=budget, kv_age_policy=policy, kv_coded_fraction=0.5)
     bm, cfg = llm.engine.block_manager, llm.engine.model_config
     base = bytes_per_block(cfg, 16, llm.engine.kv_pool.dtype)
     coded = bytes_per_coded_block(cfg, 16, 4)
@@ -116,6 +112,24 @@ def test_capacity_split_follows_the_fraction(tiny_model):
     assert llm.engine.coded_kv.pools[0].codes.shape[0] == bm.num_coded_blocks
     # a row: head_dim 4-bit codes and an fp32 norm (12 B here, against 64 B of fp32)
     assert coded == cfg.num_layers * 2 * 16 * cfg.num_kv_heads * (cfg.head_dim // 2 + 4)
+    # by default the split follows the longest request (512 tokens: 48 kept 16-bit, 464 coded) and keeps a
+    # prefill chunk's worth of 16-bit blocks
+    auto = LLM(
+        path, device="cpu", kv_cache_memory_bytes=budget, kv_age_policy=policy, max_num_batched_tokens=256
+    )
+    bm = auto.engine.block_manager
+    want = 464 * coded / (464 * coded + 48 * base)
+    assert bm.num_coded_blocks * coded == pytest.approx(budget * want, abs=coded)
+    assert bm.num_blocks * 16 >= 256 + 16
+    # ... and a longer chunk takes 16-bit room from the coded pools, up to half the budget (past that, chunks
+    # shrink to the free blocks)
+    options = dict(device="cpu", kv_cache_memory_bytes=budget, kv_age_policy=policy)
+    chunky = LLM(path, max_num_batched_tokens=4000, **options).engine.block_manager
+    assert chunky.num_blocks * 16 >= 4000 + 16 and chunky.num_blocks > bm.num_blocks
+    assert (
+        LLM(path, max_num_batched_tokens=4096, **options).engine.block_manager.num_blocks
+        == (budget // 2) // base
+    )
 
 
 def test_aborts_preemption_n_and_spec_leak_nothing(tiny_model):
