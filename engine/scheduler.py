@@ -12,6 +12,7 @@ end), and a request that came back from preemption or hands its KV over waits un
 """
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,7 +136,7 @@ class Scheduler:
                 else:
                     request.spec_token_ids = []
             if self.age_policy is not None and num_new > 1 and not request.spec_token_ids:
-                num_new = max(1, min(num_new, self.block_manager.fitting_tokens(request)))  # aging frees more
+                num_new = self._aging_chunk(request, num_new)
             while not self.block_manager.allocate_slots(request, num_new):
                 if request.spec_token_ids:  # memory is short: verify no drafts rather than preempt anyone
                     num_new -= len(request.spec_token_ids)
@@ -166,6 +167,11 @@ class Scheduler:
             if self.age_policy is not None and not request.hold_kv:
                 out.aged += self._age(request, start, n)
         return out
+
+    def _aging_chunk(self, request: Request, num_new: int, hits: Sequence[Block] = ()) -> int:
+        """A prefill chunk under an age policy: no more than the free blocks take (aging frees more by the next
+        step), so the last request standing always progresses."""
+        return max(1, min(num_new, self.block_manager.fitting_tokens(request, hits)))
 
     def _coded_ok(self, request: Request) -> list[range]:
         """Prompt blocks a prefix hit may serve from coded copies: those the age policy holds coded at the
@@ -222,8 +228,8 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if self.age_policy is not None and num_new > 1:  # a chunk that fits: aging frees more blocks
-                num_new = max(1, min(num_new, self.block_manager.fitting_tokens(request, hits)))
+            if self.age_policy is not None and num_new > 1:
+                num_new = self._aging_chunk(request, num_new, hits)
             while not self.block_manager.allocate_slots(request, num_new, hits):
                 victim = self._victim_for(request)
                 if victim is None:
