@@ -62,12 +62,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=900)
     parser.add_argument("--output", type=int, default=100)
     parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model = str(MODELS / "ridgeline-ref-target")
     budget = int(args.budget_mib * 2**20)
     rows = []
-    for name, options in FORMATS.items():
+    for name in args.formats:
+        options = FORMATS[name]
         llm = LLM(
             model,
             device="cpu",
