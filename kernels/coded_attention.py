@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import _decode_merge_kernel
-from kernels.prefill_attention import LOG2E, _find_seq, dot_precision
+from kernels.prefill_attention import LOG2E, _query_tile, dot_precision
 from kernels.turboquant import decode_ref, device_codebook, hadamard, rotate_queries
 
 TILE_N = 64  # tokens a step of the kernel: several blocks, each 16-bit or coded
@@ -303,11 +303,7 @@ def _coded_prefill_kernel(
     """Program (KV head, query tile): BLOCK_Q query tokens of one sequence x its GROUP heads, over every
     key tile up to the tile's last query; writes the normalized 16-bit and rotated accumulators."""
     kv_head = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest tiles first
-    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
-    local = tile - (q_begin // BLOCK_Q + seq)
+    seq, q_begin, q_len, local = _query_tile(query_start_loc_ptr, num_seqs, BLOCK_Q)
     if local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)

@@ -39,6 +39,18 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(query_start_loc_ptr, num_seqs, BLOCK_Q: tl.constexpr):
+    """This program's query tile, the last tiles first (the causal tiles with the most keys start in the first
+    wave, so the short ones fill the tail: longest-processing-time-first). -> (sequence, its first query row,
+    its query count, the tile's index within it); the tile is empty when index * BLOCK_Q >= count."""
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    return seq, q_begin, q_len, tile - (q_begin // BLOCK_Q + seq)
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     l_i,
@@ -147,14 +159,8 @@ def _prefill_attention_kernel(
     SCALED: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    # heads on the fast axis and the last tiles first: the causal tiles with the most keys start in the
-    # first wave, so the short ones fill the tail (longest-processing-time-first)
-    kv_head = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
-    local = tile - (q_begin // BLOCK_Q + seq)
+    kv_head = tl.program_id(0)  # heads on the fast axis
+    seq, q_begin, q_len, local = _query_tile(query_start_loc_ptr, num_seqs, BLOCK_Q)
     if local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)

@@ -48,8 +48,8 @@ class TritonAttentionBackend(AttentionBackend):
     ):
         query_len = decode_query_len(meta)
         block_tables = meta.block_tables
-        if coded is not None and query_len:
-            return coded_decode_attention(
+        if coded is not None and (query_len or meta.has_coded):
+            pools = (
                 q,
                 kv_cache,
                 coded.codes,
@@ -58,25 +58,14 @@ class TritonAttentionBackend(AttentionBackend):
                 coded.bits,
                 block_tables,
                 meta.seq_lens,
-                scale,
-                meta.num_kv_splits,
-                query_len=query_len,
-                low=coded.low,
             )
-        if coded is not None and meta.has_coded:  # other steps over coded blocks: the varlen coded kernel
+            if query_len:
+                return coded_decode_attention(
+                    *pools, scale, meta.num_kv_splits, query_len=query_len, low=coded.low
+                )
+            # other steps over coded blocks: the varlen coded kernel
             return coded_prefill_attention(
-                q,
-                kv_cache,
-                coded.codes,
-                coded.norms,
-                coded.signs,
-                coded.bits,
-                block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                meta.max_query_len,
-                scale,
-                low=coded.low,
+                *pools, meta.query_start_loc, meta.max_query_len, scale, low=coded.low
             )
         if query_len:
             return decode_attention(
