@@ -36,8 +36,10 @@ class CacheConfig:
             object.__setattr__(self, "kv_age_policy", age_policy_from_dict(self.kv_age_policy))
         if self.kv_age_policy is not None:
             self._check_age_policy(self.kv_age_policy)
-        elif self.kv_age_windows:
-            raise ValueError("kv_age_windows: needs a kv_age_policy")
+        else:
+            for name in ("kv_age_windows", "kv_coded_fraction", "num_coded_blocks"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: needs a kv_age_policy")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: got {self.block_size}, allowed a power of two >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:

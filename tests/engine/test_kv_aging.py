@@ -288,3 +288,6 @@ def test_an_slo_class_keeps_its_own_window(tiny_model):
         CacheConfig(kv_age_policy=policy, kv_age_windows={0: 40})
     with pytest.raises(ValueError, match="kv_age_windows: needs a kv_age_policy"):
         CacheConfig(kv_age_windows={0: 64})
+    for name, value in (("kv_coded_fraction", 0.7), ("num_coded_blocks", 8)):
+        with pytest.raises(ValueError, match=f"{name}: needs a kv_age_policy"):
+            CacheConfig(num_blocks=8, **{name: value})
