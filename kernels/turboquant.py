@@ -48,10 +48,13 @@ def _hadamard(dim: int, device: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def device_codebook(bits: int, dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """codebook(bits, dim) on a device, one copy kept."""
+def device_codebook(
+    bits: int, dim: int, device: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """codebook(bits, dim) on a device, centroids in `dtype` (the attention kernels gather them in the query's
+    dtype), one copy kept."""
     centroids, bounds = codebook(bits, dim)
-    return centroids.to(device), bounds.to(device)
+    return centroids.to(device=device, dtype=dtype), bounds.to(device)
 
 
 def rotation_signs(seed: int, num_layers: int, num_heads: int, dim: int) -> torch.Tensor:

@@ -38,10 +38,10 @@ def _problem(bits: int, dtype: torch.dtype, heads: int = 8, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("num_splits", "tile_n"), [(1, 64), (3, 64), (2, 16)])
-def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits, tile_n):
+@pytest.mark.parametrize(("num_splits", "tile_n", "unpack"), [(1, 64, 0), (3, 64, 1), (2, 16, 0)])
+def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits, tile_n, unpack):
     args = _problem(bits, dtype, seed=bits)
-    got = coded_decode_attention(*args, scale=D**-0.5, num_splits=num_splits, tile_n=tile_n)
+    got = coded_decode_attention(*args, scale=D**-0.5, num_splits=num_splits, tile_n=tile_n, unpack=unpack)
     want = coded_decode_attention_ref(*args, scale=D**-0.5)
     assert not got.isnan().any()
     err = (got.float() - want.float()).norm() / want.float().norm()
