@@ -71,10 +71,10 @@ def row(kind, batch, ctx, ms, bf16_ms, nbytes, copy_bw, out, ref) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="+", default=["1x8192", "64x8192", "8x32768", "64x32768"])
+    parser.add_argument("--tiles", nargs="+", type=int, default=[32, 64], help="tokens a coded-kernel step")
     parser.add_argument(
-        "--tiles", nargs="+", type=int, default=[16, 32, 64], help="tokens a coded-kernel step"
+        "--dequants", nargs="+", type=int, default=[0, 1], help="centroid table or polynomial"
     )
-    parser.add_argument("--unpacks", nargs="+", type=int, default=[0, 1], help="kernel unpack variants")
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -106,18 +106,18 @@ def main() -> None:
         rows.append(row("fp8", batch, ctx, fp8_ms, bf16_ms, bf16_bytes // 2, copy_bw, out8, ref))
         del fp8
         coded_tables, codes, norms, signs, nbytes = coded_pool(cache, tables, ctx, POLICY.bits)
-        variants = [(t, u, w) for t in args.tiles for u in args.unpacks for w in args.warps]
-        for tile, unpack, warps in variants:
+        variants = [(t, u, w) for t in args.tiles for u in args.dequants for w in args.warps]
+        for tile, dequant, warps in variants:
             holder: dict = {}
             args_ = (q, cache, codes, norms, signs, POLICY.bits, coded_tables, seq_lens, SCALE, splits)
             kernel = functools.partial(
-                _coded_into, holder, *args_, tile_n=tile, unpack=unpack, num_warps=warps
+                _coded_into, holder, *args_, tile_n=tile, dequant=dequant, num_warps=warps
             )
             coded_ms = graph_time_ms(kernel)
             rows.append(
                 row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref)
             )
-            rows[-1].update(tile_n=tile, unpack=unpack, num_warps=warps)
+            rows[-1].update(tile_n=tile, dequant=dequant, num_warps=warps)
         for r in rows[-2 - len(variants) :]:
             print(r, flush=True)
         del cache, codes, norms, coded_tables, q

@@ -22,31 +22,30 @@ import triton.language as tl
 
 from kernels.decode_attention import _decode_merge_kernel
 from kernels.prefill_attention import LOG2E, _query_tile, dot_precision
-from kernels.turboquant import decode_ref, device_codebook, hadamard, rotate_queries
+from kernels.turboquant import decode_ref, device_codebook, hadamard, odd_polynomial, rotate_queries
 
 TILE_N = 64  # tokens a step of the kernel: several blocks, each 16-bit or coded
-UNPACK = 0  # how 4- and 2-bit codes leave their bytes (see _coded_rows)
+DEQUANT = 1  # how codes become centroids: 0 a table gathered, 1 a polynomial in registers (_coded_rows)
 
 
 @triton.jit
 def _coded_rows(
     codes_ptr, norms_ptr, centroids_ptr, col, ncol, ok, d, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
-    UNPACK: tl.constexpr,
+    DEQUANT: tl.constexpr,
 ):  # fmt: skip
     """Coded rows, one a column (col: offset of its token's first code byte, ncol: of its norm; ok: a coded
-    column) -> (centroids c[code] [N, D] in the table's dtype, rotated basis; norms |x| [N] fp32), zero where
-    not ok. The norms stay apart: they scale the scores and the probabilities, [N] values instead of [N, D].
-    UNPACK 0 (4 and 2 bits): the row's bytes load as they lie and split into codes (nibbles, or bit pairs) in
-    registers; UNPACK 1 (and always at 3 bits, whose codes straddle bytes): each coordinate loads the byte or
-    two that hold its code."""
-    if BITS == 3 or UNPACK == 1:
-        bit = d * BITS
+    column) -> (centroids c[code] [N, D], rotated basis; norms |x| [N] fp32), zero where not ok. The norms stay
+    apart: they scale the scores and the probabilities, [N] values instead of [N, D]. 4 and 2 bits: the row's
+    bytes load as they lie and split into codes (nibbles, or bit pairs) in registers; 3 bits (codes straddle
+    bytes): a byte or two a coordinate. DEQUANT 0: centroids_ptr is the table, gathered; 1: it holds the
+    codebook's odd polynomial (turboquant.odd_polynomial), evaluated in registers."""
+    if BITS == 3:
+        bit = d * 3
         ptr = codes_ptr + col[:, None] + (bit // 8)[None, :]
+        spill = ((bit % 8) + 3 > 8)[None, :] & ok[:, None]
         word = tl.load(ptr, mask=ok[:, None], other=0).to(tl.int32)
-        if BITS == 3:
-            spill = ((bit % 8) + 3 > 8)[None, :] & ok[:, None]
-            word = word | (tl.load(ptr + 1, mask=spill, other=0).to(tl.int32) << 8)
-        code = (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+        word = word | (tl.load(ptr + 1, mask=spill, other=0).to(tl.int32) << 8)
+        code = (word >> (bit % 8)[None, :]) & 7
     else:
         j = tl.arange(0, HEAD_DIM * BITS // 8)
         byte = tl.load(codes_ptr + col[:, None] + j[None, :], mask=ok[:, None], other=0).to(tl.int32)
@@ -57,7 +56,15 @@ def _coded_rows(
             odd = tl.join((byte >> 2) & 3, byte >> 6)
             code = tl.reshape(tl.join(even, odd), [col.shape[0], HEAD_DIM])
     norm = tl.load(norms_ptr + ncol, mask=ok, other=0.0)
-    return tl.load(centroids_ptr + code), norm
+    if DEQUANT == 0:
+        return tl.load(centroids_ptr + code), norm
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    u = code.to(tl.float32) * (2.0 / (2 * HALF - 1)) - 1.0
+    v = u * u
+    c = tl.zeros_like(u) + tl.load(centroids_ptr + HALF - 1)
+    for k in tl.static_range(HALF - 1):
+        c = c * v + tl.load(centroids_ptr + HALF - 2 - k)
+    return c * u, norm
 
 
 @triton.jit
@@ -77,7 +84,7 @@ def _mixed_tile(
     block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
     sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, LOW_BITS: tl.constexpr,
-    PRECISION: tl.constexpr, UNPACK: tl.constexpr,
+    PRECISION: tl.constexpr, DEQUANT: tl.constexpr,
 ):  # fmt: skip
     """One tile of keys n [N] (`allowed` [R, N]: which rows see which keys) into the online softmax. Each
     column finds its block's entry: 16-bit (below num_base_blocks), coded at BITS, or coded at LOW_BITS (from
@@ -103,8 +110,10 @@ def _mixed_tile(
         kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0)
         s += tl.dot(q, kb, input_precision=PRECISION)
     if any_coded:
-        kc, kn = _coded_rows(codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, UNPACK)
-        s += tl.dot(q_rot, tl.trans(kc), input_precision=PRECISION) * kn[None, :]
+        kc, kn = _coded_rows(
+            codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
+        )
+        s += tl.dot(q_rot, tl.trans(kc.to(q_rot.dtype)), input_precision=PRECISION) * kn[None, :]
     if LOW_BITS > 0:  # noqa: SIM102 - a compile-time guard around a run-time test
         if any_low:
             kl, ln = _coded_rows(
@@ -117,9 +126,9 @@ def _mixed_tile(
                 d,
                 HEAD_DIM,
                 LOW_BITS,
-                UNPACK,
+                DEQUANT,
             )
-            s += tl.dot(q_rot, tl.trans(kl), input_precision=PRECISION) * ln[None, :]
+            s += tl.dot(q_rot, tl.trans(kl.to(q_rot.dtype)), input_precision=PRECISION) * ln[None, :]
     s = tl.where(allowed, s * scale_log2, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
     acc = acc * alpha[:, None]
@@ -129,16 +138,16 @@ def _mixed_tile(
         acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
     if any_coded:
         vc, vn = _coded_rows(
-            codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, UNPACK
+            codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
         )
-        acc_rot += tl.dot((p * vn[None, :]).to(vc.dtype), vc, input_precision=PRECISION)
+        acc_rot += tl.dot((p * vn[None, :]).to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
     if LOW_BITS > 0:  # noqa: SIM102 - a compile-time guard around a run-time test
         if any_low:
             vl, wn = _coded_rows(
                 low_codes_ptr + sl1, low_norms_ptr + sm1, low_centroids_ptr, lcol, lncol, low, d, HEAD_DIM,
-                LOW_BITS, UNPACK,
+                LOW_BITS, DEQUANT,
             )  # fmt: skip
-            acc_rot += tl.dot((p * wn[None, :]).to(vl.dtype), vl, input_precision=PRECISION)
+            acc_rot += tl.dot((p * wn[None, :]).to(q.dtype), vl.to(q.dtype), input_precision=PRECISION)
     return acc, acc_rot, m_i, l_i
 
 
@@ -206,7 +215,7 @@ def _coded_decode_kernel(
     BITS: tl.constexpr,
     LOW_BITS: tl.constexpr,
     PRECISION: tl.constexpr,
-    UNPACK: tl.constexpr,
+    DEQUANT: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -239,7 +248,7 @@ def _coded_decode_kernel(
             base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
             block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
             sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
-            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, UNPACK,
+            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT,
         )  # fmt: skip
     row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
     _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
@@ -259,7 +268,7 @@ def coded_decode_attention(
     query_len: int = 1,
     low: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     tile_n: int = TILE_N,
-    unpack: int = UNPACK,
+    dequant: int = DEQUANT,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """q [B * query_len, H, D] (each sequence's last query_len tokens: 1 for decode, 1 + k to verify k
@@ -267,19 +276,22 @@ def coded_decode_attention(
     [N1, 2, bs, Hkv, D * bits / 8] uint8, norms [N1, 2, bs, Hkv] fp32, signs [Hkv, D] the layer's rotation;
     block table entries >= N0 name coded blocks. low = (codes, norms, bits) of a second coded pool at fewer
     bits, whose blocks' entries follow the first pool's (from N0 + N1 on). tile_n: tokens a kernel step (a
-    power of two >= 16; fewer hold fewer registers); unpack, num_warps: kernel variants (benchmarks sweep
+    power of two >= 32; fewer hold fewer registers); dequant, num_warps: kernel variants (benchmarks sweep
     them)."""
     T, H, D = q.shape
     if query_len < 1 or T % query_len:
         raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
     B = T // query_len
+    if tile_n < 32 or tile_n & (tile_n - 1):
+        # 16 is slower, and with the nibble split it gave wrong results on an H100 at D = 128 (Triton 3.6)
+        raise ValueError(f"tile_n: got {tile_n}, allowed a power of two >= 32")
     num_base, _, bs, kv_heads, _ = base_cache.shape
     check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B)
-    lows = _low_args(low, base_cache, codes, q)
+    lows = _low_args(low, base_cache, codes, q, dequant)
     group = H // kv_heads
     d_pad = triton.next_power_of_2(D)
     q_rot = rotate_queries(q, signs, group).contiguous()  # [B, H, D] fp32: once per head
-    centroids, _ = device_codebook(bits, D, str(q.device), q.dtype)
+    centroids = _centroids(bits, q, dequant)
     part = torch.empty((T, H, num_splits, 2 * d_pad), dtype=torch.float32, device=q.device)
     lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     if B:
@@ -289,7 +301,7 @@ def coded_decode_attention(
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
             block_tables.stride(0), BLOCK_SIZE=bs, TILE_N=tile_n, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
             QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
-            LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype), UNPACK=unpack, num_warps=num_warps,
+            LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype), DEQUANT=dequant, num_warps=num_warps,
         )  # fmt: skip
     merged = torch.empty((T, H, 2 * d_pad), dtype=torch.float32, device=q.device)
     if B:
@@ -311,7 +323,7 @@ def _coded_prefill_kernel(
     sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3, sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3, stride_bt,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
-    LOW_BITS: tl.constexpr, PRECISION: tl.constexpr, UNPACK: tl.constexpr,
+    LOW_BITS: tl.constexpr, PRECISION: tl.constexpr, DEQUANT: tl.constexpr,
 ):  # fmt: skip
     """Program (KV head, query tile): BLOCK_Q query tokens of one sequence x its GROUP heads, over every
     key tile up to the tile's last query; writes the normalized 16-bit and rotated accumulators."""
@@ -343,7 +355,7 @@ def _coded_prefill_kernel(
             base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
             block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
             sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
-            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, UNPACK,
+            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT,
         )  # fmt: skip
     inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(out_ptr + rot_off, acc * inv[:, None], mask=row_ok[:, None])
@@ -371,14 +383,14 @@ def coded_prefill_attention(
     T, H, D = q.shape
     B = query_start_loc.shape[0] - 1
     check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens[:B], B)
-    lows = _low_args(low, base_cache, codes, q)
+    lows = _low_args(low, base_cache, codes, q, DEQUANT)
     num_base, _, bs, kv_heads, _ = base_cache.shape
     group = H // kv_heads
     group_pad = triton.next_power_of_2(group)
     rows = max(16, min(64, triton.next_power_of_2(max(max_query_len, 1)) * group_pad))
     block_q = max(rows // group_pad, 1)
     q_rot = rotate_queries(q, signs, group).contiguous()
-    centroids, _ = device_codebook(bits, D, str(q.device), q.dtype)
+    centroids = _centroids(bits, q, DEQUANT)
     out = torch.empty((T, H, D), dtype=torch.float32, device=q.device)
     out_rot = torch.empty_like(out)
     if T:
@@ -388,7 +400,7 @@ def coded_prefill_attention(
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
             block_tables.stride(0), BLOCK_SIZE=bs, HEAD_DIM=D, NUM_HEADS=H, GROUP=group, GROUP_PAD=group_pad,
             BLOCK_Q=block_q, BLOCK_N=block_n, BITS=bits, LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype),
-            UNPACK=UNPACK,
+            DEQUANT=DEQUANT,
         )  # fmt: skip
     per_q = signs.repeat_interleave(group, dim=0)
     return (out + (out_rot @ hadamard(D, q.device)) * per_q).to(q.dtype)
@@ -402,7 +414,13 @@ class _LowArgs:
     bits: int  # 0: none
 
 
-def _low_args(low, base_cache, codes, q) -> _LowArgs:
+def _centroids(bits: int, q: torch.Tensor, dequant: int) -> torch.Tensor:
+    """What the kernel's centroids_ptr holds: the table in q's dtype (DEQUANT 0) or the odd polynomial (1)."""
+    D, device = q.shape[-1], str(q.device)
+    return device_codebook(bits, D, device, q.dtype)[0] if dequant == 0 else odd_polynomial(bits, D, device)
+
+
+def _low_args(low, base_cache, codes, q, dequant) -> _LowArgs:
     first = base_cache.shape[0] + codes.shape[0]
     if low is None:
         norms_strides = (0, 0, 0, 0)
@@ -414,9 +432,11 @@ def _low_args(low, base_cache, codes, q) -> _LowArgs:
         raise ValueError(f"low codes: uint8 {want}, got {low_codes.dtype} {tuple(low_codes.shape)}")
     if low_norms.dtype != torch.float32 or tuple(low_norms.shape) != want[:4]:
         raise ValueError(f"low norms: fp32 {want[:4]}, got {low_norms.dtype} {tuple(low_norms.shape)}")
-    centroids, _ = device_codebook(low_bits, D, str(q.device), q.dtype)
     return _LowArgs(
-        (low_codes, low_norms, centroids), (*low_codes.stride()[:4], *low_norms.stride()[:4]), first, low_bits
+        (low_codes, low_norms, _centroids(low_bits, q, dequant)),
+        (*low_codes.stride()[:4], *low_norms.stride()[:4]),
+        first,
+        low_bits,
     )
 
 

@@ -57,6 +57,18 @@ def device_codebook(
     return centroids.to(device=device, dtype=dtype), bounds.to(device)
 
 
+@lru_cache(maxsize=32)
+def odd_polynomial(bits: int, dim: int, device: str) -> torch.Tensor:
+    """a [2^(bits-1)] fp32: the codebook as an odd polynomial of the code, c[code] = sum_k a_k u^(2k+1) with
+    u = 2 code / (2^bits - 1) - 1 (exact at every code: the codebook is odd). The attention kernels evaluate
+    it in registers (Horner in u^2) instead of gathering centroids from memory."""
+    centroids, _ = codebook(bits, dim)
+    levels, half = 2**bits, 2 ** (bits - 1)
+    u = torch.arange(half, levels, dtype=torch.float64) * (2.0 / (levels - 1)) - 1.0
+    powers = torch.stack([u ** (2 * k + 1) for k in range(half)], 1)
+    return torch.linalg.solve(powers, centroids[half:].double()).float().to(device)
+
+
 def rotation_signs(seed: int, num_layers: int, num_heads: int, dim: int) -> torch.Tensor:
     """+-1 [num_layers, num_heads, dim] fp32: one random diagonal a (layer, KV head), from `seed` alone."""
     gen = torch.Generator().manual_seed(seed)
@@ -82,6 +94,7 @@ def codebook(bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, cell, w)
         moment = torch.zeros(levels, dtype=torch.float64).index_add_(0, cell, w * t)
         new = moment / mass
+        new = (new - new.flip(0)) / 2  # exactly odd, as the density is even (the kernels rely on it)
         if torch.allclose(new, c, atol=1e-12, rtol=0):
             break
         c = new

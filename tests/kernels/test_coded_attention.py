@@ -10,7 +10,7 @@ from kernels.coded_attention import (
     coded_prefill_attention,
     coded_prefill_attention_ref,
 )
-from kernels.turboquant import encode_ref, rotation_signs
+from kernels.turboquant import codebook, encode_ref, odd_polynomial, rotation_signs
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -38,10 +38,10 @@ def _problem(bits: int, dtype: torch.dtype, heads: int = 8, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("num_splits", "tile_n", "unpack"), [(1, 64, 0), (3, 64, 1), (2, 16, 0)])
-def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits, tile_n, unpack):
+@pytest.mark.parametrize(("num_splits", "tile_n", "dequant"), [(1, 64, 0), (3, 64, 1), (2, 32, 0)])
+def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits, tile_n, dequant):
     args = _problem(bits, dtype, seed=bits)
-    got = coded_decode_attention(*args, scale=D**-0.5, num_splits=num_splits, tile_n=tile_n, unpack=unpack)
+    got = coded_decode_attention(*args, scale=D**-0.5, num_splits=num_splits, tile_n=tile_n, dequant=dequant)
     want = coded_decode_attention_ref(*args, scale=D**-0.5)
     assert not got.isnan().any()
     err = (got.float() - want.float()).norm() / want.float().norm()
@@ -122,10 +122,13 @@ def test_three_formats_in_one_table(dtype, bits, low_bits):
     )
     tables = tables.clone()
     tables[0, 2], tables[1, 0], tables[3, 3] = 16, 17, 18  # entries 16..18: the low pool (10 + 6 onwards)
-    got = coded_decode_attention(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=low)
     want = coded_decode_attention_ref(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, low=low)
-    err = (got.float() - want.float()).norm() / want.float().norm()
-    assert err < TOL[dtype], f"relative error {err:.2e}"
+    for dequant in (0, 1):
+        got = coded_decode_attention(
+            q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=low, dequant=dequant
+        )
+        err = (got.float() - want.float()).norm() / want.float().norm()
+        assert err < TOL[dtype], f"dequant {dequant}: relative error {err:.2e}"
     starts = [0, 3, 4, 9, 10]
     qv = torch.randn(10, q.shape[1], D, generator=g).to(q)
     qsl = torch.tensor(starts, dtype=torch.int32, device=q.device)
@@ -141,3 +144,16 @@ def test_three_formats_in_one_table(dtype, bits, low_bits):
     plain = coded_decode_attention(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=low)
     changed = (moved.float() - plain.float()).abs().amax(dim=(1, 2)) > 1e-4
     assert changed.tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_odd_polynomial_is_the_codebook(bits):
+    """The kernels' register dequantization (Horner in u^2, as they evaluate it) gives each centroid."""
+    centroids, _ = codebook(bits, 128)
+    assert torch.equal(centroids, -centroids.flip(0))  # odd: the polynomial holds on both halves
+    a = odd_polynomial(bits, 128, "cpu")
+    u = torch.arange(2**bits, dtype=torch.float32) * (2.0 / (2**bits - 1)) - 1.0
+    c = torch.full_like(u, float(a[-1]))
+    for k in range(len(a) - 2, -1, -1):
+        c = c * u * u + a[k]
+    torch.testing.assert_close(c * u, centroids, rtol=2e-5, atol=1e-7)
