@@ -116,9 +116,33 @@ class Scheduler:
         if self.num_loading:
             self._finish_loads()
         scheduled: dict[str, int] = {}  # request_id -> tokens, insertion-ordered
+        aged: set[str] = set()  # decodes aged before they allocate (below)
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self.policy.key)
 
+        budget = self._schedule_running(out, scheduled, aged, budget)
+
+        if not out.preempted:  # memory was short this step: admit nobody new
+            budget = self._admit_waiting(out, scheduled, budget)
+
+        by_id = {r.request_id: r for r in self.running}
+        out.scheduled = [(by_id[rid], n) for rid, n in scheduled.items()]
+        for request, n in out.scheduled:  # in flight until update_from_output
+            start = request.scheduled_tokens
+            samples = start + n >= request.total_tokens
+            out.starts.append(start)
+            out.samples.append(samples)
+            request.num_inflight_tokens += n
+            request.num_output_placeholders += samples
+            if self.age_policy is not None and not request.hold_kv and request.request_id not in aged:
+                out.aged += self._age(request, start, n)
+        return out
+
+    def _schedule_running(
+        self, out: SchedulerOutput, scheduled: dict[str, int], aged: set[str], budget: int
+    ) -> int:
+        """The running requests in priority order, each its next tokens while the budget lasts; memory runs
+        short -> the lowest-priority request is preempted. Returns the budget left."""
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -137,6 +161,11 @@ class Scheduler:
                     request.spec_token_ids = []
             if self.age_policy is not None and num_new > 1 and not request.spec_token_ids:
                 num_new = self._aging_chunk(request, num_new)
+            elif self.age_policy is not None and num_new == 1 and not request.hold_kv:
+                # a decode ages first: the block leaving its window frees the 16-bit block its next token
+                # may need (aging after allocating would preempt someone for it)
+                out.aged += self._age(request, request.scheduled_tokens, 1)
+                aged.add(request.request_id)
             while not self.block_manager.allocate_slots(request, num_new):
                 if request.spec_token_ids:  # memory is short: verify no drafts rather than preempt anyone
                     num_new -= len(request.spec_token_ids)
@@ -151,22 +180,7 @@ class Scheduler:
                 scheduled[request.request_id] = num_new
                 budget -= num_new
                 i += 1
-
-        if not out.preempted:  # memory was short this step: admit nobody new
-            budget = self._admit_waiting(out, scheduled, budget)
-
-        by_id = {r.request_id: r for r in self.running}
-        out.scheduled = [(by_id[rid], n) for rid, n in scheduled.items()]
-        for request, n in out.scheduled:  # in flight until update_from_output
-            start = request.scheduled_tokens
-            samples = start + n >= request.total_tokens
-            out.starts.append(start)
-            out.samples.append(samples)
-            request.num_inflight_tokens += n
-            request.num_output_placeholders += samples
-            if self.age_policy is not None and not request.hold_kv:
-                out.aged += self._age(request, start, n)
-        return out
+        return budget
 
     def _aging_chunk(self, request: Request, num_new: int, hits: Sequence[Block] = ()) -> int:
         """A prefill chunk under an age policy: no more than the free blocks take (aging frees more by the next

@@ -176,11 +176,13 @@ class CodedKV:
         """Blocks the block manager aged: moves = [(old id, new id)], queued on the current stream (after the
         steps that wrote the old blocks, before any step that reuses them). From the 16-bit pool: encoded
         (one launch for up to ENCODE_CHUNK blocks and all layers on a GPU); from a higher coded pool:
-        transcoded code by code."""
+        transcoded code by code. A block freed and taken again within the step may be a destination twice:
+        the last move is the live one. Transcodes run first: they read coded blocks an encode may reuse."""
+        last = {new: old for old, new in moves}  # destination -> its last source
         by_kind: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for old, new in moves:
+        for new, old in last.items():
             by_kind.setdefault((self.pool_of(old), self.pool_of(new)), []).append((old, new))
-        for (src, dst), group in by_kind.items():
+        for (src, dst), group in sorted(by_kind.items(), key=lambda kind: kind[0][0] < 0):
             for i in range(0, len(group), ENCODE_CHUNK):
                 chunk = group[i : i + ENCODE_CHUNK]
                 if src < 0:
