@@ -161,6 +161,9 @@ class Scheduler:
                     request.spec_token_ids = []
             if self.age_policy is not None and num_new > 1 and not request.spec_token_ids:
                 num_new = self._aging_chunk(request, num_new)
+                if num_new == 1 and scheduled and not self.block_manager.fitting_tokens(request):
+                    i += 1  # no free block for its chunk: those scheduled free some as they age
+                    continue
             elif self.age_policy is not None and num_new == 1 and not request.hold_kv:
                 # a decode ages first: the block leaving its window frees the 16-bit block its next token
                 # may need (aging after allocating would preempt someone for it)
@@ -228,16 +231,9 @@ class Scheduler:
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim, out)
             handed_over = request.num_computed_tokens > 0  # KV from another worker already fills its blocks
-            hits: list[Block]
-            if handed_over:
-                hits, num_hit_tokens = [], request.num_computed_tokens
-            else:
-                hits, num_hit_tokens = self.block_manager.get_computed_blocks(
-                    request, self._coded_ok(request)
-                )
-                if request.num_cached_tokens < 0:  # first admission (not a preempted request coming back)
-                    self.prefix_lookup_blocks += (request.num_tokens - 1) // self.block_manager.block_size
-                    self.prefix_hit_blocks += len(hits)
+            if not handed_over and not self._base_pool_holds(request):
+                break
+            hits, num_hit_tokens = self._prefix_hits(request, handed_over)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
@@ -270,6 +266,36 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _prefix_hits(self, request: Request, handed_over: bool) -> tuple[list[Block], int]:
+        """(cached blocks, tokens computed) a request starts from: its prefix hits, or the tokens another
+        worker's KV handed over."""
+        if handed_over:
+            return [], request.num_computed_tokens
+        hits, num_hit_tokens = self.block_manager.get_computed_blocks(request, self._coded_ok(request))
+        if request.num_cached_tokens < 0:  # first admission (not a preempted request coming back)
+            self.prefix_lookup_blocks += (request.num_tokens - 1) // self.block_manager.block_size
+            self.prefix_hit_blocks += len(hits)
+        return hits, num_hit_tokens
+
+    def _base_pool_holds(self, request: Request) -> bool:
+        """Under an age policy, a new request is admitted only while the 16-bit pool holds what every running
+        request keeps there at its last token (sinks, window, the open block) beside its own: its prompt then
+        ages through its chunks, and a decode never waits for a 16-bit block another prompt took (that
+        preempted requests in storms). The first request is always admitted."""
+        if self.age_policy is None or not self.running:
+            return True
+        need = sum(self._base_footprint(r) for r in (*self.running, request))
+        return need <= self.block_manager.num_blocks
+
+    def _base_footprint(self, request: Request) -> int:
+        """16-bit blocks a request holds at its last token under the age policy (+1: a block opening)."""
+        assert self.age_policy is not None
+        bs = self.block_manager.block_size
+        max_tokens = request.params.max_tokens or self.max_model_len
+        end = min(request.num_prompt_tokens + max_tokens, self.max_model_len)
+        coded = self.age_policy.coded_ranges(end, bs, self.age_windows.get(request.priority))[0]
+        return -(-end // bs) - len(coded) + 1
 
     def _victim_for(self, request: Request) -> Request | None:
         """The running request the policy would preempt last-in-line for `request`, if any."""

@@ -132,11 +132,27 @@ def test_capacity_split_follows_the_fraction(tiny_model):
     )
 
 
+def test_a_tight_16bit_pool_admits_what_it_holds_and_preempts_nobody(tiny_model):
+    """Three 40-token prompts fit 10 16-bit blocks, but not their sinks, windows and open blocks at 120 tokens
+    (5 blocks each): two run, the third waits for one to finish, and no decode loses its blocks to a prompt."""
+    path = tiny_model("llama")
+    policy = KVAgePolicy(bits=3, sinks=16, window=32)
+    llm = LLM(path, device="cpu", num_blocks=10, num_coded_blocks=40, kv_age_policy=policy, max_num_seqs=4)
+    engine, most = llm.engine, 0
+    for i in range(3):
+        engine.add_request(EngineRequest(f"t{i}", list(range(10 + i, 50 + i)), greedy(80, logprobs=None)))
+    while engine.has_unfinished_requests():
+        engine.step()
+        most = max(most, len(engine.scheduler.running))
+    assert most == 2 and engine.scheduler.num_preemptions == 0
+    assert_all_free(llm)
+
+
 def test_aborts_preemption_n_and_spec_leak_nothing(tiny_model):
     path = tiny_model("llama")
     policy = KVAgePolicy(bits=3, sinks=16, window=32)
-    # three 40-token prompts fit 10 16-bit blocks, but not their sinks, windows and growing tails: preemption
-    llm = LLM(path, device="cpu", num_blocks=10, num_coded_blocks=40, kv_age_policy=policy, max_num_seqs=4)
+    # a coded pool of 4 blocks fills, aging waits, and the 16-bit tails grow past the pool: preemption
+    llm = LLM(path, device="cpu", num_blocks=10, num_coded_blocks=4, kv_age_policy=policy, max_num_seqs=4)
     prompts = [list(range(10 + i, 50 + i)) for i in range(3)]
     outs = llm.generate(prompts, greedy(80, logprobs=None))
     assert all(len(o.outputs[0].token_ids) == 80 for o in outs)
@@ -148,7 +164,7 @@ def test_aborts_preemption_n_and_spec_leak_nothing(tiny_model):
     assert_all_free(llm)
     # an abort mid-decode, after blocks aged
     engine = llm.engine
-    engine.add_request(EngineRequest("a", prompts[1], greedy(200, logprobs=None)))
+    engine.add_request(EngineRequest("a", prompts[1], greedy(120, logprobs=None)))
     while engine.block_manager.num_used_coded_blocks == 0:
         engine.step()
     engine.abort_request("a")
