@@ -30,17 +30,29 @@ from benchmarks.spec_acceptance import MODELS
 from engine import LLM
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.kv.age_policy import BASE, KVAgePolicy
+from engine.kv.kv_format import FP8_KV
+from kernels.attention_ref import quantize_kv
 from kernels.turboquant import decode_ref, encode_ref, rotation_signs, transcode
 
 SEED = 20261207
 
 
 class AgedKVReference(TorchAttentionBackend):
-    """Single-sequence prefill attention where key block b, seen from query t, is read at the policy's bits."""
+    """Single-sequence prefill attention where key block b, seen from query t, is read at the policy's bits.
+    base_scales [L, 2, kv_heads]: the recent side is e4m3 with these scales (an FP8 pool), and the codes are
+    encoded from its values, as the engine's are."""
 
-    def __init__(self, policy: KVAgePolicy, signs: torch.Tensor, layer_of: dict[int, int], block_size: int):
+    def __init__(
+        self,
+        policy: KVAgePolicy,
+        signs: torch.Tensor,
+        layer_of: dict[int, int],
+        block_size: int,
+        base_scales: torch.Tensor | None = None,
+    ):
         policy.check_block_size(block_size)
         self.policy, self.signs, self.layer_of, self.bs = policy, signs, layer_of, block_size
+        self.base_scales = base_scales
         self._seen: dict[int, torch.Tensor] = {}
 
     def round_trip(self, x: torch.Tensor, signs: torch.Tensor, bits: int) -> torch.Tensor:
@@ -64,6 +76,9 @@ class AgedKVReference(TorchAttentionBackend):
         pages = kv_cache[meta.block_tables[0, : -(-T // self.bs)].long()]
         k = pages[:, 0].reshape(-1, heads, D)[:T].float()
         v = pages[:, 1].reshape(-1, heads, D)[:T].float()
+        if self.base_scales is not None:
+            s = self.base_scales[layer]
+            k, v = (quantize_kv(x, s[i], FP8_KV).float() * s[i][:, None] for i, x in enumerate((k, v)))
         seen = self.bits_seen(T)
         versions = {0: (k, v)}
         for b in set(seen.unique().tolist()) - {0}:

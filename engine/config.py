@@ -60,10 +60,6 @@ class CacheConfig:
                 f"kv_age_policy.horizon: got {policy.horizon}, allowed a multiple of the block size "
                 f"({self.block_size})"
             )
-        if self.kv_cache_dtype != "auto":
-            raise ValueError(
-                f"kv_age_policy: needs kv_cache_dtype 'auto' (16-bit recent blocks), got {self.kv_cache_dtype!r}"
-            )
         for priority, window in (self.kv_age_windows or {}).items():
             if (
                 isinstance(window, bool)

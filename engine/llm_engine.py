@@ -182,6 +182,8 @@ class LLMEngine:
             age_windows=cache.kv_age_windows,
         )
         self.kv_format = self._kv_format()  # before any block is hashed: the format is part of the hash
+        if self.coded_kv is not None and self.kv_format.scales is not None:
+            self.coded_kv.base_scales = self.kv_format.scales.to(self.device)  # aging reads e4m3 blocks
         self.gemm_table = self._tune_gemms()  # before graph capture: the graphs record the chosen kernels
         self.runner = ModelRunner(
             self.model,

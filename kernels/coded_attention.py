@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import _decode_merge_kernel
+from kernels.decode_attention import _decode_merge_kernel, _head_scales
 from kernels.prefill_attention import LOG2E, _query_tile, dot_precision
 from kernels.turboquant import decode_ref, device_codebook, hadamard, odd_polynomial, rotate_queries
 
@@ -107,7 +107,7 @@ def _mixed_tile(
     any_low = tl.max(low.to(tl.int32), 0) > 0
     s = tl.zeros(allowed.shape, tl.float32)
     if any_plain:
-        kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0)
+        kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0).to(q.dtype)
         s += tl.dot(q, kb, input_precision=PRECISION)
     if any_coded:
         kc, kn = _coded_rows(
@@ -134,7 +134,7 @@ def _mixed_tile(
     acc = acc * alpha[:, None]
     acc_rot = acc_rot * alpha[:, None]
     if any_plain:
-        vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
+        vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0).to(q.dtype)
         acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
     if any_coded:
         vc, vn = _coded_rows(
@@ -174,6 +174,7 @@ def _coded_decode_kernel(
     low_codes_ptr,
     low_norms_ptr,
     low_centroids_ptr,
+    scales_ptr,
     part_ptr,
     lse_ptr,
     block_tables_ptr,
@@ -216,6 +217,7 @@ def _coded_decode_kernel(
     LOW_BITS: tl.constexpr,
     PRECISION: tl.constexpr,
     DEQUANT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -235,6 +237,9 @@ def _coded_decode_kernel(
     )
     q_rot_off = (token[:, None] * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]  # contiguous [T, H, D]
     q_rot = tl.load(q_rot_ptr + q_rot_off, mask=qmask, other=0.0).to(q.dtype)
+    k_scale, v_scale = _head_scales(scales_ptr, kv_head, tl.num_programs(1), SCALED)
+    if SCALED:  # an FP8 16-bit side: its K scale on the queries that read it, its V scale on their sum
+        q = (q.to(tl.float32) * k_scale).to(q_rot.dtype)
     m_i = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS_PAD], tl.float32)
     acc = tl.zeros([ROWS_PAD, HEAD_DIM], tl.float32)  # 16-bit blocks' values
@@ -251,7 +256,7 @@ def _coded_decode_kernel(
             BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT,
         )  # fmt: skip
     row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
-    _store_parts(part_ptr, lse_ptr, row, acc, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
+    _store_parts(part_ptr, lse_ptr, row, acc * v_scale, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
 
 
 def coded_decode_attention(
@@ -270,6 +275,7 @@ def coded_decode_attention(
     tile_n: int = TILE_N,
     dequant: int = DEQUANT,
     num_warps: int = 4,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B * query_len, H, D] (each sequence's last query_len tokens: 1 for decode, 1 + k to verify k
     drafts) -> out [B * query_len, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit), codes
@@ -277,7 +283,7 @@ def coded_decode_attention(
     block table entries >= N0 name coded blocks. low = (codes, norms, bits) of a second coded pool at fewer
     bits, whose blocks' entries follow the first pool's (from N0 + N1 on). tile_n: tokens a kernel step (a
     power of two >= 32; fewer hold fewer registers); dequant, num_warps: kernel variants (benchmarks sweep
-    them)."""
+    them). kv_scales [2, Hkv] fp32: base_cache is e4m3 (an FP8 pool's recent blocks), read as it is."""
     T, H, D = q.shape
     if query_len < 1 or T % query_len:
         raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
@@ -286,7 +292,7 @@ def coded_decode_attention(
         # 16 is slower, and with the nibble split it gave wrong results on an H100 at D = 128 (Triton 3.6)
         raise ValueError(f"tile_n: got {tile_n}, allowed a power of two >= 32")
     num_base, _, bs, kv_heads, _ = base_cache.shape
-    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B)
+    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B, kv_scales)
     lows = _low_args(low, base_cache, codes, q, dequant)
     group = H // kv_heads
     d_pad = triton.next_power_of_2(D)
@@ -296,12 +302,14 @@ def coded_decode_attention(
     lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     if B:
         _coded_decode_kernel[(B, kv_heads, num_splits)](
-            q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, part, lse, block_tables, seq_lens,
+            q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, _scales(kv_scales, seq_lens), part,
+            lse, block_tables, seq_lens,
             num_base, lows.first, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
             block_tables.stride(0), BLOCK_SIZE=bs, TILE_N=tile_n, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
             QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
-            LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype), DEQUANT=dequant, num_warps=num_warps,
+            LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype), DEQUANT=dequant, SCALED=kv_scales is not None,
+            num_warps=num_warps,
         )  # fmt: skip
     merged = torch.empty((T, H, 2 * d_pad), dtype=torch.float32, device=q.device)
     if B:
@@ -318,12 +326,12 @@ def coded_decode_attention(
 @triton.jit
 def _coded_prefill_kernel(
     q_ptr, q_rot_ptr, base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr,
-    low_centroids_ptr, out_ptr, out_rot_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    low_centroids_ptr, scales_ptr, out_ptr, out_rot_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_base_blocks, first_low, scale_log2, num_seqs, stride_qt, stride_qh,
     sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3, sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3, stride_bt,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
-    LOW_BITS: tl.constexpr, PRECISION: tl.constexpr, DEQUANT: tl.constexpr,
+    LOW_BITS: tl.constexpr, PRECISION: tl.constexpr, DEQUANT: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
     """Program (KV head, query tile): BLOCK_Q query tokens of one sequence x its GROUP heads, over every
     key tile up to the tile's last query; writes the normalized 16-bit and rotated accumulators."""
@@ -342,6 +350,9 @@ def _coded_prefill_kernel(
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     rot_off = ((q_begin + q_tok)[:, None] * NUM_HEADS + head[:, None]) * HEAD_DIM + d[None, :]
     q_rot = tl.load(q_rot_ptr + rot_off, mask=row_ok[:, None], other=0.0).to(q.dtype)
+    k_scale, v_scale = _head_scales(scales_ptr, kv_head, tl.num_programs(0), SCALED)
+    if SCALED:
+        q = (q.to(tl.float32) * k_scale).to(q_rot.dtype)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
@@ -358,7 +369,7 @@ def _coded_prefill_kernel(
             BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT,
         )  # fmt: skip
     inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(out_ptr + rot_off, acc * inv[:, None], mask=row_ok[:, None])
+    tl.store(out_ptr + rot_off, acc * (inv * v_scale)[:, None], mask=row_ok[:, None])
     tl.store(out_rot_ptr + rot_off, acc_rot * inv[:, None], mask=row_ok[:, None])
 
 
@@ -376,13 +387,14 @@ def coded_prefill_attention(
     scale: float,
     block_n: int = TILE_N,
     low: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention (prefill chunks, decodes packed with them) over 16-bit and coded blocks:
     q [T, H, D], each sequence's last query_len tokens (query_start_loc [B + 1] int32) -> out [T, H, D].
     The same tiles as coded_decode_attention; the rotated part is turned back once at the end."""
     T, H, D = q.shape
     B = query_start_loc.shape[0] - 1
-    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens[:B], B)
+    check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens[:B], B, kv_scales)
     lows = _low_args(low, base_cache, codes, q, DEQUANT)
     num_base, _, bs, kv_heads, _ = base_cache.shape
     group = H // kv_heads
@@ -395,12 +407,13 @@ def coded_prefill_attention(
     out_rot = torch.empty_like(out)
     if T:
         _coded_prefill_kernel[(kv_heads, T // block_q + B)](
-            q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, out, out_rot, block_tables,
+            q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, _scales(kv_scales, seq_lens), out,
+            out_rot, block_tables,
             seq_lens, query_start_loc, num_base, lows.first, scale * LOG2E, B, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
             block_tables.stride(0), BLOCK_SIZE=bs, HEAD_DIM=D, NUM_HEADS=H, GROUP=group, GROUP_PAD=group_pad,
             BLOCK_Q=block_q, BLOCK_N=block_n, BITS=bits, LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype),
-            DEQUANT=DEQUANT,
+            DEQUANT=DEQUANT, SCALED=kv_scales is not None,
         )  # fmt: skip
     per_q = signs.repeat_interleave(group, dim=0)
     return (out + (out_rot @ hadamard(D, q.device)) * per_q).to(q.dtype)
@@ -412,6 +425,10 @@ class _LowArgs:
     strides: tuple  # its codes' and norms' first four strides
     first: int  # the first block table entry naming a low block
     bits: int  # 0: none
+
+
+def _scales(kv_scales: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    return kv_scales if kv_scales is not None else placeholder  # not read unless SCALED
 
 
 def _centroids(bits: int, q: torch.Tensor, dequant: int) -> torch.Tensor:
@@ -440,15 +457,26 @@ def _low_args(low, base_cache, codes, q, dequant) -> _LowArgs:
     )
 
 
-def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B) -> None:
+def check_coded_inputs(
+    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, B, kv_scales=None
+) -> None:
     _, H, D = q.shape
     num_base, two, bs, kv_heads, dim = base_cache.shape
     if two != 2 or dim != D or H % kv_heads:
         raise ValueError(f"base_cache: [blocks, 2, bs, {H} / group, {D}], got {tuple(base_cache.shape)}")
     if q.stride(-1) != 1 or base_cache.stride(-1) != 1:
         raise ValueError("q, base_cache: the head dimension must be contiguous")
-    if base_cache.dtype != q.dtype:
+    if kv_scales is None and base_cache.dtype != q.dtype:
         raise ValueError(f"base_cache: a 16-bit cache in q's dtype {q.dtype}, got {base_cache.dtype}")
+    if kv_scales is not None and (
+        base_cache.dtype != torch.float8_e4m3fn
+        or tuple(kv_scales.shape) != (2, kv_heads)
+        or kv_scales.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"kv_scales: fp32 [2, {kv_heads}] with an e4m3 base_cache, got {kv_scales.dtype} "
+            f"{tuple(kv_scales.shape)} and {base_cache.dtype}"
+        )
     want = (codes.shape[0], 2, bs, kv_heads, D * bits // 8)
     if codes.dtype != torch.uint8 or tuple(codes.shape) != want or codes.stride(-1) != 1:
         raise ValueError(f"codes: uint8 {want}, got {codes.dtype} {tuple(codes.shape)}")
@@ -461,13 +489,24 @@ def check_coded_inputs(q, base_cache, codes, norms, signs, bits, block_tables, s
 
 
 def coded_decode_attention_ref(
-    q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, scale, query_len: int = 1, low=None
+    q,
+    base_cache,
+    codes,
+    norms,
+    signs,
+    bits,
+    block_tables,
+    seq_lens,
+    scale,
+    query_len: int = 1,
+    low=None,
+    kv_scales=None,
 ):
     """The oracle: every coded block decoded back to the original basis (decode_ref), then causal attention
     of each sequence's last query_len tokens."""
     starts = list(range(0, q.shape[0] + 1, query_len))
     return coded_prefill_attention_ref(
-        q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, starts, scale, low
+        q, base_cache, codes, norms, signs, bits, block_tables, seq_lens, starts, scale, low, kv_scales
     )
 
 
@@ -483,8 +522,10 @@ def coded_prefill_attention_ref(
     query_start_loc: list[int],
     scale,
     low=None,
+    kv_scales=None,
 ):
-    """The varlen oracle: sequence i's rows query_start_loc[i]:[i + 1] are its last tokens."""
+    """The varlen oracle: sequence i's rows query_start_loc[i]:[i + 1] are its last tokens (an e4m3 base
+    cache times kv_scales [2, Hkv])."""
     _, H, D = q.shape
     num_base, _, bs, kv_heads, _ = base_cache.shape
     out = torch.empty_like(q)
@@ -494,7 +535,8 @@ def coded_prefill_attention_ref(
         for entry in block_tables[i, : -(-L // bs)].tolist():
             first_low = num_base + codes.shape[0]
             if entry < num_base:
-                blocks.append(base_cache[entry].float())
+                block = base_cache[entry].float()
+                blocks.append(block if kv_scales is None else block * kv_scales[:, None, :, None])
                 continue
             if entry < first_low:  # [2, bs, Hkv, DB], [2, bs, Hkv]
                 c, n, width = codes[entry - num_base], norms[entry - num_base], bits

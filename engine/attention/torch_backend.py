@@ -81,6 +81,8 @@ class TorchAttentionBackend(AttentionBackend):
     ):
         block_tables = meta.block_tables
         if coded is not None and meta.has_coded:
+            if kv_scales is not None:  # an FP8 recent side: dequantized too, for this reference's one cache
+                kv_cache, kv_scales = dequantize_kv(kv_cache, kv_scales, q.dtype), None
             kv_cache, block_tables = with_decoded_blocks(kv_cache, block_tables, coded)
         if meta.max_query_len == 1 and meta.num_seqs > 1:
             return batched_decode(q, kv_cache, block_tables, meta, scale, sliding_window, kv_scales)

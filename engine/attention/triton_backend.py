@@ -61,11 +61,11 @@ class TritonAttentionBackend(AttentionBackend):
             )
             if query_len:
                 return coded_decode_attention(
-                    *pools, scale, meta.num_kv_splits, query_len=query_len, low=coded.low
+                    *pools, scale, meta.num_kv_splits, query_len=query_len, low=coded.low, kv_scales=kv_scales
                 )
             # other steps over coded blocks: the varlen coded kernel
             return coded_prefill_attention(
-                *pools, meta.query_start_loc, meta.max_query_len, scale, low=coded.low
+                *pools, meta.query_start_loc, meta.max_query_len, scale, low=coded.low, kv_scales=kv_scales
             )
         if query_len:
             return decode_attention(

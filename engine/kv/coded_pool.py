@@ -132,6 +132,7 @@ class CodedKV:
 
     pools: list[CodedKVPool]
     signs: torch.Tensor  # [layers, kv_heads, D] fp32, on the pools' device
+    base_scales: torch.Tensor | None = None  # [layers, 2, kv_heads] fp32: an FP8 base pool's, read to encode
 
     @classmethod
     def allocate(
@@ -195,6 +196,8 @@ class CodedKV:
         dst = torch.tensor([d - pool.first_id for _, d in moves], device=kv_pool.device)
         n, layers, _, bs, heads, dim = len(moves), *kv_pool.shape[1:]
         x = kv_pool[src]  # [n, layers, 2, bs, heads, D]
+        if self.base_scales is not None:  # e4m3 recent blocks: their values, then codes
+            x = x.float() * self.base_scales[None, :, :, None, :, None]
         # rows as [n * 2 * bs, layers * heads, D], so each (layer, head) pair meets its own signs
         rows = x.permute(0, 2, 3, 1, 4, 5).reshape(n * 2 * bs, layers * heads, dim)
         signs = self.signs.reshape(layers * heads, dim)

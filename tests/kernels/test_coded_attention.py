@@ -157,3 +157,28 @@ def test_the_odd_polynomial_is_the_codebook(bits):
     for k in range(len(a) - 2, -1, -1):
         c = c * u * u + a[k]
     torch.testing.assert_close(c * u, centroids, rtol=2e-5, atol=1e-7)
+
+
+def test_an_fp8_recent_side_is_read_with_its_scales():
+    """A pool whose recent blocks are e4m3 (per-(K/V, KV head) scales) beside the codes: decode and varlen
+    read the e4m3 blocks as they are, against the oracle that scales them up; wrong scales are seen."""
+    q, base, codes, norms, signs, bits, tables, lens = _problem(4, torch.float32, seed=21)
+    scales = torch.tensor([[0.004, 0.01], [0.02, 0.003]], device=q.device)
+    base8 = (base / scales[None, :, None, :, None]).to(torch.float8_e4m3fn)
+    args = (q, base8, codes, norms, signs, bits, tables, lens)
+    want = coded_decode_attention_ref(*args, D**-0.5, kv_scales=scales)
+    got = coded_decode_attention(*args, D**-0.5, 2, kv_scales=scales)
+    assert (got - want).norm() / want.norm() < TOL[torch.float32]
+    # the fp8 side is read, not ignored: near the 16-bit answer, and the scales matter
+    plain = coded_decode_attention_ref(q, base, codes, norms, signs, bits, tables, lens, D**-0.5)
+    assert (got - plain).norm() / plain.norm() < 0.1
+    other = coded_decode_attention(*args, D**-0.5, 2, kv_scales=scales * torch.tensor([[1.0], [2.0]]).to(q))
+    assert (other - got).norm() / got.norm() > 0.05
+    starts = [0, 3, 4, 9, 10]
+    qv = torch.randn(10, q.shape[1], D, generator=torch.Generator().manual_seed(3)).to(q)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=q.device)
+    got = coded_prefill_attention(qv, *args[1:], qsl, 5, D**-0.5, kv_scales=scales)
+    want = coded_prefill_attention_ref(qv, *args[1:], starts, D**-0.5, kv_scales=scales)
+    assert (got - want).norm() / want.norm() < TOL[torch.float32]
+    with pytest.raises(ValueError, match="kv_scales"):
+        coded_decode_attention(*args, D**-0.5, kv_scales=scales[:, :1])
