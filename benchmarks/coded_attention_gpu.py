@@ -49,6 +49,19 @@ def coded_pool(cache, tables, ctx: int, bits: int):
     return coded_tables, codes, norms, signs, nbytes
 
 
+def compiled_kernels() -> dict:
+    """The decode kernel's compiled variants so far: key -> (registers a thread, spilled bytes), as Triton's
+    cache holds them (empty where this Triton keeps them elsewhere)."""
+    from kernels.coded_attention import _coded_decode_kernel
+
+    found = {}
+    for cache in getattr(_coded_decode_kernel, "device_caches", {}).values():
+        kernels = cache[0] if isinstance(cache, tuple) else cache
+        for key, kernel in getattr(kernels, "items", lambda: [])():
+            found[str(key)] = (getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None))
+    return found
+
+
 def _coded_into(holder: dict, *args, **kwargs) -> None:
     holder["out"] = coded_decode_attention(*args, **kwargs)
 
@@ -113,11 +126,15 @@ def main() -> None:
             kernel = functools.partial(
                 _coded_into, holder, *args_, tile_n=tile, dequant=dequant, num_warps=warps
             )
+            before = compiled_kernels()
             coded_ms = graph_time_ms(kernel)
+            new = [v for k, v in compiled_kernels().items() if k not in before]
             rows.append(
                 row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref)
             )
             rows[-1].update(tile_n=tile, dequant=dequant, num_warps=warps)
+            if new:
+                rows[-1].update(registers=new[0][0], spilled_bytes=new[0][1])
         for r in rows[-2 - len(variants) :]:
             print(r, flush=True)
         del cache, codes, norms, coded_tables, q

@@ -56,15 +56,17 @@ def _coded_rows(
             odd = tl.join((byte >> 2) & 3, byte >> 6)
             code = tl.reshape(tl.join(even, odd), [col.shape[0], HEAD_DIM])
     norm = tl.load(norms_ptr + ncol, mask=ok, other=0.0)
-    if DEQUANT == 0:
-        return tl.load(centroids_ptr + code), norm
-    HALF: tl.constexpr = 1 << (BITS - 1)
-    u = code.to(tl.float32) * (2.0 / (2 * HALF - 1)) - 1.0
-    v = u * u
-    c = tl.zeros_like(u) + tl.load(centroids_ptr + HALF - 1)
-    for k in tl.static_range(HALF - 1):
-        c = c * v + tl.load(centroids_ptr + HALF - 2 - k)
-    return c * u, norm
+    if DEQUANT == 0:  # one return: Triton wants the same types from every return of a function
+        values = tl.load(centroids_ptr + code).to(tl.float32)
+    else:
+        HALF: tl.constexpr = 1 << (BITS - 1)
+        u = code.to(tl.float32) * (2.0 / (2 * HALF - 1)) - 1.0
+        v = u * u
+        c = tl.zeros_like(u) + tl.load(centroids_ptr + HALF - 1)
+        for k in tl.static_range(HALF - 1):
+            c = c * v + tl.load(centroids_ptr + HALF - 2 - k)
+        values = c * u
+    return values, norm
 
 
 @triton.jit

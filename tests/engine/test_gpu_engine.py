@@ -177,7 +177,9 @@ def test_gpu_kv_aging_equals_cpu_reference(tiny_model, mode):
     if mode == "fp8":
         opts["kv_cache_dtype"] = "fp8"
     want = LLM(path, device="cpu", **opts).generate(prompts, params)
-    extra = {"piecewise": {"cuda_graph_max_tokens": 512}, "eager": {"enforce_eager": True}}.get(mode, {})
+    extra = {"piecewise": {"cuda_graph_max_tokens": 512}, "eager": {"enforce_eager": True}}.get(
+        mode, {"cuda_graph_max_tokens": 0}
+    )  # graphs: decode and verify graphs only
     llm = LLM(path, device="cuda", max_num_seqs=8, **opts, **extra)
     got = llm.generate(prompts, params)
     for w, g in zip(want, got, strict=True):
