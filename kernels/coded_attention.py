@@ -24,7 +24,7 @@ from kernels.decode_attention import _decode_merge_kernel, _head_scales
 from kernels.prefill_attention import LOG2E, _query_tile, dot_precision
 from kernels.turboquant import decode_ref, device_codebook, hadamard, odd_polynomial, rotate_queries
 
-TILE_N = 64  # tokens a step of the kernel: several blocks, each 16-bit or coded
+TILE_N = 32  # tokens a step: several blocks, each 16-bit or coded (64 spills registers on an H100)
 DEQUANT = 1  # how codes become centroids: 0 a table gathered, 1 a polynomial in registers (_coded_rows)
 
 
@@ -387,7 +387,7 @@ def coded_prefill_attention(
     query_start_loc: torch.Tensor,
     max_query_len: int,
     scale: float,
-    block_n: int = TILE_N,
+    block_n: int = 64,
     low: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
