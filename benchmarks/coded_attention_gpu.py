@@ -11,6 +11,7 @@ Writes benchmarks/results/kv_coded_attention.json.
 
 import argparse
 import functools
+import itertools
 from pathlib import Path
 
 import torch
@@ -89,6 +90,9 @@ def main() -> None:
         "--dequants", nargs="+", type=int, default=[0, 1], help="centroid table or polynomial"
     )
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument(
+        "--passes", nargs="+", type=int, default=[1, 2], help="one launch, or 16-bit then coded"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     copy_bw = copy_bandwidth_GBps()
@@ -119,12 +123,12 @@ def main() -> None:
         rows.append(row("fp8", batch, ctx, fp8_ms, bf16_ms, bf16_bytes // 2, copy_bw, out8, ref))
         del fp8
         coded_tables, codes, norms, signs, nbytes = coded_pool(cache, tables, ctx, POLICY.bits)
-        variants = [(t, u, w) for t in args.tiles for u in args.dequants for w in args.warps]
-        for tile, dequant, warps in variants:
+        variants = list(itertools.product(args.tiles, args.dequants, args.warps, args.passes))
+        for tile, dequant, warps, passes in variants:
             holder: dict = {}
             args_ = (q, cache, codes, norms, signs, POLICY.bits, coded_tables, seq_lens, SCALE, splits)
             kernel = functools.partial(
-                _coded_into, holder, *args_, tile_n=tile, dequant=dequant, num_warps=warps
+                _coded_into, holder, *args_, tile_n=tile, dequant=dequant, num_warps=warps, passes=passes
             )
             before = compiled_kernels()
             coded_ms = graph_time_ms(kernel)
@@ -132,7 +136,7 @@ def main() -> None:
             rows.append(
                 row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref)
             )
-            rows[-1].update(tile_n=tile, dequant=dequant, num_warps=warps)
+            rows[-1].update(tile_n=tile, dequant=dequant, num_warps=warps, passes=passes)
             if new:
                 rows[-1].update(registers=new[0][0], spilled_bytes=new[0][1])
         for r in rows[-2 - len(variants) :]:

@@ -80,18 +80,31 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
+def _pass_columns(plain, coded, low, allowed, PASS: tl.constexpr):
+    """The columns a pass reads (1: the 16-bit ones, 2: the coded ones, 0: all); the rest are no keys."""
+    if PASS == 1:
+        coded, low = coded & False, low & False
+        allowed = allowed & plain[None, :]
+    if PASS == 2:
+        plain = plain & False
+        allowed = allowed & (coded | low)[None, :]
+    return plain, coded, low, allowed
+
+
+@triton.jit
 def _mixed_tile(
     acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, first_low, scale_log2,
     base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
     block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
     sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, LOW_BITS: tl.constexpr,
-    PRECISION: tl.constexpr, DEQUANT: tl.constexpr,
+    PRECISION: tl.constexpr, DEQUANT: tl.constexpr, PASS: tl.constexpr,
 ):  # fmt: skip
     """One tile of keys n [N] (`allowed` [R, N]: which rows see which keys) into the online softmax. Each
     column finds its block's entry: 16-bit (below num_base_blocks), coded at BITS, or coded at LOW_BITS (from
     first_low on; LOW_BITS 0: no such pool). Each format's columns load masked (zero outside it, so the
-    scores add), and a format absent from the tile costs nothing."""
+    scores add), and a format absent from the tile costs nothing. PASS 1: the 16-bit columns only, 2: the
+    coded ones only (the other format's code is compiled out, so each pass holds fewer registers), 0: all."""
     n_ok = tl.max(allowed.to(tl.int32), 0) > 0
     d = tl.arange(0, HEAD_DIM)
     entry = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
@@ -104,19 +117,22 @@ def _mixed_tile(
     col, ncol = page * sc0 + within * sc2 + kv_head * sc3, page * sn0 + within * sn2 + kv_head * sn3
     page = tl.maximum(entry - first_low, 0)
     lcol, lncol = page * sl0 + within * sl2 + kv_head * sl3, page * sm0 + within * sm2 + kv_head * sm3
+    plain, coded, low, allowed = _pass_columns(plain, coded, low, allowed, PASS)
     any_plain = tl.max(plain.to(tl.int32), 0) > 0
     any_coded = tl.max(coded.to(tl.int32), 0) > 0
     any_low = tl.max(low.to(tl.int32), 0) > 0
     s = tl.zeros(allowed.shape, tl.float32)
-    if any_plain:
-        kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0).to(q.dtype)
-        s += tl.dot(q, kb, input_precision=PRECISION)
-    if any_coded:
-        kc, kn = _coded_rows(
-            codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
-        )
-        s += tl.dot(q_rot, tl.trans(kc.to(q_rot.dtype)), input_precision=PRECISION) * kn[None, :]
-    if LOW_BITS > 0:  # noqa: SIM102 - a compile-time guard around a run-time test
+    if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_plain:
+            kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0).to(q.dtype)
+            s += tl.dot(q, kb, input_precision=PRECISION)
+    if PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_coded:
+            kc, kn = _coded_rows(
+                codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
+            )
+            s += tl.dot(q_rot, tl.trans(kc.to(q_rot.dtype)), input_precision=PRECISION) * kn[None, :]
+    if LOW_BITS > 0 and PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
         if any_low:
             kl, ln = _coded_rows(
                 low_codes_ptr,
@@ -135,15 +151,17 @@ def _mixed_tile(
     p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
     acc = acc * alpha[:, None]
     acc_rot = acc_rot * alpha[:, None]
-    if any_plain:
-        vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0).to(q.dtype)
-        acc += tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-    if any_coded:
-        vc, vn = _coded_rows(
-            codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
-        )
-        acc_rot += tl.dot((p * vn[None, :]).to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
-    if LOW_BITS > 0:  # noqa: SIM102 - a compile-time guard around a run-time test
+    if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_plain:
+            vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
+            acc += tl.dot(p.to(q.dtype), vb.to(q.dtype), input_precision=PRECISION)
+    if PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_coded:
+            vc, vn = _coded_rows(
+                codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
+            )
+            acc_rot += tl.dot((p * vn[None, :]).to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
+    if LOW_BITS > 0 and PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
         if any_low:
             vl, wn = _coded_rows(
                 low_codes_ptr + sl1, low_norms_ptr + sm1, low_centroids_ptr, lcol, lncol, low, d, HEAD_DIM,
@@ -185,6 +203,8 @@ def _coded_decode_kernel(
     first_low,
     scale_log2,
     num_splits,
+    split_offset,
+    total_splits,
     stride_qt,
     stride_qh,
     sb0,
@@ -220,6 +240,7 @@ def _coded_decode_kernel(
     PRECISION: tl.constexpr,
     DEQUANT: tl.constexpr,
     SCALED: tl.constexpr,
+    PASS: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -255,9 +276,10 @@ def _coded_decode_kernel(
             base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
             block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
             sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
-            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT,
+            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT, PASS,
         )  # fmt: skip
-    row = (token * NUM_HEADS + head) * num_splits + split  # part [T, H, S, 2 * D_PAD], lse [T, H, S]
+    # part [T, H, total_splits, 2 * D_PAD], lse [T, H, total_splits]: a second pass writes after the first's
+    row = (token * NUM_HEADS + head) * total_splits + split_offset + split
     _store_parts(part_ptr, lse_ptr, row, acc * v_scale, acc_rot, m_i, l_i, d, r_ok, HEAD_DIM)
 
 
@@ -278,6 +300,7 @@ def coded_decode_attention(
     dequant: int = DEQUANT,
     num_warps: int = 4,
     kv_scales: torch.Tensor | None = None,
+    passes: int = 1,
 ) -> torch.Tensor:
     """q [B * query_len, H, D] (each sequence's last query_len tokens: 1 for decode, 1 + k to verify k
     drafts) -> out [B * query_len, H, D]. base_cache [N0, 2, bs, Hkv, D] (16-bit), codes
@@ -285,8 +308,12 @@ def coded_decode_attention(
     block table entries >= N0 name coded blocks. low = (codes, norms, bits) of a second coded pool at fewer
     bits, whose blocks' entries follow the first pool's (from N0 + N1 on). tile_n: tokens a kernel step (a
     power of two >= 32; fewer hold fewer registers); dequant, num_warps: kernel variants (benchmarks sweep
-    them). kv_scales [2, Hkv] fp32: base_cache is e4m3 (an FP8 pool's recent blocks), read as it is."""
+    them). kv_scales [2, Hkv] fp32: base_cache is e4m3 (an FP8 pool's recent blocks), read as it is.
+    passes 2: the 16-bit blocks and the coded ones in two launches (each compiled for its format alone, so
+    with fewer registers), their splits merged by log-sum-exp like any others; 1: one launch reads both."""
     T, H, D = q.shape
+    if passes not in (1, 2):
+        raise ValueError(f"passes: got {passes}, allowed 1 or 2")
     if query_len < 1 or T % query_len:
         raise ValueError(f"query_len: got {query_len}, allowed >= 1 and dividing q's {T} rows")
     B = T // query_len
@@ -300,25 +327,26 @@ def coded_decode_attention(
     d_pad = triton.next_power_of_2(D)
     q_rot = rotate_queries(q, signs, group).contiguous()  # [B, H, D] fp32: once per head
     centroids = _centroids(bits, q, dequant)
-    part = torch.empty((T, H, num_splits, 2 * d_pad), dtype=torch.float32, device=q.device)
-    lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
-    if B:
+    total = num_splits * passes
+    part = torch.empty((T, H, total, 2 * d_pad), dtype=torch.float32, device=q.device)
+    lse = torch.empty((T, H, total), dtype=torch.float32, device=q.device)
+    for k in range(passes if B else 0):  # pass 0: both formats; with two, 1: 16-bit, then 2: coded
         _coded_decode_kernel[(B, kv_heads, num_splits)](
             q, q_rot, base_cache, codes, norms, centroids, *lows.pointers, _scales(kv_scales, seq_lens), part,
             lse, block_tables, seq_lens,
-            num_base, lows.first, scale * LOG2E, num_splits, q.stride(0), q.stride(1),
+            num_base, lows.first, scale * LOG2E, num_splits, k * num_splits, total, q.stride(0), q.stride(1),
             *base_cache.stride()[:4], *codes.stride()[:4], *norms.stride()[:4], *lows.strides,
             block_tables.stride(0), BLOCK_SIZE=bs, TILE_N=tile_n, HEAD_DIM=D, NUM_HEADS=H, GROUP=group,
             QLEN=query_len, ROWS_PAD=max(16, triton.next_power_of_2(query_len * group)), BITS=bits,
             LOW_BITS=lows.bits, PRECISION=dot_precision(q.dtype), DEQUANT=dequant, SCALED=kv_scales is not None,
-            num_warps=num_warps,
+            PASS=0 if passes == 1 else k + 1, num_warps=num_warps,
         )  # fmt: skip
     merged = torch.empty((T, H, 2 * d_pad), dtype=torch.float32, device=q.device)
     if B:
         _decode_merge_kernel[(T, H)](
-            part, lse, merged, num_splits, merged.stride(0), merged.stride(1),
+            part, lse, merged, total, merged.stride(0), merged.stride(1),
             NUM_HEADS=H, HEAD_DIM=2 * d_pad, D_PAD=2 * d_pad,
-            SPLITS_PAD=max(triton.next_power_of_2(num_splits), 2),
+            SPLITS_PAD=max(triton.next_power_of_2(total), 2),
         )  # fmt: skip
     per_q = signs.repeat_interleave(group, dim=0)  # [H, D]: each query head's KV head's rotation
     back = (merged[..., d_pad : d_pad + D] @ hadamard(D, q.device)) * per_q  # R^T: the rotated part returned
@@ -368,7 +396,7 @@ def _coded_prefill_kernel(
             base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
             block_tables_ptr, stride_bt, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sn0, sn1, sn2, sn3,
             sl0, sl1, sl2, sl3, sm0, sm1, sm2, sm3,
-            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT,
+            BLOCK_SIZE, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT, 0,
         )  # fmt: skip
     inv = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(out_ptr + rot_off, acc * (inv * v_scale)[:, None], mask=row_ok[:, None])

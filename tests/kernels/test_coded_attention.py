@@ -38,10 +38,15 @@ def _problem(bits: int, dtype: torch.dtype, heads: int = 8, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("num_splits", "tile_n", "dequant"), [(1, 64, 0), (3, 64, 1), (2, 32, 0)])
-def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits, tile_n, dequant):
+@pytest.mark.parametrize(
+    ("num_splits", "tile_n", "dequant", "passes"),
+    [(1, 64, 0, 1), (3, 64, 1, 1), (2, 32, 0, 1), (2, 32, 1, 2)],
+)
+def test_mixed_format_decode_equals_the_decoding_oracle(dtype, bits, num_splits, tile_n, dequant, passes):
     args = _problem(bits, dtype, seed=bits)
-    got = coded_decode_attention(*args, scale=D**-0.5, num_splits=num_splits, tile_n=tile_n, dequant=dequant)
+    got = coded_decode_attention(
+        *args, scale=D**-0.5, num_splits=num_splits, tile_n=tile_n, dequant=dequant, passes=passes
+    )
     want = coded_decode_attention_ref(*args, scale=D**-0.5)
     assert not got.isnan().any()
     err = (got.float() - want.float()).norm() / want.float().norm()
@@ -123,12 +128,24 @@ def test_three_formats_in_one_table(dtype, bits, low_bits):
     tables = tables.clone()
     tables[0, 2], tables[1, 0], tables[3, 3] = 16, 17, 18  # entries 16..18: the low pool (10 + 6 onwards)
     want = coded_decode_attention_ref(q, base, codes, norms, signs, bits, tables, lens, D**-0.5, low=low)
-    for dequant in (0, 1):
+    for dequant, passes in ((0, 1), (1, 1), (1, 2)):
         got = coded_decode_attention(
-            q, base, codes, norms, signs, bits, tables, lens, D**-0.5, 2, low=low, dequant=dequant
+            q,
+            base,
+            codes,
+            norms,
+            signs,
+            bits,
+            tables,
+            lens,
+            D**-0.5,
+            2,
+            low=low,
+            dequant=dequant,
+            passes=passes,
         )
         err = (got.float() - want.float()).norm() / want.float().norm()
-        assert err < TOL[dtype], f"dequant {dequant}: relative error {err:.2e}"
+        assert err < TOL[dtype], f"dequant {dequant}, passes {passes}: relative error {err:.2e}"
     starts = [0, 3, 4, 9, 10]
     qv = torch.randn(10, q.shape[1], D, generator=g).to(q)
     qsl = torch.tensor(starts, dtype=torch.int32, device=q.device)
