@@ -149,8 +149,10 @@ def _mixed_tile(
             s += tl.dot(q_rot, tl.trans(kl.to(q_rot.dtype)), input_precision=PRECISION) * ln[None, :]
     s = tl.where(allowed, s * scale_log2, float("-inf"))
     p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-    acc = acc * alpha[:, None]
-    acc_rot = acc_rot * alpha[:, None]
+    if PASS != 2:  # a pass keeps only its own accumulator live (the other stays zero)
+        acc = acc * alpha[:, None]
+    if PASS != 1:
+        acc_rot = acc_rot * alpha[:, None]
     if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
         if any_plain:
             vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
