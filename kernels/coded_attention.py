@@ -92,6 +92,44 @@ def _pass_columns(plain, coded, low, allowed, PASS: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_values(
+    acc, acc_rot, p, dtype, plain, coded, low, any_plain, any_coded, any_low, base, col, ncol, lcol, lncol, d,
+    base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
+    sb1, sc1, sn1, sl1, sm1, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, LOW_BITS: tl.constexpr,
+    PRECISION: tl.constexpr, DEQUANT: tl.constexpr, PASS: tl.constexpr, HAS_LOW: tl.constexpr,
+):  # fmt: skip
+    """A tile's probabilities p [R, N] times its values: 16-bit columns into acc, coded ones (their norms on
+    p) into acc_rot, in the rotated basis."""
+    if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_plain:
+            vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
+            acc += tl.dot(p.to(dtype), vb.to(dtype), input_precision=PRECISION)
+    if PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_coded:
+            vc, vn = _coded_rows(
+                codes_ptr + sc1,
+                norms_ptr + sn1,
+                centroids_ptr,
+                col,
+                ncol,
+                coded,
+                d,
+                HEAD_DIM,
+                BITS,
+                DEQUANT,
+            )
+            acc_rot += tl.dot((p * vn[None, :]).to(dtype), vc.to(dtype), input_precision=PRECISION)
+    if HAS_LOW:  # noqa: SIM102 - a compile-time guard around a run-time test
+        if any_low:
+            vl, wn = _coded_rows(
+                low_codes_ptr + sl1, low_norms_ptr + sm1, low_centroids_ptr, lcol, lncol, low, d, HEAD_DIM,
+                LOW_BITS, DEQUANT,
+            )  # fmt: skip
+            acc_rot += tl.dot((p * wn[None, :]).to(dtype), vl.to(dtype), input_precision=PRECISION)
+    return acc, acc_rot
+
+
+@triton.jit
 def _mixed_tile(
     acc, acc_rot, m_i, l_i, q, q_rot, n, allowed, seq, kv_head, num_base_blocks, first_low, scale_log2,
     base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr, low_centroids_ptr,
@@ -121,55 +159,48 @@ def _mixed_tile(
     any_plain = tl.max(plain.to(tl.int32), 0) > 0
     any_coded = tl.max(coded.to(tl.int32), 0) > 0
     any_low = tl.max(low.to(tl.int32), 0) > 0
-    s = tl.zeros(allowed.shape, tl.float32)
-    if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
-        if any_plain:
-            kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0).to(q.dtype)
-            s += tl.dot(q, kb, input_precision=PRECISION)
-    if PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
-        if any_coded:
-            kc, kn = _coded_rows(
-                codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
-            )
-            s += tl.dot(q_rot, tl.trans(kc.to(q_rot.dtype)), input_precision=PRECISION) * kn[None, :]
-    if LOW_BITS > 0 and PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
-        if any_low:
-            kl, ln = _coded_rows(
-                low_codes_ptr,
-                low_norms_ptr,
-                low_centroids_ptr,
-                lcol,
-                lncol,
-                low,
-                d,
-                HEAD_DIM,
-                LOW_BITS,
-                DEQUANT,
-            )
-            s += tl.dot(q_rot, tl.trans(kl.to(q_rot.dtype)), input_precision=PRECISION) * ln[None, :]
-    s = tl.where(allowed, s * scale_log2, float("-inf"))
-    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-    if PASS != 2:  # a pass keeps only its own accumulator live (the other stays zero)
-        acc = acc * alpha[:, None]
-    if PASS != 1:
-        acc_rot = acc_rot * alpha[:, None]
-    if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
-        if any_plain:
-            vb = tl.load(base_ptr + sb1 + base[:, None] + d[None, :], mask=plain[:, None], other=0.0)
-            acc += tl.dot(p.to(q.dtype), vb.to(q.dtype), input_precision=PRECISION)
-    if PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
-        if any_coded:
-            vc, vn = _coded_rows(
-                codes_ptr + sc1, norms_ptr + sn1, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
-            )
-            acc_rot += tl.dot((p * vn[None, :]).to(q.dtype), vc.to(q.dtype), input_precision=PRECISION)
-    if LOW_BITS > 0 and PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
-        if any_low:
-            vl, wn = _coded_rows(
-                low_codes_ptr + sl1, low_norms_ptr + sm1, low_centroids_ptr, lcol, lncol, low, d, HEAD_DIM,
-                LOW_BITS, DEQUANT,
-            )  # fmt: skip
-            acc_rot += tl.dot((p * wn[None, :]).to(q.dtype), vl.to(q.dtype), input_precision=PRECISION)
+    HAS_LOW: tl.constexpr = (LOW_BITS > 0) & (PASS != 1)
+    # a pass skips the tiles with none of its columns (the fused kernel tests nothing: its loads pipeline)
+    if any_plain | any_coded | any_low | (PASS == 0):
+        s = tl.zeros(allowed.shape, tl.float32)
+        if PASS != 2:  # noqa: SIM102 - a compile-time guard around a run-time test
+            if any_plain:
+                kb = tl.load(base_ptr + base[None, :] + d[:, None], mask=plain[None, :], other=0.0).to(
+                    q.dtype
+                )
+                s += tl.dot(q, kb, input_precision=PRECISION)
+        if PASS != 1:  # noqa: SIM102 - a compile-time guard around a run-time test
+            if any_coded:
+                kc, kn = _coded_rows(
+                    codes_ptr, norms_ptr, centroids_ptr, col, ncol, coded, d, HEAD_DIM, BITS, DEQUANT
+                )
+                s += tl.dot(q_rot, tl.trans(kc.to(q_rot.dtype)), input_precision=PRECISION) * kn[None, :]
+        if HAS_LOW:  # noqa: SIM102 - a compile-time guard around a run-time test
+            if any_low:
+                kl, ln = _coded_rows(
+                    low_codes_ptr,
+                    low_norms_ptr,
+                    low_centroids_ptr,
+                    lcol,
+                    lncol,
+                    low,
+                    d,
+                    HEAD_DIM,
+                    LOW_BITS,
+                    DEQUANT,
+                )
+                s += tl.dot(q_rot, tl.trans(kl.to(q_rot.dtype)), input_precision=PRECISION) * ln[None, :]
+        s = tl.where(allowed, s * scale_log2, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        if PASS != 2:  # a pass keeps only its own accumulator live (the other stays zero)
+            acc = acc * alpha[:, None]
+        if PASS != 1:
+            acc_rot = acc_rot * alpha[:, None]
+        acc, acc_rot = _accumulate_values(
+            acc, acc_rot, p, q.dtype, plain, coded, low, any_plain, any_coded, any_low, base, col, ncol, lcol,
+            lncol, d, base_ptr, codes_ptr, norms_ptr, centroids_ptr, low_codes_ptr, low_norms_ptr,
+            low_centroids_ptr, sb1, sc1, sn1, sl1, sm1, HEAD_DIM, BITS, LOW_BITS, PRECISION, DEQUANT, PASS, HAS_LOW,
+        )  # fmt: skip
     return acc, acc_rot, m_i, l_i
 
 
