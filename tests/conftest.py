@@ -21,13 +21,16 @@ ON_GPU = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is; on CPU they are deselected (reported), never silently passed."""
-    if ON_GPU:
-        return
-    gpu = [item for item in items if "gpu" in item.keywords]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if "gpu" not in item.keywords]
+    """`gpu` tests run where CUDA is; on CPU they are deselected (reported), never silently passed. Modules
+    on the session's Ray run last, each kept whole and in order: the others then run with no Ray idling beside
+    them on this 2-core machine."""
+    if not ON_GPU:
+        gpu = [item for item in items if "gpu" in item.keywords]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if "gpu" not in item.keywords]
+    on_ray = {item.getparent(pytest.Module) for item in items if "ray_serve" in item.fixturenames}
+    items.sort(key=lambda item: item.getparent(pytest.Module) in on_ray)  # stable: each group keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -77,24 +80,52 @@ def ray_serve():
     ray.shutdown()
 
 
+class _Deployer:
+    """deploy(name, **ServeConfig fields) -> base URL of the app, served under /name. An app deployed while a
+    test runs is deleted when that test ends; one deployed by a module-scoped fixture, when the module ends
+    (apps left running would load this 2-core machine for the rest of the suite)."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.module_apps: list[str] = []
+
+    def __call__(self, name: str, **config) -> str:
+        from ray import serve
+
+        from services.app import ServeConfig, build_app
+
+        serve.run(build_app(ServeConfig(**config)), name=name, route_prefix=f"/{name}")
+        (_TEST_APPS[-1] if _TEST_APPS else self.module_apps).append(name)
+        return f"{self.base_url}/{name}"
+
+
+# the running test's apps: set while a test and its function-scoped fixtures run, empty between tests (when
+# module-scoped fixtures are set up and torn down)
+_TEST_APPS: list[list[str]] = []
+
+
+def _delete_apps(names: list[str]) -> None:
+    """Deleted in the background: a replica's graceful shutdown is seconds of waiting, not work."""
+    if names:
+        from ray import serve
+
+        for name in names:
+            serve.delete(name, _blocking=False)
+
+
+@pytest.fixture(autouse=True)
+def _delete_the_apps_a_test_deployed():
+    # autouse function-scoped: set up after every module-scoped fixture, torn down after the test's others
+    _TEST_APPS.append([])
+    yield
+    _delete_apps(_TEST_APPS.pop())
+
+
 @pytest.fixture(scope="module")
 def deploy(ray_serve):
-    """deploy(name, **ServeConfig fields) -> base URL of the app, served under /name; deleted when the test
-    module ends (apps left running would load this 2-core machine for the rest of the suite)."""
-    from ray import serve
-
-    from services.app import ServeConfig, build_app
-
-    names = []
-
-    def run(name: str, **config) -> str:
-        serve.run(build_app(ServeConfig(**config)), name=name, route_prefix=f"/{name}")
-        names.append(name)
-        return f"{ray_serve}/{name}"
-
-    yield run
-    for name in names:
-        serve.delete(name)
+    deployer = _Deployer(ray_serve)
+    yield deployer
+    _delete_apps(deployer.module_apps)
 
 
 class EtcdServer:

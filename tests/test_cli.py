@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -61,11 +62,13 @@ def test_generate_takes_a_hugging_face_id_from_the_cache_offline(llama, tmp_path
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     args = ["--prompt", "Hello", "--max-tokens", "4", "--ignore-eos"]
-    by_id = run("generate", "--model", "tiny-org/tiny-llama", *args, env=env)
+    with ThreadPoolExecutor(2) as pool:  # independent commands, side by side with the in-process run
+        by_id_run = pool.submit(run, "generate", "--model", "tiny-org/tiny-llama", *args, env=env)
+        missing_run = pool.submit(run, "generate", "--model", "tiny-org/not-cached", *args, env=env)
+        assert main(["generate", "--model", llama, *args]) == 0
+        by_id, missing = by_id_run.result(), missing_run.result()
     assert by_id.returncode == 0, by_id.stderr
-    assert main(["generate", "--model", llama, *args]) == 0
     assert by_id.stdout == capsys.readouterr().out
-    missing = run("generate", "--model", "tiny-org/not-cached", *args, env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == (
         "error: model: 'tiny-org/not-cached' is not a local directory nor in the Hugging Face cache "

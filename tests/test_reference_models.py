@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -66,41 +67,23 @@ def test_committed_checkpoint_is_complete_and_loads_with_matching_logits(name):
 def test_generate_defaults_to_the_reference_target_and_drafts_with_the_reference_draft():
     assert default_model_path() == PAIR["target"]
     prompt = "def read_config(path):\n    "
-    plain = subprocess.run(
-        [RIDGELINE, "generate", "--prompt", prompt, "--max-tokens", "24", "--ignore-eos"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    generate = [RIDGELINE, "generate", "--prompt", prompt, "--max-tokens", "24", "--ignore-eos"]
+    draft = ["--speculative-model", str(PAIR["draft"]), "--num-speculative-tokens", "3"]
+    missing_model = {**os.environ, "RIDGELINE_MODEL": "/nonexistent/model"}
+    with ThreadPoolExecutor(3) as pool:  # independent commands, side by side
+        runs = [
+            pool.submit(subprocess.run, argv, capture_output=True, text=True, timeout=300, env=env)
+            for argv, env in (
+                (generate, None),
+                ([*generate, *draft], None),
+                ([RIDGELINE, "generate", "--prompt", "x"], missing_model),
+            )
+        ]
+    plain, spec, missing = (run.result() for run in runs)
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.startswith(repr(prompt)) and "[24 tokens, length]" in plain.stdout
-    spec = subprocess.run(
-        [
-            RIDGELINE,
-            "generate",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "24",
-            "--ignore-eos",
-            "--speculative-model",
-            str(PAIR["draft"]),
-            "--num-speculative-tokens",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
     assert spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout  # greedy: drafting never changes the text
-    missing = subprocess.run(
-        [RIDGELINE, "generate", "--prompt", "x"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RIDGELINE_MODEL": "/nonexistent/model"},
-    )
     assert missing.returncode == 2 and "RIDGELINE_MODEL" in missing.stderr
 
 

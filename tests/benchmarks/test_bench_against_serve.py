@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -151,28 +152,34 @@ def test_chat_conversations_carry_their_history(served, tmp_path):
 
 
 def test_errors_and_timeouts_are_counted_not_crashes(served, tmp_path):
-    r = bench(served, tmp_path / "long", "--requests", "3", "--concurrency", "3", "--input-len", "600")
+    runs = {  # independent runs, side by side (each command's start is seconds of one core)
+        "long": (served, "--requests", "3", "--concurrency", "3", "--input-len", "600"),
+        "slow": (
+            served,
+            "--requests",
+            "2",
+            "--concurrency",
+            "2",
+            "--input-len",
+            "10",
+            "--output-len",
+            "400",
+            "--timeout",
+            "0.3",
+        ),
+        "nobody": ("http://127.0.0.1:9", "--model", "m", "--requests", "2", "--rate", "10"),
+    }
+    with ThreadPoolExecutor(len(runs)) as pool:
+        done = {name: pool.submit(bench, url, tmp_path / name, *args) for name, (url, *args) in runs.items()}
+    r = done["long"].result()
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "long" / "result.json").read_text())["summary"]
     assert s["errors"] == {"http_400": 3} and s["completed"] == 0  # prompts longer than max_model_len
-    r = bench(
-        served,
-        tmp_path / "slow",
-        "--requests",
-        "2",
-        "--concurrency",
-        "2",
-        "--input-len",
-        "10",
-        "--output-len",
-        "400",
-        "--timeout",
-        "0.3",
-    )
+    r = done["slow"].result()
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "slow" / "result.json").read_text())["summary"]
     assert s["errors"] == {"timeout": 2}
-    r = bench("http://127.0.0.1:9", tmp_path / "nobody", "--model", "m", "--requests", "2", "--rate", "10")
+    r = done["nobody"].result()
     assert r.returncode == 0 and json.loads((tmp_path / "nobody" / "result.json").read_text())["summary"][
         "errors"
     ] == {"connection": 2}

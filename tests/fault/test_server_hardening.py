@@ -43,6 +43,44 @@ def url(deploy, llama):
     )
 
 
+# first in the module: its own app comes and goes before the module's app is deployed
+def test_a_dead_engine_fails_its_health_check_and_serve_replaces_it(deploy, llama):
+    app = "fragile"
+    base = deploy(
+        app,
+        **app_config(
+            llama, mode="aggregated", decode={**POOL, "worker_cls": "fragile_workers:BreakableDecodeWorker"}
+        ),
+    )
+    assert (
+        httpx.post(
+            f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+        ).status_code
+        == 200
+    )
+    broken = serve.get_deployment_handle("DecodeWorker", app_name=app).break_engine.remote().result()
+    r = httpx.post(
+        f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=120
+    )
+    assert r.status_code in (200, 503), r.text  # migrated to the replacement, or told to retry
+    if r.status_code == 503:
+        assert "injected" not in r.text and "Traceback" not in r.text
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "Serve did not replace the replica whose engine died"
+        try:
+            names = set(pool_stats(app, "DecodeWorker", 1, timeout=5))
+        except AssertionError:
+            names = set()
+        if names and broken not in names:
+            break
+        time.sleep(0.5)
+    ok = httpx.post(
+        f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+    )
+    assert ok.status_code == 200, ok.text
+
+
 def _post(url: str, body: dict, timeout: float = 60, **kwargs) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/completions", json={"model": MODEL, **body}, headers=AUTH, timeout=timeout, **kwargs
@@ -286,40 +324,3 @@ def test_admission_recovers_after_a_prefill_worker_is_killed(url):
             streak = streak + 1 if r.status_code == 200 else 0
         time.sleep(0.2)
     print(f"admission recovered after {len(statuses)} probes: {statuses}")
-
-
-def test_a_dead_engine_fails_its_health_check_and_serve_replaces_it(deploy, llama):
-    app = "fragile"
-    base = deploy(
-        app,
-        **app_config(
-            llama, mode="aggregated", decode={**POOL, "worker_cls": "fragile_workers:BreakableDecodeWorker"}
-        ),
-    )
-    assert (
-        httpx.post(
-            f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
-        ).status_code
-        == 200
-    )
-    broken = serve.get_deployment_handle("DecodeWorker", app_name=app).break_engine.remote().result()
-    r = httpx.post(
-        f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=120
-    )
-    assert r.status_code in (200, 503), r.text  # migrated to the replacement, or told to retry
-    if r.status_code == 503:
-        assert "injected" not in r.text and "Traceback" not in r.text
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline, "Serve did not replace the replica whose engine died"
-        try:
-            names = set(pool_stats(app, "DecodeWorker", 1, timeout=5))
-        except AssertionError:
-            names = set()
-        if names and broken not in names:
-            break
-        time.sleep(0.5)
-    ok = httpx.post(
-        f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
-    )
-    assert ok.status_code == 200, ok.text

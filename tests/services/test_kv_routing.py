@@ -2,7 +2,6 @@
 keeps an exact index and sends each prompt where its prefix already is."""
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -43,7 +42,7 @@ def test_event_feed_numbers_batches_and_snapshots():
     assert out.batches[-1][1] == [("stored", "hbm", [b"d"])] and out.snapshot is not None  # every 3rd report
 
 
-def _hit_rate(url: str) -> float:
+async def _hit_rate(url: str) -> float:
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
         r = await client.post(
             f"{url}/v1/completions",
@@ -52,15 +51,19 @@ def _hit_rate(url: str) -> float:
         assert r.status_code == 200, r.text
         return r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
-    async def workload() -> int:
-        cached = 0
-        async with httpx.AsyncClient(timeout=120) as client:
-            for start in range(0, len(REQUESTS), 3):  # three at a time, as concurrent users
-                cached += sum(await asyncio.gather(*(one(client, p) for p in REQUESTS[start : start + 3])))
-                time.sleep(1.0)  # routing stats (every 0.5 s: two periods) carry the new blocks to the router
-        return cached
+    cached = 0
+    async with httpx.AsyncClient(timeout=120) as client:
+        for start in range(0, len(REQUESTS), 3):  # three at a time, as concurrent users
+            cached += sum(await asyncio.gather(*(one(client, p) for p in REQUESTS[start : start + 3])))
+            # routing stats (every 0.5 s: two periods) carry the new blocks to the router
+            await asyncio.sleep(1.0)
+    return cached / sum(len(p) for p in REQUESTS)
 
-    return asyncio.run(workload()) / sum(len(p) for p in REQUESTS)
+
+async def _hit_rates(urls: dict[str, str]) -> dict[str, float]:
+    """The same workload against each app at once (each app's replicas are its own): one run's wall time."""
+    rates = await asyncio.gather(*(_hit_rate(url) for url in urls.values()))
+    return dict(zip(urls, rates, strict=True))
 
 
 @pytest.mark.ray
@@ -70,7 +73,7 @@ def test_kv_aware_router_over_http_hits_more_shared_prefixes_than_least_loaded(d
         router: deploy(f"route-{router}", **app_config(llama, mode="aggregated", decode=pool, router=router))
         for router in ("least_loaded", "kv_aware")
     }
-    rates = {router: _hit_rate(url) for router, url in urls.items()}
+    rates = asyncio.run(_hit_rates(urls))
     print("prefix hit rates", rates)
     assert rates["kv_aware"] > rates["least_loaded"], rates
     assert rates["kv_aware"] > 0.4, rates

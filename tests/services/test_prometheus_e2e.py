@@ -130,19 +130,26 @@ def _load(url: str, seconds: float) -> None:
     asyncio.run(main())
 
 
-def test_every_dashboard_and_rule_expression_returns_data(deploy, llama, prometheus):
-    tiers = {**POOL, "kv_dram_blocks": 64}
-    url = deploy("obs", **app_config(llama, prefill=tiers, decode=tiers, admission=True, spec="ngram"))
-    target = url.removeprefix("http://").split("/")[0]
-    prom = prometheus(target, "/obs/metrics")
-    _load(url, seconds=6)
-    time.sleep(4)  # a few more scrapes and rule evaluations after the load
+def _without_data(prom: str) -> list[str]:
+    """The expressions that return no data now (each must be a valid query)."""
     missing = []
     for where, expr in _expressions():
         r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=30).json()
         assert r["status"] == "success", (where, expr, r)
         if not r["data"]["result"]:
             missing.append(f"{where}: {expr}")
+    return missing
+
+
+def test_every_dashboard_and_rule_expression_returns_data(deploy, llama, prometheus):
+    tiers = {**POOL, "kv_dram_blocks": 64}
+    url = deploy("obs", **app_config(llama, prefill=tiers, decode=tiers, admission=True, spec="ngram"))
+    target = url.removeprefix("http://").split("/")[0]
+    prom = prometheus(target, "/obs/metrics")
+    _load(url, seconds=6)
+    deadline = time.monotonic() + 20  # a few more scrapes and rule evaluations after the load, at most
+    while (missing := _without_data(prom)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not missing, "no data for:\n" + "\n".join(missing)
     # the last sample of each series in the last minute: one slow worker scrape under load marks the series
     # stale for an instant query, not for this
