@@ -9,6 +9,9 @@ per-request `GrammarMatcher`. Each step the matchers fill their rows of a CPU in
 `fill_draft_bitmasks`, one per scored position, and learns how many drafts the grammar accepts in order.
 """
 
+from __future__ import annotations
+
+import importlib
 import json as jsonlib
 import re
 import threading
@@ -16,13 +19,30 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xgrammar as xgr
 from tokenizers import Tokenizer as HFTokenizer
 
 from engine.errors import ParameterError
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+else:
+
+    class _OnFirstUse:
+        """A module imported when first used: xgrammar pulls in transformers (about 1.3 s a process), and most
+        processes never constrain a request."""
+
+        def __init__(self, name: str):
+            self._name, self._module = name, None
+
+        def __getattr__(self, attr: str):
+            if self._module is None:
+                self._module = importlib.import_module(self._name)
+            return getattr(self._module, attr)
+
+    xgr = _OnFirstUse("xgrammar")
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 _ANY_OBJECT_SCHEMA = '{"type": "object"}'
@@ -247,7 +267,7 @@ class GrammarCompilerCache:
     @classmethod
     def from_model_dir(
         cls, model_dir: str | Path, vocab_size: int, stop_token_ids: Iterable[int], **kwargs: Any
-    ) -> "GrammarCompilerCache":
+    ) -> GrammarCompilerCache:
         path = Path(model_dir) / "tokenizer.json"
         if not path.exists():
             raise ParameterError("model", f"{model_dir} has no tokenizer.json")
