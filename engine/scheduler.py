@@ -160,10 +160,11 @@ class Scheduler:
                 else:
                     request.spec_token_ids = []
             if self.age_policy is not None and num_new > 1 and not request.spec_token_ids:
-                num_new = self._aging_chunk(request, num_new)
-                if num_new == 1 and scheduled and not self.block_manager.fitting_tokens(request):
+                fit = self._aging_chunk(request, num_new)
+                if not fit and scheduled:
                     i += 1  # no free block for its chunk: those scheduled free some as they age
                     continue
+                num_new = max(fit, 1)
             elif self.age_policy is not None and num_new == 1 and not request.hold_kv:
                 # a decode ages first: the block leaving its window frees the 16-bit block its next token
                 # may need (aging after allocating would preempt someone for it)
@@ -187,8 +188,8 @@ class Scheduler:
 
     def _aging_chunk(self, request: Request, num_new: int, hits: Sequence[Block] = ()) -> int:
         """A prefill chunk under an age policy: no more than the free blocks take (aging frees more by the next
-        step), so the last request standing always progresses."""
-        return max(1, min(num_new, self.block_manager.fitting_tokens(request, hits)))
+        step); 0 when none is free (callers take at least 1 token, so the last request standing progresses)."""
+        return min(num_new, self.block_manager.fitting_tokens(request, hits))
 
     def _coded_ok(self, request: Request) -> list[range]:
         """Prompt blocks a prefix hit may serve from coded copies: those the age policy holds coded at the
@@ -239,7 +240,7 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if self.age_policy is not None and num_new > 1:
-                num_new = self._aging_chunk(request, num_new, hits)
+                num_new = max(self._aging_chunk(request, num_new, hits), 1)
             while not self.block_manager.allocate_slots(request, num_new, hits):
                 victim = self._victim_for(request)
                 if victim is None:
