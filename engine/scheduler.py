@@ -134,7 +134,7 @@ class Scheduler:
             out.samples.append(samples)
             request.num_inflight_tokens += n
             request.num_output_placeholders += samples
-            if self.age_policy is not None and not request.hold_kv and request.request_id not in aged:
+            if self.age_policy is not None and request.request_id not in aged:
                 out.aged += self._age(request, start, n)
         return out
 
@@ -165,7 +165,7 @@ class Scheduler:
                     i += 1  # no free block for its chunk: those scheduled free some as they age
                     continue
                 num_new = max(fit, 1)
-            elif self.age_policy is not None and num_new == 1 and not request.hold_kv:
+            elif self.age_policy is not None and num_new == 1:
                 # a decode ages first: the block leaving its window frees the 16-bit block its next token
                 # may need (aging after allocating would preempt someone for it)
                 out.aged += self._age(request, request.scheduled_tokens, 1)

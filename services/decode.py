@@ -107,10 +107,11 @@ class DecodeWorker(EngineWorker):
         this worker already caches (a shared prefix, an earlier turn) are reused, not pulled."""
         request_id, handle = req.request_id, req.kv_handle
         assert handle is not None  # called for a request that came with a KV handle
+        coded = self.transport.local_coded_pools(handle)  # coded blocks go to our pools of their format
         try:  # cancelled meanwhile: the reservation is freed and the owner told to free its blocks
             reserved = await self.llm.call(
                 lambda e: e.kv_handoff.reserve(
-                    request_id, handle.num_tokens, req.prompt_token_ids, req.cache_salt
+                    request_id, handle.num_tokens, req.prompt_token_ids, req.cache_salt, coded
                 ),
                 undo=lambda e, _: e.kv_handoff.free_reserved(request_id),
             )
@@ -145,8 +146,7 @@ class DecodeWorker(EngineWorker):
             self.transport.release(handle)
             self.counters.kv_pulls += 1
             self.counters.kv_pull_bytes += rest.num_bytes
-            if self.transport.converts(rest):
-                self.counters.kv_blocks_converted += len(rest.block_ids)
+            self.counters.kv_blocks_converted += self.transport.converted_blocks_of(rest)
             if rest.block_ids:
                 KV_TRANSFER_SECONDS.labels(**labels).observe(time.perf_counter() - start)
                 KV_TRANSFER_BYTES.labels(**labels).inc(rest.num_bytes)

@@ -116,6 +116,8 @@ class EngineWorker:
         self.engine = self.llm.engine
         if factory is None:  # else the factory registered it, before building the tiers on it
             self.transport.register(self.engine.kv_pool)
+        for coded in self.engine.coded_kv.pools if self.engine.coded_kv is not None else []:
+            self.transport.register_coded(coded.raw, coded.format, coded.first_id)  # aged blocks travel coded
         self.transport.set_kv_scales(self.engine.kv_format.scales)  # what this pool's bytes mean
         self.kv_store = self.engine.offloader.store  # None without tiers
 
@@ -285,6 +287,7 @@ class EngineWorker:
             kv_tier_offloaded_blocks=offload.offloaded_blocks,
             spec_draft_tokens=engine.stats.spec_draft_tokens,
             spec_accepted_tokens=engine.stats.spec_accepted_tokens,
+            kv_blocks_aged=engine.stats.kv_blocks_aged,
             drafter=dict(getattr(engine.drafter, "stats", {}) or {}),
             registered=self.registration.registered if self.registration else None,
             kv_store=self._store_stats(),

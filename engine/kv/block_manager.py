@@ -214,18 +214,24 @@ class BlockManager:
         self._free_queue_of(block.block_id).push(block.block_id, block.block_hash is not None, priority)
 
     def allocate_blocks(
-        self, request_id: str, num_blocks: int, hits: Sequence[Block] = ()
+        self, request_id: str, num_blocks: int, hits: Sequence[Block] = (), coded: Sequence[int] = ()
     ) -> list[int] | None:
         """Blocks for a request that does not exist yet, whose KV arrives from another worker: the cached
-        `hits` first (shared, already holding the right KV), then fresh blocks for the rest. None, changing
-        nothing, when too few blocks are free."""
+        `hits` first (shared, already holding the right KV), then fresh blocks for the rest; block i from coded
+        pool coded[i] where that is >= 0 (KV arriving coded), else 16-bit. None, changing nothing, when too
+        few blocks are free."""
         if request_id in self.req_blocks:
             raise ValueError(f"request_id: {request_id!r} already holds blocks")
-        if num_blocks - len(hits) > self.num_free_blocks - self._free_hits(hits):
+        pools = [coded[i] if i < len(coded) else -1 for i in range(len(hits), num_blocks)]
+        if any(not -1 <= k < len(self.free_coded) for k in pools):
+            raise ValueError(f"coded: pool indices allowed -1..{len(self.free_coded) - 1}, got {list(coded)}")
+        if pools.count(-1) > self.num_free_blocks - self._free_hits(hits) or any(
+            pools.count(k) > len(q) for k, q in enumerate(self.free_coded)
+        ):
             return None
         for block in hits:
             self._take(block)
-        blocks = list(hits) + [self._pop_free() for _ in range(num_blocks - len(hits))]
+        blocks = list(hits) + [self._pop_free() if k < 0 else self._pop_coded(k) for k in pools]
         self.req_blocks[request_id] = blocks
         self.req_block_ids[request_id] = [b.block_id for b in blocks]
         self.req_num_cached_blocks[request_id] = len(hits)

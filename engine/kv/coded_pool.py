@@ -6,9 +6,11 @@ there on name coded blocks (coded id - num_base_blocks in this pool). So a reque
 (format, block id) as one int32, and the attention kernels tell the formats apart by range
 (kernels/coded_attention.py).
 
-Layout: codes [num_blocks, num_layers, 2, block_size, kv_heads, head_dim * bits / 8] uint8 and norms
-[num_blocks, num_layers, 2, block_size, kv_heads] fp32; a layer reads strided views, as it does the 16-bit
-pool. Each (layer, KV head) has its own rotation signs, drawn from `seed` (kernels/turboquant.py).
+Layout: one uint8 tensor [num_blocks, block_bytes], block-major like the 16-bit pool, so that one block across
+all layers is one contiguous region (one descriptor for a transport or a tier). A block is its codes
+[num_layers, 2, block_size, kv_heads, head_dim * bits / 8] uint8 followed by its norms [num_layers, 2,
+block_size, kv_heads] fp32 (`CodedFormat.views`); a layer reads strided views, as it does the 16-bit pool.
+Each (layer, KV head) has its own rotation signs, drawn from `seed` (kernels/turboquant.py).
 """
 
 from dataclasses import dataclass
@@ -20,15 +22,14 @@ from engine.config import CacheConfig
 from engine.kv.age_policy import KVAgePolicy
 from engine.kv.pool import bytes_per_block, kv_budget_bytes
 from engine.models import ModelConfig
-from kernels.turboquant import encode, encode_ref, packed_bytes, rotation_signs, transcode
+from kernels.turboquant import decode_ref, encode, encode_ref, packed_bytes, rotation_signs, transcode
 
 ENCODE_CHUNK = 64  # blocks gathered at once to re-encode (64 Llama-3-8B bf16 blocks: 128 MiB)
 
 
 def bytes_per_coded_block(cfg: ModelConfig, block_size: int, bits: int) -> int:
     """Codes and fp32 norms of one block across all layers."""
-    rows = cfg.num_layers * 2 * block_size * cfg.num_kv_heads
-    return rows * (packed_bytes(cfg.head_dim, bits) + 4)
+    return CodedFormat(bits, 0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim).block_bytes
 
 
 def coded_fraction(
@@ -90,13 +91,82 @@ def check_model_for_age_policy(cfg: ModelConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class CodedFormat:
+    """What a coded block's bytes mean: the codec, its width and rotation seed, and the geometry. Two pools
+    whose formats are equal can copy blocks between them as bytes; any other puller decodes them."""
+
+    bits: int
+    seed: int
+    num_layers: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def name(self) -> str:
+        return f"turboquant{self.bits}"
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        """A decoded block: [num_layers, 2, block_size, kv_heads, head_dim]."""
+        return (self.num_layers, 2, self.block_size, self.kv_heads, self.head_dim)
+
+    @property
+    def codes_bytes(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.kv_heads * packed_bytes(self.head_dim, self.bits)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.codes_bytes + self.num_layers * 2 * self.block_size * self.kv_heads * 4
+
+    def views(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """raw [N, block_bytes] uint8 -> (codes [N, layers, 2, bs, kv_heads, D * bits / 8] uint8, norms [N, layers,
+        2, bs, kv_heads] fp32), views of raw."""
+        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != self.block_bytes:
+            raise ValueError(f"raw: want [N, {self.block_bytes}] uint8, got {list(raw.shape)} {raw.dtype}")
+        n, c = raw.shape[0], self.codes_bytes
+        shape = (n, self.num_layers, 2, self.block_size, self.kv_heads)
+        codes = raw[:, :c].view(*shape, packed_bytes(self.head_dim, self.bits))
+        norms = raw[:, c:].view(torch.float32).view(shape)
+        return codes, norms
+
+    def encode(self, blocks: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+        """blocks [N, layers, 2, bs, kv_heads, D] (any float dtype) -> raw [N, block_bytes] uint8 in this format
+        (the Triton encoder on a GPU). signs: this format's rotations [layers, kv_heads, D], where at hand."""
+        n, layers, _, bs, heads, dim = blocks.shape
+        if signs is None:
+            signs = rotation_signs(self.seed, layers, heads, dim).to(blocks.device)
+        signs = signs.reshape(layers * heads, dim)
+        # rows as [n * 2 * bs, layers * heads, D], so each (layer, head) pair meets its own signs
+        rows = blocks.permute(0, 2, 3, 1, 4, 5).reshape(n * 2 * bs, layers * heads, dim)
+        codes, norms = (encode if rows.is_cuda else encode_ref)(rows, signs, self.bits)
+        raw = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=blocks.device)
+        raw_codes, raw_norms = self.views(raw)
+        raw_codes.copy_(codes.reshape(n, 2, bs, layers, heads, -1).permute(0, 3, 1, 2, 4, 5))
+        raw_norms.copy_(norms.reshape(n, 2, bs, layers, heads).permute(0, 3, 1, 2, 4))
+        return raw
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw [N, block_bytes] -> the blocks' KV in the original basis, [N, layers, 2, bs, kv_heads, D] fp32 (what a
+        puller without this format's pool stores)."""
+        codes, norms = self.views(raw)
+        signs = rotation_signs(self.seed, self.num_layers, self.kv_heads, self.head_dim).to(raw.device)
+        n, layers, _, bs, heads, packed = codes.shape
+        rows = codes.permute(0, 2, 3, 1, 4, 5).reshape(n * 2 * bs, layers * heads, packed)
+        row_norms = norms.permute(0, 2, 3, 1, 4).reshape(n * 2 * bs, layers * heads)
+        x = decode_ref(rows, row_norms, signs.reshape(layers * heads, -1), self.bits)
+        return x.reshape(n, 2, bs, layers, heads, -1).permute(0, 3, 1, 2, 4, 5).contiguous()
+
+
 @dataclass
 class CodedKVPool:
     """One coded width's blocks: ids first_id .. first_id + num_blocks - 1 of the shared id space."""
 
-    codes: torch.Tensor  # [N, layers, 2, bs, kv_heads, D * bits / 8] uint8
-    norms: torch.Tensor  # [N, layers, 2, bs, kv_heads] fp32
-    bits: int
+    raw: torch.Tensor  # [N, block_bytes] uint8: each block's codes, then its norms
+    codes: torch.Tensor  # [N, layers, 2, bs, kv_heads, D * bits / 8] uint8, a view of raw
+    norms: torch.Tensor  # [N, layers, 2, bs, kv_heads] fp32, a view of raw
+    format: CodedFormat
     first_id: int
 
     @classmethod
@@ -108,21 +178,22 @@ class CodedKVPool:
         block_size: int,
         bits: int,
         device: torch.device,
+        seed: int = 0,
     ) -> "CodedKVPool":
-        shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads)
-        return cls(
-            codes=torch.zeros((*shape, packed_bytes(cfg.head_dim, bits)), dtype=torch.uint8, device=device),
-            norms=torch.zeros(shape, dtype=torch.float32, device=device),
-            bits=bits,
-            first_id=first_id,
-        )
+        fmt = CodedFormat(bits, seed, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim)
+        raw = torch.zeros((num_blocks, fmt.block_bytes), dtype=torch.uint8, device=device)
+        return cls(raw, *fmt.views(raw), fmt, first_id)
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
 
     @property
     def num_blocks(self) -> int:
-        return self.codes.shape[0]
+        return self.raw.shape[0]
 
     def block_bytes(self) -> int:
-        return self.codes[0].numel() + self.norms[0].numel() * self.norms.element_size()
+        return self.format.block_bytes
 
 
 @dataclass
@@ -146,7 +217,7 @@ class CodedKV:
     ) -> "CodedKV":
         pools, first = [], num_base_blocks
         for n, bits in zip(sizes, policy.widths(), strict=True):
-            pools.append(CodedKVPool.allocate(n, first, cfg, block_size, bits, device))
+            pools.append(CodedKVPool.allocate(n, first, cfg, block_size, bits, device, policy.seed))
             first += n
         signs = rotation_signs(policy.seed, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim).to(device)
         return cls(pools, signs)
@@ -194,16 +265,10 @@ class CodedKV:
     def _encode(self, kv_pool: torch.Tensor, pool: CodedKVPool, moves: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in moves], device=kv_pool.device)
         dst = torch.tensor([d - pool.first_id for _, d in moves], device=kv_pool.device)
-        n, layers, _, bs, heads, dim = len(moves), *kv_pool.shape[1:]
         x = kv_pool[src]  # [n, layers, 2, bs, heads, D]
         if self.base_scales is not None:  # e4m3 recent blocks: their values, then codes
             x = x.float() * self.base_scales[None, :, :, None, :, None]
-        # rows as [n * 2 * bs, layers * heads, D], so each (layer, head) pair meets its own signs
-        rows = x.permute(0, 2, 3, 1, 4, 5).reshape(n * 2 * bs, layers * heads, dim)
-        signs = self.signs.reshape(layers * heads, dim)
-        codes, norms = (encode if rows.is_cuda else encode_ref)(rows, signs, pool.bits)
-        pool.codes[dst] = codes.reshape(n, 2, bs, layers, heads, -1).permute(0, 3, 1, 2, 4, 5)
-        pool.norms[dst] = norms.reshape(n, 2, bs, layers, heads).permute(0, 3, 1, 2, 4)
+        pool.raw[dst] = pool.format.encode(x, self.signs)
 
     def _transcode(self, src: CodedKVPool, dst: CodedKVPool, moves: list[tuple[int, int]]) -> None:
         dev = src.codes.device

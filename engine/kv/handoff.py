@@ -33,11 +33,13 @@ class KVHandoff:
         num_tokens: int,
         token_ids: list[int] | None = None,
         cache_salt: str | None = None,
+        coded: list[int] | None = None,
     ) -> KVReservation | None:
         """Blocks for `num_tokens` tokens of KV that another worker will write; None when memory is short.
 
         Given the tokens, full blocks already in this engine's prefix cache are reused: only the blocks
-        after `num_cached_blocks` need to be filled.
+        after `num_cached_blocks` need to be filled. `coded`: per block, the coded pool (of a KV age policy)
+        its KV arrives in, or -1 for the 16-bit pool (a block taken from the prefix cache is 16-bit anyway).
         """
         if num_tokens < 1:
             raise ParameterError("num_tokens", f"got {num_tokens}, allowed >= 1")
@@ -50,9 +52,10 @@ class KVHandoff:
             )
             update_block_hashes(probe, self.block_manager.block_size)
             hits = self.block_manager.cached_prefix(probe.block_hashes)
-        block_ids = self.block_manager.allocate_blocks(
-            request_id, -(-num_tokens // self.block_manager.block_size), hits
-        )
+        num_blocks = -(-num_tokens // self.block_manager.block_size)
+        if coded is not None and len(coded) != num_blocks:
+            raise ParameterError("coded", f"got {len(coded)} entries, allowed one per block ({num_blocks})")
+        block_ids = self.block_manager.allocate_blocks(request_id, num_blocks, hits, coded or ())
         if block_ids is None:
             return None
         self.fence()

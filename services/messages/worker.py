@@ -55,6 +55,7 @@ class WorkerStats:
     kv_tier_offloaded_blocks: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    kv_blocks_aged: int = 0  # blocks a KV age policy moved into a coded pool
     drafter: dict[str, Any] = field(default_factory=dict)
     registered: bool | None = None
     held_leases: int = 0  # prefill: handed-out KV not yet released

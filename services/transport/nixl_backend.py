@@ -2,7 +2,9 @@
 owner's registered pool into its own, then tells the owner by a NIXL notification that it may free them.
 
 The whole pool is registered once as one region; each block is one descriptor (block-major layout), so a
-transfer of n blocks is one request of n descriptors. Works for DRAM and GPU pools alike.
+transfer of n blocks is one request of n descriptors. Works for DRAM and GPU pools alike. Coded pools (a KV age
+policy's) are registered as more regions; one descriptor list covers them all, indexed by the engine's block
+id, on both sides.
 """
 
 import base64
@@ -24,6 +26,11 @@ def _block_descs(base: int, num_blocks: int, block_bytes: int, device_id: int) -
     """[num_blocks, 3] (address, length, device id): one descriptor per block."""
     addrs = base + np.arange(num_blocks, dtype=np.int64) * block_bytes
     return np.stack([addrs, np.full(num_blocks, block_bytes), np.full(num_blocks, device_id)], axis=1)
+
+
+def _regions_descs(regions: list[tuple[int, int, int]], device_id: int) -> np.ndarray:
+    """Descriptors of every block of regions [(address, num_blocks, block_bytes)], in block id order."""
+    return np.concatenate([_block_descs(base, n, size, device_id) for base, n, size in regions])
 
 
 class NixlTransport(KVTransport):
@@ -79,11 +86,26 @@ class NixlTransport(KVTransport):
         self.mem_type = "VRAM" if pool.is_cuda else "DRAM"
         self.device_id = (pool.device.index or 0) if pool.is_cuda else 0
         self._reg = self.agent.register_memory(pool)
+        self._region_regs: list = []  # coded regions' registrations
         self._staging_handles: dict[int, tuple] = {}  # staging buffer address -> (registration, dlist)
-        descs = _block_descs(pool.data_ptr(), pool.shape[0], self.layout.block_bytes, self.device_id)
+        self._local = None
+        self._prep_local()
+        self._ipc_export = cuda_ipc.export_pool(pool) if pool.is_cuda and self.use_cuda_ipc else None
+
+    def _region_list(self) -> list[tuple[int, int, int]]:
+        return [(r.tensor.data_ptr(), r.tensor.shape[0], r.layout.block_bytes) for r in self.regions]
+
+    def _prep_local(self) -> None:
+        """One descriptor list over every registered region's blocks, and the metadata peers need."""
+        if self._local is not None:
+            self.agent.release_dlist_handle(self._local)
+        descs = _regions_descs(self._region_list(), self.device_id)
         self._local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, self.mem_type)
         self._metadata = self.agent.get_agent_metadata()
-        self._ipc_export = cuda_ipc.export_pool(pool) if pool.is_cuda and self.use_cuda_ipc else None
+
+    def _region_added(self, region) -> None:
+        self._region_regs.append(self.agent.register_memory(region.tensor))
+        self._prep_local()
 
     def describe(self) -> dict:
         metadata = getattr(self, "_metadata", None)
@@ -112,9 +134,7 @@ class NixlTransport(KVTransport):
         return {
             "agent": self.agent_name,
             "metadata": self._metadata,
-            "base": self.pool.data_ptr(),
-            "num_blocks": self.pool.shape[0],
-            "block_bytes": self.layout.block_bytes,
+            "regions": self._region_list(),
             "device_id": self.device_id,
             "mem_type": self.mem_type,
             "cuda_ipc": self._ipc_export,
@@ -147,9 +167,7 @@ class NixlTransport(KVTransport):
         added = self.agent.add_remote_agent(source["metadata"])
         if (added.decode() if isinstance(added, bytes) else added) != name:
             raise TransferError(f"NIXL metadata does not belong to agent {name!r}")
-        descs = _block_descs(  # the owner's blocks, in its format
-            source["base"], source["num_blocks"], source["block_bytes"], source["device_id"]
-        )
+        descs = _regions_descs(source["regions"], source["device_id"])  # the owner's blocks, by block id
         self._peers[name] = self.agent.prep_xfer_dlist(name, descs, source["mem_type"])
         return self._peers[name]
 
@@ -157,12 +175,18 @@ class NixlTransport(KVTransport):
         self, handle: KVHandle, dest: torch.Tensor, into_block_ids: list[int], timeout_s: float
     ) -> None:
         path = self.path_for(handle.source)
+        if any(handle.block_formats or []):  # IPC maps the owner's base pool only
+            path = "nixl"
         self.pulls_by_path[path] += 1
         mapped = self._ipc_pools.get(handle.source["agent"])
         if path == "cuda_ipc" and mapped is not None:
-            cuda_ipc.copy_blocks(mapped, handle.block_ids, dest, into_block_ids)
+            cuda_ipc.copy_blocks(mapped, handle.block_ids, dest, into_block_ids)  # the owner's base pool
             return
-        local = self._local if dest is self.pool else self._staging_handles[dest.data_ptr()][1]
+        region = next((r for r in self.regions if r.tensor is dest), None)
+        if region is not None:  # our descriptor list is indexed by block id
+            local, into_block_ids = self._local, [region.first_id + b for b in into_block_ids]
+        else:
+            local = self._staging_handles[dest.data_ptr()][1]
         try:
             remote = self._peer(handle.source)
             xfer = self.agent.make_prepped_xfer("READ", local, into_block_ids, remote, handle.block_ids)
@@ -230,5 +254,6 @@ class NixlTransport(KVTransport):
             self._unregister_staging(staging)
             self._staging = None
         if getattr(self, "_reg", None) is not None:
-            self.agent.deregister_memory(self._reg)
-            self._reg = None
+            for reg in [self._reg, *self._region_regs]:
+                self.agent.deregister_memory(reg)
+            self._reg, self._region_regs = None, []

@@ -16,8 +16,16 @@ class RayTransport(KVTransport):
     holds_source_blocks = False
 
     def _export(self, block_ids: list[int]) -> dict:
-        blocks = self.pool[torch.tensor(block_ids, device=self.pool.device)].cpu()  # [n, *block_shape]
-        return {"ref": ray.put(blocks.contiguous().view(torch.uint8).numpy())}
+        regions = [self.region_of(b) for b in block_ids]
+        if not any(regions):
+            blocks = self.pool[torch.tensor(block_ids, device=self.pool.device)].cpu()  # [n, *block_shape]
+            return {"ref": ray.put(blocks.contiguous().view(torch.uint8).numpy())}
+        rows = []  # coded blocks among them: each block's bytes in order, with their sizes
+        for b, r in zip(block_ids, regions, strict=True):
+            region = self.regions[r]
+            rows.append(region.tensor[b - region.first_id].reshape(-1).view(torch.uint8).cpu())
+        data = torch.cat(rows).numpy()
+        return {"ref": ray.put(data), "sizes": [len(row) for row in rows]}
 
     def _read(
         self, handle: KVHandle, dest: torch.Tensor, into_block_ids: list[int], timeout_s: float
@@ -28,27 +36,31 @@ class RayTransport(KVTransport):
             raise TransferError(
                 f"Ray object for handle {handle.handle_id} unavailable: {e!r}", retryable=False
             ) from e
-        rows = (
-            data.reshape(-1, handle.layout.block_bytes)
-            if data.size % handle.layout.block_bytes == 0
-            else None
-        )
+        data = data.reshape(-1)  # bytes
+        sizes = handle.source.get("sizes")
+        if sizes is None:  # all base blocks: equal rows
+            size = handle.layout.block_bytes
+            sizes = [size] * (data.size // size) if data.size % size == 0 else []
+        if sum(sizes) != data.size:
+            raise TransferError(
+                f"length mismatch: {data.nbytes} bytes received, rows of {sum(sizes)} expected"
+            )
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         positions = handle.exported_positions()  # a tail or selection reads part of the object
-        if rows is None or (positions and max(positions) >= rows.shape[0]):
-            raise TransferError(f"length mismatch: {data.nbytes} bytes received for blocks {positions}")
-        contiguous = (
-            positions == list(range(positions[0], positions[0] + len(positions))) if positions else True
-        )
-        data = (
-            rows[positions[0] : positions[0] + len(positions)]
-            if positions and contiguous
-            else rows[positions]
-        )
-        if data.nbytes != handle.num_bytes:
-            raise TransferError(f"length mismatch: {data.nbytes} bytes received, {handle.num_bytes} expected")
+        if positions and max(positions) >= len(sizes):
+            raise TransferError(
+                f"length mismatch: {len(sizes)} blocks received, blocks {positions} asked for"
+            )
+        want = dest[0].numel() * dest.element_size()
+        if any(sizes[p] != want for p in positions):
+            raise TransferError(f"length mismatch: blocks of {want} bytes expected at {positions}")
+        if positions == list(range(positions[0], positions[0] + len(positions))) if positions else True:
+            picked = data[starts[positions[0]] : starts[positions[-1] + 1]] if positions else data[:0]
+        else:
+            picked = np.concatenate([data[starts[p] : starts[p + 1]] for p in positions])
         with warnings.catch_warnings():  # the object store's buffer is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
-            raw = torch.from_numpy(np.ascontiguousarray(data))
+            raw = torch.from_numpy(np.ascontiguousarray(picked))
         blocks = raw.view(dest.dtype).view(-1, *dest.shape[1:])
         dest[torch.tensor(into_block_ids, device=dest.device)] = blocks.to(dest.device)
 

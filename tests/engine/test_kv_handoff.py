@@ -18,16 +18,30 @@ def run(engine: LLMEngine) -> list:
     return outs
 
 
+def copy_block(prefill: LLMEngine, decode: LLMEngine, src: int, dst: int) -> None:
+    """One block's KV as it is, from whichever pool holds it (16-bit or coded) to the same one."""
+    k = prefill.block_manager.pool_of(src)
+    if k < 0:
+        decode.kv_pool[dst] = prefill.kv_pool[src]
+        return
+    a, b = prefill.coded_kv.pools[k], decode.coded_kv.pools[k]
+    assert decode.block_manager.pool_of(dst) == k and a.format == b.format
+    b.raw[dst - b.first_id] = a.raw[src - a.first_id]
+
+
 def handoff(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], params: SamplingParams):
-    """Prefill one token holding the KV, copy the blocks, resume on the decode engine."""
+    """Prefill one token holding the KV, copy the blocks, resume on the decode engine (coded blocks go to its
+    coded pool of the same width, as a transport puts them)."""
     first_params = SamplingParams(**{**params.__dict__, "max_tokens": 1})
     prefill.add_request(EngineRequest(rid, prompt, first_params, hold_kv=True))
     (first,) = run(prefill)
     src = prefill.kv_handoff.held(rid)
-    reserved = decode.kv_handoff.reserve(rid, len(prompt), prompt)
+    coded = [prefill.block_manager.pool_of(b) for b in src]
+    reserved = decode.kv_handoff.reserve(rid, len(prompt), prompt, coded=coded)
     dst, skip = reserved.block_ids, reserved.num_cached_blocks
     assert len(src) == len(dst) == -(-len(prompt) // prefill.block_manager.block_size)
-    decode.kv_pool[dst[skip:]] = prefill.kv_pool[src[skip:]]  # cached blocks already hold this KV
+    for s, d in zip(src[skip:], dst[skip:], strict=True):  # cached blocks already hold this KV
+        copy_block(prefill, decode, s, d)
     prefill.kv_handoff.release(rid)
     decode.add_request(
         EngineRequest(
@@ -170,3 +184,47 @@ def test_handoff_into_an_aging_decode_pool_equals_one_aging_engine(llama):
     assert got == want
     assert decode.stats.kv_blocks_aged >= (70 + 30 - 16) // 16 - 1
     assert decode.block_manager.num_free_blocks == 64 and decode.block_manager.num_used_coded_blocks == 0
+
+
+def test_an_aging_prefill_pool_hands_its_coded_blocks_over_as_they_are(llama):
+    """A prefill pool with a KV age policy codes a long prompt's old blocks while it computes the prompt in
+    chunks; the decode pool takes them coded, into its own pool of that width, and goes on exactly as one
+    aging engine does. Nothing stays allocated on either side."""
+    from engine.kv.age_policy import KVAgePolicy
+
+    aging = {
+        "kv_age_policy": KVAgePolicy(bits=4, sinks=16, window=16),
+        "num_blocks": 64,
+        "max_num_batched_tokens": 32,
+    }
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    prompt = [5 + i % 70 for i in range(100)]
+    want = LLM(llama, **aging).generate([prompt], params)[0].outputs[0].token_ids
+    prefill = LLMEngine.from_pretrained(llama, **aging)
+    decode = LLMEngine.from_pretrained(llama, **aging)
+    prefill.add_request(EngineRequest("probe", prompt, SamplingParams(max_tokens=1), hold_kv=True))
+    run(prefill)
+    held = [prefill.block_manager.pool_of(b) for b in prefill.kv_handoff.held("probe")]
+    assert held.count(0) >= 2, held  # the chunks before the last one were aged
+    prefill.kv_handoff.release("probe")
+    prefill.block_manager.reset_prefix_cache()
+    got = handoff(prefill, decode, "r", prompt, params).outputs[0].token_ids
+    assert got == want
+    for engine in (prefill, decode):
+        assert engine.block_manager.num_free_blocks == 64 and engine.block_manager.num_used_coded_blocks == 0
+
+
+def test_reserving_coded_blocks_is_checked(llama):
+    from engine.kv.age_policy import KVAgePolicy
+
+    decode = LLMEngine.from_pretrained(llama, kv_age_policy=KVAgePolicy(bits=4, window=16), num_blocks=8)
+    with pytest.raises(ValueError, match="coded: got 1 entries, allowed one per block"):
+        decode.kv_handoff.reserve("r", 40, coded=[0])
+    with pytest.raises(ValueError, match=r"coded: pool indices allowed -1..0"):
+        decode.kv_handoff.reserve("r", 40, coded=[0, 1, -1])
+    free = decode.block_manager.num_coded_blocks
+    assert decode.kv_handoff.reserve("big", 16 * (free + 1), coded=[0] * (free + 1)) is None  # too few coded
+    reserved = decode.kv_handoff.reserve("r", 40, coded=[-1, 0, 0])
+    assert [decode.block_manager.pool_of(b) for b in reserved.block_ids] == [-1, 0, 0]
+    decode.kv_handoff.free_reserved("r")
+    assert decode.block_manager.num_used_coded_blocks == 0 and decode.block_manager.num_free_blocks == 8

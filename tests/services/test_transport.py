@@ -187,6 +187,71 @@ def test_nixl_pull_reads_fp8_blocks_back_into_a_16_bit_pool(puller):
         stop()
 
 
+@pytest.fixture(scope="module")
+def coded_owner():
+    """An owner whose 32-block pool is followed by 8 coded blocks (ids 32..39), as an aging engine's is."""
+    ask, stop = spawn(serve, 32, 555, None, 8)
+    yield ask
+    stop()
+
+
+def test_nixl_coded_blocks_travel_as_they_are(coded_owner):
+    """A handle mixing 16-bit and coded blocks: each block lands in the puller's pool of its format, byte for
+    byte; a coded block damaged in transit is caught like any other."""
+    from transport_owner import CODED, coded_blocks
+
+    ask, stop = spawn(pull, 16, BLOCK_SHAPE, None, False, (CODED, 8))
+    try:
+        handle = coded_owner("handle", [3, 33, 0, 38])
+        assert handle.block_formats == [0, 1, 0, 1] and handle.coded_layouts[0].coded == CODED
+        assert handle.num_bytes == 2 * handle.layout.block_bytes + 2 * CODED.block_bytes
+        assert ask("coded", handle) == [-1, 0, -1, 0]
+        status, blocks = ask("pull", handle, [5, 16 + 2, 6, 16 + 7])
+        assert status == "ok", blocks
+        base, raw = owner_pool(32, 555), coded_blocks(8, 555)
+        assert torch.equal(blocks[0], base[3]) and torch.equal(blocks[2], base[0])
+        assert torch.equal(blocks[1], raw[1]) and torch.equal(blocks[3], raw[6])
+        assert ask("converted") == 0
+        coded_owner("corrupt", 38)
+        status, message = ask("pull", handle, [5, 16 + 2, 6, 16 + 7])
+        assert status == "error" and "checksum mismatch in 1 of 2" in message
+        coded_owner("restore", 38)
+        status, message = ask("pull", handle, [5, 6, 7, 8])  # coded blocks into 16-bit ids: decoded
+        assert status == "ok" and ask("converted") == 2
+    finally:
+        stop()
+
+
+def test_nixl_decodes_coded_blocks_where_the_puller_has_no_pool_of_their_format(coded_owner, puller):
+    """A puller with no coded pool (or one of another seed) decodes coded blocks into its base pool after
+    verifying them as sent; into an e4m3 pool they are then quantized to its scales."""
+    from transport_owner import CODED, coded_blocks, fp8_blocks
+
+    from engine.kv.coded_pool import CodedFormat
+
+    handle = coded_owner("handle", [35, 4, 32])
+    assert puller("coded", handle) == [-1, -1, -1]
+    status, blocks = puller("pull", handle, [0, 1, 2])
+    decoded = CODED.decode(coded_blocks(8, 555))
+    assert status == "ok" and torch.equal(blocks[0], decoded[3]) and torch.equal(blocks[2], decoded[0])
+    assert torch.equal(blocks[1], owner_pool(32, 555)[4])
+    assert ((blocks[0] - owner_pool(8, 556)[3]).norm() / blocks[0].norm()) < 0.15  # 4 bits of the original
+
+    other_seed = CodedFormat(4, 6, 2, 16, 2, 8)
+    ask, stop = spawn(pull, 8, BLOCK_SHAPE, KV_SCALES, False, (other_seed, 4))
+    try:
+        assert ask("coded", handle) == [-1, -1, -1]
+        status, message = ask("pull", handle, [8, 1, 2])  # a coded id of another format
+        assert status == "error" and "layout mismatch" in message
+        status, blocks = ask("pull", handle, [0, 1, 2])
+        assert status == "ok" and ask("converted") == 3
+        want = fp8_blocks(decoded[[3, 0]], KV_SCALES)
+        got = torch.stack([blocks[0], blocks[2]])
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    finally:
+        stop()
+
+
 @ray.remote(num_cpus=0)
 class _RayOwner:
     """Owns a pool in its own process and hands out Ray-object-store handles."""
