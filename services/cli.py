@@ -4,23 +4,19 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from engine import LLM, SamplingParams
-from engine.stat_logger import configure_logging
-from engine.tiny_model import ARCHS, make_tiny_model
-from services.engine_args import (
-    HelpFormatter,
-    add_engine_arguments,
-    add_model_arguments,
-    engine_options_of,
-    model_of,
-)
-from services.serve_cli import add_parser as add_serve_parser
+# Nothing from engine/ (or services/, whose modules import it) at the top: `import engine` is torch and
+# transformers, seconds of start-up that `ridgeline bench` (an HTTP client, benchmarks/'s) never uses. Each
+# function below imports what it needs.
 
 # subcommands that live outside services/ (the load generator is benchmarks/'s): pyproject's entry points
 SUBCOMMANDS = "ridgeline.subcommands"
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+    from engine.stat_logger import configure_logging
+    from services.engine_args import engine_options_of, model_of
+
     configure_logging(args.log_level)
     _, model = model_of(args)  # a bad model fails here, in one line, before anything loads
     options = engine_options_of(args)
@@ -61,12 +57,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.tiny_model import make_tiny_model
+
     path = make_tiny_model(args.out_dir, args.arch, seed=args.seed, dtype=args.dtype)
     print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.tiny_model import ARCHS
+    from services.engine_args import HelpFormatter, add_engine_arguments, add_model_arguments
+    from services.serve_cli import add_parser as add_serve_parser
+
     parser = argparse.ArgumentParser(
         prog="ridgeline", description="Disaggregated LLM serving", formatter_class=HelpFormatter
     )
