@@ -101,7 +101,7 @@ def bench_backend(backend: str, sizes: list[int], shape: tuple, repeats: int) ->
             for _ in range(repeats + 1):  # the first round warms up (connection, registration)
                 handle, handle_s = ask(ids)
                 t0 = time.perf_counter()
-                puller._read(handle, ids, 60.0)
+                puller._read(handle, puller.pool, ids, 60.0)
                 t1 = time.perf_counter()
                 ok = block_checksums(puller.pool, ids, handle.checksum_algorithm) == handle.checksums
                 t2 = time.perf_counter()
