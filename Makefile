@@ -36,7 +36,7 @@ $(VENV)/bin/helm: helm/fetch_helm.py | $(STAMP)
 	$(PY) helm/fetch_helm.py $(VENV)/bin
 
 test: install system-deps $(VENV)/bin/helm lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=20
 
 bench: install
 	$(PY) -m benchmarks.engine_offline
