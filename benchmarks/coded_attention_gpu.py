@@ -1,6 +1,6 @@
 """Decode attention over rotated low-bit KV blocks on the GPU against bf16 and fp8 pages, in one run (issue 23).
 
-    python -m benchmarks.coded_attention_gpu [--out DIR]
+    python -m benchmarks.coded_attention_gpu [--bits 4 2] [--out DIR]
 
 Llama-3-8B heads (32 q / 8 kv, d=128), block size 16, shuffled pages, one layer. The coded context follows
 the 4-bit age policy: the first block (sinks) and the last 512 tokens stay bf16, the rest is 4-bit codes.
@@ -31,7 +31,8 @@ POLICY = KVAgePolicy(bits=4, sinks=16, window=512)
 
 
 def coded_pool(cache, tables, ctx: int, bits: int):
-    """The policy applied to every sequence: (block tables with coded entries, codes, norms, signs, bytes)."""
+    """The policy (at `bits`) applied to every sequence: (block tables with coded entries, codes, norms, signs,
+    bytes)."""
     num_base = cache.shape[0]
     per_block = POLICY.block_bits(ctx, BS)
     coded_cols = [i for i, b in enumerate(per_block) if b != BASE]
@@ -93,6 +94,13 @@ def main() -> None:
     parser.add_argument(
         "--passes", nargs="+", type=int, default=[1, 2], help="one launch, or 16-bit then coded"
     )
+    parser.add_argument(
+        "--bits",
+        nargs="+",
+        type=int,
+        default=[4],
+        help="code widths (2 bits: half the bytes, one Horner step)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     copy_bw = copy_bandwidth_GBps()
@@ -122,11 +130,15 @@ def main() -> None:
         )
         rows.append(row("fp8", batch, ctx, fp8_ms, bf16_ms, bf16_bytes // 2, copy_bw, out8, ref))
         del fp8
-        coded_tables, codes, norms, signs, nbytes = coded_pool(cache, tables, ctx, POLICY.bits)
-        variants = list(itertools.product(args.tiles, args.dequants, args.warps, args.passes))
-        for tile, dequant, warps, passes in variants:
+        variants = list(itertools.product(args.bits, args.tiles, args.dequants, args.warps, args.passes))
+        pools: dict = {}  # bits -> the coded pool (encoded once)
+        for bits, tile, dequant, warps, passes in variants:
+            if bits not in pools:
+                pools.clear()  # one width in memory at a time
+                pools[bits] = coded_pool(cache, tables, ctx, bits)
+            coded_tables, codes, norms, signs, nbytes = pools[bits]
             holder: dict = {}
-            args_ = (q, cache, codes, norms, signs, POLICY.bits, coded_tables, seq_lens, SCALE, splits)
+            args_ = (q, cache, codes, norms, signs, bits, coded_tables, seq_lens, SCALE, splits)
             kernel = functools.partial(
                 _coded_into, holder, *args_, tile_n=tile, dequant=dequant, num_warps=warps, passes=passes
             )
@@ -134,14 +146,14 @@ def main() -> None:
             coded_ms = graph_time_ms(kernel)
             new = [v for k, v in compiled_kernels().items() if k not in before]
             rows.append(
-                row("4-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref)
+                row(f"{bits}-bit policy", batch, ctx, coded_ms, bf16_ms, nbytes, copy_bw, holder["out"], ref)
             )
             rows[-1].update(tile_n=tile, dequant=dequant, num_warps=warps, passes=passes)
             if new:
                 rows[-1].update(registers=new[0][0], spilled_bytes=new[0][1])
         for r in rows[-2 - len(variants) :]:
             print(r, flush=True)
-        del cache, codes, norms, coded_tables, q
+        del cache, codes, norms, coded_tables, q, pools
         torch.cuda.empty_cache()
     path = write_result(
         "kv_coded_attention",
