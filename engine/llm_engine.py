@@ -13,8 +13,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import fields
+from typing import Protocol
 
 import torch
 
@@ -27,12 +27,12 @@ from engine.errors import ParameterError
 from engine.gemm_tuning import tune_skinny_linears
 from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
-from engine.kv.coded_pool import CodedKV, check_model_for_age_policy, split_kv_budget
+from engine.kv.coded_pool import CodedFormat, CodedKV, check_model_for_age_policy, split_kv_budget
 from engine.kv.events import KVEventLog
 from engine.kv.handoff import KVHandoff
 from engine.kv.kv_format import CALIBRATION_TEXT, FP8_KV, KVFormat, cache_torch_dtype
 from engine.kv.kv_scales import calibrate_kv_scales, needs_calibration, stacked_scales
-from engine.kv.offload import KVOffloader, KVStore, NullOffloader
+from engine.kv.offload import CodedStore, KVOffloader, KVStore, NullOffloader
 from engine.kv.pool import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, StepFuture
@@ -51,8 +51,15 @@ from kernels.fp8 import supports_fp8
 
 logger = logging.getLogger(__name__)
 
-# builds the KV tiers below HBM once the pool exists: (pool, the engine's KV event log) -> store
-KVStoreFactory = Callable[[torch.Tensor, KVEventLog], KVStore]
+
+class KVStoreFactory(Protocol):
+    """Builds the KV tiers below HBM once a pool exists: (pool, the engine's KV event log) -> store. Called
+    again for each coded pool of a KV age policy with its raw blocks [N, block_bytes], `coded` its format and
+    no event log (coded copies are not reported to the router); None: that pool's blocks stay in HBM."""
+
+    def __call__(
+        self, pool: torch.Tensor, events: KVEventLog | None, coded: CodedFormat | None = None
+    ) -> KVStore | None: ...
 
 
 def check_prompt_ids(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
@@ -246,7 +253,14 @@ class LLMEngine:
             return NullOffloader()
         if not self.config.cache.enable_prefix_caching:
             raise ParameterError("kv_store", "needs enable_prefix_caching (blocks are found by their hashes)")
-        return KVOffloader(factory(self.kv_pool, self.kv_events), self.kv_pool)
+        store = factory(self.kv_pool, self.kv_events)
+        if store is None:
+            raise ParameterError("kv_store", "the factory built no store for the KV pool")
+        coded = [
+            None if (s := factory(p.raw, None, p.format)) is None else CodedStore(s, p.raw, p.first_id)
+            for p in (self.coded_kv.pools if self.coded_kv is not None else [])
+        ]
+        return KVOffloader(store, self.kv_pool, coded)
 
     def replace_kv_store(self, factory: KVStoreFactory | None) -> None:
         """Swap the tiers below HBM of an idle engine (benchmarks compare tiers on one loaded model): the
@@ -547,9 +561,14 @@ def build_drafter(config: EngineConfig, vocab_size: int, device: torch.device, m
 
 
 def ready_store(store: KVStore) -> KVStoreFactory:
-    """A factory handing out a store built already (it records into the engine's event log)."""
+    """A factory handing out a store built already (it records into the engine's event log); coded pools
+    get none."""
 
-    def factory(pool: torch.Tensor, events: KVEventLog) -> KVStore:
+    def factory(
+        pool: torch.Tensor, events: KVEventLog | None, coded: CodedFormat | None = None
+    ) -> KVStore | None:
+        if coded is not None:
+            return None
         store.events = events  # lower tiers report into the same log
         return store
 

@@ -312,18 +312,29 @@ class Scheduler:
             return 0
         block_ids = self.block_manager.block_ids(request.request_id)
         ready = self.offloader.start_load(
-            request, first_block, block_ids, max_blocks, bs, self.block_manager.cached_block_id
+            request,
+            first_block,
+            block_ids,
+            max_blocks,
+            bs,
+            self.block_manager.cached_block_id,
+            self._coded_ok(request),  # blocks its policy holds coded may come back from a coded tier
+            self.block_manager.take_coded,
         )
         return None if ready is None else ready * bs
 
     def _finish_loads(self) -> None:
         """Requests whose KV load finished start running, from the last block that arrived."""
-        for request, loaded_blocks in self.offloader.take_finished():
+        for loaded in self.offloader.take_finished():
+            request = loaded.request
             if self._abandoned.pop(request.request_id, None) is not None:
                 self.block_manager.free(request)  # aborted meanwhile: nobody writes the blocks any more
+                self.block_manager.release_coded([c for _, c in loaded.coded] + loaded.unused)
                 continue
             del self.loading[request.request_id]
-            request.num_computed_tokens += loaded_blocks * self.block_manager.block_size
+            self.block_manager.adopt_coded(request, loaded.coded)
+            self.block_manager.release_coded(loaded.unused)
+            request.num_computed_tokens += loaded.blocks * self.block_manager.block_size
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = request.num_computed_tokens
             request.status = RequestStatus.RUNNING

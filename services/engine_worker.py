@@ -129,8 +129,19 @@ class EngineWorker:
             self._register(registry)
         self.counters = WorkerCounters()
 
-    def _kv_store_for(self, tiers: TierSettings, kv_transport: str, pool, events):
-        """The engine's kv_store_factory: the tiers below HBM for its pool, reporting into its event log."""
+    def _kv_store_for(self, tiers: TierSettings, kv_transport: str, pool, events, coded=None):
+        """The engine's kv_store_factory: the tiers below HBM for its pool, reporting into its event log. A
+        coded pool (a KV age policy's) gets tiers of its own in this process, as many blocks (of its size)
+        as the pool's DRAM and SSD tiers hold, reporting nothing to the router."""
+        if coded is not None:
+            return build_store(
+                coded.block_bytes,
+                tiers.dram_blocks,
+                None if tiers.service else tiers.ssd_dir,
+                tiers.ssd_blocks,
+                policy=TierPolicy({int(k): v for k, v in tiers.policy.items()}),
+                ssd_claim=f"{self.pool}-{coded.name}",
+            )
         self.transport.register(pool)
         store = self._build_kv_store(tiers, kv_transport, pool)
         store.events = events

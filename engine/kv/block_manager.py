@@ -23,6 +23,10 @@ class BlockListener(Protocol):
 
     def on_evict(self, block_id: int, block_hash: bytes, priority: int) -> None: ...
 
+    def on_cached_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int) -> None: ...
+
+    def on_evict_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int) -> None: ...
+
 
 class _Unheard:
     """Nobody listens: blocks are cached and reused in HBM alone."""
@@ -31,6 +35,12 @@ class _Unheard:
         """No tier below."""
 
     def on_evict(self, block_id: int, block_hash: bytes, priority: int) -> None:
+        """No tier below."""
+
+    def on_cached_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int) -> None:
+        """No tier below."""
+
+    def on_evict_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int) -> None:
         """No tier below."""
 
 
@@ -126,6 +136,7 @@ class BlockManager:
                 if block.block_hash is not None and block.block_hash not in self.coded_cached[k]:
                     new.block_hash = block.block_hash
                     self.coded_cached[k][block.block_hash] = new
+                    self.listener.on_cached_coded(k, new.block_id, block.block_hash, request.priority)
                 blocks[i], ids[i] = new, new.block_id
                 moves.append((block.block_id, new.block_id))
                 block.ref_cnt = 0
@@ -248,13 +259,42 @@ class BlockManager:
         return hits
 
     def _pop_coded(self, pool: int) -> Block:
-        block = self.blocks[self.free_coded[pool].pop()[0]]
+        block_id, priority = self.free_coded[pool].pop()
+        block = self.blocks[block_id]
         if block.block_hash is not None:  # its codes are about to be overwritten
             if self.coded_cached[pool].get(block.block_hash) is block:
                 del self.coded_cached[pool][block.block_hash]
+                self.listener.on_evict_coded(pool, block_id, block.block_hash, priority or 0)
             block.block_hash = None
         block.ref_cnt = 1
         return block
+
+    def take_coded(self, pool: int) -> int | None:
+        """A free block of coded pool `pool` for KV loaded from a tier (held until adopt_coded or
+        release_coded), or None when none is free."""
+        return self._pop_coded(pool).block_id if self.free_coded[pool] else None
+
+    def adopt_coded(self, request: Request, loaded: Sequence[tuple[int, int]]) -> None:
+        """Coded blocks from take_coded that now hold the request's KV at block indices i: (i, coded id) each
+        replaces the fresh 16-bit block there (given back), and is cached under the block's hash."""
+        blocks, ids = self.req_blocks[request.request_id], self.req_block_ids[request.request_id]
+        for i, coded_id in loaded:
+            old, new, pool = blocks[i], self.blocks[coded_id], self.pool_of(coded_id)
+            assert old.ref_cnt == 1 and old.block_hash is None, "a coded load replaces fresh blocks only"
+            blocks[i], ids[i] = new, coded_id
+            old.ref_cnt = 0
+            self._push_free(old, request.priority)
+            block_hash = request.block_hashes[i]
+            if block_hash not in self.coded_cached[pool]:
+                new.block_hash = block_hash
+                self.coded_cached[pool][block_hash] = new
+
+    def release_coded(self, coded_ids: Sequence[int]) -> None:
+        """Coded blocks from take_coded that were not adopted."""
+        for coded_id in coded_ids:
+            block = self.blocks[coded_id]
+            block.ref_cnt = 0
+            self._push_free(block, 0)
 
     def _pop_free(self) -> Block:
         block_id, priority = self.free_queue.pop()

@@ -20,12 +20,19 @@ Llama-8B prompt, which produces KV at ~5 GB/s).
 The store is anything implementing this interface (services/kv_memory gives DRAM and SSD tiers in-process
 and a per-node service); the engine never imports it. A block that comes back damaged is simply not
 loaded: the store checks its checksums and reports fewer blocks, and the scheduler computes the rest.
+
+Coded blocks (a KV age policy's pools) have stores of their own, one a coded pool (a store keeps one block
+size). A coded block that holds a cached block's hash goes down as it is, codes and norms. A prompt's run of
+blocks continues from a coded store where the 16-bit tiers stop, at blocks its policy holds at those bits
+or fewer: the loader fills fresh coded blocks, and the scheduler puts the ones that arrived into the
+request's block table in place of its fresh 16-bit blocks (`Loaded`).
 """
 
 import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +107,7 @@ class OffloadStats:
     offloaded_blocks: int = 0
     loaded_blocks: int = 0
     loads: int = 0
+    loaded_coded_blocks: int = 0  # of loaded_blocks, those that came back coded
     load_failures: int = 0
     skipped_slower_than_compute: int = 0  # held blocks computed because loading them would take longer
     probes: int = 0  # loads done although judged slower, to measure the tiers again
@@ -124,19 +132,44 @@ class _Offload:
 class _Load:
     request: Request
     first: int  # the request's block index the load starts at
-    end: int  # one past the last block planned (from HBM copies or the store)
+    end: int  # one past the last block planned (from HBM copies or the stores)
     store_index: list[int]  # the request's block indices that come from the store, in order
     block_ids: list[int]  # their destination blocks
     waits: list  # GPU events: copies down of blocks that the destinations reused, to finish first
+    coded: list[tuple[int, int, int]]  # after them, from coded stores: (block index, coded pool, coded id)
+
+
+@dataclass
+class Loaded:
+    """A finished load: `blocks` of the request's blocks from its first planned one hold KV now; `coded`:
+    those among them that arrived in coded blocks, (block index, coded block id), to put in its table;
+    `unused`: coded blocks taken for the load that did not arrive, to give back."""
+
+    request: Request
+    blocks: int
+    coded: list[tuple[int, int]]
+    unused: list[int]
+
+
+@dataclass
+class CodedStore:
+    """A coded pool's store: the pool's raw blocks [N, block_bytes] (ids first_id.. of the engine's space)."""
+
+    store: KVStore
+    pool: torch.Tensor
+    first_id: int
 
 
 class KVOffloader:
-    def __init__(self, store: KVStore, pool: torch.Tensor):
+    def __init__(self, store: KVStore, pool: torch.Tensor, coded: Sequence[CodedStore | None] = ()):
+        """coded: a store per coded pool of a KV age policy, in the pools' order (None: that pool's blocks
+        stay in HBM)."""
         self.store = store
         self.pool = pool  # [num_blocks, *block_shape]
+        self.coded = [None if c is None else (c, KVOffloader(c.store, c.pool)) for c in coded]
         self.stats = OffloadStats()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._finished: list[tuple[Request, int]] = []
+        self._finished: list[Loaded] = []
         self._finished_lock = threading.Lock()
         self._finished_event = threading.Event()
         self._loader: threading.Thread | None = None
@@ -158,26 +191,25 @@ class KVOffloader:
             old = self.prefill_tokens_per_s
             self.prefill_tokens_per_s = rate if old is None else 0.7 * old + 0.3 * rate
 
-    def _worth_loading(self, store_hashes: list[bytes], block_size: int) -> int:
-        """How many of the held blocks to load: the prefix that saves the most time against computing
-        them (all when costs or the prefill rate are not known yet)."""
+    def _worth_loading(self, maybe_costs: list[float | None], block_size: int) -> int:
+        """How many of the held blocks (their estimated load costs) to load: the prefix that saves the most
+        time against computing them (all when costs or the prefill rate are not known yet)."""
         if self.prefill_tokens_per_s is None:
-            return len(store_hashes)
-        maybe_costs = self.store.load_costs(store_hashes)
+            return len(maybe_costs)
         costs = [c for c in maybe_costs if c is not None]
         if len(costs) < len(maybe_costs):
-            return len(store_hashes)
+            return len(maybe_costs)
         compute = block_size / self.prefill_tokens_per_s  # seconds to compute one block
         best, best_saving, saving = 0, 0.0, 0.0
         for k, cost in enumerate(costs, start=1):
             saving += compute - cost
             if saving > best_saving:
                 best, best_saving = k, saving
-        if best < len(store_hashes):
+        if best < len(costs):
             self._judged_slower += 1
             if self._judged_slower % _PROBE_EVERY == 0:  # a slow estimate would never be measured again
                 self.stats.probes += 1
-                return len(store_hashes)
+                return len(costs)
         return best
 
     def _raw(self, block_id: int) -> torch.Tensor:
@@ -186,8 +218,20 @@ class KVOffloader:
     def on_cached(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
         self._new.append((block_id, block_hash, priority))
 
+    def on_cached_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        """A coded block took a cached block's hash (aging): it goes down after the step that encodes it."""
+        if pool < len(self.coded) and (entry := self.coded[pool]) is not None:
+            entry[1].on_cached(block_id - entry[0].first_id, block_hash, priority)
+
+    def on_evict_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        if pool < len(self.coded) and (entry := self.coded[pool]) is not None:
+            entry[1].on_evict(block_id - entry[0].first_id, block_hash, priority)
+
     def write_through(self) -> None:
-        """After a step: the blocks it completed start their way down to the store."""
+        """After a step: the blocks it completed (and the coded blocks it encoded) start their way down."""
+        for entry in self.coded:
+            if entry is not None:
+                entry[1].write_through()
         if not self._new:
             return
         new, self._new = self._new, []
@@ -215,6 +259,9 @@ class KVOffloader:
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until every write-through so far has been handed to the store (launched)."""
+        for entry in self.coded:
+            if entry is not None:
+                entry[1].drain(timeout_s)
         pending = [job for _, job in list(self._written.values()) if job is not None]
         for job in pending:
             if not job.launched.wait(timeout_s):
@@ -259,38 +306,75 @@ class KVOffloader:
         max_blocks: int,
         block_size: int = 16,
         hbm_lookup=lambda block_hash: None,
+        coded_ok: Sequence[range] = (),
+        take_coded: Callable[[int], int | None] = lambda pool: None,
     ) -> int | None:
         """Plan filling the request's blocks first.. from HBM copies and the store. Returns the number of
         blocks ready now (all came from HBM or none is held anywhere), or None when a store load was
         started: its result comes from `take_finished`. hbm_lookup(block_hash) -> block id or None: blocks
         still cached in this pool past the prefix hit (which stops at the first miss) are copied from there
-        rather than loaded or recomputed."""
+        rather than loaded or recomputed. Where the 16-bit store's run stops, it goes on from the coded
+        stores at block indices coded_ok[k] allows (pool k or a more precise one; see
+        BlockManager.get_computed_blocks), into coded blocks take_coded(pool) hands out (None: none free)."""
         hashes = request.block_hashes
         end = min(first + max_blocks, len(hashes), len(block_ids))
         sources = [hbm_lookup(hashes[i]) for i in range(first, end)]
         store_index = [first + k for k, src in enumerate(sources) if src is None]
         held = self.store.lookup([hashes[i] for i in store_index]) if store_index else 0
-        worth = self._worth_loading([hashes[i] for i in store_index[:held]], block_size) if held else 0
-        self.stats.skipped_slower_than_compute += held - worth
-        if worth < len(store_index):  # the plan ends at the first block nobody holds (or worth loading)
-            end = store_index[worth]
-            store_index = store_index[:worth]
+        plan = self._coded_plan(hashes, store_index[held:], coded_ok)
+        costs = self.store.load_costs([hashes[i] for i in store_index[:held]]) if held else []
+        costs += [self.coded_store(k).load_costs([hashes[i]])[0] for i, k in plan]
+        worth = self._worth_loading(costs, block_size) if costs else 0
+        self.stats.skipped_slower_than_compute += len(costs) - worth
+        taken = []  # (block index, coded pool, coded block id)
+        for i, k in plan[: max(worth - held, 0)]:
+            if (coded_id := take_coded(k)) is None:
+                break
+            taken.append((i, k, coded_id))
+        planned = min(worth, held) + len(taken)
+        if planned < len(store_index):  # the plan ends at the first block nobody holds (or worth loading)
+            end = store_index[planned]
+        store_index = store_index[: min(worth, held)]
         for k in range(end - first):  # blocks still in this pool: device copies, ordered before any step
             if sources[k] is not None:
                 self._raw(block_ids[first + k]).copy_(self._raw(sources[k]))
-        if not store_index:
+        if not store_index and not taken:
             self.stats.loaded_blocks += end - first
             return end - first
         self._ensure_loader()
         waits, self._reuse_waits = self._reuse_waits, []
+        for entry in self.coded:  # coded blocks handed out again may still be copying down
+            if entry is not None:
+                waits, entry[1]._reuse_waits = waits + entry[1]._reuse_waits, []
         if (
             self.pool.is_cuda
         ):  # a step still in flight may write these blocks, freed under it (async scheduling)
             stepped = torch.cuda.Event()
             stepped.record(torch.cuda.current_stream(self.pool.device))
             waits.append(stepped)
-        self._jobs.put(_Load(request, first, end, store_index, [block_ids[i] for i in store_index], waits))
+        ids = [block_ids[i] for i in store_index]
+        self._jobs.put(_Load(request, first, end, store_index, ids, waits, taken))
         return None
+
+    def coded_store(self, pool: int) -> KVStore:
+        entry = self.coded[pool]
+        assert entry is not None  # planned only where a store exists
+        return entry[0].store
+
+    def _coded_plan(
+        self, hashes: list[bytes], indices: list[int], coded_ok: Sequence[range]
+    ) -> list[tuple[int, int]]:
+        """The leading run of `indices` the coded stores hold where the policy allows: (block index, pool),
+        the most precise copy first."""
+        plan = []
+        for i in indices:
+            allowed = [k for k, ok in enumerate(coded_ok) if i in ok]
+            pools = [k for k in range(max(allowed, default=-1) + 1) if k < len(self.coded) and self.coded[k]]
+            pool = next((k for k in pools if self.coded_store(k).lookup([hashes[i]])), None)
+            if pool is None:
+                break
+            plan.append((i, pool))
+        return plan
 
     def _ensure_loader(self) -> None:
         if self._loader is None:
@@ -300,28 +384,59 @@ class KVOffloader:
     def _load_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             hashes = [job.request.block_hashes[i] for i in job.store_index]
+            arrived = []  # coded blocks that arrived, in order
             try:
                 for event in job.waits:  # a destination block may still be copying down
                     event.synchronize()
-                got = self.store.load(hashes, self.pool, job.block_ids)
+                got = self.store.load(hashes, self.pool, job.block_ids) if hashes else 0
+                if got == len(hashes):
+                    arrived = self._load_coded(job)
             except Exception:  # noqa: BLE001 - a failed load means recompute, never a dead engine
-                logger.exception("KV load of %d blocks failed; computing them", len(hashes))
+                logger.exception("KV load of %d blocks failed; computing them", len(hashes) + len(job.coded))
                 got = 0
                 self.stats.load_failures += 1
             # the loaded run ends at the first store block that did not arrive
-            loaded = (job.store_index[got] if got < len(job.store_index) else job.end) - job.first
+            order = job.store_index + [i for i, _, _ in job.coded]
+            done = got + len(arrived)
+            loaded = (order[done] if done < len(order) else job.end) - job.first
+            result = Loaded(
+                job.request,
+                loaded,
+                [(i, c) for i, _, c in arrived],
+                [c for _, _, c in job.coded[len(arrived) :]],
+            )
             with self._finished_lock:
-                self._finished.append((job.request, loaded))
+                self._finished.append(result)
                 self._finished_event.set()
 
-    def take_finished(self) -> list[tuple[Request, int]]:
-        """(request, blocks loaded from its first planned block on) for loads done since the last call."""
+    def _load_coded(self, job: _Load) -> list[tuple[int, int, int]]:
+        """The job's coded blocks, a run of one pool at a time, until one does not arrive."""
+        arrived: list[tuple[int, int, int]] = []
+        hashes = job.request.block_hashes
+        run: list[tuple[int, int, int]] = []
+        for n, item in enumerate(job.coded):
+            run.append(item)
+            if n + 1 < len(job.coded) and job.coded[n + 1][1] == item[1]:
+                continue
+            entry = self.coded[item[1]]
+            assert entry is not None
+            local = [c - entry[0].first_id for _, _, c in run]
+            got = entry[0].store.load([hashes[i] for i, _, _ in run], entry[0].pool, local)
+            arrived += run[:got]
+            if got < len(run):
+                break
+            run = []
+        return arrived
+
+    def take_finished(self) -> list[Loaded]:
+        """The loads done since the last call."""
         with self._finished_lock:
             done, self._finished = self._finished, []
             self._finished_event.clear()
-        for _, loaded in done:
+        for result in done:
             self.stats.loads += 1
-            self.stats.loaded_blocks += loaded
+            self.stats.loaded_blocks += result.blocks
+            self.stats.loaded_coded_blocks += len(result.coded)
         return done
 
     def wait(self, timeout_s: float) -> None:
@@ -329,6 +444,9 @@ class KVOffloader:
         self._finished_event.wait(timeout_s)
 
     def close(self) -> None:
+        for entry in self.coded:
+            if entry is not None:
+                entry[1].close()
         if self._offloader is not None:
             self._offloads.put(None)
             self._offloader.join(timeout=30)
@@ -360,6 +478,12 @@ class NullOffloader:
     def on_evict(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
         """Nothing to keep."""
 
+    def on_cached_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        """Nothing to keep."""
+
+    def on_evict_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int = 0) -> None:
+        """Nothing to keep."""
+
     def start_load(
         self,
         request,
@@ -368,10 +492,12 @@ class NullOffloader:
         max_blocks: int,
         block_size: int = 16,
         hbm_lookup=None,
+        coded_ok: Sequence[range] = (),
+        take_coded=None,
     ) -> int:
         return 0  # no block of the prompt is held below HBM
 
-    def take_finished(self) -> list[tuple[Request, int]]:
+    def take_finished(self) -> list[Loaded]:
         return []
 
     def wait(self, timeout_s: float) -> None:

@@ -202,6 +202,47 @@ def test_aging_pool_offloads_and_loads_its_16_bit_blocks(llama):
     assert engine.block_manager.num_used_coded_blocks == 0
 
 
+def test_aged_blocks_go_down_coded_and_come_back_coded(llama):
+    """A coded pool with tiers of its own: an aged block that took a cached block's hash goes down as it is
+    (codes and norms), and a later request loads it back into a coded block where its policy holds that
+    block coded and the 16-bit tier has lost it. It then runs exactly as when the coded copies were still in
+    HBM: the same tokens, the same logprobs, the same tokens computed."""
+    from engine import LLM, SamplingParams
+    from engine.kv.age_policy import KVAgePolicy
+
+    policy = KVAgePolicy(bits=4, sinks=0, window=16)  # a prompt of 83 tokens holds blocks 0-3 coded
+    coded_stores = []
+
+    def factory(pool, events, coded=None):
+        if coded is not None:
+            coded_stores.append(TieredKVStore(DramTier(64, coded.block_bytes, pin=False)))
+            return coded_stores[-1]
+        store = TieredKVStore(DramTier(1, pool[0].numel() * pool.element_size(), pin=False))  # keeps one
+        store.events = events
+        return store
+
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    runs = []
+    for options in (
+        {"num_coded_blocks": 64},  # the coded copies stay in HBM
+        {"num_coded_blocks": 4, "kv_store_factory": factory},  # the next prompt's aging takes their blocks
+    ):
+        llm = LLM(llama, num_blocks=8, kv_age_policy=policy, **options)
+        llm.generate([prompt], params)
+        llm.generate([list(range(200, 200 + 7 * 16))], params)  # needs every 16-bit block
+        engine = llm.engine
+        engine.offloader.drain()
+        before = engine.stats.prompt_tokens_computed
+        again = llm.generate([prompt], params)[0].outputs[0]
+        runs.append((again.token_ids, again.logprobs, engine.stats.prompt_tokens_computed - before))
+        bm = engine.block_manager
+        assert bm.num_free_blocks == 8 and bm.num_used_coded_blocks == 0
+    assert runs[1] == runs[0] and runs[0][2] == 83 - 4 * 16
+    assert engine.offloader.stats.loaded_coded_blocks == 4 and engine.offloader.stats.loaded_blocks == 4
+    assert coded_stores[0].stats["dram_hits"] == 4 and len(coded_stores[0].dram) >= 4 + 4
+
+
 def test_evicted_prefix_is_served_from_ssd(llama, tmp_path):
     from services.kv_memory.tiered_store import TieredKVStore
 
@@ -301,6 +342,16 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
         policy = store.policy  # each SLO class's lowest tier
         assert policy.allows(0, "dram") and not policy.allows(0, "ssd") and not policy.allows(2, "dram")
         assert policy.allows(1, "ssd")
+    finally:
+        worker.llm.shutdown()
+    aging = {"num_blocks": 16, "num_coded_blocks": 16, "kv_age_policy": {"bits": 4, "window": 32}}
+    worker = DecodeWorker(llama, aging, kv_transport="ray", kv_tiers=config.kv_tiers(config.decode))
+    try:  # a coded pool gets tiers of its own, as many blocks of its size
+        (entry,) = worker.engine.offloader.coded
+        coded, block_bytes = entry[0].store, worker.engine.coded_kv.pools[0].block_bytes()
+        assert coded.dram.capacity_blocks == 8 and coded.dram.block_bytes == block_bytes
+        assert coded.ssd.capacity_blocks == 32 and coded.ssd.dir.parent == tmp_path
+        assert coded.ssd.dir != worker.engine.offloader.store.ssd.dir
     finally:
         worker.llm.shutdown()
     with pytest.raises(ValueError, match="lowest_tier"):
@@ -460,6 +511,48 @@ def test_engine_steps_other_requests_while_a_kv_load_runs_and_abort_frees_its_bl
             break
         engine.step()
     assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == 8
+    engine.offloader.close()
+
+
+def test_an_abort_during_a_coded_load_gives_every_block_back(llama):
+    """A load from a coded tier that is still running when its request is aborted: the coded blocks it
+    fills (and the 16-bit ones they replace) come back once the loader is done with them."""
+    from engine import LLM, SamplingParams
+    from engine.kv.age_policy import KVAgePolicy
+    from engine.request import EngineRequest, RequestStatus
+
+    coded_store = None
+
+    def factory(pool, events, coded=None):
+        nonlocal coded_store
+        if coded is None:
+            return TieredKVStore(DramTier(1, pool[0].numel() * pool.element_size(), pin=False))
+        coded_store = _GatedStore(DramTier(64, coded.block_bytes, pin=False))
+        coded_store.gate.set()
+        return coded_store
+
+    policy = KVAgePolicy(bits=4, sinks=0, window=16)
+    llm = LLM(llama, num_blocks=8, num_coded_blocks=4, kv_age_policy=policy, kv_store_factory=factory)
+    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(30, 30 + 5 * 16 + 3))
+    llm.generate([prompt], params)
+    llm.generate([list(range(200, 200 + 7 * 16))], params)
+    engine.offloader.drain()
+    assert coded_store is not None
+    coded_store.gate.clear()
+    engine.add_request(EngineRequest("slow", prompt, params))
+    engine.step()
+    assert engine.scheduler.loading["slow"].status is RequestStatus.LOADING_KV
+    engine.abort_request("slow")
+    engine.step()
+    coded_store.gate.set()
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    bm = engine.block_manager
+    assert not engine.has_unfinished_requests() and bm.num_free_blocks == 8 and bm.num_used_coded_blocks == 0
+    assert engine.offloader.stats.loads == 1 and engine.offloader.stats.loaded_coded_blocks == 4
     engine.offloader.close()
 
 
