@@ -90,13 +90,23 @@ class _Deployer:
         self.module_apps: list[str] = []
 
     def __call__(self, name: str, **config) -> str:
+        return self.many({name: config})[name]
+
+    def many(self, configs: dict[str, dict]) -> dict[str, str]:
+        """deploy.many({name: ServeConfig fields}) -> {name: base URL}: the apps deployed at once (their
+        replicas start side by side, not one app after the other), each running when this returns."""
         from ray import serve
 
         from services.app import ServeConfig, build_app
 
-        serve.run(build_app(ServeConfig(**config)), name=name, route_prefix=f"/{name}")
-        (_TEST_APPS[-1] if _TEST_APPS else self.module_apps).append(name)
-        return f"{self.base_url}/{name}"
+        serve.run_many(
+            [
+                serve.RunTarget(build_app(ServeConfig(**config)), name=name, route_prefix=f"/{name}")
+                for name, config in configs.items()
+            ]
+        )
+        (_TEST_APPS[-1] if _TEST_APPS else self.module_apps).extend(configs)
+        return {name: f"{self.base_url}/{name}" for name in configs}
 
 
 # the running test's apps: set while a test and its function-scoped fixtures run, empty between tests (when

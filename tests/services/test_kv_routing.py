@@ -69,10 +69,13 @@ async def _hit_rates(urls: dict[str, str]) -> dict[str, float]:
 @pytest.mark.ray
 def test_kv_aware_router_over_http_hits_more_shared_prefixes_than_least_loaded(deploy, llama):
     pool = {**POOL, "replicas": 3, "engine": {"num_blocks": 48, "max_model_len": 256}}
-    urls = {
-        router: deploy(f"route-{router}", **app_config(llama, mode="aggregated", decode=pool, router=router))
-        for router in ("least_loaded", "kv_aware")
-    }
+    apps = deploy.many(
+        {
+            f"route-{router}": app_config(llama, mode="aggregated", decode=pool, router=router)
+            for router in ("least_loaded", "kv_aware")
+        }
+    )
+    urls = {router: apps[f"route-{router}"] for router in ("least_loaded", "kv_aware")}
     rates = asyncio.run(_hit_rates(urls))
     print("prefix hit rates", rates)
     assert rates["kv_aware"] > rates["least_loaded"], rates
