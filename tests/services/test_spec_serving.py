@@ -62,28 +62,53 @@ def _reference(llama: str, max_tokens: int) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
-    ngram = deploy("ngram", **app_config(llama, mode="aggregated", spec="ngram"))
+def _kill_app(llama: str, wait_s: float) -> dict:
+    return app_config(
+        llama,
+        mode="aggregated",
+        spec="draft",
+        draft={
+            "model": llama,
+            "num_cpus": 0.25,
+            "deadline_s": 2.0,
+            "wait_s": wait_s,
+            "engine": {"num_blocks": 256},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def apps(deploy, llama):
+    """Every app of the module, deployed at once (each test uses its own apps, none shared between tests)."""
+    # the draft model is the target itself here (same tokenizer, tiny): its greedy drafts are all right; steps
+    # wait for their drafts, so every step is drafted however slow this machine's draft calls are
+    draftspec = app_config(
+        llama,
+        spec="draft",
+        num_speculative_tokens=3,
+        draft={
+            "model": llama,
+            "num_cpus": 0.25,
+            "deadline_s": 5.0,
+            "wait_s": 5.0,
+            "engine": {"num_blocks": 256},
+        },
+    )
+    return deploy.many(
+        {
+            "ngram": app_config(llama, mode="aggregated", spec="ngram"),
+            "draftspec": draftspec,
+            **{f"draftkill{int(wait_s)}": _kill_app(llama, wait_s) for wait_s in (0.0, 1.0)},
+        }
+    )
+
+
+def test_ngram_and_draft_model_speculation_keep_greedy_answers(apps, llama):
+    ngram = apps["ngram"]
     assert _greedy(ngram) == _reference(llama, 24)
     drafted, accepted = _spec_stats("ngram")
     assert drafted > 0 and accepted > 0
-    # the draft model is the target itself here (same tokenizer, tiny): its greedy drafts are all right; steps
-    # wait for their drafts, so every step is drafted however slow this machine's draft calls are
-    draft = deploy(
-        "draftspec",
-        **app_config(
-            llama,
-            spec="draft",
-            num_speculative_tokens=3,
-            draft={
-                "model": llama,
-                "num_cpus": 0.25,
-                "deadline_s": 5.0,
-                "wait_s": 5.0,
-                "engine": {"num_blocks": 256},
-            },
-        ),
-    )
+    draft = apps["draftspec"]
     costs: list[float] = []
     assert _greedy(draft, 48, costs) == _reference(llama, 48)
     drafted, accepted = _spec_stats("draftspec")
@@ -108,23 +133,9 @@ def test_ngram_and_draft_model_speculation_keep_greedy_answers(deploy, llama):
 
 
 @pytest.mark.parametrize("wait_s", [0.0, 1.0], ids=["pipelined", "waiting"])
-def test_a_killed_draft_worker_never_stalls_decode(deploy, llama, wait_s):
+def test_a_killed_draft_worker_never_stalls_decode(apps, wait_s):
     app = f"draftkill{int(wait_s)}"
-    url = deploy(
-        app,
-        **app_config(
-            llama,
-            mode="aggregated",
-            spec="draft",
-            draft={
-                "model": llama,
-                "num_cpus": 0.25,
-                "deadline_s": 2.0,
-                "wait_s": wait_s,
-                "engine": {"num_blocks": 256},
-            },
-        ),
-    )
+    url = apps[app]
     before = _greedy(url)
     prefix = f"SERVE_REPLICA::{app}#DraftWorker#"
     name = next(
