@@ -9,6 +9,7 @@ runner, output processor, KV handoff); a caller may hand it a drafter and a fact
 HBM. Null objects stand in for what is absent (no drafter, no tier), so nothing asks whether they exist.
 """
 
+import functools
 import itertools
 import logging
 import threading
@@ -187,6 +188,9 @@ class LLMEngine:
             max_spec_len=config.num_speculative_tokens,
             age_policy=policy,
             age_windows=cache.kv_age_windows,
+            apply_aging=None
+            if self.coded_kv is None
+            else functools.partial(self.coded_kv.apply, self.kv_pool),
         )
         self.kv_format = self._kv_format()  # before any block is hashed: the format is part of the hash
         if self.coded_kv is not None and self.kv_format.scales is not None:

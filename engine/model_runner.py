@@ -319,9 +319,6 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> StepFuture:
         """Queue one forward pass and its sampling on the device; the tokens start copying to the host."""
-        if sched.aged:
-            assert self.coded_kv is not None
-            self.coded_kv.apply(self.kv_pool, sched.aged)  # before the step reads their new ids
         inputs = self.prepare(sched)
         requests = inputs.sample_requests
         if inputs.graph_batch and self.graphs is not None:

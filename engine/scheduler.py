@@ -12,7 +12,7 @@ end), and a request that came back from preemption or hands its KV over waits un
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +36,7 @@ class SchedulerOutput:
     samples: list[bool] = field(
         default_factory=list
     )  # per scheduled request: the step samples its next token
-    # blocks a KV age policy moved to the low-bit pool: (16-bit id, coded id), re-encoded before the step runs
+    # blocks a KV age policy moved to a coded pool: (old id, coded id), re-encoded as the scheduler moved them
     aged: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -79,11 +79,15 @@ class Scheduler:
         max_spec_len: int = 0,
         age_policy: KVAgePolicy | None = None,
         age_windows: dict[int, int] | None = None,
+        apply_aging: Callable[[list[tuple[int, int]]], None] | None = None,
     ):
         """offloader: loads prompt blocks that lower KV tiers hold (a NullOffloader: none); stats: counters
         the update step keeps; max_spec_len: the most drafts a request's adaptive draft length reaches;
         age_policy: the bits a decoding request's blocks are held at by age (the block manager's coded pool);
-        age_windows: request priority -> its own window (an SLO class's)."""
+        age_windows: request priority -> its own window (an SLO class's); apply_aging(moves): re-encodes aged
+        blocks (the engine's CodedKV.apply), called as soon as they move, before any block they free is handed
+        out again this step (to a step's compute, or to a writer outside it: a tier load, a copy from an HBM
+        hit, a KV transfer)."""
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -93,6 +97,7 @@ class Scheduler:
         self.max_spec_len = max_spec_len
         self.age_policy = age_policy
         self.age_windows = age_windows or {}
+        self.apply_aging = apply_aging or (lambda moves: None)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -207,6 +212,8 @@ class Scheduler:
         bs = self.block_manager.block_size
         ranges = self.age_policy.coded_ranges(start + n, bs, self.age_windows.get(request.priority))
         moves = self.block_manager.age(request, [range(r.start, min(r.stop, start // bs)) for r in ranges])
+        if moves:
+            self.apply_aging(moves)
         self.stats.kv_blocks_aged += len(moves)
         return moves
 

@@ -146,7 +146,7 @@ class DecodeWorker(EngineWorker):
             self.transport.release(handle)
             self.counters.kv_pulls += 1
             self.counters.kv_pull_bytes += rest.num_bytes
-            self.counters.kv_blocks_converted += self.transport.converted_blocks_of(rest)
+            self.counters.kv_blocks_converted += self.transport.converted_blocks_of(rest, into)
             if rest.block_ids:
                 KV_TRANSFER_SECONDS.labels(**labels).observe(time.perf_counter() - start)
                 KV_TRANSFER_BYTES.labels(**labels).inc(rest.num_bytes)

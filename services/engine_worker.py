@@ -140,7 +140,7 @@ class EngineWorker:
                 None if tiers.service else tiers.ssd_dir,
                 tiers.ssd_blocks,
                 policy=TierPolicy({int(k): v for k, v in tiers.policy.items()}),
-                ssd_claim=f"{self.pool}-{coded.name}",
+                ssd_claim=f"{self.pool}-{coded.name}-seed{coded.seed}",  # codes of another seed never match
             )
         self.transport.register(pool)
         store = self._build_kv_store(tiers, kv_transport, pool)

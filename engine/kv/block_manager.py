@@ -229,13 +229,18 @@ class BlockManager:
     ) -> list[int] | None:
         """Blocks for a request that does not exist yet, whose KV arrives from another worker: the cached
         `hits` first (shared, already holding the right KV), then fresh blocks for the rest; block i from coded
-        pool coded[i] where that is >= 0 (KV arriving coded), else 16-bit. None, changing nothing, when too
-        few blocks are free."""
+        pool coded[i] where that is >= 0 (KV arriving coded) and the pool has a free block left, else 16-bit
+        (the KV is decoded into it). None, changing nothing, when too few blocks are free."""
         if request_id in self.req_blocks:
             raise ValueError(f"request_id: {request_id!r} already holds blocks")
         pools = [coded[i] if i < len(coded) else -1 for i in range(len(hits), num_blocks)]
         if any(not -1 <= k < len(self.free_coded) for k in pools):
             raise ValueError(f"coded: pool indices allowed -1..{len(self.free_coded) - 1}, got {list(coded)}")
+        left = [len(q) for q in self.free_coded]
+        for i, k in enumerate(pools):  # a full coded pool: those blocks take 16-bit ones
+            if k >= 0:
+                pools[i] = k if left[k] else -1
+                left[k] -= 1 if left[k] else 0
         if pools.count(-1) > self.num_free_blocks - self._free_hits(hits) or any(
             pools.count(k) > len(q) for k, q in enumerate(self.free_coded)
         ):
@@ -317,7 +322,13 @@ class BlockManager:
         start = self.req_num_cached_blocks.get(request.request_id, 0)
         for i in range(start, num_full):
             block, block_hash = blocks[i], request.block_hashes[i]
-            if block.block_hash is None and block_hash not in self.cached:
+            pool = self.pool_of(block.block_id)
+            if pool >= 0:  # coded already (handed over coded, loaded coded, or aged before it was hashed)
+                if block.block_hash is None and block_hash not in self.coded_cached[pool]:
+                    block.block_hash = block_hash
+                    self.coded_cached[pool][block_hash] = block
+                    self.listener.on_cached_coded(pool, block.block_id, block_hash, request.priority)
+            elif block.block_hash is None and block_hash not in self.cached:
                 block.block_hash = block_hash
                 self.cached[block_hash] = block
                 self.events.record("stored", "hbm", block_hash)
@@ -346,7 +357,8 @@ class BlockManager:
             block.block_hash = None
             self.events.record("removed", "hbm", block_hash)
         self.cached.clear()
-        for cached in self.coded_cached:
-            for block in cached.values():
+        for pool, cached in enumerate(self.coded_cached):
+            for block_hash, block in cached.items():
+                self.listener.on_evict_coded(pool, block.block_id, block_hash, 0)  # a copy down may read it
                 block.block_hash = None
             cached.clear()

@@ -284,7 +284,10 @@ class KVOffloader:
                 job.launched.set()
 
     def on_evict(self, block_id: int, block_hash: bytes, priority: int = 0) -> None:
-        """Before an evicted block's slot is reused: its KV must be in the store (or dropped by policy)."""
+        """Before an evicted block's slot is reused: its KV must be in the store (or dropped by policy). A
+        write-through still pending for it (a coded block cached and evicted within one step) is put now
+        instead, never later from the slot's next content."""
+        self._new = [entry for entry in self._new if entry[0] != block_id]
         written = self._written.pop(block_id, None)
         if written is not None and written[0] == block_hash:
             job = written[1]
@@ -421,7 +424,12 @@ class KVOffloader:
             entry = self.coded[item[1]]
             assert entry is not None
             local = [c - entry[0].first_id for _, _, c in run]
-            got = entry[0].store.load([hashes[i] for i, _, _ in run], entry[0].pool, local)
+            try:
+                got = entry[0].store.load([hashes[i] for i, _, _ in run], entry[0].pool, local)
+            except Exception:  # noqa: BLE001 - the run ends here; what arrived before it counts
+                logger.exception("coded KV load of %d blocks failed; computing them", len(run))
+                self.stats.load_failures += 1
+                break
             arrived += run[:got]
             if got < len(run):
                 break

@@ -221,18 +221,15 @@ class KVTransport(ABC):
             coded_layouts=[r.layout for r in self.regions[1:]] if any(formats) else [],
         )
 
-    def converted_blocks_of(self, handle: KVHandle) -> int:
-        """How many of the handle's blocks a pull converts: base blocks of another format, and coded blocks
-        this side has no pool for (decoded)."""
+    def converted_blocks_of(self, handle: KVHandle, into_block_ids: list[int]) -> int:
+        """How many of the handle's blocks a pull into into_block_ids converts: base blocks of another format,
+        and coded blocks that go into the base pool (decoded)."""
         base = self.converts(handle)
+        formats = handle.block_formats or [0] * len(handle.block_ids)
         return sum(
             1
-            for k, local in zip(
-                handle.block_formats or [0] * len(handle.block_ids),
-                self.local_coded_pools(handle),
-                strict=True,
-            )
-            if (k == 0 and base) or (k > 0 and local < 0)
+            for k, into in zip(formats, into_block_ids, strict=True)
+            if (k == 0 and base) or (k > 0 and self.region_of(into) == 0)
         )
 
     def converts(self, handle: KVHandle) -> bool:

@@ -212,6 +212,9 @@ def test_an_aging_prefill_pool_hands_its_coded_blocks_over_as_they_are(llama):
     assert got == want
     for engine in (prefill, decode):
         assert engine.block_manager.num_free_blocks == 64 and engine.block_manager.num_used_coded_blocks == 0
+    # the adopted coded blocks were cached as coded copies, never as 16-bit prefix blocks
+    bm = decode.block_manager
+    assert bm.coded_cached[0] and all(b.block_id < bm.num_blocks for b in bm.cached.values())
 
 
 def test_reserving_coded_blocks_is_checked(llama):
@@ -222,8 +225,10 @@ def test_reserving_coded_blocks_is_checked(llama):
         decode.kv_handoff.reserve("r", 40, coded=[0])
     with pytest.raises(ValueError, match=r"coded: pool indices allowed -1..0"):
         decode.kv_handoff.reserve("r", 40, coded=[0, 1, -1])
-    free = decode.block_manager.num_coded_blocks
-    assert decode.kv_handoff.reserve("big", 16 * (free + 1), coded=[0] * (free + 1)) is None  # too few coded
+    free = decode.block_manager.num_coded_blocks  # one more than the coded pool has: that one is 16-bit
+    big = decode.kv_handoff.reserve("big", 16 * (free + 1), coded=[0] * (free + 1))
+    assert [decode.block_manager.pool_of(b) for b in big.block_ids] == [0] * free + [-1]
+    decode.kv_handoff.free_reserved("big")
     reserved = decode.kv_handoff.reserve("r", 40, coded=[-1, 0, 0])
     assert [decode.block_manager.pool_of(b) for b in reserved.block_ids] == [-1, 0, 0]
     decode.kv_handoff.free_reserved("r")

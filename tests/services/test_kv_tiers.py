@@ -514,6 +514,25 @@ def test_engine_steps_other_requests_while_a_kv_load_runs_and_abort_frees_its_bl
     engine.offloader.close()
 
 
+def test_a_block_evicted_before_its_write_through_goes_down_as_it_was():
+    """A coded block cached and evicted within one step (its pool reused it before the step's write-through):
+    the store gets the bytes it held under that hash, never the slot's next content."""
+    from engine.kv.offload import KVOffloader
+
+    pool = torch.randn(4, 2, 16, 2, 8)
+    store = TieredKVStore(DramTier(8, pool[0].numel() * 4, pin=False))
+    offloader = KVOffloader(store, pool)
+    held = pool[1].clone()
+    offloader.on_cached(1, b"h" * 16)
+    offloader.on_evict(1, b"h" * 16)  # the pool hands block 1 out again in the same step
+    pool[1] = 0.0  # its next content
+    offloader.write_through()
+    out = torch.zeros_like(pool)
+    assert store.load([b"h" * 16], out, [2]) == 1 and torch.equal(out[2], held)
+    assert offloader.stats.offloaded_blocks == 1  # put once, at the eviction; nothing left for later
+    offloader.close()
+
+
 def test_an_abort_during_a_coded_load_gives_every_block_back(llama):
     """A load from a coded tier that is still running when its request is aborted: the coded blocks it
     fills (and the 16-bit ones they replace) come back once the loader is done with them."""
