@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -64,34 +65,69 @@ def spawn(target, *args):
     here, there = ctx.Pipe()
     proc = ctx.Process(target=target, args=(there, *args), daemon=True)
     proc.start()
+    answered, stopped = [], []
 
     def ask(*command, timeout=30.0):
         here.send(command)
-        if not here.poll(timeout):
+        # the first answer waits for the process to start too (several start side by side: see `started`)
+        if not here.poll(timeout if answered else max(timeout, 120.0)):
             raise AssertionError(f"{target.__name__} process did not answer {command[0]!r}")
+        answered.append(True)
         return here.recv()
 
     def stop():
-        ask("stop")
-        proc.join(timeout=10)
+        if not stopped:  # once: a test stops its own process, the module's end the rest
+            stopped.append(True)
+            ask("stop")
+            proc.join(timeout=10)
 
     return ask, stop
 
 
+# every NIXL process of the module, by name, with its arguments: started side by side when the first NIXL
+# test runs (each is a fresh interpreter importing torch and NIXL: seconds), each used by one test or fixture
+KV_SCALES = torch.tensor([[[0.01, 0.02], [0.03, 0.005]], [[0.02, 0.01], [0.004, 0.05]]])  # [layers, 2, heads]
+
+
+def _processes() -> dict[str, tuple]:
+    from transport_owner import CODED
+
+    from engine.kv.coded_pool import CodedFormat
+
+    other_seed = CodedFormat(4, 6, 2, 16, 2, 8)
+    return {
+        "owner": (serve, 32, 1234),
+        "puller": (pull, 16),
+        "coded_owner": (serve, 32, 555, None, 8),
+        "layout_puller": (pull, 4, (2, 2, 16, 2, 4)),
+        "fp8_puller": (pull, 8, BLOCK_SHAPE, KV_SCALES),
+        "unscaled_fp8_puller": (pull, 4, BLOCK_SHAPE, None, True),
+        "fp8_owner": (serve, 16, 77, KV_SCALES),
+        "coded_puller": (pull, 16, BLOCK_SHAPE, None, False, (CODED, 8)),
+        "other_seed_puller": (pull, 8, BLOCK_SHAPE, KV_SCALES, False, (other_seed, 4)),
+    }
+
+
 @pytest.fixture(scope="module")
-def owner():
+def started():
+    """name -> (ask, stop) of every process in _processes(), all started now; those left are stopped at the
+    module's end, side by side."""
+    procs = {name: spawn(*spec) for name, spec in _processes().items()}
+    yield procs
+    with ThreadPoolExecutor(len(procs)) as pool:
+        list(pool.map(lambda p: p[1](), procs.values()))
+
+
+@pytest.fixture(scope="module")
+def owner(started):
     """A process owning a registered pool of 32 blocks, driven over a pipe."""
-    ask, stop = spawn(serve, 32, 1234)
-    yield ask
-    stop()
+    return started["owner"][0]
 
 
 @pytest.fixture(scope="module")
-def puller():
+def puller(started):
     """A second process with its own 16-block pool that pulls handles it is given."""
-    ask, stop = spawn(pull, 16)
-    yield ask
-    stop()
+    return started["puller"][0]
 
 
 def test_nixl_pull_between_processes_is_byte_exact(owner, puller):
@@ -128,8 +164,8 @@ def test_nixl_rejects_mismatched_length(owner, puller):
     assert status == "error" and "length mismatch" in message
 
 
-def test_nixl_rejects_mismatched_layout(owner):
-    ask, stop = spawn(pull, 4, (2, 2, 16, 2, 4))
+def test_nixl_rejects_mismatched_layout(owner, started):
+    ask, stop = started["layout_puller"]
     try:
         status, message = ask("pull", owner("handle", [1, 2]), [0, 1])
         assert status == "error" and "layout mismatch" in message
@@ -137,15 +173,12 @@ def test_nixl_rejects_mismatched_layout(owner):
         stop()
 
 
-KV_SCALES = torch.tensor([[[0.01, 0.02], [0.03, 0.005]], [[0.02, 0.01], [0.004, 0.05]]])  # [layers, 2, heads]
-
-
-def test_nixl_pull_converts_16_bit_blocks_into_an_fp8_pool(owner):
+def test_nixl_pull_converts_16_bit_blocks_into_an_fp8_pool(owner, started):
     """A float32 owner, an e4m3 puller: the bytes as sent are verified in staging, then converted to the
     puller's scales; a block damaged in transit is still caught before any conversion."""
     from transport_owner import fp8_blocks
 
-    ask, stop = spawn(pull, 8, BLOCK_SHAPE, KV_SCALES)
+    ask, stop = started["fp8_puller"]
     try:
         src = [4, 30, 11]
         status, blocks = ask("pull", owner("handle", src), [6, 1, 2])
@@ -162,8 +195,8 @@ def test_nixl_pull_converts_16_bit_blocks_into_an_fp8_pool(owner):
         stop()
 
 
-def test_nixl_pull_refuses_to_convert_into_an_fp8_pool_without_scales(owner):
-    ask, stop = spawn(pull, 4, BLOCK_SHAPE, None, True)
+def test_nixl_pull_refuses_to_convert_into_an_fp8_pool_without_scales(owner, started):
+    ask, stop = started["unscaled_fp8_puller"]
     try:
         status, message = ask("pull", owner("handle", [1]), [0])
         assert status == "error" and "its scales are not set" in message
@@ -171,10 +204,10 @@ def test_nixl_pull_refuses_to_convert_into_an_fp8_pool_without_scales(owner):
         stop()
 
 
-def test_nixl_pull_reads_fp8_blocks_back_into_a_16_bit_pool(puller):
+def test_nixl_pull_reads_fp8_blocks_back_into_a_16_bit_pool(puller, started):
     from transport_owner import fp8_blocks
 
-    ask, stop = spawn(serve, 16, 77, KV_SCALES)
+    ask, stop = started["fp8_owner"]
     try:
         handle = ask("handle", [2, 9])
         assert handle.layout.dtype == "float8_e4m3fn" and handle.kv_scales == KV_SCALES.tolist()
@@ -188,19 +221,17 @@ def test_nixl_pull_reads_fp8_blocks_back_into_a_16_bit_pool(puller):
 
 
 @pytest.fixture(scope="module")
-def coded_owner():
+def coded_owner(started):
     """An owner whose 32-block pool is followed by 8 coded blocks (ids 32..39), as an aging engine's is."""
-    ask, stop = spawn(serve, 32, 555, None, 8)
-    yield ask
-    stop()
+    return started["coded_owner"][0]
 
 
-def test_nixl_coded_blocks_travel_as_they_are(coded_owner):
+def test_nixl_coded_blocks_travel_as_they_are(coded_owner, started):
     """A handle mixing 16-bit and coded blocks: each block lands in the puller's pool of its format, byte for
     byte; a coded block damaged in transit is caught like any other."""
     from transport_owner import CODED, coded_blocks
 
-    ask, stop = spawn(pull, 16, BLOCK_SHAPE, None, False, (CODED, 8))
+    ask, stop = started["coded_puller"]
     try:
         handle = coded_owner("handle", [3, 33, 0, 38])
         assert handle.block_formats == [0, 1, 0, 1] and handle.coded_layouts[0].coded == CODED
@@ -222,12 +253,10 @@ def test_nixl_coded_blocks_travel_as_they_are(coded_owner):
         stop()
 
 
-def test_nixl_decodes_coded_blocks_where_the_puller_has_no_pool_of_their_format(coded_owner, puller):
+def test_nixl_decodes_coded_blocks_where_the_puller_has_no_pool_of_their_format(coded_owner, puller, started):
     """A puller with no coded pool (or one of another seed) decodes coded blocks into its base pool after
     verifying them as sent; into an e4m3 pool they are then quantized to its scales."""
     from transport_owner import CODED, coded_blocks, fp8_blocks
-
-    from engine.kv.coded_pool import CodedFormat
 
     handle = coded_owner("handle", [35, 4, 32])
     assert puller("coded", handle) == [-1, -1, -1]
@@ -237,8 +266,7 @@ def test_nixl_decodes_coded_blocks_where_the_puller_has_no_pool_of_their_format(
     assert torch.equal(blocks[1], owner_pool(32, 555)[4])
     assert ((blocks[0] - owner_pool(8, 556)[3]).norm() / blocks[0].norm()) < 0.15  # 4 bits of the original
 
-    other_seed = CodedFormat(4, 6, 2, 16, 2, 8)
-    ask, stop = spawn(pull, 8, BLOCK_SHAPE, KV_SCALES, False, (other_seed, 4))
+    ask, stop = started["other_seed_puller"]  # a coded pool of CodedFormat(4, 6, 2, 16, 2, 8): another seed
     try:
         assert ask("coded", handle) == [-1, -1, -1]
         status, message = ask("pull", handle, [8, 1, 2])  # a coded id of another format
