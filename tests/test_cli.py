@@ -24,6 +24,14 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([RIDGELINE, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def bad_input_run(llama):
+    """`generate` with a bad temperature, run in the background from the module's start (an independent
+    command: it runs beside the first test's commands); its test takes the result."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run, "generate", "--model", llama, "--prompt", "hi", "--temperature", "-1")
+
+
 def test_make_tiny_model_then_generate_prints_text(tmp_path):
     made = run("make-tiny-model", str(tmp_path / "m"), "--arch", "mixtral")
     assert made.returncode == 0, made.stderr
@@ -42,8 +50,8 @@ def test_make_tiny_model_then_generate_prints_text(tmp_path):
     assert gen.stdout.startswith("'Hello there' -> '") and "[8 tokens, length]" in gen.stdout
 
 
-def test_generate_reports_bad_input_without_a_traceback(llama):
-    gen = run("generate", "--model", llama, "--prompt", "hi", "--temperature", "-1")
+def test_generate_reports_bad_input_without_a_traceback(bad_input_run):
+    gen = bad_input_run.result()
     assert gen.returncode == 2
     assert gen.stderr.strip() == "error: temperature: got -1.0, allowed a finite number >= 0 (0 means greedy)"
 
