@@ -61,9 +61,15 @@ def wait_pools_idle(app: str, deployments: dict[str, int], timeout: float = 30.0
 
 @ray.remote(num_cpus=0)
 class TierWorker:
-    """An engine worker (services/engine_worker.py) in its own Ray actor, driven request by request."""
+    """An engine worker (services/engine_worker.py) in its own Ray actor, driven request by request. The
+    actor's process starts and imports the engine first; start() builds the worker in it, so a test can have
+    the process up before the moment its worker is to be built."""
 
-    def __init__(self, model: str, engine: dict, kv_tiers: dict, kv_transport: str = "nixl"):
+    def __init__(self):
+        import services.engine_worker  # noqa: F401 - the imports, ahead of start()
+        import services.messages.pools  # noqa: F401
+
+    def start(self, model: str, engine: dict, kv_tiers: dict, kv_transport: str = "nixl") -> None:
         from services.engine_worker import EngineWorker
         from services.messages.pools import TierSettings
 

@@ -21,12 +21,36 @@ PROMPT = list(range(30, 30 + 5 * 16 + 3))  # 5 full blocks
 FILLER = list(range(200, 200 + 7 * 16))  # needs the whole 8-block pool: evicts PROMPT's blocks
 
 
+class _Spares:
+    """TierWorker processes started ahead (imported, no worker built yet): a test's worker is built in one
+    that is already up, and a new spare starts in its place while the tests go on, up to `total` in all
+    (past that, take() starts one when asked)."""
+
+    def __init__(self, count: int, total: int):
+        self.ready = [TierWorker.remote() for _ in range(count)]
+        self.left = total - count
+
+    def take(self):
+        if self.left > 0:
+            self.ready.append(TierWorker.remote())
+            self.left -= 1
+        return self.ready.pop(0) if self.ready else TierWorker.remote()
+
+
+@pytest.fixture(scope="module")
+def spares(ray_serve):
+    pool = _Spares(2, total=8)  # the module's tests build 8 workers: 2 + 2, then 2 and 2 (a, later b)
+    yield pool
+    for actor in pool.ready:
+        ray.kill(actor)
+
+
 @pytest.fixture
-def services(ray_serve):
+def services(spares):
     """Each test starts without KV memory services and leaves none behind."""
     shutdown_services()
     workers = []
-    yield workers
+    yield spares, workers
     for w in workers:
         ray.get(w.close.remote(), timeout=60)
         ray.kill(w)
@@ -43,10 +67,13 @@ def _service():
     return ray.get_actor(names[0], namespace=NAMESPACE)
 
 
-def _start(services, llama, tiers, kv_transport="nixl"):
-    worker = TierWorker.remote(llama, ENGINE, tiers, kv_transport)
-    services.append(worker)
-    return worker
+def _start(services, llama, tiers, kv_transport="nixl", count=1):
+    """count workers built side by side, each in a spare process; returns the worker (or the list of them)."""
+    spares, workers = services
+    started = [spares.take() for _ in range(count)]
+    workers.extend(started)
+    ray.get([w.start.remote(llama, ENGINE, tiers, kv_transport) for w in started], timeout=120)
+    return started[0] if count == 1 else started
 
 
 def _evict_prompt(worker):
@@ -67,7 +94,7 @@ def _push_prompt_to_ssd(worker):
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shared-memory", "nixl"])
 def test_a_block_one_worker_evicted_is_loaded_by_another(services, llama, use_shm):
     tiers = {"dram_blocks": 32, "service": True, "staging_blocks": 16, "use_shm": use_shm}
-    a, b = _start(services, llama, tiers), _start(services, llama, tiers)
+    a, b = _start(services, llama, tiers, count=2)
     reference = _evict_prompt(a)
     tokens, computed = ray.get(b.run.remote(PROMPT), timeout=120)  # b never saw this prompt
     assert tokens == reference
