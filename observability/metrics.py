@@ -147,7 +147,7 @@ DRAFT_LATENCY = Histogram(
 #   ridgeline_kv_moved_bytes_total{tier,direction},
 #   ridgeline_spec_draft_tokens_total, ridgeline_spec_accepted_tokens_total, ridgeline_spec_verifications_total,
 #   ridgeline_kv_format_{capacity,used}_blocks{kv_dtype}, ridgeline_kv_format_used_bytes{kv_dtype},
-#   ridgeline_kv_saved_bytes, ridgeline_kv_aged_blocks_total
+#   ridgeline_kv_saved_bytes, ridgeline_kv_aged_blocks_total, ridgeline_kv_format_tier_blocks{tier,kv_dtype}
 ENGINE_GAUGES = {
     "ridgeline_num_requests_running": "Requests in the engine's running batch",
     "ridgeline_num_requests_waiting": "Requests waiting to be scheduled (incl. preempted)",
@@ -160,6 +160,8 @@ ENGINE_GAUGES = {
     "ridgeline_kv_format_used_bytes": "HBM KV bytes in use by format",
     "ridgeline_kv_saved_bytes": "HBM bytes the low-bit blocks in use save against holding them in the pool's "
     "format",
+    "ridgeline_kv_format_tier_blocks": "Coded KV blocks a DRAM or SSD tier holds, by format (a KV age "
+    "policy's coded pools have tiers of their own)",
 }
 ENGINE_COUNTERS = {
     "ridgeline_preemptions": "Requests preempted (recomputed later) to make room",

@@ -34,6 +34,7 @@ class EngineSnapshot:
     # HBM KV by format (the pool's, and a KV age policy's low-bit one): (capacity blocks, used, bytes a block)
     kv_formats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     kv_blocks_aged: int = 0
+    tier_formats: dict[tuple[str, str], int] = field(default_factory=dict)  # (tier, coded format) -> blocks
 
 
 _sources: dict[int, tuple[dict[str, str], Callable[[], EngineSnapshot]]] = {}
@@ -96,6 +97,8 @@ def _add_formats(gauges: dict[str, GaugeMetricFamily], base: list[str], s: Engin
         if fmt != s.kv_dtype:
             saved += used * (base_bytes - block_bytes)
     gauges["ridgeline_kv_saved_bytes"].add_metric(base, saved)
+    for (tier, fmt), n in s.tier_formats.items():
+        gauges["ridgeline_kv_format_tier_blocks"].add_metric([*base, tier, fmt], n)
 
 
 def _labels(name: str) -> list[str]:
@@ -108,6 +111,7 @@ def _labels(name: str) -> list[str]:
         "ridgeline_kv_format_capacity_blocks": ["kv_dtype"],
         "ridgeline_kv_format_used_blocks": ["kv_dtype"],
         "ridgeline_kv_format_used_bytes": ["kv_dtype"],
+        "ridgeline_kv_format_tier_blocks": ["tier", "kv_dtype"],
     }
     return ["model", "pool", "role", *extra.get(name, [])]
 

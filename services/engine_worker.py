@@ -229,6 +229,8 @@ class EngineWorker:
             moved[("dram", "load")] = offloader.stats.loaded_blocks * block_bytes
             moved[("ssd", "offload")] = store.demoted_blocks() * block_bytes
             moved[("ssd", "load")] = hit_blocks["ssd"] * block_bytes
+            moved[("dram", "load")] -= offloader.stats.loaded_coded_blocks * block_bytes  # at their own size
+        tier_formats = self._coded_tiers(moved)
         return EngineSnapshot(
             running=len(sched.running),
             waiting=len(sched.waiting) + sched.num_loading,
@@ -238,6 +240,7 @@ class EngineWorker:
             lookup_blocks=sched.prefix_lookup_blocks,
             kv_blocks=kv_blocks,
             hit_blocks=hit_blocks,
+            tier_formats=tier_formats,
             moved_bytes=moved,
             spec_draft_tokens=engine.stats.spec_draft_tokens,
             spec_accepted_tokens=engine.stats.spec_accepted_tokens,
@@ -303,6 +306,26 @@ class EngineWorker:
             registered=self.registration.registered if self.registration else None,
             kv_store=self._store_stats(),
         )
+
+    def _coded_tiers(self, moved: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+        """Blocks the coded pools' own tiers hold, by (tier, format); their moves added to `moved`."""
+        out: dict[tuple[str, str], int] = {}
+        for entry, pool in zip(
+            getattr(self.engine.offloader, "coded", []),
+            self.engine.coded_kv.pools if self.engine.coded_kv is not None else [],
+            strict=False,
+        ):
+            if entry is None:
+                continue
+            coded, sub = entry
+            occupancy, size, name = coded.store.occupancy(), pool.block_bytes(), pool.format.name
+            for tier in ("dram", "ssd"):
+                if f"{tier}_blocks" in occupancy:
+                    out[(tier, name)] = occupancy[f"{tier}_blocks"]
+            moved[("dram", "offload")] = moved.get(("dram", "offload"), 0) + sub.stats.offloaded_blocks * size
+            loaded = coded.store.stats.get("loaded_blocks", 0) * size
+            moved[("dram", "load")] = moved.get(("dram", "load"), 0) + loaded
+        return out
 
     def _store_stats(self) -> dict:
         store = self.kv_store

@@ -35,6 +35,7 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         kv_dtype="bfloat16",
         kv_formats={"bfloat16": (100, 30, 2048), "turboquant4": (300, 50, 544)},
         kv_blocks_aged=61,
+        tier_formats={("dram", "turboquant4"): 33, ("ssd", "turboquant4"): 5},
     )
     token = register_worker(labels, lambda: snapshot)
     try:
@@ -62,6 +63,8 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         assert at("ridgeline_kv_format_used_bytes", kv_dtype="turboquant4") == 50 * 544
         assert got[("ridgeline_kv_saved_bytes", base)] == 50 * (2048 - 544)
         assert got[("ridgeline_kv_aged_blocks_total", base)] == 61
+        assert at("ridgeline_kv_format_tier_blocks", tier="dram", kv_dtype="turboquant4") == 33
+        assert at("ridgeline_kv_format_tier_blocks", tier="ssd", kv_dtype="turboquant4") == 5
     finally:
         unregister_worker(token)
     assert ("ridgeline_num_requests_running", base) not in _samples()

@@ -352,6 +352,8 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
         assert coded.dram.capacity_blocks == 8 and coded.dram.block_bytes == block_bytes
         assert coded.ssd.capacity_blocks == 32 and coded.ssd.dir.parent == tmp_path
         assert coded.ssd.dir != worker.engine.offloader.store.ssd.dir
+        read = worker._metrics_read()  # what Prometheus scrapes: the coded tiers by format
+        assert read.tier_formats == {("dram", "turboquant4"): 0, ("ssd", "turboquant4"): 0}
     finally:
         worker.llm.shutdown()
     with pytest.raises(ValueError, match="lowest_tier"):
