@@ -132,12 +132,16 @@ class EngineWorker:
     def _kv_store_for(self, tiers: TierSettings, kv_transport: str, pool, events, coded=None):
         """The engine's kv_store_factory: the tiers below HBM for its pool, reporting into its event log. A
         coded pool (a KV age policy's) gets tiers of its own in this process, as many blocks (of its size)
-        as the pool's DRAM and SSD tiers hold, reporting nothing to the router."""
+        as the pool's DRAM and SSD tiers hold, reporting nothing to the router. With the node's KV memory
+        service (one block size, a budget for the node) coded blocks stay in HBM: a tier in every worker would
+        multiply the node's host memory by its workers."""
         if coded is not None:
+            if tiers.service:
+                return None
             return build_store(
                 coded.block_bytes,
                 tiers.dram_blocks,
-                None if tiers.service else tiers.ssd_dir,
+                tiers.ssd_dir,
                 tiers.ssd_blocks,
                 policy=TierPolicy({int(k): v for k, v in tiers.policy.items()}),
                 ssd_claim=f"{self.pool}-{coded.name}-seed{coded.seed}",  # codes of another seed never match
