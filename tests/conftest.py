@@ -138,6 +138,29 @@ def deploy(ray_serve):
     _delete_apps(deployer.module_apps)
 
 
+@pytest.fixture(scope="session")
+def stop_in_background():
+    """stop(proc): SIGINT to a server subprocess (started with start_new_session=True) that no test waits on
+    any longer; the tests go on while it shuts down (mostly waiting), and the session waits for it at its end
+    (60 s, then SIGKILL to its process group)."""
+    import signal
+    import subprocess
+
+    procs: list[subprocess.Popen] = []
+
+    def stop(proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGINT)
+        procs.append(proc)
+
+    yield stop
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 class EtcdServer:
     """A real etcd on 127.0.0.1 (Debian etcd-server), with a temporary data directory."""
 

@@ -4,7 +4,6 @@ server's prefix-hit counter; errors and timeouts are counted, not crashes; Ctrl-
 a sweep and `compare` work."""
 
 import json
-import os
 import re
 import signal
 import socket
@@ -28,7 +27,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(llama):
+def served(llama, stop_in_background):
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -56,12 +55,7 @@ def served(llama):
             assert proc.poll() is None and time.monotonic() < deadline, "ridgeline serve did not start"
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_in_background(proc)  # the next modules run while Ray and Serve shut down
 
 
 def bench(url: str, out: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
