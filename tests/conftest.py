@@ -64,8 +64,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_serve():
+def ray_serve(stop_in_background):
     """A local Ray cluster on 127.0.0.1 with Serve's HTTP proxy on a free port; yields the base URL."""
+    stop_in_background.wait()  # a cluster still shutting down would be joined, not a new one started
     # Ray workers import test helper modules (actors defined in tests) from here
     helpers = str(Path(__file__).parent / "services")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (helpers, os.environ.get("PYTHONPATH")) if p)
@@ -138,27 +139,39 @@ def deploy(ray_serve):
     _delete_apps(deployer.module_apps)
 
 
+class _BackgroundStops:
+    """stop(proc): SIGINT to a server subprocess (started with start_new_session=True) that no test waits on
+    any longer; the tests go on while its Ray cluster shuts down (mostly waiting). wait(): until every such
+    process is gone (60 s each, then SIGKILL to its process group): before anything here starts Ray, since
+    ray.init() with no address joins a cluster still running on this machine, and at the session's end."""
+
+    def __init__(self):
+        self.procs: list = []
+
+    def __call__(self, proc) -> None:
+        import signal
+
+        proc.send_signal(signal.SIGINT)
+        self.procs.append(proc)
+
+    def wait(self) -> None:
+        import signal
+        import subprocess
+
+        while self.procs:
+            proc = self.procs.pop()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def stop_in_background():
-    """stop(proc): SIGINT to a server subprocess (started with start_new_session=True) that no test waits on
-    any longer; the tests go on while it shuts down (mostly waiting), and the session waits for it at its end
-    (60 s, then SIGKILL to its process group)."""
-    import signal
-    import subprocess
-
-    procs: list[subprocess.Popen] = []
-
-    def stop(proc: subprocess.Popen) -> None:
-        proc.send_signal(signal.SIGINT)
-        procs.append(proc)
-
-    yield stop
-    for proc in procs:
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    stops = _BackgroundStops()
+    yield stops
+    stops.wait()
 
 
 class EtcdServer:

@@ -39,7 +39,8 @@ def _free_port() -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd, tmp_path):
+def test_serve_prints_a_curl_that_answers_then_stops_on_ctrl_c(llama, etcd, tmp_path, stop_in_background):
+    stop_in_background.wait()  # its Ray must be its own, not one still shutting down
     port = _free_port()
     env = {**os.environ, "RIDGELINE_API_KEY": "sk-cli"}
     console = (tmp_path / "console.log").open("w")
@@ -127,8 +128,9 @@ def _wait_for_console(path: Path, wanted: str, timeout: float = 60.0) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ctrl_c_while_the_app_deploys_stops_cleanly(llama, etcd):
+def test_ctrl_c_while_the_app_deploys_stops_cleanly(llama, etcd, stop_in_background):
     """Interrupted once its first worker registered — usually before the banner: everything stops, exit 0."""
+    stop_in_background.wait()  # its Ray must be its own, not one still shutting down
     proc = subprocess.Popen(
         [
             RIDGELINE,
