@@ -33,6 +33,70 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.getparent(pytest.Module) in on_ray)  # stable: each group keeps its order
 
 
+# -- the reference trainer's smoke run (tests/test_train_reference.py), started ahead -----------------------
+# a subprocess of its own that nothing else depends on: it starts with the first kernel test, since the kernel
+# tests (Triton's interpreter, timed by nothing) keep one of this machine's 2 cores busy and leave the other
+# idle, and its test takes the finished run. Run alone, the test starts it itself.
+
+TRAIN_SMOKE_WITH = Path(__file__).parent / "kernels"
+
+
+class TrainSmokeRun:
+    def __init__(self, tmp_path_factory):
+        import subprocess
+        import sys
+
+        self.out = tmp_path_factory.mktemp("train-reference")
+        logs = tmp_path_factory.mktemp("train-reference-logs")
+        self.stdout, self.stderr = logs / "stdout", logs / "stderr"
+        with self.stdout.open("w") as stdout, self.stderr.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.train_reference", "--out", str(self.out), "--smoke"],
+                cwd=Path(__file__).resolve().parents[1],
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+            )
+
+    def result(self, timeout: float) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) once it has finished."""
+        returncode = self.proc.wait(timeout=timeout)
+        return returncode, self.stdout.read_text(), self.stderr.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+_TRAIN_SMOKE = pytest.StashKey[TrainSmokeRun]()
+
+
+def pytest_runtest_setup(item):
+    config = item.config
+    if (
+        _TRAIN_SMOKE not in config.stash
+        and item.path.is_relative_to(TRAIN_SMOKE_WITH)
+        and any(other.path.name == "test_train_reference.py" for other in item.session.items)
+    ):
+        config.stash[_TRAIN_SMOKE] = TrainSmokeRun(config._tmp_path_factory)
+
+
+def pytest_sessionfinish(session):
+    run = session.config.stash.get(_TRAIN_SMOKE, None)
+    if run is not None:
+        run.stop()
+
+
+@pytest.fixture
+def train_smoke_run(request, tmp_path_factory) -> TrainSmokeRun:
+    """The smoke run started with the kernel tests, or one started now."""
+    config = request.config
+    if _TRAIN_SMOKE not in config.stash:
+        config.stash[_TRAIN_SMOKE] = TrainSmokeRun(tmp_path_factory)
+    return config.stash[_TRAIN_SMOKE]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch, **overrides) -> path of a checkpoint built once per session."""
