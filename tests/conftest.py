@@ -33,68 +33,66 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.getparent(pytest.Module) in on_ray)  # stable: each group keeps its order
 
 
-# -- the reference trainer's smoke run (tests/test_train_reference.py), started ahead -----------------------
-# a subprocess of its own that nothing else depends on: it starts with the first kernel test, since the kernel
-# tests (Triton's interpreter, timed by nothing) keep one of this machine's 2 cores busy and leave the other
-# idle, and its test takes the finished run. Run alone, the test starts it itself.
+# -- early runs: a module's independent subprocesses, run ahead of its tests -------------------------------
+# A test module may name EARLY_RUNS = {name: fn(tmp_path_factory) -> result}: commands that depend on nothing
+# else in the session. They start with the first kernel test, one after another in a background thread: the
+# kernel tests (Triton's interpreter, timed by nothing) keep one of this machine's 2 cores busy and leave the
+# other idle. A test takes its run's result with early_run(name); run alone, the module's runs start then.
 
-TRAIN_SMOKE_WITH = Path(__file__).parent / "kernels"
+EARLY_RUNS_WITH = Path(__file__).parent / "kernels"
 
 
-class TrainSmokeRun:
+class _EarlyRuns:
     def __init__(self, tmp_path_factory):
-        import subprocess
-        import sys
+        from concurrent.futures import ThreadPoolExecutor
 
-        self.out = tmp_path_factory.mktemp("train-reference")
-        logs = tmp_path_factory.mktemp("train-reference-logs")
-        self.stdout, self.stderr = logs / "stdout", logs / "stderr"
-        with self.stdout.open("w") as stdout, self.stderr.open("w") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.train_reference", "--out", str(self.out), "--smoke"],
-                cwd=Path(__file__).resolve().parents[1],
-                stdout=stdout,
-                stderr=stderr,
-                text=True,
-            )
+        self.tmp_path_factory = tmp_path_factory
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="early-run")
+        self.futures: dict[tuple[str, str], object] = {}
 
-    def result(self, timeout: float) -> tuple[int, str, str]:
-        """(exit status, stdout, stderr) once it has finished."""
-        returncode = self.proc.wait(timeout=timeout)
-        return returncode, self.stdout.read_text(), self.stderr.read_text()
+    def start(self, module) -> None:
+        for name, fn in getattr(module, "EARLY_RUNS", {}).items():
+            key = (module.__name__, name)
+            if key not in self.futures:
+                self.futures[key] = self.pool.submit(fn, self.tmp_path_factory)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    def result(self, module, name: str):
+        self.start(module)
+        return self.futures[(module.__name__, name)].result(timeout=900)  # each run bounds its commands
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-_TRAIN_SMOKE = pytest.StashKey[TrainSmokeRun]()
+_EARLY_RUNS = pytest.StashKey[_EarlyRuns]()
+
+
+def _early_runs(config) -> _EarlyRuns:
+    if _EARLY_RUNS not in config.stash:
+        config.stash[_EARLY_RUNS] = _EarlyRuns(config._tmp_path_factory)
+    return config.stash[_EARLY_RUNS]
 
 
 def pytest_runtest_setup(item):
     config = item.config
-    if (
-        _TRAIN_SMOKE not in config.stash
-        and item.path.is_relative_to(TRAIN_SMOKE_WITH)
-        and any(other.path.name == "test_train_reference.py" for other in item.session.items)
-    ):
-        config.stash[_TRAIN_SMOKE] = TrainSmokeRun(config._tmp_path_factory)
+    if _EARLY_RUNS not in config.stash and item.path.is_relative_to(EARLY_RUNS_WITH):
+        runs = _early_runs(config)
+        for module in dict.fromkeys(getattr(other, "module", None) for other in item.session.items):
+            if module is not None:
+                runs.start(module)
 
 
 def pytest_sessionfinish(session):
-    run = session.config.stash.get(_TRAIN_SMOKE, None)
-    if run is not None:
-        run.stop()
+    runs = session.config.stash.get(_EARLY_RUNS, None)
+    if runs is not None:
+        runs.close()
 
 
 @pytest.fixture
-def train_smoke_run(request, tmp_path_factory) -> TrainSmokeRun:
-    """The smoke run started with the kernel tests, or one started now."""
-    config = request.config
-    if _TRAIN_SMOKE not in config.stash:
-        config.stash[_TRAIN_SMOKE] = TrainSmokeRun(tmp_path_factory)
-    return config.stash[_TRAIN_SMOKE]
+def early_run(request):
+    """early_run(name) -> the result of this module's EARLY_RUNS[name], run ahead or now."""
+    runs = _early_runs(request.config)
+    return lambda name: runs.result(request.module, name)
 
 
 @pytest.fixture(scope="session")

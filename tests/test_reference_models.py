@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,22 +63,32 @@ def test_committed_checkpoint_is_complete_and_loads_with_matching_logits(name):
     assert out.token_ids == greedy
 
 
-def test_generate_defaults_to_the_reference_target_and_drafts_with_the_reference_draft():
-    assert default_model_path() == PAIR["target"]
-    prompt = "def read_config(path):\n    "
-    generate = [RIDGELINE, "generate", "--prompt", prompt, "--max-tokens", "24", "--ignore-eos"]
+PROMPT = "def read_config(path):\n    "
+
+
+def _generate_runs(tmp_path_factory) -> list[subprocess.CompletedProcess]:
+    """`ridgeline generate` with the default model, with the reference draft, and with RIDGELINE_MODEL naming
+    nothing: independent commands, one after another."""
+    generate = [RIDGELINE, "generate", "--prompt", PROMPT, "--max-tokens", "24", "--ignore-eos"]
     draft = ["--speculative-model", str(PAIR["draft"]), "--num-speculative-tokens", "3"]
     missing_model = {**os.environ, "RIDGELINE_MODEL": "/nonexistent/model"}
-    with ThreadPoolExecutor(3) as pool:  # independent commands, side by side
-        runs = [
-            pool.submit(subprocess.run, argv, capture_output=True, text=True, timeout=300, env=env)
-            for argv, env in (
-                (generate, None),
-                ([*generate, *draft], None),
-                ([RIDGELINE, "generate", "--prompt", "x"], missing_model),
-            )
-        ]
-    plain, spec, missing = (run.result() for run in runs)
+    return [
+        subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        for argv, env in (
+            (generate, None),
+            ([*generate, *draft], None),
+            ([RIDGELINE, "generate", "--prompt", "x"], missing_model),
+        )
+    ]
+
+
+EARLY_RUNS = {"generate": _generate_runs}  # run ahead, beside the kernel tests (conftest.py)
+
+
+def test_generate_defaults_to_the_reference_target_and_drafts_with_the_reference_draft(early_run):
+    assert default_model_path() == PAIR["target"]
+    prompt = PROMPT
+    plain, spec, missing = early_run("generate")
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.startswith(repr(prompt)) and "[24 tokens, length]" in plain.stdout
     assert spec.returncode == 0, spec.stderr

@@ -3,17 +3,35 @@ HF checkpoints our engine and transformers load with the same logits, and learns
 perplexity far below a uniform model's)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _smoke_training(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("train-reference")
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_reference", "--out", str(out), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return r, out
+
+
+EARLY_RUNS = {"smoke_training": _smoke_training}  # run ahead, beside the kernel tests (conftest.py)
+
 
 @pytest.mark.slow
-def test_smoke_training_writes_checkpoints_both_engines_load(train_smoke_run):
-    # `python -m benchmarks.train_reference --out <empty dir> --smoke`, run beside the kernel tests (conftest.py)
-    returncode, stdout, stderr = train_smoke_run.result(timeout=300)
-    assert returncode == 0, stdout[-2000:] + stderr[-2000:]
-    tmp_path = train_smoke_run.out
+def test_smoke_training_writes_checkpoints_both_engines_load(early_run):
+    r, tmp_path = early_run("smoke_training")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     card = json.loads((tmp_path / "model_card.json").read_text())
     for name in ("target", "draft"):
         assert card["models"][name]["heldout_perplexity"] < card["uniform_perplexity"] / 1.2
