@@ -24,28 +24,39 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([RIDGELINE, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def bad_input_run(llama):
-    """`generate` with a bad temperature, run in the background from the module's start (an independent
-    command: it runs beside the first test's commands); its test takes the result."""
-    with ThreadPoolExecutor(1) as pool:
-        yield pool.submit(run, "generate", "--model", llama, "--prompt", "hi", "--temperature", "-1")
-
-
-def test_make_tiny_model_then_generate_prints_text(tmp_path):
-    made = run("make-tiny-model", str(tmp_path / "m"), "--arch", "mixtral")
-    assert made.returncode == 0, made.stderr
-    assert (tmp_path / "m" / "config.json").exists()
+def _make_then_generate(
+    tmp_path_factory,
+) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, Path]:
+    model = tmp_path_factory.mktemp("cli") / "m"
+    made = run("make-tiny-model", str(model), "--arch", "mixtral")
     gen = run(
         "generate",
         "--model",
-        str(tmp_path / "m"),
+        str(model),
         "--prompt",
         "Hello there",
         "--max-tokens",
         "8",
         "--ignore-eos",
     )
+    return made, gen, model
+
+
+EARLY_RUNS = {"make_then_generate": _make_then_generate}  # run ahead, beside the kernel tests (conftest.py)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bad_input_run(llama):
+    """`generate` with a bad temperature, run in the background from the module's start (an independent
+    command: it runs beside the module's first tests); its test takes the result."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run, "generate", "--model", llama, "--prompt", "hi", "--temperature", "-1")
+
+
+def test_make_tiny_model_then_generate_prints_text(early_run):
+    made, gen, model = early_run("make_then_generate")
+    assert made.returncode == 0, made.stderr
+    assert (model / "config.json").exists()
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("'Hello there' -> '") and "[8 tokens, length]" in gen.stdout
 
