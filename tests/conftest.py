@@ -49,6 +49,7 @@ class _EarlyRuns:
         self.tmp_path_factory = tmp_path_factory
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="early-run")
         self.futures: dict[tuple[str, str], object] = {}
+        self.ahead = False  # the session's runs were started, with the first kernel test
 
     def start(self, module) -> None:
         for name, fn in getattr(module, "EARLY_RUNS", {}).items():
@@ -74,9 +75,9 @@ def _early_runs(config) -> _EarlyRuns:
 
 
 def pytest_runtest_setup(item):
-    config = item.config
-    if _EARLY_RUNS not in config.stash and item.path.is_relative_to(EARLY_RUNS_WITH):
-        runs = _early_runs(config)
+    runs = _early_runs(item.config)
+    if not runs.ahead and item.path.is_relative_to(EARLY_RUNS_WITH):
+        runs.ahead = True
         for module in dict.fromkeys(getattr(other, "module", None) for other in item.session.items):
             if module is not None:
                 runs.start(module)
