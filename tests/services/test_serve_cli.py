@@ -379,17 +379,35 @@ def test_speculation_flags(llama):
 # -- the model, fast failures, and the console -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["tiny-org/not-cached", "{tmp}"])
-def test_a_bad_model_fails_in_one_line_before_ray_starts(tmp_path, model):
-    model = model.format(tmp=tmp_path)  # a directory with no checkpoint in it
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    proc = subprocess.run(
-        [RIDGELINE, "serve", "--model", model, "--port", str(_free_port())],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+BAD_MODELS = ["tiny-org/not-cached", "{tmp}"]
+
+
+def _bad_model_runs(tmp_path_factory) -> dict[str, tuple[str, subprocess.CompletedProcess]]:
+    """`ridgeline serve` of each bad model, each with an empty directory: {parameter: (model, the run)}."""
+    runs = {}
+    for param in BAD_MODELS:
+        tmp_path = tmp_path_factory.mktemp("bad-model")
+        model = param.format(tmp=tmp_path)  # a directory with no checkpoint in it
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+        runs[param] = (
+            model,
+            subprocess.run(
+                [RIDGELINE, "serve", "--model", model, "--port", str(_free_port())],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+            ),
+        )
+    return runs
+
+
+EARLY_RUNS = {"bad_models": _bad_model_runs}  # run ahead, beside the kernel tests (tests/conftest.py)
+
+
+@pytest.mark.parametrize("model", BAD_MODELS)
+def test_a_bad_model_fails_in_one_line_before_ray_starts(early_run, model):
+    model, proc = early_run("bad_models")[model]
     assert proc.returncode == 2 and proc.stdout == ""
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"error: model: {model!r} is ")
