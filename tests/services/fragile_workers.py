@@ -28,6 +28,7 @@ class CorruptingTransport(KVTransport):
         self.inner, self.remaining = inner, corrupt_pulls
         self.name, self.holds_source_blocks = inner.name, inner.holds_source_blocks
         self.pool, self.layout, self.kv_scales = inner.pool, inner.layout, inner.kv_scales
+        self.regions = inner.regions  # the pool's, and any coded pools registered on the inner transport
 
     def _export(self, block_ids: list[int]) -> dict:
         return self.inner._export(block_ids)
