@@ -264,6 +264,10 @@ class LLMEngine:
             None if (s := factory(p.raw, None, p.format)) is None else CodedStore(s, p.raw, p.first_id)
             for p in (self.coded_kv.pools if self.coded_kv is not None else [])
         ]
+        if None in coded:
+            logger.info(
+                "KV tiers: the coded pools' blocks stay in HBM (the store factory built no tier for them)"
+            )
         return KVOffloader(store, self.kv_pool, coded)
 
     def replace_kv_store(self, factory: KVStoreFactory | None) -> None:

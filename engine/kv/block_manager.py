@@ -293,6 +293,8 @@ class BlockManager:
             if block_hash not in self.coded_cached[pool]:
                 new.block_hash = block_hash
                 self.coded_cached[pool][block_hash] = new
+                # its tier holds it already: the write-through copies nothing, and a later eviction puts nothing
+                self.listener.on_cached_coded(pool, coded_id, block_hash, request.priority)
 
     def release_coded(self, coded_ids: Sequence[int]) -> None:
         """Coded blocks from take_coded that were not adopted."""
