@@ -33,7 +33,7 @@ from engine.kv.events import KVEventLog
 from engine.kv.handoff import KVHandoff
 from engine.kv.kv_format import CALIBRATION_TEXT, FP8_KV, KVFormat, cache_torch_dtype
 from engine.kv.kv_scales import calibrate_kv_scales, needs_calibration, stacked_scales
-from engine.kv.offload import CodedStore, KVOffloader, KVStore, NullOffloader
+from engine.kv.offload import KVOffloader, KVStore, NullOffloader
 from engine.kv.pool import allocate_kv_pool, layer_views, num_blocks_for
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, StepFuture
@@ -261,7 +261,9 @@ class LLMEngine:
         if store is None:
             raise ParameterError("kv_store", "the factory built no store for the KV pool")
         coded = [
-            None if (s := factory(p.raw, None, p.format)) is None else CodedStore(s, p.raw, p.first_id)
+            None
+            if (s := factory(p.raw, None, p.format)) is None
+            else KVOffloader(s, p.raw, first_id=p.first_id)
             for p in (self.coded_kv.pools if self.coded_kv is not None else [])
         ]
         if None in coded:

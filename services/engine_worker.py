@@ -314,20 +314,19 @@ class EngineWorker:
     def _coded_tiers(self, moved: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
         """Blocks the coded pools' own tiers hold, by (tier, format); their moves added to `moved`."""
         out: dict[tuple[str, str], int] = {}
-        for entry, pool in zip(
+        for sub, pool in zip(
             getattr(self.engine.offloader, "coded", []),
             self.engine.coded_kv.pools if self.engine.coded_kv is not None else [],
             strict=False,
         ):
-            if entry is None:
+            if sub is None:
                 continue
-            coded, sub = entry
-            occupancy, size, name = coded.store.occupancy(), pool.block_bytes(), pool.format.name
+            occupancy, size, name = sub.store.occupancy(), pool.block_bytes(), pool.format.name
             for tier in ("dram", "ssd"):
                 if f"{tier}_blocks" in occupancy:
                     out[(tier, name)] = occupancy[f"{tier}_blocks"]
             moved[("dram", "offload")] = moved.get(("dram", "offload"), 0) + sub.stats.offloaded_blocks * size
-            loaded = coded.store.stats.get("loaded_blocks", 0) * size
+            loaded = sub.store.stats.get("loaded_blocks", 0) * size
             moved[("dram", "load")] = moved.get(("dram", "load"), 0) + loaded
         return out
 

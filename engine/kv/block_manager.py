@@ -238,12 +238,11 @@ class BlockManager:
             raise ValueError(f"coded: pool indices allowed -1..{len(self.free_coded) - 1}, got {list(coded)}")
         left = [len(q) for q in self.free_coded]
         for i, k in enumerate(pools):  # a full coded pool: those blocks take 16-bit ones
-            if k >= 0:
-                pools[i] = k if left[k] else -1
-                left[k] -= 1 if left[k] else 0
-        if pools.count(-1) > self.num_free_blocks - self._free_hits(hits) or any(
-            pools.count(k) > len(q) for k, q in enumerate(self.free_coded)
-        ):
+            if k >= 0 and left[k]:
+                left[k] -= 1
+            elif k >= 0:
+                pools[i] = -1
+        if pools.count(-1) > self.num_free_blocks - self._free_hits(hits):
             return None
         for block in hits:
             self._take(block)

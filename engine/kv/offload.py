@@ -151,22 +151,20 @@ class Loaded:
     unused: list[int]
 
 
-@dataclass
-class CodedStore:
-    """A coded pool's store: the pool's raw blocks [N, block_bytes] (ids first_id.. of the engine's space)."""
-
-    store: KVStore
-    pool: torch.Tensor
-    first_id: int
-
-
 class KVOffloader:
-    def __init__(self, store: KVStore, pool: torch.Tensor, coded: Sequence[CodedStore | None] = ()):
-        """coded: a store per coded pool of a KV age policy, in the pools' order (None: that pool's blocks
-        stay in HBM)."""
+    def __init__(
+        self,
+        store: KVStore,
+        pool: torch.Tensor,
+        coded: Sequence["KVOffloader | None"] = (),
+        first_id: int = 0,
+    ):
+        """coded: an offloader per coded pool of a KV age policy, in the pools' order, over its raw blocks
+        (None: that pool's blocks stay in HBM); first_id: the engine's id of pool[0] (a coded pool's)."""
         self.store = store
         self.pool = pool  # [num_blocks, *block_shape]
-        self.coded = [None if c is None else (c, KVOffloader(c.store, c.pool)) for c in coded]
+        self.first_id = first_id
+        self.coded = list(coded)
         self.stats = OffloadStats()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._finished: list[Loaded] = []
@@ -220,18 +218,21 @@ class KVOffloader:
 
     def on_cached_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int = 0) -> None:
         """A coded block took a cached block's hash (aging): it goes down after the step that encodes it."""
-        if pool < len(self.coded) and (entry := self.coded[pool]) is not None:
-            entry[1].on_cached(block_id - entry[0].first_id, block_hash, priority)
+        if (sub := self._coded(pool)) is not None:
+            sub.on_cached(block_id - sub.first_id, block_hash, priority)
 
     def on_evict_coded(self, pool: int, block_id: int, block_hash: bytes, priority: int = 0) -> None:
-        if pool < len(self.coded) and (entry := self.coded[pool]) is not None:
-            entry[1].on_evict(block_id - entry[0].first_id, block_hash, priority)
+        if (sub := self._coded(pool)) is not None:
+            sub.on_evict(block_id - sub.first_id, block_hash, priority)
+
+    def _coded(self, pool: int) -> "KVOffloader | None":
+        return self.coded[pool] if pool < len(self.coded) else None
 
     def write_through(self) -> None:
         """After a step: the blocks it completed (and the coded blocks it encoded) start their way down."""
-        for entry in self.coded:
-            if entry is not None:
-                entry[1].write_through()
+        for sub in self.coded:
+            if sub is not None:
+                sub.write_through()
         if not self._new:
             return
         new, self._new = self._new, []
@@ -259,9 +260,9 @@ class KVOffloader:
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until every write-through so far has been handed to the store (launched)."""
-        for entry in self.coded:
-            if entry is not None:
-                entry[1].drain(timeout_s)
+        for sub in self.coded:
+            if sub is not None:
+                sub.drain(timeout_s)
         pending = [job for _, job in list(self._written.values()) if job is not None]
         for job in pending:
             if not job.launched.wait(timeout_s):
@@ -346,9 +347,9 @@ class KVOffloader:
             return end - first
         self._ensure_loader()
         waits, self._reuse_waits = self._reuse_waits, []
-        for entry in self.coded:  # coded blocks handed out again may still be copying down
-            if entry is not None:
-                waits, entry[1]._reuse_waits = waits + entry[1]._reuse_waits, []
+        for sub in self.coded:  # coded blocks handed out again may still be copying down
+            if sub is not None:
+                waits, sub._reuse_waits = waits + sub._reuse_waits, []
         if (
             self.pool.is_cuda
         ):  # a step still in flight may write these blocks, freed under it (async scheduling)
@@ -360,9 +361,9 @@ class KVOffloader:
         return None
 
     def coded_store(self, pool: int) -> KVStore:
-        entry = self.coded[pool]
-        assert entry is not None  # planned only where a store exists
-        return entry[0].store
+        sub = self.coded[pool]
+        assert sub is not None  # planned only where a store exists
+        return sub.store
 
     def _coded_plan(
         self, hashes: list[bytes], indices: list[int], coded_ok: Sequence[range]
@@ -372,7 +373,7 @@ class KVOffloader:
         plan = []
         for i in indices:
             allowed = [k for k, ok in enumerate(coded_ok) if i in ok]
-            pools = [k for k in range(max(allowed, default=-1) + 1) if k < len(self.coded) and self.coded[k]]
+            pools = [k for k in range(max(allowed, default=-1) + 1) if self._coded(k) is not None]
             pool = next((k for k in pools if self.coded_store(k).lookup([hashes[i]])), None)
             if pool is None:
                 break
@@ -421,11 +422,11 @@ class KVOffloader:
             run.append(item)
             if n + 1 < len(job.coded) and job.coded[n + 1][1] == item[1]:
                 continue
-            entry = self.coded[item[1]]
-            assert entry is not None
-            local = [c - entry[0].first_id for _, _, c in run]
+            sub = self.coded[item[1]]
+            assert sub is not None
+            local = [c - sub.first_id for _, _, c in run]
             try:
-                got = entry[0].store.load([hashes[i] for i, _, _ in run], entry[0].pool, local)
+                got = sub.store.load([hashes[i] for i, _, _ in run], sub.pool, local)
             except Exception:  # noqa: BLE001 - the run ends here; what arrived before it counts
                 logger.exception("coded KV load of %d blocks failed; computing them", len(run))
                 self.stats.load_failures += 1
@@ -452,9 +453,9 @@ class KVOffloader:
         self._finished_event.wait(timeout_s)
 
     def close(self) -> None:
-        for entry in self.coded:
-            if entry is not None:
-                entry[1].close()
+        for sub in self.coded:
+            if sub is not None:
+                sub.close()
         if self._offloader is not None:
             self._offloads.put(None)
             self._offloader.join(timeout=30)

@@ -348,7 +348,7 @@ def test_workers_attach_their_tiers_from_the_pool_config(llama, tmp_path):
     worker = DecodeWorker(llama, aging, kv_transport="ray", kv_tiers=config.kv_tiers(config.decode))
     try:  # a coded pool gets tiers of its own, as many blocks of its size
         (entry,) = worker.engine.offloader.coded
-        coded, block_bytes = entry[0].store, worker.engine.coded_kv.pools[0].block_bytes()
+        coded, block_bytes = entry.store, worker.engine.coded_kv.pools[0].block_bytes()
         assert coded.dram.capacity_blocks == 8 and coded.dram.block_bytes == block_bytes
         assert coded.ssd.capacity_blocks == 32 and coded.ssd.dir.parent == tmp_path
         assert coded.ssd.dir != worker.engine.offloader.store.ssd.dir

@@ -17,6 +17,24 @@ PROMPTS = [
 ]
 
 
+def greedy_token_ids(url: str, prompt: str | list[int]) -> list[int]:
+    """The app's 12 greedy tokens for a prompt (a 200 is asserted)."""
+    r = httpx.post(
+        f"{url}/v1/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
 @pytest.fixture(scope="module")
 def app(deploy, llama):
     bf16 = {**POOL, "weight_dtype": "bfloat16"}
@@ -32,20 +50,7 @@ def test_bf16_prefill_to_fp8_decode_converts_in_transit(app, llama):
     # one at a time, as they are served: a batched bf16 step may round a near tie the other way
     want = [aggregated.generate([p], params)[0] for p in PROMPTS]
     for prompt, ref in zip(PROMPTS, want, strict=True):
-        r = httpx.post(
-            f"{app}/v1/completions",
-            timeout=60,
-            json={
-                "model": MODEL,
-                "prompt": prompt,
-                "max_tokens": 12,
-                "temperature": 0,
-                "ignore_eos": True,
-                "return_token_ids": True,
-            },
-        )
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["token_ids"] == ref.outputs[0].token_ids
+        assert greedy_token_ids(app, prompt) == ref.outputs[0].token_ids
     (decode,) = pool_stats("pdfp8", "DecodeWorker", 1).values()
     assert decode["kv_pulls"] == len(PROMPTS) and decode["kv_recomputes"] == 0
     assert decode["kv_pull_failures"] == 0 and decode["kv_blocks_converted"] >= 3
@@ -66,20 +71,7 @@ def test_aging_pools_hand_coded_blocks_over_as_they_are(deploy, llama):
     prompt = [5 + i % 70 for i in range(100)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     want = LLM(llama, **engine, kv_age_policy=KVAgePolicy(**policy)).generate([prompt], params)[0]
-    r = httpx.post(
-        f"{url}/v1/completions",
-        timeout=60,
-        json={
-            "model": MODEL,
-            "prompt": prompt,
-            "max_tokens": 12,
-            "temperature": 0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        },
-    )
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["token_ids"] == want.outputs[0].token_ids
+    assert greedy_token_ids(url, prompt) == want.outputs[0].token_ids
     (decode,) = pool_stats("pdaged", "DecodeWorker", 1).values()
     assert decode["kv_pulls"] == 1 and decode["kv_recomputes"] == 0 and decode["kv_blocks_converted"] == 0
     (prefill,) = pool_stats("pdaged", "PrefillWorker", 1).values()
