@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from engine.documents import DocumentRecompute
 from engine.kv.age_policy import KVAgePolicy, age_policy_from_dict
 from engine.kv.kv_format import check_kv_cache_dtype
 from engine.sampling_params import MAX_LOGPROBS
@@ -134,10 +135,23 @@ class EngineConfig:
     # drafting stops while the decode batch x (drafts + 1) exceeds this many tokens: past the roofline's ridge
     # a verify step is compute-bound and costs about (k + 1) plain steps, so drafts stop paying
     spec_max_batch_tokens: int = 256
+    # documents (RAG, engine/documents.py): which tokens of a reused document are recomputed, unless a request
+    # says otherwise (a dict of DocumentRecompute's fields is taken too); the KV blocks documents may hold
+    # (None: a quarter of the pool)
+    document_recompute: DocumentRecompute = field(default_factory=DocumentRecompute)
+    max_document_blocks: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.document_recompute, dict):
+            object.__setattr__(self, "document_recompute", DocumentRecompute(**self.document_recompute))
+        if not isinstance(self.document_recompute, DocumentRecompute):
+            raise ValueError(
+                f"document_recompute: got {self.document_recompute!r}, allowed a dict of its fields"
+            )
+        if self.max_document_blocks is not None and self.max_document_blocks < 0:
+            raise ValueError(f"max_document_blocks: got {self.max_document_blocks}, allowed >= 0 or None")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: got {self.seed!r}, allowed an integer")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

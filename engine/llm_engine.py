@@ -23,12 +23,15 @@ from engine.attention import get_backend
 from engine.attention.backend import default_backend
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
+from engine.document_assembly import DocumentAssembler
+from engine.documents import check_spans, document_key
 from engine.envs import default_device
 from engine.errors import ParameterError
 from engine.gemm_tuning import tune_skinny_linears
 from engine.kv.block_hash import hash_extra, update_block_hashes
 from engine.kv.block_manager import BlockManager
 from engine.kv.coded_pool import CodedFormat, CodedKV, check_model_for_age_policy, split_kv_budget
+from engine.kv.document_cache import DocumentCache, DocumentEntry
 from engine.kv.events import KVEventLog
 from engine.kv.handoff import KVHandoff
 from engine.kv.kv_format import CALIBRATION_TEXT, FP8_KV, KVFormat, cache_torch_dtype
@@ -206,6 +209,7 @@ class LLMEngine:
             self._piecewise_graphs(),
             self.coded_kv,
         )
+        self.scheduler.documents = self.documents = self._document_assembler()
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
@@ -289,6 +293,17 @@ class LLMEngine:
             ids = self.tokenizer.encode(CALIBRATION_TEXT)[: self.max_model_len]
             calibrate_kv_scales(self.model, self.kv_pool, self._backend(), self.block_manager, ids)
         return KVFormat(FP8_KV, stacked_scales(self.model))
+
+    def _document_assembler(self) -> DocumentAssembler:
+        """Documents' KV (RAG) in blocks of the pool, up to max_document_blocks (default a quarter of it)."""
+        limit = self.config.max_document_blocks
+        cache = DocumentCache(
+            self.block_manager, self.block_manager.num_blocks // 4 if limit is None else limit
+        )
+        scales = None if self.kv_format.scales is None else self.kv_format.scales.to(self.device)
+        return DocumentAssembler(
+            self.model, self.kv_pool, self.runner.backend, self.block_manager, cache, self.stats, scales
+        )
 
     def _backend(self):
         return get_backend(self.config.attention_backend or default_backend(self.device.type))
@@ -411,9 +426,25 @@ class LLMEngine:
             raise ParameterError("n", "resuming a request or holding its KV needs n == 1")
         if params.max_tokens is not None and len(resumed) >= params.max_tokens:
             raise ParameterError("output_token_ids", f"{len(resumed)} tokens already reach max_tokens")
+        if request.documents:
+            self._check_documents(request, prompt_ids)
         self.kv_handoff.check_reserved(
             request.request_id, request.kv_computed_tokens, len(prompt_ids) + len(resumed)
         )
+
+    def _check_documents(self, request: EngineRequest, prompt_ids: list[int]) -> None:
+        check_spans(request.documents, len(prompt_ids))
+        (request.document_recompute or self.config.document_recompute).check_layers(
+            self.model_config.num_layers
+        )
+        if self.config.cache.kv_age_policy is not None:
+            raise ParameterError(
+                "documents", "not with a kv_age_policy: a pool either ages KV or assembles documents"
+            )
+        if request.kv_computed_tokens or request.output_token_ids:
+            raise ParameterError(
+                "documents", "a request resumed from another worker's KV has none to assemble"
+            )
 
     def _sequence(self, request: EngineRequest, prompt_ids: list[int], resumed: list[int], i: int) -> Request:
         """Sequence i of n: its own id when n > 1, its own seed offset."""
@@ -429,6 +460,9 @@ class LLMEngine:
             arrival_time=request.arrival_time,
             seed_offset=i,
             hold_kv=request.hold_kv,
+        )
+        req.set_documents(
+            tuple(request.documents), request.document_recompute or self.config.document_recompute
         )
         if (spec := request.params.structured_output) is not None:
             req.grammar = self.grammars.matcher(spec)  # compiled once per spec (LRU); AsyncLLM compiles first
@@ -450,6 +484,41 @@ class LLMEngine:
                     self.model_dir, self.model_config.vocab_size, sorted(self.eos_token_ids)
                 )
             return self._grammars
+
+    # -- documents (RAG) ----------------------------------------------------------------------------
+
+    def add_document(
+        self, document: str | list[int], cache_salt: str | None = None, pinned: bool = True
+    ) -> DocumentEntry:
+        """Compute a document's KV into the document cache now (or find it there) and keep it, pinned unless
+        asked otherwise, until remove_document. Prompts naming the same tokens under the same cache_salt
+        reuse it at any position. ValueError when it is empty, longer than the context or finds no room."""
+        ids = (
+            self.tokenizer.encode(document, add_special_tokens=False)
+            if isinstance(document, str)
+            else document
+        )
+        if not ids or len(ids) >= self.max_model_len:
+            raise ParameterError(
+                "documents",
+                f"a document holds 1..{self.max_model_len - 1} tokens (the context), got {len(ids)}",
+            )
+        check_prompt_ids(ids, self.model_config.vocab_size, self.max_model_len)
+        entry = self.documents.add(list(ids), self._hash_extra(cache_salt), pinned)
+        if entry is None:
+            raise ParameterError(
+                "documents",
+                f"no room in the document cache for {len(ids)} tokens ({self.documents.cache.max_blocks} blocks, "
+                "max_document_blocks; pinned documents are kept until they are removed)",
+            )
+        return entry
+
+    def document_key(self, token_ids: list[int], cache_salt: str | None = None) -> bytes:
+        return document_key(token_ids, self._hash_extra(cache_salt))
+
+    def remove_document(self, key: bytes) -> bool:
+        """Drop a document and free its blocks; False when it is not cached."""
+        return self.documents.cache.remove(key)
 
     def abort_request(self, request_id: str) -> None:
         state = self.outputs.get(request_id)

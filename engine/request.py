@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.documents import DocumentRecompute, DocumentSpan, assembly_extra
 from engine.errors import ParameterError
 from engine.outputs import ComputeUsage
 from engine.sampling_params import SamplingParams
@@ -53,6 +54,10 @@ class EngineRequest:
     output_logprobs: list[dict[int, float]] | None = None  # theirs, when params.logprobs asks for them
     kv_computed_tokens: int = 0
     hold_kv: bool = False
+    # RAG: prompt token ranges that are documents, their KV reused from the document cache (engine/documents.py),
+    # and which of their tokens are recomputed (None: the engine's default)
+    documents: tuple[DocumentSpan, ...] = ()
+    document_recompute: DocumentRecompute | None = None
 
 
 class Request:
@@ -87,6 +92,10 @@ class Request:
         self.grammar: GrammarMatcher | None = None
         self.hold_kv = hold_kv  # keep the blocks after finishing: another worker pulls them
         self.hash_extra = hash_extra
+        # document segments and how they are assembled (set_documents)
+        self.documents: tuple[DocumentSpan, ...] = ()
+        self.recompute = DocumentRecompute()
+        self.assembly_extra = b""
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.arrival_wall = time.time()  # wall clock (traces, queue-time metrics)
         self.scheduled_wall: float | None = None  # when it was first admitted to the running batch
@@ -134,6 +143,19 @@ class Request:
         if self.generator is not None and not self.params.greedy:
             for _ in output_token_ids:  # the sampler draws one exponential vector per sampled token
                 torch.empty(vocab_size).exponential_(generator=self.generator)
+
+    def set_documents(self, spans: tuple[DocumentSpan, ...], recompute: DocumentRecompute) -> None:
+        """Mark document segments of the prompt (engine/document_assembly.py), before any block is hashed:
+        blocks from the first document on hash with the assembly in their extra."""
+        assert not self.block_hashes, "set before the blocks are hashed"
+        self.documents, self.recompute = spans, recompute
+        self.assembly_extra = assembly_extra(self.hash_extra, spans, recompute) if spans else b""
+
+    def block_extra(self, index: int, block_size: int) -> bytes:
+        """The hash extra of full block `index`: the assembly's once the block reaches a document."""
+        if self.documents and (index + 1) * block_size > self.documents[0].start:
+            return self.assembly_extra
+        return self.hash_extra
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.config import SchedulerConfig
+from engine.document_assembly import DocumentAssembler
 from engine.kv.age_policy import KVAgePolicy
 from engine.kv.block_hash import update_block_hashes
 from engine.kv.block_manager import Block, BlockManager
@@ -87,7 +88,8 @@ class Scheduler:
         age_windows: request priority -> its own window (an SLO class's); apply_aging(moves): re-encodes aged
         blocks (the engine's CodedKV.apply), called as soon as they move, before any block they free is handed
         out again this step (to a step's compute, or to a writer outside it: a tier load, a copy from an HBM
-        hit, a KV transfer)."""
+        hit, a KV transfer). `documents`, set by the engine, assembles a new request's documents from the
+        document cache when it is admitted."""
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
@@ -98,6 +100,7 @@ class Scheduler:
         self.age_policy = age_policy
         self.age_windows = age_windows or {}
         self.apply_aging = apply_aging or (lambda moves: None)
+        self.documents: DocumentAssembler | None = None
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -248,7 +251,11 @@ class Scheduler:
             num_new = min(num_new, budget)
             if self.age_policy is not None and num_new > 1:
                 num_new = max(self._aging_chunk(request, num_new, hits), 1)
-            while not self.block_manager.allocate_slots(request, num_new, hits):
+            # documents to assemble: blocks for the whole prompt now (the assembly fills them past this chunk)
+            assembles = self._assembles(request, handed_over, num_hit_tokens)
+            while not self.block_manager.allocate_slots(
+                request, request.num_tokens - num_hit_tokens if assembles else num_new, hits
+            ):
                 victim = self._victim_for(request)
                 if victim is None:
                     return budget
@@ -258,7 +265,9 @@ class Scheduler:
             self.waiting.pop(0)
             if request.scheduled_wall is None:
                 request.scheduled_wall = time.time()
-            if not handed_over:
+            if assembles:
+                num_hit_tokens, num_new = self._assemble(request, num_hit_tokens, budget)
+            elif not handed_over:
                 loaded = self._load_lower_tiers(request, len(hits), num_new)
                 if loaded is None:  # a load runs; the request joins `running` when it is done
                     request.num_computed_tokens = num_hit_tokens
@@ -274,6 +283,24 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _assembles(self, request: Request, handed_over: bool, num_hit_tokens: int) -> bool:
+        """Whether a request being admitted has documents to assemble past its prefix hits."""
+        return (
+            self.documents is not None
+            and not handed_over
+            and bool(request.documents)
+            and request.documents[-1].end > num_hit_tokens
+        )
+
+    def _assemble(self, request: Request, num_hit_tokens: int, budget: int) -> tuple[int, int]:
+        """Documents from the document cache after the prefix hits. -> (tokens whose KV is now in place, tokens
+        this step computes)."""
+        assert self.documents is not None
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+        ready = self.documents.assemble(request, num_hit_tokens)
+        return ready, min(request.num_tokens - ready, budget)
 
     def _prefix_hits(self, request: Request, handed_over: bool) -> tuple[list[Block], int]:
         """(cached blocks, tokens computed) a request starts from: its prefix hits, or the tokens another

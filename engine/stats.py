@@ -16,6 +16,13 @@ class EngineStats:
     spec_draft_tokens: int = 0  # drafted tokens verified
     spec_accepted_tokens: int = 0  # ... and accepted
     kv_blocks_aged: int = 0  # blocks a KV age policy moved to the low-bit pool
+    # documents (engine/document_assembly.py): prompts' documents found in the document cache, or computed
+    # into it; their tokens reused as cached, or recomputed in place; prompts that found no room for theirs
+    document_hits: int = 0
+    document_misses: int = 0
+    document_tokens_reused: int = 0
+    document_tokens_recomputed: int = 0
+    document_fallbacks: int = 0
     sample_events: int = 0  # (request, step) pairs that produced tokens: generated = events + accepted drafts
     requests_by_priority: dict[int, int] = field(default_factory=dict)  # priority -> requests added
 

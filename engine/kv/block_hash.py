@@ -34,7 +34,7 @@ def update_block_hashes(request: Request, block_size: int) -> None:
     for i in range(len(request.block_hashes), num_full):
         parent = request.block_hashes[i - 1] if i else None
         tokens = request.token_ids(i * block_size, (i + 1) * block_size)
-        request.block_hashes.append(hash_block(parent, tokens, request.hash_extra))
+        request.block_hashes.append(hash_block(parent, tokens, request.block_extra(i, block_size)))
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int, extra: bytes) -> list[bytes]:
