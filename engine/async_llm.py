@@ -159,6 +159,13 @@ class AsyncLLM:
             done.add_done_callback(revert)
             raise
 
+    async def add_document(self, token_ids: list[int], cache_salt: str | None) -> None:
+        """Computed into the engine's document cache and pinned there until remove_document."""
+        await self.call(lambda engine: engine.add_document(token_ids, cache_salt, pinned=True))
+
+    async def remove_document(self, token_ids: list[int], cache_salt: str | None) -> None:
+        await self.call(lambda engine: engine.remove_document(engine.document_key(token_ids, cache_salt)))
+
     def submit(self, fn: Callable[[LLMEngine], Result]) -> Future[Result]:
         """Thread-safe: fn(engine) runs on the engine thread before its next step."""
         return self._submit(lambda: fn(self.engine))

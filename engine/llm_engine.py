@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Protocol
 
 import torch
@@ -24,7 +24,7 @@ from engine.attention.backend import default_backend
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import CUDAGraphRunner
 from engine.document_assembly import DocumentAssembler
-from engine.documents import check_spans, document_key
+from engine.documents import DocumentRecompute, check_spans, document_key
 from engine.envs import default_device
 from engine.errors import ParameterError
 from engine.gemm_tuning import tune_skinny_linears
@@ -432,11 +432,16 @@ class LLMEngine:
             request.request_id, request.kv_computed_tokens, len(prompt_ids) + len(resumed)
         )
 
+    def _recompute(self, request: EngineRequest) -> DocumentRecompute:
+        """The request's document recompute: its own, or its fields over the engine's."""
+        wanted = request.document_recompute
+        if isinstance(wanted, dict):
+            return replace(self.config.document_recompute, **wanted)
+        return wanted or self.config.document_recompute
+
     def _check_documents(self, request: EngineRequest, prompt_ids: list[int]) -> None:
         check_spans(request.documents, len(prompt_ids))
-        (request.document_recompute or self.config.document_recompute).check_layers(
-            self.model_config.num_layers
-        )
+        self._recompute(request).check_layers(self.model_config.num_layers)
         if self.config.cache.kv_age_policy is not None:
             raise ParameterError(
                 "documents", "not with a kv_age_policy: a pool either ages KV or assembles documents"
@@ -461,9 +466,7 @@ class LLMEngine:
             seed_offset=i,
             hold_kv=request.hold_kv,
         )
-        req.set_documents(
-            tuple(request.documents), request.document_recompute or self.config.document_recompute
-        )
+        req.set_documents(tuple(request.documents), self._recompute(request))
         if (spec := request.params.structured_output) is not None:
             req.grammar = self.grammars.matcher(spec)  # compiled once per spec (LRU); AsyncLLM compiles first
         if resumed:

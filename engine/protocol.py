@@ -45,3 +45,12 @@ class EngineClient(Protocol):
     def num_unfinished(self) -> int:
         """Requests started and not finished (the frontend's load)."""
         ...
+
+    async def add_document(self, token_ids: list[int], cache_salt: str | None) -> None:
+        """Compute a document's KV into the document cache now (RAG, engine/documents.py), so prompts that
+        hold it reuse it; ValueError when it cannot be stored."""
+        ...
+
+    async def remove_document(self, token_ids: list[int], cache_salt: str | None) -> None:
+        """Let a document added by add_document go."""
+        ...

@@ -57,7 +57,7 @@ class EngineRequest:
     # RAG: prompt token ranges that are documents, their KV reused from the document cache (engine/documents.py),
     # and which of their tokens are recomputed (None: the engine's default)
     documents: tuple[DocumentSpan, ...] = ()
-    document_recompute: DocumentRecompute | None = None
+    document_recompute: DocumentRecompute | dict | None = None  # a dict: those fields over the engine's
 
 
 class Request:

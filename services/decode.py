@@ -86,6 +86,8 @@ class DecodeWorker(EngineWorker):
                 output_logprobs=req.output_logprobs,
                 kv_computed_tokens=computed,
                 cache_salt=req.cache_salt,
+                # the prompt computed here (aggregated, or its prefill lost): its documents are assembled here
+                **(req.document_options() if not computed and not req.output_token_ids else {}),
                 priority=req.priority,
                 preemptible=req.preemptible,
             ):

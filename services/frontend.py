@@ -26,11 +26,28 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_llm import EngineDeadError
+from engine.documents import DocumentSpan
 from engine.errors import ParameterError
 from engine.structured_output import StructuredOutputSpec
 from engine.tokenizer import Tokenizer
+from services.documents import (
+    DocumentStore,
+    check_length,
+    document_tokens,
+    join,
+    split_rendered,
+    with_placeholders,
+)
 from services.http_limits import MAX_BODY_BYTES, BodyLimit
-from services.openai_protocol import ChatCompletionRequest, CompletionRequest, error_body, now
+from services.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DocumentCreateRequest,
+    DocumentFields,
+    DocumentRef,
+    error_body,
+    now,
+)
 from services.openai_render import ChatRenderer, CompletionRenderer
 from services.openai_serving import Generation, HTTPError, OpenAIServing, internal_error_body
 from services.request_metrics import count_outcome
@@ -115,13 +132,15 @@ def build_frontend(
     pools: Callable[[], Awaitable[list[dict]]] | None = None,
     app_metrics: Callable[[], Awaitable[bytes]] | None = None,
 ) -> FastAPI:
-    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /v1/pools, /health, /metrics.
+    """The HTTP app: /v1/completions, /v1/chat/completions, /v1/documents, /v1/models, /v1/pools, /health,
+    /metrics.
 
     `serving` holds the engine client (AsyncLLM in this process, or the Ray pools' DisaggregatedClient)
     with the model name, SLO classes, admission, in-flight cap and prices; `api_key` guards every path
     but /health; `pools()` lists the pools for /v1/pools; `app_metrics()` renders /metrics for the whole
     app (default: this process's registry)."""
     llm, model_name = serving.llm, serving.model_name
+    store = DocumentStore()  # documents stored through /v1/documents
     app = FastAPI(title="Ridgeline", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit)  # outermost: nothing reads a body past the limit
     _add_error_handlers(app, model_name)
@@ -174,12 +193,24 @@ def build_frontend(
         slo = serving.slo_class(http, req.priority)
         rid = f"cmpl-{http.state.request_id}"
         prompts = req.prompts()
+        spans = None
+        if req.documents:
+            prompts, spans = await _completion_documents(serving, store, req, prompts)
         echo = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if req.echo else None
         renderer = CompletionRenderer(
             rid, now(), model_name, llm.tokenizer, req.return_token_ids, echo, req.n
         )
         gen = Generation(
-            prompts, params, req.cache_salt, slo, "text_completion", req.stream, _usage_wanted(req), req.user
+            prompts,
+            params,
+            req.cache_salt,
+            slo,
+            "text_completion",
+            req.stream,
+            _usage_wanted(req),
+            req.user,
+            spans,
+            _recompute(req),
         )
         return await serving.respond(http, rid, gen, renderer)
 
@@ -198,23 +229,107 @@ def build_frontend(
         )
         if req.max_completion_tokens:
             params.max_tokens = req.max_completion_tokens
-        messages = _checked(
-            template_messages, messages=[m.model_dump(exclude_none=True) for m in req.messages]
-        )
         offered = template_tools(tools) if choice != "none" else None
-        text = await asyncio.to_thread(_render_chat, llm.tokenizer, messages, offered)
-        prompt = await serving.tokenize(text, add_special_tokens=False)  # the template wrote them
+        prompt, spans = await _chat_prompt(serving, store, req, offered)
         slo = serving.slo_class(http, req.priority)
         rid = f"chatcmpl-{http.state.request_id}"
         renderer = ChatRenderer(
             rid, now(), model_name, llm.tokenizer, req.return_token_ids, top, choice, req.parallel_tool_calls
         )
         gen = Generation(
-            [prompt], params, req.cache_salt, slo, "chat", req.stream, _usage_wanted(req), req.user
+            [prompt],
+            params,
+            req.cache_salt,
+            slo,
+            "chat",
+            req.stream,
+            _usage_wanted(req),
+            req.user,
+            spans,
+            _recompute(req),
         )
         return await serving.respond(http, rid, gen, renderer)
 
+    _add_document_routes(app, serving, store)
     return app
+
+
+def _add_document_routes(app: FastAPI, serving: OpenAIServing, store: DocumentStore) -> None:
+    """POST /v1/documents computes a document's KV now and keeps it (the in-process engine pins it in its
+    document cache); prompts then name it by id. GET lists a tenant's (by cache_salt), DELETE drops one."""
+    llm = serving.llm
+
+    @app.post("/v1/documents")
+    async def create_document(http: Request):
+        req = await _parse(http, DocumentCreateRequest)
+        if req.model is not None:
+            serving.check_model(req.model)
+        ids = await serving.tokenize(req.text, False)
+        _checked(check_length, ids=ids, max_len=llm.max_model_len)
+        try:
+            await llm.add_document(ids, req.cache_salt)
+        except ValueError as e:
+            raise HTTPError.bad_request(e) from None
+        return store.add(ids, req.cache_salt).describe()
+
+    @app.get("/v1/documents")
+    async def list_documents(cache_salt: str | None = None):
+        return {"object": "list", "data": [d.describe() for d in store.list(cache_salt)]}
+
+    @app.delete("/v1/documents/{doc_id}")
+    async def delete_document(doc_id: str, cache_salt: str | None = None):
+        doc = store.remove(doc_id, cache_salt)
+        if doc is None:
+            body = error_body(f"document {doc_id!r} not found", param="document_id", code="not_found")
+            return JSONResponse(body, status_code=404)
+        await llm.remove_document(doc.token_ids, cache_salt)
+        return {"id": doc_id, "object": "document.deleted", "deleted": True}
+
+
+async def _completion_documents(
+    serving: OpenAIServing, store: DocumentStore, req: CompletionRequest, prompts: list
+) -> tuple[list, list[tuple[DocumentSpan, ...]]]:
+    """Each prompt with the documents after the tokenizer's start token, before the prompt's own tokens."""
+    if req.echo:
+        raise HTTPError(400, "echo: not with documents", param="echo")
+    docs = await _resolved(serving, store, req.cache_salt, req.documents or [])
+    start = await serving.tokenize("", True)
+    rest = [await serving.tokenize(p, False) if isinstance(p, str) else list(p) for p in prompts]
+    built = [join([start] + [[]] * (len(docs) - 1) + [r], docs) for r in rest]
+    return [ids for ids, _ in built], [s for _, s in built]
+
+
+async def _chat_prompt(
+    serving: OpenAIServing, store: DocumentStore, req: ChatCompletionRequest, offered: list[dict] | None
+) -> tuple[list[int], list[tuple[DocumentSpan, ...]] | None]:
+    """The conversation's token ids through the chat template, and its document segments (services/documents.py)
+    when it has document parts or a documents field."""
+    raw = [m.model_dump(exclude_none=True) for m in req.messages]
+    refs = None
+    if req.documents or any(isinstance(m.get("content"), list) for m in raw):
+        raw, refs = _checked(with_placeholders, messages=raw, extra=req.documents or [])
+    messages = _checked(template_messages, messages=raw)
+    text = await asyncio.to_thread(_render_chat, serving.llm.tokenizer, messages, offered)
+    if refs is None:
+        return await serving.tokenize(text, add_special_tokens=False), None  # the template wrote them
+    pieces = _checked(split_rendered, text=text, count=len(refs))
+    docs = await _resolved(serving, store, req.cache_salt, refs)
+    prompt, spans = join([await serving.tokenize(p, False) for p in pieces], docs)
+    return prompt, [spans]
+
+
+async def _resolved(
+    serving: OpenAIServing, store: DocumentStore, cache_salt: str | None, refs: list[DocumentRef]
+) -> list[list[int]]:
+    """The documents' tokens; an unknown id or an oversize document is the client's 400."""
+    try:
+        return await document_tokens(refs, store, cache_salt, serving.tokenize, serving.llm.max_model_len)
+    except ValueError as e:
+        raise HTTPError.bad_request(e) from None
+
+
+def _recompute(req: DocumentFields) -> dict | None:
+    return None if req.document_recompute is None else req.document_recompute.model_dump(exclude_none=True)
 
 
 def _count_unserved(request: Request, model_name: str, outcome: str) -> None:

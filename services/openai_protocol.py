@@ -48,6 +48,46 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = None
 
 
+class DocumentRef(BaseModel):
+    """A document of a RAG prompt (engine/documents.py): one stored through /v1/documents, by id, or its text."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    text: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "DocumentRef":
+        if (self.id is None) == (self.text is None):
+            raise ParameterError("id", "a document gives exactly one of 'id' and 'text'")
+        return self
+
+
+class DocumentRecomputeFields(BaseModel):
+    """Which tokens of each reused document are recomputed in the prompt (engine/documents.py:
+    DocumentRecompute); a field left out keeps the pool's setting."""
+
+    model_config = ConfigDict(extra="forbid")
+    first_tokens: int | None = None
+    ratio: float | None = None
+    select_layer: int | None = None
+
+
+class DocumentCreateRequest(BaseModel):
+    """POST /v1/documents: a document's KV computed now and kept, for prompts to name by id."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(..., min_length=1)
+    model: str | None = None
+    cache_salt: str | None = None
+
+
+class DocumentFields(BaseModel):
+    """The RAG extension both endpoints share: documents whose KV is reused from the document cache."""
+
+    documents: list[DocumentRef] | None = Field(default=None, min_length=1)
+    document_recompute: DocumentRecomputeFields | None = None
+
+
 class SamplingFields(BaseModel):
     """The sampling parameters both endpoints share, OpenAI's plus the ones vLLM users expect. A field
     this server does not know is a 400 naming it (extra="forbid"), never silently dropped."""
@@ -153,7 +193,10 @@ Prompt = str | list[int]
 MAX_PROMPTS = 64  # prompts in one completions request (each is a request to the engine)
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, DocumentFields):
+    """`documents` go after the tokenizer's start token and before the prompt (chat places them anywhere,
+    as document content parts)."""
+
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ..., description="text, token ids, or a list of either (a batch)"
     )
@@ -182,19 +225,38 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
+    """A text part, or a document part ({"type": "document", "id"} or {"type": "document", "text"}): a document
+    whose KV is reused from the document cache wherever the part sits (engine/documents.py)."""
+
     model_config = ConfigDict(extra="forbid")
     type: str
     text: str = ""
+    id: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data):
         """Before the fields: an image part's own fields are not the reason it is refused."""
-        if isinstance(data, dict) and data.get("type") != "text":
+        if isinstance(data, dict) and data.get("type") not in ("text", "document"):
             raise ParameterError(
-                "type", f"{data.get('type')!r} parts are not supported: this model reads 'text'"
+                "type",
+                f"{data.get('type')!r} parts are not supported: this model reads 'text' and 'document'",
             )
         return data
+
+    @model_validator(mode="after")
+    def _document_named(self) -> "TextPart":
+        if self.type == "text" and self.id is not None:
+            raise ParameterError("id", "only a 'document' part has an id")
+        if self.type == "document" and (self.id is None) == (not self.text):
+            raise ParameterError("id", "a document part gives exactly one of 'id' and 'text'")
+        return self
+
+    @property
+    def document(self) -> DocumentRef | None:
+        if self.type != "document":
+            return None
+        return DocumentRef(id=self.id) if self.id is not None else DocumentRef(text=self.text)
 
 
 class ChatMessage(BaseModel):
@@ -207,9 +269,9 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _content_given(self) -> "ChatMessage":
-        """Text parts are joined by newlines (as vLLM does); only an assistant turn may leave its content
-        null (OpenAI: when it made tool calls)."""
-        if isinstance(self.content, list):
+        """Text parts are joined by newlines (as vLLM does), unless there are document parts (the frontend
+        places those); only an assistant turn may leave its content null (OpenAI: when it made tool calls)."""
+        if isinstance(self.content, list) and all(part.type == "text" for part in self.content):
             self.content = "\n".join(part.text for part in self.content)
         if self.content is None:
             if self.role != "assistant":
@@ -220,7 +282,9 @@ class ChatMessage(BaseModel):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, DocumentFields):
+    """`documents` go at the start of the last user message, as document parts would."""
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False

@@ -27,6 +27,7 @@ from control_plane.concurrency_limit import ConcurrencyLimit, FixedLimit
 from control_plane.cost import PriceList
 from control_plane.slo import DEFAULT_SLO_TABLE, SLOClass, SLOTable
 from engine.async_llm import EngineDeadError
+from engine.documents import DocumentSpan
 from engine.outputs import RequestOutput
 from engine.protocol import EngineClient
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -111,6 +112,16 @@ class Generation:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     user: str | None = None  # the client's end-user id, recorded on the trace span
+    # RAG (services/documents.py): per prompt, its document segments (token ids only); which of their tokens
+    # are recomputed (DocumentRecompute's fields given; the pool's setting for the rest)
+    documents: list[tuple[DocumentSpan, ...]] | None = None
+    document_recompute: dict | None = None
+
+    def document_options(self, prompt: int) -> dict:
+        """EngineClient.generate's document arguments for prompt k (none without documents)."""
+        if not self.documents or not self.documents[prompt]:
+            return {}
+        return {"documents": self.documents[prompt], "document_recompute": self.document_recompute}
 
 
 class OpenAIServing:
@@ -260,7 +271,7 @@ class OpenAIServing:
         )
 
     async def start(
-        self, http: Request, request_id: str, prompt: str | list[int], gen: Generation
+        self, http: Request, request_id: str, prompt: str | list[int], gen: Generation, index: int = 0
     ) -> "Flight":
         """The first output of one prompt's request: bad input and admission surface here, before any byte
         of the response. The flight's stream is accounted (cost) and timed (metrics) as it is consumed."""
@@ -295,6 +306,7 @@ class OpenAIServing:
             preemptible=slo.preemptible,
             slo_class=slo.name,
             trace_context=tracing.inject(span),
+            **gen.document_options(index),
         )
         try:
             first = await anext(stream)
@@ -385,7 +397,7 @@ class OpenAIServing:
         flights: list[Flight] = []
         try:
             for k, prompt in enumerate(gen.prompts):
-                flights.append(await self.start(http, f"{request_id}-{k}", prompt, gen))
+                flights.append(await self.start(http, f"{request_id}-{k}", prompt, gen, k))
         except BaseException:
             for flight in flights:
                 await flight.close()

@@ -9,11 +9,13 @@ disconnect) cancels the calls in flight, which aborts the request in every worke
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import ray.exceptions
 
 from engine.async_llm import EngineDeadError
+from engine.documents import DocumentSpan
 from engine.llm_engine import check_prompt_ids
 from engine.outputs import ComputeUsage, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -75,6 +77,20 @@ class DisaggregatedClient:
         """Its stream stops at its next output, which cancels the pools' calls (aborting it there)."""
         self._aborted.add(request_id)
 
+    async def add_document(self, token_ids: list[int], cache_salt: str | None) -> None:
+        """Computed now by a prompt of the document alone (one token generated), on the worker the router
+        picks; that worker's document cache keeps it least recently used (not pinned: another worker
+        computes it again on its first prompt that holds it)."""
+        rid = f"document-{uuid.uuid4().hex}"
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        async for _ in self.generate(
+            rid, list(token_ids), params, cache_salt=cache_salt, documents=(DocumentSpan(0, len(token_ids)),)
+        ):
+            pass
+
+    async def remove_document(self, token_ids: list[int], cache_salt: str | None) -> None:
+        """Nothing is pinned on the workers: their document caches let it go as it ages."""
+
     def check_health(self) -> None:
         """The pools' replicas answer Serve's health checks themselves (a failing one is replaced and its
         requests migrate): nothing of theirs is checked from here."""
@@ -89,8 +105,11 @@ class DisaggregatedClient:
         preemptible: bool = True,
         slo_class: str = "standard",
         trace_context: dict | None = None,
+        documents: tuple[DocumentSpan, ...] = (),
+        document_recompute: dict | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first."""
+        """Cumulative outputs, as AsyncLLM.generate gives them; bad input raises ValueError first. Documents
+        are assembled by the worker that computes the prompt."""
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(prompt_ids, self.vocab_size, self.max_model_len)
         params.check_vocab(self.vocab_size)
@@ -116,6 +135,8 @@ class DisaggregatedClient:
                         preemptible=preemptible,
                         slo_class=slo_class,
                         trace_context=dict(trace_context or {}),
+                        documents=tuple(documents),
+                        document_recompute=document_recompute,
                     )
                 )
             )

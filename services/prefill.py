@@ -65,6 +65,7 @@ class PrefillWorker(EngineWorker):
                 first_only,
                 hold_kv=True,
                 cache_salt=req.cache_salt,
+                **req.document_options(),
                 priority=req.priority,
                 preemptible=req.preemptible,
             ):

@@ -8,6 +8,7 @@ stopped because both sides count the same tokens.
 
 from dataclasses import dataclass, field
 
+from engine.documents import DocumentSpan
 from engine.outputs import CompletionOutput, ComputeUsage, RequestOutput
 from engine.sampling_params import SamplingParams
 from services.transport import KVHandle
@@ -35,6 +36,14 @@ class WorkerRequest:
     slo_class: str = "standard"  # the class's name (metrics and traces)
     trace_context: dict = field(default_factory=dict)  # W3C trace context carrier (observability/tracing.py)
     kv_handle: KVHandle | None = None
+    # RAG: the prompt's document segments and their recompute fields (engine/documents.py); the worker that
+    # computes the prompt assembles them
+    documents: tuple[DocumentSpan, ...] = ()
+    document_recompute: dict | None = None
+
+    def document_options(self) -> dict:
+        """EngineRequest's document fields, for the worker that computes the prompt."""
+        return {"documents": self.documents, "document_recompute": self.document_recompute}
 
 
 @dataclass
