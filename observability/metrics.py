@@ -147,7 +147,9 @@ DRAFT_LATENCY = Histogram(
 #   ridgeline_kv_moved_bytes_total{tier,direction},
 #   ridgeline_spec_draft_tokens_total, ridgeline_spec_accepted_tokens_total, ridgeline_spec_verifications_total,
 #   ridgeline_kv_format_{capacity,used}_blocks{kv_dtype}, ridgeline_kv_format_used_bytes{kv_dtype},
-#   ridgeline_kv_saved_bytes, ridgeline_kv_aged_blocks_total, ridgeline_kv_format_tier_blocks{tier,kv_dtype}
+#   ridgeline_kv_saved_bytes, ridgeline_kv_aged_blocks_total, ridgeline_kv_format_tier_blocks{tier,kv_dtype},
+#   ridgeline_document_lookups_total{outcome}, ridgeline_document_tokens_total{kind},
+#   ridgeline_document_fallbacks_total, ridgeline_document_cache_blocks
 ENGINE_GAUGES = {
     "ridgeline_num_requests_running": "Requests in the engine's running batch",
     "ridgeline_num_requests_waiting": "Requests waiting to be scheduled (incl. preempted)",
@@ -158,6 +160,7 @@ ENGINE_GAUGES = {
     "policy's low-bit one (turboquantN)",
     "ridgeline_kv_format_used_blocks": "HBM KV blocks in use by format",
     "ridgeline_kv_format_used_bytes": "HBM KV bytes in use by format",
+    "ridgeline_document_cache_blocks": "KV blocks the document cache holds (RAG documents at canonical positions)",
     "ridgeline_kv_saved_bytes": "HBM bytes the low-bit blocks in use save against holding them in the pool's "
     "format",
     "ridgeline_kv_format_tier_blocks": "Coded KV blocks a DRAM or SSD tier holds, by format (a KV age "
@@ -174,6 +177,12 @@ ENGINE_COUNTERS = {
     "ridgeline_spec_draft_tokens": "Drafted tokens verified (speculative decoding proposals)",
     "ridgeline_spec_accepted_tokens": "Drafted tokens accepted",
     "ridgeline_kv_aged_blocks": "KV blocks a KV age policy re-encoded into the low-bit pool",
+    "ridgeline_document_lookups": "Prompt documents looked up in the document cache: hit (reused) or miss "
+    "(computed into it)",
+    "ridgeline_document_tokens": "Document tokens of assembled prompts: reused from the document cache, or "
+    "recomputed in place (the recompute selection)",
+    "ridgeline_document_fallbacks": "Prompts whose documents found no room in the document cache (computed as "
+    "plain prompts)",
     "ridgeline_spec_verifications": "Verifications (a request's drafts checked in one step); accepted / "
     "verifications is the mean accepted length",
 }

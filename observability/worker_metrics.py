@@ -35,6 +35,11 @@ class EngineSnapshot:
     kv_formats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     kv_blocks_aged: int = 0
     tier_formats: dict[tuple[str, str], int] = field(default_factory=dict)  # (tier, coded format) -> blocks
+    # RAG documents: lookups (hit, miss), tokens (reused, recomputed), fallbacks, blocks the cache holds
+    document_lookups: tuple[int, int] = (0, 0)
+    document_tokens: tuple[int, int] = (0, 0)
+    document_fallbacks: int = 0
+    document_cache_blocks: int = 0
 
 
 _sources: dict[int, tuple[dict[str, str], Callable[[], EngineSnapshot]]] = {}
@@ -75,6 +80,7 @@ class _EngineCollector:
             counters["ridgeline_spec_verifications"].add_metric(base, s.spec_verifications)
             counters["ridgeline_kv_aged_blocks"].add_metric(base, s.kv_blocks_aged)
             _add_formats(gauges, base, s)
+            _add_documents(gauges, counters, base, s)
             for tier, n in s.hit_blocks.items():
                 counters["ridgeline_kv_hit_blocks"].add_metric([*base, tier], n)
             for (tier, direction), n in s.moved_bytes.items():
@@ -101,6 +107,15 @@ def _add_formats(gauges: dict[str, GaugeMetricFamily], base: list[str], s: Engin
         gauges["ridgeline_kv_format_tier_blocks"].add_metric([*base, tier, fmt], n)
 
 
+def _add_documents(gauges: dict, counters: dict, base: list[str], s: EngineSnapshot) -> None:
+    for outcome, n in zip(("hit", "miss"), s.document_lookups, strict=True):
+        counters["ridgeline_document_lookups"].add_metric([*base, outcome], n)
+    for kind, n in zip(("reused", "recomputed"), s.document_tokens, strict=True):
+        counters["ridgeline_document_tokens"].add_metric([*base, kind], n)
+    counters["ridgeline_document_fallbacks"].add_metric(base, s.document_fallbacks)
+    gauges["ridgeline_document_cache_blocks"].add_metric(base, s.document_cache_blocks)
+
+
 def _labels(name: str) -> list[str]:
     extra = {
         "ridgeline_kv_capacity_blocks": ["tier"],
@@ -112,6 +127,8 @@ def _labels(name: str) -> list[str]:
         "ridgeline_kv_format_used_blocks": ["kv_dtype"],
         "ridgeline_kv_format_used_bytes": ["kv_dtype"],
         "ridgeline_kv_format_tier_blocks": ["tier", "kv_dtype"],
+        "ridgeline_document_lookups": ["outcome"],
+        "ridgeline_document_tokens": ["kind"],
     }
     return ["model", "pool", "role", *extra.get(name, [])]
 

@@ -36,6 +36,10 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         kv_formats={"bfloat16": (100, 30, 2048), "turboquant4": (300, 50, 544)},
         kv_blocks_aged=61,
         tier_formats={("dram", "turboquant4"): 33, ("ssd", "turboquant4"): 5},
+        document_lookups=(11, 3),
+        document_tokens=(900, 120),
+        document_fallbacks=2,
+        document_cache_blocks=48,
     )
     token = register_worker(labels, lambda: snapshot)
     try:
@@ -65,6 +69,12 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         assert got[("ridgeline_kv_aged_blocks_total", base)] == 61
         assert at("ridgeline_kv_format_tier_blocks", tier="dram", kv_dtype="turboquant4") == 33
         assert at("ridgeline_kv_format_tier_blocks", tier="ssd", kv_dtype="turboquant4") == 5
+        assert at("ridgeline_document_lookups_total", outcome="hit") == 11
+        assert at("ridgeline_document_lookups_total", outcome="miss") == 3
+        assert at("ridgeline_document_tokens_total", kind="reused") == 900
+        assert at("ridgeline_document_tokens_total", kind="recomputed") == 120
+        assert got[("ridgeline_document_fallbacks_total", base)] == 2
+        assert got[("ridgeline_document_cache_blocks", base)] == 48
     finally:
         unregister_worker(token)
     assert ("ridgeline_num_requests_running", base) not in _samples()
