@@ -433,8 +433,10 @@ class LLMEngine:
         )
 
     def _recompute(self, request: EngineRequest) -> DocumentRecompute:
-        """The request's document recompute: its own, or its fields over the engine's."""
-        wanted = request.document_recompute
+        return self.resolve_recompute(request.document_recompute)
+
+    def resolve_recompute(self, wanted: DocumentRecompute | dict | None) -> DocumentRecompute:
+        """A request's document recompute: its own, or its fields over the engine's."""
         if isinstance(wanted, dict):
             return replace(self.config.document_recompute, **wanted)
         return wanted or self.config.document_recompute
@@ -445,10 +447,6 @@ class LLMEngine:
         if self.config.cache.kv_age_policy is not None:
             raise ParameterError(
                 "documents", "not with a kv_age_policy: a pool either ages KV or assembles documents"
-            )
-        if request.kv_computed_tokens or request.output_token_ids:
-            raise ParameterError(
-                "documents", "a request resumed from another worker's KV has none to assemble"
             )
 
     def _sequence(self, request: EngineRequest, prompt_ids: list[int], resumed: list[int], i: int) -> Request:

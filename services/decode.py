@@ -86,8 +86,9 @@ class DecodeWorker(EngineWorker):
                 output_logprobs=req.output_logprobs,
                 kv_computed_tokens=computed,
                 cache_salt=req.cache_salt,
-                # the prompt computed here (aggregated, or its prefill lost): its documents are assembled here
-                **(req.document_options() if not computed and not req.output_token_ids else {}),
+                # assembled here when the prompt is computed here (aggregated, or its prefill lost); handed-over
+                # KV hashes with them as the prefill worker's did
+                **req.document_options(),
                 priority=req.priority,
                 preemptible=req.preemptible,
             ):
@@ -113,7 +114,13 @@ class DecodeWorker(EngineWorker):
         try:  # cancelled meanwhile: the reservation is freed and the owner told to free its blocks
             reserved = await self.llm.call(
                 lambda e: e.kv_handoff.reserve(
-                    request_id, handle.num_tokens, req.prompt_token_ids, req.cache_salt, coded
+                    request_id,
+                    handle.num_tokens,
+                    req.prompt_token_ids,
+                    req.cache_salt,
+                    coded,
+                    req.documents,
+                    e.resolve_recompute(req.document_recompute),
                 ),
                 undo=lambda e, _: e.kv_handoff.free_reserved(request_id),
             )

@@ -3,6 +3,7 @@ disaggregated serving), and blocks a finished request holds until a puller has t
 
 from dataclasses import dataclass
 
+from engine.documents import DocumentRecompute, DocumentSpan
 from engine.errors import ParameterError
 from engine.kv.block_hash import update_block_hashes
 from engine.kv.block_manager import BlockManager
@@ -34,12 +35,16 @@ class KVHandoff:
         token_ids: list[int] | None = None,
         cache_salt: str | None = None,
         coded: list[int] | None = None,
+        documents: tuple[DocumentSpan, ...] = (),
+        recompute: DocumentRecompute | None = None,
     ) -> KVReservation | None:
         """Blocks for `num_tokens` tokens of KV that another worker will write; None when memory is short.
 
         Given the tokens, full blocks already in this engine's prefix cache are reused: only the blocks
         after `num_cached_blocks` need to be filled. `coded`: per block, the coded pool (of a KV age policy)
         its KV arrives in, or -1 for the 16-bit pool (a block taken from the prefix cache is 16-bit anyway).
+        `documents`, `recompute`: the prompt's document segments as the sender assembled them (its blocks from
+        the first document on hash with the assembly, so only such blocks count as cached).
         """
         if num_tokens < 1:
             raise ParameterError("num_tokens", f"got {num_tokens}, allowed >= 1")
@@ -50,6 +55,7 @@ class KVHandoff:
             probe = Request(
                 request_id, token_ids[:num_tokens], SamplingParams(), hash_extra=self.hash_extra(cache_salt)
             )
+            probe.set_documents(documents, recompute or DocumentRecompute())
             update_block_hashes(probe, self.block_manager.block_size)
             hits = self.block_manager.cached_prefix(probe.block_hashes)
         num_blocks = -(-num_tokens // self.block_manager.block_size)

@@ -217,3 +217,63 @@ def test_bad_documents_are_refused(engine, tiny_model):
     )
     with pytest.raises(ParameterError, match="kv_age_policy"):
         aging.add_request(EngineRequest("bad", ids, documents=spans))
+
+
+def test_disaggregated_handoff_of_an_assembled_prompt(tiny_model):
+    """A prefill engine assembles the documents and holds the KV; a decode engine reserves with the same
+    documents (its prefix hits only KV assembled alike), takes the blocks and continues: the output equals
+    one engine's, and the decode engine's cache never serves those blocks to a plain prompt."""
+    make = lambda: LLMEngine.from_pretrained(
+        tiny_model("llama"), device="cpu", dtype="float32", num_blocks=64
+    )  # noqa: E731
+    prefill, decode, single = make(), make(), make()
+    ids, spans, _ = rag_prompt(lengths=(40, 33, 35))
+    rc = DocumentRecompute(first_tokens=3)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    want = generate(single, "one", ids, spans, rc, max_tokens=6)[0]
+
+    prefill.add_request(
+        EngineRequest(
+            "r",
+            ids,
+            SamplingParams(max_tokens=1, temperature=0.0),
+            hold_kv=True,
+            documents=spans,
+            document_recompute=rc,
+        )
+    )
+    done = []
+    while prefill.has_unfinished_requests():
+        done += [o for o in prefill.step() if o.finished]
+    (first,) = done
+    src = prefill.kv_handoff.held("r")
+    reserved = decode.kv_handoff.reserve("r", len(ids), ids, documents=spans, recompute=rc)
+    assert reserved.num_cached_blocks == 0
+    for s, d in zip(src, reserved.block_ids, strict=True):
+        decode.kv_pool[d] = prefill.kv_pool[s]
+    prefill.kv_handoff.release("r")
+    decode.add_request(
+        EngineRequest(
+            "r",
+            ids,
+            params,
+            output_token_ids=first.outputs[0].token_ids,
+            kv_computed_tokens=len(ids),
+            documents=spans,
+            document_recompute=rc,
+        )
+    )
+    got = []
+    while decode.has_unfinished_requests():
+        got += [o for o in decode.step() if o.finished]
+    assert got[0].outputs[0].token_ids == want
+    # the handed-over blocks are cached under the assembly's hashes: a second handoff of the same assembly
+    # finds them, a plain prompt of the same tokens does not
+    again = decode.kv_handoff.reserve("again", len(ids), ids, documents=spans, recompute=rc)
+    assert again.num_cached_blocks == len(ids) // 16
+    decode.kv_handoff.free_reserved("again")
+    plain = decode.kv_handoff.reserve("plain", len(ids), ids)
+    assert plain.num_cached_blocks == spans[0].start // 16
+    decode.kv_handoff.free_reserved("plain")
+    assert prefill.block_manager.num_free_blocks == 64 - prefill.documents.cache.num_blocks
+    assert decode.block_manager.num_free_blocks == 64
