@@ -2,12 +2,15 @@
 events (engine/kv/events.py: block hashes stored/removed per tier), rebuilt from a snapshot when a worker
 (re)registers, and forgetting a worker whose registration lapsed. No torch, no Ray.
 
+Document keys (RAG documents' KV, engine/documents.py) are indexed like block hashes; `held` counts them
+wherever they sit in a prompt, not as a prefix.
+
 A node's KV memory service is a source of its own (its DRAM and SSD tiers); `share` makes its blocks
 count for every worker on that node.
 """
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from control_plane.tiers import TIERS
@@ -92,6 +95,24 @@ class KVIndex:
         """Blocks `source` holds (a node's KV memory service) can be loaded by `worker`."""
         with self._lock:
             self._shared.setdefault(worker, set()).add(source)
+
+    def held(self, entries: Sequence[tuple[bytes, int]], workers: Iterable[str]) -> dict[str, PrefixMatch]:
+        """For each worker, the blocks of these entries ((key, blocks) each: a prompt's documents) it (or a
+        source it shares) holds, each entry in the fastest tier holding it, wherever it sits in the prompt."""
+        out = {}
+        with self._lock:
+            for worker in workers:
+                sources = (worker, *self._shared.get(worker, ()))
+                counts = [0, 0, 0]
+                for key, blocks in entries:
+                    holders = self._where.get(key) or {}
+                    mask = 0
+                    for source in sources:
+                        mask |= holders.get(source, 0)
+                    if mask:
+                        counts[(mask & -mask).bit_length() - 1] += blocks
+                out[worker] = PrefixMatch(*counts)
+        return out
 
     def match(self, block_hashes: list[bytes], workers: Iterable[str]) -> dict[str, PrefixMatch]:
         """For each worker, its longest run of the leading blocks it (or a source it shares) holds, each

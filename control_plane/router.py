@@ -3,8 +3,10 @@
 
 `LeastLoadedPolicy` looks at load only. `KVAwarePolicy` prices each replica as the work the request would
 cost there: the blocks it would have to compute (those no tier of that replica holds), the blocks it would
-load from DRAM or SSD (cheaper than computing, not free), and the requests already queued there."""
+load from DRAM or SSD (cheaper than computing, not free), and the requests already queued there. A prompt's
+documents (RAG) count where a replica's document cache holds them, at any position."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from control_plane.kv_index import KVIndex
@@ -25,7 +27,13 @@ class LeastLoadedPolicy:
 
     name = "least_loaded"
 
-    def rank(self, loads: list[ReplicaLoad], block_hashes: list[bytes] | None = None) -> list[str]:
+    def rank(
+        self,
+        loads: list[ReplicaLoad],
+        block_hashes: list[bytes] | None = None,
+        documents: Sequence[tuple[bytes, int]] = (),
+        prompt_blocks: int | None = None,
+    ) -> list[str]:
         def key(load: ReplicaLoad):
             return max(load.ongoing, load.running + load.waiting), -load.kv_free_fraction, load.replica_id
 
@@ -60,19 +68,42 @@ class KVAwarePolicy:
             raise ValueError(f"queue_weight: got {queue_weight}, allowed >= 0")
         self.index, self.tier_costs, self.queue_weight = index, tier_costs, queue_weight
 
-    def costs(self, loads: list[ReplicaLoad], block_hashes: list[bytes]) -> dict[str, float]:
-        matches = self.index.match(block_hashes, [load.replica_id for load in loads])
+    def costs(
+        self,
+        loads: list[ReplicaLoad],
+        block_hashes: list[bytes],
+        documents: Sequence[tuple[bytes, int]] = (),
+        prompt_blocks: int | None = None,
+    ) -> dict[str, float]:
+        """block_hashes: the prompt's leading blocks that may be prefix hits (with documents, those before the
+        first one); documents: (key, blocks) of its documents; prompt_blocks: all its blocks (default: as
+        many as the hashes)."""
+        ids = [load.replica_id for load in loads]
+        matches = self.index.match(block_hashes, ids)
+        held = self.index.held(documents, ids) if documents else {}
+        total = len(block_hashes) if prompt_blocks is None else prompt_blocks
         out = {}
         for load in loads:
-            m, c = matches[load.replica_id], self.tier_costs
-            compute = len(block_hashes) - m.blocks
+            c = self.tier_costs
+            m = matches[load.replica_id]
+            d = held.get(load.replica_id)
+            hbm, dram, ssd = m.hbm, m.dram, m.ssd
+            if d is not None:
+                hbm, dram, ssd = hbm + d.hbm, dram + d.dram, ssd + d.ssd
+            compute = max(total - hbm - dram - ssd, 0)
             queued = max(load.ongoing, load.running + load.waiting)
-            queue = queued * self.queue_weight * max(len(block_hashes), 1)
-            out[load.replica_id] = compute + m.hbm * c.hbm + m.dram * c.dram + m.ssd * c.ssd + queue
+            queue = queued * self.queue_weight * max(total, 1)
+            out[load.replica_id] = compute + hbm * c.hbm + dram * c.dram + ssd * c.ssd + queue
         return out
 
-    def rank(self, loads: list[ReplicaLoad], block_hashes: list[bytes] | None = None) -> list[str]:
-        costs = self.costs(loads, block_hashes or [])
+    def rank(
+        self,
+        loads: list[ReplicaLoad],
+        block_hashes: list[bytes] | None = None,
+        documents: Sequence[tuple[bytes, int]] = (),
+        prompt_blocks: int | None = None,
+    ) -> list[str]:
+        costs = self.costs(loads, block_hashes or [], documents, prompt_blocks)
 
         def key(load: ReplicaLoad):
             return (

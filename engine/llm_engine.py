@@ -298,7 +298,7 @@ class LLMEngine:
         """Documents' KV (RAG) in blocks of the pool, up to max_document_blocks (default a quarter of it)."""
         limit = self.config.max_document_blocks
         cache = DocumentCache(
-            self.block_manager, self.block_manager.num_blocks // 4 if limit is None else limit
+            self.block_manager, self.block_manager.num_blocks // 4 if limit is None else limit, self.kv_events
         )
         scales = None if self.kv_format.scales is None else self.kv_format.scales.to(self.device)
         return DocumentAssembler(

@@ -343,8 +343,9 @@ class EngineWorker:
         return stats
 
     def _kv_snapshot(self) -> dict[str, list[bytes]]:
-        """Every block this worker holds, by tier (HBM from the prefix cache; DRAM/SSD of in-process tiers)."""
-        out = {"hbm": list(self.engine.block_manager.cached)}
+        """Every block this worker holds, by tier (HBM from the prefix cache and the document cache's keys;
+        DRAM/SSD of in-process tiers)."""
+        out = {"hbm": [*self.engine.block_manager.cached, *self.engine.documents.cache.entries]}
         store = self.kv_store
         if isinstance(store, TieredKVStore):  # the node's service reports its tiers itself
             out["dram"] = store.dram.hashes()

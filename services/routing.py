@@ -21,6 +21,7 @@ from control_plane.kv_index import KVIndex
 from control_plane.membership import RegistryView
 from control_plane.registry import keys
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
+from engine.documents import document_key
 from engine.kv.block_hash import hash_extra, prompt_block_hashes
 from observability import metrics, tracing  # (modules: Serve pickles this class by value; metrics hold locks)
 from services.messages.worker import RoutingStats, WorkerRegistration
@@ -204,16 +205,24 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
                 last = batch_seq
             seen[rid] = last
 
-    def _block_hashes(
+    def _prompt_keys(
         self, replicas: list[RunningReplica], pending_request: PendingRequest | None
-    ) -> list[bytes]:
+    ) -> tuple[list[bytes], list[tuple[bytes, int]], int]:
+        """(the prompt's block hashes a prefix hit may match, its documents as (key, blocks), its full blocks).
+        With documents, blocks from the first one on hash with how the worker assembles them: only those
+        before it are matched as a prefix, the documents on their own keys."""
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
         reported = next((r.routing_stats for r in replicas if r.routing_stats), None)
         stats = RoutingStats.from_dict(reported)
         if not isinstance(request, WorkerRequest) or not stats.kv_fingerprint:
-            return []
+            return [], [], 0
         extra = hash_extra(stats.kv_fingerprint, stats.kv_format, request.cache_salt)
-        return prompt_block_hashes(request.prompt_token_ids, stats.block_size, extra)
+        ids, bs = request.prompt_token_ids, stats.block_size
+        if not request.documents:
+            hashes = prompt_block_hashes(ids, bs, extra)
+            return hashes, [], len(hashes)
+        documents = [(document_key(ids[d.start : d.end], extra), d.length // bs) for d in request.documents]
+        return prompt_block_hashes(ids[: request.documents[0].start], bs, extra), documents, len(ids) // bs
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -221,9 +230,9 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         candidate_replicas = self._registered(candidate_replicas)
         self._sync(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        hashes = self._block_hashes(candidate_replicas, pending_request)
+        hashes, documents, prompt_blocks = self._prompt_keys(candidate_replicas, pending_request)
         policy = self._policy
-        order = policy.rank(self._loads(candidate_replicas), hashes)
+        order = policy.rank(self._loads(candidate_replicas), hashes, documents, prompt_blocks)
         if order:
             self._chose(order[0])
         matched = 0
@@ -239,7 +248,7 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             metrics.ROUTER_PROMPT_BLOCKS.labels(policy.name).inc(len(hashes))
             # the chosen replica will hold these blocks in a moment: count on it before its events say so
             # (so a burst sharing a prefix follows the first request); the next snapshot corrects a miss
-            self._index.apply(order[0], [("stored", "hbm", hashes)])
+            self._index.apply(order[0], [("stored", "hbm", hashes + [key for key, _ in documents])])
         self._traced(
             pending_request,
             policy.name,

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine.kv.block_manager import BlockManager
+from engine.kv.events import KVEventLog
 
 
 @dataclass
@@ -28,7 +29,8 @@ class DocumentEntry:
 
 
 class DocumentCache:
-    def __init__(self, block_manager: BlockManager, max_blocks: int):
+    def __init__(self, block_manager: BlockManager, max_blocks: int, events: KVEventLog | None = None):
+        """events: where documents' keys are recorded as stored / removed in HBM (for a KV-aware router)."""
         if max_blocks < 0:
             raise ValueError(f"max_document_blocks: got {max_blocks}, allowed >= 0")
         self.block_manager = block_manager
@@ -36,6 +38,7 @@ class DocumentCache:
         self.entries: OrderedDict[bytes, DocumentEntry] = OrderedDict()  # least recently used first
         self.num_blocks = 0  # held by entries
         self.evictions = 0
+        self.events = events or KVEventLog()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -71,6 +74,7 @@ class DocumentCache:
         entry.block_ids = block_ids
         self.entries[key] = entry
         self.num_blocks += need
+        self.events.record("stored", "hbm", key)
         return entry
 
     def remove(self, key: bytes) -> bool:
@@ -80,6 +84,7 @@ class DocumentCache:
             return False
         self.block_manager.free_blocks(entry.owner)
         self.num_blocks -= len(entry.block_ids)
+        self.events.record("removed", "hbm", key)
         return True
 
     def block_slots(self, entry: DocumentEntry, positions: range) -> list[int]:

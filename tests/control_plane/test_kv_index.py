@@ -158,3 +158,53 @@ def test_slo_classes_resolve_from_header_or_priority():
     assert table.kv_windows() == {0: 2048}
     with pytest.raises(ValueError, match="kv_window 0"):
         SLOClass("a", 0, 1, 1, kv_window=0)
+
+
+def test_documents_count_wherever_they_sit_in_the_prompt():
+    index = KVIndex()
+    index.apply("docs", [("stored", "hbm", [h(100), h(101)])])  # two documents' keys
+    index.apply("prefix", [("stored", "hbm", [h(1), h(2)])])
+    documents = [(h(101), 6), (h(100), 5), (h(102), 4)]  # another order, and one nobody holds
+    assert index.held(documents, ["docs", "prefix"]) == {"docs": PrefixMatch(hbm=11), "prefix": PrefixMatch()}
+    policy = KVAwarePolicy(index)
+    loads = [ReplicaLoad("prefix"), ReplicaLoad("docs")]
+    # 2 prefix blocks, then 15 blocks of documents and 3 more: the documents weigh more than the prefix
+    assert policy.rank(loads, [h(1), h(2)], documents, prompt_blocks=20) == ["docs", "prefix"]
+    assert policy.costs(loads, [h(1), h(2)], documents, prompt_blocks=20) == {"prefix": 18, "docs": 9}
+
+
+def test_a_worker_holding_the_documents_wins_and_reuses_them(llama):
+    """Real engines: a worker's document cache reports its documents' keys; the next prompt holding them (in
+    another order, after another system prompt) goes there and reuses them."""
+    from engine import SamplingParams
+    from engine.documents import DocumentSpan, document_key
+    from engine.request import EngineRequest
+
+    index = KVIndex()
+    workers = {name: _Worker(name, llama) for name in ("w0", "w1")}
+    docs = [[(7 * d + t) % 300 + 5 for t in range(40)] for d in range(3)]
+
+    def prompt(system, order):
+        ids, spans = list(system), []
+        for d in order:
+            spans.append(DocumentSpan(len(ids), len(docs[d])))
+            ids += docs[d]
+        return ids + [9, 8, 7], tuple(spans)
+
+    ids, spans = prompt([5] * 20, (0, 1, 2))
+    w1 = workers["w1"]
+    w1.engine.add_request(EngineRequest("first", ids, SamplingParams(max_tokens=1), documents=spans))
+    while w1.engine.has_unfinished_requests():
+        w1.engine.step()
+    index.apply("w1", w1.engine.kv_events.drain())
+    ids, spans = prompt([6] * 30, (2, 0, 1))
+    extra = w1.engine._hash_extra(None)
+    documents = [(document_key(ids[s.start : s.end], extra), s.length // 16) for s in spans]
+    loads = [ReplicaLoad("w0"), ReplicaLoad("w1", ongoing=1)]
+    assert KVAwarePolicy(index).rank(loads, [], documents, len(ids) // 16)[0] == "w1"
+    assert LeastLoadedPolicy().rank(loads)[0] == "w0"
+    hits = w1.engine.stats.document_hits
+    w1.engine.add_request(EngineRequest("second", ids, SamplingParams(max_tokens=1), documents=spans))
+    while w1.engine.has_unfinished_requests():
+        w1.engine.step()
+    assert w1.engine.stats.document_hits - hits == 3

@@ -223,10 +223,10 @@ def test_disaggregated_handoff_of_an_assembled_prompt(tiny_model):
     """A prefill engine assembles the documents and holds the KV; a decode engine reserves with the same
     documents (its prefix hits only KV assembled alike), takes the blocks and continues: the output equals
     one engine's, and the decode engine's cache never serves those blocks to a plain prompt."""
-    make = lambda: LLMEngine.from_pretrained(
-        tiny_model("llama"), device="cpu", dtype="float32", num_blocks=64
-    )  # noqa: E731
-    prefill, decode, single = make(), make(), make()
+    prefill, decode, single = (
+        LLMEngine.from_pretrained(tiny_model("llama"), device="cpu", dtype="float32", num_blocks=64)
+        for _ in range(3)
+    )
     ids, spans, _ = rag_prompt(lengths=(40, 33, 35))
     rc = DocumentRecompute(first_tokens=3)
     params = SamplingParams(max_tokens=6, temperature=0.0)
