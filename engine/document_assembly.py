@@ -9,11 +9,16 @@ into the pass as runs, each a sequence of the flattened batch that shares the re
 ends its context at the run's last token, so every attention backend runs it unchanged. A document the
 cache lacks is prefilled first, alone at positions 0.., in the same call.
 
+With KV tiers below HBM (a `KVStore`), a document goes down as soon as it is computed, each block under a
+key of its own (the document's key and the block's index), and a document the HBM cache lacks is loaded
+from the store before it is computed: evicted from HBM, or computed by another worker of the node.
+
 Re-rotating keys at assembly (not storing them before RoPE and rotating in the attention kernel, as MEPIC
 does) leaves the attention kernels and every decode step untouched; it costs one pass over the reused keys
 per prompt, measured in benchmarks/results/document_kv.json.
 """
 
+import hashlib
 import math
 from typing import cast
 
@@ -23,6 +28,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from engine.documents import DocumentSpan, document_key
 from engine.kv.block_manager import BlockManager
 from engine.kv.document_cache import DocumentCache, DocumentEntry
+from engine.kv.offload import KVStore
 from engine.models.decoder import DecoderForCausalLM, DecoderLayer
 from engine.request import Request
 from engine.stats import EngineStats
@@ -41,8 +47,10 @@ class DocumentAssembler:
         cache: DocumentCache,
         stats: EngineStats,
         kv_scales: torch.Tensor | None = None,
+        store: KVStore | None = None,
     ):
-        """kv_scales [L, 2, kv_heads]: an FP8 pool's scales (keys are re-rotated in their values)."""
+        """kv_scales [L, 2, kv_heads]: an FP8 pool's scales (keys are re-rotated in their values); store: the
+        KV tiers below HBM, where documents go down and come back from."""
         self.model = model
         self.kv_pool = kv_pool
         self.kv_caches = [kv_pool[:, i] for i in range(kv_pool.shape[1])]
@@ -52,6 +60,7 @@ class DocumentAssembler:
         self.cache = cache
         self.stats = stats
         self.kv_scales = kv_scales
+        self.store = store
         self.device = kv_pool.device
 
     @torch.inference_mode()
@@ -82,8 +91,9 @@ class DocumentAssembler:
             entry = self.cache.reserve(key, len(token_ids))
             if entry is None:
                 return None
-            with torch.inference_mode():
-                self._prefill([(entry, token_ids)])
+            if not self._load(entry):
+                with torch.inference_mode():
+                    self._prefill([(entry, token_ids)])
         entry.pinned = entry.pinned or pinned
         return entry
 
@@ -104,7 +114,10 @@ class DocumentAssembler:
                     for new, _ in missing:
                         self.cache.remove(new.key)
                     return None
-                missing.append((entry, request.prompt_token_ids[span.start : span.end]))
+                if self._load(entry):
+                    self.stats.document_tier_hits += 1
+                else:
+                    missing.append((entry, request.prompt_token_ids[span.start : span.end]))
             else:
                 entry.hits += 1
                 self.stats.document_hits += 1
@@ -115,11 +128,24 @@ class DocumentAssembler:
         return [entries[key] for key in keys]
 
     def _prefill(self, documents: list[tuple[DocumentEntry, list[int]]]) -> None:
-        """Documents' KV at positions 0.., each alone, in one pass."""
+        """Documents' KV at positions 0.., each alone, in one pass; then down to the tiers."""
         runs = [(entry.block_ids, 0, len(ids)) for entry, ids in documents]
         ids = [t for _, doc in documents for t in doc]
         self.stats.prompt_tokens_computed += len(ids)
         self.forward(ids, runs)
+        if self.store is not None:
+            for entry, _ in documents:
+                keys = tier_keys(entry.key, len(entry.block_ids))
+                self.store.offload(keys, [0] * len(keys), self.kv_pool, entry.block_ids, None)
+
+    def _load(self, entry: DocumentEntry) -> bool:
+        """A new entry's blocks from the tiers, when they hold every one intact."""
+        if self.store is None:
+            return False
+        keys = tier_keys(entry.key, len(entry.block_ids))
+        return self.store.lookup(keys) == len(keys) and self.store.load(
+            keys, self.kv_pool, entry.block_ids
+        ) == len(keys)
 
     def _place(
         self, spans: list[DocumentSpan], entries: list[DocumentEntry], table: list[int], start: int, end: int
@@ -242,6 +268,13 @@ class DocumentAssembler:
         self.backend.plan(meta, self.model.config.num_kv_heads)
         cos, sin = self.model.rotary.cos_sin(torch.tensor(positions, device=self.device))
         return ForwardContext(meta, self.kv_caches, self.backend, cos, sin)
+
+
+def tier_keys(key: bytes, num_blocks: int) -> list[bytes]:
+    """The keys a document's blocks have in the KV tiers: one per block, apart from every block hash."""
+    return [
+        hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(num_blocks)
+    ]
 
 
 def _runs(table: list[int], positions: list[int]) -> list[Run]:

@@ -284,6 +284,7 @@ class LLMEngine:
         self.offloader.close()
         self.offloader = self._offloader(factory)
         self.scheduler.offloader = self.block_manager.listener = self.offloader
+        self.documents.store = getattr(self.offloader, "store", None)
 
     def _kv_format(self) -> KVFormat:
         """The pool's format; an FP8 pool's scales calibrated now unless the checkpoint gave them."""
@@ -302,7 +303,14 @@ class LLMEngine:
         )
         scales = None if self.kv_format.scales is None else self.kv_format.scales.to(self.device)
         return DocumentAssembler(
-            self.model, self.kv_pool, self.runner.backend, self.block_manager, cache, self.stats, scales
+            self.model,
+            self.kv_pool,
+            self.runner.backend,
+            self.block_manager,
+            cache,
+            self.stats,
+            scales,
+            getattr(self.offloader, "store", None),
         )
 
     def _backend(self):

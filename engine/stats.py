@@ -20,6 +20,7 @@ class EngineStats:
     # into it; their tokens reused as cached, or recomputed in place; prompts that found no room for theirs
     document_hits: int = 0
     document_misses: int = 0
+    document_tier_hits: int = 0  # of the misses in HBM, documents loaded from the KV tiers (not computed)
     document_tokens_reused: int = 0
     document_tokens_recomputed: int = 0
     document_fallbacks: int = 0

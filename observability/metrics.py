@@ -177,8 +177,8 @@ ENGINE_COUNTERS = {
     "ridgeline_spec_draft_tokens": "Drafted tokens verified (speculative decoding proposals)",
     "ridgeline_spec_accepted_tokens": "Drafted tokens accepted",
     "ridgeline_kv_aged_blocks": "KV blocks a KV age policy re-encoded into the low-bit pool",
-    "ridgeline_document_lookups": "Prompt documents looked up in the document cache: hit (reused) or miss "
-    "(computed into it)",
+    "ridgeline_document_lookups": "Prompt documents looked up in the document cache: hit (in HBM), tier_hit "
+    "(loaded from DRAM or SSD) or miss (computed into it)",
     "ridgeline_document_tokens": "Document tokens of assembled prompts: reused from the document cache, or "
     "recomputed in place (the recompute selection)",
     "ridgeline_document_fallbacks": "Prompts whose documents found no room in the document cache (computed as "

@@ -35,8 +35,9 @@ class EngineSnapshot:
     kv_formats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     kv_blocks_aged: int = 0
     tier_formats: dict[tuple[str, str], int] = field(default_factory=dict)  # (tier, coded format) -> blocks
-    # RAG documents: lookups (hit, miss), tokens (reused, recomputed), fallbacks, blocks the cache holds
-    document_lookups: tuple[int, int] = (0, 0)
+    # RAG documents: lookups (hit in HBM, loaded from a tier, miss), tokens (reused, recomputed), fallbacks,
+    # blocks the HBM cache holds
+    document_lookups: tuple[int, int, int] = (0, 0, 0)
     document_tokens: tuple[int, int] = (0, 0)
     document_fallbacks: int = 0
     document_cache_blocks: int = 0
@@ -108,7 +109,7 @@ def _add_formats(gauges: dict[str, GaugeMetricFamily], base: list[str], s: Engin
 
 
 def _add_documents(gauges: dict, counters: dict, base: list[str], s: EngineSnapshot) -> None:
-    for outcome, n in zip(("hit", "miss"), s.document_lookups, strict=True):
+    for outcome, n in zip(("hit", "tier_hit", "miss"), s.document_lookups, strict=True):
         counters["ridgeline_document_lookups"].add_metric([*base, outcome], n)
     for kind, n in zip(("reused", "recomputed"), s.document_tokens, strict=True):
         counters["ridgeline_document_tokens"].add_metric([*base, kind], n)

@@ -253,7 +253,11 @@ class EngineWorker:
             kv_dtype=engine.kv_format.name,
             kv_formats=engine.kv_pool_formats(),
             kv_blocks_aged=engine.stats.kv_blocks_aged,
-            document_lookups=(engine.stats.document_hits, engine.stats.document_misses),
+            document_lookups=(
+                engine.stats.document_hits,
+                engine.stats.document_tier_hits,
+                engine.stats.document_misses,
+            ),
             document_tokens=(engine.stats.document_tokens_reused, engine.stats.document_tokens_recomputed),
             document_fallbacks=engine.stats.document_fallbacks,
             document_cache_blocks=engine.documents.cache.num_blocks,

@@ -36,7 +36,7 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         kv_formats={"bfloat16": (100, 30, 2048), "turboquant4": (300, 50, 544)},
         kv_blocks_aged=61,
         tier_formats={("dram", "turboquant4"): 33, ("ssd", "turboquant4"): 5},
-        document_lookups=(11, 3),
+        document_lookups=(11, 4, 3),
         document_tokens=(900, 120),
         document_fallbacks=2,
         document_cache_blocks=48,
@@ -70,6 +70,7 @@ def test_snapshot_becomes_labelled_samples_and_leaves_with_its_worker():
         assert at("ridgeline_kv_format_tier_blocks", tier="dram", kv_dtype="turboquant4") == 33
         assert at("ridgeline_kv_format_tier_blocks", tier="ssd", kv_dtype="turboquant4") == 5
         assert at("ridgeline_document_lookups_total", outcome="hit") == 11
+        assert at("ridgeline_document_lookups_total", outcome="tier_hit") == 4
         assert at("ridgeline_document_lookups_total", outcome="miss") == 3
         assert at("ridgeline_document_tokens_total", kind="reused") == 900
         assert at("ridgeline_document_tokens_total", kind="recomputed") == 120

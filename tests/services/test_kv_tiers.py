@@ -770,3 +770,44 @@ def test_one_tier_per_directory_and_a_restarted_replica_finds_its_slot(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode-0", "decode-1"]  # nothing piles up
     restarted.close()
     second.close()
+
+
+def test_documents_go_down_the_tiers_and_come_back_per_tenant(llama, tmp_path):
+    """A document evicted from the HBM document cache comes back from DRAM (then from SSD once DRAM let it
+    go) byte for byte: the prompt's output equals the one that computed it. Another tenant never finds it."""
+    from engine.documents import DocumentRecompute, DocumentSpan
+    from engine.llm_engine import LLMEngine
+    from engine.request import EngineRequest
+    from engine.sampling_params import SamplingParams
+
+    nbytes = _block_bytes(llama)
+    store = TieredKVStore(DramTier(6, nbytes, pin=False), SsdTier(tmp_path, 64, nbytes))
+    engine = LLMEngine.from_pretrained(llama, num_blocks=64, max_document_blocks=6, kv_store=store)
+    docs = [[(11 * d + t) % 300 + 5 for t in range(40)] for d in range(4)]  # 3 blocks each
+
+    def run(rid, d, salt=None, system=5, on=engine):
+        ids = [7] * system + docs[d] + [9, 8, 7, 6]
+        request = EngineRequest(
+            rid,
+            ids,
+            SamplingParams(max_tokens=5, temperature=0.0, logprobs=2),
+            documents=(DocumentSpan(system, 40),),
+            document_recompute=DocumentRecompute(first_tokens=2),
+            cache_salt=salt,
+        )
+        out = on.run([request])[0].outputs[0]
+        return out.token_ids, out.logprobs
+
+    stats = engine.stats
+    run("a", 0)
+    assert (stats.document_misses, stats.document_tier_hits) == (1, 0)
+    for d in (1, 2, 3):  # each evicts the least recently used one from HBM (6 blocks hold two)
+        run(f"d{d}", d)
+    assert store.stats["stored_blocks"] >= 12
+    again = run("a-again", 0, system=21)  # another offset: no prefix hit, the document comes from a tier
+    assert stats.document_tier_hits == 1 and stats.document_misses == 4  # loaded, not computed
+    fresh = LLMEngine.from_pretrained(llama, num_blocks=64)
+    assert again == run("a-fresh", 0, system=21, on=fresh)  # the same bytes as computing it
+    misses = stats.document_misses
+    run("other-tenant", 0, salt="b")
+    assert stats.document_misses == misses + 1 and stats.document_tier_hits == 1
