@@ -32,7 +32,7 @@ from engine.kv.offload import KVStore
 from engine.models.decoder import DecoderForCausalLM, DecoderLayer
 from engine.request import Request
 from engine.stats import EngineStats
-from kernels.kv_rerotate import rerotate_copy_ref
+from kernels.kv_rerotate import rerotate_copy, rerotate_copy_ref
 
 Run = tuple[list[int], int, int]  # (block table, first position, end): one sequence of the pass
 
@@ -165,7 +165,8 @@ class DocumentAssembler:
             placed.append((a, b))
         cos, sin = self.model.rotary.cos_sin(torch.tensor(offsets, device=self.device))
         as_tensor = lambda slots: torch.tensor(slots, dtype=torch.int64, device=self.device)  # noqa: E731
-        rerotate_copy_ref(self.kv_pool, as_tensor(src), as_tensor(dst), cos, sin, self.kv_scales)
+        copy = rerotate_copy if self.kv_pool.is_cuda else rerotate_copy_ref
+        copy(self.kv_pool, as_tensor(src), as_tensor(dst), cos, sin, self.kv_scales)
         return placed
 
     def _recompute(
