@@ -194,6 +194,7 @@ class DocumentAssembler:
             rows = keep.nonzero().flatten().tolist()
             self.forward([ids[i] for i in rows], _runs(table, [start + i for i in rows]))
         recomputed = doc_tokens - int((~chosen).sum())
+        request.num_cached_tokens += doc_tokens - recomputed  # usage: prompt tokens not computed
         self.stats.document_tokens_reused += doc_tokens - recomputed
         self.stats.document_tokens_recomputed += recomputed
         self.stats.prompt_tokens_computed += int(chosen.sum())

@@ -118,6 +118,11 @@ def test_documents_are_reused_at_any_position_and_order(engine):
     assert (stats.document_hits - hits, stats.document_misses - misses) == (3, 3)
     assert stats.document_tokens_recomputed - recomputed == 12
     assert stats.document_tokens_reused - reused == 116 - 12
+    ids3, spans3, _ = rag_prompt((1, 2, 0), system=7)
+    out = engine.run(
+        [EngineRequest("o3", ids3, SamplingParams(max_tokens=1), documents=spans3, cache_salt="order")]
+    )
+    assert out[0].num_cached_tokens == 116 - 3 * 16  # usage: the reused tokens count as cached
     # the reuse is approximate: the assembled prompt's answer differs from a full prefill's somewhere
     full = generate(engine, "o1-full", ids, salt="order-full")
     assert first[1] != full[1]
