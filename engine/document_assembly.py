@@ -5,8 +5,9 @@ documents and each document's recompute selection (engine/documents.py).
 
 Causality makes one pass enough: a token computed at position q attends to positions <= q only, whose KV is
 either reused (fixed before the pass) or computed in the same pass, layer by layer. The computed tokens go
-into the pass as runs, each a sequence of the flattened batch that shares the request's block table and
-ends its context at the run's last token, so every attention backend runs it unchanged. A document the
+into the pass as one sequence over the request's block table whose queries sit at their own positions
+(`AttentionMetadata.query_positions`: the varlen kernel and the torch reference mask keys after each
+query), so every key tile is read once per query tile however scattered the selection is. A document the
 cache lacks is prefilled first, alone at positions 0.., in the same call.
 
 With KV tiers below HBM (a `KVStore`), a document goes down as soon as it is computed, each block under a
@@ -192,7 +193,8 @@ class DocumentAssembler:
         else:
             chosen = keep
             rows = keep.nonzero().flatten().tolist()
-            self.forward([ids[i] for i in rows], _runs(table, [start + i for i in rows]))
+            if rows:
+                self._layers([ids[i] for i in rows], self._context_at(table, [start + i for i in rows]))
         recomputed = doc_tokens - int((~chosen).sum())
         request.num_cached_tokens += doc_tokens - recomputed  # usage: prompt tokens not computed
         self.stats.document_tokens_reused += doc_tokens - recomputed
@@ -205,8 +207,10 @@ class DocumentAssembler:
         states [len(ids), hidden] (logits: model.compute_logits), None without tokens."""
         if not ids:
             return None
+        return self._layers(ids, self._context(runs))
+
+    def _layers(self, ids: list[int], ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.model.model.embed_tokens(torch.tensor(ids, device=self.device)), None
-        ctx = self._context(runs)
         for layer in self.model.model.layers:
             x, residual = layer(x, residual, ctx)
         return self.model.model.norm(x, residual)[0]
@@ -233,13 +237,34 @@ class DocumentAssembler:
         chosen = keep.clone()
         chosen[reused[top]] = True
         rows = chosen.nonzero().flatten()
-        ctx = self._context(_runs(table, [start + i for i in rows.tolist()]))
+        ctx = self._context_at(table, [start + i for i in rows.tolist()])
         rows = rows.to(self.device)
         q, residual = q[rows], residual[rows]
         x, residual = layers[select].after_attention(layers[select].self_attn.attend(q, ctx), residual)
         for layer in layers[select + 1 :]:
             x, residual = layer(x, residual, ctx)
         return chosen
+
+    def _context_at(self, table: list[int], positions: list[int]) -> ForwardContext:
+        """One sequence over `table` whose queries are the tokens at `positions` (ascending): each attends to
+        every position up to its own."""
+        bs, n = self.block_size, len(positions)
+        pos = torch.tensor(positions, dtype=torch.int32, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in positions], device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([positions[-1] + 1], dtype=torch.int32, device=self.device),
+            block_tables=torch.tensor([table], dtype=torch.int32, device=self.device),
+            max_query_len=n,
+            max_seq_len=positions[-1] + 1,
+            query_start_loc_cpu=[0, n],
+            seq_lens_cpu=[positions[-1] + 1],
+            block_size=bs,
+            query_positions=pos,
+        )
+        self.backend.plan(meta, self.model.config.num_kv_heads)
+        cos, sin = self.model.rotary.cos_sin(pos)
+        return ForwardContext(meta, self.kv_caches, self.backend, cos, sin)
 
     def _context(self, runs: list[Run]) -> ForwardContext:
         """The pass's metadata: each run a sequence whose queries are its positions and whose context ends
@@ -277,14 +302,3 @@ def tier_keys(key: bytes, num_blocks: int) -> list[bytes]:
     return [
         hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(num_blocks)
     ]
-
-
-def _runs(table: list[int], positions: list[int]) -> list[Run]:
-    """Sorted positions -> maximal runs of consecutive ones, each a sequence over the request's table."""
-    runs: list[Run] = []
-    for p in positions:
-        if runs and runs[-1][2] == p:
-            runs[-1] = (table, runs[-1][1], p + 1)
-        else:
-            runs.append((table, p, p + 1))
-    return runs

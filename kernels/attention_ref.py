@@ -55,9 +55,11 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> out [T, heads, head_dim]; causal within each sequence. With kv_scales
-    [2, kv_heads] the cache is FP8."""
+    [2, kv_heads] the cache is FP8. query_positions [T]: each query's position in its sequence (ascending
+    within one; default: the sequence's last tokens), every key at or before it attended."""
     out = torch.empty_like(q)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -72,7 +74,10 @@ def paged_attention_ref(
         )  # [n, 2, bs, Hkv, D]
         k = pages[:, 0].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # [L, Hkv, D]
         v = pages[:, 1].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]  # [n, 1]
+        if query_positions is not None:
+            q_pos = query_positions[start:end].long()[:, None]
+        else:
+            q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]  # [n, 1]
         k_pos = torch.arange(seq_len, device=q.device)[None, :]  # [1, L]
         mask = k_pos <= q_pos
         if sliding_window:

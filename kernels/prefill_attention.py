@@ -135,6 +135,7 @@ def _prefill_attention_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     scales_ptr,
+    positions_ptr,
     scale_log2,
     num_seqs,
     sliding_window,
@@ -157,6 +158,7 @@ def _prefill_attention_kernel(
     PRECISION: tl.constexpr,
     K_ROWS: tl.constexpr,
     SCALED: tl.constexpr,
+    POSITIONS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     kv_head = tl.program_id(0)  # heads on the fast axis
@@ -177,10 +179,16 @@ def _prefill_attention_kernel(
     d_ok = d < HEAD_DIM
     q_off = (q_begin + q_tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-    q_pos = ctx_len + q_tok  # absolute positions
-    q_first = ctx_len + local * BLOCK_Q
-
-    hi = tl.minimum(seq_len, q_first + BLOCK_Q)  # causal: nothing past the tile's last query
+    if POSITIONS:  # queries at given positions (ascending): a document's recomputed tokens
+        q_pos = tl.load(positions_ptr + q_begin + q_tok, mask=q_tok < q_len, other=0)
+        q_pos = tl.where(q_tok < q_len, q_pos, seq_len - 1)
+        q_first = tl.load(positions_ptr + q_begin + local * BLOCK_Q)
+        last = tl.minimum(local * BLOCK_Q + BLOCK_Q, q_len) - 1
+        hi = tl.minimum(seq_len, tl.load(positions_ptr + q_begin + last) + 1)
+    else:
+        q_pos = ctx_len + q_tok  # absolute positions
+        q_first = ctx_len + local * BLOCK_Q
+        hi = tl.minimum(seq_len, q_first + BLOCK_Q)  # causal: nothing past the tile's last query
     lo = 0
     mid = 0  # [lo, mid): tiles every row sees whole; [mid, hi): the diagonal (or a window) needs masks
     if sliding_window > 0:
@@ -309,17 +317,23 @@ def prefill_attention(
     num_stages: int = 2,
     k_rows: bool = False,
     kv_scales: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, heads, D] (queries are each sequence's last tokens) -> out [T, heads, D].
 
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (context after this step),
-    query_start_loc [B + 1] int32. kv_scales [2, kv_heads] fp32 for an FP8 (e4m3) cache.
+    query_start_loc [B + 1] int32. kv_scales [2, kv_heads] fp32 for an FP8 (e4m3) cache. query_positions
+    [T] int32: the queries' positions instead (ascending within a sequence, each below its seq_len).
     """
     num_seqs = query_start_loc.shape[0] - 1
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, kv_scales)
     if query_start_loc.dtype != torch.int32:
         raise ValueError(f"query_start_loc: expected int32, got {query_start_loc.dtype}")
     T, H, D = q.shape
+    if query_positions is not None and (
+        query_positions.shape != (T,) or query_positions.dtype != torch.int32
+    ):
+        raise ValueError(f"query_positions: expected [{T}] int32, got {tuple(query_positions.shape)}")
     group = H // kv_cache.shape[3]
     group_pad = max(triton.next_power_of_2(group), 1)
     # at least 16 rows for the matrix units; fewer query tokens per tile when the queries are short
@@ -339,6 +353,7 @@ def prefill_attention(
         seq_lens,
         query_start_loc,
         kv_scales if kv_scales is not None else seq_lens,
+        query_positions if query_positions is not None else seq_lens,
         scale * LOG2E,
         num_seqs,
         sliding_window or 0,
@@ -361,6 +376,7 @@ def prefill_attention(
         PRECISION=dot_precision(q.dtype),
         K_ROWS=k_rows,
         SCALED=kv_scales is not None,
+        POSITIONS=query_positions is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

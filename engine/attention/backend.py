@@ -54,6 +54,9 @@ class AttentionMetadata:
     uniform_query_len: int = 0
     # some block table entry names a coded (low-bit) block: only with a KV age policy
     has_coded: bool = False
+    # [T] int32: each query's position in its sequence, when they are not its last tokens (a document's
+    # recomputed tokens, engine/document_assembly.py); ascending within a sequence
+    query_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -84,7 +84,7 @@ class TorchAttentionBackend(AttentionBackend):
             if kv_scales is not None:  # an FP8 recent side: dequantized too, for this reference's one cache
                 kv_cache, kv_scales = dequantize_kv(kv_cache, kv_scales, q.dtype), None
             kv_cache, block_tables = with_decoded_blocks(kv_cache, block_tables, coded)
-        if meta.max_query_len == 1 and meta.num_seqs > 1:
+        if meta.max_query_len == 1 and meta.num_seqs > 1 and meta.query_positions is None:
             return batched_decode(q, kv_cache, block_tables, meta, scale, sliding_window, kv_scales)
         return paged_attention_ref(
             q,
@@ -95,4 +95,5 @@ class TorchAttentionBackend(AttentionBackend):
             scale,
             sliding_window,
             kv_scales,
+            meta.query_positions,
         )

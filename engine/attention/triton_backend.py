@@ -46,7 +46,7 @@ class TritonAttentionBackend(AttentionBackend):
     def attend(
         self, q, kv_cache, meta: AttentionMetadata, scale: float, sliding_window, kv_scales=None, coded=None
     ):
-        query_len = decode_query_len(meta)
+        query_len = 0 if meta.query_positions is not None else decode_query_len(meta)
         block_tables = meta.block_tables
         if coded is not None and (query_len or meta.has_coded):
             pools = (
@@ -89,4 +89,5 @@ class TritonAttentionBackend(AttentionBackend):
             scale,
             sliding_window,
             kv_scales=kv_scales,
+            query_positions=meta.query_positions,
         )

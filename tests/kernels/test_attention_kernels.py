@@ -74,6 +74,68 @@ def test_prefill_attention_sliding_window_and_odd_head_dim(head_dim, k_rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 12])
+def test_prefill_attention_at_given_query_positions(dtype, window):
+    """Queries at scattered positions of their sequences (a document's recomputed tokens): each attends to
+    every key up to its own position, against the reference and against a full causal pass's rows."""
+    seq_lens = [70, 41]
+    positions = [[0, 3, 4, 5, 17, 40, 41, 42, 63, 69], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 30, 40]]
+    p = make_problem(seq_lens, [len(x) for x in positions], 8, 2, 32, 8, dtype, DEVICE)
+    pos = torch.tensor([x for row in positions for x in row], dtype=torch.int32, device=DEVICE)
+    scale = 32**-0.5
+    out = prefill_attention(
+        p.q,
+        p.kv_cache,
+        p.block_tables,
+        p.seq_lens,
+        p.query_start_loc,
+        12,
+        scale,
+        window,
+        out=poisoned_like(p.q),
+        block_m=16,
+        block_n=16,
+        query_positions=pos,
+    )
+    want = paged_attention_ref(
+        p.q.float(),
+        p.kv_cache.float(),
+        p.block_tables,
+        p.seq_lens_list,
+        p.query_start_list,
+        scale,
+        window,
+        query_positions=pos,
+    )
+    _check(out, want, dtype)
+    # the reference at positions equals a causal pass over the whole sequence, read at those rows
+    i, row = 1, positions[1]
+    q_full = torch.zeros(seq_lens[i], 8, 32, dtype=dtype, device=DEVICE)
+    q_full[row] = p.q[p.query_start_list[i] : p.query_start_list[i + 1]]
+    full = paged_attention_ref(
+        q_full.float(),
+        p.kv_cache.float(),
+        p.block_tables[i : i + 1],
+        [seq_lens[i]],
+        [0, seq_lens[i]],
+        scale,
+        window,
+    )
+    torch.testing.assert_close(want[p.query_start_list[i] :], full[row], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="query_positions"):
+        prefill_attention(
+            p.q,
+            p.kv_cache,
+            p.block_tables,
+            p.seq_lens,
+            p.query_start_loc,
+            12,
+            scale,
+            query_positions=pos.long(),
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_attention(dtype, num_heads, num_kv_heads, num_splits):
