@@ -3,6 +3,7 @@
 ridgeline bench --url http://127.0.0.1:8000 --workload rag --rate 4 --duration 60
 ridgeline bench --url ... --rates 1,2,4,8 --duration 30          # a sweep: throughput/goodput vs rate
 ridgeline bench --url ... --concurrency 16 --requests 500          # closed loop
+ridgeline bench --url ... --workload rag-docs --document-cache off  # the same RAG load, documents inlined
 ridgeline bench compare A.json B.json                              # ratios B / A
 """
 
@@ -38,9 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-len", default="256", help="random: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MED:S"
     )
     p.add_argument("--output-len", default="128", help="as --input-len")
-    p.add_argument("--doc-len", default="512", help="rag: document length (words)")
-    p.add_argument("--question-len", default="32", help="rag: question length (words)")
+    p.add_argument("--doc-len", default="512", help="rag, rag-docs: document length (words)")
+    p.add_argument("--question-len", default="32", help="rag, rag-docs: question length (words)")
     p.add_argument("--hit-ratio", type=float, default=0.7, help="rag: share of requests reusing a document")
+    p.add_argument(
+        "--docs-per-request",
+        type=int,
+        default=4,
+        help="rag-docs: documents per request, drawn without replacement from the pool, in random order",
+    )
+    p.add_argument(
+        "--doc-pool", type=int, default=16, help="rag-docs: documents in the pool (made from the seed)"
+    )
+    p.add_argument(
+        "--document-cache",
+        default="on",
+        choices=["on", "off"],
+        help="rag-docs: on sends the documents in the completions 'documents' field (Ridgeline's document KV "
+        "reuse); off sends the same text as one plain prompt",
+    )
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     p.add_argument("--system-len", type=int, default=64, help="chat: system prompt length (words)")
     p.add_argument("--rate", type=float, default=None, help="open loop: requests (conversations) per second")
@@ -101,6 +118,18 @@ def _specs(args, seed: int):
         return workloads.rag_workload(
             n, seed, args.doc_len, args.question_len, args.output_len, args.hit_ratio, mix
         )
+    if args.workload == "rag-docs":
+        return workloads.rag_docs_workload(
+            n,
+            seed,
+            args.docs_per_request,
+            args.doc_pool,
+            args.doc_len,
+            args.question_len,
+            args.output_len,
+            args.document_cache == "on",
+            mix,
+        )
     if args.workload == "chat":
         return workloads.chat_workload(
             n, seed, args.turns, args.input_len, args.output_len, args.system_len, mix
@@ -150,6 +179,17 @@ def _one(args, target: Target, rate: float | None, out: Path, name: str, console
         "input_len": args.input_len,
         "output_len": args.output_len,
         "hit_ratio": args.hit_ratio if args.workload == "rag" else None,
+        **(
+            {
+                "doc_len": args.doc_len,
+                "question_len": args.question_len,
+                "docs_per_request": args.docs_per_request,
+                "doc_pool": args.doc_pool,
+                "document_cache": args.document_cache,
+            }
+            if args.workload == "rag-docs"
+            else {}
+        ),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with Progress(

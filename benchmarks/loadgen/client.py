@@ -57,6 +57,36 @@ def _content(chunk: dict) -> str:
     return out
 
 
+def request_body(
+    target: Target,
+    *,
+    prompt: str | None = None,
+    messages: list[dict] | None = None,
+    max_tokens: int,
+    documents: list[str] | None = None,
+) -> dict:
+    """The JSON body of one streaming request: chat completions with `messages`, else completions.
+    `documents` go in Ridgeline's `documents` field ([{"text": ...}], before the prompt)."""
+    body = {
+        "model": target.model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+    }
+    body |= {"messages": messages} if messages is not None else {"prompt": prompt}
+    if documents:
+        body["documents"] = [{"text": d} for d in documents]
+    if target.ignore_eos:
+        body["ignore_eos"] = True
+    if target.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": target.json_schema, "strict": True},
+        }
+    return body
+
+
 async def send(
     client: httpx.AsyncClient,
     target: Target,
@@ -66,24 +96,11 @@ async def send(
     max_tokens: int,
     slo_class: str | None = None,
     run_start: float = 0.0,
+    documents: list[str] | None = None,
 ) -> RequestResult:
     chat = messages is not None
     timeout_s = target.timeout_s
-    body = {
-        "model": target.model,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0.0,
-    }
-    body |= {"messages": messages} if chat else {"prompt": prompt}
-    if target.ignore_eos:
-        body["ignore_eos"] = True
-    if target.json_schema is not None:
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "bench", "schema": target.json_schema, "strict": True},
-        }
+    body = request_body(target, prompt=prompt, messages=messages, max_tokens=max_tokens, documents=documents)
     headers = {"x-slo-class": slo_class} if slo_class else {}
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"

@@ -99,6 +99,7 @@ async def _serve_unit(
             max_tokens=spec.max_tokens,
             slo_class=spec.slo_class,
             run_start=run.started,
+            documents=spec.documents,
         )
         run.results.append(result)
         on_result(result)

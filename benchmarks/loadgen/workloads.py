@@ -3,6 +3,9 @@
 - random: prompt and output lengths drawn from distributions (fixed, uniform, normal, lognormal);
 - rag: documents reused across requests at a chosen hit ratio (a new question after a shared document),
   the shape of retrieval-augmented traffic that prefix caching serves;
+- rag-docs: k documents from a fixed pool in random order, sent in the completions `documents` field
+  (Ridgeline's document KV reuse: each document's KV reused at any position), or inlined as one plain prompt
+  (document_cache=False: the same text without document caching);
 - chat: multi-turn conversations, each turn the whole history plus a new user message (the runner puts each
   answer into the history of the conversation's next turn);
 - sharegpt: a ShareGPT-format JSON file (first human turn as the prompt, the reply's length as max_tokens);
@@ -19,7 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WORKLOADS = ("random", "rag", "chat", "sharegpt", "trace")
+WORKLOADS = ("random", "rag", "rag-docs", "chat", "sharegpt", "trace")
+RAG_SYSTEM = "You answer questions using only the documents below.\n"  # rag-docs: the first document
 _WORDS = [
     "the",
     "of",
@@ -98,6 +102,7 @@ class RequestSpec:
     turn: int = 0
     arrival: float | None = None  # trace: seconds from the start
     meta: dict = field(default_factory=dict)
+    documents: list[str] | None = None  # completions: document texts before the prompt (rag-docs)
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -182,6 +187,44 @@ def rag_workload(
         doc = rng.choice(docs) if reused else docs[-1]
         prompt = f"{doc}\nQuestion: {_text(rng, q_len.draw(rng))}?\nAnswer:"
         yield RequestSpec(prompt, outs.draw(rng), _class(slo_mix, rng), meta={"reused_document": reused})
+
+
+def rag_docs_workload(
+    n: int | None,
+    seed: int,
+    docs_per_request: int = 4,
+    doc_pool: int = 16,
+    doc_len: str = "512",
+    question_len: str = "32",
+    output_len: str = "64",
+    document_cache: bool = True,
+    slo_mix: dict | None = None,
+) -> Iterator[RequestSpec]:
+    """Each request: the system line (a fixed first document), `docs_per_request` documents drawn without
+    replacement from a pool of `doc_pool` (made once from the seed) in random order, then a question. With
+    `document_cache` they go in the `documents` field and the prompt is the question; without, the same text
+    is one plain prompt (documents concatenated, then the question). Both draw the same requests per seed."""
+    if doc_pool < 1:
+        raise ValueError(f"doc_pool: got {doc_pool}, allowed >= 1")
+    if not 1 <= docs_per_request <= doc_pool:
+        raise ValueError(f"docs_per_request: got {docs_per_request}, allowed 1..doc_pool ({doc_pool})")
+    rng, docs_len, q_len, outs = (
+        random.Random(seed),
+        Length(doc_len),
+        Length(question_len),
+        Length(output_len),
+    )
+    pool = [f"Document {i}: {_text(rng, docs_len.draw(rng))}\n" for i in range(doc_pool)]
+    for _ in _indices(n):
+        picked = rng.sample(range(doc_pool), docs_per_request)  # without replacement, in random order
+        docs = [RAG_SYSTEM] + [pool[i] for i in picked]
+        question = f"Question: {_text(rng, q_len.draw(rng))}?\nAnswer:"
+        max_tokens, cls = outs.draw(rng), _class(slo_mix, rng)
+        meta = {"documents": picked}
+        if document_cache:
+            yield RequestSpec(question, max_tokens, cls, meta=meta, documents=docs)
+        else:
+            yield RequestSpec("".join(docs) + question, max_tokens, cls, meta=meta)
 
 
 def chat_workload(
