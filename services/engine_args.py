@@ -2,11 +2,13 @@
 a Hugging Face id, resolved before anything starts), the engine's knobs for all pools or one, logging."""
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from engine import envs
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.documents import DocumentRecompute
 from engine.kv.age_policy import KVAgePolicy, age_policy_from_dict
 from engine.kv.kv_format import KV_CACHE_DTYPES
 from engine.model_source import resolve_model
@@ -22,6 +24,8 @@ POOL_KNOBS = (
     "enable_prefix_caching",
     "kv_cache_dtype",
     "kv_age_policy",
+    "document_recompute",
+    "max_document_blocks",
 )
 
 
@@ -53,6 +57,30 @@ def age_policy(value: str) -> KVAgePolicy:
         return age_policy_from_dict(fields)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def document_recompute(value: str) -> dict:
+    """argparse type: which tokens of reused documents are recomputed, JSON, e.g. '{"first_tokens": 16}' ->
+    DocumentRecompute's fields, checked (a dict: serve configs stay JSON)."""
+    try:
+        fields = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"got {value!r}, allowed a JSON object ({e})") from None
+    if not isinstance(fields, dict) or set(fields) - {"first_tokens", "ratio", "select_layer"}:
+        raise argparse.ArgumentTypeError(
+            f"got {value!r}, allowed a JSON object of first_tokens, ratio and select_layer"
+        )
+    try:
+        return dataclasses.asdict(DocumentRecompute(**fields))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"got {value}, allowed >= 0")
+    return n
 
 
 def positive_int(value: str) -> int:
@@ -171,6 +199,23 @@ def add_engine_arguments(p: argparse.ArgumentParser, pools: tuple[str, ...] = ()
                 help="KV precision by age, JSON: blocks past the first `sinks` tokens and older than the last "
                 '`window` move to a `bits`-bit rotated pool, e.g. \'{"bits": 4, "sinks": 16, "window": 512}\' '
                 "(default: none, every block in --kv-cache-dtype)",
+            ),
+        ),
+        (
+            "document_recompute",
+            dict(
+                type=document_recompute,
+                help="RAG documents reused from the document cache: which of their tokens each prompt "
+                'recomputes, JSON, e.g. \'{"first_tokens": 16, "ratio": 0.15}\' (EPIC: each document\'s first '
+                "tokens; CacheBlend: that share of the rest, by K/V deviation at select_layer); a request's "
+                "document_recompute overrides it (default: first_tokens 16, ratio 0)",
+            ),
+        ),
+        (
+            "max_document_blocks",
+            dict(
+                type=non_negative_int,
+                help="KV blocks the document cache may hold (default: a quarter of the pool)",
             ),
         ),
     ]

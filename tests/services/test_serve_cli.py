@@ -347,6 +347,28 @@ def test_pool_prices_devices_and_registry_from_the_command_line(llama):
     assert "kv_age_policy" not in config.prefill.engine_options()
     with pytest.raises(SystemExit):
         config_for_argv(["serve", "--model", llama, "--kv-age-policy", '{"bits": 5}'])
+    # documents' recompute and cache size per pool
+    config = config_for_argv(
+        [
+            "serve",
+            "--model",
+            llama,
+            "--prefill-document-recompute",
+            '{"ratio": 0.15}',
+            "--max-document-blocks",
+            "64",
+        ]
+    )
+    assert config.prefill.engine_options()["document_recompute"] == {
+        "first_tokens": 16,
+        "ratio": 0.15,
+        "select_layer": 1,
+    }
+    assert "document_recompute" not in config.decode.engine_options()
+    assert config.decode.engine_options()["max_document_blocks"] == 64
+    for bad in ('{"ratio": 2}', '{"sinks": 4}', "[1]"):
+        with pytest.raises(SystemExit):
+            config_for_argv(["serve", "--model", llama, "--document-recompute", bad])
 
 
 def test_speculation_flags(llama):
