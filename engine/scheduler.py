@@ -297,9 +297,13 @@ class Scheduler:
         """Documents from the document cache after the prefix hits. -> (tokens whose KV is now in place, tokens
         this step computes)."""
         assert self.documents is not None
-        if request.num_cached_tokens < 0:
+        first = request.num_cached_tokens < 0  # a preempted request coming back counts its reuse once
+        if first:
             request.num_cached_tokens = num_hit_tokens
+        cached = request.num_cached_tokens
         ready = self.documents.assemble(request, num_hit_tokens)
+        if not first:
+            request.num_cached_tokens = cached
         return ready, min(request.num_tokens - ready, budget)
 
     def _prefix_hits(self, request: Request, handed_over: bool) -> tuple[list[Block], int]:

@@ -296,3 +296,34 @@ def test_triton_backend_assembles_as_the_reference(engine, tiny_model):
         b = generate(triton, f"triton-{i}", ids, spans, rc, salt=f"backends-{i}", max_tokens=3)
         assert a[0] == b[0]
         assert all(abs(a[1][0][t] - b[1][0][t]) < 1e-4 for t in a[1][0])
+
+
+def test_preempted_assembled_requests_finish_as_if_alone(tiny_model):
+    """Two assembled prompts decoding in a pool too small for both: one is preempted and assembled again
+    when it comes back; each output equals its run alone, and every block comes back."""
+
+    def engine_():
+        return LLMEngine.from_pretrained(
+            tiny_model("llama"), device="cpu", dtype="float32", num_blocks=26, max_document_blocks=8
+        )
+
+    ids1, spans1, _ = rag_prompt(lengths=(30, 31, 29))
+    ids2, spans2, _ = rag_prompt((2, 1, 0), lengths=(30, 31, 29), system=4)
+    rc = DocumentRecompute(first_tokens=2)
+    params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    requests = [(ids1, spans1), (ids2, spans2)]
+
+    def run(engine, only=None):
+        picked = [r for i, r in enumerate(requests) if only in (None, i)]
+        batch = [
+            EngineRequest(f"r{i}", ids, params, documents=s, document_recompute=rc)
+            for i, (ids, s) in enumerate(picked)
+        ]
+        return [out.outputs[0].token_ids for out in engine.run(batch)]
+
+    alone = [run(engine_(), i)[0] for i in range(2)]
+    engine = engine_()
+    outs = run(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert outs == alone
+    assert engine.block_manager.num_free_blocks == 26 - engine.documents.cache.num_blocks
