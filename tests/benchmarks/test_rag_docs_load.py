@@ -1,6 +1,6 @@
-"""The rag-docs workload of `ridgeline bench`: documents drawn from a seeded pool in varying orders, sent in the
-completions `documents` field (or inlined with --document-cache off), against a real in-process frontend on
-127.0.0.1 whose engine then finds them in its document cache."""
+"""The rag-docs workload of `ridgeline bench`: documents drawn from a seeded pool in varying orders, sent in
+the completions `documents` field (or inlined with --document-cache off), against a real in-process frontend
+on 127.0.0.1 whose engine then finds them in its document cache."""
 
 import asyncio
 
