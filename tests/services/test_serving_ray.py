@@ -358,3 +358,41 @@ def test_metrics_endpoint(apps):
             rf'role="{role}"}} \d',
             r.text,
         ), role
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_documents_through_the_pools(apps, reference, mode):
+    """RAG documents through the Ray pools: stored by id (POST /v1/documents) or given as text, assembled by
+    the worker that computes the prompt (prefill, handed to decode; or the aggregated pool); every document
+    token recomputed gives the plain prompt's greedy output, and by id equals by text."""
+    doc_a, doc_b = "def area(r):\n    return 3.14159 * r * r\n", "class Stack:\n    items = []\n"
+    stored = httpx.post(f"{apps[mode]}/v1/documents", headers=headers(mode), json={"text": doc_a}, timeout=60)
+    assert stored.status_code == 200, stored.text
+    doc_id = stored.json()["id"]
+
+    def complete(documents, **extra):
+        body = {"model": MODEL, "prompt": "# area", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(
+            f"{apps[mode]}/v1/completions",
+            headers=headers(mode),
+            json={**body, "documents": documents, "return_token_ids": True, **extra},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    tok = reference.engine.tokenizer
+    plain = tok.encode("", add_special_tokens=True)
+    plain += tok.encode(doc_a, add_special_tokens=False) + tok.encode(doc_b, add_special_tokens=False)
+    plain += tok.encode("# area", add_special_tokens=False)
+    want = reference.generate([plain], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    every = {"document_recompute": {"first_tokens": 10**6}}
+    assert complete([{"id": doc_id}, {"text": doc_b}], **every) == want.outputs[0].token_ids
+    assert complete([{"id": doc_id}, {"text": doc_b}]) == complete([{"text": doc_a}, {"text": doc_b}])
+    r = httpx.post(
+        f"{apps[mode]}/v1/completions",
+        headers=headers(mode),
+        json={"model": MODEL, "prompt": "x", "documents": [{"id": "doc-unknown"}]},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
