@@ -96,19 +96,24 @@ class KVIndex:
         with self._lock:
             self._shared.setdefault(worker, set()).add(source)
 
-    def held(self, entries: Sequence[tuple[bytes, int]], workers: Iterable[str]) -> dict[str, PrefixMatch]:
+    def held(
+        self, entries: Sequence[tuple[bytes | tuple[bytes, ...], int]], workers: Iterable[str]
+    ) -> dict[str, PrefixMatch]:
         """For each worker, the blocks of these entries ((key, blocks) each: a prompt's documents) it (or a
-        source it shares) holds, each entry in the fastest tier holding it, wherever it sits in the prompt."""
+        source it shares) holds, each entry in the fastest tier holding it, wherever it sits in the prompt. An
+        entry's key may be a tuple of keys that all stand for it (a document's HBM key, and its first block's
+        key in the tiers below)."""
         out = {}
         with self._lock:
             for worker in workers:
                 sources = (worker, *self._shared.get(worker, ()))
                 counts = [0, 0, 0]
                 for key, blocks in entries:
-                    holders = self._where.get(key) or {}
                     mask = 0
-                    for source in sources:
-                        mask |= holders.get(source, 0)
+                    for k in key if isinstance(key, tuple) else (key,):
+                        holders = self._where.get(k) or {}
+                        for source in sources:
+                            mask |= holders.get(source, 0)
                     if mask:
                         counts[(mask & -mask).bit_length() - 1] += blocks
                 out[worker] = PrefixMatch(*counts)

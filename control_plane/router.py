@@ -31,7 +31,7 @@ class LeastLoadedPolicy:
         self,
         loads: list[ReplicaLoad],
         block_hashes: list[bytes] | None = None,
-        documents: Sequence[tuple[bytes, int]] = (),
+        documents: Sequence[tuple[bytes | tuple[bytes, ...], int]] = (),
         prompt_blocks: int | None = None,
     ) -> list[str]:
         def key(load: ReplicaLoad):
@@ -72,7 +72,7 @@ class KVAwarePolicy:
         self,
         loads: list[ReplicaLoad],
         block_hashes: list[bytes],
-        documents: Sequence[tuple[bytes, int]] = (),
+        documents: Sequence[tuple[bytes | tuple[bytes, ...], int]] = (),
         prompt_blocks: int | None = None,
     ) -> dict[str, float]:
         """block_hashes: the prompt's leading blocks that may be prefix hits (with documents, those before the
@@ -100,7 +100,7 @@ class KVAwarePolicy:
         self,
         loads: list[ReplicaLoad],
         block_hashes: list[bytes] | None = None,
-        documents: Sequence[tuple[bytes, int]] = (),
+        documents: Sequence[tuple[bytes | tuple[bytes, ...], int]] = (),
         prompt_blocks: int | None = None,
     ) -> list[str]:
         costs = self.costs(loads, block_hashes or [], documents, prompt_blocks)

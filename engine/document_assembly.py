@@ -19,14 +19,13 @@ does) leaves the attention kernels and every decode step untouched; it costs one
 per prompt, measured in benchmarks/results/document_kv.json.
 """
 
-import hashlib
 import math
 from typing import cast
 
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata, ForwardContext
-from engine.documents import DocumentSpan, document_key
+from engine.documents import DocumentSpan, document_key, tier_keys
 from engine.kv.block_manager import BlockManager
 from engine.kv.document_cache import DocumentCache, DocumentEntry
 from engine.kv.offload import KVStore
@@ -295,10 +294,3 @@ class DocumentAssembler:
         self.backend.plan(meta, self.model.config.num_kv_heads)
         cos, sin = self.model.rotary.cos_sin(torch.tensor(positions, device=self.device))
         return ForwardContext(meta, self.kv_caches, self.backend, cos, sin)
-
-
-def tier_keys(key: bytes, num_blocks: int) -> list[bytes]:
-    """The keys a document's blocks have in the KV tiers: one per block, apart from every block hash."""
-    return [
-        hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(num_blocks)
-    ]

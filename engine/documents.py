@@ -102,6 +102,14 @@ def document_key(token_ids: Sequence[int], extra: bytes) -> bytes:
     return h.digest()
 
 
+def tier_keys(key: bytes, num_blocks: int) -> list[bytes]:
+    """The keys a document's blocks have in the KV tiers below HBM: one per block, apart from every block
+    hash and every document key."""
+    return [
+        hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=16).digest() for i in range(num_blocks)
+    ]
+
+
 def assembly_extra(extra: bytes, spans: Sequence[DocumentSpan], recompute: DocumentRecompute) -> bytes:
     """The block-hash extra of a prompt's blocks from its first document on."""
     h = hashlib.blake2b(digest_size=16)

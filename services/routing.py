@@ -21,7 +21,7 @@ from control_plane.kv_index import KVIndex
 from control_plane.membership import RegistryView
 from control_plane.registry import keys
 from control_plane.router import KVAwarePolicy, LeastLoadedPolicy, ReplicaLoad
-from engine.documents import document_key
+from engine.documents import document_key, tier_keys
 from engine.kv.block_hash import hash_extra, prompt_block_hashes
 from observability import metrics, tracing  # (modules: Serve pickles this class by value; metrics hold locks)
 from services.messages.worker import RoutingStats, WorkerRegistration
@@ -207,10 +207,11 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
 
     def _prompt_keys(
         self, replicas: list[RunningReplica], pending_request: PendingRequest | None
-    ) -> tuple[list[bytes], list[tuple[bytes, int]], int]:
+    ) -> tuple[list[bytes], list[tuple[tuple[bytes, bytes], int]], int]:
         """(the prompt's block hashes a prefix hit may match, its documents as (key, blocks), its full blocks).
         With documents, blocks from the first one on hash with how the worker assembles them: only those
-        before it are matched as a prefix, the documents on their own keys."""
+        before it are matched as a prefix, the documents on their own keys (in HBM) and their first block's
+        (in DRAM or SSD)."""
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
         reported = next((r.routing_stats for r in replicas if r.routing_stats), None)
         stats = RoutingStats.from_dict(reported)
@@ -221,7 +222,11 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
         if not request.documents:
             hashes = prompt_block_hashes(ids, bs, extra)
             return hashes, [], len(hashes)
-        documents = [(document_key(ids[d.start : d.end], extra), d.length // bs) for d in request.documents]
+        keys = [document_key(ids[d.start : d.end], extra) for d in request.documents]
+        documents = [
+            ((key, tier_keys(key, 1)[0]), d.length // bs)
+            for key, d in zip(keys, request.documents, strict=True)
+        ]
         return prompt_block_hashes(ids[: request.documents[0].start], bs, extra), documents, len(ids) // bs
 
     async def choose_replicas(
@@ -248,7 +253,7 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             metrics.ROUTER_PROMPT_BLOCKS.labels(policy.name).inc(len(hashes))
             # the chosen replica will hold these blocks in a moment: count on it before its events say so
             # (so a burst sharing a prefix follows the first request); the next snapshot corrects a miss
-            self._index.apply(order[0], [("stored", "hbm", hashes + [key for key, _ in documents])])
+            self._index.apply(order[0], [("stored", "hbm", hashes + [keys[0] for keys, _ in documents])])
         self._traced(
             pending_request,
             policy.name,

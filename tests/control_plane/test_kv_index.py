@@ -171,6 +171,15 @@ def test_documents_count_wherever_they_sit_in_the_prompt():
     # 2 prefix blocks, then 15 blocks of documents and 3 more: the documents weigh more than the prefix
     assert policy.rank(loads, [h(1), h(2)], documents, prompt_blocks=20) == ["docs", "prefix"]
     assert policy.costs(loads, [h(1), h(2)], documents, prompt_blocks=20) == {"prefix": 18, "docs": 9}
+    # a document one worker holds only below HBM counts by its first block's tier key, at DRAM's cost
+    index.apply("dram", [("stored", "dram", [h(201)])])
+    assert index.held([((h(102), h(201)), 4)], ["dram", "docs"]) == {
+        "dram": PrefixMatch(dram=4),
+        "docs": PrefixMatch(),
+    }
+    assert (
+        policy.rank([ReplicaLoad("docs"), ReplicaLoad("dram")], [], [((h(102), h(201)), 4)], 6)[0] == "dram"
+    )
 
 
 def test_a_worker_holding_the_documents_wins_and_reuses_them(llama):
