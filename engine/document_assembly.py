@@ -91,9 +91,10 @@ class DocumentAssembler:
             entry = self.cache.reserve(key, len(token_ids))
             if entry is None:
                 return None
-            if not self._load(entry):
+            loaded = self._load(entry)
+            if loaded < len(token_ids):
                 with torch.inference_mode():
-                    self._prefill([(entry, token_ids)])
+                    self._prefill([(entry, token_ids, loaded)])
         entry.pinned = entry.pinned or pinned
         return entry
 
@@ -103,7 +104,7 @@ class DocumentAssembler:
         """Each span's cache entry; documents the cache lacks are computed now. None when one cannot fit."""
         keys = [document_key(request.prompt_token_ids[s.start : s.end], request.hash_extra) for s in spans]
         entries: dict[bytes, DocumentEntry] = {}
-        missing: list[tuple[DocumentEntry, list[int]]] = []
+        missing: list[tuple[DocumentEntry, list[int], int]] = []
         for key, span in zip(keys, spans, strict=True):
             if key in entries:
                 continue
@@ -111,13 +112,14 @@ class DocumentAssembler:
             if entry is None:
                 entry = self.cache.reserve(key, span.length, keep=frozenset(keys))
                 if entry is None:
-                    for new, _ in missing:
+                    for new, _, _ in missing:
                         self.cache.remove(new.key)
                     return None
-                if self._load(entry):
+                loaded = self._load(entry)
+                if loaded == span.length:
                     self.stats.document_tier_hits += 1
-                else:
-                    missing.append((entry, request.prompt_token_ids[span.start : span.end]))
+                else:  # computed (from where the tiers' blocks stop)
+                    missing.append((entry, request.prompt_token_ids[span.start : span.end], loaded))
             else:
                 entry.hits += 1
                 self.stats.document_hits += 1
@@ -127,25 +129,34 @@ class DocumentAssembler:
             self._prefill(missing)
         return [entries[key] for key in keys]
 
-    def _prefill(self, documents: list[tuple[DocumentEntry, list[int]]]) -> None:
-        """Documents' KV at positions 0.., each alone, in one pass; then down to the tiers."""
-        runs = [(entry.block_ids, 0, len(ids)) for entry, ids in documents]
-        ids = [t for _, doc in documents for t in doc]
+    def _prefill(self, documents: list[tuple[DocumentEntry, list[int], int]]) -> None:
+        """Documents' KV at positions 0.., each alone (from the first token its loaded blocks lack), in one
+        pass; then down to the tiers."""
+        runs = [(entry.block_ids, loaded, len(ids)) for entry, ids, loaded in documents]
+        ids = [t for _, doc, loaded in documents for t in doc[loaded:]]
         self.stats.prompt_tokens_computed += len(ids)
         self.forward(ids, runs)
         if self.store is not None:
-            for entry, _ in documents:
+            for entry, _, _ in documents:
                 keys = tier_keys(entry.key, len(entry.block_ids))
                 self.store.offload(keys, [0] * len(keys), self.kv_pool, entry.block_ids, None)
 
-    def _load(self, entry: DocumentEntry) -> bool:
-        """A new entry's blocks from the tiers, when they hold every one intact."""
+    def _load(self, entry: DocumentEntry) -> int:
+        """A new entry's leading blocks from the tiers, as many as they hold intact. -> the tokens loaded.
+
+        On a GPU the device is synchronized first: the entry's blocks may have been freed under a step in
+        flight, or be on their way down to a tier (their next writer waits for that copy on this stream), and
+        the store copies on a stream of its own."""
         if self.store is None:
-            return False
+            return 0
         keys = tier_keys(entry.key, len(entry.block_ids))
-        return self.store.lookup(keys) == len(keys) and self.store.load(
-            keys, self.kv_pool, entry.block_ids
-        ) == len(keys)
+        held = self.store.lookup(keys)
+        if not held:
+            return 0
+        if self.kv_pool.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        loaded = self.store.load(keys[:held], self.kv_pool, entry.block_ids[:held])
+        return min(loaded * self.block_size, entry.num_tokens)
 
     def _place(
         self, spans: list[DocumentSpan], entries: list[DocumentEntry], table: list[int], start: int, end: int

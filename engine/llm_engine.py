@@ -302,6 +302,7 @@ class LLMEngine:
             self.block_manager, self.block_manager.num_blocks // 4 if limit is None else limit, self.kv_events
         )
         scales = None if self.kv_format.scales is None else self.kv_format.scales.to(self.device)
+        self.block_manager.reclaim = cache.evict_one  # requests' blocks before unpinned documents'
         return DocumentAssembler(
             self.model,
             self.kv_pool,
@@ -416,9 +417,12 @@ class LLMEngine:
         )
         bm = self.block_manager
         need = -(-max_len // bm.block_size)
-        if need > bm.num_blocks + bm.num_coded_blocks:
+        pinned = self.documents.cache.pinned_blocks  # stored documents keep theirs
+        if need > bm.num_blocks + bm.num_coded_blocks - pinned:
             raise ParameterError(
-                "prompt", f"with max_tokens it needs {need} KV blocks, the pool has {bm.num_blocks}"
+                "prompt",
+                f"with max_tokens it needs {need} KV blocks, the pool has {bm.num_blocks}"
+                + (f" ({pinned} held by stored documents)" if pinned else ""),
             )
         policy = self.config.cache.kv_age_policy
         if policy is not None and need > bm.num_blocks:  # it relies on aging: sinks, window, two more blocks
@@ -452,7 +456,8 @@ class LLMEngine:
     def _check_documents(self, request: EngineRequest, prompt_ids: list[int]) -> None:
         check_spans(request.documents, len(prompt_ids))
         self._recompute(request).check_layers(self.model_config.num_layers)
-        if self.config.cache.kv_age_policy is not None:
+        if self.config.cache.kv_age_policy is not None and not request.kv_computed_tokens:
+            # handed-over KV is never assembled here: its documents only name how it hashes
             raise ParameterError(
                 "documents", "not with a kv_age_policy: a pool either ages KV or assembles documents"
             )

@@ -95,7 +95,7 @@ class Request:
         # document segments and how they are assembled (set_documents)
         self.documents: tuple[DocumentSpan, ...] = ()
         self.recompute = DocumentRecompute()
-        self.assembly_extra = b""
+        self._assembly_extras: dict[int, bytes] = {}
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.arrival_wall = time.time()  # wall clock (traces, queue-time metrics)
         self.scheduled_wall: float | None = None  # when it was first admitted to the running batch
@@ -149,13 +149,25 @@ class Request:
         blocks from the first document on hash with the assembly in their extra."""
         assert not self.block_hashes, "set before the blocks are hashed"
         self.documents, self.recompute = spans, recompute
-        self.assembly_extra = assembly_extra(self.hash_extra, spans, recompute) if spans else b""
+        self._assembly_extras = {}  # documents counted -> extra
 
     def block_extra(self, index: int, block_size: int) -> bytes:
-        """The hash extra of full block `index`: the assembly's once the block reaches a document."""
-        if self.documents and (index + 1) * block_size > self.documents[0].start:
-            return self.assembly_extra
-        return self.hash_extra
+        """The hash extra of full block `index`: the assembly's once the block reaches a document. Without a
+        CacheBlend selection a block's KV depends only on the documents that start before its end, so only
+        those go in (a later turn that adds documents after them still hits); a CacheBlend selection is made
+        over every document at once, so all of them go in."""
+        end = (index + 1) * block_size
+        if not self.documents or end <= self.documents[0].start:
+            return self.hash_extra
+        count = (
+            len(self.documents) if self.recompute.ratio else sum(1 for s in self.documents if s.start < end)
+        )
+        extra = self._assembly_extras.get(count)
+        if extra is None:
+            extra = self._assembly_extras[count] = assembly_extra(
+                self.hash_extra, self.documents[:count], self.recompute
+            )
+        return extra
 
     @property
     def num_prompt_tokens(self) -> int:

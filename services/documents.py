@@ -49,19 +49,26 @@ def document_id(token_ids: list[int], cache_salt: str | None) -> str:
 
 
 class DocumentStore:
-    """Documents stored through the API, by id (the oldest stored goes first past `max_documents`)."""
+    """Documents stored through the API, by id, at most `max_documents` (each stays until it is deleted)."""
 
     def __init__(self, max_documents: int = MAX_DOCUMENTS):
         self.max_documents = max_documents
         self._docs: OrderedDict[str, StoredDocument] = OrderedDict()
 
+    def check_room(self, token_ids: list[int], cache_salt: str | None) -> None:
+        """ParameterError when a new document would pass `max_documents` (they stay until deleted: the
+        engines keep them pinned)."""
+        if len(self._docs) >= self.max_documents and document_id(token_ids, cache_salt) not in self._docs:
+            raise ParameterError(
+                "documents",
+                f"{self.max_documents} documents are stored already: DELETE /v1/documents/ID some",
+            )
+
     def add(self, token_ids: list[int], cache_salt: str | None) -> StoredDocument:
+        self.check_room(token_ids, cache_salt)
         doc_id = document_id(token_ids, cache_salt)
         doc = self._docs.get(doc_id) or StoredDocument(doc_id, list(token_ids), cache_salt, int(time.time()))
         self._docs[doc_id] = doc
-        self._docs.move_to_end(doc_id)
-        while len(self._docs) > self.max_documents:
-            self._docs.popitem(last=False)
         return doc
 
     def get(self, doc_id: str, cache_salt: str | None) -> StoredDocument | None:

@@ -266,6 +266,7 @@ def _add_document_routes(app: FastAPI, serving: OpenAIServing, store: DocumentSt
             serving.check_model(req.model)
         ids = await serving.tokenize(req.text, False)
         _checked(check_length, ids=ids, max_len=llm.max_model_len)
+        _checked(store.check_room, token_ids=ids, cache_salt=req.cache_salt)
         try:
             await llm.add_document(ids, req.cache_salt)
         except ValueError as e:
@@ -294,8 +295,14 @@ async def _completion_documents(
         raise HTTPError(400, "echo: not with documents", param="echo")
     docs = await _resolved(serving, store, req.cache_salt, req.documents or [])
     start = await serving.tokenize("", True)
-    rest = [await serving.tokenize(p, False) if isinstance(p, str) else list(p) for p in prompts]
-    built = [join([start] + [[]] * (len(docs) - 1) + [r], docs) for r in rest]
+    built = []
+    for p in prompts:
+        if isinstance(p, str):
+            head, rest = start, await serving.tokenize(p, False)
+        else:  # token ids: the client's own start tokens (if any) go before the documents
+            head = start if start and list(p[: len(start)]) == start else []
+            rest = list(p[len(head) :])
+        built.append(join([head] + [[]] * (len(docs) - 1) + [rest], docs))
     return [ids for ids, _ in built], [s for _, s in built]
 
 

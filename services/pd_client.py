@@ -199,6 +199,8 @@ class DisaggregatedClient:
                 span.end()
             if result is not None:
                 req.kv_handle = result.kv_handle
+                if result.document_recompute is not None:  # the assembly as the prefill pool made it
+                    req.document_recompute = result.document_recompute
                 try:
                     yield result.delta
                 except BaseException:

@@ -84,7 +84,10 @@ class PrefillWorker(EngineWorker):
             )
             handed_out = True
             self.counters.kv_handles += 1
-            return PrefillResult(delta, handle)
+            resolved = None
+            if req.documents:
+                resolved = dataclasses.asdict(self.engine.resolve_recompute(req.document_recompute))
+            return PrefillResult(delta, handle, resolved)
         finally:
             if not handed_out:  # finished, failed or cancelled (at any await): the held KV goes back; a
                 # command that runs even though this task was cancelled, and a no-op for a running request

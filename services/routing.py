@@ -224,7 +224,7 @@ class KVAwareRequestRouter(_ExactThenFIFO, _LoadTrackingRouter):
             return hashes, [], len(hashes)
         keys = [document_key(ids[d.start : d.end], extra) for d in request.documents]
         documents = [
-            ((key, tier_keys(key, 1)[0]), d.length // bs)
+            ((key, tier_keys(key, 1)[0]), -(-d.length // bs))
             for key, d in zip(keys, request.documents, strict=True)
         ]
         return prompt_block_hashes(ids[: request.documents[0].start], bs, extra), documents, len(ids) // bs

@@ -68,6 +68,9 @@ class PrefillResult:
 
     delta: Delta
     kv_handle: KVHandle | None
+    # the request's document recompute as this pool resolved it (its fields over the pool's): the decode side
+    # hashes the handed-over KV with it
+    document_recompute: dict | None = None
 
 
 class DeltaTracker:

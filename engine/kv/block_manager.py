@@ -2,7 +2,7 @@
 
 import bisect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +87,9 @@ class BlockManager:
         self.req_aged: dict[str, list[int]] = {}
         self.events = events or KVEventLog()
         self.listener = listener or _Unheard()
+        # frees held blocks that are only a cache (the document cache's) when requests need them; False when
+        # nothing is left to free
+        self.reclaim: Callable[[], bool] = lambda: False
 
     def cached_block_id(self, block_hash: bytes) -> int | None:
         """The block that holds this hash in the prefix cache, if any."""
@@ -186,6 +189,8 @@ class BlockManager:
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
         # hits that sit in the free queue stop being free once touched
+        while num_new_blocks > self.num_free_blocks - self._free_hits(computed_blocks) and self.reclaim():
+            pass
         if num_new_blocks > self.num_free_blocks - self._free_hits(computed_blocks):
             if not blocks:
                 del self.req_blocks[request.request_id], self.req_block_ids[request.request_id]
@@ -242,6 +247,8 @@ class BlockManager:
                 left[k] -= 1
             elif k >= 0:
                 pools[i] = -1
+        while pools.count(-1) > self.num_free_blocks - self._free_hits(hits) and self.reclaim():
+            pass
         if pools.count(-1) > self.num_free_blocks - self._free_hits(hits):
             return None
         for block in hits:

@@ -3,8 +3,9 @@ content (engine/documents.py: document_key).
 
 A document holds its blocks in the block manager under its own id (`doc:<key>`), as a request would, so
 they are never handed out while it is cached. Entries are evicted least recently used first when a new
-document needs room: beyond `max_blocks`, or when the pool has too few free blocks. A pinned entry (stored
-through the API, `POST /v1/documents`) is never evicted; it goes when it is removed.
+document needs room (beyond `max_blocks`, or when the pool has too few free blocks) and when the scheduler
+needs blocks for requests (`evict_one`, before it preempts anyone). A pinned entry (stored through the API,
+`POST /v1/documents`) is never evicted; it goes when it is removed.
 """
 
 from collections import OrderedDict
@@ -59,13 +60,13 @@ class DocumentCache:
             raise ValueError(f"document {key.hex()} is cached already")
         bm = self.block_manager
         need = -(-num_tokens // bm.block_size)
-        if need > self.max_blocks:
-            return None
-        victims = (e for e in list(self.entries.values()) if not e.pinned and e.key not in keep)
-        while self.num_blocks + need > self.max_blocks or need > bm.num_free_blocks:
-            victim = next(victims, None)
-            if victim is None:
-                return None
+        victims = [e for e in self.entries.values() if not e.pinned and e.key not in keep]
+        evictable = sum(len(e.block_ids) for e in victims)
+        if self.num_blocks - evictable + need > self.max_blocks or need > bm.num_free_blocks + evictable:
+            return None  # would not fit even with every evictable entry gone: evict nothing
+        for victim in victims:
+            if self.num_blocks + need <= self.max_blocks and need <= bm.num_free_blocks:
+                break
             self.remove(victim.key)
             self.evictions += 1
         entry = DocumentEntry(key, num_tokens, [])
@@ -76,6 +77,19 @@ class DocumentCache:
         self.num_blocks += need
         self.events.record("stored", "hbm", key)
         return entry
+
+    def evict_one(self) -> bool:
+        """Free the least recently used unpinned entry's blocks (requests need them); False when none is left."""
+        victim = next((e for e in self.entries.values() if not e.pinned), None)
+        if victim is None:
+            return False
+        self.remove(victim.key)
+        self.evictions += 1
+        return True
+
+    @property
+    def pinned_blocks(self) -> int:
+        return sum(len(e.block_ids) for e in self.entries.values() if e.pinned)
 
     def remove(self, key: bytes) -> bool:
         """Drop a document (pinned or not) and free its blocks; False when it was not cached."""

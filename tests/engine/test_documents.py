@@ -222,6 +222,9 @@ def test_bad_documents_are_refused(engine, tiny_model):
     )
     with pytest.raises(ParameterError, match="kv_age_policy"):
         aging.add_request(EngineRequest("bad", ids, documents=spans))
+    # handed-over KV with documents is not assembled there: only its reservation is checked
+    with pytest.raises(ParameterError, match="reserve_kv first"):
+        aging.add_request(EngineRequest("handed", ids, kv_computed_tokens=len(ids) - 1, documents=spans))
 
 
 def test_disaggregated_handoff_of_an_assembled_prompt(tiny_model):
@@ -327,3 +330,50 @@ def test_preempted_assembled_requests_finish_as_if_alone(tiny_model):
     assert engine.scheduler.num_preemptions > 0
     assert outs == alone
     assert engine.block_manager.num_free_blocks == 26 - engine.documents.cache.num_blocks
+
+
+def test_unpinned_documents_give_their_blocks_to_requests(tiny_model):
+    """A request that needs the blocks the document cache holds gets them (unpinned documents go first,
+    least recently used), and a failed reservation evicts nothing."""
+    engine = LLMEngine.from_pretrained(tiny_model("llama"), device="cpu", dtype="float32", num_blocks=32)
+    cache = engine.documents.cache
+    assert cache.max_blocks == 8
+    engine.add_document(list(range(3, 3 + 16 * 8)), pinned=False)
+    assert cache.num_blocks == 8 and engine.block_manager.num_free_blocks == 24
+    prompt = [(7 * t) % 300 + 5 for t in range(28 * 16)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    (out,) = engine.run([EngineRequest("big", prompt, params)])
+    fresh = LLMEngine.from_pretrained(tiny_model("llama"), device="cpu", dtype="float32", num_blocks=32)
+    assert (
+        out.outputs[0].token_ids == fresh.run([EngineRequest("big", prompt, params)])[0].outputs[0].token_ids
+    )
+    assert len(cache) == 0 and cache.evictions == 1 and engine.scheduler.num_preemptions == 0
+    # four small documents cached, then one that cannot fit even with them gone: they stay
+    for d in range(4):
+        engine.add_document([d + 3] * 16, pinned=False)
+    assert cache.reserve(b"k" * 16, 16 * 9) is None and len(cache) == 4
+    # a pinned document's blocks are not the pool's: a request needing them is refused up front
+    for key in list(cache.entries):
+        engine.remove_document(key)
+    engine.add_document(list(range(3, 3 + 16 * 8)))
+    with pytest.raises(ParameterError, match="8 held by stored documents"):
+        engine.add_request(EngineRequest("too-big", prompt, params))
+
+
+def test_a_later_turn_with_more_documents_still_hits_the_earlier_blocks(engine):
+    """Without a CacheBlend selection a block's hash counts only the documents that start before its end, so a
+    conversation that appends a document keeps its earlier assembled blocks."""
+    ids, spans, docs = rag_prompt(lengths=(40, 40, 40))
+    generate(engine, "turn1", ids, spans, REUSE, salt="turns")
+    ids2 = ids + [11, 12, 13] + docs[0]
+    spans2 = (*spans, DocumentSpan(len(ids) + 3, len(docs[0])))
+    ids2 += [9, 9, 9]
+    before = engine.scheduler.prefix_hit_blocks
+    generate(engine, "turn2", ids2, spans2, REUSE, salt="turns")
+    assert engine.scheduler.prefix_hit_blocks - before == len(ids) // 16
+    blend = DocumentRecompute(first_tokens=0, ratio=0.1)
+    generate(engine, "turn1-blend", ids, spans, blend, salt="turns-blend")
+    before = engine.scheduler.prefix_hit_blocks
+    generate(engine, "turn2-blend", ids2, spans2, blend, salt="turns-blend")
+    # CacheBlend chose its tokens over all the documents: only the blocks before the first one hit
+    assert engine.scheduler.prefix_hit_blocks - before == spans[0].start // 16

@@ -117,3 +117,24 @@ def test_documents_are_per_tenant_and_deleted(server, client, async_llm):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     too_long = httpx.post(f"{server}/v1/documents", json={"text": "def f(): pass\n" * 200}, timeout=30)
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "documents"
+
+
+def test_token_prompts_keep_their_own_start_token_first(client, async_llm):
+    tok = async_llm.tokenizer
+    start = tok.encode("", add_special_tokens=True)
+    question = tok.encode("# stack", add_special_tokens=False)
+    plain = start + tok.encode(DOC_B, add_special_tokens=False) + question
+    assembled = complete(client, start + question, documents=[{"text": DOC_B}], document_recompute=ALL)
+    assert assembled == complete(client, plain)
+
+
+def test_the_store_refuses_past_its_cap_rather_than_forget_pinned_documents():
+    from engine.errors import ParameterError
+    from services.documents import DocumentStore
+
+    store = DocumentStore(max_documents=2)
+    a, b = store.add([5, 6], None), store.add([7], "tenant")
+    with pytest.raises(ParameterError, match="2 documents are stored already"):
+        store.add([8], None)
+    assert store.add([5, 6], None) is a and store.remove(b.id, "tenant") is b
+    assert store.add([8], None).token_ids == [8]
