@@ -73,13 +73,17 @@ class DocumentAssembler:
         spans = [s for s in request.documents if s.end > start and s.start < end]
         if end <= start or not spans:
             return start
-        entries = self._entries(request, spans)
+        rc = request.recompute
+        # documents whose every token in range is recomputed (first_tokens covers them) need no cached KV
+        reused = [s for s in spans if rc.ratio or s.start + rc.first_tokens < min(s.end, end)]
+        entries = self._entries(request, reused) if reused else []
         if entries is None:
             self.stats.document_fallbacks += 1
             return start
         table = self.block_manager.block_ids(request.request_id)
-        reused = self._place(spans, entries, table, start, end)
-        self._recompute(request, spans, table, start, end, reused)
+        placed = dict(zip(reused, self._place(reused, entries, table, start, end), strict=True))
+        ranges = [(max(s.start, start), min(s.end, end)) for s in spans]
+        self._recompute(request, spans, table, start, end, [placed.get(s) for s in spans], ranges)
         return end
 
     def add(self, token_ids: list[int], extra: bytes, pinned: bool) -> DocumentEntry | None:
@@ -187,16 +191,22 @@ class DocumentAssembler:
         table: list[int],
         start: int,
         end: int,
-        placed: list[tuple[int, int]],
+        placed: list[tuple[int, int] | None],
+        ranges: list[tuple[int, int]],
     ) -> None:
-        """One pass over [start, end): every token outside the documents and each document's selection."""
+        """One pass over [start, end): every token outside the documents and each document's selection.
+        placed: per span, the positions its cached KV was copied to (None: none, it is recomputed whole);
+        ranges: per span, its positions in [start, end)."""
         rc = request.recompute
         keep = torch.ones(end - start, dtype=torch.bool)  # computed from layer 0 on (or the selection layer)
-        for span, (a, b) in zip(spans, placed, strict=True):
+        for span, where in zip(spans, placed, strict=True):
+            if where is None:
+                continue
+            a, b = where
             keep[a - start : b - start] = False
             first = min(span.start + rc.first_tokens, b)
             keep[max(a, span.start) - start : max(first, a) - start] = True  # EPIC: the first tokens
-        doc_tokens = sum(b - a for a, b in placed)
+        doc_tokens = sum(b - a for a, b in ranges)
         ids = request.prompt_token_ids[start:end]
         if rc.ratio and int(keep.logical_not().sum()):
             chosen = self._forward_blended(ids, table, start, keep, rc.ratio, rc.select_layer)

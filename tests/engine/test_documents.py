@@ -97,8 +97,13 @@ def test_rerotation_equals_rotary_at_the_shifted_position():
 def test_full_recompute_equals_full_prefill(engine, recompute):
     ids, spans, _ = rag_prompt()
     full = generate(engine, "full", ids, salt="a")
+    lookups = engine.stats.document_hits + engine.stats.document_misses
     assembled = generate(engine, "assembled", ids, spans, recompute, salt="b")
     assert_same(assembled, full)
+    # every token recomputed from layer 0 on: the cache is not even looked up (CacheBlend reads it to choose)
+    assert engine.stats.document_hits + engine.stats.document_misses - lookups == (
+        0 if recompute is ALL else 3
+    )
     # one document at the prompt's start, nothing recomputed: its canonical KV is the prompt's own
     ids0, spans0 = ids[spans[0].start :], (DocumentSpan(0, spans[0].length),)
     assert_same(
