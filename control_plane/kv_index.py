@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from control_plane.tiers import TIERS
 
+# a prompt's documents for the router: (key, or keys that all stand for it; blocks) each
+DocumentEntries = Sequence[tuple[bytes | tuple[bytes, ...], int]]
+
 
 @dataclass(frozen=True)
 class PrefixMatch:
@@ -96,9 +99,7 @@ class KVIndex:
         with self._lock:
             self._shared.setdefault(worker, set()).add(source)
 
-    def held(
-        self, entries: Sequence[tuple[bytes | tuple[bytes, ...], int]], workers: Iterable[str]
-    ) -> dict[str, PrefixMatch]:
+    def held(self, entries: DocumentEntries, workers: Iterable[str]) -> dict[str, PrefixMatch]:
         """For each worker, the blocks of these entries ((key, blocks) each: a prompt's documents) it (or a
         source it shares) holds, each entry in the fastest tier holding it, wherever it sits in the prompt. An
         entry's key may be a tuple of keys that all stand for it (a document's HBM key, and its first block's

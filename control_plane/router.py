@@ -6,10 +6,9 @@ cost there: the blocks it would have to compute (those no tier of that replica h
 load from DRAM or SSD (cheaper than computing, not free), and the requests already queued there. A prompt's
 documents (RAG) count where a replica's document cache holds them, at any position."""
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from control_plane.kv_index import KVIndex
+from control_plane.kv_index import DocumentEntries, KVIndex
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class LeastLoadedPolicy:
         self,
         loads: list[ReplicaLoad],
         block_hashes: list[bytes] | None = None,
-        documents: Sequence[tuple[bytes | tuple[bytes, ...], int]] = (),
+        documents: DocumentEntries = (),
         prompt_blocks: int | None = None,
     ) -> list[str]:
         def key(load: ReplicaLoad):
@@ -72,7 +71,7 @@ class KVAwarePolicy:
         self,
         loads: list[ReplicaLoad],
         block_hashes: list[bytes],
-        documents: Sequence[tuple[bytes | tuple[bytes, ...], int]] = (),
+        documents: DocumentEntries = (),
         prompt_blocks: int | None = None,
     ) -> dict[str, float]:
         """block_hashes: the prompt's leading blocks that may be prefix hits (with documents, those before the
@@ -100,7 +99,7 @@ class KVAwarePolicy:
         self,
         loads: list[ReplicaLoad],
         block_hashes: list[bytes] | None = None,
-        documents: Sequence[tuple[bytes | tuple[bytes, ...], int]] = (),
+        documents: DocumentEntries = (),
         prompt_blocks: int | None = None,
     ) -> list[str]:
         costs = self.costs(loads, block_hashes or [], documents, prompt_blocks)

@@ -29,6 +29,7 @@ from engine.documents import DocumentSpan, document_key, tier_keys
 from engine.kv.block_manager import BlockManager
 from engine.kv.document_cache import DocumentCache, DocumentEntry
 from engine.kv.offload import KVStore
+from engine.kv.pool import layer_views
 from engine.models.decoder import DecoderForCausalLM, DecoderLayer
 from engine.request import Request
 from engine.stats import EngineStats
@@ -53,7 +54,7 @@ class DocumentAssembler:
         KV tiers below HBM, where documents go down and come back from."""
         self.model = model
         self.kv_pool = kv_pool
-        self.kv_caches = [kv_pool[:, i] for i in range(kv_pool.shape[1])]
+        self.kv_caches = layer_views(kv_pool)
         self.backend = backend
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
@@ -125,7 +126,6 @@ class DocumentAssembler:
                 else:  # computed (from where the tiers' blocks stop)
                     missing.append((entry, request.prompt_token_ids[span.start : span.end], loaded))
             else:
-                entry.hits += 1
                 self.stats.document_hits += 1
             entries[key] = entry
         if missing:
@@ -214,7 +214,8 @@ class DocumentAssembler:
             chosen = keep
             rows = keep.nonzero().flatten().tolist()
             if rows:
-                self._layers([ids[i] for i in rows], self._context_at(table, [start + i for i in rows]))
+                ctx = self._context([(table, [start + i for i in rows])], at_positions=True)
+                self._layers([ids[i] for i in rows], ctx)
         recomputed = doc_tokens - int((~chosen).sum())
         request.num_cached_tokens += doc_tokens - recomputed  # usage: prompt tokens not computed
         self.stats.document_tokens_reused += doc_tokens - recomputed
@@ -227,7 +228,7 @@ class DocumentAssembler:
         states [len(ids), hidden] (logits: model.compute_logits), None without tokens."""
         if not ids:
             return None
-        return self._layers(ids, self._context(runs))
+        return self._layers(ids, self._context([(table, list(range(a, b))) for table, a, b in runs]))
 
     def _layers(self, ids: list[int], ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.model.model.embed_tokens(torch.tensor(ids, device=self.device)), None
@@ -245,7 +246,7 @@ class DocumentAssembler:
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in positions], device=self.device)
         cached = self.kv_caches[select][slots // bs, :, slots % bs].float()  # [n, 2, H, D] as placed
         x, residual = self.model.model.embed_tokens(torch.tensor(ids, device=self.device)), None
-        ctx = self._context([(table, start, start + len(ids))])
+        ctx = self._context([(table, list(positions))])
         layers = cast(list[DecoderLayer], list(self.model.model.layers))
         for layer in layers[:select]:
             x, residual = layer(x, residual, ctx)
@@ -257,7 +258,7 @@ class DocumentAssembler:
         chosen = keep.clone()
         chosen[reused[top]] = True
         rows = chosen.nonzero().flatten()
-        ctx = self._context_at(table, [start + i for i in rows.tolist()])
+        ctx = self._context([(table, [start + i for i in rows.tolist()])], at_positions=True)
         rows = rows.to(self.device)
         q, residual = q[rows], residual[rows]
         x, residual = layers[select].after_attention(layers[select].self_attn.attend(q, ctx), residual)
@@ -265,53 +266,35 @@ class DocumentAssembler:
             x, residual = layer(x, residual, ctx)
         return chosen
 
-    def _context_at(self, table: list[int], positions: list[int]) -> ForwardContext:
-        """One sequence over `table` whose queries are the tokens at `positions` (ascending): each attends to
-        every position up to its own."""
-        bs, n = self.block_size, len(positions)
-        pos = torch.tensor(positions, dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in positions], device=self.device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([positions[-1] + 1], dtype=torch.int32, device=self.device),
-            block_tables=torch.tensor([table], dtype=torch.int32, device=self.device),
-            max_query_len=n,
-            max_seq_len=positions[-1] + 1,
-            query_start_loc_cpu=[0, n],
-            seq_lens_cpu=[positions[-1] + 1],
-            block_size=bs,
-            query_positions=pos,
-        )
-        self.backend.plan(meta, self.model.config.num_kv_heads)
-        cos, sin = self.model.rotary.cos_sin(pos)
-        return ForwardContext(meta, self.kv_caches, self.backend, cos, sin)
-
-    def _context(self, runs: list[Run]) -> ForwardContext:
-        """The pass's metadata: each run a sequence whose queries are its positions and whose context ends
-        at its last one."""
-        bs = self.block_size
-        width = max(len(t) for t, _, _ in runs)
-        tables = torch.zeros(len(runs), width, dtype=torch.int32)
+    def _context(self, seqs: list[tuple[list[int], list[int]]], at_positions: bool = False) -> ForwardContext:
+        """The pass's metadata: per sequence, (its block table, its queries' positions, ascending); its context
+        ends at its last query. at_positions: the queries sit at those positions (each attends to every
+        position up to its own: AttentionMetadata.query_positions); else they are consecutive, the sequence's
+        last tokens."""
+        bs, dev = self.block_size, self.device
+        tables = torch.zeros(len(seqs), max(len(t) for t, _ in seqs), dtype=torch.int32)
         positions: list[int] = []
         slots: list[int] = []
         query_start, seq_lens = [0], []
-        for i, (table, a, b) in enumerate(runs):
+        for i, (table, pos) in enumerate(seqs):
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-            positions += range(a, b)
-            slots += [table[p // bs] * bs + p % bs for p in range(a, b)]
-            query_start.append(query_start[-1] + b - a)
-            seq_lens.append(b)
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            query_start.append(query_start[-1] + len(pos))
+            seq_lens.append(pos[-1] + 1)
+        pos_dev = torch.tensor(positions, dtype=torch.int32, device=dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_tables=tables.to(self.device),
-            max_query_len=max(b - a for _, a, b in runs),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev),
+            max_query_len=max(len(p) for _, p in seqs),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
             block_size=bs,
+            query_positions=pos_dev if at_positions else None,
         )
         self.backend.plan(meta, self.model.config.num_kv_heads)
-        cos, sin = self.model.rotary.cos_sin(torch.tensor(positions, device=self.device))
+        cos, sin = self.model.rotary.cos_sin(pos_dev)
         return ForwardContext(meta, self.kv_caches, self.backend, cos, sin)

@@ -189,9 +189,7 @@ class BlockManager:
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_needed - len(blocks) - len(computed_blocks)
         # hits that sit in the free queue stop being free once touched
-        while num_new_blocks > self.num_free_blocks - self._free_hits(computed_blocks) and self.reclaim():
-            pass
-        if num_new_blocks > self.num_free_blocks - self._free_hits(computed_blocks):
+        if not self._room_for(num_new_blocks + self._free_hits(computed_blocks)):
             if not blocks:
                 del self.req_blocks[request.request_id], self.req_block_ids[request.request_id]
             return False
@@ -212,6 +210,13 @@ class BlockManager:
         return (
             held + self.num_free_blocks - self._free_hits(computed_blocks)
         ) * self.block_size - num_computed
+
+    def _room_for(self, num_blocks: int) -> bool:
+        """Whether num_blocks 16-bit blocks are free, once cache-only blocks (reclaim) gave theirs back."""
+        while num_blocks > self.num_free_blocks:
+            if not self.reclaim():
+                return False
+        return True
 
     def _free_hits(self, hits: Sequence[Block]) -> int:
         """16-bit hits that sit in the free queue: they stop being free once taken."""
@@ -247,9 +252,7 @@ class BlockManager:
                 left[k] -= 1
             elif k >= 0:
                 pools[i] = -1
-        while pools.count(-1) > self.num_free_blocks - self._free_hits(hits) and self.reclaim():
-            pass
-        if pools.count(-1) > self.num_free_blocks - self._free_hits(hits):
+        if not self._room_for(pools.count(-1) + self._free_hits(hits)):
             return None
         for block in hits:
             self._take(block)

@@ -21,7 +21,6 @@ class DocumentEntry:
     num_tokens: int
     block_ids: list[int]
     pinned: bool = False
-    hits: int = 0  # prompts that reused it
 
     @property
     def owner(self) -> str:
