@@ -280,9 +280,8 @@ def _add_document_routes(app: FastAPI, serving: OpenAIServing, store: DocumentSt
     @app.delete("/v1/documents/{doc_id}")
     async def delete_document(doc_id: str, cache_salt: str | None = None):
         doc = store.remove(doc_id, cache_salt)
-        if doc is None:
-            body = error_body(f"document {doc_id!r} not found", param="document_id", code="not_found")
-            return JSONResponse(body, status_code=404)
+        if doc is None:  # raised, not returned: counted as an invalid request like every error
+            raise HTTPError(404, f"document {doc_id!r} not found", param="document_id", code="not_found")
         await llm.remove_document(doc.token_ids, cache_salt)
         return {"id": doc_id, "object": "document.deleted", "deleted": True}
 
